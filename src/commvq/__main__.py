@@ -1,0 +1,3 @@
+from commvq.cli import entry
+
+entry()

@@ -1,0 +1,78 @@
+"""`commvq <stage>`: every stage's options come from its config dataclass.
+
+Options resolve as defaults < YAML (``--config file.yaml``) < flags. User mistakes print one
+line and exit with status 2; an interrupted run exits 130 and resumes when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from commvq import __version__
+from commvq.config import add_arguments, from_namespace
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, ModuleNotFoundError, OSError)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    config: type
+    run: Callable
+
+
+def stages() -> list[Stage]:
+    from commvq.pipeline import collect, main_job, scale
+
+    return [
+        Stage("pipeline", "the main job: every stage on the embedded defaults",
+              main_job.PipelineConfig, main_job.run),
+        Stage("collect", "collect pre-RoPE keys and values (and queries) per layer",
+              collect.CollectConfig, collect.run),
+        Stage("scale", "per-channel mean |x| of the collected keys and values",
+              scale.ScaleConfig, scale.run),
+    ]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
+    parser = argparse.ArgumentParser(prog="commvq", description="CommVQ KV-cache compression.")
+    parser.add_argument("--version", action="version", version=f"commvq {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (default: False)")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    table = {}
+    for st in stages():
+        p = sub.add_parser(st.name, help=st.help, description=st.help)
+        add_arguments(p, st.config)
+        table[st.name] = st
+    return parser, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, table = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    stage = table[args.stage]
+    try:
+        cfg = from_namespace(stage.config, args)
+        stage.run(cfg)
+    except USER_ERRORS as e:
+        print(f"commvq {stage.name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"commvq {stage.name}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

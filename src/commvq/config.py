@@ -1,0 +1,92 @@
+"""Frozen config dataclasses <-> command-line flags and YAML: defaults < YAML < flags.
+
+A stage declares its options once, as dataclass fields made with :func:`option`; the CLI and
+the guide's scripts build their flags from those fields, so ``--help`` always lists every option
+with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None, aliases: tuple = ()):
+    """A config field with its help text, optional choices and extra flag spellings."""
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases)}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> ``int``; ``Path`` -> ``str`` for parsing."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else str
+    return str if tp is Path else tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of the dataclass ``cls`` (defaults are shown, not set)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        meta = f.metadata
+        tp = _base_type(hints[f.name])
+        names = [f"--{f.name}", *meta.get("aliases", ())]
+        help_text = f"{meta.get('help', '')} (default: {f.default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+        parser.add_argument(*names, **kwargs)
+    parser.add_argument(
+        "--config", dest="_yaml", default=None, metavar="YAML",
+        help="YAML file of options; flags given on the command line win (default: None)",
+    )
+
+
+def load_yaml(path: str | None, cls: type) -> dict[str, Any]:
+    """Options from a YAML mapping; unknown keys are an error naming them."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; give the path of a YAML file")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown option(s) {unknown}; valid: {sorted(names)}")
+    return data
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace, **fixed: Any) -> T:
+    """Build ``cls`` from dataclass defaults < YAML (``--config``) < given flags < ``fixed``."""
+    values = load_yaml(getattr(ns, "_yaml", None), cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(ns).items() if k in names})
+    values.update(fixed)
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (paths as strings)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = str(v) if isinstance(v, Path) else v
+    return out

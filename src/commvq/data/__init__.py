@@ -1,0 +1,1 @@
+"""Corpora (documents -> packed token sequences) and the sharded KV store."""

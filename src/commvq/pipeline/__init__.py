@@ -1,0 +1,1 @@
+"""Pipeline stages: each is a frozen ``SomethingConfig`` plus ``run(config) -> Path``."""

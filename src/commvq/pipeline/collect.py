@@ -1,0 +1,299 @@
+"""Stage `collect`: run a model over a corpus and store pre-RoPE keys and values per layer.
+
+Keys go to ``output_dir`` (default ``data/key``), values to its sibling ``value`` and, with
+``with_queries``, a strided subsample of queries (with their positions) to ``query``.
+``num_samples`` counts vectors (tokens) per layer. The run resumes: shards listed in the
+manifests are kept and the token stream continues right after the last stored token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from commvq.config import option, to_dict
+from commvq.data import kvstore
+from commvq.data.corpus import SPLITS, CorpusSource, batches, iter_documents, pack, resolve_dataset
+from commvq.integrations.hf.capture import capture_projections
+from commvq.integrations.hf.loader import MODEL_DTYPES, LoadedModel, load_model
+
+log = logging.getLogger("commvq")
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class CollectConfig:
+    model: str = option("embedded", "model: HF hub id, local folder, .gguf file or 'embedded' "
+                        "(SmolLM2-135M-Instruct)", aliases=("--model_path",))
+    dataset: str = option("auto", "corpus: HF dataset name, local .txt/.jsonl/.parquet file or "
+                          "folder, 'embedded' (State of the Union speeches) or 'auto' "
+                          "(HuggingFaceFW/fineweb-edu where the hub is reachable, else embedded)")
+    dataset_config: str | None = option(None, "HF dataset configuration name")
+    text_field: str = option("text", "text field of .jsonl/.parquet/HF rows")
+    split: str = option("train", "split of the embedded corpus", choices=SPLITS)
+    output_dir: Path = option(Path("data/key"), "where keys go; values go to its sibling 'value', "
+                              "queries to 'query'")
+    num_samples: int = option(1_000_000, "key/value vectors (tokens) to collect per layer")
+    max_seq_length: int = option(8192, "tokens per packed sequence")
+    batch_size: int = option(1, "sequences per forward pass")
+    quant_bits: int = option(2, "target bits per channel (recorded as a label only)")
+    with_queries: bool = option(False, "also store a strided subsample of q_proj outputs")
+    num_queries: int = option(65536, "query vectors to keep per layer with --with_queries")
+    dtype: str = option("bfloat16", "storage dtype of the vectors", choices=tuple(kvstore.DTYPES))
+    model_dtype: str = option("auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)",
+                              choices=MODEL_DTYPES)
+    device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
+    shard_tokens: int = option(65536, "tokens per shard file")
+    seed: int = option(0, "seed of the document order")
+    overwrite: bool = option(False, "delete data already in the output folders first")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        for name in ("num_samples", "max_seq_length", "batch_size", "num_queries", "shard_tokens",
+                     "quant_bits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.split not in SPLITS:
+            raise ValueError(f"--split {self.split!r}: use one of {SPLITS}")
+        if self.dtype not in kvstore.DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: use one of {tuple(kvstore.DTYPES)}")
+
+
+def store_dirs(output_dir: Path) -> dict[str, Path]:
+    """Where each kind of vector goes, given the key folder."""
+    parent = Path(output_dir).parent
+    return {"key": Path(output_dir), "value": parent / "value", "query": parent / "query"}
+
+
+def query_stride(num_samples: int, num_queries: int) -> int:
+    """Keep every ``stride``-th token's query so that about ``num_queries`` are kept."""
+    return max(1, math.ceil(num_samples / num_queries))
+
+
+def bytes_needed(cfg: CollectConfig, loaded: LoadedModel, tokens: int) -> int:
+    spec = loaded.spec
+    per_tok = 2 * kvstore.bytes_per_token(spec.num_layers, spec.kv_dim, kvstore.DTYPES[cfg.dtype])
+    need = tokens * per_tok
+    if cfg.with_queries:
+        q_tok = kvstore.bytes_per_token(spec.num_layers, spec.q_dim, kvstore.DTYPES[cfg.dtype])
+        need += math.ceil(tokens / query_stride(cfg.num_samples, cfg.num_queries)) * q_tok
+    return need
+
+
+def check_disk(folder: Path, need: int) -> None:
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    log.info("collect: will write %.2f GiB under %s (%.1f GiB free)", need / GiB, folder, free / GiB)
+    if need > free:
+        raise OSError(
+            f"collecting needs {need / GiB:.2f} GiB in {folder} but only {free / GiB:.2f} GiB is "
+            "free: lower --num_samples or choose another --output_dir"
+        )
+
+
+def check_limits(cfg: CollectConfig, loaded: LoadedModel) -> None:
+    limit = loaded.spec.max_position
+    if limit and cfg.max_seq_length > limit:
+        raise ValueError(
+            f"--max_seq_length {cfg.max_seq_length} exceeds the model's limit of {limit} tokens; "
+            f"use --max_seq_length {limit} or less"
+        )
+
+
+def _to_host(tensors: dict[tuple[str, int], torch.Tensor]) -> tuple[dict, torch.cuda.Event | None]:
+    """Start device-to-host copies on a side stream; the event marks their end."""
+    first = next(iter(tensors.values()))
+    if first.device.type != "cuda":
+        return tensors, None
+    stream = torch.cuda.Stream(device=first.device)
+    stream.wait_stream(torch.cuda.current_stream(first.device))
+    out = {}
+    with torch.cuda.stream(stream):
+        for key, t in tensors.items():
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            t.record_stream(stream)
+            out[key] = host
+        event = torch.cuda.Event()
+        event.record(stream)
+    return out, event
+
+
+class _Shard:
+    """Rows gathered for the next shard, per kind and layer (host tensors, maybe in flight)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[dict, torch.cuda.Event | None]] = []
+        self.tokens = 0
+
+    def add(self, rows: dict[tuple[str, int], torch.Tensor], tokens: int) -> None:
+        self.parts.append(_to_host(rows))
+        self.tokens += tokens
+
+    def assemble(self, kind: str, num_layers: int) -> list[dict[str, torch.Tensor]]:
+        for _, event in self.parts:
+            if event is not None:
+                event.synchronize()
+        out = []
+        for layer in range(num_layers):
+            d = {"x": torch.cat([p[(kind, layer)] for p, _ in self.parts])}
+            if (kind, -1) in self.parts[0][0]:
+                d["pos"] = torch.cat([p[(kind, -1)] for p, _ in self.parts])
+            out.append(d)
+        return out
+
+
+def _write(writers: dict[str, kvstore.KVStoreWriter], shard: _Shard) -> None:
+    for kind, w in writers.items():
+        w.write_shard(shard.assemble(kind, w.num_layers))
+
+
+def _batch_rows(captured: dict, start: int, n_tok: int, t_len: int, first_token: int, stride: int,
+                dtype: torch.dtype) -> dict[tuple[str, int], torch.Tensor]:
+    """Flatten captured ``[B, T, F]`` outputs to rows ``[start, start + n_tok)``, subsample queries.
+
+    ``first_token`` is the stream index of row ``start``: queries at multiples of ``stride`` are kept.
+    """
+    rows = {}
+    keep = None
+    for (kind, layer), out in captured.items():
+        flat = out.reshape(-1, out.shape[-1])[start:start + n_tok].to(dtype)
+        if kind == "query":
+            if keep is None:
+                g = torch.arange(first_token, first_token + n_tok, device=flat.device)
+                keep = torch.nonzero(g % stride == 0).squeeze(1)
+                rows[("query", -1)] = ((keep + start) % t_len).to(torch.int32)
+            flat = flat.index_select(0, keep)
+        rows[(kind, layer)] = flat
+    return rows
+
+
+def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...],
+                  settings: dict) -> dict[str, kvstore.KVStoreWriter]:
+    dirs = store_dirs(cfg.output_dir)
+    if cfg.overwrite:
+        for d in dirs.values():
+            kvstore.remove_store(d)
+    spec = loaded.spec
+    width = {"key": spec.kv_dim, "value": spec.kv_dim, "query": spec.q_dim}
+    dtype = kvstore.DTYPES[cfg.dtype]
+    writers = {
+        k: kvstore.KVStoreWriter(dirs[k], k, spec.num_layers, width[k], dtype, settings, to_dict(cfg))
+        for k in kinds
+    }
+    done = min(len(w.shards) for w in writers.values())  # realign after a crash between stores
+    for w in writers.values():
+        w.truncate(done)
+    return writers
+
+
+def _sequences(cfg: CollectConfig, loaded: LoadedModel, dataset: str, skip: int) -> Iterator[list[int]]:
+    tok = loaded.tokenizer
+    sep = tok.eos_token_id if tok.eos_token_id is not None else 0
+    src = CorpusSource(dataset=dataset, split=cfg.split, text_field=cfg.text_field,
+                       dataset_config=cfg.dataset_config, seed=cfg.seed)
+    docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(src))
+    return itertools.islice(pack(docs, cfg.max_seq_length, sep), skip, None)
+
+
+def run(cfg: CollectConfig, loaded: LoadedModel | None = None) -> Path:
+    """Collect; return the key folder. ``loaded`` reuses a model already in memory."""
+    loaded = loaded or load_model(cfg.model, cfg.model_dtype, cfg.device)
+    check_limits(cfg, loaded)
+    dataset = resolve_dataset(cfg.dataset)
+    settings = {"model": loaded.name, "dataset": dataset, "dataset_config": cfg.dataset_config,
+                "split": cfg.split, "max_seq_length": cfg.max_seq_length, "seed": cfg.seed,
+                "spec": loaded.spec.to_dict()}
+    kinds = ("key", "value") + (("query",) if cfg.with_queries else ())
+    writers = _open_writers(cfg, loaded, kinds, settings)
+    key_w = writers["key"]
+    if key_w.num_tokens >= cfg.num_samples or key_w.exhausted:
+        log.info("collect: %s already holds %d tokens per layer; nothing to do",
+                 cfg.output_dir, key_w.num_tokens)
+        return cfg.output_dir
+    check_disk(cfg.output_dir, bytes_needed(cfg, loaded, cfg.num_samples - key_w.num_tokens))
+    log.info("collect: model %s, dataset %s -> %s", loaded.name, dataset, cfg.output_dir)
+    exhausted = _collect_loop(cfg, loaded, dataset, writers, kinds)
+    if key_w.num_tokens == 0:
+        for w in writers.values():
+            kvstore.remove_store(w.root)
+        raise ValueError(f"--dataset {cfg.dataset}: the corpus has no text; give a corpus with documents")
+    for w in writers.values():
+        w.finish(exhausted)
+    if exhausted:
+        log.warning("collect: the corpus ran out after %d tokens per layer (asked for %d)",
+                    key_w.num_tokens, cfg.num_samples)
+    return cfg.output_dir
+
+
+def resume_point(done: int, seq_len: int, batch_size: int) -> tuple[int, int]:
+    """``(sequences to skip, rows to drop)`` to continue the token stream after ``done`` tokens.
+
+    The collected data are always the first tokens of the stream of packed sequences; resuming
+    restarts at the batch holding token ``done`` (same batches as an uninterrupted run) and
+    drops the rows already stored.
+    """
+    skip = (done // (seq_len * batch_size)) * batch_size
+    return skip, done - skip * seq_len
+
+
+def _collect_loop(cfg: CollectConfig, loaded: LoadedModel, dataset: str,
+                  writers: dict[str, kvstore.KVStoreWriter], kinds: tuple[str, ...]) -> bool:
+    """The forward passes; returns True when the corpus ran out first."""
+    device = loaded.model.device
+    store_dtype = kvstore.DTYPES[cfg.dtype]
+    stride = query_stride(cfg.num_samples, cfg.num_queries)
+    done = writers["key"].num_tokens
+    skip, drop = resume_point(done, cfg.max_seq_length, cfg.batch_size)
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+    shard, pending = _Shard(), None
+    base = loaded.model.base_model  # no LM head: logits are not needed
+    exhausted = True
+
+    def sink(kind: str, layer: int, out: torch.Tensor) -> None:
+        captured[(kind, layer)] = out.detach()
+
+    with ThreadPoolExecutor(max_workers=1) as pool, capture_projections(base, sink, kinds), \
+            torch.inference_mode(), \
+            tqdm(total=cfg.num_samples, initial=done, unit="tok", desc="collect") as bar:
+        for batch in batches(_sequences(cfg, loaded, dataset, skip), cfg.batch_size):
+            start = min(drop, batch.numel())
+            drop -= start
+            if start == batch.numel():
+                continue
+            captured.clear()
+            base(input_ids=batch.to(device), use_cache=False)
+            n_tok = min(batch.numel() - start, cfg.num_samples - done)
+            rows = _batch_rows(captured, start, n_tok, batch.shape[1], done, stride, store_dtype)
+            shard.add(rows, n_tok)
+            done += n_tok
+            bar.update(n_tok)
+            if shard.tokens >= cfg.shard_tokens or done >= cfg.num_samples:
+                pending = _flush(pool, pending, writers, shard)
+                shard = _Shard()
+            if done >= cfg.num_samples:
+                exhausted = False
+                break
+        if shard.tokens:
+            pending = _flush(pool, pending, writers, shard)
+        if pending is not None:
+            pending.result()
+    return exhausted
+
+
+def _flush(pool: ThreadPoolExecutor, pending: Future | None, writers, shard: _Shard) -> Future:
+    """Wait for the previous shard's write, then write this one in the background."""
+    if pending is not None:
+        pending.result()
+    return pool.submit(_write, writers, shard)

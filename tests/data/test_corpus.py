@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+from commvq.data import corpus
+from commvq.data.corpus import CorpusSource, batches, embedded_files, iter_documents, pack
+
+
+def test_embedded_split_is_fixed_and_disjoint():
+    train, held = embedded_files("train"), embedded_files("heldout")
+    assert len(train) + len(held) == 249
+    assert len(held) == 24  # every 10th speech, starting with the 10th
+    assert not set(train) & set(held)
+    everything = sorted(train + held)
+    assert [everything.index(f) % 10 for f in held] == [9] * len(held)
+    assert embedded_files("heldout") == held
+
+
+def test_embedded_documents_never_include_heldout():
+    held_texts = {f.read_text()[:200] for f in embedded_files("heldout")}
+    docs = iter_documents(CorpusSource("embedded", split="train"))
+    first = [next(docs)[:200] for _ in range(30)]
+    assert not held_texts & set(first)
+
+
+def test_document_order_depends_on_seed_only():
+    a = [d[:50] for d in iter_documents(CorpusSource("embedded", seed=1))][:5]
+    b = [d[:50] for d in iter_documents(CorpusSource("embedded", seed=1))][:5]
+    c = [d[:50] for d in iter_documents(CorpusSource("embedded", seed=2))][:5]
+    assert a == b and a != c
+
+
+def test_local_txt_jsonl_parquet_and_folder(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text("alpha text")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta"}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n")
+    pq.write_table(pa.table({"text": ["delta", "", "epsilon"]}), tmp_path / "c.parquet")
+    (tmp_path / "ignored.csv").write_text("x")
+    docs = sorted(iter_documents(CorpusSource(str(tmp_path))))
+    assert docs == sorted(["alpha text", "beta", "gamma", "delta", "epsilon"])
+    assert list(iter_documents(CorpusSource(str(tmp_path / "b.jsonl")))) == ["beta", "gamma"]
+
+
+def test_jsonl_missing_field_names_it(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="text_field"):
+        list(iter_documents(CorpusSource(str(tmp_path / "a.jsonl"))))
+
+
+def test_missing_local_path_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(iter_documents(CorpusSource(str(tmp_path / "nope.txt"))))
+    with pytest.raises(ValueError, match="no .txt"):
+        list(iter_documents(CorpusSource(str(tmp_path))))
+
+
+def test_ranks_get_disjoint_slices_covering_everything(corpus_dir):
+    whole = list(iter_documents(CorpusSource(str(corpus_dir))))
+    parts = [list(iter_documents(CorpusSource(str(corpus_dir), rank=r, world=3))) for r in range(3)]
+    assert sorted(sum(parts, [])) == sorted(whole)
+    assert sum(len(p) for p in parts) == len(whole)
+
+
+def test_pack_properties():
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11], [12]]
+    seqs = list(pack(docs, 4, sep_id=0))
+    flat = [t for d in docs for t in d + [0]]
+    assert sum(seqs, []) == flat
+    assert all(len(s) == 4 for s in seqs[:-1]) and 0 < len(seqs[-1]) <= 4
+    with pytest.raises(ValueError):
+        list(pack(docs, 0, 0))
+
+
+def test_batches_group_equal_lengths_in_order():
+    seqs = [[1] * 4, [2] * 4, [3] * 4, [4] * 2]
+    out = list(batches(seqs, 2))
+    assert [b.shape for b in out] == [torch.Size([2, 4]), torch.Size([1, 4]), torch.Size([1, 2])]
+    assert torch.cat([b.flatten() for b in out]).tolist() == sum(seqs, [])
+
+
+def test_auto_dataset_offline_falls_back_to_embedded(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert corpus.resolve_dataset("auto") == "embedded"
+    assert corpus.resolve_dataset("sotu") == "embedded"
+    assert corpus.resolve_dataset("org/name") == "org/name"

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from commvq.integrations.hf import loader
+from tests.helpers import make_tiny_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_loads_local_folder_with_spec_from_config(tiny_models, arch):
+    lm = loader.load_model(str(tiny_models[arch]), device="cpu")
+    assert lm.spec.model_type == arch
+    assert (lm.spec.num_layers, lm.spec.num_kv_heads, lm.spec.head_dim) == (2, 2, 16)
+    assert lm.model.dtype == torch.float32 and not lm.model.training
+    assert all(not p.requires_grad for p in lm.model.parameters())
+    assert lm.tokenizer.eos_token_id is not None
+
+
+@pytest.mark.parametrize("arch,cls", [("qwen3", "Qwen3Attention"), ("phi3", "Phi3Attention")])
+def test_unsupported_attention_fails_naming_the_class(tmp_path, arch, cls):
+    folder = make_tiny_model(tmp_path / arch, arch)
+    with pytest.raises(NotImplementedError, match=cls):
+        loader.load_model(str(folder), device="cpu")
+
+
+def test_missing_paths_and_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        loader.load_model(str(tmp_path / "none.gguf"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        loader.load_model(str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match=".gguf"):
+        loader.load_model(str(tmp_path / "weights.bin"))
+
+
+def test_unreachable_hub_id_is_one_clear_error():
+    with pytest.raises(FileNotFoundError, match="local model folder"):
+        loader.load_model("some-org/not-a-model-here", device="cpu")
+
+
+def test_dtype_and_device_resolution():
+    cpu = torch.device("cpu")
+    assert loader.resolve_dtype("auto", cpu) == torch.float32
+    assert loader.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert loader.resolve_dtype("float16", cpu) == torch.float16
+    with pytest.raises(ValueError, match="model_dtype"):
+        loader.resolve_dtype("fp8", cpu)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cpu"):
+            loader.resolve_device("cuda")
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("COMMVQ_CACHE", str(tmp_path / "c"))
+    assert loader.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("COMMVQ_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert loader.cache_dir() == tmp_path / "x" / "commvq"

@@ -1,0 +1,141 @@
+import itertools
+
+import pytest
+import torch
+
+from commvq.data import kvstore
+from commvq.data.corpus import CorpusSource, iter_documents, pack
+from commvq.data.kvstore import KVStore
+from commvq.integrations.hf.loader import load_model
+from commvq.pipeline import collect
+from commvq.pipeline.collect import CollectConfig
+from tests.helpers import check_collected_against_model
+
+
+def _cfg(model_dir, corpus_dir, out, **kw):
+    args = dict(model=str(model_dir), dataset=str(corpus_dir), output_dir=out / "data" / "key",
+                num_samples=200, max_seq_length=32, batch_size=2, shard_tokens=64, dtype="float32",
+                device="cpu")
+    args.update(kw)
+    return CollectConfig(**args)
+
+
+def _sequences(lm, corpus_dir, seq_len, n):
+    tok = lm.tokenizer
+    docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(CorpusSource(str(corpus_dir))))
+    return list(itertools.islice(pack(docs, seq_len, tok.eos_token_id), n))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_keys_and_values_are_exact_projections_and_rope_gives_cache_keys(tiny_models, corpus_dir, tmp_path, arch):
+    cfg = _cfg(tiny_models[arch], corpus_dir, tmp_path)
+    lm = load_model(cfg.model, device="cpu")
+    collect.run(cfg, loaded=lm)
+    keys, values = KVStore(cfg.output_dir), KVStore(tmp_path / "data" / "value")
+    assert keys.num_tokens == values.num_tokens == 200
+    assert keys.width == lm.spec.kv_dim
+
+    batch = torch.tensor(_sequences(lm, corpus_dir, 32, 2))  # the first batch of the run
+    check_collected_against_model(lm, cfg.output_dir, tmp_path / "data" / "value", batch)
+
+
+def test_interrupted_run_resumes_to_the_same_data(tiny_llama, corpus_dir, tmp_path, monkeypatch):
+    lm = load_model(str(tiny_llama), device="cpu")
+    whole = _cfg(tiny_llama, corpus_dir, tmp_path / "whole", with_queries=True, num_queries=50)
+    collect.run(whole, loaded=lm)
+
+    cut = _cfg(tiny_llama, corpus_dir, tmp_path / "cut", with_queries=True, num_queries=50)
+    real_write = kvstore.KVStoreWriter.write_shard
+    calls = {"n": 0}
+
+    def dying_write(self, per_layer):
+        calls["n"] += 1
+        if calls["n"] == 5:  # shard 1 of the key store done, values of shard 1 not yet
+            raise KeyboardInterrupt
+        real_write(self, per_layer)
+
+    monkeypatch.setattr(kvstore.KVStoreWriter, "write_shard", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        collect.run(cut, loaded=lm)
+    monkeypatch.setattr(kvstore.KVStoreWriter, "write_shard", real_write)
+    assert KVStore(cut.output_dir).num_tokens > KVStore(tmp_path / "cut" / "data" / "value").num_tokens
+    collect.run(cut, loaded=lm)
+
+    for kind in ("key", "value", "query"):
+        a, b = KVStore(tmp_path / "whole" / "data" / kind), KVStore(tmp_path / "cut" / "data" / kind)
+        assert a.num_tokens == b.num_tokens
+        for layer in range(a.num_layers):
+            assert torch.equal(a.layer(layer).read(), b.layer(layer).read())
+    q = KVStore(tmp_path / "whole" / "data" / "query")
+    assert q.width == lm.spec.q_dim and 45 <= q.num_tokens <= 50
+    pos = q.layer(0).read(name="pos")
+    assert torch.equal(pos, (torch.arange(200)[::collect.query_stride(200, 50)] % 32).int())
+
+
+def test_rerun_is_a_no_op_and_more_samples_extend(tiny_llama, corpus_dir, tmp_path):
+    lm = load_model(str(tiny_llama), device="cpu")
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, num_samples=100)
+    collect.run(cfg, loaded=lm)
+    first = KVStore(cfg.output_dir).layer(0).read()
+    collect.run(cfg, loaded=lm)
+    assert KVStore(cfg.output_dir).num_tokens == 100
+    collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, num_samples=150), loaded=lm)
+    store = KVStore(cfg.output_dir)
+    assert store.num_tokens == 150 and torch.equal(store.layer(0).read(0, 100), first)
+    direct = _cfg(tiny_llama, corpus_dir, tmp_path / "direct", num_samples=150)
+    collect.run(direct, loaded=lm)
+    assert torch.equal(KVStore(direct.output_dir).layer(1).read(), store.layer(1).read())
+
+
+def test_changed_settings_need_overwrite(tiny_llama, corpus_dir, tmp_path):
+    lm = load_model(str(tiny_llama), device="cpu")
+    collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, num_samples=40), loaded=lm)
+    with pytest.raises(ValueError, match="max_seq_length"):
+        collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, num_samples=80, max_seq_length=16), loaded=lm)
+    collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, num_samples=80, max_seq_length=16, overwrite=True), loaded=lm)
+    assert KVStore(tmp_path / "data" / "key").settings["max_seq_length"] == 16
+
+
+def test_corpus_smaller_than_asked_stops_with_what_it_has(tiny_llama, corpus_dir, tmp_path, caplog):
+    lm = load_model(str(tiny_llama), device="cpu")
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, num_samples=10**6)
+    collect.run(cfg, loaded=lm)
+    store = KVStore(cfg.output_dir)
+    assert 0 < store.num_tokens < 10**6 and store.manifest["exhausted"]
+    assert "ran out" in caplog.text
+
+
+def test_bad_inputs(tiny_llama, corpus_dir, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="num_samples 0"):
+        _cfg(tiny_llama, corpus_dir, tmp_path, num_samples=0)
+    lm = load_model(str(tiny_llama), device="cpu")
+    with pytest.raises(ValueError, match="exceeds the model's limit of 256"):
+        collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, max_seq_length=257), loaded=lm)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    with pytest.raises(ValueError, match="no text"):
+        collect.run(_cfg(tiny_llama, empty, tmp_path / "e"), loaded=lm)
+    assert not (tmp_path / "e" / "data" / "key" / "manifest.json").exists()
+
+    class Tiny:
+        free = 10
+
+    monkeypatch.setattr(collect.shutil, "disk_usage", lambda p: Tiny)
+    with pytest.raises(OSError, match="only 0.00 GiB is free"):
+        collect.run(_cfg(tiny_llama, corpus_dir, tmp_path / "full"), loaded=lm)
+    assert not (tmp_path / "full" / "data" / "key" / "L000").exists()
+
+
+def test_bytes_needed_counts_keys_values_and_queries(tiny_llama, corpus_dir, tmp_path):
+    lm = load_model(str(tiny_llama), device="cpu")
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, dtype="bfloat16")
+    assert collect.bytes_needed(cfg, lm, 100) == 100 * 2 * 2 * 32 * 2
+    qcfg = _cfg(tiny_llama, corpus_dir, tmp_path, dtype="bfloat16", with_queries=True, num_queries=50)
+    assert collect.bytes_needed(qcfg, lm, 100) == 100 * 2 * 2 * 32 * 2 + 25 * 2 * 64 * 2
+
+
+@pytest.mark.parametrize("done,seq,bs,want", [(0, 32, 2, (0, 0)), (100, 32, 2, (2, 36)), (128, 32, 2, (4, 0)),
+                                              (100, 32, 1, (3, 4))])
+def test_resume_point(done, seq, bs, want):
+    assert collect.resume_point(done, seq, bs) == want
