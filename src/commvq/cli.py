@@ -27,7 +27,7 @@ class Stage:
 
 
 def stages() -> list[Stage]:
-    from commvq.pipeline import collect, main_job, scale
+    from commvq.pipeline import collect, main_job, scale, train_keys
 
     return [
         Stage("pipeline", "the main job: every stage on the embedded defaults",
@@ -36,6 +36,8 @@ def stages() -> list[Stage]:
               collect.CollectConfig, collect.run),
         Stage("scale", "per-channel mean |x| of the collected keys and values",
               scale.ScaleConfig, scale.run),
+        Stage("train-keys", "train RoPE-commutative key codebooks (EM or E2E)",
+              train_keys.TrainKeysConfig, train_keys.run),
     ]
 
 

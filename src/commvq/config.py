@@ -19,9 +19,15 @@ import yaml
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, aliases: tuple = ()):
-    """A config field with its help text, optional choices and extra flag spellings."""
-    meta = {"help": help, "choices": choices, "aliases": tuple(aliases)}
+def option(default: Any, help: str, *, choices: tuple | None = None, aliases: tuple = (),
+           positional: bool = False):
+    """A config field with its help text, optional choices and extra flag spellings.
+
+    ``positional=True`` makes it a positional argument (a list field takes one or more values).
+    """
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases), "positional": positional}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -41,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             continue
         meta = f.metadata
         tp = _base_type(hints[f.name])
+        if meta.get("positional"):
+            many = typing.get_origin(tp) is list
+            parser.add_argument(f.name, nargs="+" if many else None, metavar=f.name.upper(),
+                                type=typing.get_args(tp)[0] if many else tp, help=meta.get("help", ""))
+            continue
         names = [f"--{f.name}", *meta.get("aliases", ())]
         help_text = f"{meta.get('help', '')} (default: {f.default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}

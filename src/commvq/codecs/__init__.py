@@ -1,0 +1,1 @@
+"""Thin stateful codecs over the pure math in ``commvq.quant``."""

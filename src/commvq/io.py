@@ -1,0 +1,155 @@
+"""Key codebook files, in the reference layout, plus a versioned ``config.json``.
+
+Directory ``codebook[_e2e]_{code_bits}bits_{head_dim}group_{R}residuals/`` holds one file
+``{layer:03d}_{head}.pt`` per (layer, KV head)::
+
+    {"final_error": float, "steps": [{"mse_loss": 0-d tensor, "theta": float32 [2E, P],
+                                      "clustering_centers": float32 [E*E, D] (optional)}] * R}
+
+``clustering_centers`` are the materialized codewords, index ``A*E + B``, columns interleaved
+``re_f0, im_f0, re_f1, ...``. Files hold CPU tensors only and load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from commvq import __version__
+from commvq.fsutil import atomic_path, write_json
+from commvq.quant.commutative import codewords, interleave_pairs, num_entries
+from commvq.spec import ModelSpec
+
+CODEBOOK_FORMAT = "commvq-key-codebook"
+CODEBOOK_VERSION = 1
+CONFIG = "config.json"
+METHODS = ("em", "e2e")
+_NAME = re.compile(r"^codebook(_e2e)?_(\d+)bits_(\d+)group_(\d+)residuals$")
+
+
+@dataclass(frozen=True)
+class CodebookLayout:
+    code_bits: int
+    head_dim: int
+    residuals: int
+    e2e: bool = False
+
+    def __post_init__(self) -> None:
+        num_entries(self.code_bits)  # validates
+        if self.residuals < 1 or self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"invalid codebook layout {self}")
+
+    @property
+    def dir_name(self) -> str:
+        prefix = "codebook_e2e" if self.e2e else "codebook"
+        return f"{prefix}_{self.code_bits}bits_{self.head_dim}group_{self.residuals}residuals"
+
+    @property
+    def bits_per_channel(self) -> float:
+        return self.code_bits * self.residuals / self.head_dim
+
+
+def parse_dir_name(name: str) -> CodebookLayout | None:
+    """The layout a directory name states, or None if it is not in the pattern."""
+    m = _NAME.match(name)
+    if not m:
+        return None
+    return CodebookLayout(int(m[2]), int(m[3]), int(m[4]), e2e=bool(m[1]))
+
+
+def head_file(folder: Path, layer: int, head: int) -> Path:
+    return Path(folder) / f"{layer:03d}_{head}.pt"
+
+
+def save_head(path: Path, thetas: torch.Tensor, stage_mse: torch.Tensor, final_error: float,
+              with_centers: bool = False) -> None:
+    """Write one (layer, head) file atomically; ``thetas [R, 2E, P]``, ``stage_mse [R]``."""
+    steps = []
+    for r in range(thetas.shape[0]):
+        th = thetas[r].detach().float().cpu().contiguous()
+        step: dict[str, Any] = {"mse_loss": torch.tensor(float(stage_mse[r])), "theta": th}
+        if with_centers:
+            step["clustering_centers"] = interleave_pairs(codewords(th[None])[0]).contiguous()
+        steps.append(step)
+    with atomic_path(path) as tmp:
+        torch.save({"final_error": float(final_error), "steps": steps}, tmp)
+
+
+def load_head(path: Path) -> tuple[torch.Tensor, float]:
+    """``(thetas [R, 2E, P], final_error)`` from one file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: codebook file missing; train it with `commvq train-keys`")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        thetas = torch.stack([s["theta"].float() for s in data["steps"]])
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable codebook file ({e})") from e
+    return thetas, float(data["final_error"])
+
+
+def read_config(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        return None
+    cfg = json.loads(path.read_text())
+    if cfg.get("format") != CODEBOOK_FORMAT:
+        raise ValueError(f"{path} is not a commvq key codebook config")
+    if cfg.get("version", 0) > CODEBOOK_VERSION:
+        raise ValueError(f"{path} has version {cfg['version']}; upgrade commvq to read it")
+    return cfg
+
+
+def write_config(folder: Path, layout: CodebookLayout, method: str, spec: ModelSpec, extra: dict[str, Any]) -> None:
+    write_json(Path(folder) / CONFIG, {
+        "format": CODEBOOK_FORMAT, "version": CODEBOOK_VERSION, "commvq": __version__,
+        "method": method, **asdict(layout), "bits_per_channel": layout.bits_per_channel,
+        "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "spec": spec.to_dict(), **extra,
+    })
+
+
+def layout_of(folder: Path) -> tuple[CodebookLayout, dict[str, Any] | None]:
+    """A directory's layout, from its config.json, else from its name."""
+    folder = Path(folder)
+    cfg = read_config(folder)
+    if cfg is not None:
+        return CodebookLayout(cfg["code_bits"], cfg["head_dim"], cfg["residuals"], cfg["method"] == "e2e"), cfg
+    parsed = parse_dir_name(folder.name)
+    if parsed is None:
+        raise ValueError(f"{folder}: no {CONFIG} and the name is not codebook[_e2e]_<b>bits_<D>group_<R>residuals")
+    return parsed, None
+
+
+def check_fits(folder: Path, spec: ModelSpec) -> CodebookLayout:
+    """Refuse a codebook directory whose settings do not fit the model, naming the mismatch."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such codebook directory")
+    layout, cfg = layout_of(folder)
+    if layout.head_dim != spec.head_dim:
+        raise ValueError(f"{folder}: codebooks for head_dim {layout.head_dim}, the model has {spec.head_dim}")
+    if cfg is not None:
+        for key, have in (("num_kv_heads", spec.num_kv_heads), ("num_layers", spec.num_layers)):
+            if cfg.get(key) != have:
+                raise ValueError(f"{folder}: codebooks for {key}={cfg.get(key)}, the model has {have}")
+    return layout
+
+
+def load_layer(folder: Path, layer: int, spec: ModelSpec) -> torch.Tensor:
+    """``thetas [H_kv, R, 2E, P]`` of one layer, checked against the model."""
+    layout = check_fits(folder, spec)
+    out = []
+    for head in range(spec.num_kv_heads):
+        thetas, _ = load_head(head_file(folder, layer, head))
+        e = num_entries(layout.code_bits)
+        if thetas.shape != (layout.residuals, 2 * e, spec.head_dim // 2):
+            raise ValueError(
+                f"{head_file(folder, layer, head)}: theta shape {tuple(thetas.shape)} does not fit "
+                f"{layout.dir_name} (expected {(layout.residuals, 2 * e, spec.head_dim // 2)})"
+            )
+        out.append(thetas)
+    return torch.stack(out)

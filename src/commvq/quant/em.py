@@ -1,0 +1,225 @@
+"""The paper's EM training of one residual stage of commutative codebooks, batched over heads.
+
+E-step: soft assignment ``softmax(-d / tau)`` over all ``E*E`` codes with the Euclidean (not
+squared) distance ``d``, and the hard assignment ``argmin d``. Its sufficient statistics are the
+``E x E`` soft counts and the two per-entry marginal sums ``S_A``, ``S_B`` (``E x D`` each): the
+``N x E*E`` assignment matrix is never kept. M-step: the closed-form weighted least-squares fit
+of the structured codewords (one ``2E x 2E`` normal matrix shared by all pairs).
+Schedule: init from random data points (one E-step at temperature 1 against them, one M-step),
+then up to ``max_iters`` iterations at exponentially decaying temperature ``temp_start*c ->
+temp_end*c``; the iterate of best hard MSE (original scale) is kept; a head stops when its MSE
+fails to improve and is worse than the best by less than ``tol`` (the reference rule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from commvq.quant.commutative import codewords, decode, join_theta, search_tables
+
+
+@dataclass(frozen=True)
+class EMSettings:
+    max_iters: int = 100
+    temp_start: float = 1e-3
+    temp_end: float = 1e-5
+    decay_every: int = 4  # the stage factor c is divided by 10 after stages 0, 4, 8, ...
+    tol: float = 1e-5
+    chunk: int = 8192
+    eps: float = 1e-8  # added to every soft count in the M-step, as the reference does
+
+    def __post_init__(self) -> None:
+        if self.max_iters < 1 or self.chunk < 1:
+            raise ValueError(f"max_iters={self.max_iters} and chunk={self.chunk} must be positive")
+        if not 0 < self.temp_end <= self.temp_start:
+            raise ValueError(f"need 0 < temp_end={self.temp_end} <= temp_start={self.temp_start}")
+
+
+@dataclass
+class EStats:
+    """Sufficient statistics of one E-step, per head."""
+
+    count: torch.Tensor  # [H, E, E] soft counts N_AB
+    sum_a: torch.Tensor  # [H, E, D] sum_t (sum_B gamma_tAB) x_t
+    sum_b: torch.Tensor  # [H, E, D] sum_t (sum_A gamma_tAB) x_t
+    sum_xx: torch.Tensor  # [H] sum_t |x_t|^2
+    hard_sqerr: torch.Tensor  # [H] sum_t s_t^2 |x_t - c_hard(t)|^2 (original scale)
+
+
+def stage_factor(stage: int, every: int = 4) -> float:
+    """``c`` of a stage: 1 for stage 0, then divided by 10 after stages 0, every, 2*every, ..."""
+    return 10.0 ** -math.ceil(stage / every)
+
+
+def temperature(step: int, n_steps: int, start: float, end: float) -> float:
+    """Exponential decay from ``start`` (step 0) to ``end`` (step ``n_steps - 1``)."""
+    if n_steps <= 1:
+        return start
+    return start * (end / start) ** (step / (n_steps - 1))
+
+
+def soft_objective(stats: EStats, theta: torch.Tensor) -> torch.Tensor:
+    """``sum_t sum_k gamma_tk |x_t - c_k(theta)|^2`` from the statistics, ``[H]`` (float64).
+
+    This is what the M-step minimizes exactly for the E-step's gammas.
+    """
+    th = theta.double()
+    c = codewords(th)  # [H, E*E, D]
+    e = stats.count.shape[-1]
+    p = th.shape[-1]
+    re, im = c[..., :p].reshape(-1, e, e, p), c[..., p:].reshape(-1, e, e, p)
+    n = stats.count.double()
+    quad = (n[..., None] * (re * re + im * im)).sum((-3, -2, -1))
+    sa, sb = stats.sum_a.double(), stats.sum_b.double()
+    # sum_AB c_AB . S_AB with c = (R_A - I_B, I_A + R_B), through the marginals only
+    r_e, i_e = th[..., 0::2, :], th[..., 1::2, :]
+    lin = (r_e * sa[..., :p] + i_e * sa[..., p:]).sum((-2, -1)) + (-i_e * sb[..., :p] + r_e * sb[..., p:]).sum((-2, -1))
+    return stats.sum_xx.double() - 2 * lin + quad
+
+
+def m_step(stats: EStats, eps: float = 1e-8, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Closed-form weighted least squares: theta ``[H, 2E, P]`` from the E-step statistics."""
+    n = stats.count.double() + eps
+    h, e, _ = n.shape
+    p = stats.sum_a.shape[-1] // 2
+    diag = n.sum(-1) + n.sum(-2)  # N_A(e) + N_B(e)
+    normal = torch.zeros(h, 2 * e, 2 * e, dtype=torch.float64, device=n.device)
+    idx = torch.arange(e, device=n.device)
+    normal[:, 2 * idx, 2 * idx] = diag
+    normal[:, 2 * idx + 1, 2 * idx + 1] = diag
+    anti = n.transpose(-1, -2) - n
+    normal[:, 0::2, 1::2] += anti
+    normal[:, 1::2, 0::2] -= anti
+    sa, sb = stats.sum_a.double(), stats.sum_b.double()
+    rhs = join_theta(sa[..., :p] + sb[..., p:], sa[..., p:] - sb[..., :p])  # [H, 2E, P]
+    return torch.linalg.solve(normal, rhs).to(dtype)
+
+
+def _empty_stats(h: int, e: int, d: int, device) -> EStats:
+    z = dict(dtype=torch.float64, device=device)
+    return EStats(torch.zeros(h, e, e, **z), torch.zeros(h, e, d, **z), torch.zeros(h, e, d, **z),
+                  torch.zeros(h, **z), torch.zeros(h, **z))
+
+
+def _accumulate(stats: EStats, d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor, tau: float,
+                hard_err: torch.Tensor) -> None:
+    """Add one chunk: ``d2 [H, T, E*E]`` squared distances of ``x [H, T, D]``."""
+    h, t, _ = d2.shape
+    e = stats.count.shape[-1]
+    gamma = torch.softmax(-d2.clamp_min(0).sqrt() / tau, dim=-1).view(h, t, e, e)
+    stats.count += gamma.sum(1).double()
+    xd = x.double()
+    stats.sum_a += torch.einsum("hte,htd->hed", gamma.sum(-1).double(), xd)
+    stats.sum_b += torch.einsum("hte,htd->hed", gamma.sum(-2).double(), xd)
+    stats.sum_xx += (xd * xd).sum((1, 2))
+    stats.hard_sqerr += (hard_err.double() * s.double() ** 2).sum(-1)
+
+
+def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192) -> EStats:
+    """E-step against the structured codebooks ``theta [H, 2E, P]`` (pure torch, chunked)."""
+    w, n, g = search_tables(theta)
+    h, big_n, d = x.shape
+    e = n.shape[-1]
+    n = n[:, None]
+    stats = _empty_stats(h, e, d, x.device)
+    for i in range(0, big_n, chunk):
+        xc, sc = x[:, i:i + chunk], s[i:i + chunk]
+        uv = xc @ w
+        xx = (xc * xc).sum(-1)
+        d2 = ((n - 2 * uv[..., :e])[..., :, None] + (n - 2 * uv[..., e:])[..., None, :] + g[:, None]).flatten(-2)
+        d2 = d2 + xx[..., None]
+        hard = d2.argmin(-1)
+        err = ((xc - decode(theta, hard)) ** 2).sum(-1)
+        _accumulate(stats, d2, xc, sc, tau, err)
+    return stats
+
+
+def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau: float,
+                   chunk: int = 8192) -> EStats:
+    """E-step against free centers ``[H, E*E, D]`` (the initialization from data points)."""
+    h, big_n, d = x.shape
+    e = math.isqrt(centers.shape[1])
+    stats = _empty_stats(h, e, d, x.device)
+    cc = (centers * centers).sum(-1)
+    for i in range(0, big_n, chunk):
+        xc, sc = x[:, i:i + chunk], s[i:i + chunk]
+        d2 = (xc * xc).sum(-1, keepdim=True) - 2 * xc @ centers.transpose(-1, -2) + cc[:, None]
+        hard = d2.argmin(-1)
+        err = ((xc - torch.gather(centers, 1, hard[..., None].expand(-1, -1, d))) ** 2).sum(-1)
+        _accumulate(stats, d2, xc, sc, tau, err)
+    return stats
+
+
+EStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], EStats]
+
+
+@dataclass
+class StageResult:
+    theta: torch.Tensor  # [H, 2E, P] of the best iterate
+    mse: torch.Tensor  # [H] its hard MSE in original scale (mean over tokens and channels)
+    iters: torch.Tensor  # [H] iterations run
+
+
+def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, settings: EMSettings,
+              generator: torch.Generator, estep: EStep = e_step) -> StageResult:
+    """Train one stage for every head of ``x [H, N, D]`` (prescales ``s [N]``)."""
+    h, big_n, d = x.shape
+    idx = torch.randint(0, big_n, (h, num_entries**2), generator=generator).to(x.device)
+    centers = torch.gather(x, 1, idx[..., None].expand(-1, -1, d))
+    theta = m_step(e_step_centers(x, s, centers, 1.0, settings.chunk), settings.eps, x.dtype)
+    c = stage_factor(stage, settings.decay_every)
+    best_mse = torch.full((h,), math.inf, dtype=torch.float64)
+    best_theta = theta.clone()
+    iters = torch.zeros(h, dtype=torch.long)
+    active = torch.arange(h)
+    for step in range(settings.max_iters):
+        tau = temperature(step, settings.max_iters, settings.temp_start * c, settings.temp_end * c)
+        stats = estep(x[active], s, theta[active], tau, settings.chunk)
+        mse = stats.hard_sqerr.cpu() / (big_n * d)
+        iters[active] += 1
+        better = mse < best_mse[active]
+        best_mse[active[better]] = mse[better]
+        best_theta[active[better]] = theta[active[better]]
+        stop = ~better & (mse - best_mse[active] < settings.tol)
+        theta[active] = m_step(stats, settings.eps, x.dtype)
+        active = active[~stop]
+        if len(active) == 0:
+            break
+    return StageResult(theta=best_theta, mse=best_mse.float(), iters=iters)
+
+
+@dataclass
+class FitResult:
+    thetas: torch.Tensor  # [H, R, 2E, P]
+    stage_mse: torch.Tensor  # [R, H] hard MSE of each stage's best iterate (original scale)
+    residual_mse: torch.Tensor  # [R, H] MSE left after each stage (original scale)
+    iters: torch.Tensor  # [R, H]
+
+
+def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, settings: EMSettings,
+        seed: int = 0, estep: EStep = e_step,
+        on_stage: Callable[[int, StageResult, torch.Tensor], None] | None = None) -> FitResult:
+    """Greedy residual EM: train stage r on what stages < r left. ``x [H, N, D]`` is not modified."""
+    from commvq.quant.commutative import nearest
+
+    generator = torch.Generator().manual_seed(seed)
+    residual = x.clone()
+    big_n, d = x.shape[1], x.shape[2]
+    thetas, stage_mse, res_mse, iters = [], [], [], []
+    for r in range(num_stages):
+        res = fit_stage(residual, s, num_entries, r, settings, generator, estep)
+        for i in range(0, big_n, settings.chunk):
+            part = residual[:, i:i + settings.chunk]
+            part -= decode(res.theta, nearest(part, res.theta, settings.chunk))
+        err = ((residual * s[:, None]) ** 2).sum((1, 2)).cpu() / (big_n * d)
+        thetas.append(res.theta)
+        stage_mse.append(res.mse)
+        res_mse.append(err.float())
+        iters.append(res.iters)
+        if on_stage is not None:
+            on_stage(r, res, err)
+    return FitResult(torch.stack(thetas, 1), torch.stack(stage_mse), torch.stack(res_mse), torch.stack(iters))

@@ -1,0 +1,67 @@
+"""Greedy residual coding with commutative codebooks, and the per-token key prescale.
+
+Keys of one layer ``k [N, H*D]`` are divided by their L2 norm over all KV heads (the prescale,
+one scalar per token), split into heads ``x [H, N, D]``, and coded stage by stage: each stage
+quantizes what the previous ones left (``thetas [H, R, 2E, P]``, codes ``[H, N, R]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from commvq.quant.commutative import decode as decode_stage
+from commvq.quant.commutative import nearest
+
+
+def residuals_for_bits(quant_bits: float, head_dim: int, code_bits: int = 12) -> int:
+    """Stages R giving about ``quant_bits`` per channel: ``round(quant_bits * head_dim / code_bits)``."""
+    r = round(quant_bits * head_dim / code_bits)
+    if r < 1:
+        raise ValueError(f"quant_bits={quant_bits} with head_dim={head_dim}, code_bits={code_bits} gives 0 stages")
+    return r
+
+
+def prescale(k: torch.Tensor) -> torch.Tensor:
+    """Per-token L2 norm over all KV heads of the layer, ``[N]`` (zeros become 1)."""
+    s = k.float().norm(dim=-1)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def to_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[N, H*D]`` -> ``[H, N, D]``."""
+    return k.reshape(k.shape[0], num_heads, -1).transpose(0, 1)
+
+
+def from_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[H, N, D]`` -> ``[N, H*D]``."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def normalize(k: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [H, N, D], s [N])``: unit-norm (over the layer) keys split into heads, and the norms."""
+    s = prescale(k)
+    return to_heads(k.float() / s[:, None], num_heads), s
+
+
+def encode(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Greedy residual codes ``[H, N, R]`` of ``x [H, N, D]``."""
+    residual = x.clone()
+    codes = []
+    for r in range(thetas.shape[1]):
+        c = nearest(residual, thetas[:, r], chunk)
+        residual -= decode_stage(thetas[:, r], c)
+        codes.append(c)
+    return torch.stack(codes, dim=-1)
+
+
+def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """Sum of the stages' codewords, ``[H, N, D]`` (differentiable in thetas)."""
+    out = decode_stage(thetas[:, 0], codes[..., 0])
+    for r in range(1, thetas.shape[1]):
+        out = out + decode_stage(thetas[:, r], codes[..., r])
+    return out
+
+
+def stage_decodes(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """Each stage's codewords ``[R, H, N, D]``."""
+    return torch.stack([decode_stage(thetas[:, r], codes[..., r]) for r in range(thetas.shape[1])])

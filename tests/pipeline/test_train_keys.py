@@ -1,0 +1,128 @@
+import json
+import logging
+
+import pytest
+import torch
+
+from commvq import io
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.data.kvstore import KVStore, KVStoreWriter
+from commvq.pipeline import train_keys
+from commvq.pipeline.train_keys import TrainKeysConfig, parse_layers, resolve_layout
+from commvq.spec import ModelSpec
+
+SPEC = ModelSpec("llama", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
+                 max_position=128, rope_theta=1e4)
+
+
+@pytest.fixture
+def key_dir(tmp_path):
+    root = tmp_path / "data" / "key"
+    w = KVStoreWriter(root, "key", 3, 16, torch.float32, settings={"model": "toy", "spec": SPEC.to_dict()})
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(4, 16, generator=g)
+    for _ in range(2):  # low-rank-ish data so a few stages can fit it
+        w.write_shard([{"x": torch.randn(150, 4, generator=g) @ basis + 0.05 * torch.randn(150, 16, generator=g)}
+                       for _ in range(3)])
+    w.finish(False)
+    return root
+
+
+def _cfg(key_dir, out, **kw):
+    args = dict(key_dir=key_dir, output_dir=out, code_bits=6, residuals=3, max_iters=4, num_samples=256,
+                device="cpu", chunk=100)
+    args.update(kw)
+    return TrainKeysConfig(**args)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("2", 4) == [2] and parse_layers("1-3", 4) == [1, 2, 3]
+    assert parse_layers("3,0", 4) == [0, 3]
+    for bad in ("4", "x", "2-9"):
+        with pytest.raises(ValueError, match="--layers"):
+            parse_layers(bad, 4)
+
+
+def test_layout_from_flags_and_directory_names(tmp_path):
+    cfg = TrainKeysConfig()
+    lay, out = resolve_layout(cfg, SPEC)
+    assert (lay.code_bits, lay.residuals) == (12, 1) and out.name == "codebook_12bits_8group_1residuals"
+    spec128 = ModelSpec("llama", 2, 32, 8, 128, 4096, 8192, 5e5)
+    assert resolve_layout(TrainKeysConfig(), spec128)[0].residuals == 21
+    assert resolve_layout(TrainKeysConfig(quant_bits=1), spec128)[0].residuals == 11
+    e2e = TrainKeysConfig(method="e2e", quant_bits=1, output_dir=tmp_path / "codebook_e2e_6bits_128group_21residuals")
+    lay, _ = resolve_layout(e2e, spec128)
+    assert (lay.code_bits, lay.residuals, lay.e2e) == (6, 21, True)
+    with pytest.raises(ValueError, match="head_dim 64"):
+        resolve_layout(TrainKeysConfig(output_dir=tmp_path / "codebook_12bits_64group_11residuals"), spec128)
+    with pytest.raises(ValueError, match="--residuals 5 contradicts"):
+        resolve_layout(TrainKeysConfig(residuals=5, output_dir=tmp_path / "codebook_12bits_128group_21residuals"),
+                       spec128)
+    with pytest.raises(ValueError, match="quant_bits 1 gives 11"):
+        resolve_layout(TrainKeysConfig(quant_bits=1, output_dir=tmp_path / "codebook_12bits_128group_21residuals"),
+                       spec128)
+    with pytest.raises(ValueError, match="E2E directory"):
+        resolve_layout(TrainKeysConfig(output_dir=tmp_path / "codebook_e2e_12bits_128group_21residuals"), spec128)
+    with pytest.raises(ValueError, match="code_bits 7"):
+        TrainKeysConfig(code_bits=7)
+
+
+def test_em_training_writes_loadable_files_and_skips_finished(key_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="commvq")
+    out = tmp_path / "cb"
+    train_keys.run(_cfg(key_dir, out, layers="0-1"))
+    assert sorted(p.name for p in out.glob("*.pt")) == ["000_0.pt", "000_1.pt", "001_0.pt", "001_1.pt"]
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["method"] == "em" and conf["residuals"] == 3 and conf["samples"] == 256
+    assert set(conf["layers"]) == {"0", "1"} and conf["layers"]["0"]["relative_mse"] < 1
+    assert "stage 3/3: hard MSE (original scale)" in caplog.text
+    spec = ModelSpec.from_dict(KVStore(key_dir).settings["spec"])
+    cb = KeyCodebook.from_dir(out, 1, spec)
+    keys = KVStore(key_dir).layer(1).read(0, 256)
+    codes, s = cb.encode(keys)
+    rel = float(((cb.decode(codes, s) - keys) ** 2).sum() / (keys**2).sum())
+    assert abs(rel - conf["layers"]["1"]["relative_mse"]) < 1e-4
+
+    before = io.head_file(out, 0, 0).stat().st_mtime_ns
+    io.head_file(out, 1, 1).unlink()
+    train_keys.run(_cfg(key_dir, out, layers="all"))
+    assert io.head_file(out, 0, 0).stat().st_mtime_ns == before  # finished files are skipped
+    assert io.head_file(out, 1, 1).is_file() and io.head_file(out, 2, 0).is_file()
+    train_keys.run(_cfg(key_dir, out, layers="0", overwrite=True))
+    assert io.head_file(out, 0, 0).stat().st_mtime_ns != before
+
+
+def test_training_is_deterministic_for_a_seed(key_dir, tmp_path):
+    for name in ("a", "b"):
+        train_keys.run(_cfg(key_dir, tmp_path / name, layers="2"))
+    ta, _ = io.load_head(io.head_file(tmp_path / "a", 2, 1))
+    tb, _ = io.load_head(io.head_file(tmp_path / "b", 2, 1))
+    assert torch.equal(ta, tb)
+
+
+def test_other_settings_in_directory_are_refused(key_dir, tmp_path):
+    out = tmp_path / "cb"
+    train_keys.run(_cfg(key_dir, out, layers="0"))
+    with pytest.raises(ValueError, match="never overwrite each other"):
+        train_keys.run(_cfg(key_dir, out, layers="0", residuals=2))
+    train_keys.run(_cfg(key_dir, out, layers="0", residuals=2, overwrite=True))
+    assert json.loads((out / "config.json").read_text())["residuals"] == 2
+
+
+def test_layers_are_spread_over_ranks(key_dir, tmp_path, monkeypatch):
+    out = tmp_path / "cb"
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        train_keys.run(_cfg(key_dir, out))
+        got = {p.name[:3] for p in out.glob("*.pt")}
+        assert got == ({"000", "002"} if rank == 0 else {"000", "001", "002"})
+    single = tmp_path / "single"
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    train_keys.run(_cfg(key_dir, single))
+    for layer in range(3):
+        spread, alone = io.head_file(out, layer, 0), io.head_file(single, layer, 0)
+        assert torch.equal(io.load_head(spread)[0], io.load_head(alone)[0])
+    assert set(json.loads((out / "config.json").read_text())["layers"]) == {"0", "1", "2"}
