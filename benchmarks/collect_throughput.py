@@ -2,6 +2,7 @@
 """Collection throughput against a bare forward pass over the same tokens.
 
     python benchmarks/collect_throughput.py [--model embedded] [--seq 1024] [--batch 1] [--tokens 8192]
+    python benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --out_dir /dev/shm
 
 (a) bare forward: the base model (no LM head) over the packed batches, no hooks, no storage;
 (b) `commvq collect` over the same batches (hooks, device->host copies, shard writes).
@@ -25,6 +26,11 @@ from commvq.data.corpus import CorpusSource, batches, iter_documents, pack
 from commvq.integrations.hf.loader import load_model
 from commvq.pipeline import collect
 
+try:
+    from _shapes import SHAPES, random_model
+except ImportError:  # run from another folder
+    from benchmarks._shapes import SHAPES, random_model
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -43,7 +49,7 @@ def bare_forward(lm, batch_list) -> float:
 
 
 def collect_run(lm, args, out: Path, tokens: int) -> float:
-    cfg = collect.CollectConfig(model=args.model, dataset=args.dataset, output_dir=out / "key",
+    cfg = collect.CollectConfig(model=lm.name, dataset=args.dataset, output_dir=out / "key",
                                 num_samples=tokens, max_seq_length=args.seq, batch_size=args.batch,
                                 device=args.device, shard_tokens=args.shard_tokens)
     t0 = time.perf_counter()
@@ -61,9 +67,14 @@ def main() -> None:
     ap.add_argument("--shard_tokens", type=int, default=65536)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--random_shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
+    ap.add_argument("--out_dir", default=None, help="where shards go (default: a temporary folder)")
     args = ap.parse_args()
 
-    lm = load_model(args.model, device=args.device)
+    if args.random_shape:
+        lm = random_model(args.random_shape, device="cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        lm = load_model(args.model, device=args.device)
     tok = lm.tokenizer
     docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(CorpusSource(args.dataset)))
     n_seq = args.tokens // args.seq
@@ -72,7 +83,7 @@ def main() -> None:
 
     bare_forward(lm, batch_list[:1])  # warm-up
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         collect_run(lm, args, Path(tmp) / "warm", min(tokens, args.seq * args.batch))
         for r in range(args.repeats):
             t_bare = bare_forward(lm, batch_list)
@@ -87,14 +98,16 @@ def main() -> None:
     else:
         card = f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"model {lm.name}  device {card}  seq {args.seq}  batch {args.batch}  tokens {tokens}")
+    print(f"model {lm.name}  device {card}  seq {args.seq}  batch {args.batch}  tokens {tokens}  "
+          f"shards in {args.out_dir or tempfile.gettempdir()}")
     print(f"{'run':<14}{'seconds':>10}{'tokens/s':>12}")
     print(f"{'bare forward':<14}{t_bare:>10.3f}{tokens / t_bare:>12.0f}")
     print(f"{'collect':<14}{t_coll:>10.3f}{tokens / t_coll:>12.0f}")
     print(f"ratio collect/bare: {ratio:.3f} (target <= 1.2)")
     print(json.dumps({"bench": "collect_throughput", "model": lm.name, "device": card, "seq": args.seq,
                       "batch": args.batch, "tokens": tokens, "bare_s": round(t_bare, 4),
-                      "collect_s": round(t_coll, 4), "ratio": round(ratio, 4), "commit": commit}))
+                      "collect_s": round(t_coll, 4), "ratio": round(ratio, 4), "out_dir": args.out_dir,
+                      "commit": commit}))
 
 
 if __name__ == "__main__":

@@ -139,3 +139,22 @@ def test_bytes_needed_counts_keys_values_and_queries(tiny_llama, corpus_dir, tmp
                                               (100, 32, 1, (3, 4))])
 def test_resume_point(done, seq, bs, want):
     assert collect.resume_point(done, seq, bs) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_collect_on_gpu_stores_exact_projections(tiny_llama, corpus_dir, tmp_path):
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, device="cuda", model_dtype="float32", with_queries=True,
+               num_queries=60)
+    lm = load_model(cfg.model, model_dtype="float32", device="cuda")
+    collect.run(cfg, loaded=lm)
+    cpu = load_model(cfg.model, device="cpu")
+    batch = torch.tensor(_sequences(cpu, corpus_dir, 32, 2))
+    base = lm.model.base_model
+    with torch.inference_mode():
+        out = base(input_ids=batch.cuda(), output_hidden_states=True)
+    keys = KVStore(cfg.output_dir)
+    for i, layer in enumerate(base.layers):
+        ref = layer.self_attn.k_proj(layer.input_layernorm(out.hidden_states[i])).reshape(-1, lm.spec.kv_dim)
+        assert torch.allclose(keys.layer(i).read(0, 64), ref.cpu(), atol=1e-5)
+    assert KVStore(tmp_path / "data" / "query").num_tokens == 50
