@@ -72,6 +72,29 @@ def reference_style_stage0(x: torch.Tensor, s: torch.Tensor, iters: int, seed: i
     return (time.perf_counter() - t0) / iters, best
 
 
+def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
+    """Time one fused E-step for a few kernel configurations; set and return the fastest."""
+    import itertools
+
+    from commvq.kernels import em_estep as k
+
+    theta = torch.randn(x.shape[0], 128, x.shape[2] // 2, device=x.device) * 0.05
+    results = []
+    for bt_a, w_a, bt_b, w_b in itertools.product((16, 32, 64), (4, 8), (32, 64), (4, 8)):
+        k.BT_A, k.WARPS_A, k.BT_B, k.WARPS_B = bt_a, w_a, bt_b, w_b
+        k.e_step_triton(x, s, theta, 1e-3)  # compile
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(2):
+            k.e_step_triton(x, s, theta, 1e-3)
+        torch.cuda.synchronize()
+        results.append(((time.perf_counter() - t0) / 2, (bt_a, w_a, bt_b, w_b)))
+        print(f"tune BT_A {bt_a:3d} warps {w_a}  BT_B {bt_b:3d} warps {w_b}: {results[-1][0] * 1e3:8.1f} ms", flush=True)
+    best = min(results)
+    k.BT_A, k.WARPS_A, k.BT_B, k.WARPS_B = best[1]
+    return {"best_ms": best[0] * 1e3, "config": best[1]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num_samples", type=int, default=1_000_000)
@@ -82,6 +105,7 @@ def main() -> None:
     ap.add_argument("--ref_iters", type=int, default=5, help="reference-style iterations to time (0: skip)")
     ap.add_argument("--estep", choices=("triton", "torch"), default="triton")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tune", action="store_true", help="try kernel block sizes first and use the fastest")
     args = ap.parse_args()
 
     from commvq.kernels.em_estep import e_step_triton
@@ -90,6 +114,7 @@ def main() -> None:
     k = synthetic_keys(args.num_samples, args.heads, args.head_dim, args.seed)
     x, s = normalize(k, args.heads)
     del k
+    tuned = tune(x, s) if args.tune else None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
@@ -138,7 +163,7 @@ def main() -> None:
                       "peak_gib": round(peak, 3), "peak_total_gib": round(peak_total, 3), "final_mse": final,
                       "relative_mse": rel, "ours_iter_s": ours_iter_s, "ref_iter_s_per_head": ref_iter_s,
                       "stage0_mse_ours": ours_stage0, "stage0_mse_ref": ref_stage0, "ref_iters": args.ref_iters,
-                      "stages": stage_times, "commit": commit}))
+                      "stages": stage_times, "tuned": tuned, "commit": commit}))
 
 
 if __name__ == "__main__":
