@@ -89,7 +89,8 @@ def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
             k.e_step_triton(x, s, theta, 1e-3)
         torch.cuda.synchronize()
         results.append(((time.perf_counter() - t0) / 2, (bt_a, w_a, bt_b, w_b)))
-        print(f"tune BT_A {bt_a:3d} warps {w_a}  BT_B {bt_b:3d} warps {w_b}: {results[-1][0] * 1e3:8.1f} ms", flush=True)
+        ms = results[-1][0] * 1e3
+        print(f"tune BT_A {bt_a:3d} warps {w_a}  BT_B {bt_b:3d} warps {w_b}: {ms:8.1f} ms", flush=True)
     best = min(results)
     k.BT_A, k.WARPS_A, k.BT_B, k.WARPS_B = best[1]
     return {"best_ms": best[0] * 1e3, "config": best[1]}
