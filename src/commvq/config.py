@@ -96,8 +96,9 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, **fixed: Any) -> T:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (paths as strings)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        out[f.name] = str(v) if isinstance(v, Path) else v
-    return out
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}

@@ -6,26 +6,11 @@ import torch
 
 from commvq import io
 from commvq.codecs.key_codebook import KeyCodebook
-from commvq.data.kvstore import KVStore, KVStoreWriter
+from commvq.data.kvstore import KVStore
 from commvq.pipeline import train_keys
 from commvq.pipeline.train_keys import TrainKeysConfig, parse_layers, resolve_layout
 from commvq.spec import ModelSpec
-
-SPEC = ModelSpec("llama", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
-                 max_position=128, rope_theta=1e4)
-
-
-@pytest.fixture
-def key_dir(tmp_path):
-    root = tmp_path / "data" / "key"
-    w = KVStoreWriter(root, "key", 3, 16, torch.float32, settings={"model": "toy", "spec": SPEC.to_dict()})
-    g = torch.Generator().manual_seed(0)
-    basis = torch.randn(4, 16, generator=g)
-    for _ in range(2):  # low-rank-ish data so a few stages can fit it
-        w.write_shard([{"x": torch.randn(150, 4, generator=g) @ basis + 0.05 * torch.randn(150, 16, generator=g)}
-                       for _ in range(3)])
-    w.finish(False)
-    return root
+from tests.pipeline.conftest import SPEC
 
 
 def _cfg(key_dir, out, **kw):

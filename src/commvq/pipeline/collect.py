@@ -111,45 +111,23 @@ def check_limits(cfg: CollectConfig, loaded: LoadedModel) -> None:
         )
 
 
-def _to_host(tensors: dict[tuple[str, int], torch.Tensor]) -> tuple[dict, torch.cuda.Event | None]:
-    """Start device-to-host copies on a side stream; the event marks their end."""
-    first = next(iter(tensors.values()))
-    if first.device.type != "cuda":
-        return tensors, None
-    stream = torch.cuda.Stream(device=first.device)
-    stream.wait_stream(torch.cuda.current_stream(first.device))
-    out = {}
-    with torch.cuda.stream(stream):
-        for key, t in tensors.items():
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            t.record_stream(stream)
-            out[key] = host
-        event = torch.cuda.Event()
-        event.record(stream)
-    return out, event
-
-
 class _Shard:
-    """Rows gathered for the next shard, per kind and layer (host tensors, maybe in flight)."""
+    """Rows gathered for the next shard, per kind and layer, on the host."""
 
     def __init__(self) -> None:
-        self.parts: list[tuple[dict, torch.cuda.Event | None]] = []
+        self.parts: list[dict[tuple[str, int], torch.Tensor]] = []
         self.tokens = 0
 
     def add(self, rows: dict[tuple[str, int], torch.Tensor], tokens: int) -> None:
-        self.parts.append(_to_host(rows))
+        self.parts.append({k: v.cpu() for k, v in rows.items()})
         self.tokens += tokens
 
     def assemble(self, kind: str, num_layers: int) -> list[dict[str, torch.Tensor]]:
-        for _, event in self.parts:
-            if event is not None:
-                event.synchronize()
         out = []
         for layer in range(num_layers):
-            d = {"x": torch.cat([p[(kind, layer)] for p, _ in self.parts])}
-            if (kind, -1) in self.parts[0][0]:
-                d["pos"] = torch.cat([p[(kind, -1)] for p, _ in self.parts])
+            d = {"x": torch.cat([p[(kind, layer)] for p in self.parts])}
+            if (kind, -1) in self.parts[0]:
+                d["pos"] = torch.cat([p[(kind, -1)] for p in self.parts])
             out.append(d)
         return out
 

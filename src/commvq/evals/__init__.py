@@ -1,0 +1,1 @@
+"""Evaluations: key-codebook errors, perplexity and KL, synthetic retrieval, LongBench."""

@@ -1,0 +1,135 @@
+"""Stage `compare-codebooks`: per-layer key errors of codebook directories side by side.
+
+Evaluates on keys the codebooks were not trained on: the tokens after the first ``samples`` the
+training used (from each directory's config.json), or a separate store (``--key_dir``).
+Writes ``compare.json``, ``compare.md`` and ``compare.png`` to ``--output``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from commvq import io
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.config import option, to_dict
+from commvq.data.kvstore import KVStore
+from commvq.evals.keys import key_errors, pair_weights
+from commvq.fsutil import atomic_path, write_json
+from commvq.pipeline.collect import store_dirs
+from commvq.pipeline.train_keys import resolve_device
+from commvq.spec import ModelSpec
+
+log = logging.getLogger("commvq")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    dirs: list[Path] = option([], "codebook directories to compare", positional=True)
+    key_dir: Path = option(Path("data/key"), "keys to evaluate on (queries from its sibling 'query' if present)")
+    eval_samples: int = option(16384, "held-out key vectors per layer")
+    output: Path = option(Path("compare"), "folder for compare.json / .md / .png")
+    device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dirs", [Path(d) for d in self.dirs])
+        if not self.dirs:
+            raise ValueError("give at least one codebook directory")
+        if self.eval_samples < 1:
+            raise ValueError(f"--eval_samples {self.eval_samples}: must be at least 1")
+
+
+def eval_range(store: KVStore, trained: int, want: int) -> tuple[int, int]:
+    """Held-out rows ``[start, stop)``: after the training rows when the store has them."""
+    if store.num_tokens > trained:
+        return trained, min(store.num_tokens, trained + want)
+    log.warning("compare: %s has no keys beyond the %d used for training; evaluating on training keys",
+                store.root, trained)
+    return max(0, store.num_tokens - want), store.num_tokens
+
+
+def run(cfg: CompareConfig) -> Path:
+    store = KVStore(cfg.key_dir)
+    spec = ModelSpec.from_dict(store.settings["spec"])
+    configs = []
+    for d in cfg.dirs:
+        io.check_fits(d, spec)
+        configs.append(io.read_config(d) or {})
+    trained = max(int(c.get("samples", 0)) for c in configs)
+    start, stop = eval_range(store, trained, cfg.eval_samples)
+    qdir = store_dirs(cfg.key_dir)["query"]
+    queries = KVStore(qdir) if (qdir / "manifest.json").is_file() else None
+    device = resolve_device(cfg.device)
+    names = [d.name for d in cfg.dirs]
+    rows = []
+    for layer in range(spec.num_layers):
+        present = [d for d in cfg.dirs
+                   if all(io.head_file(d, layer, h).is_file() for h in range(spec.num_kv_heads))]
+        if not present:
+            continue
+        keys = store.layer(layer).read(start, stop).to(device)
+        w = None
+        if queries is not None:
+            w = pair_weights(queries.layer(layer).read().to(device), spec.num_kv_heads, spec.head_dim)
+        row = {"layer": layer}
+        for name, d in zip(names, cfg.dirs, strict=True):
+            if d not in present:
+                continue
+            cb = KeyCodebook.from_dir(d, layer, spec).to(device)
+            row[name] = key_errors(keys, cb, w)
+        rows.append(row)
+    return write_report(cfg, names, rows, {"eval_rows": [start, stop], "key_dir": str(cfg.key_dir),
+                                           "query_weighted": queries is not None})
+
+
+def _table(names: list[str], rows: list[dict], metric: str) -> list[str]:
+    lines = ["| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in rows:
+        cells = [f"{row[n][metric]:.5f}" if n in row else "-" for n in names]
+        lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+    means = []
+    for n in names:
+        vals = [row[n][metric] for row in rows if n in row]
+        means.append(f"**{sum(vals) / len(vals):.5f}**" if vals else "-")
+    lines.append("| mean | " + " | ".join(means) + " |")
+    return lines
+
+
+def write_report(cfg: CompareConfig, names: list[str], rows: list[dict], meta: dict) -> Path:
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = ["relative_mse"] + (["relative_logit_error"] if meta["query_weighted"] else [])
+    md = [f"Held-out keys: rows {meta['eval_rows'][0]}..{meta['eval_rows'][1]} of {meta['key_dir']}.", ""]
+    for metric in metrics:
+        md += [f"### {metric}", "", *_table(names, rows, metric), ""]
+    text = "\n".join(md)
+    print(text)
+    with atomic_path(out / "compare.md") as tmp:
+        tmp.write_text(text + "\n")
+    write_json(out / "compare.json", {"names": names, "rows": rows, **meta, "config": to_dict(cfg)})
+    plot(out / "compare.png", names, rows, metrics)
+    return out
+
+
+def plot(path: Path, names: list[str], rows: list[dict], metrics: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for n in names:
+            pts = [(r["layer"], r[n][metric]) for r in rows if n in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=n)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,53 @@
+import json
+
+import torch
+
+from commvq import rope
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.evals.keys import key_errors, pair_energy, pair_weights
+from commvq.pipeline import compare, train_keys
+from commvq.pipeline.compare import CompareConfig
+from commvq.pipeline.train_keys import TrainKeysConfig
+
+
+def test_rotation_averaged_logit_error_identity():
+    """mean over random relative positions of (q . R e)^2 == sum_f |q_f|^2 |e_f|^2 / 2."""
+    torch.manual_seed(0)
+    d = 16
+    q, e = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    freqs = rope.inv_freq(d, 1e4).double()
+    pos = torch.randint(0, 10**7, (200_000,))
+    cos, sin = rope.cos_sin(freqs, pos)
+    mc = ((rope.apply_rope(e.expand(len(pos), d), cos, sin) @ q) ** 2).mean()
+    closed = (pair_energy(q[None], 1) * pair_energy(e[None], 1)).sum() / 2
+    assert abs(float(mc / closed) - 1) < 0.02
+
+
+def test_pair_weights_average_the_gqa_group():
+    q = torch.randn(10, 4 * 8)
+    w = pair_weights(q, num_kv_heads=2, head_dim=8)
+    energy = pair_energy(q, 4).mean(0)  # [4 heads, 4 pairs]
+    assert torch.allclose(w, torch.stack([energy[:2].mean(0), energy[2:].mean(0)]))
+
+
+def test_key_errors_of_exact_and_zero_codebooks():
+    k = torch.randn(64, 16)
+    zero = KeyCodebook(torch.zeros(2, 1, 16, 4), code_bits=6)
+    err = key_errors(k, zero, torch.ones(2, 4))
+    assert abs(err["relative_mse"] - 1) < 1e-6 and abs(err["relative_logit_error"] - 1) < 1e-6
+
+
+def test_compare_two_directories_on_held_out_keys(key_dir, tmp_path):
+    for r in (1, 3):
+        train_keys.run(TrainKeysConfig(key_dir=key_dir, output_dir=tmp_path / f"r{r}", code_bits=6, residuals=r,
+                                       max_iters=4, num_samples=200, device="cpu", layers="0-1"))
+    out = compare.run(CompareConfig(dirs=[tmp_path / "r1", tmp_path / "r3"], key_dir=key_dir,
+                                    output=tmp_path / "cmp", device="cpu"))
+    report = json.loads((out / "compare.json").read_text())
+    assert report["eval_rows"] == [200, 300] and report["query_weighted"]
+    assert [r["layer"] for r in report["rows"]] == [0, 1]
+    for row in report["rows"]:
+        assert row["r3"]["relative_mse"] < row["r1"]["relative_mse"] < 1
+        assert 0 < row["r3"]["relative_logit_error"] < 1
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "relative_logit_error" in (out / "compare.md").read_text()
