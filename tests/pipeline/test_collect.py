@@ -135,12 +135,6 @@ def test_bytes_needed_counts_keys_values_and_queries(tiny_llama, corpus_dir, tmp
     assert collect.bytes_needed(qcfg, lm, 100) == 100 * 2 * 2 * 32 * 2 + 25 * 2 * 64 * 2
 
 
-@pytest.mark.parametrize("done,seq,bs,want", [(0, 32, 2, (0, 0)), (100, 32, 2, (2, 36)), (128, 32, 2, (4, 0)),
-                                              (100, 32, 1, (3, 4))])
-def test_resume_point(done, seq, bs, want):
-    assert collect.resume_point(done, seq, bs) == want
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_collect_on_gpu_stores_exact_projections(tiny_llama, corpus_dir, tmp_path):

@@ -1,5 +1,7 @@
 import json
 import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,19 +97,49 @@ def test_other_settings_in_directory_are_refused(key_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["residuals"] == 2
 
 
-def test_layers_are_spread_over_ranks(key_dir, tmp_path, monkeypatch):
-    out = tmp_path / "cb"
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        train_keys.run(_cfg(key_dir, out))
-        got = {p.name[:3] for p in out.glob("*.pt")}
-        assert got == ({"000", "002"} if rank == 0 else {"000", "001", "002"})
-    single = tmp_path / "single"
-    monkeypatch.delenv("RANK")
-    monkeypatch.delenv("WORLD_SIZE")
-    train_keys.run(_cfg(key_dir, single))
-    for layer in range(3):
-        spread, alone = io.head_file(out, layer, 0), io.head_file(single, layer, 0)
-        assert torch.equal(io.load_head(spread)[0], io.load_head(alone)[0])
-    assert set(json.loads((out / "config.json").read_text())["layers"]) == {"0", "1", "2"}
+LOG_LINE = re.compile(r"^Epoch (\d+)/(\d+) - Loss: (\d+\.\d{4}), Recon: (\d+\.\d{4}), Commit: (\d+\.\d{4})$")
+
+
+def test_e2e_writes_its_own_directory_logs_the_guide_format_and_curves(key_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainKeysConfig(key_dir=key_dir, method="e2e", code_bits=6, residuals=2, epochs=3, batch_size=32,
+                          num_samples=300, device="cpu", layers="1", init="kmeans")
+    out = train_keys.run(cfg)
+    assert out == Path("codebook_e2e_6bits_8group_2residuals")
+    lines = capsys.readouterr().out.splitlines()
+    epochs = [LOG_LINE.match(ln) for ln in lines if ln.startswith("Epoch")]
+    assert len(epochs) == 3 and all(epochs)
+    for m in epochs:
+        loss, recon, commit = (float(m[i]) for i in (3, 4, 5))
+        assert abs(loss - (recon + 0.25 * commit)) <= 2e-4
+    assert any(re.fullmatch(r"✓ Saved best model with loss \d+\.\d{4}", ln) for ln in lines)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["method"] == "e2e" and conf["layers"]["1"]["best_epoch"] >= 0
+    assert (out / "curves" / "001.png").read_bytes()[:4] == b"\x89PNG"
+    # EM's default directory is another one, and neither may write into the other's
+    em_out = train_keys.run(TrainKeysConfig(key_dir=key_dir, code_bits=6, residuals=2, max_iters=2, num_samples=300,
+                                            device="cpu", layers="1"))
+    assert em_out == Path("codebook_6bits_8group_2residuals") and (em_out / "001_0.pt").is_file()
+    with pytest.raises(ValueError, match="never overwrite each other"):
+        train_keys.run(TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=em_out, code_bits=6, residuals=2,
+                                       epochs=1, device="cpu", layers="1"))
+    with pytest.raises(ValueError, match="never overwrite each other"):
+        train_keys.prepare_output(out, io.CodebookLayout(6, 8, 2), "em", False)
+
+
+def test_e2e_from_em_never_ends_worse_on_heldout_and_attention_objective(key_dir, tmp_path):
+    cfg = TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=tmp_path / "a", code_bits=6, residuals=2,
+                          epochs=2, lr=0.5, batch_size=32, num_samples=300, device="cpu", layers="0", init="em",
+                          max_iters=3, objective="attention")
+    train_keys.run(cfg)
+    layer = json.loads((tmp_path / "a" / "config.json").read_text())["layers"]["0"]
+    assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
+
+
+def test_attention_objective_needs_queries(key_dir, tmp_path):
+    import shutil
+
+    shutil.rmtree(key_dir.parent / "query")
+    with pytest.raises(FileNotFoundError, match="--with_queries"):
+        train_keys.run(TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=tmp_path / "b", code_bits=6,
+                                       residuals=1, epochs=1, device="cpu", layers="0", objective="attention"))

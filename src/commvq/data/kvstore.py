@@ -129,11 +129,16 @@ class KVStoreWriter:
             self._write_manifest()
 
     def write_shard(self, per_layer: list[dict[str, torch.Tensor]]) -> None:
-        """Write one shard: ``per_layer[l]`` maps tensor names ("x", ...) to ``[n, ...]``."""
+        """Append one shard: ``per_layer[l]`` maps tensor names ("x", ...) to ``[n, ...]``."""
+        n = self.write_files(len(self.shards), per_layer)
+        self.shards.append(ShardInfo(tokens=n))
+        self._write_manifest()
+
+    def write_files(self, index: int, per_layer: list[dict[str, torch.Tensor]]) -> int:
+        """Write the files of shard ``index`` (not yet listed in the manifest); return its rows."""
         if len(per_layer) != self.num_layers:
             raise ValueError(f"got {len(per_layer)} layers, store has {self.num_layers}")
         n = per_layer[0]["x"].shape[0]
-        index = len(self.shards)
         for layer, tensors in enumerate(per_layer):
             x = tensors["x"]
             if x.shape != (n, self.width):
@@ -142,7 +147,11 @@ class KVStoreWriter:
             out["x"] = out["x"].to(self.dtype)
             with atomic_path(shard_file(self.root, layer, index)) as tmp:
                 save_file(out, str(tmp))
-        self.shards.append(ShardInfo(tokens=n))
+        return n
+
+    def list_shards(self, tokens: list[int]) -> None:
+        """Append shards whose files are written (by :meth:`write_files`) to the manifest."""
+        self.shards.extend(ShardInfo(tokens=n) for n in tokens)
         self._write_manifest()
 
     def finish(self, exhausted: bool) -> None:

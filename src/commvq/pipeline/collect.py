@@ -9,6 +9,7 @@ manifests are kept and the token stream continues right after the last stored to
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import shutil
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 from commvq.config import option, to_dict
 from commvq.data import kvstore
 from commvq.data.corpus import SPLITS, CorpusSource, batches, iter_documents, pack, resolve_dataset
+from commvq.distributed import barrier, rank_world
+from commvq.fsutil import write_json
 from commvq.integrations.hf.capture import capture_projections
 from commvq.integrations.hf.loader import MODEL_DTYPES, LoadedModel, load_model
 
@@ -32,8 +35,9 @@ GiB = 1024**3
 
 @dataclass(frozen=True)
 class CollectConfig:
-    model: str = option("embedded", "model: HF hub id, local folder, .gguf file or 'embedded' "
-                        "(SmolLM2-135M-Instruct)", aliases=("--model_path",))
+    model: str = option("embedded", "model: HF hub id, local folder, .gguf file, 'embedded' "
+                        "(SmolLM2-135M-Instruct) or 'auto' (Llama-3.1-8B-Instruct where the hub is reachable, "
+                        "else embedded)", aliases=("--model_path",))
     dataset: str = option("auto", "corpus: HF dataset name, local .txt/.jsonl/.parquet file or "
                           "folder, 'embedded' (State of the Union speeches) or 'auto' "
                           "(HuggingFaceFW/fineweb-edu where the hub is reachable, else embedded)")
@@ -132,11 +136,6 @@ class _Shard:
         return out
 
 
-def _write(writers: dict[str, kvstore.KVStoreWriter], shard: _Shard) -> None:
-    for kind, w in writers.items():
-        w.write_shard(shard.assemble(kind, w.num_layers))
-
-
 def _batch_rows(captured: dict, start: int, n_tok: int, t_len: int, first_token: int, stride: int,
                 dtype: torch.dtype) -> dict[tuple[str, int], torch.Tensor]:
     """Flatten captured ``[B, T, F]`` outputs to rows ``[start, start + n_tok)``, subsample queries.
@@ -157,12 +156,19 @@ def _batch_rows(captured: dict, start: int, n_tok: int, t_len: int, first_token:
     return rows
 
 
+def batches_per_shard(cfg: CollectConfig) -> int:
+    """Shards hold whole batches: ``ceil(shard_tokens / (batch_size * max_seq_length))`` of them."""
+    return max(1, math.ceil(cfg.shard_tokens / (cfg.batch_size * cfg.max_seq_length)))
+
+
 def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...],
                   settings: dict) -> dict[str, kvstore.KVStoreWriter]:
+    """Writers for every kind, realigned on the shards all of them hold in full."""
     dirs = store_dirs(cfg.output_dir)
-    if cfg.overwrite:
+    if cfg.overwrite and rank_world()[0] == 0:
         for d in dirs.values():
             kvstore.remove_store(d)
+    barrier()
     spec = loaded.spec
     width = {"key": spec.kv_dim, "value": spec.kv_dim, "query": spec.q_dim}
     dtype = kvstore.DTYPES[cfg.dtype]
@@ -170,9 +176,20 @@ def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...
         k: kvstore.KVStoreWriter(dirs[k], k, spec.num_layers, width[k], dtype, settings, to_dict(cfg))
         for k in kinds
     }
-    done = min(len(w.shards) for w in writers.values())  # realign after a crash between stores
-    for w in writers.values():
-        w.truncate(done)
+    barrier()  # nobody writes before every process has opened (and cleaned) the stores
+    key_w = writers["key"]
+    if key_w.num_tokens >= cfg.num_samples or key_w.exhausted:
+        return writers
+    full = batches_per_shard(cfg) * cfg.batch_size * cfg.max_seq_length
+    done = 0  # shards every store holds in full (a trailing partial shard is redone)
+    while done < min(len(w.shards) for w in writers.values()) and key_w.shards[done].tokens == full:
+        done += 1
+    if rank_world()[0] == 0:
+        for w in writers.values():
+            w.truncate(done)
+    else:
+        for w in writers.values():
+            w.shards = w.shards[:done]
     return writers
 
 
@@ -192,7 +209,7 @@ def run(cfg: CollectConfig, loaded: LoadedModel | None = None) -> Path:
     dataset = resolve_dataset(cfg.dataset)
     settings = {"model": loaded.name, "dataset": dataset, "dataset_config": cfg.dataset_config,
                 "split": cfg.split, "max_seq_length": cfg.max_seq_length, "seed": cfg.seed,
-                "spec": loaded.spec.to_dict()}
+                "batch_size": cfg.batch_size, "shard_tokens": cfg.shard_tokens, "spec": loaded.spec.to_dict()}
     kinds = ("key", "value") + (("query",) if cfg.with_queries else ())
     writers = _open_writers(cfg, loaded, kinds, settings)
     key_w = writers["key"]
@@ -204,38 +221,35 @@ def run(cfg: CollectConfig, loaded: LoadedModel | None = None) -> Path:
     log.info("collect: model %s, dataset %s -> %s", loaded.name, dataset, cfg.output_dir)
     exhausted = _collect_loop(cfg, loaded, dataset, writers, kinds)
     if key_w.num_tokens == 0:
-        for w in writers.values():
-            kvstore.remove_store(w.root)
+        if rank_world()[0] == 0:
+            for w in writers.values():
+                kvstore.remove_store(w.root)
         raise ValueError(f"--dataset {cfg.dataset}: the corpus has no text; give a corpus with documents")
-    for w in writers.values():
-        w.finish(exhausted)
+    if rank_world()[0] == 0:
+        for w in writers.values():
+            w.finish(exhausted)
+    barrier()
     if exhausted:
         log.warning("collect: the corpus ran out after %d tokens per layer (asked for %d)",
                     key_w.num_tokens, cfg.num_samples)
     return cfg.output_dir
 
 
-def resume_point(done: int, seq_len: int, batch_size: int) -> tuple[int, int]:
-    """``(sequences to skip, rows to drop)`` to continue the token stream after ``done`` tokens.
-
-    The collected data are always the first tokens of the stream of packed sequences; resuming
-    restarts at the batch holding token ``done`` (same batches as an uninterrupted run) and
-    drops the rows already stored.
-    """
-    skip = (done // (seq_len * batch_size)) * batch_size
-    return skip, done - skip * seq_len
-
-
 def _collect_loop(cfg: CollectConfig, loaded: LoadedModel, dataset: str,
                   writers: dict[str, kvstore.KVStoreWriter], kinds: tuple[str, ...]) -> bool:
-    """The forward passes; returns True when the corpus ran out first."""
-    device = loaded.model.device
+    """The forward passes; returns True when the corpus ran out first.
+
+    Shard ``j`` holds batches ``[jK, (j+1)K)`` and is computed by rank ``j % world``: every rank
+    walks the same batch stream, so several processes write the same files as one.
+    """
+    rank, world = rank_world()
+    k = batches_per_shard(cfg)
     store_dtype = kvstore.DTYPES[cfg.dtype]
     stride = query_stride(cfg.num_samples, cfg.num_queries)
-    done = writers["key"].num_tokens
-    skip, drop = resume_point(done, cfg.max_seq_length, cfg.batch_size)
+    first = len(writers["key"].shards)
+    g, tok = first * k, writers["key"].num_tokens
     captured: dict[tuple[str, int], torch.Tensor] = {}
-    shard, pending = _Shard(), None
+    shard, pending, written = _Shard(), None, {}
     base = loaded.model.base_model  # no LM head: logits are not needed
     exhausted = True
 
@@ -244,34 +258,72 @@ def _collect_loop(cfg: CollectConfig, loaded: LoadedModel, dataset: str,
 
     with ThreadPoolExecutor(max_workers=1) as pool, capture_projections(base, sink, kinds), \
             torch.inference_mode(), \
-            tqdm(total=cfg.num_samples, initial=done, unit="tok", desc="collect") as bar:
-        for batch in batches(_sequences(cfg, loaded, dataset, skip), cfg.batch_size):
-            start = min(drop, batch.numel())
-            drop -= start
-            if start == batch.numel():
-                continue
-            captured.clear()
-            base(input_ids=batch.to(device), use_cache=False)
-            n_tok = min(batch.numel() - start, cfg.num_samples - done)
-            rows = _batch_rows(captured, start, n_tok, batch.shape[1], done, stride, store_dtype)
-            shard.add(rows, n_tok)
-            done += n_tok
+            tqdm(total=cfg.num_samples, initial=tok, unit="tok", desc=f"collect[{rank}]" if world > 1 else "collect",
+                 disable=None) as bar:
+        for batch in batches(_sequences(cfg, loaded, dataset, g * cfg.batch_size), cfg.batch_size):
+            j = g // k
+            n_tok = min(batch.numel(), cfg.num_samples - tok)
+            if j % world == rank:
+                captured.clear()
+                base(input_ids=batch.to(loaded.model.device), use_cache=False)
+                shard.add(_batch_rows(captured, 0, n_tok, batch.shape[1], tok, stride, store_dtype), n_tok)
+            tok, g = tok + n_tok, g + 1
             bar.update(n_tok)
-            if shard.tokens >= cfg.shard_tokens or done >= cfg.num_samples:
-                pending = _flush(pool, pending, writers, shard)
+            last = tok >= cfg.num_samples
+            if shard.tokens and (g % k == 0 or last):
+                pending = _flush(pool, pending, writers, shard, j, written)
                 shard = _Shard()
-            if done >= cfg.num_samples:
+            if last:
                 exhausted = False
                 break
         if shard.tokens:
-            pending = _flush(pool, pending, writers, shard)
+            pending = _flush(pool, pending, writers, shard, (g - 1) // k, written)
         if pending is not None:
             pending.result()
+    if world > 1:
+        _merge_ranks(writers, first, written)
     return exhausted
 
 
-def _flush(pool: ThreadPoolExecutor, pending: Future | None, writers, shard: _Shard) -> Future:
+def _write_shard(writers: dict[str, kvstore.KVStoreWriter], shard: _Shard, index: int, written: dict) -> None:
+    """Write shard ``index`` of every kind; one process lists it at once, several record it."""
+    single = rank_world()[1] == 1
+    for kind, w in writers.items():
+        per_layer = shard.assemble(kind, w.num_layers)
+        if single:
+            w.write_shard(per_layer)
+        else:
+            written.setdefault(kind, {})[index] = w.write_files(index, per_layer)
+
+
+def _merge_ranks(writers: dict[str, kvstore.KVStoreWriter], first: int, written: dict) -> None:
+    """After every rank is done, rank 0 lists the contiguous shards in the manifests."""
+    rank, world = rank_world()
+    progress = writers["key"].root / f".progress.rank{rank}.json"
+    write_json(progress, {kind: {str(i): n for i, n in d.items()} for kind, d in written.items()})
+    barrier()
+    if rank == 0:
+        merged: dict[str, dict[int, int]] = {}
+        for r in range(world):
+            path = writers["key"].root / f".progress.rank{r}.json"
+            for kind, d in json.loads(path.read_text()).items():
+                merged.setdefault(kind, {}).update({int(i): n for i, n in d.items()})
+        for kind, w in writers.items():
+            got = merged.get(kind, {})
+            tokens = []
+            while first + len(tokens) in got:
+                tokens.append(got[first + len(tokens)])
+            w.list_shards(tokens)
+        for r in range(world):
+            (writers["key"].root / f".progress.rank{r}.json").unlink(missing_ok=True)
+    barrier()
+    for w in writers.values():  # every rank reads the merged manifests back
+        w.shards = [kvstore.ShardInfo(**sh) for sh in kvstore.read_manifest(w.root)["shards"]]
+
+
+def _flush(pool: ThreadPoolExecutor, pending: Future | None, writers, shard: _Shard, index: int,
+           written: dict) -> Future:
     """Wait for the previous shard's write, then write this one in the background."""
     if pending is not None:
         pending.result()
-    return pool.submit(_write, writers, shard)
+    return pool.submit(_write_shard, writers, shard, index, written)

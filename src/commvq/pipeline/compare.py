@@ -15,10 +15,10 @@ from commvq import io
 from commvq.codecs.key_codebook import KeyCodebook
 from commvq.config import option, to_dict
 from commvq.data.kvstore import KVStore
+from commvq.distributed import device_for_rank
 from commvq.evals.keys import key_errors, pair_weights
 from commvq.fsutil import atomic_path, write_json
 from commvq.pipeline.collect import store_dirs
-from commvq.pipeline.train_keys import resolve_device
 from commvq.spec import ModelSpec
 
 log = logging.getLogger("commvq")
@@ -60,7 +60,7 @@ def run(cfg: CompareConfig) -> Path:
     start, stop = eval_range(store, trained, cfg.eval_samples)
     qdir = store_dirs(cfg.key_dir)["query"]
     queries = KVStore(qdir) if (qdir / "manifest.json").is_file() else None
-    device = resolve_device(cfg.device)
+    device = device_for_rank(cfg.device)
     names = [d.name for d in cfg.dirs]
     rows = []
     for layer in range(spec.num_layers):

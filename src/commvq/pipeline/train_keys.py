@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +21,12 @@ from tqdm.auto import tqdm
 from commvq import io
 from commvq.config import option, to_dict
 from commvq.data.kvstore import KVStore
+from commvq.distributed import barrier, device_for_rank, rank_world
+from commvq.evals.keys import pair_weights
 from commvq.fsutil import write_json
-from commvq.quant import em
-from commvq.quant.commutative import num_entries
+from commvq.pipeline import key_methods
+from commvq.pipeline.collect import store_dirs
+from commvq.quant import e2e, em
 from commvq.quant.residual import normalize, residuals_for_bits
 from commvq.spec import ModelSpec
 
@@ -44,7 +46,16 @@ class TrainKeysConfig:
     code_bits: int | None = option(None, f"bits per code and stage, even, 6..12 (default: {DEFAULT_CODE_BITS})")
     residuals: int | None = option(None, "residual stages R (default: round(quant_bits*head_dim/code_bits))")
     num_samples: int = option(1_048_576, "key vectors per layer to train on (the first N collected)")
-    max_iters: int = option(100, "EM iterations per stage at most")
+    max_iters: int = option(100, "EM: iterations per stage at most")
+    epochs: int = option(100, "E2E: epochs")
+    lr: float = option(1e-3, "E2E: Adam learning rate (cosine schedule)")
+    batch_size: int = option(256, "E2E: key vectors per step")
+    commit_weight: float = option(0.25, "E2E: weight of the commitment loss")
+    init: str = option("kmeans", "E2E: initial codebooks: kmeans (k-means++ per stage), em (the paper's EM) "
+                       "or random", choices=("kmeans", "em", "random"))
+    objective: str = option("mse", "E2E: mse, or attention (weights key errors by the collected queries)",
+                            choices=("mse", "attention"))
+    holdout: float = option(0.05, "E2E: fraction of the vectors held out to pick the best epoch")
     chunk: int = option(8192, "vectors per E-step chunk")
     estep: str = option("auto", "EM E-step: auto (Triton on GPU), torch or triton", choices=("auto", "torch", "triton"))
     with_centers: bool = option(False, "also store the materialized centers (about 2 MB per stage)")
@@ -60,13 +71,17 @@ class TrainKeysConfig:
             raise ValueError(f"--method {self.method!r}: use one of {io.METHODS}")
         if self.code_bits is not None and (self.code_bits % 2 or not 6 <= self.code_bits <= 12):
             raise ValueError(f"--code_bits {self.code_bits}: use an even number from 6 to 12")
-        for name in ("num_samples", "max_iters", "chunk"):
+        for name in ("num_samples", "max_iters", "chunk", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.residuals is not None and self.residuals < 1:
             raise ValueError(f"--residuals {self.residuals}: must be at least 1")
         if self.quant_bits is not None and self.quant_bits <= 0:
             raise ValueError(f"--quant_bits {self.quant_bits}: must be positive")
+        if not 0 < self.holdout < 0.5:
+            raise ValueError(f"--holdout {self.holdout}: use a fraction between 0 and 0.5")
+        if self.lr <= 0 or self.commit_weight < 0:
+            raise ValueError(f"--lr {self.lr} must be positive and --commit_weight {self.commit_weight} >= 0")
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
@@ -142,19 +157,6 @@ def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite:
         f.unlink()
 
 
-def distributed() -> tuple[int, int]:
-    """``(rank, world)`` from torchrun's environment (``(0, 1)`` otherwise)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def resolve_estep(name: str, device: torch.device) -> em.EStep:
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return em.e_step
@@ -181,32 +183,46 @@ def update_config(out: Path, layout: io.CodebookLayout, cfg: TrainKeysConfig, sp
     })
 
 
-def train_layer(cfg: TrainKeysConfig, layout: io.CodebookLayout, keys: torch.Tensor, heads: list[int],
-                layer: int, device: torch.device) -> dict:
-    """Train the given heads of one layer; return per-head thetas and metrics."""
-    x, s = normalize(keys.to(device), keys.shape[1] // layout.head_dim)
-    x = x[heads]
-    e = num_entries(layout.code_bits)
-    bar = tqdm(total=layout.residuals, desc=f"layer {layer:3d}", unit="stage", leave=False)
+def pair_weights_for(cfg: TrainKeysConfig, spec: ModelSpec, layer: int, heads: list[int],
+                     device: torch.device) -> torch.Tensor | None:
+    """Query energy per pair for ``--objective attention`` (needs collected queries)."""
+    if cfg.objective != "attention":
+        return None
+    qdir = store_dirs(cfg.key_dir)["query"]
+    if not (qdir / "manifest.json").is_file():
+        raise FileNotFoundError(f"--objective attention needs queries in {qdir}: collect with --with_queries")
+    q = KVStore(qdir).layer(layer).read().to(device)
+    return pair_weights(q, spec.num_kv_heads, spec.head_dim)[heads]
 
-    def on_stage(r: int, res: em.StageResult, err: torch.Tensor) -> None:
-        bar.update(1)
-        bar.set_postfix(mse=f"{float(err.mean()):.4g}")
-        log.info("layer %d stage %d/%d: hard MSE (original scale) %s, iterations %s", layer, r + 1,
-                 layout.residuals, " ".join(f"{v:.5g}" for v in res.mse.tolist()), res.iters.tolist())
 
+def layer_done(out: Path, layer: int, num_heads: int) -> bool:
+    """A layer is finished once its metrics are written (after all its head files)."""
+    return (out / "metrics" / f"{layer:03d}.json").is_file() and all(
+        io.head_file(out, layer, h).is_file() for h in range(num_heads))
+
+
+def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout, out: Path, store: KVStore,
+                layer: int, samples: int, device: torch.device) -> dict:
+    """Train (and save) every KV head of one layer; return its metrics."""
+    t0 = time.perf_counter()
+    heads = list(range(spec.num_kv_heads))
+    keys = store.layer(layer).read(0, samples).float().to(device)
+    x, s = normalize(keys, spec.num_kv_heads)
+    job = key_methods.LayerJob(layer=layer, heads=heads, x=x, s=s, layout=layout, out=out,
+                               with_centers=cfg.with_centers, seed=cfg.seed * 1000 + layer,
+                               estep=resolve_estep(cfg.estep, device),
+                               pair_weights=pair_weights_for(cfg, spec, layer, heads, device))
     if cfg.method == "em":
-        settings = em.EMSettings(max_iters=cfg.max_iters, chunk=cfg.chunk)
-        fitted = em.fit(x, s, layout.residuals, e, settings, seed=cfg.seed * 1000 + layer,
-                        estep=resolve_estep(cfg.estep, device), on_stage=on_stage)
-        thetas, stage_mse, residual_mse = fitted.thetas, fitted.stage_mse, fitted.residual_mse
-        extra = {"iterations": fitted.iters.T.tolist()}
+        res = key_methods.run_em(job, cfg.max_iters, cfg.chunk)
     else:
-        raise NotImplementedError("--method e2e is not implemented yet")
-    bar.close()
-    k2 = (keys.double() ** 2).sum() / keys.shape[0]
-    return {"thetas": thetas.cpu(), "stage_mse": stage_mse, "final_error": residual_mse[-1],
-            "relative_mse": float(residual_mse[-1].double().sum() * layout.head_dim / k2), **extra}
+        settings = e2e.E2ESettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                                   commit_weight=cfg.commit_weight)
+        res = key_methods.run_e2e(job, settings, cfg.init, cfg.holdout, cfg.max_iters, cfg.chunk,
+                                  echo=lambda line: tqdm.write(line))
+    k2 = float((keys.double() ** 2).sum() / keys.shape[0])
+    return {"seconds": round(time.perf_counter() - t0, 3), "samples": samples, "heads": heads,
+            "relative_mse": float(res.stage_mse[-1].double().sum() * layout.head_dim / k2),
+            "final_error": res.stage_mse[-1].tolist(), "stage_mse": res.stage_mse.T.tolist(), **res.extra}
 
 
 def run(cfg: TrainKeysConfig) -> Path:
@@ -218,28 +234,19 @@ def run(cfg: TrainKeysConfig) -> Path:
     prepare_output(out, layout, cfg.method, cfg.overwrite)
     (out / "metrics").mkdir(exist_ok=True)
     layers = parse_layers(cfg.layers, spec.num_layers)
-    rank, world = distributed()
-    device = resolve_device(cfg.device)
+    rank, world = rank_world()
+    device = device_for_rank(cfg.device)
     samples = min(cfg.num_samples, store.num_tokens)
-    log.info("train-keys: %s, %s -> %s (%d layers on rank %d/%d, %d vectors each, %s)", cfg.method,
-             layout.dir_name, out, len(layers[rank::world]), rank, world, samples, device)
-    for layer in tqdm(layers[rank::world], desc="train-keys", unit="layer", disable=len(layers) < 2):
-        heads = [h for h in range(spec.num_kv_heads)
-                 if cfg.overwrite or not io.head_file(out, layer, h).is_file()]
-        if not heads:
-            continue
-        t0 = time.perf_counter()
-        keys = store.layer(layer).read(0, samples).float()
-        res = train_layer(cfg, layout, keys, heads, layer, device)
-        for i, h in enumerate(heads):
-            io.save_head(io.head_file(out, layer, h), res["thetas"][i], res["stage_mse"][:, i],
-                         float(res["final_error"][i]), cfg.with_centers)
-        metrics = {"seconds": round(time.perf_counter() - t0, 3), "samples": samples, "heads": heads,
-                   "relative_mse": res["relative_mse"], "final_error": res["final_error"].tolist(),
-                   "stage_mse": res["stage_mse"].T.tolist(),
-                   **{k: v for k, v in res.items() if k == "iterations"}}
+    mine = [layer for layer in layers[rank::world]
+            if cfg.overwrite or not layer_done(out, layer, spec.num_kv_heads)]
+    log.info("train-keys: %s, %s -> %s (%d layers to train on rank %d/%d, %d vectors each, %s)", cfg.method,
+             layout.dir_name, out, len(mine), rank, world, samples, device)
+    for layer in tqdm(mine, desc="train-keys", unit="layer", disable=len(mine) < 2):
+        metrics = train_layer(cfg, spec, layout, out, store, layer, samples, device)
         write_json(out / "metrics" / f"{layer:03d}.json", metrics)
         update_config(out, layout, cfg, spec, store, samples)
-        log.info("layer %d: relative key MSE %.5f in %.1f s", layer, res["relative_mse"], metrics["seconds"])
-    update_config(out, layout, cfg, spec, store, samples)
+        log.info("layer %d: relative key MSE %.5f in %.1f s", layer, metrics["relative_mse"], metrics["seconds"])
+    barrier()
+    if rank == 0:
+        update_config(out, layout, cfg, spec, store, samples)
     return out

@@ -65,3 +65,14 @@ def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
 def stage_decodes(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     """Each stage's codewords ``[R, H, N, D]``."""
     return torch.stack([decode_stage(thetas[:, r], codes[..., r]) for r in range(thetas.shape[1])])
+
+
+def stage_errors(x: torch.Tensor, s: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """``[R, H]`` MSE in original scale (times the prescale) left after each greedy stage."""
+    out = torch.zeros(thetas.shape[1], x.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, x.shape[1], chunk):
+            xc, sc = x[:, i:i + chunk], s[i:i + chunk]
+            left = xc - torch.cumsum(stage_decodes(encode(xc, thetas, chunk), thetas), 0)  # [R, H, n, D]
+            out += ((left * sc[:, None]) ** 2).sum((2, 3)).double().cpu()
+    return (out / (x.shape[1] * x.shape[2])).float()

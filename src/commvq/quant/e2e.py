@@ -1,0 +1,268 @@
+"""End-to-end (E2E) training of all residual stages of commutative codebooks by gradient descent.
+
+The assignment is exactly what inference computes (greedy residual nearest codeword, no
+gradient); the decoded key is differentiable in theta through the gather, so the codebooks stay
+RoPE-commutative by construction and no straight-through estimator is needed. Losses are
+normalized by the batch's key energy (scale-free, same optimum as the plain MSE)::
+
+    Recon  = sum |x - sum_r c_r|^2_w / sum |x|^2_w
+    Commit = mean_r sum |t_r - c_r|^2_w / sum |x|^2_w,   t_r = x - sum_{j<r} c_j (detached)
+    Loss   = Recon + commit_weight * Commit
+
+``|.|_w`` weighs RoPE pair ``f`` of head ``h`` by ``w[h, f]`` (all ones for ``objective=mse``;
+the mean query energy ``E|q_f|^2`` for ``objective=attention``, which makes Recon the
+rotation-averaged attention-logit error). Adam with a cosine schedule and gradient clipping;
+a held-out split picks the best epoch (epoch 0 = the initialization). On CUDA one training step
+is captured in a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from commvq.quant.commutative import nearest
+from commvq.quant.em import EStats, m_step
+from commvq.quant.residual import encode, stage_decodes
+
+
+@dataclass(frozen=True)
+class E2ESettings:
+    epochs: int = 100
+    lr: float = 1e-3
+    batch_size: int = 256
+    commit_weight: float = 0.25
+    clip: float = 1.0
+    max_bad_fraction: float = 0.5  # an epoch with more non-finite batches than this stops training
+    cuda_graphs: bool = True
+    eval_chunk: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr} must be positive")
+        if self.commit_weight < 0:
+            raise ValueError(f"commit_weight={self.commit_weight} must be >= 0")
+
+
+def pair_weight_vector(weights: torch.Tensor | None, h: int, d: int, device, dtype) -> torch.Tensor:
+    """Per-channel weights ``[H, 1, D]`` from pair weights ``[H, P]`` (ones when None)."""
+    if weights is None:
+        return torch.ones(h, 1, d, device=device, dtype=dtype)
+    w = weights.to(device=device, dtype=dtype)
+    return torch.cat((w, w), dim=-1)[:, None, :]
+
+
+def losses(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor,
+           w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(recon, commit)`` of ``x [H, B, D]`` coded as ``codes [H, B, R]``; ``w [H, 1, D]``."""
+    stages = stage_decodes(codes, thetas)  # [R, H, B, D], differentiable in thetas
+    before = torch.cumsum(stages, 0) - stages  # sum_{j<r} c_j
+    energy = (x * x * w).sum()
+    recon = ((x - stages.sum(0)) ** 2 * w).sum() / energy
+    targets = (x - before).detach()
+    commit = ((targets - stages) ** 2 * w).sum() / (energy * stages.shape[0])
+    return recon, commit
+
+
+def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192) -> float:
+    """Weighted relative error of the greedy code of ``x`` (what inference gets)."""
+    err = ref = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[1], chunk):
+            xc = x[:, i:i + chunk]
+            codes = encode(xc, thetas, chunk)
+            err += float(((xc - stage_decodes(codes, thetas).sum(0)) ** 2 * w).sum())
+            ref += float((xc * xc * w).sum())
+    return err / ref
+
+
+def kmeanspp_centers(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ (D^2) seeding of ``k`` centers per head from ``x [H, N, D]``: ``[H, k, D]``.
+
+    With fewer than ``k`` points, the points are repeated at random instead.
+    """
+    h, n, d = x.shape
+    if n <= k:
+        pick = torch.randint(0, n, (h, k), generator=generator).to(x.device)
+        return torch.gather(x, 1, pick[..., None].expand(-1, -1, d))
+    idx = torch.empty(h, k, dtype=torch.long)
+    idx[:, 0] = torch.randint(0, n, (h,), generator=generator)
+    rows = torch.arange(h, device=x.device)
+    d2 = ((x - x[rows, idx[:, 0].to(x.device)][:, None]) ** 2).sum(-1)
+    uniform = torch.rand(h, k, generator=generator)
+    for j in range(1, k):
+        cdf = torch.cumsum(d2.double(), 1)
+        pick = torch.searchsorted(cdf, (uniform[:, j].to(x.device).double() * cdf[:, -1])[:, None]).squeeze(1)
+        pick = pick.clamp_max(n - 1)
+        idx[:, j] = pick.cpu()
+        d2 = torch.minimum(d2, ((x - x[rows, pick][:, None]) ** 2).sum(-1))
+    return torch.gather(x, 1, idx.to(x.device)[..., None].expand(-1, -1, d))
+
+
+def fit_to_centers(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """The structured theta closest (weighted least squares) to free centers, weighted by the
+    hard assignment of ``x`` to them."""
+    h, _, d = x.shape
+    e = math.isqrt(centers.shape[1])
+    hard = torch.cdist(x, centers).argmin(-1)  # [H, N]
+    onehot_counts = torch.zeros(h, e * e, dtype=torch.float64, device=x.device)
+    onehot_counts.scatter_add_(1, hard, torch.ones_like(hard, dtype=torch.float64))
+    sums = torch.zeros(h, e * e, d, dtype=torch.float64, device=x.device)
+    sums.scatter_add_(1, hard[..., None].expand(-1, -1, d), x.double())
+    counts = onehot_counts.view(h, e, e)
+    s4 = sums.view(h, e, e, d)
+    stats = EStats(counts, s4.sum(2), s4.sum(1), (x.double() ** 2).sum((1, 2)), torch.zeros(h, dtype=torch.float64))
+    return m_step(stats, dtype=x.dtype)
+
+
+def init_kmeans(x: torch.Tensor, num_stages: int, num_entries: int, generator: torch.Generator,
+                subsample: int = 8192) -> torch.Tensor:
+    """Greedy residual init: per stage, k-means++ seeds on a subsample, fitted structurally."""
+    n = x.shape[1]
+    pick = torch.randperm(n, generator=generator)[: min(n, subsample)].to(x.device)
+    residual = x[:, pick].clone()
+    thetas = []
+    for _ in range(num_stages):
+        theta = fit_to_centers(residual, kmeanspp_centers(residual, num_entries**2, generator))
+        residual -= stage_decodes(nearest(residual, theta)[..., None], theta[:, None]).sum(0)
+        thetas.append(theta)
+    return torch.stack(thetas, 1)
+
+
+def init_random(x: torch.Tensor, num_stages: int, num_entries: int, generator: torch.Generator) -> torch.Tensor:
+    """Small random tables, shrinking with the stage like the residuals do."""
+    h, _, d = x.shape
+    scale = float(x.std()) / 2
+    th = torch.randn(h, num_stages, 2 * num_entries, d // 2, generator=generator).to(x.device, x.dtype)
+    return th * scale * (0.5 ** torch.arange(num_stages, device=x.device, dtype=x.dtype))[None, :, None, None]
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    recon: float
+    commit: float
+    heldout: float
+    bad_batches: int
+
+
+@dataclass
+class E2EResult:
+    thetas: torch.Tensor  # [H, R, 2E, P] of the best held-out epoch
+    best_epoch: int
+    best_heldout: float
+    init_heldout: float
+    history: list[EpochLog] = field(default_factory=list)
+
+
+class _Step:
+    """One optimizer step on a batch; captured as a CUDA graph when possible."""
+
+    def __init__(self, params: torch.nn.Parameter, opt: torch.optim.Optimizer, w: torch.Tensor,
+                 settings: E2ESettings, shape: tuple[int, int, int]) -> None:
+        self.params, self.opt, self.w, self.settings = params, opt, w, settings
+        self.xb = torch.zeros(shape, device=params.device, dtype=params.dtype)
+        self.graph = None
+        if settings.cuda_graphs and params.is_cuda:
+            self._capture()
+
+    def _body(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            codes = encode(self.xb, self.params.detach(), self.xb.shape[1])
+        recon, commit = losses(self.xb, self.params, codes, self.w)
+        loss = recon + self.settings.commit_weight * commit
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        finite = torch.isfinite(loss)
+        self.params.grad.mul_(finite)  # a non-finite batch moves nothing but the moments
+        self.params.grad.nan_to_num_(0.0, 0.0, 0.0)
+        torch.nn.utils.clip_grad_norm_([self.params], self.settings.clip)
+        self.opt.step()
+        return loss.detach(), recon.detach(), commit.detach(), ~finite
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        state = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()}
+                 for k, v in self.opt.state.items()}
+        snapshot = (self.params.detach().clone(), state)
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm up outside the graph (allocations, autograd state)
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._body()
+        with torch.no_grad():  # undo the warm-up steps
+            self.params.copy_(snapshot[0])
+            for k, v in snapshot[1].items():
+                for n, t in v.items():
+                    if torch.is_tensor(t):
+                        self.opt.state[k][n].copy_(t)
+
+    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self.xb.copy_(batch)
+        if self.graph is None:
+            return self._body()
+        self.graph.replay()
+        return self.out
+
+
+def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, settings: E2ESettings,
+          weights: torch.Tensor | None = None, seed: int = 0,
+          on_epoch: Callable[[EpochLog, torch.Tensor | None], None] | None = None) -> E2EResult:
+    """Train ``thetas0 [H, R, 2E, P]`` on ``x [H, N, D]``; pick the best epoch on ``heldout``.
+
+    ``on_epoch(log, best)`` is called after every epoch; ``best`` is the new best thetas when the
+    held-out error improved, else None.
+    """
+    h, n, d = x.shape
+    w = pair_weight_vector(weights, h, d, x.device, x.dtype)
+    params = torch.nn.Parameter(thetas0.detach().clone())
+    capturable = bool(settings.cuda_graphs and x.is_cuda)
+    lr = torch.tensor(settings.lr, device=x.device) if capturable else settings.lr
+    opt = torch.optim.Adam([params], lr=lr, capturable=capturable)
+    bs = min(settings.batch_size, n)
+    steps_per_epoch = n // bs
+    total = settings.epochs * steps_per_epoch
+    step_fn = _Step(params, opt, w, settings, (h, bs, d))
+    generator = torch.Generator().manual_seed(seed)
+    best = E2EResult(thetas=params.detach().clone(), best_epoch=0, best_heldout=relative_error(heldout, params, w),
+                     init_heldout=0.0)
+    best.init_heldout = best.best_heldout
+    step = 0
+    for epoch in range(1, settings.epochs + 1):
+        perm = torch.randperm(n, generator=generator).to(x.device)
+        sums = torch.zeros(4, device=x.device, dtype=torch.float64)
+        for i in range(steps_per_epoch):
+            factor = 0.5 * (1 + math.cos(math.pi * step / total))
+            if capturable:
+                lr.fill_(settings.lr * factor)
+            else:
+                opt.param_groups[0]["lr"] = settings.lr * factor
+            out = torch.stack([t.double() for t in step_fn(x[:, perm[i * bs:(i + 1) * bs]])])
+            out[:3] = out[:3].nan_to_num(0.0, 0.0, 0.0) * (1 - out[3])
+            sums += out
+            step += 1
+        loss, recon, commit, bad = (sums / steps_per_epoch).tolist()
+        bad_batches = int(round(bad * steps_per_epoch))
+        diverged = not math.isfinite(float(params.detach().abs().max()))
+        if diverged or bad_batches > settings.max_bad_fraction * steps_per_epoch:
+            raise FloatingPointError(
+                f"E2E training diverged in epoch {epoch} ({bad_batches} of {steps_per_epoch} batches "
+                "non-finite); lower --lr; the last good codebooks are kept")
+        good = steps_per_epoch - bad_batches
+        scale = steps_per_epoch / max(good, 1)
+        heldout_err = relative_error(heldout, params, w)
+        log = EpochLog(epoch, loss * scale, recon * scale, commit * scale, heldout_err, bad_batches)
+        best.history.append(log)
+        improved = heldout_err < best.best_heldout
+        if improved:
+            best.thetas, best.best_epoch, best.best_heldout = params.detach().clone(), epoch, heldout_err
+        if on_epoch is not None:
+            on_epoch(log, best.thetas if improved else None)
+    return best
