@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from commvq import rope
@@ -81,3 +82,17 @@ def test_non_finite_data_stops_with_a_clear_error():
         assert "non-finite" in str(e) and "lower --lr" in str(e)
     else:
         raise AssertionError("training on NaN data should stop")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_training_equals_eager_training():
+    x, _ = _data(700)
+    x = x.cuda()
+    thetas0 = e2e.init_random(x, 3, 4, torch.Generator().manual_seed(0))
+    runs = []
+    for graphs in (False, True):
+        settings = e2e.E2ESettings(epochs=2, batch_size=64, lr=3e-3, cuda_graphs=graphs)
+        runs.append(e2e.train(x[:, :600], x[:, 600:], thetas0, settings, seed=4))
+    assert torch.allclose(runs[0].thetas, runs[1].thetas, atol=1e-5)
+    assert [round(h.loss, 5) for h in runs[0].history] == [round(h.loss, 5) for h in runs[1].history]

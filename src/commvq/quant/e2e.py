@@ -187,9 +187,7 @@ class _Step:
     def _capture(self) -> None:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        state = {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()}
-                 for k, v in self.opt.state.items()}
-        snapshot = (self.params.detach().clone(), state)
+        start = self.params.detach().clone()
         with torch.cuda.stream(side):
             for _ in range(3):  # warm up outside the graph (allocations, autograd state)
                 self._body()
@@ -197,12 +195,12 @@ class _Step:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = self._body()
-        with torch.no_grad():  # undo the warm-up steps
-            self.params.copy_(snapshot[0])
-            for k, v in snapshot[1].items():
-                for n, t in v.items():
+        with torch.no_grad():  # undo the warm-up steps: start values, fresh optimizer state
+            self.params.copy_(start)
+            for state in self.opt.state.values():
+                for t in state.values():
                     if torch.is_tensor(t):
-                        self.opt.state[k][n].copy_(t)
+                        t.zero_()
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self.xb.copy_(batch)

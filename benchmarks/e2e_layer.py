@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""E2E key-codebook training of one layer at Llama-3.1-8B shapes, the guide's defaults.
+
+    python benchmarks/e2e_layer.py [--num_samples 1000000] [--epochs 100] [--batch_size 256]
+
+Same synthetic key-like data as benchmarks/em_layer.py (same seed). Reports the k-means++ init
+time, seconds per epoch, seconds per layer, peak GPU memory and held-out errors (relative, in
+original scale). Prints a table and a last JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+
+import torch
+
+try:
+    from em_layer import synthetic_keys
+except ImportError:
+    from benchmarks.em_layer import synthetic_keys
+
+from commvq.quant import e2e
+from commvq.quant.residual import normalize, stage_errors
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num_samples", type=int, default=1_000_000)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head_dim", type=int, default=128)
+    ap.add_argument("--residuals", type=int, default=21)
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--batch_size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--holdout", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    k = synthetic_keys(args.num_samples, args.heads, args.head_dim, args.seed)
+    x, s = normalize(k, args.heads)
+    del k
+    n_hold = int(args.num_samples * args.holdout)
+    train_x, held_x, held_s = x[:, :-n_hold], x[:, -n_hold:], s[-n_hold:]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    thetas0 = e2e.init_kmeans(train_x, args.residuals, 64, torch.Generator().manual_seed(args.seed))
+    torch.cuda.synchronize()
+    t_init = time.perf_counter() - t0
+    epoch_times = []
+
+    def on_epoch(entry, best):
+        torch.cuda.synchronize()
+        epoch_times.append(time.perf_counter() - t0)
+        print(f"Epoch {entry.epoch}/{args.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
+              f"Commit: {entry.commit:.4f}  held-out {entry.heldout:.5f}  {epoch_times[-1]:.1f} s", flush=True)
+
+    settings = e2e.E2ESettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    result = e2e.train(train_x, held_x, thetas0, settings, seed=args.seed, on_epoch=on_epoch)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    init_err = stage_errors(held_x, held_s, thetas0)[-1].sum() * args.head_dim / (held_s**2).mean()
+    final_err = stage_errors(held_x, held_s, result.thetas)[-1].sum() * args.head_dim / (held_s**2).mean()
+    per_epoch = (epoch_times[-1] - epoch_times[0]) / max(1, len(epoch_times) - 1) if len(epoch_times) > 1 \
+        else epoch_times[0] - t_init
+    card = torch.cuda.get_device_name()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
+          f"epochs {args.epochs}  batch {args.batch_size}")
+    print(f"{'what':<46}{'value':>12}")
+    print(f"{'k-means++ init (s)':<46}{t_init:>12.1f}")
+    print(f"{'seconds per epoch':<46}{per_epoch:>12.2f}")
+    print(f"{'seconds per layer (init + all epochs)':<46}{seconds:>12.1f}")
+    print(f"{'peak GPU memory (GiB)':<46}{peak:>12.2f}")
+    print(f"{'held-out relative key MSE, init':<46}{float(init_err):>12.5f}")
+    print(f"{'held-out relative key MSE, best epoch':<46}{float(final_err):>12.5f}")
+    print(f"{'best epoch':<46}{result.best_epoch:>12d}")
+    print(json.dumps({"bench": "e2e_layer", "card": card, "num_samples": args.num_samples, "heads": args.heads,
+                      "head_dim": args.head_dim, "residuals": args.residuals, "epochs": args.epochs,
+                      "batch_size": args.batch_size, "init_s": round(t_init, 2), "epoch_s": round(per_epoch, 3),
+                      "seconds_per_layer": round(seconds, 2), "peak_gib": round(peak, 3),
+                      "heldout_rel_mse_init": float(init_err), "heldout_rel_mse_best": float(final_err),
+                      "best_epoch": result.best_epoch, "commit": commit}))
+
+
+if __name__ == "__main__":
+    main()
