@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--holdout", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch_search", action="store_true", help="pure-torch codeword search (no Triton)")
     args = ap.parse_args()
 
     k = synthetic_keys(args.num_samples, args.heads, args.head_dim, args.seed)
@@ -58,7 +59,10 @@ def main() -> None:
         print(f"Epoch {entry.epoch}/{args.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
               f"Commit: {entry.commit:.4f}  held-out {entry.heldout:.5f}  {epoch_times[-1]:.1f} s", flush=True)
 
-    settings = e2e.E2ESettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    from commvq.kernels.nearest import nearest_triton
+
+    settings = e2e.E2ESettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                               nearest_fn=None if args.torch_search else nearest_triton)
     result = e2e.train(train_x, held_x, thetas0, settings, seed=args.seed, on_epoch=on_epoch)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -37,3 +37,17 @@ def test_encode_does_not_depend_on_chunk():
     x, _ = rs.normalize(torch.randn(300, 16), 2)
     thetas = torch.randn(2, 3, 8, 4) * 0.2
     assert torch.equal(rs.encode(x, thetas, chunk=11), rs.encode(x, thetas, chunk=1000))
+
+
+def test_one_hot_stage_decodes_equal_gathers_with_equal_gradients():
+    thetas = (torch.randn(2, 3, 8, 4, dtype=torch.float64) * 0.3).requires_grad_()
+    codes = torch.randint(0, 16, (2, 30, 3))
+    from commvq.quant.commutative import decode
+
+    fast = rs.stage_decodes(codes, thetas)
+    slow = torch.stack([decode(thetas[:, r], codes[..., r]) for r in range(3)])
+    assert torch.allclose(fast, slow)
+    w = torch.randn_like(fast)
+    g_fast = torch.autograd.grad((fast * w).sum(), thetas)[0]
+    g_slow = torch.autograd.grad((slow * w).sum(), thetas)[0]
+    assert torch.allclose(g_fast, g_slow)

@@ -57,7 +57,8 @@ class TrainKeysConfig:
                             choices=("mse", "attention"))
     holdout: float = option(0.05, "E2E: fraction of the vectors held out to pick the best epoch")
     chunk: int = option(8192, "vectors per E-step chunk")
-    estep: str = option("auto", "EM E-step: auto (Triton on GPU), torch or triton", choices=("auto", "torch", "triton"))
+    kernels: str = option("auto", "EM E-step and E2E codeword search: auto (Triton on GPU), torch or triton",
+                          choices=("auto", "torch", "triton"))
     with_centers: bool = option(False, "also store the materialized centers (about 2 MB per stage)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "random seed")
@@ -157,18 +158,35 @@ def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite:
         f.unlink()
 
 
-def resolve_estep(name: str, device: torch.device) -> em.EStep:
+def use_triton(name: str, device: torch.device) -> bool:
+    """Whether to run the fused Triton kernels (``--kernels``)."""
     if name == "torch" or (name == "auto" and device.type != "cuda"):
-        return em.e_step
+        return False
+    if device.type != "cuda":
+        raise ValueError("--kernels triton needs a CUDA device; use --kernels torch on CPU")
     try:
-        from commvq.kernels.em_estep import e_step_triton
+        import triton  # noqa: F401
     except ImportError as e:
         if name == "triton":
-            raise ModuleNotFoundError(f"--estep triton needs triton and a CUDA GPU ({e})") from e
+            raise ModuleNotFoundError(f"--kernels triton needs triton ({e})") from e
+        return False
+    return True
+
+
+def resolve_estep(name: str, device: torch.device) -> em.EStep:
+    if not use_triton(name, device):
         return em.e_step
-    if device.type != "cuda":
-        raise ValueError("--estep triton needs a CUDA device; use --estep torch on CPU")
+    from commvq.kernels.em_estep import e_step_triton
+
     return e_step_triton
+
+
+def resolve_nearest(name: str, device: torch.device):
+    if not use_triton(name, device):
+        return None
+    from commvq.kernels.nearest import nearest_triton
+
+    return nearest_triton
 
 
 def update_config(out: Path, layout: io.CodebookLayout, cfg: TrainKeysConfig, spec: ModelSpec, store: KVStore,
@@ -210,13 +228,13 @@ def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout
     x, s = normalize(keys, spec.num_kv_heads)
     job = key_methods.LayerJob(layer=layer, heads=heads, x=x, s=s, layout=layout, out=out,
                                with_centers=cfg.with_centers, seed=cfg.seed * 1000 + layer,
-                               estep=resolve_estep(cfg.estep, device),
+                               estep=resolve_estep(cfg.kernels, device),
                                pair_weights=pair_weights_for(cfg, spec, layer, heads, device))
     if cfg.method == "em":
         res = key_methods.run_em(job, cfg.max_iters, cfg.chunk)
     else:
         settings = e2e.E2ESettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                   commit_weight=cfg.commit_weight)
+                                   commit_weight=cfg.commit_weight, nearest_fn=resolve_nearest(cfg.kernels, device))
         res = key_methods.run_e2e(job, settings, cfg.init, cfg.holdout, cfg.max_iters, cfg.chunk,
                                   echo=lambda line: tqdm.write(line))
     k2 = float((keys.double() ** 2).sum() / keys.shape[0])

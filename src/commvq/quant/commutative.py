@@ -41,6 +41,16 @@ def decode(theta: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.cat((re[h, a] - im[h, b], im[h, a] + re[h, b]), dim=-1)
 
 
+def decode_table(theta: torch.Tensor) -> torch.Tensor:
+    """``M [..., 2E, D]`` with ``decode = onehot(A) @ M[:E] + onehot(B) @ M[E:]``.
+
+    Rows ``A``: ``[R_A | I_A]``; rows ``E + B``: ``[-I_B | R_B]``. A matmul with one-hot codes
+    has a cheap, deterministic backward (no scatter of gathered rows).
+    """
+    re, im = split_theta(theta)
+    return torch.cat((torch.cat((re, im), dim=-1), torch.cat((-im, re), dim=-1)), dim=-2)
+
+
 def codewords(theta: torch.Tensor) -> torch.Tensor:
     """All ``E*E`` codewords ``[H, E*E, D]`` in code order (only for tests and center files)."""
     e = theta.shape[-2] // 2

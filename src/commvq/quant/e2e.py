@@ -39,6 +39,7 @@ class E2ESettings:
     max_bad_fraction: float = 0.5  # an epoch with more non-finite batches than this stops training
     cuda_graphs: bool = True
     eval_chunk: int = 8192
+    nearest_fn: Callable | None = None  # a fused nearest-codeword kernel (default: pure torch)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -172,7 +173,7 @@ class _Step:
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            codes = encode(self.xb, self.params.detach(), self.xb.shape[1])
+            codes = encode(self.xb, self.params.detach(), self.xb.shape[1], self.settings.nearest_fn or nearest)
         recon, commit = losses(self.xb, self.params, codes, self.w)
         loss = recon + self.settings.commit_weight * commit
         self.opt.zero_grad(set_to_none=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from commvq.quant.commutative import decode as decode_stage
-from commvq.quant.commutative import nearest
+from commvq.quant.commutative import decode_table, nearest
 
 
 def residuals_for_bits(quant_bits: float, head_dim: int, code_bits: int = 12) -> int:
@@ -43,12 +43,12 @@ def normalize(k: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tens
     return to_heads(k.float() / s[:, None], num_heads), s
 
 
-def encode(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Greedy residual codes ``[H, N, R]`` of ``x [H, N, D]``."""
+def encode(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest) -> torch.Tensor:
+    """Greedy residual codes ``[H, N, R]`` of ``x [H, N, D]`` (``nearest_fn``: a fused kernel)."""
     residual = x.clone()
     codes = []
     for r in range(thetas.shape[1]):
-        c = nearest(residual, thetas[:, r], chunk)
+        c = nearest_fn(residual, thetas[:, r], chunk)
         residual -= decode_stage(thetas[:, r], c)
         codes.append(c)
     return torch.stack(codes, dim=-1)
@@ -63,8 +63,13 @@ def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
 
 
 def stage_decodes(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
-    """Each stage's codewords ``[R, H, N, D]``."""
-    return torch.stack([decode_stage(thetas[:, r], codes[..., r]) for r in range(thetas.shape[1])])
+    """Each stage's codewords ``[R, H, N, D]``, as one batched one-hot matmul (differentiable)."""
+    e = thetas.shape[-2] // 2
+    c = codes.long().permute(2, 0, 1)  # [R, H, N]
+    onehot = torch.zeros(*c.shape, 2 * e, device=thetas.device, dtype=thetas.dtype)
+    onehot.scatter_(-1, (c // e)[..., None], 1.0)
+    onehot.scatter_(-1, (e + c % e)[..., None], 1.0)
+    return onehot @ decode_table(thetas).transpose(0, 1)  # [R, H, N, 2E] @ [R, H, 2E, D]
 
 
 def stage_errors(x: torch.Tensor, s: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192) -> torch.Tensor:

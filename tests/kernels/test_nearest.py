@@ -1,0 +1,45 @@
+"""The fused nearest-codeword kernel against the pure-torch search (GPU; interpreter on CPU)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _compare(device, cases):
+    from commvq.kernels.nearest import nearest_triton
+    from commvq.quant.commutative import codewords, nearest
+
+    for h, n, d, e in cases:
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(h, n, d, generator=g).to(device)
+        theta = (torch.randn(h, 2 * e, d // 2, generator=g) * 0.3).to(device)
+        got = nearest_triton(x, theta)
+        want = nearest(x.double(), theta.double())
+        agree = (got == want).float().mean()
+        assert agree > 0.995, f"{agree} for {(h, n, d, e)}"
+        cw = codewords(theta.double())
+        rows = torch.arange(h, device=device)[:, None]
+        d_got = ((x.double() - cw[rows, got]) ** 2).sum(-1)
+        d_want = ((x.double() - cw[rows, want]) ** 2).sum(-1)
+        assert torch.allclose(d_got, d_want, rtol=1e-5, atol=1e-6)  # any disagreement is a near-tie
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_nearest_kernel_matches_torch_on_gpu():
+    _compare("cuda", [(8, 2048, 128, 64), (3, 1000, 64, 64), (2, 77, 16, 8)])
+
+
+@pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter check only without a GPU, with triton installed")
+def test_nearest_kernel_matches_torch_in_interpreter():
+    code = "from tests.kernels.test_nearest import _compare\n_compare('cpu', [(2, 70, 16, 8), (1, 40, 8, 16)])\n"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
