@@ -35,8 +35,11 @@ def _nearest_kernel(uv_ptr, n_ptr, g_ptr, out_ptr, T, stride_uv_h, stride_uv_t,
     tl.store(out_ptr + h * T + t, astar * E + bstar, mask=tmask)
 
 
-BT = 32
-WARPS = 4
+def _block(tokens: int, heads: int) -> tuple[int, int]:
+    """Tokens per program and warps: small blocks when few tokens, so every SM gets work."""
+    if tokens * heads <= 32768:
+        return 4, 1
+    return 32, 4
 
 
 def nearest_triton(x: torch.Tensor, theta: torch.Tensor, chunk: int = 0) -> torch.Tensor:
@@ -48,6 +51,7 @@ def nearest_triton(x: torch.Tensor, theta: torch.Tensor, chunk: int = 0) -> torc
     h, t = x.shape[0], x.shape[1]
     out = torch.empty(h, t, dtype=torch.int32, device=x.device)
     e = n.shape[-1]
-    _nearest_kernel[(triton.cdiv(t, BT), h)](uv, n, g, out, t, uv.stride(0), uv.stride(1), E=e, BT=BT,
-                                             num_warps=WARPS)
+    bt, warps = _block(t, h)
+    _nearest_kernel[(triton.cdiv(t, bt), h)](uv, n, g, out, t, uv.stride(0), uv.stride(1), E=e, BT=bt,
+                                             num_warps=warps)
     return out.long()

@@ -68,13 +68,14 @@ def losses(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor,
     return recon, commit
 
 
-def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192) -> float:
+def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192,
+                   nearest_fn=nearest) -> float:
     """Weighted relative error of the greedy code of ``x`` (what inference gets)."""
     err = ref = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
             xc = x[:, i:i + chunk]
-            codes = encode(xc, thetas, chunk)
+            codes = encode(xc, thetas, chunk, nearest_fn)
             err += float(((xc - stage_decodes(codes, thetas).sum(0)) ** 2 * w).sum())
             ref += float((xc * xc * w).sum())
     return err / ref
@@ -230,7 +231,8 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
     total = settings.epochs * steps_per_epoch
     step_fn = _Step(params, opt, w, settings, (h, bs, d))
     generator = torch.Generator().manual_seed(seed)
-    best = E2EResult(thetas=params.detach().clone(), best_epoch=0, best_heldout=relative_error(heldout, params, w),
+    search = settings.nearest_fn or nearest
+    best = E2EResult(thetas=params.detach().clone(), best_epoch=0, best_heldout=relative_error(heldout, params, w, nearest_fn=search),
                      init_heldout=0.0)
     best.init_heldout = best.best_heldout
     step = 0
@@ -256,7 +258,7 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
                 "non-finite); lower --lr; the last good codebooks are kept")
         good = steps_per_epoch - bad_batches
         scale = steps_per_epoch / max(good, 1)
-        heldout_err = relative_error(heldout, params, w)
+        heldout_err = relative_error(heldout, params, w, nearest_fn=search)
         log = EpochLog(epoch, loss * scale, recon * scale, commit * scale, heldout_err, bad_batches)
         best.history.append(log)
         improved = heldout_err < best.best_heldout
