@@ -232,9 +232,8 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
     step_fn = _Step(params, opt, w, settings, (h, bs, d))
     generator = torch.Generator().manual_seed(seed)
     search = settings.nearest_fn or nearest
-    best = E2EResult(thetas=params.detach().clone(), best_epoch=0, best_heldout=relative_error(heldout, params, w, nearest_fn=search),
-                     init_heldout=0.0)
-    best.init_heldout = best.best_heldout
+    start_err = relative_error(heldout, params, w, nearest_fn=search)
+    best = E2EResult(thetas=params.detach().clone(), best_epoch=0, best_heldout=start_err, init_heldout=start_err)
     step = 0
     for epoch in range(1, settings.epochs + 1):
         perm = torch.randperm(n, generator=generator).to(x.device)
