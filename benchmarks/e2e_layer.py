@@ -59,10 +59,10 @@ def main() -> None:
         print(f"Epoch {entry.epoch}/{args.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
               f"Commit: {entry.commit:.4f}  held-out {entry.heldout:.5f}  {epoch_times[-1]:.1f} s", flush=True)
 
-    from commvq.kernels.nearest import nearest_triton
+    from commvq.kernels.encode import encode_triton
 
     settings = e2e.E2ESettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                               nearest_fn=None if args.torch_search else nearest_triton)
+                               encode_fn=None if args.torch_search else encode_triton)
     result = e2e.train(train_x, held_x, thetas0, settings, seed=args.seed, on_epoch=on_epoch)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

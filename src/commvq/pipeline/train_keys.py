@@ -181,12 +181,12 @@ def resolve_estep(name: str, device: torch.device) -> em.EStep:
     return e_step_triton
 
 
-def resolve_nearest(name: str, device: torch.device):
+def resolve_encoder(name: str, device: torch.device):
     if not use_triton(name, device):
         return None
-    from commvq.kernels.nearest import nearest_triton
+    from commvq.kernels.encode import encode_triton
 
-    return nearest_triton
+    return encode_triton
 
 
 def update_config(out: Path, layout: io.CodebookLayout, cfg: TrainKeysConfig, spec: ModelSpec, store: KVStore,
@@ -234,7 +234,7 @@ def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout
         res = key_methods.run_em(job, cfg.max_iters, cfg.chunk)
     else:
         settings = e2e.E2ESettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                   commit_weight=cfg.commit_weight, nearest_fn=resolve_nearest(cfg.kernels, device))
+                                   commit_weight=cfg.commit_weight, encode_fn=resolve_encoder(cfg.kernels, device))
         res = key_methods.run_e2e(job, settings, cfg.init, cfg.holdout, cfg.max_iters, cfg.chunk,
                                   echo=lambda line: tqdm.write(line))
     k2 = float((keys.double() ** 2).sum() / keys.shape[0])

@@ -39,7 +39,7 @@ class E2ESettings:
     max_bad_fraction: float = 0.5  # an epoch with more non-finite batches than this stops training
     cuda_graphs: bool = True
     eval_chunk: int = 8192
-    nearest_fn: Callable | None = None  # a fused nearest-codeword kernel (default: pure torch)
+    encode_fn: Callable | None = None  # a fused greedy encoder ``(x, thetas) -> codes`` (default: pure torch)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -69,13 +69,13 @@ def losses(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor,
 
 
 def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192,
-                   nearest_fn=nearest) -> float:
+                   encode_fn=None) -> float:
     """Weighted relative error of the greedy code of ``x`` (what inference gets)."""
     err = ref = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
             xc = x[:, i:i + chunk]
-            codes = encode(xc, thetas, chunk, nearest_fn)
+            codes = encode_fn(xc, thetas) if encode_fn else encode(xc, thetas, chunk)
             err += float(((xc - stage_decodes(codes, thetas).sum(0)) ** 2 * w).sum())
             ref += float((xc * xc * w).sum())
     return err / ref
@@ -174,7 +174,9 @@ class _Step:
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            codes = encode(self.xb, self.params.detach(), self.xb.shape[1], self.settings.nearest_fn or nearest)
+            encode_fn = self.settings.encode_fn
+            thetas = self.params.detach()
+            codes = encode_fn(self.xb, thetas) if encode_fn else encode(self.xb, thetas, self.xb.shape[1])
         recon, commit = losses(self.xb, self.params, codes, self.w)
         loss = recon + self.settings.commit_weight * commit
         self.opt.zero_grad(set_to_none=False)
@@ -231,8 +233,8 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
     total = settings.epochs * steps_per_epoch
     step_fn = _Step(params, opt, w, settings, (h, bs, d))
     generator = torch.Generator().manual_seed(seed)
-    search = settings.nearest_fn or nearest
-    start_err = relative_error(heldout, params, w, nearest_fn=search)
+    search = settings.encode_fn
+    start_err = relative_error(heldout, params, w, encode_fn=search)
     best = E2EResult(thetas=params.detach().clone(), best_epoch=0, best_heldout=start_err, init_heldout=start_err)
     step = 0
     for epoch in range(1, settings.epochs + 1):
@@ -257,7 +259,7 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
                 "non-finite); lower --lr; the last good codebooks are kept")
         good = steps_per_epoch - bad_batches
         scale = steps_per_epoch / max(good, 1)
-        heldout_err = relative_error(heldout, params, w, nearest_fn=search)
+        heldout_err = relative_error(heldout, params, w, encode_fn=search)
         log = EpochLog(epoch, loss * scale, recon * scale, commit * scale, heldout_err, bad_batches)
         best.history.append(log)
         improved = heldout_err < best.best_heldout

@@ -1,0 +1,74 @@
+"""Greedy residual encoding of all stages in one Triton launch; the reference is
+:func:`commvq.quant.residual.encode`.
+
+Per block of tokens of one head the residual stays on chip: for each stage, ``uv = res @ W``
+(fp32), the exact argmin over the ``E x E`` separable distance table, then the chosen codeword
+(two rows of the decode table) is subtracted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from commvq.quant.commutative import decode_table, search_tables
+
+
+@triton.jit
+def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, T, R,
+                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr):
+    h = tl.program_id(1)
+    pid = tl.program_id(0)
+    t = pid * BT + tl.arange(0, BT)
+    tmask = t < T
+    dcol = tl.arange(0, D)
+    b = tl.arange(0, E)
+    c2 = tl.arange(0, 2 * E)
+    res = tl.load(x_ptr + (h * T + t[:, None]) * D + dcol[None, :], mask=tmask[:, None], other=0.0)
+    scratch = uv_ptr + ((h * tl.num_programs(0) + pid) * BT + tl.arange(0, BT)) * (2 * E)
+    for r in range(R):
+        hr = h * R + r
+        w = tl.load(w_ptr + (hr * D + dcol[:, None]) * (2 * E) + c2[None, :])  # [D, 2E]
+        uv = tl.dot(res, w, input_precision="ieee")  # [BT, 2E]
+        tl.store(scratch[:, None] + c2[None, :], uv)
+        tl.debug_barrier()
+        vb = tl.load(n_ptr + hr * E + b)[None, :] - 2.0 * tl.load(scratch[:, None] + E + b[None, :])
+        m = tl.full([BT, E], float("inf"), tl.float32)
+        am = tl.zeros([BT, E], tl.int32)
+        for a in range(E):
+            ua = tl.load(n_ptr + hr * E + a) - 2.0 * tl.load(scratch + a)
+            d2 = ua[:, None] + vb + tl.load(g_ptr + (hr * E + a) * E + b)[None, :]
+            better = d2 < m
+            m = tl.where(better, d2, m)
+            am = tl.where(better, a, am)
+        bstar = tl.argmin(m, axis=1)
+        astar = tl.sum(tl.where(b[None, :] == bstar[:, None], am, 0), axis=1)
+        rows_a = tl.load(m_ptr + (hr * 2 * E + astar[:, None]) * D + dcol[None, :])
+        rows_b = tl.load(m_ptr + (hr * 2 * E + E + bstar[:, None]) * D + dcol[None, :])
+        res = res - rows_a - rows_b
+        tl.store(codes_ptr + (h * T + t) * R + r, astar * E + bstar, mask=tmask)
+        tl.debug_barrier()
+
+
+BT = 16
+WARPS = 4
+
+
+def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` with ``thetas [H, R, 2E, P]``."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("encode_triton needs CUDA tensors")
+    h, t, d = x.shape
+    r, e = thetas.shape[1], thetas.shape[2] // 2
+    th = thetas.detach().float()
+    w, n, g = (v.contiguous() for v in search_tables(th.flatten(0, 1)))  # [H*R, D, 2E], [H*R, E], [H*R, E, E]
+    table = decode_table(th.flatten(0, 1)).contiguous()  # [H*R, 2E, D]
+    xs = x.detach().float().contiguous()
+    blocks = triton.cdiv(t, BT)
+    uv = torch.empty(h * blocks * BT, 2 * e, device=x.device, dtype=torch.float32)
+    codes = torch.empty(h, t, r, device=x.device, dtype=torch.int32)
+    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, t, r, D=d, E=e, BT=BT, num_warps=WARPS)
+    return codes.long()
