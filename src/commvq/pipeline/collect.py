@@ -115,18 +115,47 @@ def check_limits(cfg: CollectConfig, loaded: LoadedModel) -> None:
         )
 
 
+def _to_host(tensors: dict[tuple[str, int], torch.Tensor]) -> tuple[dict, torch.cuda.Event | None]:
+    """Start device-to-host copies into pinned memory on a side stream; the event marks their end.
+
+    (Measured on an H100 at Llama-3.1-8B shapes: twice the collection throughput of plain
+    synchronous ``.cpu()`` copies; docs/benchmarks.md.)
+    """
+    first = next(iter(tensors.values()))
+    if first.device.type != "cuda":
+        return tensors, None
+    stream = torch.cuda.Stream(device=first.device)
+    stream.wait_stream(torch.cuda.current_stream(first.device))
+    out = {}
+    with torch.cuda.stream(stream):
+        for key, t in tensors.items():
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            t.record_stream(stream)
+            out[key] = host
+        event = torch.cuda.Event()
+        event.record(stream)
+    return out, event
+
+
 class _Shard:
-    """Rows gathered for the next shard, per kind and layer, on the host."""
+    """Rows gathered for the next shard, per kind and layer (host copies, maybe in flight)."""
 
     def __init__(self) -> None:
         self.parts: list[dict[tuple[str, int], torch.Tensor]] = []
+        self.events: list[torch.cuda.Event] = []
         self.tokens = 0
 
     def add(self, rows: dict[tuple[str, int], torch.Tensor], tokens: int) -> None:
-        self.parts.append({k: v.cpu() for k, v in rows.items()})
+        host, event = _to_host(rows)
+        self.parts.append(host)
+        if event is not None:
+            self.events.append(event)
         self.tokens += tokens
 
     def assemble(self, kind: str, num_layers: int) -> list[dict[str, torch.Tensor]]:
+        for event in self.events:
+            event.synchronize()
         out = []
         for layer in range(num_layers):
             d = {"x": torch.cat([p[(kind, layer)] for p in self.parts])}
