@@ -27,7 +27,7 @@ class Stage:
 
 
 def stages() -> list[Stage]:
-    from commvq.pipeline import collect, compare, main_job, scale, train_keys
+    from commvq.pipeline import collect, compare, eval_values, main_job, scale, train_keys, train_values
 
     return [
         Stage("pipeline", "the main job: every stage on the embedded defaults",
@@ -38,6 +38,10 @@ def stages() -> list[Stage]:
               scale.ScaleConfig, scale.run),
         Stage("train-keys", "train RoPE-commutative key codebooks (EM or E2E)",
               train_keys.TrainKeysConfig, train_keys.run),
+        Stage("train-values", "train the binary value codec against the frozen model",
+              train_values.TrainValuesConfig, train_values.run),
+        Stage("eval-values", "per-layer value / attention-output error of value codecs vs KIVI",
+              eval_values.EvalValuesConfig, eval_values.run),
         Stage("compare-codebooks", "per-layer held-out key errors of codebook directories, side by side",
               compare.CompareConfig, compare.run),
     ]

@@ -1,0 +1,117 @@
+"""ValueCodec: the learned binary value codec of every layer, saved as safetensors + config.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from commvq import __version__
+from commvq.fsutil import atomic_path, write_json
+from commvq.quant import binary
+from commvq.quant.packing import pack_2bit, unpack_2bit
+
+FORMAT = "commvq-value-codec"
+VERSION = 1
+WEIGHTS = "value_codec.safetensors"
+CONFIG = "config.json"
+
+
+class LayerValueCodec(nn.Module):
+    """Encoder LayerNorm -> Linear -> GELU -> Linear -> groups of 4 logits; decoder ``bits @ E``."""
+
+    def __init__(self, width: int, quant_bits: int, scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.width, self.quant_bits = width, quant_bits
+        self.groups = binary.num_groups(width, quant_bits)
+        hidden = binary.hidden_size(width, quant_bits)
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, 4 * self.groups)
+        nbits = width * quant_bits
+        self.codebook = nn.Parameter(torch.randn(nbits, width) / math.sqrt(nbits))
+        self.register_buffer("scale", torch.ones(width) if scale is None else scale.float().clone())
+
+    def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, n, 4], p [N])``."""
+        u, p = binary.normalize(v, self.scale)
+        h = self.fc2(nn.functional.gelu(self.fc1(self.norm(u.to(self.fc1.weight.dtype)))))
+        return h.reshape(*h.shape[:-1], self.groups, 4), p
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``v [..., F]``: Gumbel straight-through when training, argmax otherwise."""
+        logits, p = self.logits(v)
+        bits = binary.bits_from_onehot(binary.choose(logits, self.training))
+        y = bits.to(self.codebook.dtype) @ self.codebook
+        return y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12) * p[..., None] * self.scale
+
+    @torch.no_grad()
+    def encode(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed codes [N, F*q/8] uint8, factor [N])`` -- deterministic (argmax)."""
+        logits, p = self.logits(v)
+        idx = logits.argmax(-1)
+        factor = binary.decode_factor(binary.bits_from_index(idx), self.codebook, p)
+        return pack_2bit(idx), factor
+
+    @torch.no_grad()
+    def decode(self, packed: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        bits = binary.bits_from_index(unpack_2bit(packed, self.groups))
+        return binary.decode(bits, self.codebook.float(), factor.float(), self.scale)
+
+    def code_size(self) -> int:
+        """Bits per token: ``F * q`` code bits plus a 16-bit factor."""
+        return self.width * self.quant_bits + 16
+
+
+class ValueCodec(nn.Module):
+    """One :class:`LayerValueCodec` per layer."""
+
+    def __init__(self, num_layers: int, width: int, quant_bits: int,
+                 scales: dict[int, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.num_layers, self.width, self.quant_bits = num_layers, width, quant_bits
+        self.layers = nn.ModuleList(
+            LayerValueCodec(width, quant_bits, None if scales is None else scales[i]) for i in range(num_layers))
+
+    @classmethod
+    def from_scales(cls, scales: dict[int, torch.Tensor], quant_bits: int) -> ValueCodec:
+        layers = sorted(scales)
+        if layers != list(range(len(layers))):
+            raise ValueError(f"value scales for layers {layers}: expected 0..{len(layers) - 1}")
+        return cls(len(layers), int(scales[0].numel()), quant_bits, scales)
+
+    def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Only the codec's tensors (no copy of the model) and a versioned config.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(folder / WEIGHTS) as tmp:
+            save_file(state, str(tmp))
+        write_json(folder / CONFIG, {"format": FORMAT, "version": VERSION, "commvq": __version__,
+                                      "num_layers": self.num_layers, "width": self.width,
+                                      "quant_bits": self.quant_bits, **(extra or {})})
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, num_layers: int | None = None, width: int | None = None) -> ValueCodec:
+        """Load, checking the layer count and width against the model when given."""
+        folder = Path(folder)
+        path = folder / CONFIG
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no value codec here ({CONFIG} missing); run `commvq train-values`")
+        cfg = json.loads(path.read_text())
+        if cfg.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a commvq value codec config")
+        if cfg.get("version", 0) > VERSION:
+            raise ValueError(f"{path} has version {cfg['version']}; upgrade commvq to read it")
+        for key, want in (("num_layers", num_layers), ("width", width)):
+            if want is not None and cfg[key] != want:
+                raise ValueError(f"{folder}: value codec for {key}={cfg[key]}, the model has {want}")
+        codec = cls(cfg["num_layers"], cfg["width"], cfg["quant_bits"])
+        codec.load_state_dict(load_file(str(folder / WEIGHTS)))
+        return codec.eval()

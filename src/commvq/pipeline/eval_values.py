@@ -1,0 +1,79 @@
+"""Stage `eval-values`: per-layer value and attention-output MSE of value codecs vs KIVI-style
+scalar quantization at the same bits, on held-out text. Writes JSON and a Markdown table."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from commvq.codecs.value_codec import ValueCodec
+from commvq.config import option, to_dict
+from commvq.data.corpus import CorpusSource, batches, iter_documents, pack, resolve_dataset
+from commvq.evals.values import value_errors
+from commvq.fsutil import atomic_path, write_json
+from commvq.integrations.hf.loader import load_model
+from commvq.pipeline.scale import load_scales
+
+
+@dataclass(frozen=True)
+class EvalValuesConfig:
+    codec_dirs: list[Path] = option([], "value codec folders", positional=True)
+    model: str = option("embedded", "model the codecs were trained for")
+    dataset: str = option("embedded", "corpus (the embedded corpus uses its held-out split)")
+    max_seq_length: int = option(1024, "tokens per sequence")
+    num_sequences: int = option(4, "held-out sequences")
+    scale_file: Path | None = option(None, "also evaluate untrained codecs with these scales (the 'before')")
+    output: Path = option(Path("eval_values"), "folder for values.json and values.md")
+    device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "codec_dirs", [Path(d) for d in self.codec_dirs])
+        if not self.codec_dirs:
+            raise ValueError("give at least one value codec folder")
+
+
+def run(cfg: EvalValuesConfig) -> Path:
+    loaded = load_model(cfg.model, device=cfg.device)
+    spec = loaded.spec
+    codecs: dict[str, ValueCodec] = {}
+    bits = set()
+    for d in cfg.codec_dirs:
+        c = ValueCodec.load(d, spec.num_layers, spec.kv_dim).to(loaded.model.device)
+        codecs[f"{d.name}"] = c
+        bits.add(c.quant_bits)
+    if cfg.scale_file is not None:
+        values = load_scales(cfg.scale_file)["value"]
+        for b in sorted(bits):
+            torch.manual_seed(0)
+            codecs[f"untrained_{b}bit"] = ValueCodec.from_scales(values, b).to(loaded.model.device)
+    tok = loaded.tokenizer
+    src = CorpusSource(resolve_dataset(cfg.dataset), split="heldout" if cfg.dataset == "embedded" else "train")
+    docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(src))
+    seqs = itertools.islice((s for s in pack(docs, cfg.max_seq_length, tok.eos_token_id or 0)
+                             if len(s) == cfg.max_seq_length), cfg.num_sequences)
+    data = [b.to(loaded.model.device) for b in batches(seqs, 1)]
+    rows = value_errors(loaded.model, codecs, data, sorted(bits))
+    return report(cfg, rows, {"model": loaded.name, "tokens": cfg.num_sequences * cfg.max_seq_length})
+
+
+def report(cfg: EvalValuesConfig, rows: list[dict], meta: dict) -> Path:
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(rows[0])
+    lines = [f"Held-out tokens: {meta['tokens']} ({meta['model']}). Per layer: value MSE / attention-output MSE.",
+             "", "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, row in enumerate(rows):
+        lines.append(f"| {i} | " + " | ".join(f"{row[n]['value_mse']:.4g} / {row[n]['attn_mse']:.4g}" for n in names)
+                     + " |")
+    means = {n: {k: sum(r[n][k] for r in rows) / len(rows) for k in ("value_mse", "attn_mse")} for n in names}
+    lines.append("| mean | " + " | ".join(f"**{means[n]['value_mse']:.4g} / {means[n]['attn_mse']:.4g}**"
+                                         for n in names) + " |")
+    text = "\n".join(lines)
+    print(text)
+    with atomic_path(out / "values.md") as tmp:
+        tmp.write_text(text + "\n")
+    write_json(out / "values.json", {"rows": rows, "means": means, **meta, "config": to_dict(cfg)})
+    return out

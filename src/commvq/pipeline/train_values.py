@@ -1,0 +1,196 @@
+"""Stage `train-values`: the value codec, trained against the frozen LLM.
+
+Per layer the attention runs with exact and with decoded values (exact keys, exact layer input);
+loss = mean over layers of ``MSE(v_hat, v)/2 + MSE(attn_out(v_hat), attn_out(v))``. AdamW
+(lr 1e-3, weight decay 0.1, betas 0.9/0.95), linear warmup then cosine; bf16 autocast on GPU;
+packed sequences from the same corpus options as collection; checkpoints every ``save_every``
+steps and ``--resume``; several processes through torchrun (disjoint corpus slices, gradients
+averaged by all-reduce after each step).
+Only the codec is saved (safetensors + config.json), never a copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from commvq.codecs.value_codec import ValueCodec
+from commvq.config import option, to_dict
+from commvq.data.corpus import SPLITS, CorpusSource, batches, iter_documents, pack, resolve_dataset
+from commvq.distributed import barrier, rank_world
+from commvq.fsutil import atomic_path
+from commvq.integrations.hf.loader import MODEL_DTYPES, LoadedModel, load_model
+from commvq.integrations.hf.probe import LayerAttention, layer_inputs
+from commvq.pipeline.scale import load_scales
+
+log = logging.getLogger("commvq")
+STATE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainValuesConfig:
+    model: str = option("embedded", "model (see `commvq collect --help`)", aliases=("--model_path",))
+    dataset: str = option("auto", "corpus (see `commvq collect --help`)")
+    dataset_config: str | None = option(None, "HF dataset configuration name")
+    text_field: str = option("text", "text field of .jsonl/.parquet/HF rows")
+    split: str = option("train", "split of the embedded corpus", choices=SPLITS)
+    scale_file: Path = option(Path("data/learnable_scale.pt"), "scales from `commvq scale`")
+    output_dir: Path | None = option(None, "codec folder (default: value_codec_<q>bit)")
+    quant_bits: int = option(2, "bits per value channel", choices=(1, 2))
+    max_seq_length: int = option(8192, "tokens per packed sequence")
+    batch_size: int = option(1, "sequences per step (per process)")
+    steps: int = option(1000, "optimizer steps")
+    warmup_steps: int = option(100, "linear warmup steps")
+    lr: float = option(1e-3, "AdamW peak learning rate")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    save_every: int = option(200, "steps between checkpoints")
+    resume: bool = option(False, "continue from the checkpoint in output_dir")
+    model_dtype: str = option("auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)", choices=MODEL_DTYPES)
+    device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
+    seed: int = option(0, "seed")
+    overwrite: bool = option(False, "start over even if output_dir holds a codec")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale_file", Path(self.scale_file))
+        if self.output_dir is None:
+            object.__setattr__(self, "output_dir", Path(f"value_codec_{self.quant_bits}bit"))
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        for name in ("max_seq_length", "batch_size", "steps", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            raise ValueError(f"--warmup_steps {self.warmup_steps} must be >= 0 and --lr {self.lr} positive")
+        if self.quant_bits not in (1, 2):
+            raise ValueError(f"--quant_bits {self.quant_bits}: use 1 or 2")
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def check_scales(scales: dict, loaded: LoadedModel, path: Path) -> dict[int, torch.Tensor]:
+    values = scales["value"]
+    spec = loaded.spec
+    if sorted(values) != list(range(spec.num_layers)):
+        raise ValueError(f"{path}: value scales for {len(values)} layers, the model has {spec.num_layers}; "
+                         "re-run `commvq scale` on data collected with this model")
+    for layer, s in values.items():
+        if s.numel() != spec.kv_dim:
+            raise ValueError(f"{path}: layer {layer} scale has {s.numel()} channels, the model's values have "
+                             f"{spec.kv_dim}; re-run `commvq scale` on data collected with this model")
+    return values
+
+
+def batch_stream(cfg: TrainValuesConfig, loaded: LoadedModel, rank: int, world: int) -> Iterator[torch.Tensor]:
+    """Packed token batches of this process's slice of the corpus, cycling through epochs."""
+    tok = loaded.tokenizer
+    sep = tok.eos_token_id if tok.eos_token_id is not None else 0
+    src = CorpusSource(dataset=resolve_dataset(cfg.dataset), split=cfg.split, text_field=cfg.text_field,
+                       dataset_config=cfg.dataset_config, seed=cfg.seed, rank=rank, world=world)
+    for epoch in itertools.count():
+        docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(src))
+        seqs = (s for s in pack(docs, cfg.max_seq_length, sep) if len(s) == cfg.max_seq_length)
+        n = 0
+        for batch in batches(seqs, cfg.batch_size):
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError(f"--dataset {cfg.dataset}: not one full sequence of {cfg.max_seq_length} tokens; "
+                             "lower --max_seq_length or give a larger corpus")
+        log.info("train-values: epoch %d of the corpus done", epoch + 1)
+
+
+def step_loss(model, codec, batch: torch.Tensor, autocast) -> float:
+    """Forward and backward of one batch, layer by layer (gradients accumulate); the loss value."""
+    hidden = layer_inputs(model, batch)
+    total = 0.0
+    n = len(hidden)
+    for layer, h in enumerate(hidden):
+        probe = LayerAttention(model, layer, h)
+        with autocast:
+            v_hat = codec.layers[layer](probe.v.float())
+            out_hat = probe.output(v_hat)
+            loss = (torch.nn.functional.mse_loss(v_hat.float(), probe.v.float()) / 2
+                    + torch.nn.functional.mse_loss(out_hat.float(), probe.exact.float())) / n
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train-values: loss is {float(loss.detach())} at layer {layer}; lower --lr; "
+                                     "the last checkpoint is kept")
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
+    rank, world = rank_world()
+    loaded = loaded or load_model(cfg.model, cfg.model_dtype, cfg.device)
+    values = check_scales(load_scales(cfg.scale_file), loaded, cfg.scale_file)
+    out = cfg.output_dir
+    torch.manual_seed(cfg.seed)
+    codec = ValueCodec.from_scales(values, cfg.quant_bits).to(loaded.model.device).train()
+    opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    start, history = 0, []
+    if (out / STATE).is_file() and not cfg.overwrite:
+        if not cfg.resume:
+            raise ValueError(f"{out} holds a value codec checkpoint: pass --resume to continue or --overwrite")
+        loaded_codec = ValueCodec.load(out, loaded.spec.num_layers, loaded.spec.kv_dim)
+        codec.load_state_dict(loaded_codec.state_dict())
+        state = torch.load(out / STATE, map_location=loaded.model.device, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        start, history = int(state["step"]), list(state["history"])
+        log.info("train-values: resuming %s at step %d", out, start)
+    barrier()
+    device = loaded.model.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    stream = batch_stream(cfg, loaded, rank, world)
+    for _ in range(start):  # same data order after a resume
+        next(stream)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train-values", unit="step", disable=rank != 0 or None)
+    for step in range(start, cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps)
+        opt.zero_grad(set_to_none=True)
+        batch = next(stream).to(device)
+        loss = step_loss(loaded.model, codec, batch, autocast)
+        if world > 1:
+            _allreduce_grads(codec)
+        opt.step()
+        history.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4g}")
+        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(cfg, loaded, codec, opt, step + 1, history)
+    bar.close()
+    barrier()
+    return out
+
+
+def _allreduce_grads(codec: torch.nn.Module) -> None:
+    """Average gradients over processes (the per-layer backward bypasses DDP's hooks)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in codec.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def save_checkpoint(cfg: TrainValuesConfig, loaded: LoadedModel, codec: ValueCodec, opt, step: int,
+                    history: list[float]) -> None:
+    codec.save(cfg.output_dir, {"model": loaded.name, "spec": loaded.spec.to_dict(), "steps_done": step,
+                                "train_config": to_dict(cfg), "loss_history": history})
+    with atomic_path(cfg.output_dir / STATE) as tmp:
+        torch.save({"optimizer": opt.state_dict(), "step": step, "history": history}, tmp)
+    log.info("train-values: checkpoint at step %d in %s", step, cfg.output_dir)

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+
+from commvq.codecs.value_codec import ValueCodec
+from commvq.evals.values import value_errors
+from commvq.integrations.hf.loader import load_model
+from commvq.integrations.hf.probe import LayerAttention, layer_inputs
+from commvq.pipeline import collect, scale, train_values
+from commvq.pipeline.train_values import TrainValuesConfig
+
+
+@pytest.fixture
+def prepared(tiny_llama, corpus_dir, tmp_path):
+    lm = load_model(str(tiny_llama), device="cpu")
+    collect.run(collect.CollectConfig(model=str(tiny_llama), dataset=str(corpus_dir), output_dir=tmp_path / "data" / "key",
+                                      num_samples=256, max_seq_length=32, device="cpu"), loaded=lm)
+    scale.run(scale.ScaleConfig(key_dir=tmp_path / "data" / "key"))
+    return lm, tmp_path
+
+
+def _cfg(tiny_llama, corpus_dir, tmp_path, **kw):
+    args = dict(model=str(tiny_llama), dataset=str(corpus_dir), scale_file=tmp_path / "data" / "learnable_scale.pt",
+                output_dir=tmp_path / "codec", quant_bits=2, max_seq_length=32, batch_size=2, steps=40,
+                warmup_steps=5, lr=3e-3, save_every=20, device="cpu")
+    args.update(kw)
+    return TrainValuesConfig(**args)
+
+
+def test_probe_reproduces_the_models_attention(prepared):
+    lm, _ = prepared
+    ids = torch.randint(0, 300, (2, 16))
+    hidden = layer_inputs(lm.model, ids)
+    block = lm.model.model.layers[1]
+    with torch.no_grad():
+        pos = torch.arange(16)[None].expand(2, -1)
+        pe = lm.model.model.rotary_emb(hidden[1], pos)
+        want, _ = block.self_attn(block.input_layernorm(hidden[1]), position_embeddings=pe, attention_mask=None)
+    probe = LayerAttention(lm.model, 1, hidden[1])
+    assert torch.allclose(probe.exact, want, atol=1e-5)
+
+
+def test_training_lowers_attention_error_and_resumes(prepared, tiny_llama, corpus_dir):
+    lm, tmp_path = prepared
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path)
+    ids = torch.randint(0, 300, (2, 32))
+    torch.manual_seed(0)
+    untrained = ValueCodec.from_scales(torch.load(cfg.scale_file, weights_only=True)["value"], 2)
+    before = value_errors(lm.model, {"c": untrained}, [ids], [2])
+    train_values.run(cfg, loaded=lm)
+    trained = ValueCodec.load(cfg.output_dir, 2, 32)
+    after = value_errors(lm.model, {"c": trained}, [ids], [2])
+    for b, a in zip(before, after, strict=True):
+        assert a["c"]["attn_mse"] < b["c"]["attn_mse"]
+    conf = json.loads((cfg.output_dir / "config.json").read_text())
+    assert conf["steps_done"] == 40 and len(conf["loss_history"]) == 40
+    assert sum(conf["loss_history"][-5:]) < sum(conf["loss_history"][:5])
+    assert set(p.name for p in cfg.output_dir.iterdir()) == {"config.json", "value_codec.safetensors",
+                                                             "trainer_state.pt"}
+    # resume: 10 more steps continue the history
+    first = conf["loss_history"]
+    with pytest.raises(ValueError, match="--resume"):
+        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, steps=50), loaded=lm)
+    train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, steps=50, resume=True), loaded=lm)
+    conf = json.loads((cfg.output_dir / "config.json").read_text())
+    assert conf["steps_done"] == 50 and conf["loss_history"][:40] == first and len(conf["loss_history"]) == 50
+
+
+def test_bad_scale_files_are_refused(prepared, tiny_llama, corpus_dir):
+    lm, tmp_path = prepared
+    scales = torch.load(tmp_path / "data" / "learnable_scale.pt", weights_only=True)
+    scales["value"] = {0: scales["value"][0]}
+    torch.save(scales, tmp_path / "short.pt")
+    with pytest.raises(ValueError, match="for 1 layers, the model has 2"):
+        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "short.pt"), loaded=lm)
+    scales["value"] = {0: torch.ones(16), 1: torch.ones(16)}
+    torch.save(scales, tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match="16 channels"):
+        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "narrow.pt"), loaded=lm)
+    with pytest.raises(FileNotFoundError, match="commvq scale"):
+        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "none.pt"), loaded=lm)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(prepared, tiny_llama, corpus_dir):
+    lm, tmp_path = prepared
+    train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, steps=20), loaded=lm)
+    good = (tmp_path / "codec" / "value_codec.safetensors").read_bytes()
+    with pytest.raises(FloatingPointError, match="last checkpoint is kept"):
+        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, steps=40, resume=True, lr=1e30), loaded=lm)
+    assert (tmp_path / "codec" / "value_codec.safetensors").read_bytes() == good
