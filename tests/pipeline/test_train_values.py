@@ -14,7 +14,8 @@ from commvq.pipeline.train_values import TrainValuesConfig
 @pytest.fixture
 def prepared(tiny_llama, corpus_dir, tmp_path):
     lm = load_model(str(tiny_llama), device="cpu")
-    collect.run(collect.CollectConfig(model=str(tiny_llama), dataset=str(corpus_dir), output_dir=tmp_path / "data" / "key",
+    key_dir = tmp_path / "data" / "key"
+    collect.run(collect.CollectConfig(model=str(tiny_llama), dataset=str(corpus_dir), output_dir=key_dir,
                                       num_samples=256, max_seq_length=32, device="cpu"), loaded=lm)
     scale.run(scale.ScaleConfig(key_dir=tmp_path / "data" / "key"))
     return lm, tmp_path
