@@ -2,3 +2,5 @@
 
 This is the only package of commvq that imports transformers.
 """
+
+from commvq.integrations.hf.attention import register_commvq_attention, use_commvq  # noqa: E402,F401

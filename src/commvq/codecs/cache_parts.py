@@ -1,0 +1,194 @@
+"""How a compressed KV cache stores keys and values, and attends to them.
+
+A cache block holds ``n`` tokens of one layer. A *key part* turns post-RoPE keys into stored
+tensors and scores queries against them; a *value part* stores values and mixes them by
+attention probabilities. Parts: dense (the identity codec: FP16/BF16), KIVI-style scalar
+quantization, and CommVQ (codes only; nothing is decoded to dense keys or values).
+Stored tensors all have a leading ``[B, n]``; ``scores`` returns raw dot products ``[B, Hq, Tq, N]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from commvq import rope
+from commvq.codecs import kivi
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.codecs.value_codec import ValueCodec
+from commvq.kernels import reference as ref
+from commvq.quant.packing import pack_codes, unpack_2bit, unpack_codes
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``[B, n, H, D]`` -> ``[B, H, n, D]``."""
+    return x.permute(0, 2, 1, 3)
+
+
+def _gqa(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """Repeat KV heads ``[B, Hkv, N, D]`` for ``hq`` query heads."""
+    return x.repeat_interleave(hq // x.shape[1], dim=1)
+
+
+class DenseKeys:
+    """Keys as the model computed them (after RoPE), in the model's dtype."""
+
+    name = "dense"
+
+    def bits(self, head_dim: int) -> float:
+        return 16.0
+
+    def compress(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"k": k.transpose(1, 2).contiguous()}
+
+    def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
+        return q.float() @ _gqa(_heads_first(block["k"]).float(), q.shape[1]).transpose(-1, -2)
+
+
+class DenseValues:
+    name = "dense"
+
+    def bits(self, head_dim: int) -> float:
+        return 16.0
+
+    def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"v": v.transpose(1, 2).contiguous()}
+
+    def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
+        return probs.float() @ _gqa(_heads_first(block["v"]).float(), probs.shape[1])
+
+
+def _kivi_store(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> dict[str, torch.Tensor]:
+    """Quantize ``x [B, n, H, D]`` in groups of ``group`` tokens per channel (keys) or of ``group``
+    channels per token (values). Stored: packed codes ``[B, n, H, D*bits/8]``, and 16-bit minima
+    and steps ``[B, n/group, H, D]`` (keys) or ``[B, n, H, D/group]`` (values)."""
+    b, n, h, d = x.shape
+    if per_channel:
+        g = x.float().reshape(b, n // group, group, h, d)
+        red = 2
+    else:
+        g = x.float().reshape(b, n, h, d // group, group)
+        red = 4
+    lo, hi = g.amin(red, keepdim=True), g.amax(red, keepdim=True)
+    step = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
+    codes = ((g - lo) / step).round().clamp(0, 2**bits - 1).to(torch.uint8).reshape(b, n, h, d)
+    return {"codes": pack_codes(codes, bits), "lo": lo.squeeze(red).half(), "step": step.squeeze(red).half()}
+
+
+def _kivi_load(store: dict, bits: int, group: int, per_channel: bool) -> torch.Tensor:
+    """Dequantize a :func:`_kivi_store` block back to ``[B, n, H, D]``."""
+    packed = store["codes"]
+    b, n, h = packed.shape[:3]
+    d = packed.shape[-1] * 8 // bits
+    codes = unpack_codes(packed, d, bits).float()
+    lo, step = store["lo"].float(), store["step"].float()
+    if per_channel:
+        g = codes.reshape(b, n // group, group, h, d)
+        return (g * step[:, :, None] + lo[:, :, None]).reshape(b, n, h, d)
+    g = codes.reshape(b, n, h, d // group, group)
+    return (g * step[..., None] + lo[..., None]).reshape(b, n, h, d)
+
+
+class KiviKeys:
+    """KIVI: keys quantized per channel, in groups of ``group`` tokens (blocks are multiples of it)."""
+
+    def __init__(self, bits: int, group: int = 32) -> None:
+        self.bits_, self.group, self.name = bits, group, f"kivi{bits}"
+
+    def bits(self, head_dim: int) -> float:
+        return kivi.bits_per_value(self.bits_, self.group)
+
+    def compress(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = k.transpose(1, 2)  # [B, n, H, D]
+        if x.shape[1] % self.group:
+            raise ValueError(f"KIVI keys need blocks of a multiple of {self.group} tokens (got {x.shape[1]})")
+        return _kivi_store(x, self.bits_, self.group, per_channel=True)
+
+    def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
+        k = _kivi_load(block, self.bits_, self.group, per_channel=True)
+        return q.float() @ _gqa(_heads_first(k), q.shape[1]).transpose(-1, -2)
+
+
+class KiviValues:
+    """KIVI: values quantized per token, in groups of ``group`` channels."""
+
+    def __init__(self, bits: int, group: int = 32) -> None:
+        self.bits_, self.group, self.name = bits, group, f"kivi{bits}"
+
+    def bits(self, head_dim: int) -> float:
+        return kivi.bits_per_value(self.bits_, min(self.group, head_dim))
+
+    def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = v.transpose(1, 2)
+        return _kivi_store(x, self.bits_, min(self.group, x.shape[-1]), per_channel=False)
+
+    def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
+        d = block["codes"].shape[-1] * 8 // self.bits_
+        v = _kivi_load(block, self.bits_, min(self.group, d), per_channel=False)
+        return probs.float() @ _gqa(_heads_first(v), probs.shape[1])
+
+
+class CommVQKeys:
+    """12-bit residual codes of the pre-RoPE keys (un-rotated with the model's own angles), one
+    prescale and one position per token; scores by the commutative trick."""
+
+    name = "commvq"
+
+    def __init__(self, codebooks: list[KeyCodebook], inv_freq: torch.Tensor, rope_scale: float = 1.0,
+                 encoder=None) -> None:
+        self.codebooks, self.inv_freq, self.rope_scale = codebooks, inv_freq.float(), rope_scale
+        self.encoder = encoder  # a fused greedy encoder (x [H, N, D], thetas) -> codes, or None
+        cb = codebooks[0]
+        self.code_bits, self.num_heads, self.stages = cb.code_bits, cb.num_heads, cb.num_stages
+
+    def bits(self, head_dim: int) -> float:
+        return self.stages * self.code_bits / head_dim
+
+    def angles(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = pos.float()[..., None] * self.inv_freq.to(pos.device)  # as the model computes it
+        return torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
+
+    def compress(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, h, n, d = k.shape
+        cos, sin = self.angles(pos)  # [B, n, D]
+        pre = rope.unapply_rope(k.float(), cos[:, None], sin[:, None]) / self.rope_scale
+        flat = pre.transpose(1, 2).reshape(b * n, h * d)
+        cb = self.codebooks[layer]
+        if self.encoder is not None:
+            from commvq.quant.residual import normalize
+
+            x, s = normalize(flat, h)
+            codes = self.encoder(x, cb.thetas).permute(1, 0, 2)
+        else:
+            codes, s = cb.encode(flat)
+        packed = pack_codes(codes.reshape(b * n, h * self.stages), self.code_bits)
+        return {"codes": packed.reshape(b, n, -1), "prescale": s.reshape(b, n).half(),
+                "pos": pos.to(torch.int32)}
+
+    def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
+        b, n = block["codes"].shape[:2]
+        codes = unpack_codes(block["codes"], self.num_heads * self.stages, self.code_bits)
+        codes = codes.reshape(b, n, self.num_heads, self.stages)
+        return ref.commvq_scores(q, codes, block["prescale"], block["pos"], self.codebooks[layer].thetas,
+                                 self.inv_freq.to(q.device), self.rope_scale)
+
+
+class CommVQValues:
+    """Learned binary codes (2 bits per group of patterns, packed) and one factor per token."""
+
+    name = "commvq"
+
+    def __init__(self, codec: ValueCodec, num_kv_heads: int) -> None:
+        self.codec, self.num_kv_heads = codec.eval(), num_kv_heads
+
+    def bits(self, head_dim: int) -> float:
+        return float(self.codec.quant_bits)
+
+    def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, h, n, d = v.shape
+        packed, factor = self.codec.layers[layer].encode(v.transpose(1, 2).reshape(b * n, h * d).float())
+        return {"codes": packed.reshape(b, n, -1), "factor": factor.reshape(b, n).half()}
+
+    def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
+        lc = self.codec.layers[layer]
+        idx = unpack_2bit(block["codes"], lc.groups)
+        return ref.commvq_values(probs, idx, block["factor"], lc.codebook.detach(), lc.scale, self.num_kv_heads)

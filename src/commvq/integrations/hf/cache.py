@@ -1,0 +1,276 @@
+"""CommVQCache: a transformers ``Cache`` that holds codes, not keys and values.
+
+Per layer: an optional exact "sink" (the first ``sink`` tokens), compressed blocks of ``window``
+tokens (key and value parts from ``commvq.codecs.cache_parts``: CommVQ codes, KIVI-style, or
+dense for the identity baseline), and a full-precision window of the most recent 1..``window``
+tokens, flushed to codes every ``window`` new tokens. Prefill attention is exact unless
+``quantize_prefill``. Decode attention scores keys from codes (commutative trick) and mixes values
+from codes, in one softmax with the window.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from commvq.codecs import cache_parts as parts
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.codecs.value_codec import ValueCodec
+from commvq.integrations.hf.attention import hand_over, use_commvq
+from commvq.integrations.hf.loader import check_supported
+from commvq.spec import ModelSpec
+
+METHODS = ("fp16", "kivi2", "kivi1", "commvq")
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
+    return b if a is None else torch.cat((a, b), dim=dim)
+
+
+class CommVQLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, layer_idx: int, keys: Any, values: Any, window: int = 128, sink: int = 0,
+                 quantize_prefill: bool = False) -> None:
+        super().__init__()
+        if window < 1 or sink < 0:
+            raise ValueError(f"window={window} must be >= 1 and sink={sink} >= 0")
+        self.layer_idx, self.keys_part, self.values_part = layer_idx, keys, values
+        self.window, self.sink, self.quantize_prefill = window, sink, quantize_prefill
+        self.win_k = self.win_v = self.win_pos = None  # [B, H, w, D], [B, w]
+        self.sink_k = self.sink_v = None
+        self.blocks: list[dict[str, Any]] = []
+        self._merged: dict[str, Any] | None = None
+
+    # --- the CacheLayerMixin contract -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, _, t, _ = key_states.shape
+        self.win_k = _cat(self.win_k, key_states, 2)
+        self.win_v = _cat(self.win_v, value_states, 2)
+        unknown = torch.full((b, t), -1, dtype=torch.long, device=key_states.device)
+        self.win_pos = _cat(self.win_pos, unknown, 1)
+        hand_over(self)
+        return self.win_k, self.win_v
+
+    @property
+    def num_compressed(self) -> int:
+        return sum(blk["n"] for blk in self.blocks)
+
+    @property
+    def num_sink(self) -> int:
+        return 0 if self.sink_k is None else self.sink_k.shape[2]
+
+    @property
+    def num_window(self) -> int:
+        return 0 if self.win_k is None else self.win_k.shape[2]
+
+    def get_seq_length(self) -> int:
+        return self.num_sink + self.num_compressed + self.num_window
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.win_k = self.win_v = self.win_pos = self.sink_k = self.sink_v = None
+        self.blocks, self._merged = [], None
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        n = abs(tokens_to_remove)
+        if tokens_to_remove > 0 or n >= self.num_window:
+            raise NotImplementedError(
+                f"CommVQCache can drop at most the {self.num_window - 1} most recent full-precision tokens "
+                f"(asked to crop {tokens_to_remove}); compressed blocks cannot be cropped")
+        if n:
+            self.win_k, self.win_v, self.win_pos = self.win_k[:, :, :-n], self.win_v[:, :, :-n], self.win_pos[:, :-n]
+
+    def _select(self, fn) -> None:
+        for name in ("win_k", "win_v", "win_pos", "sink_k", "sink_v"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        for blk in self.blocks:
+            for part in ("k", "v"):
+                blk[part] = {k: fn(v) for k, v in blk[part].items()}
+        self._merged = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select(lambda t: t[indices])
+
+    # --- compression ------------------------------------------------------------------------
+    def set_positions(self, position_ids: torch.Tensor | None, num_new: int) -> None:
+        b = self.win_pos.shape[0]
+        if position_ids is None:
+            start = self.get_seq_length() - num_new
+            position_ids = torch.arange(start, start + num_new, device=self.win_pos.device)[None]
+        self.win_pos[:, -num_new:] = position_ids.to(self.win_pos.device).expand(b, -1)
+
+    def flush(self) -> None:
+        """Compress the oldest whole blocks of ``window`` tokens, keeping the most recent 1..window."""
+        w = self.num_window
+        n = ((w - 1) // self.window) * self.window
+        if n <= 0:
+            return
+        take_sink = min(self.sink - self.num_sink, n)
+        if take_sink > 0:
+            self.sink_k = _cat(self.sink_k, self.win_k[:, :, :take_sink], 2)
+            self.sink_v = _cat(self.sink_v, self.win_v[:, :, :take_sink], 2)
+        k, v, pos = self.win_k[:, :, take_sink:n], self.win_v[:, :, take_sink:n], self.win_pos[:, take_sink:n]
+        if k.shape[2]:
+            self.blocks.append({"n": k.shape[2],
+                                "k": self.keys_part.compress(self.layer_idx, k, pos),
+                                "v": self.values_part.compress(self.layer_idx, v)})
+            self._merged = None
+        self.win_k, self.win_v, self.win_pos = self.win_k[:, :, n:], self.win_v[:, :, n:], self.win_pos[:, n:]
+
+    def merged(self) -> dict[str, Any]:
+        if self._merged is None:
+            blk = self.blocks
+            self._merged = {
+                "k": {k: torch.cat([b["k"][k] for b in blk], 1) for k in blk[0]["k"]},
+                "v": {k: torch.cat([b["v"][k] for b in blk], 1) for k in blk[0]["v"]},
+            }
+        return self._merged
+
+    # --- attention --------------------------------------------------------------------------
+    def attend(self, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None,
+               scaling: float, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Attention output ``[B, Hq, Tq, D]`` over sink + codes + window, then flush."""
+        tq = query.shape[2]
+        self.set_positions(position_ids, tq)
+        if self.quantize_prefill:
+            self.flush()
+        if self.num_compressed == 0 and self.num_sink == 0:
+            out = self._dense(module, query, attention_mask, scaling)
+        else:
+            out = self._mixed(query, attention_mask, scaling)
+        if not self.quantize_prefill:
+            self.flush()
+        return out
+
+    def _dense(self, module, query, attention_mask, scaling) -> torch.Tensor:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out, _ = sdpa_attention_forward(module, query, self.win_k, self.win_v, attention_mask, scaling=scaling)
+        return out.transpose(1, 2)
+
+    def _mixed(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        hq, tq, w = query.shape[1], query.shape[2], self.num_window
+        scores = []
+        if self.num_sink:
+            scores.append(query.float() @ parts._gqa(self.sink_k, hq).float().transpose(-1, -2))
+        nc = self.num_compressed
+        if nc:
+            scores.append(self.keys_part.scores(self.layer_idx, query, self.merged()["k"]))
+        scores.append(query.float() @ parts._gqa(self.win_k, hq).float().transpose(-1, -2))
+        s = torch.cat(scores, -1) * scaling
+        total = s.shape[-1]
+        if attention_mask is not None:
+            mask = attention_mask[..., -tq:, :total]
+            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+        else:  # causal inside the window; everything older is visible
+            qi = torch.arange(tq, device=s.device)[:, None] + (w - tq)
+            kj = torch.arange(w, device=s.device)[None, :]
+            s[..., total - w:] = s[..., total - w:].masked_fill(kj > qi, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+        out = torch.zeros(*query.shape, device=query.device, dtype=torch.float32)
+        start = 0
+        if self.num_sink:
+            out += p[..., :self.num_sink] @ parts._gqa(self.sink_v, hq).float()
+            start = self.num_sink
+        if nc:
+            out += self.values_part.values(self.layer_idx, p[..., start:start + nc], self.merged()["v"])
+        out += p[..., total - w:] @ parts._gqa(self.win_v, hq).float()
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes actually held: window, sink, and every stored block tensor."""
+        tensors = [t for t in (self.win_k, self.win_v, self.win_pos, self.sink_k, self.sink_v) if t is not None]
+        for blk in self.blocks:
+            tensors += [*blk["k"].values(), *blk["v"].values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class CommVQCache(Cache):
+    """A compressed KV cache for ``model.generate(past_key_values=...)`` and forward passes."""
+
+    def __init__(self, num_layers: int, keys: Any, values: Any, window: int = 128, sink: int = 0,
+                 quantize_prefill: bool = False) -> None:
+        super().__init__(layers=[CommVQLayer(i, keys, values, window, sink, quantize_prefill)
+                                 for i in range(num_layers)])
+        self.keys_part, self.values_part = keys, values
+
+    @classmethod
+    def from_pretrained(cls, model: Any, key_dir: str | Path | None = None, value_dir: str | Path | None = None,
+                        window: int = 128, sink: int = 0, quantize_prefill: bool = False,
+                        kernels: str = "auto") -> CommVQCache:
+        """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense).
+
+        Switches ``model`` to the ``commvq`` attention (other caches keep working with it).
+        """
+        spec = ModelSpec.from_config(model.config)
+        check_supported(model)
+        use_commvq(model)
+        device = next(model.parameters()).device
+        keys: Any = parts.DenseKeys()
+        if key_dir is not None:
+            rotary = model.base_model.rotary_emb
+            books = [KeyCodebook.from_dir(key_dir, i, spec).to(device) for i in range(spec.num_layers)]
+            keys = parts.CommVQKeys(books, rotary.inv_freq.to(device), float(getattr(rotary, "attention_scaling", 1.0)),
+                                    encoder=_encoder(kernels, device))
+        values: Any = parts.DenseValues()
+        if value_dir is not None:
+            codec = ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim).to(device)
+            values = parts.CommVQValues(codec, spec.num_kv_heads)
+        return cls(spec.num_layers, keys, values, window, sink, quantize_prefill)
+
+    @classmethod
+    def baseline(cls, model: Any, method: str, window: int = 128, group: int = 32) -> CommVQCache:
+        """``fp16`` (the identity codec) or ``kivi2`` / ``kivi1`` through the same cache."""
+        if method not in ("fp16", "kivi2", "kivi1"):
+            raise ValueError(f"baseline {method!r}: use fp16, kivi2 or kivi1")
+        spec = ModelSpec.from_config(model.config)
+        check_supported(model)
+        use_commvq(model)
+        if method == "fp16":
+            return cls(spec.num_layers, parts.DenseKeys(), parts.DenseValues(), window)
+        bits = int(method[-1])
+        if window % group:
+            raise ValueError(f"KIVI needs window={window} to be a multiple of group={group}")
+        return cls(spec.num_layers, parts.KiviKeys(bits, group), parts.KiviValues(bits, group), window)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def _encoder(kernels: str, device: torch.device):
+    if kernels == "torch" or device.type != "cuda":
+        return None
+    try:
+        from commvq.kernels.encode import encode_triton
+    except ImportError:
+        if kernels == "triton":
+            raise
+        return None
+    return encode_triton

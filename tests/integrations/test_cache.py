@@ -1,0 +1,126 @@
+import pytest
+import torch
+
+from commvq import rope
+from commvq.codecs import cache_parts as parts
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.codecs.value_codec import ValueCodec
+from commvq.integrations.hf.attention import take
+from commvq.integrations.hf.cache import CommVQCache, CommVQLayer
+from commvq.integrations.hf.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return load_model(str(tiny_models["llama"]), device="cpu").model
+
+
+def _ids(b=2, t=40, seed=0):
+    return torch.randint(1, 300, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("window,sink", [(16, 0), (8, 3), (128, 0)])
+def test_identity_codec_generates_the_same_tokens(tiny, window, sink):
+    ids = _ids()
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False)
+    cache = CommVQCache(2, parts.DenseKeys(), parts.DenseValues(), window=window, sink=sink)
+    from commvq.integrations.hf import use_commvq
+
+    use_commvq(tiny)
+    out = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False,
+                        past_key_values=cache)
+    assert torch.equal(ref, out)
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == 89 and 1 <= layer.num_window <= window
+    assert layer.num_sink == min(sink, 89) and (layer.num_compressed + layer.num_sink) % window == 0
+
+
+def test_unequal_lengths_and_masks_across_flushes(tiny):
+    """Left-padded batch == each row alone, with flushes every 8 tokens."""
+    rows = [_ids(1, 37, seed=1)[0], _ids(1, 22, seed=2)[0]]
+    pad = 0
+    ids = torch.full((2, 37), pad)
+    mask = torch.zeros(2, 37, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 37 - len(r):] = r
+        mask[i, 37 - len(r):] = 1
+    batched = tiny.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                            past_key_values=CommVQCache.baseline(tiny, "fp16", window=8), pad_token_id=pad)
+    for i, r in enumerate(rows):
+        alone = tiny.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long), max_new_tokens=30,
+                              do_sample=False, past_key_values=CommVQCache.baseline(tiny, "fp16", window=8))
+        assert torch.equal(batched[i, 37:], alone[0, len(r):])
+
+
+def test_beam_search_reorders_the_cache(tiny):
+    ids = _ids(1, 20)
+    ref = tiny.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False)
+    out = tiny.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False,
+                        past_key_values=CommVQCache.baseline(tiny, "fp16", window=8))
+    assert torch.equal(ref, out)
+
+
+def _commvq_parts(h=2, d=16, r=3, e=8, layers=1, bits=2):
+    g = torch.Generator().manual_seed(0)
+    books = [KeyCodebook(torch.randn(h, r, 2 * e, d // 2, generator=g) * 0.3, code_bits=6) for _ in range(layers)]
+    keys = parts.CommVQKeys(books, rope.inv_freq(d, 1e4), rope_scale=1.0)
+    codec = ValueCodec(layers, h * d, bits, {i: torch.rand(h * d, generator=g) + 0.5 for i in range(layers)})
+    return keys, parts.CommVQValues(codec, h), books, codec
+
+
+def test_attention_over_codes_matches_attention_over_decoded_keys_and_values():
+    torch.manual_seed(0)
+    b, h, g, d, t = 2, 2, 2, 16, 45
+    keys, values, books, codec = _commvq_parts(h, d)
+    layer = CommVQLayer(0, keys, values, window=16)
+    k_pre = torch.randn(b, h, t, d)
+    v = torch.randn(b, h, t, d)
+    pos = torch.arange(t)[None].expand(b, -1)
+    cos, sin = keys.angles(pos)
+    k_rot = rope.apply_rope(k_pre, cos[:, None], sin[:, None])
+    layer.update(k_rot, v)
+    take()
+    layer.set_positions(pos, t)
+    layer.flush()  # 32 tokens to codes, 13 stay exact
+    assert layer.num_compressed == 32 and layer.num_window == 13
+    q = torch.randn(b, h * g, 1, d)
+    got = layer._mixed(q, None, d**-0.5)
+    # reference: decode the compressed tokens, rotate, attend densely
+    codes, s = books[0].encode(k_pre[:, :, :32].transpose(1, 2).reshape(b * 32, h * d))
+    k_hat = books[0].decode(codes, s).reshape(b, 32, h, d).transpose(1, 2)
+    k_hat = rope.apply_rope(k_hat, cos[:, None, :32], sin[:, None, :32])
+    lc = codec.layers[0].eval()
+    v_hat = lc(v[:, :, :32].transpose(1, 2).reshape(b * 32, h * d)).reshape(b, 32, h, d).transpose(1, 2)
+    kk = torch.cat((k_hat, k_rot[:, :, 32:]), 2).repeat_interleave(g, 1)
+    vv = torch.cat((v_hat, v[:, :, 32:]), 2).repeat_interleave(g, 1)
+    want = torch.softmax(q @ kk.transpose(-1, -2) * d**-0.5, -1) @ vv
+    assert torch.allclose(got, want, atol=2e-3, rtol=2e-3), float((got - want).abs().max())
+
+
+def test_nbytes_equals_the_bits_formula():
+    b, h, d, t, r = 1, 2, 16, 70, 3
+    keys, values, _, _ = _commvq_parts(h, d, r=r)
+    layer = CommVQLayer(0, keys, values, window=16)
+    k, v = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
+    layer.update(k, v)
+    take()
+    layer.set_positions(None, t)
+    layer.flush()
+    n, w = layer.num_compressed, layer.num_window
+    key_bytes = (h * r * 6 + 7) // 8 + 2 + 4  # packed 6-bit codes, fp16 prescale, int32 position
+    value_bytes = h * d * 2 // 8 + 2  # packed 2-bit patterns, fp16 factor
+    window_bytes = 2 * h * d * 4 + 8  # float32 test tensors + int64 position
+    assert layer.nbytes() == n * (key_bytes + value_bytes) + w * window_bytes
+
+
+def test_unsupported_uses_raise_clear_errors(tiny):
+    cache = CommVQCache.baseline(tiny, "fp16", window=8)
+    tiny(_ids(1, 30), past_key_values=cache, use_cache=True)
+    with pytest.raises(NotImplementedError, match="compressed blocks cannot be cropped"):
+        cache.crop(-20)
+    layer = cache.layers[0]
+    layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    with pytest.raises(RuntimeError, match="use_commvq"):
+        layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+    with pytest.raises(ValueError, match="kivi2"):
+        CommVQCache.baseline(tiny, "kivi3")
