@@ -27,7 +27,17 @@ class Stage:
 
 
 def stages() -> list[Stage]:
-    from commvq.pipeline import collect, compare, eval_values, main_job, scale, train_keys, train_values
+    from commvq.pipeline import (
+        collect,
+        compare,
+        eval_values,
+        evaluate,
+        longbench,
+        main_job,
+        scale,
+        train_keys,
+        train_values,
+    )
 
     return [
         Stage("pipeline", "the main job: every stage on the embedded defaults",
@@ -42,6 +52,12 @@ def stages() -> list[Stage]:
               train_values.TrainValuesConfig, train_values.run),
         Stage("eval-values", "per-layer value / attention-output error of value codecs vs KIVI",
               eval_values.EvalValuesConfig, eval_values.run),
+        Stage("eval", "evaluate cache methods: ppl, passkey, needle, or compare (all)",
+              evaluate.EvalConfig, evaluate.run),
+        Stage("longbench-pred", "LongBench predictions with a compressed cache (evaluation/longbench/pred.py)",
+              longbench.PredConfig, longbench.run_pred),
+        Stage("longbench-eval", "score LongBench predictions (evaluation/longbench/eval.py)",
+              longbench.EvalConfig, longbench.run_eval),
         Stage("compare-codebooks", "per-layer held-out key errors of codebook directories, side by side",
               compare.CompareConfig, compare.run),
     ]

@@ -68,10 +68,12 @@ def _commvq_parts(h=2, d=16, r=3, e=8, layers=1, bits=2):
     return keys, parts.CommVQValues(codec, h), books, codec
 
 
-def test_attention_over_codes_matches_attention_over_decoded_keys_and_values():
+@pytest.mark.parametrize("scoring", ["trick", "decode"])
+def test_attention_over_codes_matches_attention_over_decoded_keys_and_values(scoring):
     torch.manual_seed(0)
     b, h, g, d, t = 2, 2, 2, 16, 45
     keys, values, books, codec = _commvq_parts(h, d)
+    keys.scoring = scoring
     layer = CommVQLayer(0, keys, values, window=16)
     k_pre = torch.randn(b, h, t, d)
     v = torch.randn(b, h, t, d)

@@ -134,9 +134,12 @@ class CommVQKeys:
     name = "commvq"
 
     def __init__(self, codebooks: list[KeyCodebook], inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                 encoder=None) -> None:
+                 encoder=None, scoring: str = "auto") -> None:
+        if scoring not in ("auto", "trick", "decode"):
+            raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
         self.codebooks, self.inv_freq, self.rope_scale = codebooks, inv_freq.float(), rope_scale
         self.encoder = encoder  # a fused greedy encoder (x [H, N, D], thetas) -> codes, or None
+        self.scoring = scoring
         cb = codebooks[0]
         self.code_bits, self.num_heads, self.stages = cb.code_bits, cb.num_heads, cb.num_stages
 
@@ -164,12 +167,31 @@ class CommVQKeys:
         return {"codes": packed.reshape(b, n, -1), "prescale": s.reshape(b, n).half(),
                 "pos": pos.to(torch.int32)}
 
+    def use_trick(self, q: torch.Tensor) -> bool:
+        """The commutative trick costs ``Hq*Tq*R*P`` per token (plus a table per query); decoding
+        the keys transiently for this one call costs ``Hkv*R*D + Hq*Tq*D``. ``auto`` takes the trick
+        for single-token decoding on a GPU and whichever is cheaper elsewhere."""
+        if self.scoring != "auto":
+            return self.scoring == "trick"
+        hq, tq = q.shape[1], q.shape[2]
+        if q.is_cuda and tq == 1:
+            return True
+        return hq * tq * self.stages < self.num_heads * self.stages * 2 + hq * tq * 2
+
     def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
         b, n = block["codes"].shape[:2]
         codes = unpack_codes(block["codes"], self.num_heads * self.stages, self.code_bits)
         codes = codes.reshape(b, n, self.num_heads, self.stages)
-        return ref.commvq_scores(q, codes, block["prescale"], block["pos"], self.codebooks[layer].thetas,
-                                 self.inv_freq.to(q.device), self.rope_scale)
+        if self.use_trick(q):
+            return ref.commvq_scores(q, codes, block["prescale"], block["pos"], self.codebooks[layer].thetas,
+                                     self.inv_freq.to(q.device), self.rope_scale)
+        # transient decode for this call only: the cache keeps holding codes
+        cb = self.codebooks[layer]
+        k = cb.decode(codes.reshape(b * n, self.num_heads, self.stages), block["prescale"].reshape(-1))
+        k = k.reshape(b, n, self.num_heads, -1)
+        cos, sin = self.angles(block["pos"])
+        k = rope.apply_rope(k.float(), cos[:, :, None], sin[:, :, None]) * self.rope_scale
+        return q.float() @ _gqa(_heads_first(k), q.shape[1]).transpose(-1, -2)
 
 
 class CommVQValues:

@@ -1,6 +1,11 @@
-"""The main job: every stage on the embedded defaults, in one working folder.
+"""The main job: the whole pipeline on the embedded defaults, in one working folder.
 
-For now: collect -> scale. Re-running resumes and skips finished stages.
+collect -> scale -> key codebooks (EM and E2E, 2 and 1 bit) -> value codecs (2 and 1 bit) ->
+held-out key errors (EM vs E2E) -> evaluation of every cache method side by side.
+The defaults are sized to finish in about 15 minutes on 2 CPU cores (8-bit codes, 4096 key vectors
+per layer, a few EM iterations and E2E epochs); the paper's settings are one flag away
+(``--code_bits 12 --key_samples 1048576 --em_iters 100 --e2e_epochs 100``). Re-running resumes:
+finished stages and layers are skipped.
 """
 
 from __future__ import annotations
@@ -9,9 +14,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from commvq import io
 from commvq.config import option
 from commvq.integrations.hf.loader import load_model
-from commvq.pipeline import collect, scale
+from commvq.pipeline import collect, compare, evaluate, scale, train_keys, train_values
+from commvq.quant.residual import residuals_for_bits
 
 log = logging.getLogger("commvq")
 
@@ -21,28 +28,61 @@ class PipelineConfig:
     workdir: Path = option(Path("runs/embedded"), "working folder for every stage's output")
     model: str = option("embedded", "model (see `commvq collect --help`)")
     dataset: str = option("embedded", "corpus (see `commvq collect --help`)")
-    num_samples: int = option(32768, "tokens per layer to collect")
+    num_samples: int = option(16384, "tokens per layer to collect")
     max_seq_length: int = option(1024, "tokens per packed sequence")
-    batch_size: int = option(1, "sequences per forward pass")
+    code_bits: int = option(8, "bits per key code and stage (the paper: 12)")
+    key_samples: int = option(4096, "key vectors per layer for key training")
+    em_iters: int = option(3, "EM iterations per stage")
+    e2e_epochs: int = option(4, "E2E epochs")
+    value_steps: int = option(60, "value codec training steps")
+    value_seq_length: int = option(512, "tokens per sequence for value training")
+    bits: str = option("2,1", "bit widths to build (comma list of 1 and 2)")
+    eval_methods: str = option("fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1", "methods to compare")
+    ppl_tokens: int = option(1024, "tokens per held-out document for perplexity")
+    lengths: str = option("512,1024", "passkey / needle context lengths")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "seed")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workdir", Path(self.workdir))
+        if any(b.strip() not in ("1", "2") for b in self.bits.split(",")):
+            raise ValueError(f"--bits {self.bits!r}: a comma list of 1 and 2")
 
 
 def run(cfg: PipelineConfig) -> Path:
-    data = cfg.workdir / "data"
+    w = cfg.workdir
+    data = w / "data"
     loaded = load_model(cfg.model, device=cfg.device)
+    spec = loaded.spec
     key_dir = collect.run(collect.CollectConfig(
         model=cfg.model, dataset=cfg.dataset, output_dir=data / "key", num_samples=cfg.num_samples,
-        max_seq_length=cfg.max_seq_length, batch_size=cfg.batch_size, device=cfg.device,
-        seed=cfg.seed, with_queries=True, num_queries=min(8192, cfg.num_samples),
-    ), loaded=loaded)
+        max_seq_length=cfg.max_seq_length, device=cfg.device, seed=cfg.seed, with_queries=True,
+        num_queries=min(8192, cfg.num_samples)), loaded=loaded)
     scale_file = scale.run(scale.ScaleConfig(key_dir=key_dir))
-    print(f"model      {loaded.name} ({loaded.spec.num_layers} layers, "
-          f"{loaded.spec.num_kv_heads} KV heads x {loaded.spec.head_dim})")
-    print(f"keys       {key_dir}")
-    print(f"values     {collect.store_dirs(key_dir)['value']}")
-    print(f"scales     {scale_file}")
-    return cfg.workdir
+    bits = [int(b) for b in cfg.bits.split(",")]
+    key_dirs = []
+    for b in bits:
+        r = residuals_for_bits(b, spec.head_dim, cfg.code_bits)
+        for method in ("em", "e2e"):
+            out = w / io.CodebookLayout(cfg.code_bits, spec.head_dim, r, e2e=method == "e2e").dir_name
+            key_dirs.append(train_keys.run(train_keys.TrainKeysConfig(
+                key_dir=key_dir, output_dir=out, method=method, code_bits=cfg.code_bits, residuals=r,
+                num_samples=cfg.key_samples, max_iters=cfg.em_iters, epochs=cfg.e2e_epochs,
+                batch_size=256, device=cfg.device, seed=cfg.seed)))
+        train_values.run(train_values.TrainValuesConfig(
+            model=cfg.model, dataset=cfg.dataset, scale_file=scale_file, output_dir=w / f"value_codec_{b}bit",
+            quant_bits=b, max_seq_length=cfg.value_seq_length, steps=cfg.value_steps,
+            warmup_steps=max(1, cfg.value_steps // 10), save_every=cfg.value_steps, resume=True,
+            device=cfg.device, seed=cfg.seed), loaded=loaded)
+    compare.run(compare.CompareConfig(dirs=key_dirs, key_dir=key_dir, eval_samples=4096,
+                                      output=w / "compare_keys", device=cfg.device))
+    wanted = [m for m in cfg.eval_methods.split(",") if not m.startswith("commvq-") or int(m[-1]) in bits]
+    evaluate.run(evaluate.EvalConfig(suite="compare", methods=",".join(wanted), workdir=w, model=cfg.model,
+                                     ppl_tokens=cfg.ppl_tokens, ppl_docs=1, lengths=cfg.lengths, samples=1,
+                                     device=cfg.device, seed=cfg.seed))
+    print(f"\nmodel      {loaded.name} ({spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim})")
+    print(f"data       {data}  (keys, values, queries, learnable_scale.pt)")
+    print(f"keys       {', '.join(str(d) for d in key_dirs)}")
+    print(f"values     {', '.join(str(w / f'value_codec_{b}bit') for b in bits)}")
+    print(f"results    {w / 'compare_keys'}/compare.md, {w / 'eval'}/compare.md (+ .json, .png)")
+    return w

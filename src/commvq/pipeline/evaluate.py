@@ -1,0 +1,180 @@
+"""Stage `eval SUITE`: perplexity + KL (``ppl``), ``passkey``, ``needle``, or all of them
+(``compare``) for several cache methods in one run. Writes ``<suite>.json``, ``<suite>.md`` and,
+for needles, a heat-map PNG into ``--output``."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from commvq.config import option, to_dict
+from commvq.data.corpus import CorpusSource, iter_documents
+from commvq.evals import synthetic
+from commvq.evals.ppl import ppl_kl
+from commvq.fsutil import atomic_path, write_json
+from commvq.integrations.hf.attention import use_commvq
+from commvq.integrations.hf.loader import load_model
+from commvq.pipeline import methods as meth
+
+log = logging.getLogger("commvq")
+SUITES = ("ppl", "passkey", "needle", "compare")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in str(text).split(",") if v.strip()]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    suite: str = option("compare", "ppl, passkey, needle or compare (all three)", positional=True)
+    methods: str = option("fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1",
+                          "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq")
+    workdir: Path = option(Path("runs/embedded"), "folder holding codebook_*/ and value_codec_*/")
+    key_dir: Path | None = option(None, "codebooks for method 'commvq'")
+    value_dir: Path | None = option(None, "value codec for method 'commvq'")
+    model: str = option("embedded", "model (see `commvq collect --help`)")
+    window: int = option(128, "full-precision window (tokens)")
+    ppl_tokens: int = option(2048, "tokens per held-out document for perplexity")
+    ppl_docs: int = option(2, "held-out documents for perplexity")
+    ppl_chunk: int = option(64, "tokens fed per step (each attends to the compressed past)")
+    lengths: str = option("512,1024,2048", "context lengths for passkey and needle (comma list)")
+    depths: str = option("0,0.5,1", "needle / pass key depths (comma list of fractions)")
+    samples: int = option(2, "pass keys per (length, depth)")
+    output: Path | None = option(None, "results folder (default: <workdir>/eval)")
+    device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
+    seed: int = option(0, "seed of the pass keys")
+
+    def __post_init__(self) -> None:
+        if self.suite not in SUITES:
+            raise ValueError(f"eval {self.suite!r}: use one of {SUITES}")
+        object.__setattr__(self, "workdir", Path(self.workdir))
+        object.__setattr__(self, "output", Path(self.output or Path(self.workdir) / "eval"))
+        for name in ("window", "ppl_tokens", "ppl_docs", "ppl_chunk", "samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
+
+
+def heldout_docs(tokenizer: Any, n: int, tokens: int) -> list[list[int]]:
+    """The first ``n`` held-out speeches with at least ``tokens`` tokens, cut to that length."""
+    out = []
+    for doc in iter_documents(CorpusSource("embedded", split="heldout")):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens:
+            out.append(ids[:tokens])
+        if len(out) == n:
+            break
+    if not out:
+        raise ValueError(f"no held-out speech has {tokens} tokens; lower --ppl_tokens")
+    return out
+
+
+def run_ppl(cfg: EvalConfig, lm, methods: list[meth.Method]) -> dict[str, dict]:
+    import torch
+
+    docs = heldout_docs(lm.tokenizer, cfg.ppl_docs, cfg.ppl_tokens)
+    total: dict[str, dict] = {}
+    for ids in tqdm(docs, desc="ppl", unit="doc"):
+        t = torch.tensor([ids], device=lm.model.device)
+        makers = {m.name: (lambda m=m: m.make_cache(lm.model, cfg.window)) for m in methods}
+        for name, s in ppl_kl(lm.model, t, makers, cfg.ppl_chunk, skip=cfg.window).items():
+            acc = total.setdefault(name, {"nll": 0.0, "kl": 0.0, "tokens": 0})
+            for k in acc:
+                acc[k] += s[k]
+    return {name: {"ppl": math.exp(s["nll"] / s["tokens"]), "kl": s["kl"] / s["tokens"], "tokens": s["tokens"]}
+            for name, s in total.items()}
+
+
+def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) -> tuple[dict, dict]:
+    encode = lambda text: lm.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    lengths, depths = _ints(cfg.lengths), _floats(cfg.depths)
+    limit = lm.spec.max_position or max(lengths)
+    lengths = [x for x in lengths if x <= limit]
+    if kind == "passkey":
+        probes = synthetic.passkey_probes(encode, lengths, depths, cfg.samples, cfg.seed)
+    else:
+        hay = " ".join(itertools.islice(iter_documents(CorpusSource("embedded", split="heldout")), 6))
+        probes = synthetic.needle_probes(encode, hay, lengths, depths)
+    grid: dict[str, dict[tuple[int, float], list[bool]]] = {m.name: {} for m in methods}
+    for m in methods:
+        for probe in tqdm(probes, desc=f"{kind} {m.name}", unit="probe", leave=False):
+            ok, _ = synthetic.answer(lm.model, lm.tokenizer, probe, m.make_cache(lm.model, cfg.window))
+            grid[m.name].setdefault((probe.length, probe.depth), []).append(ok)
+    acc = {name: {key: sum(v) / len(v) for key, v in cells.items()} for name, cells in grid.items()}
+    summary = {name: sum(a.values()) / len(a) for name, a in acc.items()}
+    return summary, acc
+
+
+def bytes_per_token(lm, method: meth.Method, window: int) -> dict[str, float]:
+    """Bytes per token per layer a cache holds for compressed tokens, measured on a real cache."""
+    import torch
+
+    cache = method.make_cache(lm.model, window)
+    n = 4 * window + 1
+    ids = torch.randint(1, 1000, (1, n), device=lm.model.device)
+    with torch.no_grad():
+        lm.model(ids, past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    window_bytes = sum(t.numel() * t.element_size() for t in (layer.win_k, layer.win_v, layer.win_pos))
+    per = (layer.nbytes() - window_bytes) / max(1, layer.num_compressed)
+    spec = lm.spec
+    kb, vb = cache.keys_part.bits(spec.head_dim), cache.values_part.bits(spec.head_dim)
+    return {"bytes_per_token_layer": per, "key_bits": kb, "value_bits": vb,
+            "fp16_bytes_per_token_layer": 4.0 * spec.kv_dim}
+
+
+def run(cfg: EvalConfig) -> Path:
+    lm = load_model(cfg.model, device=cfg.device)
+    use_commvq(lm.model)
+    methods = meth.resolve([m.strip() for m in cfg.methods.split(",") if m.strip()], cfg.workdir, cfg.key_dir,
+                           cfg.value_dir)
+    suites = ("ppl", "passkey", "needle") if cfg.suite == "compare" else (cfg.suite,)
+    results: dict[str, dict] = {m.name: bytes_per_token(lm, m, cfg.window) for m in methods}
+    grids = {}
+    for suite in suites:
+        if suite == "ppl":
+            for name, r in run_ppl(cfg, lm, methods).items():
+                results[name].update(r)
+        else:
+            summary, grids[suite] = run_retrieval(cfg, lm, methods, suite)
+            for name, acc in summary.items():
+                results[name][suite] = acc
+    return report(cfg, lm, results, grids)
+
+
+def report(cfg: EvalConfig, lm, results: dict[str, dict], grids: dict) -> Path:
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    cols = [("key bits", "key_bits", "{:.2f}"), ("value bits", "value_bits", "{:.2f}"),
+            ("bytes/token/layer", "bytes_per_token_layer", "{:.1f}"), ("perplexity", "ppl", "{:.3f}"),
+            ("KL vs exact", "kl", "{:.4f}"), ("passkey", "passkey", "{:.0%}"), ("needle", "needle", "{:.0%}")]
+    cols = [c for c in cols if any(c[1] in r for r in results.values())]
+    lines = [f"Model {lm.name}; window {cfg.window}; perplexity over {cfg.ppl_docs} held-out speeches x "
+             f"{cfg.ppl_tokens} tokens fed {cfg.ppl_chunk} at a time (tokens after the first window); "
+             f"retrieval at lengths {cfg.lengths}, depths {cfg.depths}.", "",
+             "| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(fmt.format(r[key]) if key in r else "-" for _, key, fmt in cols)
+                     + " |")
+    text = "\n".join(lines)
+    print(text)
+    name = cfg.suite
+    with atomic_path(out / f"{name}.md") as tmp:
+        tmp.write_text(text + "\n")
+    serial_grids = {s: {m: {f"{k[0]}@{k[1]}": v for k, v in g.items()} for m, g in gm.items()}
+                    for s, gm in grids.items()}
+    write_json(out / f"{name}.json", {"model": lm.name, "results": results, "grids": serial_grids,
+                                      "config": to_dict(cfg)})
+    for suite, grid in grids.items():
+        synthetic.heatmap(out / f"{suite}.png", grid, [x for x in _ints(cfg.lengths)], _floats(cfg.depths),
+                          f"{suite} accuracy ({lm.name})")
+    return out

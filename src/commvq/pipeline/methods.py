@@ -1,0 +1,64 @@
+"""Named cache methods for evaluation: ``fp16``, ``kivi2``, ``kivi1`` and ``commvq-{em,e2e}{2,1}``
+(codebooks and value codecs found in a working folder), or ``commvq`` from explicit folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from commvq import io
+
+BASELINES = ("fp16", "kivi2", "kivi1")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    key_dir: Path | None = None
+    value_dir: Path | None = None
+
+    def make_cache(self, model: Any, window: int, sink: int = 0):
+        from commvq.integrations.hf.cache import CommVQCache
+
+        if self.name in BASELINES:
+            return CommVQCache.baseline(model, self.name, window=window)
+        return CommVQCache.from_pretrained(model, self.key_dir, self.value_dir, window=window, sink=sink)
+
+
+def find_key_dir(workdir: Path, method: str, bits: int) -> Path:
+    """The codebook folder under ``workdir`` trained by ``method`` at about ``bits`` per channel."""
+    for cfg_path in sorted(workdir.glob("codebook*/config.json")):
+        cfg = io.read_config(cfg_path.parent)
+        if cfg and cfg["method"] == method and round(cfg["bits_per_channel"]) == bits and cfg.get("layers"):
+            return cfg_path.parent
+    raise FileNotFoundError(f"no {method} key codebooks of {bits} bit(s) in {workdir}: run "
+                            f"`commvq train-keys --method {method} --quant_bits {bits}` there")
+
+
+def find_value_dir(workdir: Path, bits: int) -> Path:
+    for cfg_path in sorted(workdir.glob("value_codec*/config.json")):
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("quant_bits") == bits:
+            return cfg_path.parent
+    raise FileNotFoundError(f"no {bits}-bit value codec in {workdir}: run `commvq train-values --quant_bits {bits}`")
+
+
+def resolve(names: list[str], workdir: Path, key_dir: Path | None = None,
+            value_dir: Path | None = None) -> list[Method]:
+    out = []
+    for name in names:
+        if name in BASELINES:
+            out.append(Method(name))
+        elif name == "commvq":
+            if key_dir is None and value_dir is None:
+                raise ValueError("method 'commvq' needs --key_dir and/or --value_dir")
+            out.append(Method(name, key_dir, value_dir))
+        elif name.startswith("commvq-") and name[7:-1] in ("em", "e2e") and name[-1] in "12":
+            bits = int(name[-1])
+            out.append(Method(name, find_key_dir(workdir, name[7:-1], bits), find_value_dir(workdir, bits)))
+        else:
+            raise ValueError(f"unknown method {name!r}: use {', '.join(BASELINES)}, commvq-em2, commvq-e2e2, "
+                             "commvq-em1, commvq-e2e1 or commvq (with --key_dir/--value_dir)")
+    return out
