@@ -86,8 +86,10 @@ def predict(model: Any, tokenizer: Any, task: str, sample: dict, max_length: int
             make_cache: Callable[[], Any] | None) -> str:
     ids = torch.tensor([prompt_ids(tokenizer, task, sample, max_length)], device=model.device)
     cache = make_cache() if make_cache else None
+    from commvq.integrations.hf.attention import cache_kwargs
+
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=TASKS[task].max_new_tokens,
-                         do_sample=False, past_key_values=cache, pad_token_id=tokenizer.eos_token_id)
+                         do_sample=False, pad_token_id=tokenizer.eos_token_id, **cache_kwargs(model, cache))
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return text.lstrip("\n").split("\n")[0] if TASKS[task].first_line else text
 

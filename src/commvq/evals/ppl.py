@@ -19,6 +19,8 @@ def ppl_kl(model: Any, ids: torch.Tensor, make_caches: dict[str, Callable[[], An
     """
     from transformers import DynamicCache
 
+    from commvq.integrations.hf.attention import cache_kwargs
+
     caches = {name: make() for name, make in make_caches.items()}
     ref_cache = DynamicCache()
     stats = {name: {"nll": 0.0, "kl": 0.0, "tokens": 0} for name in caches}
@@ -27,9 +29,9 @@ def ppl_kl(model: Any, ids: torch.Tensor, make_caches: dict[str, Callable[[], An
         part = ids[:, start:min(start + chunk, length - 1)]
         targets = ids[:, start + 1:start + 1 + part.shape[1]]
         keep = torch.arange(start, start + part.shape[1], device=ids.device) >= skip
-        ref = torch.log_softmax(model(part, past_key_values=ref_cache, use_cache=True).logits.float(), -1)
+        ref = torch.log_softmax(model(part, **cache_kwargs(model, ref_cache), use_cache=True).logits.float(), -1)
         for name, cache in caches.items():
-            logp = torch.log_softmax(model(part, past_key_values=cache, use_cache=True).logits.float(), -1)
+            logp = torch.log_softmax(model(part, **cache_kwargs(model, cache), use_cache=True).logits.float(), -1)
             nll = -logp.gather(-1, targets[..., None]).squeeze(-1)[0]
             kl = (ref.exp() * (ref - logp)).sum(-1)[0]
             stats[name]["nll"] += float(nll[keep].sum())

@@ -64,9 +64,11 @@ def needle_probes(encode: Callable[[str], list[int]], haystack: str, lengths: li
 @torch.no_grad()
 def answer(model: Any, tokenizer: Any, probe: Probe, cache: Any, max_new_tokens: int = 8) -> tuple[bool, str]:
     """Greedy continuation of the probe with ``cache``; correct if it contains the answer."""
+    from commvq.integrations.hf.attention import cache_kwargs
+
     ids = torch.tensor([probe.ids], device=model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         past_key_values=cache, pad_token_id=tokenizer.eos_token_id)
+                         pad_token_id=tokenizer.eos_token_id, **cache_kwargs(model, cache))
     text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return probe.answer.lower() in text.lower(), text
 

@@ -120,9 +120,11 @@ def bytes_per_token(lm, method: meth.Method, window: int) -> dict[str, float]:
 
     cache = method.make_cache(lm.model, window)
     n = 4 * window + 1
-    ids = torch.randint(1, 1000, (1, n), device=lm.model.device)
+    ids = torch.randint(1, min(1000, lm.model.config.vocab_size), (1, n), device=lm.model.device)
+    from commvq.integrations.hf.attention import cache_kwargs
+
     with torch.no_grad():
-        lm.model(ids, past_key_values=cache, use_cache=True)
+        lm.model(ids, use_cache=True, **cache_kwargs(lm.model, cache))
     layer = cache.layers[0]
     window_bytes = sum(t.numel() * t.element_size() for t in (layer.win_k, layer.win_v, layer.win_pos))
     per = (layer.nbytes() - window_bytes) / max(1, layer.num_compressed)

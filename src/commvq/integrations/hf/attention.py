@@ -67,3 +67,12 @@ def use_commvq(model: Any) -> Any:
     else:  # older transformers
         model.config._attn_implementation = NAME
     return model
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{"cache": cache}`` where the model's forward takes ``cache`` (transformers >= 5.2x),
+    else ``{"past_key_values": cache}``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
