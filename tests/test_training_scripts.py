@@ -37,3 +37,17 @@ def test_guide_scripts_fail_cleanly(tmp_path):
     assert "Traceback" not in out.stderr
     out = _run("collect_kv_for_e2e.py", "--help", cwd=tmp_path)
     assert out.returncode == 0 and "--model_path" in out.stdout and "--quant_bits" in out.stdout
+
+
+def test_guide_finetune_script(tiny_llama, corpus_dir, tmp_path):
+    out = _run("collect_kv_for_e2e.py", "--model_path", str(tiny_llama), "--dataset", str(corpus_dir),
+               "--num_samples", "128", "--max_seq_length", "32", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert _run("make_scale.py", cwd=tmp_path).returncode == 0
+    out = _run("finetune.py", "--model_path", str(tiny_llama), "--dataset", str(corpus_dir), "--quant_bits", "1",
+               "--max_seq_length", "32", "--steps", "3", "--warmup_steps", "1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "value_codec_1bit" / "value_codec.safetensors").is_file()
+    for script in ("llama3.1_8b_int2.sh", "llama3.1_8b_int1.sh", "smollm2_int1.sh", "smollm2_int2.sh"):
+        text = (TRAINING / "finetune" / script).read_text()
+        assert "finetune.py" in text and "--quant_bits" in text
