@@ -139,7 +139,7 @@ def resolve_layout(cfg: TrainKeysConfig, spec: ModelSpec) -> tuple[io.CodebookLa
 def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite: bool) -> None:
     """Refuse to mix methods or layouts in one directory, unless ``overwrite`` empties it."""
     if not out.exists():
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # several processes may get here at once
         return
     cfg = io.read_config(out)
     files = sorted(out.glob("[0-9][0-9][0-9]_*.pt"))
