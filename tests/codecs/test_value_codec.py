@@ -75,3 +75,19 @@ def test_kivi_fake_quant_levels_and_error():
     assert ((kivi.quantize_values(x, 2) - x) ** 2).mean() < ((kivi.quantize_values(x, 1) - x) ** 2).mean()
     assert kivi.quantize_keys(x, 2, group=32).shape == x.shape
     assert kivi.bits_per_value(2, 32) == 3.0
+
+
+@pytest.mark.parametrize("bits", [1, 2])
+def test_projection_init_is_a_sign_quantizer(bits):
+    c = LayerValueCodec(64, bits).init_projection(torch.Generator().manual_seed(0)).eval()
+    v = torch.randn(500, 64) * torch.linspace(0.5, 2, 64)
+    u, _ = binary.normalize(v, c.scale)
+    idx = c.logits(v)[0].argmax(-1)
+    agree = (binary.bits_from_index(idx) == torch.sign(u @ c.codebook.detach().T)).float().mean()
+    assert agree > 0.95
+    with torch.no_grad():
+        rel = float(((c(v) - v) ** 2).sum() / (v**2).sum())
+    assert rel < (0.5 if bits == 1 else 0.3)
+    fresh = ValueCodec.from_scales({0: torch.ones(64)}, bits, seed=3)
+    again = ValueCodec.from_scales({0: torch.ones(64)}, bits, seed=3)
+    assert torch.equal(fresh.layers[0].codebook, again.layers[0].codebook)

@@ -37,6 +37,32 @@ class LayerValueCodec(nn.Module):
         self.codebook = nn.Parameter(torch.randn(nbits, width) / math.sqrt(nbits))
         self.register_buffer("scale", torch.ones(width) if scale is None else scale.float().clone())
 
+    @torch.no_grad()
+    def init_projection(self, generator: torch.Generator) -> LayerValueCodec:
+        """Start as a random-rotation sign quantizer: ``bits = sign(R u)``, ``E = R``.
+
+        ``fc2(gelu(fc1 x)) = W x`` exactly with ``fc1 = [I; -I]`` and ``fc2 = [W, -W]``, since
+        ``gelu(x) - gelu(-x) = x``; ``W`` turns ``z = R u`` into the logits of the 4 sign patterns
+        of each pair of bits. Training starts from this instead of from noise.
+        """
+        f = self.width
+        blocks = [torch.linalg.qr(torch.randn(f, f, generator=generator))[0] for _ in range(self.quant_bits)]
+        rot = torch.cat(blocks)  # [F*q, F], orthonormal blocks
+        self.codebook.copy_(rot)
+        if self.fc1.out_features < 2 * f:  # too narrow to carry x and -x: keep the random encoder
+            return self
+        patterns = binary.PATTERNS  # [4, 2]
+        w = torch.einsum("ps,gsf->gpf", patterns, rot.reshape(self.groups, 2, f)).reshape(4 * self.groups, f)
+        self.fc1.weight.zero_()
+        self.fc1.bias.zero_()
+        self.fc1.weight[:f] = torch.eye(f)
+        self.fc1.weight[f:2 * f] = -torch.eye(f)
+        self.fc2.weight.zero_()
+        self.fc2.bias.zero_()
+        self.fc2.weight[:, :f] = w
+        self.fc2.weight[:, f:2 * f] = -w
+        return self
+
     def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [N, n, 4], p [N])``."""
         u, p = binary.normalize(v, self.scale)
@@ -79,11 +105,16 @@ class ValueCodec(nn.Module):
             LayerValueCodec(width, quant_bits, None if scales is None else scales[i]) for i in range(num_layers))
 
     @classmethod
-    def from_scales(cls, scales: dict[int, torch.Tensor], quant_bits: int) -> ValueCodec:
+    def from_scales(cls, scales: dict[int, torch.Tensor], quant_bits: int, seed: int = 0) -> ValueCodec:
+        """A fresh codec, every layer started as a random-rotation sign quantizer."""
         layers = sorted(scales)
         if layers != list(range(len(layers))):
             raise ValueError(f"value scales for layers {layers}: expected 0..{len(layers) - 1}")
-        return cls(len(layers), int(scales[0].numel()), quant_bits, scales)
+        codec = cls(len(layers), int(scales[0].numel()), quant_bits, scales)
+        generator = torch.Generator().manual_seed(seed)
+        for layer in codec.layers:
+            layer.init_projection(generator)
+        return codec
 
     def save(self, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Only the codec's tensors (no copy of the model) and a versioned config.json."""
