@@ -126,3 +126,28 @@ def test_unsupported_uses_raise_clear_errors(tiny):
         layer.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
     with pytest.raises(ValueError, match="kivi2"):
         CommVQCache.baseline(tiny, "kivi3")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):
+    from commvq.integrations.hf.attention import cache_kwargs
+
+    model = load_model(str(tiny_models["llama"]), model_dtype="float32", device="cuda").model
+    g = torch.Generator().manual_seed(0)
+    books = [KeyCodebook((torch.randn(2, 4, 128, 8, generator=g) * 0.2).cuda(), code_bits=12) for _ in range(2)]
+    codec = ValueCodec(2, 32, 2, {i: torch.rand(32, generator=g) + 0.5 for i in range(2)}).cuda()
+    freqs = model.model.rotary_emb.inv_freq
+    logits = []
+    for kernels in ("torch", "triton"):
+        keys = parts.CommVQKeys(books, freqs, 1.0, kernels=kernels)
+        cache = CommVQCache(2, keys, parts.CommVQValues(codec, 2, kernels), window=16)
+        from commvq.integrations.hf import use_commvq
+
+        use_commvq(model)
+        ids = _ids(2, 50).cuda()
+        with torch.no_grad():
+            model(ids, use_cache=True, **cache_kwargs(model, cache))
+            steps = [model(ids[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache)).logits for i in range(5)]
+        logits.append(torch.cat(steps, 1))
+    assert torch.allclose(logits[0], logits[1], atol=2e-3, rtol=2e-3)

@@ -19,6 +19,21 @@ from commvq.kernels import reference as ref
 from commvq.quant.packing import pack_codes, unpack_2bit, unpack_codes
 
 
+def _use_kernels(kernels: str, x: torch.Tensor, tq: int, head_dim: int) -> bool:
+    """Whether the Triton decode kernels serve this call (one query token, CUDA, power-of-2 head_dim)."""
+    if kernels == "torch" or tq != 1 or head_dim & (head_dim - 1):
+        return False
+    if not x.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if kernels == "triton":
+            raise
+        return False
+    return True
+
+
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """``[B, n, H, D]`` -> ``[B, H, n, D]``."""
     return x.permute(0, 2, 1, 3)
@@ -134,9 +149,10 @@ class CommVQKeys:
     name = "commvq"
 
     def __init__(self, codebooks: list[KeyCodebook], inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                 encoder=None, scoring: str = "auto") -> None:
+                 encoder=None, scoring: str = "auto", kernels: str = "auto") -> None:
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
+        self.kernels = kernels
         self.codebooks, self.inv_freq, self.rope_scale = codebooks, inv_freq.float(), rope_scale
         self.encoder = encoder  # a fused greedy encoder (x [H, N, D], thetas) -> codes, or None
         self.scoring = scoring
@@ -179,6 +195,13 @@ class CommVQKeys:
         return hq * tq * self.stages < self.num_heads * self.stages * 2 + hq * tq * 2
 
     def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
+        if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
+            from commvq.kernels.decode import commvq_scores_triton
+
+            s = commvq_scores_triton(q[:, :, 0], block["codes"], block["prescale"], block["pos"],
+                                     self.codebooks[layer].thetas, self.inv_freq.to(q.device), self.code_bits,
+                                     self.rope_scale)
+            return s[:, :, None]
         b, n = block["codes"].shape[:2]
         codes = unpack_codes(block["codes"], self.num_heads * self.stages, self.code_bits)
         codes = codes.reshape(b, n, self.num_heads, self.stages)
@@ -199,8 +222,8 @@ class CommVQValues:
 
     name = "commvq"
 
-    def __init__(self, codec: ValueCodec, num_kv_heads: int) -> None:
-        self.codec, self.num_kv_heads = codec.eval(), num_kv_heads
+    def __init__(self, codec: ValueCodec, num_kv_heads: int, kernels: str = "auto") -> None:
+        self.codec, self.num_kv_heads, self.kernels = codec.eval(), num_kv_heads, kernels
 
     def bits(self, head_dim: int) -> float:
         return float(self.codec.quant_bits)
@@ -212,5 +235,11 @@ class CommVQValues:
 
     def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
         lc = self.codec.layers[layer]
+        if _use_kernels(self.kernels, probs, probs.shape[2], lc.width // self.num_kv_heads):
+            from commvq.kernels.decode import commvq_values_triton
+
+            out = commvq_values_triton(probs[:, :, 0], block["codes"], block["factor"], lc.codebook.detach(),
+                                       lc.scale, self.num_kv_heads)
+            return out[:, :, None]
         idx = unpack_2bit(block["codes"], lc.groups)
         return ref.commvq_values(probs, idx, block["factor"], lc.codebook.detach(), lc.scale, self.num_kv_heads)

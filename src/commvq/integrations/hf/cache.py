@@ -238,11 +238,11 @@ class CommVQCache(Cache):
             rotary = model.base_model.rotary_emb
             books = [KeyCodebook.from_dir(key_dir, i, spec).to(device) for i in range(spec.num_layers)]
             keys = parts.CommVQKeys(books, rotary.inv_freq.to(device), float(getattr(rotary, "attention_scaling", 1.0)),
-                                    encoder=_encoder(kernels, device))
+                                    encoder=_encoder(kernels, device), kernels=kernels)
         values: Any = parts.DenseValues()
         if value_dir is not None:
             codec = ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim).to(device)
-            values = parts.CommVQValues(codec, spec.num_kv_heads)
+            values = parts.CommVQValues(codec, spec.num_kv_heads, kernels)
         return cls(spec.num_layers, keys, values, window, sink, quantize_prefill)
 
     @classmethod

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Decode attention per layer per step at Llama-3.1-8B shapes (32 query heads, 8 KV heads x 128):
+CommVQ kernels vs naive decode-then-attend vs FP16 SDPA, all in one run on one card; plus memory.
+
+    python benchmarks/decode_attention.py [--contexts 8192,32768,131072] [--batch 1]
+
+Random codes and codebooks (speed does not depend on their values). Prints a table and a last
+JSON line. ``--small`` runs tiny shapes (also under TRITON_INTERPRET=1 on a CPU, as a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+from commvq import rope
+from commvq.kernels import decode
+from commvq.quant import residual
+from commvq.quant.binary import bits_from_index
+from commvq.quant.packing import pack_2bit, pack_codes, unpack_2bit, unpack_codes
+
+
+def timed(fn, device, reps: int = 20) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def make_state(b, n, hkv, d, r, qbits, device, gen):
+    e = 64
+    f = hkv * d
+    st = {
+        "thetas": (torch.randn(hkv, r, 2 * e, d // 2, generator=gen) * 0.1).to(device),
+        "kcodes": pack_codes(torch.randint(0, e * e, (b, n, hkv * r), generator=gen), 12).to(device),
+        "prescale": (torch.rand(b, n, generator=gen) + 0.5).half().to(device),
+        "pos": torch.arange(n, dtype=torch.int32).expand(b, -1).contiguous().to(device),
+        "vcodes": pack_2bit(torch.randint(0, 4, (b, n, f * qbits // 2), generator=gen)).to(device),
+        "factor": torch.rand(b, n, generator=gen).half().to(device),
+        "codebook": (torch.randn(f * qbits, f, generator=gen) / math.sqrt(f * qbits)).to(device),
+        "scale": (torch.rand(f, generator=gen) + 0.5).to(device),
+    }
+    return st
+
+
+def ours(q, st, win_k, win_v, freqs, hkv, scaling):
+    s_c = decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs, 12, scaling)
+    g = q.shape[1] // hkv
+    s_w = torch.einsum("bhd,bhnd->bhn", q.float(), win_k.repeat_interleave(g, 1).float()) * scaling
+    p = torch.softmax(torch.cat((s_c, s_w), -1), -1)
+    n = s_c.shape[-1]
+    out = decode.commvq_values_triton(p[..., :n], st["vcodes"], st["factor"], st["codebook"], st["scale"], hkv)
+    return out + torch.einsum("bhn,bhnd->bhd", p[..., n:], win_v.repeat_interleave(g, 1).float())
+
+
+def naive(q, st, win_k, win_v, freqs, hkv, r, qbits, dtype):
+    """Decode every key and value to memory, rotate the keys, then SDPA."""
+    b, n = st["kcodes"].shape[:2]
+    d = q.shape[-1]
+    codes = unpack_codes(st["kcodes"], hkv * r, 12).reshape(b * n, hkv, r).permute(1, 0, 2)
+    k = residual.decode(codes, st["thetas"]).permute(1, 0, 2).reshape(b, n, hkv, d)
+    k = k * st["prescale"].float()[..., None, None]
+    ang = st["pos"].float()[..., None] * freqs
+    cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
+    k = rope.apply_rope(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2).to(dtype)
+    groups = st["codebook"].shape[1] * qbits // 2
+    bits = bits_from_index(unpack_2bit(st["vcodes"], groups)).to(dtype)
+    v = (bits @ st["codebook"].to(dtype)) * (st["factor"].to(dtype)[..., None] * st["scale"].to(dtype))
+    v = v.reshape(b, n, hkv, d).transpose(1, 2)
+    kk, vv = torch.cat((k, win_k.to(dtype)), 2), torch.cat((v, win_v.to(dtype)), 2)
+    return F.scaled_dot_product_attention(q[:, :, None].to(dtype), kk, vv, enable_gqa=True)
+
+
+def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen) -> dict:
+    """One (bits, context) row: the three attentions timed on the same card."""
+    st = make_state(b, n, hkv, d, r, bits, device, gen)
+    q = torch.randn(b, hq, d, generator=gen).to(device)
+    win_k = torch.randn(b, hkv, window, d, generator=gen).to(device, dtype)
+    win_v = torch.randn(b, hkv, window, d, generator=gen).to(device, dtype)
+    k16 = torch.randn(b, hkv, n + window, d, generator=gen).to(device, dtype)
+    v16 = torch.randn(b, hkv, n + window, d, generator=gen).to(device, dtype)
+    q16 = q[:, :, None].to(dtype)
+    t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
+    t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device)
+    t_fp16 = timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
+    bytes_ours = sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
+    bytes_fp16 = (k16.numel() + v16.numel()) * k16.element_size()
+    return {"bits": bits, "context": n, "batch": b, "commvq_ms": t_ours, "naive_ms": t_naive, "fp16_sdpa_ms": t_fp16,
+            "commvq_bytes": bytes_ours, "fp16_bytes": bytes_fp16, "commvq_GBps": bytes_ours / t_ours / 1e6,
+            "fp16_GBps": bytes_fp16 / t_fp16 / 1e6, "ratio_vs_fp16": t_ours / t_fp16,
+            "speedup_vs_naive": t_naive / t_ours}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--contexts", default="8192,32768,131072")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--small", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hq, hkv, d, window = (32, 8, 128, 128) if not args.small else (4, 2, 16, 8)
+    contexts = [int(c) for c in args.contexts.split(",")] if not args.small else [64, 200]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    freqs = rope.inv_freq(d, 5e5).to(device)
+    scaling = d**-0.5
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for bits, r in ((2, round(2 * d / 12)), (1, round(d / 12))):
+        for n in contexts:
+            rows.append(measure(args.batch, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    total = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 0
+    per_token = {bits: [r_["commvq_bytes"] / (r_["context"] * r_["batch"]) for r_ in rows if r_["bits"] == bits][-1]
+                 for bits in (2, 1)}
+    fp16_token = 2 * hkv * d * 2
+    weights = 16.06e9  # Llama-3.1-8B in bf16
+    capacity = {name: int((total - weights) / (bpt * 32)) if total else 0
+                for name, bpt in (("fp16", fp16_token), ("commvq2", per_token[2]), ("commvq1", per_token[1]))}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"card {card}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, window {window}")
+    print(f"{'bits':>4} {'context':>8} {'commvq ms':>10} {'naive ms':>9} {'fp16 ms':>8} {'vs fp16':>8} "
+          f"{'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")
+    for r_ in rows:
+        print(f"{r_['bits']:>4} {r_['context']:>8} {r_['commvq_ms']:>10.3f} {r_['naive_ms']:>9.3f} "
+              f"{r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} {r_['speedup_vs_naive']:>9.1f} "
+              f"{r_['commvq_GBps']:>12.0f} {r_['fp16_GBps']:>10.0f}")
+    print(f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f}; "
+          f"tokens (batch x context) that fit beside bf16 weights: {capacity}")
+    print(json.dumps({"bench": "decode_attention", "card": card, "rows": rows, "bytes_per_token_layer":
+                      {"fp16": fp16_token, **{f"commvq{k}": v for k, v in per_token.items()}},
+                      "capacity_tokens": capacity, "commit": commit}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""End-to-end greedy generation speed: the default cache vs CommVQCache (2-bit keys and values,
+Triton kernels) on a randomly initialized model of real shapes (weights need not be real for speed).
+
+    python benchmarks/generate_speed.py [--shape llama-3.1-8b] [--prompt 4096] [--new 64]
+
+Prints a table and a last JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+
+import torch
+
+try:
+    from _shapes import SHAPES, random_model
+except ImportError:
+    from benchmarks._shapes import SHAPES, random_model
+
+from commvq.codecs import cache_parts as parts
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.codecs.value_codec import ValueCodec
+from commvq.integrations.hf import use_commvq
+from commvq.integrations.hf.attention import cache_kwargs
+from commvq.integrations.hf.cache import CommVQCache
+
+
+def random_commvq_cache(lm, bits: int, window: int = 128) -> CommVQCache:
+    spec = lm.spec
+    dev = lm.model.device
+    g = torch.Generator().manual_seed(0)
+    r = round(bits * spec.head_dim / 12)
+    books = [KeyCodebook((torch.randn(spec.num_kv_heads, r, 128, spec.head_dim // 2, generator=g) * 0.05).to(dev))
+             for _ in range(spec.num_layers)]
+    codec = ValueCodec(spec.num_layers, spec.kv_dim, bits).to(dev)
+    from commvq.kernels.encode import encode_triton
+
+    rotary = lm.model.base_model.rotary_emb
+    keys = parts.CommVQKeys(books, rotary.inv_freq, 1.0, encoder=encode_triton)
+    return CommVQCache(spec.num_layers, keys, parts.CommVQValues(codec, spec.num_kv_heads), window)
+
+
+def run(lm, ids, new, cache) -> tuple[float, float]:
+    """(prefill seconds, decode tokens per second)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = lm.model(ids, use_cache=True, **cache_kwargs(lm.model, cache))
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    nxt = out.logits[:, -1:].argmax(-1)
+    with torch.no_grad():
+        for _ in range(new):
+            nxt = lm.model(nxt, use_cache=True, **cache_kwargs(lm.model, cache)).logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    return t1 - t0, new / (time.perf_counter() - t1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--prompt", type=int, default=4096)
+    ap.add_argument("--new", type=int, default=64)
+    args = ap.parse_args()
+    lm = random_model(args.shape)
+    use_commvq(lm.model)
+    ids = torch.randint(0, 1000, (1, args.prompt), device=lm.model.device)
+    from transformers import DynamicCache
+
+    rows = {}
+    for name, make in (("default (bf16)", DynamicCache), ("commvq-2", lambda: random_commvq_cache(lm, 2)),
+                       ("commvq-1", lambda: random_commvq_cache(lm, 1))):
+        run(lm, ids[:, :256], 4, make())  # warm-up (compilation)
+        cache = make()
+        prefill, tps = run(lm, ids, args.new, cache)
+        held = cache.nbytes() if hasattr(cache, "nbytes") else sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        rows[name] = {"prefill_s": prefill, "decode_tok_s": tps, "cache_bytes": held}
+    card = torch.cuda.get_device_name()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(f"card {card}; model random {args.shape}; prompt {args.prompt}; {args.new} new tokens, batch 1")
+    print(f"{'cache':<16}{'prefill s':>10}{'decode tok/s':>14}{'cache MiB':>11}")
+    for name, r in rows.items():
+        print(f"{name:<16}{r['prefill_s']:>10.3f}{r['decode_tok_s']:>14.1f}{r['cache_bytes'] / 2**20:>11.1f}")
+    print(json.dumps({"bench": "generate_speed", "card": card, "shape": args.shape, "prompt": args.prompt,
+                      "new": args.new, "rows": rows, "commit": commit}))
+
+
+if __name__ == "__main__":
+    main()

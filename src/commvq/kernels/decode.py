@@ -1,0 +1,157 @@
+"""Decode attention over a CommVQ-compressed cache (Triton), for one new query token per sequence.
+
+Keys: the per-step table ``u[h, r, e] = q_j . M(a_{h,r,e})`` for the ``g`` query heads ``j`` of each
+KV head (built once per step with a few torch ops), then :func:`_scores_kernel` reads each token's
+packed 12-bit codes, gathers and sums the table rows of its stages (fp32), applies the token's
+rotation once per pair and scales by its prescale. Values: :func:`_values_kernel` accumulates
+``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with tensor-core dot products, split over
+tokens; the codebook product ``@ E`` happens once per step. The softmax runs over the compressed
+scores and the full-precision window together. References: :mod:`commvq.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N, row_bytes, scale,
+                   R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                   P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    t = pid_n * BN + tl.arange(0, BN)
+    tmask = t < N
+    gd = tl.arange(0, GP * D)
+    row = codes_ptr + (b * N + t) * row_bytes
+    ua = tl.zeros([BN, GP * D], tl.float32)
+    ub = tl.zeros([BN, GP * D], tl.float32)
+    for r in range(R):
+        off = (h * R + r) * CODE_BITS
+        byte = off // 8
+        shift = off % 8
+        lo = tl.load(row + byte, mask=tmask, other=0).to(tl.int32)
+        # the next byte, clamped to the row: a code that ends in its first byte masks it out anyway
+        hi = tl.load(row + tl.minimum(byte + 1, row_bytes - 1), mask=tmask, other=0).to(tl.int32)
+        code = ((lo | (hi << 8)) >> shift) & ((1 << CODE_BITS) - 1)
+        a_idx = code // E
+        b_idx = code % E
+        base = u_ptr + (((b * HKV + h) * R + r) * E) * (GP * D)
+        ua += tl.load(base + a_idx[:, None] * (GP * D) + gd[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        ub += tl.load(base + b_idx[:, None] * (GP * D) + gd[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+    # rotation of each pair by the token's angle, as the model computes it (float32 product)
+    d = gd % D
+    f = d % P
+    pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
+    ang = pos[:, None] * tl.load(freq_ptr + f)[None, :]
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    first = d < P
+    rot_a = tl.where(first[None, :], c, s)  # u0 * cos + u1 * sin
+    rot_b = tl.where(first[None, :], -s, c)  # -u0 * sin + u1 * cos
+    per = ua * rot_a + ub * rot_b  # [BN, GP*D]
+    score = tl.sum(tl.reshape(per, [BN, GP, D]), axis=2)  # [BN, GP]
+    pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
+    score = score * pre[:, None] * scale
+    j = tl.arange(0, GP)
+    tl.store(out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None], score,
+             mask=tmask[:, None] & (j[None, :] < G))
+
+
+@triton.jit
+def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
+                   HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
+                   BF: tl.constexpr):
+    """``out[b, split, hq, k] = sum_n p[b, hq, n] f[b, n] bits[b, n, k]`` over this split's tokens."""
+    split = tl.program_id(0)
+    kb = tl.program_id(1)
+    b = tl.program_id(2)
+    k = kb * BF + tl.arange(0, BF)  # bit index
+    hq = tl.arange(0, HQP)
+    acc = tl.zeros([HQP, BF], tl.float32)
+    start = split * tokens_per_prog
+    # bit k is sign k % 2 of group k // 2; pattern i has signs (i >> 1, i & 1) as in quant.binary.PATTERNS
+    grp = k // 2
+    which = k % 2
+    for n0 in range(start, start + tokens_per_prog, BK):
+        n = n0 + tl.arange(0, BK)
+        nmask = n < N
+        byte = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + grp[None, :] // 4, mask=nmask[:, None],
+                       other=0).to(tl.int32)
+        pat = (byte >> ((grp[None, :] % 4) * 2)) & 3
+        bit = tl.where(which[None, :] == 0, pat >> 1, pat & 1)
+        signs = (2 * bit - 1).to(tl.float16)  # [BK, BF]
+        f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
+                    other=0.0)
+        w = (p * f[None, :]).to(tl.float16)  # [HQP, BK]
+        acc += tl.dot(w, signs)
+    tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
+
+
+def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None) -> torch.Tensor:
+    """``u [B, Hkv, R, E, GP*D]`` (fp32): per KV head, stage and entry, the two components
+    ``[q_re R + q_im I | -q_re I + q_im R]`` of each of its ``G`` query heads (zero-padded to GP)."""
+    b, hq, d = q.shape
+    hkv, r, e2, p = thetas.shape
+    g = hq // hkv
+    re, im = thetas[:, :, 0::2].float(), thetas[:, :, 1::2].float()  # [Hkv, R, E, P]
+    qh = q.float().reshape(b, hkv, g, d)
+    q_re, q_im = qh[..., :p], qh[..., p:]  # [B, Hkv, G, P]
+    # einsum over nothing but broadcasting: [B, Hkv, 1, 1, G, P] x [1, Hkv, R, E, 1, P]
+    q_re, q_im = q_re[:, :, None, None], q_im[:, :, None, None]
+    re, im = re[None, :, :, :, None], im[None, :, :, :, None]
+    u = torch.cat((q_re * re + q_im * im, -q_re * im + q_im * re), dim=-1)  # [B, Hkv, R, E, G, D]
+    gp = heads_padded or g
+    if gp > g:
+        u = torch.nn.functional.pad(u, (0, 0, 0, gp - g))
+    return u.reshape(b, hkv, r, e2 // 2, gp * d).contiguous()
+
+
+def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
+                         thetas: torch.Tensor, inv_freq: torch.Tensor, code_bits: int, scale: float = 1.0,
+                         block: int = 32) -> torch.Tensor:
+    """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
+    against packed key codes ``[B, N, row_bytes]``."""
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("commvq_scores_triton needs CUDA tensors")
+    b, hq, d = q.shape
+    hkv, r, e2, _ = thetas.shape
+    n = packed.shape[1]
+    g = hq // hkv
+    gp = triton.next_power_of_2(g)
+    u = score_table(q, thetas, gp)
+    out = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
+    if n == 0:
+        return out
+    grid = (triton.cdiv(n, block), hkv, b)
+    _scores_kernel[grid](u, packed.contiguous(), prescale.contiguous(), positions.contiguous(),
+                         inv_freq.float().contiguous(), out, n, packed.shape[2], scale, R=r, E=e2 // 2,
+                         G=g, GP=gp, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, BN=block, num_warps=4)
+    return out
+
+
+def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torch.Tensor, codebook: torch.Tensor,
+                         scale: torch.Tensor, num_kv_heads: int, tokens_per_prog: int = 2048) -> torch.Tensor:
+    """``sum_n p_n v_hat_n`` per query head: ``probs [B, Hq, N]`` -> ``[B, Hq, D]`` (fp32)."""
+    b, hq, n = probs.shape
+    nbits, f = codebook.shape
+    d = f // num_kv_heads
+    hqp = max(16, triton.next_power_of_2(hq))
+    bf = 64 if nbits % 64 == 0 else 16
+    splits = max(1, triton.cdiv(n, tokens_per_prog))
+    part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
+    grid = (splits, nbits // bf, b)
+    _values_kernel[grid](probs.float().contiguous(), factor.contiguous(), packed.contiguous(), part, n,
+                         packed.shape[2], tokens_per_prog, HQ=hq, HQP=hqp, NBITS=nbits, BK=32, BF=bf, num_warps=4)
+    mixed = part.sum(1)[:, :hq]  # [B, Hq, F*q]
+    heads = torch.arange(hq, device=probs.device) // (hq // num_kv_heads)
+    e_heads = codebook.float().reshape(nbits, num_kv_heads, d).permute(1, 0, 2)[heads]  # [Hq, F*q, D]
+    out = torch.einsum("bhk,hkd->bhd", mixed, e_heads)
+    return out * scale.float().reshape(num_kv_heads, d)[heads][None]
+

@@ -1,0 +1,71 @@
+"""Triton decode attention (scores from codes, values from bits) against the pure-torch reference,
+over a grid of shapes; on a GPU, or in Triton's interpreter on a CPU (a few small shapes)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _db(x, ref):
+    """Error in dB below the reference: -20 log10(|x - ref| / |ref|)."""
+    import math
+
+    return -20 * math.log10(float((x - ref).norm() / ref.norm().clamp_min(1e-30)) + 1e-30)
+
+
+def _compare(device, cases):
+    from commvq import rope
+    from commvq.kernels import decode
+    from commvq.kernels import reference as ref
+    from commvq.quant.packing import pack_2bit, pack_codes
+
+    for b, hkv, g, d, r, n, qbits in cases:
+        gen = torch.Generator().manual_seed(n + d)
+        e = 64
+        thetas = (torch.randn(hkv, r, 2 * e, d // 2, generator=gen) * 0.2).to(device)
+        codes = torch.randint(0, e * e, (b, n, hkv, r), generator=gen).to(device)
+        packed = pack_codes(codes.reshape(b, n, hkv * r), 12)
+        prescale = (torch.rand(b, n, generator=gen) + 0.5).half().to(device)
+        pos = torch.randint(0, 100_000, (b, n), generator=gen).to(torch.int32).to(device)
+        freqs = rope.inv_freq(d, 5e5).to(device)
+        q = torch.randn(b, hkv * g, d, generator=gen).to(device)
+        got = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7)
+        want = ref.commvq_scores(q[:, :, None], codes, prescale.float(), pos, thetas.float(), freqs, 0.7)[:, :, 0]
+        assert _db(got, want) > 60, (b, hkv, g, d, r, n)
+        f = hkv * d
+        groups = f * qbits // 2
+        idx = torch.randint(0, 4, (b, n, groups), generator=gen).to(device)
+        vpacked = pack_2bit(idx)
+        factor = torch.rand(b, n, generator=gen).half().to(device)
+        codebook = torch.randn(f * qbits, f, generator=gen).to(device)
+        scale = (torch.rand(f, generator=gen) + 0.5).to(device)
+        probs = torch.softmax(torch.randn(b, hkv * g, n, generator=gen).to(device), -1)
+        got_v = decode.commvq_values_triton(probs, vpacked, factor, codebook, scale, hkv)
+        want_v = ref.commvq_values(probs[:, :, None], idx, factor.float(), codebook, scale, hkv)[:, :, 0]
+        assert _db(got_v, want_v) > 40, ("values", b, hkv, g, d, n, qbits)
+
+
+GRID = [(1, 8, 4, 128, 21, 1000, 2), (2, 3, 3, 64, 11, 777, 2), (1, 2, 1, 64, 5, 130, 1), (2, 8, 8, 128, 11, 333, 1),
+        (1, 4, 4, 128, 21, 4096 + 17, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_decode_kernels_match_reference_on_gpu():
+    _compare("cuda", GRID)
+
+
+@pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter check only without a GPU, with triton installed")
+def test_decode_kernels_match_reference_in_interpreter():
+    code = ("from tests.kernels.test_decode import _compare\n"
+            "_compare('cpu', [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1)])\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
