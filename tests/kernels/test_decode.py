@@ -36,9 +36,10 @@ def _compare(device, cases):
         pos = torch.randint(0, 100_000, (b, n), generator=gen).to(torch.int32).to(device)
         freqs = rope.inv_freq(d, 5e5).to(device)
         q = torch.randn(b, hkv * g, d, generator=gen).to(device)
-        got = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7)
         want = ref.commvq_scores(q[:, :, None], codes, prescale.float(), pos, thetas.float(), freqs, 0.7)[:, :, 0]
-        assert _db(got, want) > 60, (b, hkv, g, d, r, n)
+        for style in ("trick", "regdecode"):
+            got = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, style=style)
+            assert _db(got, want) > 60, (style, b, hkv, g, d, r, n)
         f = hkv * d
         groups = f * qbits // 2
         idx = torch.randint(0, 4, (b, n, groups), generator=gen).to(device)

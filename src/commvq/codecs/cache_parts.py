@@ -149,10 +149,10 @@ class CommVQKeys:
     name = "commvq"
 
     def __init__(self, codebooks: list[KeyCodebook], inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                 encoder=None, scoring: str = "auto", kernels: str = "auto") -> None:
+                 encoder=None, scoring: str = "auto", kernels: str = "auto", kernel_style: str = "trick") -> None:
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
-        self.kernels = kernels
+        self.kernels, self.kernel_style = kernels, kernel_style
         self.codebooks, self.inv_freq, self.rope_scale = codebooks, inv_freq.float(), rope_scale
         self.encoder = encoder  # a fused greedy encoder (x [H, N, D], thetas) -> codes, or None
         self.scoring = scoring
@@ -200,7 +200,7 @@ class CommVQKeys:
 
             s = commvq_scores_triton(q[:, :, 0], block["codes"], block["prescale"], block["pos"],
                                      self.codebooks[layer].thetas, self.inv_freq.to(q.device), self.code_bits,
-                                     self.rope_scale)
+                                     self.rope_scale, style=self.kernel_style)
             return s[:, :, None]
         b, n = block["codes"].shape[:2]
         codes = unpack_codes(block["codes"], self.num_heads * self.stages, self.code_bits)

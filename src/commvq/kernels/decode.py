@@ -64,6 +64,49 @@ def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N
 
 
 @triton.jit
+def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes, scale,
+                             R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
+                             P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr):
+    """The same scores with the key assembled in registers from the decode tables ``M [Hkv, R, 2E, D]``
+    (rows ``A``: ``[R_A | I_A]``, rows ``E+B``: ``[-I_B | R_B]``): 2R gathered rows per token and KV
+    head instead of 2R per query head; the key never reaches memory."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    t = pid_n * BN + tl.arange(0, BN)
+    tmask = t < N
+    f = tl.arange(0, P)
+    row = codes_ptr + (b * N + t) * row_bytes
+    kre = tl.zeros([BN, P], tl.float32)
+    kim = tl.zeros([BN, P], tl.float32)
+    for r in range(R):
+        off = (h * R + r) * CODE_BITS
+        byte = off // 8
+        shift = off % 8
+        lo = tl.load(row + byte, mask=tmask, other=0).to(tl.int32)
+        hi = tl.load(row + tl.minimum(byte + 1, row_bytes - 1), mask=tmask, other=0).to(tl.int32)
+        code = ((lo | (hi << 8)) >> shift) & ((1 << CODE_BITS) - 1)
+        ra = m_ptr + (((h * R + r) * 2 * E) + code // E)[:, None] * D + f[None, :]
+        rb = m_ptr + (((h * R + r) * 2 * E) + E + code % E)[:, None] * D + f[None, :]
+        kre += tl.load(ra, mask=tmask[:, None], other=0.0) + tl.load(rb, mask=tmask[:, None], other=0.0)
+        kim += tl.load(ra + P, mask=tmask[:, None], other=0.0) + tl.load(rb + P, mask=tmask[:, None], other=0.0)
+    pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
+    pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
+    ang = pos[:, None] * tl.load(freq_ptr + f)[None, :]
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    rre = (kre * c - kim * s) * pre[:, None]
+    rim = (kre * s + kim * c) * pre[:, None]
+    j = tl.arange(0, GQ)
+    qmask = j[:, None] < G
+    q_re = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + f[None, :], mask=qmask, other=0.0)
+    q_im = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + P + f[None, :], mask=qmask, other=0.0)
+    score = tl.dot(rre, tl.trans(q_re), input_precision="ieee") + tl.dot(rim, tl.trans(q_im), input_precision="ieee")
+    tl.store(out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None], score * scale,
+             mask=tmask[:, None] & (j[None, :] < G))
+
+
+@triton.jit
 def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
                    HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
                    BF: tl.constexpr):
@@ -115,14 +158,30 @@ def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None 
 
 def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
                          thetas: torch.Tensor, inv_freq: torch.Tensor, code_bits: int, scale: float = 1.0,
-                         block: int = 32) -> torch.Tensor:
+                         block: int = 32, style: str = "trick") -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
-    against packed key codes ``[B, N, row_bytes]``."""
+    against packed key codes ``[B, N, row_bytes]``. ``style``: ``trick`` (per-query tables, the
+    commutative trick) or ``regdecode`` (keys assembled in registers from the decode tables)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     b, hq, d = q.shape
     hkv, r, e2, _ = thetas.shape
     n = packed.shape[1]
+    if style == "regdecode":
+        from commvq.quant.commutative import decode_table
+
+        out = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
+        if n == 0:
+            return out
+        g = hq // hkv
+        tables = decode_table(thetas.float()).contiguous()  # [Hkv, R, 2E, D]
+        grid = (triton.cdiv(n, block), hkv, b)
+        _scores_regdecode_kernel[grid](tables, packed.contiguous(), prescale.contiguous(), positions.contiguous(),
+                                       inv_freq.float().contiguous(), q.float().contiguous(), out, n,
+                                       packed.shape[2], scale, R=r, E=e2 // 2, G=g,
+                                       GQ=max(16, triton.next_power_of_2(g)), D=d, P=d // 2, HKV=hkv,
+                                       CODE_BITS=code_bits, BN=max(16, block), num_warps=4)
+        return out
     g = hq // hkv
     gp = triton.next_power_of_2(g)
     u = score_table(q, thetas, gp)
