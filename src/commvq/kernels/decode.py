@@ -19,6 +19,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_code(row, off, row_bytes, tmask, CODE_BITS: tl.constexpr):
+    """The code at bit offset ``off`` of each token's packed row (little-endian bit stream)."""
+    byte = off // 8
+    lo = tl.load(row + byte, mask=tmask, other=0).to(tl.int32)
+    # the next byte, clamped to the row: a code that ends in its first byte masks it out anyway
+    hi = tl.load(row + tl.minimum(byte + 1, row_bytes - 1), mask=tmask, other=0).to(tl.int32)
+    return ((lo | (hi << 8)) >> (off % 8)) & ((1 << CODE_BITS) - 1)
+
+
+@triton.jit
 def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N, row_bytes, scale,
                    R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                    P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr):
@@ -32,13 +42,7 @@ def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N
     ua = tl.zeros([BN, GP * D], tl.float32)
     ub = tl.zeros([BN, GP * D], tl.float32)
     for r in range(R):
-        off = (h * R + r) * CODE_BITS
-        byte = off // 8
-        shift = off % 8
-        lo = tl.load(row + byte, mask=tmask, other=0).to(tl.int32)
-        # the next byte, clamped to the row: a code that ends in its first byte masks it out anyway
-        hi = tl.load(row + tl.minimum(byte + 1, row_bytes - 1), mask=tmask, other=0).to(tl.int32)
-        code = ((lo | (hi << 8)) >> shift) & ((1 << CODE_BITS) - 1)
+        code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
         a_idx = code // E
         b_idx = code % E
         base = u_ptr + (((b * HKV + h) * R + r) * E) * (GP * D)
@@ -80,12 +84,7 @@ def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
     kre = tl.zeros([BN, P], tl.float32)
     kim = tl.zeros([BN, P], tl.float32)
     for r in range(R):
-        off = (h * R + r) * CODE_BITS
-        byte = off // 8
-        shift = off % 8
-        lo = tl.load(row + byte, mask=tmask, other=0).to(tl.int32)
-        hi = tl.load(row + tl.minimum(byte + 1, row_bytes - 1), mask=tmask, other=0).to(tl.int32)
-        code = ((lo | (hi << 8)) >> shift) & ((1 << CODE_BITS) - 1)
+        code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
         ra = m_ptr + (((h * R + r) * 2 * E) + code // E)[:, None] * D + f[None, :]
         rb = m_ptr + (((h * R + r) * 2 * E) + E + code % E)[:, None] * D + f[None, :]
         kre += tl.load(ra, mask=tmask[:, None], other=0.0) + tl.load(rb, mask=tmask[:, None], other=0.0)
