@@ -2,7 +2,7 @@
 # Regenerates docs/results.md's SmolLM2 figures on a CPU: key codebooks (EM and E2E, 2 and 1 bit,
 # 8-bit codes so that the paper's EM schedule fits a CPU), held-out key errors, and every cache
 # method side by side (value codecs from scripts/results_values.sh).
-# Usage: bash scripts/results_smollm2.sh [workdir] [values_workdir]     (about 2 hours on 2 CPU cores)
+# Usage: bash scripts/results_smollm2.sh [workdir] [values_workdir]     (about an hour on 2 CPU cores)
 set -euo pipefail
 W=${1:-runs/results_smollm2}
 V=${2:-runs/results_values}
@@ -12,10 +12,10 @@ commvq -q collect --model embedded --dataset embedded --output_dir "$W/data/key"
 commvq -q scale --key_dir "$W/data/key"
 for b in 2 1; do
   r=$(( b == 2 ? 16 : 8 ))
-  commvq -q train-keys --key_dir "$W/data/key" --method em --code_bits 8 --residuals $r --num_samples 16384 \
-    --max_iters 20 --output_dir "$W/codebook_8bits_64group_${r}residuals"
-  commvq -q train-keys --key_dir "$W/data/key" --method e2e --code_bits 8 --residuals $r --num_samples 16384 \
-    --epochs 20 --output_dir "$W/codebook_e2e_8bits_64group_${r}residuals"
+  commvq -q train-keys --key_dir "$W/data/key" --method em --code_bits 8 --residuals $r --num_samples 8192 \
+    --max_iters 10 --output_dir "$W/codebook_8bits_64group_${r}residuals"
+  commvq -q train-keys --key_dir "$W/data/key" --method e2e --code_bits 8 --residuals $r --num_samples 8192 \
+    --epochs 8 --output_dir "$W/codebook_e2e_8bits_64group_${r}residuals"
 done
 commvq -q compare-codebooks "$W"/codebook_8bits_64group_16residuals "$W"/codebook_e2e_8bits_64group_16residuals \
   "$W"/codebook_8bits_64group_8residuals "$W"/codebook_e2e_8bits_64group_8residuals --key_dir "$W/data/key" \
