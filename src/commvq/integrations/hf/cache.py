@@ -45,8 +45,8 @@ class CommVQLayer(CacheLayerMixin):
         self.window, self.sink, self.quantize_prefill = window, sink, quantize_prefill
         self.win_k = self.win_v = self.win_pos = None  # [B, H, w, D], [B, w]
         self.sink_k = self.sink_v = None
-        self.blocks: list[dict[str, Any]] = []
-        self._merged: dict[str, Any] | None = None
+        self.store: dict[str, dict[str, torch.Tensor]] | None = None  # compressed tokens, oldest first
+        self.num_compressed = 0
 
     # --- the CacheLayerMixin contract -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -63,10 +63,6 @@ class CommVQLayer(CacheLayerMixin):
         self.win_pos = _cat(self.win_pos, unknown, 1)
         hand_over(self)
         return self.win_k, self.win_v
-
-    @property
-    def num_compressed(self) -> int:
-        return sum(blk["n"] for blk in self.blocks)
 
     @property
     def num_sink(self) -> int:
@@ -87,7 +83,7 @@ class CommVQLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.win_k = self.win_v = self.win_pos = self.sink_k = self.sink_v = None
-        self.blocks, self._merged = [], None
+        self.store, self.num_compressed = None, 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -104,10 +100,8 @@ class CommVQLayer(CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
-        for blk in self.blocks:
-            for part in ("k", "v"):
-                blk[part] = {k: fn(v) for k, v in blk[part].items()}
-        self._merged = None
+        if self.store is not None:
+            self.store = {part: {k: fn(v) for k, v in d.items()} for part, d in self.store.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -138,20 +132,15 @@ class CommVQLayer(CacheLayerMixin):
             self.sink_v = _cat(self.sink_v, self.win_v[:, :, :take_sink], 2)
         k, v, pos = self.win_k[:, :, take_sink:n], self.win_v[:, :, take_sink:n], self.win_pos[:, take_sink:n]
         if k.shape[2]:
-            self.blocks.append({"n": k.shape[2],
-                                "k": self.keys_part.compress(self.layer_idx, k, pos),
-                                "v": self.values_part.compress(self.layer_idx, v)})
-            self._merged = None
+            block = {"k": self.keys_part.compress(self.layer_idx, k, pos),
+                     "v": self.values_part.compress(self.layer_idx, v)}
+            if self.store is None:
+                self.store = block
+            else:
+                self.store = {part: {name: torch.cat((self.store[part][name], t), 1) for name, t in d.items()}
+                              for part, d in block.items()}
+            self.num_compressed += k.shape[2]
         self.win_k, self.win_v, self.win_pos = self.win_k[:, :, n:], self.win_v[:, :, n:], self.win_pos[:, n:]
-
-    def merged(self) -> dict[str, Any]:
-        if self._merged is None:
-            blk = self.blocks
-            self._merged = {
-                "k": {k: torch.cat([b["k"][k] for b in blk], 1) for k in blk[0]["k"]},
-                "v": {k: torch.cat([b["v"][k] for b in blk], 1) for k in blk[0]["v"]},
-            }
-        return self._merged
 
     # --- attention --------------------------------------------------------------------------
     def attend(self, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -182,7 +171,7 @@ class CommVQLayer(CacheLayerMixin):
             scores.append(query.float() @ parts._gqa(self.sink_k, hq).float().transpose(-1, -2))
         nc = self.num_compressed
         if nc:
-            scores.append(self.keys_part.scores(self.layer_idx, query, self.merged()["k"]))
+            scores.append(self.keys_part.scores(self.layer_idx, query, self.store["k"]))
         scores.append(query.float() @ parts._gqa(self.win_k, hq).float().transpose(-1, -2))
         s = torch.cat(scores, -1) * scaling
         total = s.shape[-1]
@@ -200,15 +189,15 @@ class CommVQLayer(CacheLayerMixin):
             out += p[..., :self.num_sink] @ parts._gqa(self.sink_v, hq).float()
             start = self.num_sink
         if nc:
-            out += self.values_part.values(self.layer_idx, p[..., start:start + nc], self.merged()["v"])
+            out += self.values_part.values(self.layer_idx, p[..., start:start + nc], self.store["v"])
         out += p[..., total - w:] @ parts._gqa(self.win_v, hq).float()
         return out
 
     def nbytes(self) -> int:
         """Bytes actually held: window, sink, and every stored block tensor."""
         tensors = [t for t in (self.win_k, self.win_v, self.win_pos, self.sink_k, self.sink_v) if t is not None]
-        for blk in self.blocks:
-            tensors += [*blk["k"].values(), *blk["v"].values()]
+        if self.store is not None:
+            tensors += [t for d in self.store.values() for t in d.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
