@@ -1,5 +1,6 @@
 """torchrun with two processes (CPU, gloo) writes the same files as one process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -49,3 +50,16 @@ def test_two_processes_collect_and_train_the_same_files_as_one(tiny_llama, corpu
             assert torch.equal(ta, tb)
     conf = io.read_config(tmp_path / "two" / "cb")
     assert set(conf["layers"]) == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_value_codec(tiny_llama, corpus_dir, tmp_path):
+    collect = ["collect", "--model", str(tiny_llama), "--dataset", str(corpus_dir), "--num_samples", "128",
+               "--max_seq_length", "32", "--device", "cpu", "--output_dir", "data/key"]
+    _cli(collect, 1, tmp_path)
+    _cli(["scale", "--key_dir", "data/key"], 1, tmp_path)
+    train = ["train-values", "--model", str(tiny_llama), "--dataset", str(corpus_dir), "--max_seq_length", "32",
+             "--steps", "4", "--warmup_steps", "1", "--save_every", "2", "--device", "cpu", "--quant_bits", "1"]
+    _cli(train, 2, tmp_path)
+    conf = json.loads((tmp_path / "value_codec_1bit" / "config.json").read_text())
+    assert conf["steps_done"] == 4 and len(conf["loss_history"]) == 4
