@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
-# Usage: bash scripts/gpu_session.sh [what ...]   what: tests em_quick em_full collect
+# Usage: bash scripts/gpu_session.sh [what ...]   what: tests decode_tests breakdown decode generate em_* e2e_* collect
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/benchmarks:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,7 +12,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 for what in "$@"; do
   case $what in
+    decode_tests) python3 -m pytest -q -x tests/kernels/test_decode.py tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -5 ;;
     tests) python3 -m pytest -q -x tests/kernels tests/pipeline/test_collect.py tests/quant tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
+    breakdown) python3 benchmarks/decode_breakdown.py 2>&1 | tee "$OUT/breakdown.log" | grep -v "^{" | tail -80 ;;
     decode) python3 benchmarks/decode_attention.py 2>&1 | tee "$OUT/decode.log" | tail -12 ;;
     generate) timeout 200 python3 benchmarks/generate_speed.py --prompt 4096 --new 32 2>&1 | grep -v "it/s\]" | tee "$OUT/generate.log" | tail -6 ;;
     e2e_quick) python3 benchmarks/e2e_layer.py --epochs 2 2>&1 | tee "$OUT/e2e_quick.log" | tail -12 ;;

@@ -149,10 +149,11 @@ class CommVQKeys:
     name = "commvq"
 
     def __init__(self, codebooks: list[KeyCodebook], inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                 encoder=None, scoring: str = "auto", kernels: str = "auto", kernel_style: str = "trick") -> None:
+                 encoder=None, scoring: str = "auto", kernels: str = "auto", kernel_style: str = "onehot") -> None:
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
         self.kernels, self.kernel_style = kernels, kernel_style
+        self._tables: dict[int, tuple] = {}  # per layer: the kernel's tables, built on first use
         self.codebooks, self.inv_freq, self.rope_scale = codebooks, inv_freq.float(), rope_scale
         self.encoder = encoder  # a fused greedy encoder (x [H, N, D], thetas) -> codes, or None
         self.scoring = scoring
@@ -198,9 +199,14 @@ class CommVQKeys:
         if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
             from commvq.kernels.decode import commvq_scores_triton
 
-            s = commvq_scores_triton(q[:, :, 0], block["codes"], block["prescale"], block["pos"],
-                                     self.codebooks[layer].thetas, self.inv_freq.to(q.device), self.code_bits,
-                                     self.rope_scale, style=self.kernel_style)
+            thetas = self.codebooks[layer].thetas
+            if layer not in self._tables or self._tables[layer][0] is not thetas:
+                from commvq.kernels.decode import prepare_tables
+
+                self._tables[layer] = (thetas, prepare_tables(thetas, self.kernel_style))
+            s = commvq_scores_triton(q[:, :, 0], block["codes"], block["prescale"], block["pos"], thetas,
+                                     self.inv_freq.to(q.device), self.code_bits, self.rope_scale,
+                                     style=self.kernel_style, tables=self._tables[layer][1])
             return s[:, :, None]
         b, n = block["codes"].shape[:2]
         codes = unpack_codes(block["codes"], self.num_heads * self.stages, self.code_bits)

@@ -106,6 +106,51 @@ def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
 
 
 @triton.jit
+def _scores_onehot_kernel(mre_ptr, mim_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes,
+                          scale, R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr,
+                          D: tl.constexpr, P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr,
+                          BN: tl.constexpr, SPLIT: tl.constexpr):
+    """The same scores with the key assembled on tensor cores: per stage, the token's two codes as a
+    one-hot row ``[BN, 2E]`` (exact in fp16) times the stage's decode table halves ``[2E, P]`` (fp16;
+    with ``SPLIT`` a second low-order fp16 table makes the product exact to ~fp32), fp32 accumulation.
+    Tables ``[2 if SPLIT else 1, Hkv, R, 2E, P]`` for the real and imaginary halves."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    t = pid_n * BN + tl.arange(0, BN)
+    tmask = t < N
+    f = tl.arange(0, P)
+    cols = tl.arange(0, 2 * E)
+    row = codes_ptr + (b * N + t) * row_bytes
+    kre = tl.zeros([BN, P], tl.float32)
+    kim = tl.zeros([BN, P], tl.float32)
+    lo_off = HKV * R * 2 * E * P
+    for r in range(R):
+        code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
+        hot = ((cols[None, :] == (code // E)[:, None]) | (cols[None, :] == (E + code % E)[:, None])).to(tl.float16)
+        tab = ((h * R + r) * 2 * E + cols)[:, None] * P + f[None, :]
+        kre = tl.dot(hot, tl.load(mre_ptr + tab), kre)
+        kim = tl.dot(hot, tl.load(mim_ptr + tab), kim)
+        if SPLIT:
+            kre = tl.dot(hot, tl.load(mre_ptr + lo_off + tab), kre)
+            kim = tl.dot(hot, tl.load(mim_ptr + lo_off + tab), kim)
+    pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
+    pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
+    ang = pos[:, None] * tl.load(freq_ptr + f)[None, :]
+    c = tl.cos(ang)
+    s = tl.sin(ang)
+    rre = (kre * c - kim * s) * pre[:, None]
+    rim = (kre * s + kim * c) * pre[:, None]
+    j = tl.arange(0, GQ)
+    qmask = j[:, None] < G
+    q_re = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + f[None, :], mask=qmask, other=0.0)
+    q_im = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + P + f[None, :], mask=qmask, other=0.0)
+    score = tl.dot(rre, tl.trans(q_re), input_precision="ieee") + tl.dot(rim, tl.trans(q_im), input_precision="ieee")
+    tl.store(out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None], score * scale,
+             mask=tmask[:, None] & (j[None, :] < G))
+
+
+@triton.jit
 def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
                    HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
                    BF: tl.constexpr):
@@ -155,58 +200,85 @@ def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None 
     return u.reshape(b, hkv, r, e2 // 2, gp * d).contiguous()
 
 
+STYLES = ("onehot", "onehot_exact", "regdecode", "trick")
+BLOCKS = {"onehot": 64, "onehot_exact": 64, "regdecode": 32, "trick": 32}
+
+
+def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]:
+    """The per-layer tables a scores ``style`` reads (build once per codebook, reuse every step):
+    ``regdecode``: ``M [Hkv, R, 2E, D]`` fp32; ``onehot``: its real and imaginary halves in fp16
+    ``[1, Hkv, R, 2E, P]`` each; ``onehot_exact``: high and low fp16 parts ``[2, ...]``; ``trick``: none."""
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
+    if style == "trick":
+        return ()
+    from commvq.quant.commutative import decode_table
+
+    m = decode_table(thetas.float()).contiguous()
+    if style == "regdecode":
+        return (m,)
+    p = m.shape[-1] // 2
+    out = []
+    for half in (m[..., :p], m[..., p:]):
+        hi = half.half()
+        parts = (hi, (half - hi.float()).half()) if style == "onehot_exact" else (hi,)
+        out.append(torch.stack(parts).contiguous())
+    return tuple(out)
+
+
 def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
                          thetas: torch.Tensor, inv_freq: torch.Tensor, code_bits: int, scale: float = 1.0,
-                         block: int = 32, style: str = "trick") -> torch.Tensor:
+                         block: int | None = None, style: str = "onehot", tables: tuple | None = None,
+                         num_warps: int = 4) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
-    against packed key codes ``[B, N, row_bytes]``. ``style``: ``trick`` (per-query tables, the
-    commutative trick) or ``regdecode`` (keys assembled in registers from the decode tables)."""
+    against packed key codes ``[B, N, row_bytes]``. ``style``: ``onehot`` (keys assembled on tensor
+    cores, fp16 tables), ``onehot_exact`` (the same with hi/lo tables), ``regdecode`` (keys assembled
+    from gathered fp32 table rows) or ``trick`` (per-query tables, the commutative trick).
+    ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
+    if tables is None:
+        tables = prepare_tables(thetas, style)
     b, hq, d = q.shape
     hkv, r, e2, _ = thetas.shape
     n = packed.shape[1]
-    if style == "regdecode":
-        from commvq.quant.commutative import decode_table
-
-        out = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
-        if n == 0:
-            return out
-        g = hq // hkv
-        tables = decode_table(thetas.float()).contiguous()  # [Hkv, R, 2E, D]
-        grid = (triton.cdiv(n, block), hkv, b)
-        _scores_regdecode_kernel[grid](tables, packed.contiguous(), prescale.contiguous(), positions.contiguous(),
-                                       inv_freq.float().contiguous(), q.float().contiguous(), out, n,
-                                       packed.shape[2], scale, R=r, E=e2 // 2, G=g,
-                                       GQ=max(16, triton.next_power_of_2(g)), D=d, P=d // 2, HKV=hkv,
-                                       CODE_BITS=code_bits, BN=max(16, block), num_warps=4)
-        return out
     g = hq // hkv
-    gp = triton.next_power_of_2(g)
-    u = score_table(q, thetas, gp)
+    block = block or BLOCKS[style]
     out = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
     if n == 0:
         return out
     grid = (triton.cdiv(n, block), hkv, b)
-    _scores_kernel[grid](u, packed.contiguous(), prescale.contiguous(), positions.contiguous(),
-                         inv_freq.float().contiguous(), out, n, packed.shape[2], scale, R=r, E=e2 // 2,
-                         G=g, GP=gp, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, BN=block, num_warps=4)
+    common = dict(R=r, E=e2 // 2, G=g, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, num_warps=num_warps)
+    args = (packed.contiguous(), prescale.contiguous(), positions.contiguous(), inv_freq.float().contiguous())
+    gq = max(16, triton.next_power_of_2(g))
+    if style in ("onehot", "onehot_exact"):
+        _scores_onehot_kernel[grid](tables[0], tables[1], *args, q.float().contiguous(), out, n, packed.shape[2],
+                                    scale, GQ=gq, BN=max(16, block), SPLIT=style == "onehot_exact", **common)
+    elif style == "regdecode":
+        _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,
+                                       GQ=gq, BN=max(16, block), **common)
+    else:
+        gp = triton.next_power_of_2(g)
+        u = score_table(q, thetas, gp)
+        _scores_kernel[grid](u, *args, out, n, packed.shape[2], scale, GP=gp, BN=block, **common)
     return out
 
 
 def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torch.Tensor, codebook: torch.Tensor,
-                         scale: torch.Tensor, num_kv_heads: int, tokens_per_prog: int = 2048) -> torch.Tensor:
+                         scale: torch.Tensor, num_kv_heads: int, tokens_per_prog: int = 2048, block_bits: int = 64,
+                         block_tokens: int = 32, num_warps: int = 4) -> torch.Tensor:
     """``sum_n p_n v_hat_n`` per query head: ``probs [B, Hq, N]`` -> ``[B, Hq, D]`` (fp32)."""
     b, hq, n = probs.shape
     nbits, f = codebook.shape
     d = f // num_kv_heads
     hqp = max(16, triton.next_power_of_2(hq))
-    bf = 64 if nbits % 64 == 0 else 16
+    bf = block_bits if nbits % block_bits == 0 else 16
     splits = max(1, triton.cdiv(n, tokens_per_prog))
     part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
     grid = (splits, nbits // bf, b)
     _values_kernel[grid](probs.float().contiguous(), factor.contiguous(), packed.contiguous(), part, n,
-                         packed.shape[2], tokens_per_prog, HQ=hq, HQP=hqp, NBITS=nbits, BK=32, BF=bf, num_warps=4)
+                         packed.shape[2], tokens_per_prog, HQ=hq, HQP=hqp, NBITS=nbits, BK=block_tokens, BF=bf,
+                         num_warps=num_warps)
     mixed = part.sum(1)[:, :hq]  # [B, Hq, F*q]
     heads = torch.arange(hq, device=probs.device) // (hq // num_kv_heads)
     e_heads = codebook.float().reshape(nbits, num_kv_heads, d).permute(1, 0, 2)[heads]  # [Hq, F*q, D]
