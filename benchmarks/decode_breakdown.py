@@ -24,6 +24,46 @@ from commvq import rope
 from commvq.kernels import decode
 
 
+def measure(batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cfgs) -> list[dict]:
+    """Rows for one (bits, context): FP16 SDPA, every scores configuration, softmax, values."""
+    r = round(bits * d / 12)
+    st = make_state(batch, n, hkv, d, r, bits, device, gen)
+    q = torch.randn(batch, hq, d, generator=gen).to(device)
+    k16 = torch.randn(batch, hkv, n, d, generator=gen).to(device, torch.bfloat16)
+    v16 = torch.randn_like(k16)
+    base = {"bits": bits, "context": n, "batch": batch}
+    rows = [{**base, "part": "fp16_sdpa", "cfg": "",
+             "ms": timed(lambda: F.scaled_dot_product_attention(q[:, :, None].to(k16.dtype), k16, v16,
+                                                                 enable_gqa=True), device)}]
+    s = None
+    for style, bn, warps in score_cfgs:
+        tables = decode.prepare_tables(st["thetas"], style)
+
+        def run(style=style, bn=bn, warps=warps, tables=tables):
+            return decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs,
+                                               12, 0.1, block=bn, style=style, tables=tables, num_warps=warps)
+        try:
+            ms = timed(run, device)
+            s = run()
+        except Exception as exc:  # a configuration the card cannot run (out of resources)
+            ms = float("nan")
+            print(f"scores {style} {bn} {warps}: {type(exc).__name__}: {str(exc)[:200]}")
+        rows.append({**base, "part": "scores", "cfg": f"{style} BN{bn} w{warps}", "ms": ms})
+    p = torch.softmax(s, -1)
+    rows.append({**base, "part": "softmax", "cfg": "", "ms": timed(lambda: torch.softmax(s, -1), device)})
+    for tpp, bf, bk, warps in value_cfgs:
+        def run_v(tpp=tpp, bf=bf, bk=bk, warps=warps):
+            return decode.commvq_values_triton(p, st["vcodes"], st["factor"], st["codebook"], st["scale"], hkv,
+                                               tokens_per_prog=tpp, block_bits=bf, block_tokens=bk, num_warps=warps)
+        try:
+            ms = timed(run_v, device)
+        except Exception as exc:
+            ms = float("nan")
+            print(f"values {tpp} {bf} {bk}: {type(exc).__name__}: {str(exc)[:200]}")
+        rows.append({**base, "part": "values", "cfg": f"T{tpp} BF{bf} BK{bk} w{warps}", "ms": ms})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="32768,131072")
@@ -42,43 +82,7 @@ def main() -> None:
         score_cfgs, value_cfgs = score_cfgs[:2] + score_cfgs[4:5], value_cfgs[:1]
     rows = []
     for bits, n in itertools.product((2, 1), contexts):
-        r = round(bits * d / 12)
-        st = make_state(args.batch, n, hkv, d, r, bits, device, gen)
-        q = torch.randn(args.batch, hq, d, generator=gen).to(device)
-        k16 = torch.randn(args.batch, hkv, n, d, generator=gen).to(device, torch.bfloat16)
-        v16 = torch.randn_like(k16)
-        base = {"bits": bits, "context": n, "batch": args.batch}
-        rows.append({**base, "part": "fp16_sdpa", "cfg": "",
-                     "ms": timed(lambda: F.scaled_dot_product_attention(q[:, :, None].to(k16.dtype), k16, v16,
-                                                                         enable_gqa=True), device)})
-        s = None
-        for style, bn, warps in score_cfgs:
-            tables = decode.prepare_tables(st["thetas"], style)
-
-            def run(style=style, bn=bn, warps=warps, tables=tables):
-                return decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs,
-                                                   12, 0.1, block=bn, style=style, tables=tables, num_warps=warps)
-            try:
-                ms = timed(run, device)
-                s = run()
-            except Exception as exc:  # a configuration the card cannot run (out of resources)
-                ms = float("nan")
-                print(f"scores {style} {bn} {warps}: {type(exc).__name__}: {str(exc)[:200]}")
-            rows.append({**base, "part": "scores", "cfg": f"{style} BN{bn} w{warps}", "ms": ms})
-        rows.append({**base, "part": "softmax", "cfg": "", "ms": timed(lambda: torch.softmax(s, -1), device)})
-        p = torch.softmax(s, -1)
-        for tpp, bf, bk, warps in value_cfgs:
-            def run_v(tpp=tpp, bf=bf, bk=bk, warps=warps):
-                return decode.commvq_values_triton(p, st["vcodes"], st["factor"], st["codebook"], st["scale"], hkv,
-                                                   tokens_per_prog=tpp, block_bits=bf, block_tokens=bk,
-                                                   num_warps=warps)
-            try:
-                ms = timed(run_v, device)
-            except Exception as exc:
-                ms = float("nan")
-                print(f"values {tpp} {bf} {bk}: {type(exc).__name__}: {str(exc)[:200]}")
-            rows.append({**base, "part": "values", "cfg": f"T{tpp} BF{bf} BK{bk} w{warps}", "ms": ms})
-        del st, k16, v16
+        rows += measure(args.batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cfgs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
