@@ -75,11 +75,11 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")] if not args.small else [100]
     freqs = rope.inv_freq(d, 5e5).to(device)
     gen = torch.Generator().manual_seed(0)
-    score_cfgs = [("trick", 32, 4), ("regdecode", 32, 4), ("regdecode", 64, 4), ("regdecode", 64, 8)]
-    score_cfgs += [(s, bn, w) for s, bn, w in itertools.product(("onehot", "onehot_exact"), (64, 128, 256), (4, 8))]
-    value_cfgs = list(itertools.product((1024, 4096), (64, 128), (32, 64), (4,)))
+    score_cfgs = [("trick", 32, 4), ("regdecode", 64, 4)]
+    score_cfgs += [("regdecode16", bn, w) for bn, w in itertools.product((32, 64, 128, 256), (4, 8))]
+    value_cfgs = list(itertools.product((512, 2048), (64, 128, 256), (32, 64, 128), (4,)))
     if args.small:
-        score_cfgs, value_cfgs = score_cfgs[:2] + score_cfgs[4:5], value_cfgs[:1]
+        score_cfgs, value_cfgs = score_cfgs[:3], value_cfgs[:1]
     rows = []
     for bits, n in itertools.product((2, 1), contexts):
         rows += measure(args.batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cfgs)

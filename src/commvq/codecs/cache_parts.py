@@ -149,7 +149,7 @@ class CommVQKeys:
     name = "commvq"
 
     def __init__(self, codebooks: list[KeyCodebook], inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                 encoder=None, scoring: str = "auto", kernels: str = "auto", kernel_style: str = "onehot") -> None:
+                 encoder=None, scoring: str = "auto", kernels: str = "auto", kernel_style: str = "regdecode16") -> None:
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
         self.kernels, self.kernel_style = kernels, kernel_style

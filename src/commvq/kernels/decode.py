@@ -72,8 +72,8 @@ def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
                              R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
                              P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr):
     """The same scores with the key assembled in registers from the decode tables ``M [Hkv, R, 2E, D]``
-    (rows ``A``: ``[R_A | I_A]``, rows ``E+B``: ``[-I_B | R_B]``): 2R gathered rows per token and KV
-    head instead of 2R per query head; the key never reaches memory."""
+    (rows ``A``: ``[R_A | I_A]``, rows ``E+B``: ``[-I_B | R_B]``; fp32 or fp16, summed in fp32): 2R
+    gathered rows per token and KV head instead of 2R per query head; the key never reaches memory."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -87,8 +87,8 @@ def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
         code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
         ra = m_ptr + (((h * R + r) * 2 * E) + code // E)[:, None] * D + f[None, :]
         rb = m_ptr + (((h * R + r) * 2 * E) + E + code % E)[:, None] * D + f[None, :]
-        kre += tl.load(ra, mask=tmask[:, None], other=0.0) + tl.load(rb, mask=tmask[:, None], other=0.0)
-        kim += tl.load(ra + P, mask=tmask[:, None], other=0.0) + tl.load(rb + P, mask=tmask[:, None], other=0.0)
+        kre += tl.load(ra).to(tl.float32) + tl.load(rb).to(tl.float32)
+        kim += tl.load(ra + P).to(tl.float32) + tl.load(rb + P).to(tl.float32)
     pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
     ang = pos[:, None] * tl.load(freq_ptr + f)[None, :]
@@ -100,55 +100,9 @@ def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
     qmask = j[:, None] < G
     q_re = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + f[None, :], mask=qmask, other=0.0)
     q_im = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + P + f[None, :], mask=qmask, other=0.0)
-    score = tl.dot(rre, tl.trans(q_re), input_precision="ieee") + tl.dot(rim, tl.trans(q_im), input_precision="ieee")
+    score = tl.sum(rre[:, None, :] * q_re[None, :, :] + rim[:, None, :] * q_im[None, :, :], axis=2)  # [BN, GQ]
     tl.store(out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None], score * scale,
              mask=tmask[:, None] & (j[None, :] < G))
-
-
-@triton.jit
-def _scores_onehot_kernel(mre_ptr, mim_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes,
-                          scale, R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr,
-                          D: tl.constexpr, P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr,
-                          BN: tl.constexpr, SPLIT: tl.constexpr):
-    """The same scores with the key assembled on tensor cores: per stage, the token's two codes as a
-    one-hot row ``[BN, 2E]`` (exact in fp16) times the stage's decode table halves ``[2E, P]`` (fp16;
-    with ``SPLIT`` a second low-order fp16 table makes the product exact to ~fp32), fp32 accumulation.
-    Tables ``[2 if SPLIT else 1, Hkv, R, 2E, P]`` for the real and imaginary halves."""
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    t = pid_n * BN + tl.arange(0, BN)
-    tmask = t < N
-    f = tl.arange(0, P)
-    cols = tl.arange(0, 2 * E)
-    row = codes_ptr + (b * N + t) * row_bytes
-    kre = tl.zeros([BN, P], tl.float32)
-    kim = tl.zeros([BN, P], tl.float32)
-    lo_off = HKV * R * 2 * E * P
-    for r in range(R):
-        code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
-        hot = ((cols[None, :] == (code // E)[:, None]) | (cols[None, :] == (E + code % E)[:, None])).to(tl.float16)
-        tab = ((h * R + r) * 2 * E + cols)[:, None] * P + f[None, :]
-        kre = tl.dot(hot, tl.load(mre_ptr + tab), kre)
-        kim = tl.dot(hot, tl.load(mim_ptr + tab), kim)
-        if SPLIT:
-            kre = tl.dot(hot, tl.load(mre_ptr + lo_off + tab), kre)
-            kim = tl.dot(hot, tl.load(mim_ptr + lo_off + tab), kim)
-    pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
-    pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
-    ang = pos[:, None] * tl.load(freq_ptr + f)[None, :]
-    c = tl.cos(ang)
-    s = tl.sin(ang)
-    rre = (kre * c - kim * s) * pre[:, None]
-    rim = (kre * s + kim * c) * pre[:, None]
-    j = tl.arange(0, GQ)
-    qmask = j[:, None] < G
-    q_re = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + f[None, :], mask=qmask, other=0.0)
-    q_im = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + P + f[None, :], mask=qmask, other=0.0)
-    score = tl.dot(rre, tl.trans(q_re), input_precision="ieee") + tl.dot(rim, tl.trans(q_im), input_precision="ieee")
-    tl.store(out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None], score * scale,
-             mask=tmask[:, None] & (j[None, :] < G))
-
 
 @triton.jit
 def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
@@ -159,27 +113,26 @@ def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_p
     kb = tl.program_id(1)
     b = tl.program_id(2)
     k = kb * BF + tl.arange(0, BF)  # bit index
+    byte = kb * (BF // 8) + tl.arange(0, BF // 8)
+    # bit k is sign k % 2 of group k // 2, whose pattern i (signs (i >> 1, i & 1) as in
+    # quant.binary.PATTERNS) sits at bits 2 (k // 2 % 4) of byte k // 8: bit (k % 8) ^ 1 of that byte
+    shift = (tl.arange(0, BF) % 8) ^ 1
     hq = tl.arange(0, HQP)
     acc = tl.zeros([HQP, BF], tl.float32)
     start = split * tokens_per_prog
-    # bit k is sign k % 2 of group k // 2; pattern i has signs (i >> 1, i & 1) as in quant.binary.PATTERNS
-    grp = k // 2
-    which = k % 2
     for n0 in range(start, start + tokens_per_prog, BK):
         n = n0 + tl.arange(0, BK)
         nmask = n < N
-        byte = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + grp[None, :] // 4, mask=nmask[:, None],
-                       other=0).to(tl.int32)
-        pat = (byte >> ((grp[None, :] % 4) * 2)) & 3
-        bit = tl.where(which[None, :] == 0, pat >> 1, pat & 1)
-        signs = (2 * bit - 1).to(tl.float16)  # [BK, BF]
+        packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
+                         other=0).to(tl.int32)  # [BK, BF // 8]
+        wide = tl.reshape(tl.broadcast_to(packed[:, :, None], [BK, BF // 8, 8]), [BK, BF])
+        signs = (2 * ((wide >> shift[None, :]) & 1) - 1).to(tl.float16)  # [BK, BF]
         f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
                     other=0.0)
         w = (p * f[None, :]).to(tl.float16)  # [HQP, BK]
         acc += tl.dot(w, signs)
     tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
-
 
 def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None) -> torch.Tensor:
     """``u [B, Hkv, R, E, GP*D]`` (fp32): per KV head, stage and entry, the two components
@@ -200,40 +153,32 @@ def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None 
     return u.reshape(b, hkv, r, e2 // 2, gp * d).contiguous()
 
 
-STYLES = ("onehot", "onehot_exact", "regdecode", "trick")
-BLOCKS = {"onehot": 64, "onehot_exact": 64, "regdecode": 32, "trick": 32}
+STYLES = ("regdecode16", "regdecode", "trick")
+BLOCKS = {"regdecode16": 64, "regdecode": 64, "trick": 32}
 
 
 def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]:
     """The per-layer tables a scores ``style`` reads (build once per codebook, reuse every step):
-    ``regdecode``: ``M [Hkv, R, 2E, D]`` fp32; ``onehot``: its real and imaginary halves in fp16
-    ``[1, Hkv, R, 2E, P]`` each; ``onehot_exact``: high and low fp16 parts ``[2, ...]``; ``trick``: none."""
+    ``regdecode``: ``M [Hkv, R, 2E, D]`` fp32; ``regdecode16``: the same in fp16; ``trick``: none
+    (its tables depend on the query)."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
     if style == "trick":
         return ()
     from commvq.quant.commutative import decode_table
 
-    m = decode_table(thetas.float()).contiguous()
-    if style == "regdecode":
-        return (m,)
-    p = m.shape[-1] // 2
-    out = []
-    for half in (m[..., :p], m[..., p:]):
-        hi = half.half()
-        parts = (hi, (half - hi.float()).half()) if style == "onehot_exact" else (hi,)
-        out.append(torch.stack(parts).contiguous())
-    return tuple(out)
+    m = decode_table(thetas.float())
+    return ((m.half() if style == "regdecode16" else m).contiguous(),)
 
 
 def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
                          thetas: torch.Tensor, inv_freq: torch.Tensor, code_bits: int, scale: float = 1.0,
-                         block: int | None = None, style: str = "onehot", tables: tuple | None = None,
+                         block: int | None = None, style: str = "regdecode16", tables: tuple | None = None,
                          num_warps: int = 4) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
-    against packed key codes ``[B, N, row_bytes]``. ``style``: ``onehot`` (keys assembled on tensor
-    cores, fp16 tables), ``onehot_exact`` (the same with hi/lo tables), ``regdecode`` (keys assembled
-    from gathered fp32 table rows) or ``trick`` (per-query tables, the commutative trick).
+    against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
+    assembled in registers from fp16 decode tables, summed in fp32), ``regdecode`` (the same from
+    fp32 tables) or ``trick`` (per-query tables, the commutative trick; slow, kept as a check).
     ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
@@ -250,17 +195,13 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
     grid = (triton.cdiv(n, block), hkv, b)
     common = dict(R=r, E=e2 // 2, G=g, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, num_warps=num_warps)
     args = (packed.contiguous(), prescale.contiguous(), positions.contiguous(), inv_freq.float().contiguous())
-    gq = max(16, triton.next_power_of_2(g))
-    if style in ("onehot", "onehot_exact"):
-        _scores_onehot_kernel[grid](tables[0], tables[1], *args, q.float().contiguous(), out, n, packed.shape[2],
-                                    scale, GQ=gq, BN=max(16, block), SPLIT=style == "onehot_exact", **common)
-    elif style == "regdecode":
-        _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,
-                                       GQ=gq, BN=max(16, block), **common)
-    else:
+    if style == "trick":
         gp = triton.next_power_of_2(g)
-        u = score_table(q, thetas, gp)
-        _scores_kernel[grid](u, *args, out, n, packed.shape[2], scale, GP=gp, BN=block, **common)
+        _scores_kernel[grid](score_table(q, thetas, gp), *args, out, n, packed.shape[2], scale, GP=gp, BN=block,
+                             **common)
+    else:
+        _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,
+                                       GQ=triton.next_power_of_2(g), BN=block, **common)
     return out
 
 
