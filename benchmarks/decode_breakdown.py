@@ -60,7 +60,7 @@ def measure(batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cf
         except Exception as exc:
             ms = float("nan")
             print(f"values {tpp} {bf} {bk}: {type(exc).__name__}: {str(exc)[:200]}")
-        rows.append({**base, "part": "values", "cfg": f"T{tpp} BF{bf} BK{bk} w{warps}", "ms": ms})
+        rows.append({**base, "part": "values", "cfg": f"T{tpp or 'auto'} BF{bf} BK{bk} w{warps}", "ms": ms})
     return rows
 
 
@@ -75,9 +75,10 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")] if not args.small else [100]
     freqs = rope.inv_freq(d, 5e5).to(device)
     gen = torch.Generator().manual_seed(0)
-    score_cfgs = [("trick", 32, 4), ("regdecode", 64, 4)]
-    score_cfgs += [("regdecode16", bn, w) for bn, w in itertools.product((32, 64, 128, 256), (4, 8))]
-    value_cfgs = list(itertools.product((512, 2048), (64, 128, 256), (32, 64, 128), (4,)))
+    score_cfgs = [("trick", 32, 4), ("regdecode", 32, 4), ("regdecode", 64, 4)]
+    score_cfgs += [("regdecode16", bn, w) for bn, w in itertools.product((16, 32, 64), (2, 4, 8))]
+    value_cfgs = [(None, 256, 64, 4), (None, 256, 64, 8), (None, 128, 64, 4), (512, 256, 64, 4), (2048, 256, 64, 4),
+                  (2048, 256, 32, 4)]
     if args.small:
         score_cfgs, value_cfgs = score_cfgs[:3], value_cfgs[:1]
     rows = []

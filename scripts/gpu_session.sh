@@ -16,6 +16,9 @@ for what in "$@"; do
     tests) python3 -m pytest -q -x tests/kernels tests/pipeline/test_collect.py tests/quant tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
     breakdown) python3 benchmarks/decode_breakdown.py 2>&1 | tee "$OUT/breakdown.log" | grep -v "^{" | tail -80 ;;
     decode) python3 benchmarks/decode_attention.py 2>&1 | tee "$OUT/decode.log" | tail -12 ;;
+    decode8) python3 benchmarks/decode_attention.py --batch 8 2>&1 | tee "$OUT/decode8.log" | tail -12 ;;
+    generate_small) timeout 200 python3 benchmarks/generate_speed.py --shape smollm2-135m --prompt 4096 --new 64 2>&1 | grep -v "it/s\]" | tee "$OUT/generate_small.log" | tail -6 ;;
+    generate32k) timeout 300 python3 benchmarks/generate_speed.py --prompt 32768 --new 16 2>&1 | grep -v "it/s\]" | tee "$OUT/generate32k.log" | tail -6 ;;
     generate) timeout 200 python3 benchmarks/generate_speed.py --prompt 4096 --new 32 2>&1 | grep -v "it/s\]" | tee "$OUT/generate.log" | tail -6 ;;
     e2e_quick) python3 benchmarks/e2e_layer.py --epochs 2 2>&1 | tee "$OUT/e2e_quick.log" | tail -12 ;;
     e2e_full) timeout 470 python3 benchmarks/e2e_layer.py 2>&1 | tee "$OUT/e2e_full.log" | tail -12 ;;
