@@ -15,12 +15,16 @@ import argparse
 import itertools
 import json
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+try:
+    from _meta import commit_id
+except ImportError:
+    from benchmarks._meta import commit_id
 
 from commvq.data.corpus import CorpusSource, batches, iter_documents, pack
 from commvq.integrations.hf.loader import load_model
@@ -97,7 +101,7 @@ def main() -> None:
         card = torch.cuda.get_device_name(dev)
     else:
         card = f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     print(f"model {lm.name}  device {card}  seq {args.seq}  batch {args.batch}  tokens {tokens}  "
           f"shards in {args.out_dir or tempfile.gettempdir()}")
     print(f"{'run':<14}{'seconds':>10}{'tokens/s':>12}")

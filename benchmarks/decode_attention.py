@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import time
 
 import torch
+
+try:
+    from _meta import commit_id
+except ImportError:
+    from benchmarks._meta import commit_id
 import torch.nn.functional as F
 
 from commvq import rope
@@ -138,7 +142,7 @@ def main() -> None:
     weights = 16.06e9  # Llama-3.1-8B in bf16
     capacity = {name: int((total - weights) / (bpt * 32)) if total else 0
                 for name, bpt in (("fp16", fp16_token), ("commvq2", per_token[2]), ("commvq1", per_token[1]))}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     print(f"card {card}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, window {window}")
     print(f"{'bits':>4} {'context':>8} {'commvq ms':>10} {'fp32tab ms':>10} {'naive ms':>9} {'fp16 ms':>8} "
           f"{'vs fp16':>8} {'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")

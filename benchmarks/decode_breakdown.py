@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import subprocess
 
 import torch
+
+try:
+    from _meta import commit_id
+except ImportError:
+    from benchmarks._meta import commit_id
 import torch.nn.functional as F
 from decode_attention import make_state, timed
 
@@ -87,7 +91,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     print(f"card {card}; commit {commit}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}")
     print(f"{'bits':>4} {'context':>8} {'part':>10} {'config':>26} {'ms':>9}")
     for r_ in rows:

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 
 import torch
+
+try:
+    from _meta import commit_id
+except ImportError:
+    from benchmarks._meta import commit_id
 
 try:
     from em_layer import synthetic_keys
@@ -72,7 +76,7 @@ def main() -> None:
     per_epoch = (epoch_times[-1] - epoch_times[0]) / max(1, len(epoch_times) - 1) if len(epoch_times) > 1 \
         else epoch_times[0] - t_init
     card = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     print(f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
           f"epochs {args.epochs}  batch {args.batch_size}")
     print(f"{'what':<46}{'value':>12}")

@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import time
 
 import torch
+
+try:
+    from _meta import commit_id
+except ImportError:
+    from benchmarks._meta import commit_id
 
 from commvq.quant import em
 from commvq.quant.commutative import codewords
@@ -144,7 +148,7 @@ def main() -> None:
         ref_iter_s, ref_stage0 = reference_style_stage0(x[0], s, args.ref_iters, args.seed)
     ours_iter_s = seconds / max(1, int(fitted.iters.max(1).values.sum()))
     card = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     print(f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
           f"E-step {args.estep}")
     print(f"{'what':<44}{'value':>14}")

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 
 import torch
+
+try:
+    from _meta import commit_id
+except ImportError:
+    from benchmarks._meta import commit_id
 
 try:
     from _shapes import SHAPES, random_model
@@ -81,7 +85,7 @@ def main() -> None:
             t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         rows[name] = {"prefill_s": prefill, "decode_tok_s": tps, "cache_bytes": held}
     card = torch.cuda.get_device_name()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id()
     print(f"card {card}; model random {args.shape}; prompt {args.prompt}; {args.new} new tokens, batch 1")
     print(f"{'cache':<16}{'prefill s':>10}{'decode tok/s':>14}{'cache MiB':>11}")
     for name, r in rows.items():
