@@ -70,3 +70,13 @@ def test_directory_that_does_not_fit_is_refused(tmp_path):
     io.head_file(tmp_path, 1, 0).write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable codebook"):
         io.load_layer(tmp_path, 1, SPEC)
+
+
+def test_a_head_file_holds_only_its_own_stages(tmp_path):
+    """A file saved from a view of a larger tensor (all heads, all stages) must not carry the rest
+    of that tensor's storage: theta-only files stay about R x 2E x P x 4 bytes."""
+    big = torch.randn(8, 5, 16, 6)  # [H, R, 2E, P]
+    io.save_head(tmp_path / "000_3.pt", big[3], torch.rand(5), 0.1)
+    data = torch.load(tmp_path / "000_3.pt", weights_only=True)
+    assert all(s["theta"].untyped_storage().nbytes() == 16 * 6 * 4 for s in data["steps"])
+    assert (tmp_path / "000_3.pt").stat().st_size < 5 * 16 * 6 * 4 + 4096

@@ -71,7 +71,7 @@ def save_head(path: Path, thetas: torch.Tensor, stage_mse: torch.Tensor, final_e
     """Write one (layer, head) file atomically; ``thetas [R, 2E, P]``, ``stage_mse [R]``."""
     steps = []
     for r in range(thetas.shape[0]):
-        th = thetas[r].detach().float().cpu().contiguous()
+        th = thetas[r].detach().float().cpu().clone()  # its own storage: a view would save all of thetas
         step: dict[str, Any] = {"mse_loss": torch.tensor(float(stage_mse[r])), "theta": th}
         if with_centers:
             step["clustering_centers"] = interleave_pairs(codewords(th[None])[0]).contiguous()
