@@ -1,12 +1,16 @@
 """Decode attention over a CommVQ-compressed cache (Triton), for one new query token per sequence.
 
-Keys: the per-step table ``u[h, r, e] = q_j . M(a_{h,r,e})`` for the ``g`` query heads ``j`` of each
-KV head (built once per step with a few torch ops), then :func:`_scores_kernel` reads each token's
-packed 12-bit codes, gathers and sums the table rows of its stages (fp32), applies the token's
-rotation once per pair and scales by its prescale. Values: :func:`_values_kernel` accumulates
-``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with tensor-core dot products, split over
-tokens; the codebook product ``@ E`` happens once per step. The softmax runs over the compressed
-scores and the full-precision window together. References: :mod:`commvq.kernels.reference`.
+Keys (default ``regdecode16``): :func:`_scores_regdecode_kernel` reads each token's packed codes and,
+per KV head, sums in fp32 registers the 2R rows of the layer's decode tables ``M [2E, D]`` (fp16,
+built once per codebook by :func:`prepare_tables`) that its codes select, rotates each pair once by
+the token's angle, scales by its prescale and dots the result with the ``g`` query heads of that KV
+head: the key never reaches memory. ``trick``: :func:`_scores_kernel`, the commutative trick with
+per-step tables ``u[h, r, e] = q_j . M(a_{h,r,e})`` per query head (the same scores, gathering g
+times more; about 40x slower on an H100, kept as a cross-check). Values: :func:`_values_kernel`
+accumulates ``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with tensor-core dot products,
+split over tokens; the codebook product ``@ E`` happens once per step. The softmax runs over the
+compressed scores and the full-precision window together. References: :mod:`commvq.kernels.reference`;
+timings: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
     tl.store(out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None], score * scale,
              mask=tmask[:, None] & (j[None, :] < G))
 
+
 @triton.jit
 def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
                    HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
@@ -133,6 +138,7 @@ def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_p
         w = (p * f[None, :]).to(tl.float16)  # [HQP, BK]
         acc += tl.dot(w, signs)
     tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
+
 
 def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None) -> torch.Tensor:
     """``u [B, Hkv, R, E, GP*D]`` (fp32): per KV head, stage and entry, the two components
@@ -220,7 +226,7 @@ def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torc
     while nbits % bf and bf > 16:
         bf //= 2
     if tokens_per_prog is None:
-        splits = max(1, 512 // max(1, nbits // bf // max(1, b)))
+        splits = max(1, 512 // ((nbits // bf) * b))  # programs = splits x bit blocks x batch
         tokens_per_prog = max(block_tokens, triton.cdiv(triton.cdiv(n, splits), block_tokens) * block_tokens)
     splits = max(1, triton.cdiv(n, tokens_per_prog))
     part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
