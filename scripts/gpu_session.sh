@@ -2,12 +2,7 @@
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
 # Usage: bash scripts/gpu_session.sh [what ...]   what: tests decode_tests breakdown decode generate em_* e2e_* collect
 set -uo pipefail
-export PYTHONPATH=$PWD/src:$PWD/benchmarks:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
+. scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 for what in "$@"; do
@@ -26,6 +21,6 @@ for what in "$@"; do
     em_tune) python3 benchmarks/em_layer.py --tune --residuals 1 --max_iters 3 --ref_iters 0 2>&1 | tee "$OUT/em_tune.log" | tail -40 ;;
     em_full) python3 benchmarks/em_layer.py --ref_iters 5 2>&1 | tee "$OUT/em_full.log" | tail -16 ;;
     collect) python3 benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --tokens 32768 --out_dir /dev/shm 2>&1 | grep -v "it/s\]\|tok/s\]" | tee "$OUT/collect_shm.log" | tail -6
-             python3 benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --tokens 32768 --out_dir /tmp 2>&1 | grep -v "it/s\]\|tok/s\]" | tee "$OUT/collect_disk.log" | tail -6 ;;
+             python3 benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --tokens 32768 --out_dir "$DEV" 2>&1 | grep -v "it/s\]\|tok/s\]" | tee "$OUT/collect_disk.log" | tail -6 ;;
   esac
 done

