@@ -115,13 +115,17 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
             "speedup_vs_naive": t_naive / t_ours}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="8192,32768,131072")
+def parse_args(doc: str, contexts: str) -> tuple[argparse.Namespace, torch.device]:
+    """The options the decode benchmarks share, and the device they run on."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--contexts", default=contexts)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--small", action="store_true")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return ap.parse_args(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main() -> None:
+    args, device = parse_args(__doc__, "8192,32768,131072")
     hq, hkv, d, window = (32, 8, 128, 128) if not args.small else (4, 2, 16, 8)
     contexts = [int(c) for c in args.contexts.split(",")] if not args.small else [64, 200]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -11,7 +11,6 @@ Prints a table and a last JSON line (``--small``: tiny shapes, a smoke test for 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 
@@ -22,7 +21,7 @@ try:
 except ImportError:
     from benchmarks._meta import commit_id
 import torch.nn.functional as F
-from decode_attention import make_state, timed
+from decode_attention import make_state, parse_args, timed
 
 from commvq import rope
 from commvq.kernels import decode
@@ -69,12 +68,7 @@ def measure(batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cf
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--contexts", default="32768,131072")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--small", action="store_true")
-    args = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args, device = parse_args(__doc__, "32768,131072")
     hq, hkv, d = (32, 8, 128) if not args.small else (4, 2, 16)
     contexts = [int(c) for c in args.contexts.split(",")] if not args.small else [100]
     freqs = rope.inv_freq(d, 5e5).to(device)
