@@ -72,35 +72,19 @@ class DenseValues:
         return probs.float() @ _gqa(_heads_first(block["v"]).float(), probs.shape[1])
 
 
-def _kivi_store(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> dict[str, torch.Tensor]:
-    """Quantize ``x [B, n, H, D]`` in groups of ``group`` tokens per channel (keys) or of ``group``
-    channels per token (values). Stored: packed codes ``[B, n, H, D*bits/8]``, and 16-bit minima
-    and steps ``[B, n/group, H, D]`` (keys) or ``[B, n, H, D/group]`` (values)."""
-    b, n, h, d = x.shape
-    if per_channel:
-        g = x.float().reshape(b, n // group, group, h, d)
-        red = 2
-    else:
-        g = x.float().reshape(b, n, h, d // group, group)
-        red = 4
-    lo, hi = g.amin(red, keepdim=True), g.amax(red, keepdim=True)
-    step = ((hi - lo) / (2**bits - 1)).clamp_min(1e-8)
-    codes = ((g - lo) / step).round().clamp(0, 2**bits - 1).to(torch.uint8).reshape(b, n, h, d)
-    return {"codes": pack_codes(codes, bits), "lo": lo.squeeze(red).half(), "step": step.squeeze(red).half()}
+def _kivi_store(x: torch.Tensor, bits: int, group: int, dim: int) -> dict[str, torch.Tensor]:
+    """Quantize ``x [B, n, H, D]`` in groups of ``group`` tokens per channel (keys, ``dim=1``) or of
+    ``group`` channels per token (values, ``dim=-1``). Stored: packed codes ``[B, n, H, D*bits/8]``,
+    and 16-bit minima and steps ``[B, n/group, H, D]`` (keys) or ``[B, n, H, D/group]`` (values)."""
+    codes, lo, step = kivi.quantize(x, bits, group, dim)
+    return {"codes": pack_codes(codes, bits), "lo": lo.half(), "step": step.half()}
 
 
-def _kivi_load(store: dict, bits: int, group: int, per_channel: bool) -> torch.Tensor:
+def _kivi_load(store: dict, bits: int, group: int, dim: int) -> torch.Tensor:
     """Dequantize a :func:`_kivi_store` block back to ``[B, n, H, D]``."""
     packed = store["codes"]
-    b, n, h = packed.shape[:3]
-    d = packed.shape[-1] * 8 // bits
-    codes = unpack_codes(packed, d, bits).float()
-    lo, step = store["lo"].float(), store["step"].float()
-    if per_channel:
-        g = codes.reshape(b, n // group, group, h, d)
-        return (g * step[:, :, None] + lo[:, :, None]).reshape(b, n, h, d)
-    g = codes.reshape(b, n, h, d // group, group)
-    return (g * step[..., None] + lo[..., None]).reshape(b, n, h, d)
+    codes = unpack_codes(packed, packed.shape[-1] * 8 // bits, bits)
+    return kivi.dequantize(codes, store["lo"], store["step"], group, dim)
 
 
 class KiviKeys:
@@ -116,10 +100,10 @@ class KiviKeys:
         x = k.transpose(1, 2)  # [B, n, H, D]
         if x.shape[1] % self.group:
             raise ValueError(f"KIVI keys need blocks of a multiple of {self.group} tokens (got {x.shape[1]})")
-        return _kivi_store(x, self.bits_, self.group, per_channel=True)
+        return _kivi_store(x, self.bits_, self.group, dim=1)
 
     def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
-        k = _kivi_load(block, self.bits_, self.group, per_channel=True)
+        k = _kivi_load(block, self.bits_, self.group, dim=1)
         return q.float() @ _gqa(_heads_first(k), q.shape[1]).transpose(-1, -2)
 
 
@@ -134,11 +118,11 @@ class KiviValues:
 
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         x = v.transpose(1, 2)
-        return _kivi_store(x, self.bits_, min(self.group, x.shape[-1]), per_channel=False)
+        return _kivi_store(x, self.bits_, min(self.group, x.shape[-1]), dim=-1)
 
     def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
         d = block["codes"].shape[-1] * 8 // self.bits_
-        v = _kivi_load(block, self.bits_, min(self.group, d), per_channel=False)
+        v = _kivi_load(block, self.bits_, min(self.group, d), dim=-1)
         return probs.float() @ _gqa(_heads_first(v), probs.shape[1])
 
 
