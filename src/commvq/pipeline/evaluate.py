@@ -37,8 +37,7 @@ def _floats(text: str) -> list[float]:
 @dataclass(frozen=True)
 class EvalConfig:
     suite: str = option("compare", "ppl, passkey, needle or compare (all three)", positional=True)
-    methods: str = option("fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1",
-                          "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq")
+    methods: str = option(meth.ALL, "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq")
     workdir: Path = option(Path("runs/embedded"), "folder holding codebook_*/ and value_codec_*/")
     key_dir: Path | None = option(None, "codebooks for method 'commvq'")
     value_dir: Path | None = option(None, "value codec for method 'commvq'")

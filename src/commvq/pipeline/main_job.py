@@ -17,7 +17,7 @@ from pathlib import Path
 from commvq import io
 from commvq.config import option
 from commvq.integrations.hf.loader import load_model
-from commvq.pipeline import collect, compare, evaluate, scale, train_keys, train_values
+from commvq.pipeline import collect, compare, evaluate, methods, scale, train_keys, train_values
 from commvq.quant.residual import residuals_for_bits
 
 log = logging.getLogger("commvq")
@@ -37,7 +37,7 @@ class PipelineConfig:
     value_steps: int = option(60, "value codec training steps")
     value_seq_length: int = option(512, "tokens per sequence for value training")
     bits: str = option("2,1", "bit widths to build (comma list of 1 and 2)")
-    eval_methods: str = option("fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1", "methods to compare")
+    eval_methods: str = option(methods.ALL, "methods to compare")
     ppl_tokens: int = option(1024, "tokens per held-out document for perplexity")
     lengths: str = option("512,1024", "passkey / needle context lengths")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")

@@ -11,6 +11,7 @@ from typing import Any
 from commvq import io
 
 BASELINES = ("fp16", "kivi2", "kivi1")
+ALL = "fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1"  # every named method, in table order
 
 
 @dataclass(frozen=True)
