@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Where the time of one key-codebook training step goes, per GPU kernel (torch profiler).
+
+    python benchmarks/train_profile.py [--what em,e2e] [--num_samples 1000000] [--steps 20]
+
+``em``: one fused E-step (all heads) at Llama-3.1-8B shapes on synthetic key-like data, plus the
+rest of an iteration (M-step). ``e2e``: one E2E optimizer step (batch 256, R stages), uncaptured
+so the profiler sees every kernel, and the same step replayed from its CUDA graph, timed. Prints a
+table per part (kernel, calls per step, microseconds per step) and a last JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+
+import torch
+
+try:
+    from _meta import commit_id
+    from em_layer import synthetic_keys
+except ImportError:
+    from benchmarks._meta import commit_id
+    from benchmarks.em_layer import synthetic_keys
+
+from commvq.quant import e2e, em
+from commvq.quant.residual import normalize
+
+
+def kernel_table(fn, steps: int, title: str, top: int = 25) -> dict[str, float]:
+    """Run ``fn`` ``steps`` times under the profiler; print and return microseconds per step by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    calls = defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name] += ev.device_time / steps
+            calls[ev.name] += 1
+    total = sum(per.values())
+    print(f"\n{title}: {total:.1f} us of kernels per step, {sum(calls.values()) / steps:.0f} kernels per step")
+    print(f"{'kernel':<70}{'calls':>7}{'us/step':>10}")
+    for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{name[:69]:<70}{calls[name] / steps:>7.1f}{us:>10.1f}")
+    return {"total_us": round(total, 1), "kernels_per_step": sum(calls.values()) / steps}
+
+
+def wall(fn, steps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e6
+
+
+def profile_em(x, s, steps: int) -> dict:
+    from commvq.kernels.em_estep import e_step_triton
+
+    g = torch.Generator(device=x.device).manual_seed(1)
+    out = {}
+    for tau in (1e-3, 1e-4):
+        theta = torch.randn(x.shape[0], 128, x.shape[2] // 2, device=x.device, generator=g) * 0.05
+
+        def one(theta=theta, tau=tau):
+            em.m_step(e_step_triton(x, s, theta, tau))
+
+        out[f"tau{tau:g}"] = kernel_table(one, steps, f"EM iteration (E-step + M-step), tau {tau:g}")
+        out[f"tau{tau:g}"]["wall_us"] = round(wall(one, steps), 1)
+        print(f"wall time per iteration: {out[f'tau{tau:g}']['wall_us']:.0f} us")
+    return out
+
+
+def profile_e2e(x, steps: int, residuals: int, batch: int) -> dict:
+    from commvq.kernels.encode import encode_triton
+
+    thetas = e2e.init_random(x, residuals, 64, torch.Generator().manual_seed(0))
+    out = {}
+    for graphs in (False, True):
+        params = torch.nn.Parameter(thetas.clone())
+        lr = torch.tensor(1e-3, device=x.device)
+        opt = torch.optim.Adam([params], lr=lr, capturable=True)
+        settings = e2e.E2ESettings(batch_size=batch, cuda_graphs=graphs, encode_fn=encode_triton)
+        w = e2e.pair_weight_vector(None, x.shape[0], x.shape[2], x.device, x.dtype)
+        step = e2e._Step(params, opt, w, settings, (x.shape[0], batch, x.shape[2]))
+        key = "graph" if graphs else "eager"
+
+        def one(step=step, batch_x=x[:, :batch]):
+            step(batch_x)
+
+        out[key] = kernel_table(one, steps, "E2E step, eager") if not graphs else {}
+        out[key]["wall_us"] = round(wall(one, steps * 10), 1)
+        print(f"E2E step wall time ({key}): {out[key]['wall_us']:.0f} us")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--what", default="em,e2e")
+    ap.add_argument("--num_samples", type=int, default=1_000_000)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head_dim", type=int, default=128)
+    ap.add_argument("--residuals", type=int, default=21)
+    ap.add_argument("--batch_size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim), args.heads)
+    result = {"bench": "train_profile", "card": torch.cuda.get_device_name(), "commit": commit_id()}
+    if "em" in args.what:
+        result["em"] = profile_em(x, s, args.steps)
+    if "e2e" in args.what:
+        result["e2e"] = profile_e2e(x, args.steps * 4, args.residuals, args.batch_size)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
