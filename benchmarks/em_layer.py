@@ -77,26 +77,25 @@ def reference_style_stage0(x: torch.Tensor, s: torch.Tensor, iters: int, seed: i
 
 
 def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
-    """Time one fused E-step for a few kernel configurations; set and return the fastest."""
+    """Time one unpruned fused E-step for a few kernel configurations; set and return the fastest."""
     import itertools
 
     from commvq.kernels import em_estep as k
 
     theta = torch.randn(x.shape[0], 128, x.shape[2] // 2, device=x.device) * 0.05
     results = []
-    for bt_a, w_a, bt_b, w_b in itertools.product((16, 32, 64), (4, 8), (32, 64), (4, 8)):
-        k.BT_A, k.WARPS_A, k.BT_B, k.WARPS_B = bt_a, w_a, bt_b, w_b
-        k.e_step_triton(x, s, theta, 1e-3)  # compile
+    for bt, warps in itertools.product((16, 32, 64), (2, 4, 8)):
+        k.BT, k.WARPS = bt, warps
+        k.e_step_triton(x, s, theta, 1e-3, prune=False)  # compile
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(2):
-            k.e_step_triton(x, s, theta, 1e-3)
+            k.e_step_triton(x, s, theta, 1e-3, prune=False)
         torch.cuda.synchronize()
-        results.append(((time.perf_counter() - t0) / 2, (bt_a, w_a, bt_b, w_b)))
-        ms = results[-1][0] * 1e3
-        print(f"tune BT_A {bt_a:3d} warps {w_a}  BT_B {bt_b:3d} warps {w_b}: {ms:8.1f} ms", flush=True)
+        results.append(((time.perf_counter() - t0) / 2, (bt, warps)))
+        print(f"tune BT {bt:3d} warps {warps}: {results[-1][0] * 1e3:8.1f} ms", flush=True)
     best = min(results)
-    k.BT_A, k.WARPS_A, k.BT_B, k.WARPS_B = best[1]
+    k.BT, k.WARPS = best[1]
     return {"best_ms": best[0] * 1e3, "config": best[1]}
 
 
@@ -111,11 +110,20 @@ def main() -> None:
     ap.add_argument("--estep", choices=("triton", "torch"), default="triton")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune", action="store_true", help="try kernel block sizes first and use the fastest")
+    ap.add_argument("--no_prune", action="store_true", help="evaluate every row of the distance table")
     args = ap.parse_args()
 
     from commvq.kernels.em_estep import e_step_triton
 
-    estep = e_step_triton if args.estep == "triton" else em.e_step
+    work = []
+
+    def estep(*a, **kw):
+        if args.estep == "torch":
+            return em.e_step(*a, **kw)
+        stats = e_step_triton(*a, **kw, prune=not args.no_prune)
+        work.append(stats.work)
+        return stats
+
     k = synthetic_keys(args.num_samples, args.heads, args.head_dim, args.seed)
     x, s = normalize(k, args.heads)
     del k
@@ -154,6 +162,8 @@ def main() -> None:
     print(f"{'what':<44}{'value':>14}")
     print(f"{'seconds per layer (all heads, all stages)':<44}{seconds:>14.1f}")
     print(f"{'EM iterations run (sum over heads, stages)':<44}{total_iters:>14d}")
+    mean_work = sum(work) / len(work) if work else 1.0
+    print(f"{'share of distance-table rows evaluated':<44}{mean_work:>14.3f}")
     print(f"{'peak GPU memory during training (GiB)':<44}{peak:>14.2f}")
     print(f"{'peak GPU memory incl. data (GiB)':<44}{peak_total:>14.2f}")
     print(f"{'final MSE (original scale, mean of heads)':<44}{final:>14.6f}")
@@ -164,6 +174,7 @@ def main() -> None:
     print(f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)")
     print(json.dumps({"bench": "em_layer", "card": card, "num_samples": args.num_samples, "heads": args.heads,
                       "head_dim": args.head_dim, "residuals": args.residuals, "estep": args.estep,
+                      "pruned": not args.no_prune, "rows_evaluated": mean_work,
                       "seconds_per_layer": round(seconds, 2), "total_iters": total_iters,
                       "peak_gib": round(peak, 3), "peak_total_gib": round(peak_total, 3), "final_mse": final,
                       "relative_mse": rel, "ours_iter_s": ours_iter_s, "ref_iter_s_per_head": ref_iter_s,

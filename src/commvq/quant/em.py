@@ -48,6 +48,8 @@ class EStats:
     sum_b: torch.Tensor  # [H, E, D] sum_t (sum_A gamma_tAB) x_t
     sum_xx: torch.Tensor  # [H] sum_t |x_t|^2
     hard_sqerr: torch.Tensor  # [H] sum_t s_t^2 |x_t - c_hard(t)|^2 (original scale)
+    hard: torch.Tensor | None = None  # [H, N] hard codes, a sorting hint for the next E-step
+    work: float | None = None  # share of the distance table a pruned E-step evaluated
 
 
 def stage_factor(stage: int, every: int = 4) -> float:
@@ -119,13 +121,18 @@ def _accumulate(stats: EStats, d2: torch.Tensor, x: torch.Tensor, s: torch.Tenso
     stats.hard_sqerr += (hard_err.double() * s.double() ** 2).sum(-1)
 
 
-def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192) -> EStats:
-    """E-step against the structured codebooks ``theta [H, 2E, P]`` (pure torch, chunked)."""
+def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
+           hint: torch.Tensor | None = None) -> EStats:
+    """E-step against the structured codebooks ``theta [H, 2E, P]`` (pure torch, chunked).
+
+    ``hint`` (a fused kernel's token-order hint) is not needed here.
+    """
     w, n, g = search_tables(theta)
     h, big_n, d = x.shape
     e = n.shape[-1]
     n = n[:, None]
     stats = _empty_stats(h, e, d, x.device)
+    hards = []
     for i in range(0, big_n, chunk):
         xc, sc = x[:, i:i + chunk], s[i:i + chunk]
         uv = xc @ w
@@ -133,8 +140,10 @@ def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, ch
         d2 = ((n - 2 * uv[..., :e])[..., :, None] + (n - 2 * uv[..., e:])[..., None, :] + g[:, None]).flatten(-2)
         d2 = d2 + xx[..., None]
         hard = d2.argmin(-1)
+        hards.append(hard)
         err = ((xc - decode(theta, hard)) ** 2).sum(-1)
         _accumulate(stats, d2, xc, sc, tau, err)
+    stats.hard = torch.cat(hards, 1) if hards else None
     return stats
 
 
@@ -145,16 +154,19 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
     e = math.isqrt(centers.shape[1])
     stats = _empty_stats(h, e, d, x.device)
     cc = (centers * centers).sum(-1)
+    hards = []
     for i in range(0, big_n, chunk):
         xc, sc = x[:, i:i + chunk], s[i:i + chunk]
         d2 = (xc * xc).sum(-1, keepdim=True) - 2 * xc @ centers.transpose(-1, -2) + cc[:, None]
         hard = d2.argmin(-1)
+        hards.append(hard)
         err = ((xc - torch.gather(centers, 1, hard[..., None].expand(-1, -1, d))) ** 2).sum(-1)
         _accumulate(stats, d2, xc, sc, tau, err)
+    stats.hard = torch.cat(hards, 1) if hards else None
     return stats
 
 
-EStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float, int], EStats]
+EStep = Callable[..., EStats]  # (x, s, theta, tau, chunk, hint) -> EStats, as e_step
 
 
 @dataclass
@@ -170,7 +182,9 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     h, big_n, d = x.shape
     idx = torch.randint(0, big_n, (h, num_entries**2), generator=generator).to(x.device)
     centers = torch.gather(x, 1, idx[..., None].expand(-1, -1, d))
-    theta = m_step(e_step_centers(x, s, centers, 1.0, settings.chunk), settings.eps, x.dtype)
+    init = e_step_centers(x, s, centers, 1.0, settings.chunk)
+    theta = m_step(init, settings.eps, x.dtype)
+    hint = init.hard.to(torch.int32)  # tokens of one free center tend to share a cell
     c = stage_factor(stage, settings.decay_every)
     best_mse = torch.full((h,), math.inf, dtype=torch.float64)
     best_theta = theta.clone()
@@ -178,7 +192,9 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     active = torch.arange(h)
     for step in range(settings.max_iters):
         tau = temperature(step, settings.max_iters, settings.temp_start * c, settings.temp_end * c)
-        stats = estep(x[active], s, theta[active], tau, settings.chunk)
+        stats = estep(x[active], s, theta[active], tau, settings.chunk, hint[active])
+        if stats.hard is not None:
+            hint[active] = stats.hard.to(torch.int32)
         mse = stats.hard_sqerr.cpu() / (big_n * d)
         iters[active] += 1
         better = mse < best_mse[active]
