@@ -103,9 +103,28 @@ def profile_e2e(x, steps: int, residuals: int, batch: int) -> dict:
     return out
 
 
+def tune_encode(x, residuals: int, batch: int) -> dict:
+    """Greedy-encode time of one batch for a few block sizes of the encoder kernel (microseconds)."""
+    import itertools
+
+    from commvq.kernels import encode as enc
+
+    thetas = e2e.init_random(x, residuals, 64, torch.Generator().manual_seed(0))
+    xb = x[:, :batch].contiguous()
+    keep = enc.BT, enc.WARPS
+    out = {}
+    for bt, warps in itertools.product((16, 32), (1, 2, 4, 8)):
+        enc.BT, enc.WARPS = bt, warps
+        us = wall(lambda: enc.encode_triton(xb, thetas, residuals=True), 50)
+        out[f"BT{bt}_W{warps}"] = round(us, 1)
+        print(f"encode batch {batch}: BT {bt:3d} warps {warps}: {us:8.1f} us", flush=True)
+    enc.BT, enc.WARPS = keep
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--what", default="em,e2e")
+    ap.add_argument("--what", default="em,e2e,encode")
     ap.add_argument("--num_samples", type=int, default=1_000_000)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head_dim", type=int, default=128)
@@ -119,6 +138,8 @@ def main() -> None:
         result["em"] = profile_em(x, s, args.steps)
     if "e2e" in args.what:
         result["e2e"] = profile_e2e(x, args.steps * 4, args.residuals, args.batch_size)
+    if "encode" in args.what:
+        result["encode"] = tune_encode(x, args.residuals, args.batch_size)
     print(json.dumps(result))
 
 

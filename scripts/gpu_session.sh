@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
-# Usage: bash scripts/gpu_session.sh [what ...]   what: tests decode_tests breakdown decode generate em_* e2e_* collect
+# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests profile decode_tests breakdown decode generate em_* e2e_* collect
 set -uo pipefail
 . scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -9,6 +9,8 @@ for what in "$@"; do
   case $what in
     decode_tests) python3 -m pytest -q -x tests/kernels/test_decode.py tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -5 ;;
     tests) python3 -m pytest -q -x tests/kernels tests/pipeline/test_collect.py tests/quant tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
+    train_tests) python3 -m pytest -q -x tests/kernels/test_em_estep.py tests/kernels/test_encode.py tests/quant -m gpu 2>&1 | tee "$OUT/train_tests.log" | tail -5 ;;
+    profile) python3 benchmarks/train_profile.py --steps 3 2>&1 | tee "$OUT/train_profile.log" | grep -v "^{" | tail -120 ;;
     breakdown) python3 benchmarks/decode_breakdown.py 2>&1 | tee "$OUT/breakdown.log" | grep -v "^{" | tail -80 ;;
     decode) python3 benchmarks/decode_attention.py 2>&1 | tee "$OUT/decode.log" | tail -12 ;;
     decode8) python3 benchmarks/decode_attention.py --batch 8 2>&1 | tee "$OUT/decode8.log" | tail -12 ;;

@@ -29,6 +29,10 @@ def _compare(device, cases):
         err_got = ((x.double() - rs.decode(got, thetas.double())) ** 2).sum()
         err_want = ((x.double() - rs.decode(want, thetas.double())) ** 2).sum()
         assert abs(float(err_got / err_want) - 1) < 1e-4
+        codes, res = encode_triton(x, thetas, residuals=True)
+        assert torch.equal(codes, got) and res.shape == (r, h, n, d)
+        want_res = x.double() - torch.cumsum(rs.stage_decodes(codes, thetas.double()), 0)
+        assert float((res.double() - want_res).abs().max()) < 1e-4
 
 
 @pytest.mark.gpu

@@ -28,6 +28,22 @@ def test_losses_definition():
     assert torch.allclose(commit, want)
 
 
+def test_closed_form_gradient_equals_autograd():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 16, generator=g, dtype=torch.float64)
+    thetas = torch.randn(3, 4, 16, 8, generator=g, dtype=torch.float64) * 0.3
+    w = torch.rand(3, 1, 16, generator=g, dtype=torch.float64) + 0.5
+    codes, res = rs.encode(x, thetas, residuals=True)
+    assert torch.allclose(res[-1], x - rs.decode(codes, thetas))
+    assert torch.allclose(res, x - torch.cumsum(rs.stage_decodes(codes, thetas), 0))
+    p = thetas.clone().requires_grad_(True)
+    recon, commit = e2e.losses(x, p, codes, w)
+    (recon + 0.3 * commit).backward()
+    recon2, commit2, grad = e2e.loss_and_grad(x, thetas, codes, res, w, 0.3)
+    assert torch.allclose(recon2, recon.detach()) and torch.allclose(commit2, commit.detach())
+    assert torch.allclose(grad, p.grad, rtol=1e-10, atol=1e-14)
+
+
 def test_gradient_steps_keep_the_commutative_structure():
     x, s = _data()
     thetas0 = e2e.init_random(x, 3, 4, torch.Generator().manual_seed(0))

@@ -18,8 +18,8 @@ from commvq.quant.commutative import decode_table, search_tables
 
 
 @triton.jit
-def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, T, R,
-                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr):
+def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr, T, R,
+                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, STORE_RES: tl.constexpr):
     h = tl.program_id(1)
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
@@ -50,6 +50,9 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, T, R,
         rows_b = tl.load(m_ptr + (hr * 2 * E + E + bstar[:, None]) * D + dcol[None, :])
         res = res - rows_a - rows_b
         tl.store(codes_ptr + (h * T + t) * R + r, astar * E + bstar, mask=tmask)
+        if STORE_RES:
+            tl.store(res_ptr + ((r * tl.num_programs(1) + h) * T + t[:, None]) * D + dcol[None, :], res,
+                     mask=tmask[:, None])
         tl.debug_barrier()
 
 
@@ -57,8 +60,10 @@ BT = 16
 WARPS = 4
 
 
-def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-    """Codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` with ``thetas [H, R, 2E, P]``."""
+def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0,
+                  residuals: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` with ``thetas [H, R, 2E, P]``; with
+    ``residuals=True`` also what each stage leaves, ``[R, H, N, D]`` (as the torch encoder)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("encode_triton needs CUDA tensors")
     h, t, d = x.shape
@@ -70,5 +75,7 @@ def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0) -> torc
     blocks = triton.cdiv(t, BT)
     uv = torch.empty(h * blocks * BT, 2 * e, device=x.device, dtype=torch.float32)
     codes = torch.empty(h, t, r, device=x.device, dtype=torch.int32)
-    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, t, r, D=d, E=e, BT=BT, num_warps=WARPS)
-    return codes.long()
+    res = torch.empty(r if residuals else 1, h, t, d, device=x.device, dtype=torch.float32)
+    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=BT,
+                                STORE_RES=residuals, num_warps=WARPS)
+    return (codes.long(), res) if residuals else codes.long()

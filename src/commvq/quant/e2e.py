@@ -11,9 +11,12 @@ normalized by the batch's key energy (scale-free, same optimum as the plain MSE)
 
 ``|.|_w`` weighs RoPE pair ``f`` of head ``h`` by ``w[h, f]`` (all ones for ``objective=mse``;
 the mean query energy ``E|q_f|^2`` for ``objective=attention``, which makes Recon the
-rotation-averaged attention-logit error). Adam with a cosine schedule and gradient clipping;
-a held-out split picks the best epoch (epoch 0 = the initialization). On CUDA one training step
-is captured in a CUDA graph and replayed.
+rotation-averaged attention-logit error). The gradient is taken in closed form from the stage
+residuals the encoder leaves (:func:`loss_and_grad`; :func:`losses` is the autograd reference):
+with ``e_r = x - sum_{j<=r} c_j``, ``dLoss/dc_r = -2 w (e_R + commit_weight/R * e_r) / energy``,
+gathered into the table rows by a one-hot matmul. Adam with a cosine schedule and gradient
+clipping; a held-out split picks the best epoch (epoch 0 = the initialization). On CUDA one
+training step is captured in a CUDA graph and replayed.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from commvq.quant.commutative import nearest
+from commvq.quant.commutative import join_theta, nearest
 from commvq.quant.em import EStats, m_step
-from commvq.quant.residual import encode, stage_decodes
+from commvq.quant.residual import code_onehot, encode, stage_decodes
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class E2ESettings:
     max_bad_fraction: float = 0.5  # an epoch with more non-finite batches than this stops training
     cuda_graphs: bool = True
     eval_chunk: int = 8192
-    encode_fn: Callable | None = None  # a fused greedy encoder ``(x, thetas) -> codes`` (default: pure torch)
+    encode_fn: Callable | None = None  # a fused greedy encoder like residual.encode (default: pure torch)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -66,6 +69,26 @@ def losses(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor,
     targets = (x - before).detach()
     commit = ((targets - stages) ** 2 * w).sum() / (energy * stages.shape[0])
     return recon, commit
+
+
+def loss_and_grad(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, residuals: torch.Tensor,
+                  w: torch.Tensor, commit_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(recon, commit, d(recon + commit_weight * commit)/d thetas)`` without autograd.
+
+    ``residuals [R, H, B, D]`` are what the greedy encoder left after each stage of ``codes``;
+    the gradient equals autograd's through :func:`losses` (same codes).
+    """
+    r, e, p = thetas.shape[1], thetas.shape[2] // 2, thetas.shape[3]
+    energy = (x * x * w).sum()
+    last = residuals[-1]
+    recon = (last * last * w).sum() / energy
+    commit = (residuals * residuals * w).sum() / (energy * r)
+    g = (residuals * (commit_weight / r) + last) * (w * (-2.0 / energy))  # dLoss/dc_r, [R, H, B, D]
+    dm = code_onehot(codes, e, g.dtype).transpose(-1, -2) @ g  # [R, H, 2E, D], d/d decode_table
+    # decode_table rows A: [R_A | I_A], rows E + B: [-I_B | R_B]
+    d_re = dm[..., :e, :p] + dm[..., e:, p:]
+    d_im = dm[..., :e, p:] - dm[..., e:, :p]
+    return recon, commit, join_theta(d_re, d_im).transpose(0, 1)
 
 
 def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192,
@@ -168,25 +191,29 @@ class _Step:
                  settings: E2ESettings, shape: tuple[int, int, int]) -> None:
         self.params, self.opt, self.w, self.settings = params, opt, w, settings
         self.xb = torch.zeros(shape, device=params.device, dtype=params.dtype)
+        self.sums = torch.zeros(4, device=params.device, dtype=torch.float64)  # loss, recon, commit, bad
+        params.grad = torch.zeros_like(params)
         self.graph = None
         if settings.cuda_graphs and params.is_cuda:
             self._capture()
 
-    def _body(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _body(self) -> None:
+        settings = self.settings
         with torch.no_grad():
-            encode_fn = self.settings.encode_fn
             thetas = self.params.detach()
-            codes = encode_fn(self.xb, thetas) if encode_fn else encode(self.xb, thetas, self.xb.shape[1])
-        recon, commit = losses(self.xb, self.params, codes, self.w)
-        loss = recon + self.settings.commit_weight * commit
-        self.opt.zero_grad(set_to_none=False)
-        loss.backward()
-        finite = torch.isfinite(loss)
-        self.params.grad.mul_(finite)  # a non-finite batch moves nothing but the moments
-        self.params.grad.nan_to_num_(0.0, 0.0, 0.0)
-        torch.nn.utils.clip_grad_norm_([self.params], self.settings.clip)
+            if settings.encode_fn:
+                codes, res = settings.encode_fn(self.xb, thetas, residuals=True)
+            else:
+                codes, res = encode(self.xb, thetas, self.xb.shape[1], residuals=True)
+            recon, commit, grad = loss_and_grad(self.xb, thetas, codes, res, self.w, settings.commit_weight)
+            loss = recon + settings.commit_weight * commit
+            finite = torch.isfinite(loss)
+            # a non-finite batch moves nothing but the moments
+            self.params.grad.copy_(torch.nan_to_num(grad * finite, 0.0, 0.0, 0.0))
+            values = torch.stack((loss, recon, commit)).double().nan_to_num(0.0, 0.0, 0.0) * finite
+            self.sums += torch.cat((values, (~finite).double()[None]))
+        torch.nn.utils.clip_grad_norm_([self.params], settings.clip)
         self.opt.step()
-        return loss.detach(), recon.detach(), commit.detach(), ~finite
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -198,20 +225,27 @@ class _Step:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = self._body()
+            self._body()
         with torch.no_grad():  # undo the warm-up steps: start values, fresh optimizer state
             self.params.copy_(start)
+            self.sums.zero_()
             for state in self.opt.state.values():
                 for t in state.values():
                     if torch.is_tensor(t):
                         t.zero_()
 
-    def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __call__(self, batch: torch.Tensor) -> None:
+        """One step on ``batch``; its loss, recon, commit and non-finite flag add to ``sums``."""
         self.xb.copy_(batch)
         if self.graph is None:
-            return self._body()
-        self.graph.replay()
-        return self.out
+            self._body()
+        else:
+            self.graph.replay()
+
+    def take_sums(self) -> list[float]:
+        out = self.sums.tolist()
+        self.sums.zero_()
+        return out
 
 
 def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, settings: E2ESettings,
@@ -239,18 +273,15 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
     step = 0
     for epoch in range(1, settings.epochs + 1):
         perm = torch.randperm(n, generator=generator).to(x.device)
-        sums = torch.zeros(4, device=x.device, dtype=torch.float64)
         for i in range(steps_per_epoch):
             factor = 0.5 * (1 + math.cos(math.pi * step / total))
             if capturable:
                 lr.fill_(settings.lr * factor)
             else:
                 opt.param_groups[0]["lr"] = settings.lr * factor
-            out = torch.stack([t.double() for t in step_fn(x[:, perm[i * bs:(i + 1) * bs]])])
-            out[:3] = out[:3].nan_to_num(0.0, 0.0, 0.0) * (1 - out[3])
-            sums += out
+            step_fn(x[:, perm[i * bs:(i + 1) * bs]])
             step += 1
-        loss, recon, commit, bad = (sums / steps_per_epoch).tolist()
+        loss, recon, commit, bad = (v / steps_per_epoch for v in step_fn.take_sums())
         bad_batches = int(round(bad * steps_per_epoch))
         diverged = not math.isfinite(float(params.detach().abs().max()))
         if diverged or bad_batches > settings.max_bad_fraction * steps_per_epoch:

@@ -43,15 +43,23 @@ def normalize(k: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tens
     return to_heads(k.float() / s[:, None], num_heads), s
 
 
-def encode(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest) -> torch.Tensor:
-    """Greedy residual codes ``[H, N, R]`` of ``x [H, N, D]`` (``nearest_fn``: a fused kernel)."""
+def encode(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest,
+           residuals: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual codes ``[H, N, R]`` of ``x [H, N, D]`` (``nearest_fn``: a fused kernel).
+
+    ``residuals=True`` also returns what each stage leaves, ``[R, H, N, D]``:
+    ``x - sum_{j <= r} c_j``.
+    """
     residual = x.clone()
-    codes = []
+    codes, left = [], []
     for r in range(thetas.shape[1]):
         c = nearest_fn(residual, thetas[:, r], chunk)
         residual -= decode_stage(thetas[:, r], c)
         codes.append(c)
-    return torch.stack(codes, dim=-1)
+        if residuals:
+            left.append(residual.clone())
+    codes = torch.stack(codes, dim=-1)
+    return (codes, torch.stack(left)) if residuals else codes
 
 
 def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
@@ -62,13 +70,18 @@ def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def code_onehot(codes: torch.Tensor, num_entries: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[R, H, N, 2E]``: ones at ``A`` and ``E + B`` of each code ``A*E + B`` of ``codes [H, N, R]``."""
+    c = codes.long().permute(2, 0, 1)  # [R, H, N]
+    onehot = torch.zeros(*c.shape, 2 * num_entries, device=codes.device, dtype=dtype)
+    onehot.scatter_(-1, (c // num_entries)[..., None], 1.0)
+    onehot.scatter_(-1, (num_entries + c % num_entries)[..., None], 1.0)
+    return onehot
+
+
 def stage_decodes(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     """Each stage's codewords ``[R, H, N, D]``, as one batched one-hot matmul (differentiable)."""
-    e = thetas.shape[-2] // 2
-    c = codes.long().permute(2, 0, 1)  # [R, H, N]
-    onehot = torch.zeros(*c.shape, 2 * e, device=thetas.device, dtype=thetas.dtype)
-    onehot.scatter_(-1, (c // e)[..., None], 1.0)
-    onehot.scatter_(-1, (e + c % e)[..., None], 1.0)
+    onehot = code_onehot(codes, thetas.shape[-2] // 2, thetas.dtype)
     return onehot @ decode_table(thetas).transpose(0, 1)  # [R, H, N, 2E] @ [R, H, 2E, D]
 
 
