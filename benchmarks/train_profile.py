@@ -46,11 +46,13 @@ def kernel_table(fn, steps: int, title: str, top: int = 25) -> dict[str, float]:
             per[ev.name] += ev.device_time / steps
             calls[ev.name] += 1
     total = sum(per.values())
-    print(f"\n{title}: {total:.1f} us of kernels per step, {sum(calls.values()) / steps:.0f} kernels per step")
-    print(f"{'kernel':<70}{'calls':>7}{'us/step':>10}")
-    for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"{name[:69]:<70}{calls[name] / steps:>7.1f}{us:>10.1f}")
-    return {"total_us": round(total, 1), "kernels_per_step": sum(calls.values()) / steps}
+    if top:
+        print(f"\n{title}: {total:.1f} us of kernels per step, {sum(calls.values()) / steps:.0f} kernels per step")
+        print(f"{'kernel':<70}{'calls':>7}{'us/step':>10}")
+        for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"{name[:69]:<70}{calls[name] / steps:>7.1f}{us:>10.1f}")
+    return {"total_us": round(total, 1), "kernels_per_step": sum(calls.values()) / steps,
+            "by_kernel": {k: round(v, 1) for k, v in per.items()}}
 
 
 def wall(fn, steps: int) -> float:
@@ -115,9 +117,10 @@ def tune_encode(x, residuals: int, batch: int) -> dict:
     out = {}
     for bt, warps in itertools.product((16, 32), (1, 2, 4, 8)):
         enc.BT, enc.WARPS = bt, warps
-        us = wall(lambda: enc.encode_triton(xb, thetas, residuals=True), 50)
-        out[f"BT{bt}_W{warps}"] = round(us, 1)
-        print(f"encode batch {batch}: BT {bt:3d} warps {warps}: {us:8.1f} us", flush=True)
+        table = kernel_table(lambda: enc.encode_triton(xb, thetas, residuals=True), 20, "encode", top=0)
+        us = table["by_kernel"].get("_encode_kernel", float("nan"))
+        out[f"BT{bt}_W{warps}"] = us
+        print(f"encode kernel, batch {batch}: BT {bt:3d} warps {warps}: {us:8.1f} us", flush=True)
     enc.BT, enc.WARPS = keep
     return out
 

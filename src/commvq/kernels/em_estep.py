@@ -1,16 +1,17 @@
 """Fused, pruned EM E-step for commutative codebooks (Triton): the N x E^2 soft assignment never
-reaches memory, and table rows whose weights all underflow are skipped.
+reaches memory, and table columns whose weights all underflow are skipped.
 
 Per chunk of tokens, ``uv = x @ W`` (cuBLAS, fp32) gives the separable distance terms. One
 persistent kernel walks tiles of ``BT`` tokens, sorted by a hint (the previous iteration's hard
 codes) so that a tile holds tokens of the same or nearby cells. Per tile it walks each token's
-``E x E`` distance table: once for the row minima (hence the hard code and ``d_min``), then over
-the rows any token of the tile still needs for the weights ``exp((d_min - d) / tau)``, their sum
-``Z`` and the two marginals, then over the same rows for the soft counts ``N_AB``. A row is
-skipped when, for every token of the tile, its nearest codeword is farther than
-``d_min + PRUNE_CUT * tau``: all its weights are below ``exp(-PRUNE_CUT)``, which is zero in
-float32, so pruning changes no result. Soft counts accumulate in per-program partials summed in a
-fixed order (deterministic). The reference is :func:`commvq.quant.em.e_step`.
+``E x E`` distance table: once row by row, elementwise, for the column minima (hence the hard
+code and ``d_min``), then column by column over the columns any token of the tile still needs for
+the weights ``exp((d_min - d) / tau)``, their sum ``Z`` and the two marginals, then over the same
+columns for the soft counts ``N_AB``. A column ``B`` is skipped when, for every token of the
+tile, its nearest codeword in that column is farther than ``d_min + PRUNE_CUT * tau``: all its
+weights are below ``exp(-PRUNE_CUT)``, which is zero in float32, so pruning changes no result.
+Soft counts accumulate in per-program partials summed in a fixed order (deterministic). The
+reference is :func:`commvq.quant.em.e_step`.
 """
 
 from __future__ import annotations
@@ -29,72 +30,74 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 
 @triton.jit
-def _estep_kernel(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, scratch_ptr, dmin_ptr, z_ptr, marg_ptr, hard_ptr,
+def _estep_kernel(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scratch_ptr, dmin_ptr, z_ptr, marg_ptr, hard_ptr,
                   cnt_ptr, work_ptr, T, n_tiles, c, cut, tiles_per_prog, stride_uv_h, stride_uv_t,
                   E: tl.constexpr, BT: tl.constexpr):
     p = tl.program_id(0)
     h = tl.program_id(1)
     nprog = tl.num_programs(0)
-    b = tl.arange(0, E)
+    e = tl.arange(0, E)
     r = tl.arange(0, BT)
-    nb = tl.load(n_ptr + h * E + b)
-    scratch = scratch_ptr + (h * nprog + p) * E * BT  # row minima of the current tile, [E, BT]
+    ne = tl.load(n_ptr + h * E + e)
+    scratch = scratch_ptr + (h * nprog + p) * E * BT  # column minima of the current tile, [E, BT]
     cnt = cnt_ptr + (h * nprog + p) * E * E  # this program's soft counts
-    rows_done = 0
+    cols_done = 0
     for tile in range(p * tiles_per_prog, tl.minimum((p + 1) * tiles_per_prog, n_tiles)):
         i = tile * BT + r
         imask = i < T
         t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
         uv_t = uv_ptr + h * stride_uv_h + t * stride_uv_t
-        vb = nb[None, :] - 2.0 * tl.load(uv_t[:, None] + E + b[None, :], mask=imask[:, None], other=0.0)
         xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
-        best = tl.full([BT], float("inf"), tl.float32)
-        abest = tl.zeros([BT], tl.int32)
+        vb = ne[None, :] - 2.0 * tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+        # walk 1, row by row (A), elementwise over B: column minima and their rows (no reductions)
+        m = tl.full([BT, E], float("inf"), tl.float32)
+        am = tl.zeros([BT, E], tl.int32)
         for a in range(E):
             ua = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
-            rmin = tl.min(ua[:, None] + vb + tl.load(g_ptr + (h * E + a) * E + b)[None, :], axis=1)
-            tl.store(scratch + a * BT + r, rmin)
-            better = rmin < best
-            best = tl.where(better, rmin, best)
-            abest = tl.where(better, a, abest)
-        # B of the hard code: the first minimum of row A (flat argmin order, as torch's)
-        ua = xx + tl.load(n_ptr + h * E + abest) - 2.0 * tl.load(uv_t + abest, mask=imask, other=0.0)
-        row = ua[:, None] + vb + tl.load(g_ptr + (h * E + abest[:, None]) * E + b[None, :])
-        bbest = tl.argmin(row, axis=1)
+            d2 = ua[:, None] + vb + tl.load(g_ptr + (h * E + a) * E + e)[None, :]
+            better = d2 < m
+            m = tl.where(better, d2, m)
+            am = tl.where(better, a, am)
+        best = tl.min(m, axis=1)
+        bstar = tl.argmin(m, axis=1)
+        astar = tl.sum(tl.where(e[None, :] == bstar[:, None], am, 0), axis=1)
         dmin = tl.sqrt(tl.maximum(best, 0.0))
         lim = dmin + cut
         lim2 = lim * lim
+        tl.store(scratch + e[None, :] * BT + r[:, None], m)
         tl.debug_barrier()
-        gb = tl.zeros([BT, E], tl.float32)
-        for a in range(E):
-            keep = (tl.load(scratch + a * BT + r) <= lim2) & imask
-            wa = tl.zeros([BT], tl.float32)
+        # walks 2 and 3, column by column (B), elementwise over A, over the columns the tile needs
+        ua = xx[:, None] + ne[None, :] - 2.0 * tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
+        ga = tl.zeros([BT, E], tl.float32)
+        for b in range(E):
+            keep = (tl.load(scratch + b * BT + r) <= lim2) & imask
+            wb = tl.zeros([BT], tl.float32)
             if tl.max(keep.to(tl.int32), axis=0) > 0:
-                ua = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
-                d2 = ua[:, None] + vb + tl.load(g_ptr + (h * E + a) * E + b)[None, :]
+                vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(uv_t + E + b, mask=imask, other=0.0)
+                d2 = ua + vcol[:, None] + tl.load(gt_ptr + (h * E + b) * E + e)[None, :]
                 w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
-                gb += w
-                wa = tl.sum(w, axis=1)
-                rows_done += 1
-            tl.store(marg_ptr + (h * T + t) * (2 * E) + a, wa, mask=imask)
-        z = tl.sum(gb, axis=1)
+                ga += w
+                wb = tl.sum(w, axis=1)
+                cols_done += 1
+            tl.store(marg_ptr + (h * T + t) * (2 * E) + E + b, wb, mask=imask)
+        z = tl.sum(ga, axis=1)
         inv_z = tl.where(imask, 1.0 / tl.where(imask, z, 1.0), 0.0)
-        tl.store(marg_ptr + (h * T + t[:, None]) * (2 * E) + E + b[None, :], gb, mask=imask[:, None])
+        tl.store(marg_ptr + (h * T + t[:, None]) * (2 * E) + e[None, :], ga, mask=imask[:, None])
         tl.store(z_ptr + h * T + t, z, mask=imask)
         tl.store(dmin_ptr + h * T + t, dmin, mask=imask)
-        tl.store(hard_ptr + h * T + t, abest * E + bbest, mask=imask)
-        for a in range(E):
-            keep = (tl.load(scratch + a * BT + r) <= lim2) & imask
+        tl.store(hard_ptr + h * T + t, astar * E + bstar, mask=imask)
+        for b in range(E):
+            keep = (tl.load(scratch + b * BT + r) <= lim2) & imask
             if tl.max(keep.to(tl.int32), axis=0) > 0:
-                ua = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
-                d2 = ua[:, None] + vb + tl.load(g_ptr + (h * E + a) * E + b)[None, :]
+                vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(uv_t + E + b, mask=imask, other=0.0)
+                d2 = ua + vcol[:, None] + tl.load(gt_ptr + (h * E + b) * E + e)[None, :]
                 w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
-                tl.atomic_add(cnt + a * E + b, tl.sum(w * inv_z[:, None], axis=0))  # own partial: ordered
+                tl.atomic_add(cnt + e * E + b, tl.sum(w * inv_z[:, None], axis=0))  # own partial: ordered
         tl.debug_barrier()
-    tl.store(work_ptr + h * nprog + p, rows_done)
+    tl.store(work_ptr + h * nprog + p, cols_done)
 
 
-BT, WARPS = 32, 4
+BT, WARPS = 64, 2
 PROGRAMS_PER_SM = 4
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
 
@@ -140,7 +143,8 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     cnt = torch.zeros(h, nprog, e, e, **f32)
     work = torch.zeros(h, nprog, device=xc.device, dtype=torch.int32)
     cut = PRUNE_CUT * tau if prune else float("inf")
-    _estep_kernel[(nprog, h)](uv, xx, n, g, order, scratch, dmin, z, marg, hard, cnt, work, t, n_tiles,
+    gt = g.transpose(-1, -2).contiguous()
+    _estep_kernel[(nprog, h)](uv, xx, n, g, gt, order, scratch, dmin, z, marg, hard, cnt, work, t, n_tiles,
                               math.log2(math.e) / tau, cut, per_prog, uv.stride(0), uv.stride(1),
                               E=e, BT=BT, num_warps=WARPS)
     stats.count += cnt.double().sum(1)
@@ -157,7 +161,7 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
-    tiles skip more rows; the results do not depend on it. ``prune=False`` walks every row.
+    tiles skip more columns; the results do not depend on it. ``prune=False`` walks them all.
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_triton needs CUDA tensors; use commvq.quant.em.e_step on CPU")
@@ -170,10 +174,10 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     hards, done, total = [], 0, 0
     for i in range(0, big_n, step):
         part_hint = None if hint is None else hint[:, i:i + step]
-        hard, rows, all_rows = _chunk_stats(x[:, i:i + step].contiguous(), s[i:i + step].float(), w, n, g,
+        hard, cols, all_cols = _chunk_stats(x[:, i:i + step].contiguous(), s[i:i + step].float(), w, n, g,
                                             part_hint, tau, prune, stats)
         hards.append(hard)
-        done, total = done + rows, total + all_rows
+        done, total = done + cols, total + all_cols
     stats.hard = torch.cat(hards, 1)
     stats.work = done / max(total, 1)
     return stats

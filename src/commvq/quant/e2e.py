@@ -261,7 +261,7 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
     params = torch.nn.Parameter(thetas0.detach().clone())
     capturable = bool(settings.cuda_graphs and x.is_cuda)
     lr = torch.tensor(settings.lr, device=x.device) if capturable else settings.lr
-    opt = torch.optim.Adam([params], lr=lr, capturable=capturable)
+    opt = torch.optim.Adam([params], lr=lr, capturable=capturable, fused=capturable)  # one kernel per step
     bs = min(settings.batch_size, n)
     steps_per_epoch = n // bs
     total = settings.epochs * steps_per_epoch
