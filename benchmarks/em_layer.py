@@ -85,7 +85,7 @@ def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
     theta = torch.randn(x.shape[0], 128, x.shape[2] // 2, device=x.device) * 0.05
     results = []
     for bt, warps in itertools.product((16, 32, 64), (2, 4, 8)):
-        k.BT, k.WARPS = bt, warps
+        k.BT, k.WARPS_A, k.WARPS_B = bt, warps, warps
         k.e_step_triton(x, s, theta, 1e-3, prune=False)  # compile
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -95,7 +95,8 @@ def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
         results.append(((time.perf_counter() - t0) / 2, (bt, warps)))
         print(f"tune BT {bt:3d} warps {warps}: {results[-1][0] * 1e3:8.1f} ms", flush=True)
     best = min(results)
-    k.BT, k.WARPS = best[1]
+    k.BT, k.WARPS_A = best[1]
+    k.WARPS_B = k.WARPS_A
     return {"best_ms": best[0] * 1e3, "config": best[1]}
 
 

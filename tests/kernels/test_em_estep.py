@@ -42,21 +42,41 @@ def _compare(device, cases):
             assert torch.equal(getattr(full, name), getattr(b, name)), name
             assert torch.allclose(getattr(unsorted, name), getattr(b, name), rtol=1e-5, atol=1e-12), name
         assert torch.equal(full.hard, b.hard) and torch.equal(unsorted.hard, b.hard)
-        if tau <= 1e-4:
-            assert b.work < 0.9, f"a low temperature should let tiles skip rows, evaluated {b.work:.2f}"
+
+
+def _pruning(device, h, n, d, e):
+    """Keys near their codewords at a low temperature: sorted tiles skip most rows, same results."""
+    from commvq.kernels.em_estep import e_step_triton
+    from commvq.quant import em
+    from commvq.quant.commutative import codewords
+
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(h, 2 * e, d // 2, generator=g) * 0.1
+    pick = torch.randint(0, e * e, (h, n), generator=g)
+    x = torch.gather(codewords(theta), 1, pick[..., None].expand(-1, -1, d)) + 1e-3 * torch.randn(h, n, d, generator=g)
+    x, s, theta = x.to(device), torch.ones(n, device=device), theta.to(device)
+    hint = em.e_step(x, s, theta, 1e-4).hard
+    pruned = e_step_triton(x, s, theta, 1e-4, hint=hint)
+    full = e_step_triton(x, s, theta, 1e-4, hint=hint, prune=False)
+    assert pruned.work < 0.5, f"evaluated {pruned.work:.2f} of the rows"
+    for name in ("count", "sum_a", "sum_b", "hard_sqerr"):
+        assert torch.equal(getattr(full, name), getattr(pruned, name)), name
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_triton_e_step_matches_torch_on_gpu():
     _compare("cuda", CASES)
+    _pruning("cuda", 4, 20000, 128, 64)
 
 
 @pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter check only without a GPU, with triton installed")
 def test_triton_e_step_matches_torch_in_interpreter():
     code = ("from tests.kernels.test_em_estep import _compare\n"
-            "import commvq.kernels.em_estep as k; k.SPLIT_K = 64\n"
-            "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)])\n")
+            "import commvq.kernels.em_estep as k; k.SPLIT_K = 64; k.TILES_PER_PROG_B = 2\n"
+            "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)])\n"
+            "from tests.kernels.test_em_estep import _pruning\n"
+            "_pruning('cpu', 1, 800, 16, 8)\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

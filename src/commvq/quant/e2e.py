@@ -82,8 +82,8 @@ def loss_and_grad(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, re
     energy = (x * x * w).sum()
     last = residuals[-1]
     recon = (last * last * w).sum() / energy
-    commit = (residuals * residuals * w).sum() / (energy * r)
-    g = (residuals * (commit_weight / r) + last) * (w * (-2.0 / energy))  # dLoss/dc_r, [R, H, B, D]
+    commit = (torch.einsum("rhbd,rhbd->hd", residuals, residuals) * w[:, 0]).sum() / (energy * r)
+    g = torch.add(last, residuals, alpha=commit_weight / r).mul_(w * (-2.0 / energy))  # dLoss/dc_r, [R, H, B, D]
     dm = code_onehot(codes, e, g.dtype).transpose(-1, -2) @ g  # [R, H, 2E, D], d/d decode_table
     # decode_table rows A: [R_A | I_A], rows E + B: [-I_B | R_B]
     d_re = dm[..., :e, :p] + dm[..., e:, p:]
@@ -261,7 +261,7 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
     params = torch.nn.Parameter(thetas0.detach().clone())
     capturable = bool(settings.cuda_graphs and x.is_cuda)
     lr = torch.tensor(settings.lr, device=x.device) if capturable else settings.lr
-    opt = torch.optim.Adam([params], lr=lr, capturable=capturable, fused=capturable)  # one kernel per step
+    opt = torch.optim.Adam([params], lr=lr, capturable=capturable, fused=x.is_cuda)  # one kernel per step
     bs = min(settings.batch_size, n)
     steps_per_epoch = n // bs
     total = settings.epochs * steps_per_epoch
