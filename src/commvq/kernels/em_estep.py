@@ -10,7 +10,8 @@ of a tile twice: column by column, elementwise, for the row minima (hence the ha
 the tiles that need it and accumulates the soft counts ``N_AB`` into per-program partials, summed
 afterwards in a fixed order (deterministic). A row is skipped when, for every token of the tile,
 its nearest codeword in that row is farther than ``d_min + PRUNE_CUT * tau``: all its weights are
-below ``exp(-PRUNE_CUT)``, which is zero in float32, so pruning changes no result. The reference
+below ``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny temperatures, a value that
+float32 rounding of the distance can lift to about ``exp(-80)``, still nothing beside ``Z >= 1``). The reference
 is :func:`commvq.quant.em.e_step`.
 """
 
@@ -43,32 +44,30 @@ def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_ptr, ma
     uv_t = uv_ptr + h * stride_uv_h + t * stride_uv_t
     xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
     ne = tl.load(n_ptr + h * E + e)
-    # walk 1, column by column (B), elementwise over A: row minima and their columns
+    # walk 1, column by column (B), elementwise over A: the row minima (one min per table entry)
     ua = xx[:, None] + ne[None, :] - 2.0 * tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
     m = tl.full([BT, E], float("inf"), tl.float32)
-    bm = tl.zeros([BT, E], tl.int32)
     for b in range(E):
         vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(uv_t + E + b, mask=imask, other=0.0)
-        d2 = ua + vcol[:, None] + tl.load(gt_ptr + (h * E + b) * E + e)[None, :]
-        better = d2 < m
-        m = tl.where(better, d2, m)
-        bm = tl.where(better, b, bm)
+        m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
     best = tl.min(m, axis=1)
     astar = tl.argmin(m, axis=1)  # first row reaching the minimum, then its first column: torch's flat argmin
-    bstar = tl.sum(tl.where(e[None, :] == astar[:, None], bm, 0), axis=1)
+    ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(uv_t + astar, mask=imask, other=0.0)
+    vb = ne[None, :] - 2.0 * tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+    row = (ua_star[:, None] + vb) + tl.load(g_ptr + (h * E + astar[:, None]) * E + e[None, :])  # same sums
+    bstar = tl.argmin(row, axis=1)
     dmin = tl.sqrt(tl.maximum(best, 0.0))
     lim = dmin + cut
     need = tl.max(((m <= (lim * lim)[:, None]) & imask[:, None]).to(tl.int32), axis=0)  # [E] rows
     tl.store(flag_ptr + (h * tl.num_programs(0) + tile) * E + e, need.to(tl.int8))
     tl.debug_barrier()
     # walk 2, row by row (A), elementwise over B, over the rows the tile needs
-    vb = ne[None, :] - 2.0 * tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
     gb = tl.zeros([BT, E], tl.float32)
     for a in range(E):
         wa = tl.zeros([BT], tl.float32)
         if tl.load(flag_ptr + (h * tl.num_programs(0) + tile) * E + a) != 0:
             ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
-            d2 = ua_a[:, None] + vb + tl.load(g_ptr + (h * E + a) * E + e)[None, :]
+            d2 = (ua_a[:, None] + vb) + tl.load(g_ptr + (h * E + a) * E + e)[None, :]
             w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
             gb += w
             wa = tl.sum(w, axis=1)

@@ -223,7 +223,7 @@ def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, set
     from commvq.quant.commutative import nearest
 
     generator = torch.Generator().manual_seed(seed)
-    residual = x.clone()
+    residual = x.clone(memory_format=torch.contiguous_format)  # a head's chunks are then contiguous
     big_n, d = x.shape[1], x.shape[2]
     thetas, stage_mse, res_mse, iters = [], [], [], []
     for r in range(num_stages):
