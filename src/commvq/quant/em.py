@@ -192,7 +192,9 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     active = torch.arange(h)
     for step in range(settings.max_iters):
         tau = temperature(step, settings.max_iters, settings.temp_start * c, settings.temp_end * c)
-        stats = estep(x[active], s, theta[active], tau, settings.chunk, hint[active])
+        every = len(active) == h  # then no copy of the vectors (x[active] would copy all of them)
+        stats = estep(x if every else x[active], s, theta[active], tau, settings.chunk,
+                      hint if every else hint[active])
         if stats.hard is not None:
             hint[active] = stats.hard.to(torch.int32)
         mse = stats.hard_sqerr.cpu() / (big_n * d)
