@@ -18,7 +18,7 @@ for what in "$@"; do
     generate32k) timeout 300 python3 benchmarks/generate_speed.py --prompt 32768 --new 16 2>&1 | grep -v "it/s\]" | tee "$OUT/generate32k.log" | tail -6 ;;
     generate) timeout 200 python3 benchmarks/generate_speed.py --prompt 4096 --new 32 2>&1 | grep -v "it/s\]" | tee "$OUT/generate.log" | tail -6 ;;
     e2e_quick) python3 benchmarks/e2e_layer.py --epochs 2 2>&1 | tee "$OUT/e2e_quick.log" | tail -12 ;;
-    e2e_full) timeout 470 python3 benchmarks/e2e_layer.py 2>&1 | tee "$OUT/e2e_full.log" | tail -12 ;;
+    e2e_full) python3 benchmarks/e2e_layer.py --budget_s 420 2>&1 | tee "$OUT/e2e_full.log" | tail -12 ;;
     em_quick) python3 benchmarks/em_layer.py --residuals 2 --max_iters 10 --ref_iters 3 2>&1 | tee "$OUT/em_quick.log" | tail -14 ;;
     em_tune) python3 benchmarks/em_layer.py --tune --residuals 1 --max_iters 3 --ref_iters 0 2>&1 | tee "$OUT/em_tune.log" | tail -40 ;;
     em_full) python3 benchmarks/em_layer.py --ref_iters 5 2>&1 | tee "$OUT/em_full.log" | tail -16 ;;
