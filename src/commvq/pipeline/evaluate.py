@@ -37,7 +37,8 @@ def _floats(text: str) -> list[float]:
 @dataclass(frozen=True)
 class EvalConfig:
     suite: str = option("compare", "ppl, passkey, needle or compare (all three)", positional=True)
-    methods: str = option(meth.ALL, "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq")
+    methods: str = option(meth.ALL, "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq, "
+                                    "hf-quanto2, hf-quanto4 (transformers' QuantizedCache; needs optimum-quanto)")
     workdir: Path = option(Path("runs/embedded"), "folder holding codebook_*/ and value_codec_*/")
     key_dir: Path | None = option(None, "codebooks for method 'commvq'")
     value_dir: Path | None = option(None, "value codec for method 'commvq'")
@@ -124,13 +125,19 @@ def bytes_per_token(lm, method: meth.Method, window: int) -> dict[str, float]:
 
     with torch.no_grad():
         lm.model(ids, use_cache=True, **cache_kwargs(lm.model, cache))
+    spec = lm.spec
+    fp16 = {"fp16_bytes_per_token_layer": 4.0 * spec.kv_dim}
+    if method.name in meth.HF_QUANTIZED:
+        from commvq.integrations.hf.quantized import quantized_part
+
+        kbytes, vbytes, tokens = quantized_part(cache.layers[0])
+        return {"bytes_per_token_layer": (kbytes + vbytes) / tokens, "key_bits": 8 * kbytes / (tokens * spec.kv_dim),
+                "value_bits": 8 * vbytes / (tokens * spec.kv_dim), **fp16}
     layer = cache.layers[0]
     window_bytes = sum(t.numel() * t.element_size() for t in (layer.win_k, layer.win_v, layer.win_pos))
     per = (layer.nbytes() - window_bytes) / max(1, layer.num_compressed)
-    spec = lm.spec
     kb, vb = cache.keys_part.bits(spec.head_dim), cache.values_part.bits(spec.head_dim)
-    return {"bytes_per_token_layer": per, "key_bits": kb, "value_bits": vb,
-            "fp16_bytes_per_token_layer": 4.0 * spec.kv_dim}
+    return {"bytes_per_token_layer": per, "key_bits": kb, "value_bits": vb, **fp16}
 
 
 def run(cfg: EvalConfig) -> Path:

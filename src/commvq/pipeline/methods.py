@@ -1,5 +1,6 @@
-"""Named cache methods for evaluation: ``fp16``, ``kivi2``, ``kivi1`` and ``commvq-{em,e2e}{2,1}``
-(codebooks and value codecs found in a working folder), or ``commvq`` from explicit folders."""
+"""Named cache methods for evaluation: ``fp16``, ``kivi2``, ``kivi1``, ``commvq-{em,e2e}{2,1}``
+(codebooks and value codecs found in a working folder), ``commvq`` from explicit folders, and
+transformers' own quantized cache ``hf-quanto{2,4}`` (where optimum-quanto is installed)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from commvq import io
 
 BASELINES = ("fp16", "kivi2", "kivi1")
+HF_QUANTIZED = ("hf-quanto2", "hf-quanto4")  # transformers' QuantizedCache (optimum-quanto backend)
 ALL = "fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1"  # every named method, in table order
 
 
@@ -25,6 +27,10 @@ class Method:
 
         if self.name in BASELINES:
             return CommVQCache.baseline(model, self.name, window=window)
+        if self.name in HF_QUANTIZED:
+            from commvq.integrations.hf.quantized import make_cache
+
+            return make_cache(model, self.name, window)
         return CommVQCache.from_pretrained(model, self.key_dir, self.value_dir, window=window, sink=sink)
 
 
@@ -50,7 +56,7 @@ def resolve(names: list[str], workdir: Path, key_dir: Path | None = None,
             value_dir: Path | None = None) -> list[Method]:
     out = []
     for name in names:
-        if name in BASELINES:
+        if name in BASELINES or name in HF_QUANTIZED:
             out.append(Method(name))
         elif name == "commvq":
             if key_dir is None and value_dir is None:
@@ -60,6 +66,6 @@ def resolve(names: list[str], workdir: Path, key_dir: Path | None = None,
             bits = int(name[-1])
             out.append(Method(name, find_key_dir(workdir, name[7:-1], bits), find_value_dir(workdir, bits)))
         else:
-            raise ValueError(f"unknown method {name!r}: use {', '.join(BASELINES)}, commvq-em2, commvq-e2e2, "
-                             "commvq-em1, commvq-e2e1 or commvq (with --key_dir/--value_dir)")
+            raise ValueError(f"unknown method {name!r}: use {', '.join(BASELINES + HF_QUANTIZED)}, commvq-em2, "
+                             "commvq-e2e2, commvq-em1, commvq-e2e1 or commvq (with --key_dir/--value_dir)")
     return out
