@@ -23,5 +23,8 @@ commvq -q compare-codebooks "$W"/codebook_8bits_64group_16residuals "$W"/codeboo
 for b in 1 2; do
   [ -e "$W/value_codec_${b}bit" ] || ln -s "$(cd "$V" && pwd)/value_codec_${b}bit" "$W/value_codec_${b}bit"
 done
-commvq -q eval compare --workdir "$W" --ppl_tokens 2048 --ppl_docs 2 --lengths 512,1024,2048 \
+# transformers' own quantized cache joins the table where optimum-quanto is installed
+methods=fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1
+python -c "import optimum.quanto" 2>/dev/null && methods=$methods,hf-quanto2,hf-quanto4
+commvq -q eval compare --workdir "$W" --methods "$methods" --ppl_tokens 2048 --ppl_docs 2 --lengths 512,1024,2048 \
   --depths 0,0.25,0.5,0.75,1 --samples 2 --output "$W/eval"
