@@ -32,7 +32,7 @@ def test_identity_codec_generates_the_same_tokens(tiny, window, sink):
     assert torch.equal(ref, out)
     layer = cache.layers[0]
     assert layer.get_seq_length() == 89 and 1 <= layer.num_window <= window
-    assert layer.num_sink == min(sink, 89) and (layer.num_compressed + layer.num_sink) % window == 0
+    assert layer.num_sink == min(sink, 89) and layer.num_compressed % window == 0
 
 
 def test_unequal_lengths_and_masks_across_flushes(tiny):
@@ -151,3 +151,17 @@ def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):
             steps = [model(ids[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache)).logits for i in range(5)]
         logits.append(torch.cat(steps, 1))
     assert torch.allclose(logits[0], logits[1], atol=2e-3, rtol=2e-3)
+
+
+def test_baselines_take_the_sink_too(tiny):
+    """A KIVI cache whose sink covers the whole sequence never quantizes: same tokens as the default cache."""
+    ids = _ids(1, 30, seed=5)
+    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    cache = CommVQCache.baseline(tiny, "kivi1", window=32, sink=64)
+    out = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                        past_key_values=cache)
+    assert torch.equal(ref, out) and cache.layers[0].num_compressed == 0
+    small = CommVQCache.baseline(tiny, "kivi1", window=32, sink=4)
+    tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                  past_key_values=small)
+    assert small.layers[0].num_sink == 4 and small.layers[0].num_compressed == 64

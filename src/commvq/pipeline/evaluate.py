@@ -44,6 +44,7 @@ class EvalConfig:
     value_dir: Path | None = option(None, "value codec for method 'commvq'")
     model: str = option("embedded", "model (see `commvq collect --help`)")
     window: int = option(128, "full-precision window (tokens)")
+    sink: int = option(0, "first tokens kept exact by the CommVQ and KIVI caches (attention sink)")
     ppl_tokens: int = option(2048, "tokens per held-out document for perplexity")
     ppl_docs: int = option(2, "held-out documents for perplexity")
     ppl_chunk: int = option(64, "tokens fed per step (each attends to the compressed past)")
@@ -62,6 +63,8 @@ class EvalConfig:
         for name in ("window", "ppl_tokens", "ppl_docs", "ppl_chunk", "samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.sink < 0:
+            raise ValueError(f"--sink {self.sink}: must be 0 or more")
 
 
 def heldout_docs(tokenizer: Any, n: int, tokens: int) -> list[list[int]]:
@@ -85,7 +88,7 @@ def run_ppl(cfg: EvalConfig, lm, methods: list[meth.Method]) -> dict[str, dict]:
     total: dict[str, dict] = {}
     for ids in tqdm(docs, desc="ppl", unit="doc"):
         t = torch.tensor([ids], device=lm.model.device)
-        makers = {m.name: (lambda m=m: m.make_cache(lm.model, cfg.window)) for m in methods}
+        makers = {m.name: (lambda m=m: m.make_cache(lm.model, cfg.window, cfg.sink)) for m in methods}
         for name, s in ppl_kl(lm.model, t, makers, cfg.ppl_chunk, skip=cfg.window).items():
             acc = total.setdefault(name, {"nll": 0.0, "kl": 0.0, "tokens": 0})
             for k in acc:
@@ -107,18 +110,18 @@ def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) ->
     grid: dict[str, dict[tuple[int, float], list[bool]]] = {m.name: {} for m in methods}
     for m in methods:
         for probe in tqdm(probes, desc=f"{kind} {m.name}", unit="probe", leave=False):
-            ok, _ = synthetic.answer(lm.model, lm.tokenizer, probe, m.make_cache(lm.model, cfg.window))
+            ok, _ = synthetic.answer(lm.model, lm.tokenizer, probe, m.make_cache(lm.model, cfg.window, cfg.sink))
             grid[m.name].setdefault((probe.length, probe.depth), []).append(ok)
     acc = {name: {key: sum(v) / len(v) for key, v in cells.items()} for name, cells in grid.items()}
     summary = {name: sum(a.values()) / len(a) for name, a in acc.items()}
     return summary, acc
 
 
-def bytes_per_token(lm, method: meth.Method, window: int) -> dict[str, float]:
+def bytes_per_token(lm, method: meth.Method, window: int, sink: int = 0) -> dict[str, float]:
     """Bytes per token per layer a cache holds for compressed tokens, measured on a real cache."""
     import torch
 
-    cache = method.make_cache(lm.model, window)
+    cache = method.make_cache(lm.model, window, sink)
     n = 4 * window + 1
     ids = torch.randint(1, min(1000, lm.model.config.vocab_size), (1, n), device=lm.model.device)
     from commvq.integrations.hf.attention import cache_kwargs
@@ -134,8 +137,9 @@ def bytes_per_token(lm, method: meth.Method, window: int) -> dict[str, float]:
         return {"bytes_per_token_layer": (kbytes + vbytes) / tokens, "key_bits": 8 * kbytes / (tokens * spec.kv_dim),
                 "value_bits": 8 * vbytes / (tokens * spec.kv_dim), **fp16}
     layer = cache.layers[0]
-    window_bytes = sum(t.numel() * t.element_size() for t in (layer.win_k, layer.win_v, layer.win_pos))
-    per = (layer.nbytes() - window_bytes) / max(1, layer.num_compressed)
+    exact = (layer.win_k, layer.win_v, layer.win_pos, layer.sink_k, layer.sink_v)  # not compressed
+    exact_bytes = sum(t.numel() * t.element_size() for t in exact if t is not None)
+    per = (layer.nbytes() - exact_bytes) / max(1, layer.num_compressed)
     kb, vb = cache.keys_part.bits(spec.head_dim), cache.values_part.bits(spec.head_dim)
     return {"bytes_per_token_layer": per, "key_bits": kb, "value_bits": vb, **fp16}
 
@@ -146,7 +150,7 @@ def run(cfg: EvalConfig) -> Path:
     methods = meth.resolve([m.strip() for m in cfg.methods.split(",") if m.strip()], cfg.workdir, cfg.key_dir,
                            cfg.value_dir)
     suites = ("ppl", "passkey", "needle") if cfg.suite == "compare" else (cfg.suite,)
-    results: dict[str, dict] = {m.name: bytes_per_token(lm, m, cfg.window) for m in methods}
+    results: dict[str, dict] = {m.name: bytes_per_token(lm, m, cfg.window, cfg.sink) for m in methods}
     grids = {}
     for suite in suites:
         if suite == "ppl":
@@ -166,7 +170,8 @@ def report(cfg: EvalConfig, lm, results: dict[str, dict], grids: dict) -> Path:
             ("bytes/token/layer", "bytes_per_token_layer", "{:.1f}"), ("perplexity", "ppl", "{:.3f}"),
             ("KL vs exact", "kl", "{:.4f}"), ("passkey", "passkey", "{:.0%}"), ("needle", "needle", "{:.0%}")]
     cols = [c for c in cols if any(c[1] in r for r in results.values())]
-    lines = [f"Model {lm.name}; window {cfg.window}; perplexity over {cfg.ppl_docs} held-out speeches x "
+    sink = f"; sink {cfg.sink} (CommVQ and KIVI caches)" if cfg.sink else ""
+    lines = [f"Model {lm.name}; window {cfg.window}{sink}; perplexity over {cfg.ppl_docs} held-out speeches x "
              f"{cfg.ppl_tokens} tokens fed {cfg.ppl_chunk} at a time (tokens after the first window); "
              f"retrieval at lengths {cfg.lengths}, depths {cfg.depths}.", "",
              "| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]

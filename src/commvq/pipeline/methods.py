@@ -26,7 +26,7 @@ class Method:
         from commvq.integrations.hf.cache import CommVQCache
 
         if self.name in BASELINES:
-            return CommVQCache.baseline(model, self.name, window=window)
+            return CommVQCache.baseline(model, self.name, window=window, sink=sink)
         if self.name in HF_QUANTIZED:
             from commvq.integrations.hf.quantized import make_cache
 

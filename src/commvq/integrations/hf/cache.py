@@ -121,16 +121,21 @@ class CommVQLayer(CacheLayerMixin):
         self.win_pos[:, -num_new:] = position_ids.to(self.win_pos.device).expand(b, -1)
 
     def flush(self) -> None:
-        """Compress the oldest whole blocks of ``window`` tokens, keeping the most recent 1..window."""
-        w = self.num_window
-        n = ((w - 1) // self.window) * self.window
-        if n <= 0:
+        """Once the window holds more than ``window`` tokens: move the oldest into the sink until it
+        is full, then compress the oldest whole blocks of ``window`` tokens, keeping the most recent
+        1..window (blocks stay aligned to ``window`` whatever the sink, as KIVI's groups need)."""
+        if self.num_window <= self.window:
             return
-        take_sink = min(self.sink - self.num_sink, n)
+        take_sink = min(self.sink - self.num_sink, self.num_window - 1)
         if take_sink > 0:
             self.sink_k = _cat(self.sink_k, self.win_k[:, :, :take_sink], 2)
             self.sink_v = _cat(self.sink_v, self.win_v[:, :, :take_sink], 2)
-        k, v, pos = self.win_k[:, :, take_sink:n], self.win_v[:, :, take_sink:n], self.win_pos[:, take_sink:n]
+            self.win_k, self.win_v = self.win_k[:, :, take_sink:], self.win_v[:, :, take_sink:]
+            self.win_pos = self.win_pos[:, take_sink:]
+        n = ((self.num_window - 1) // self.window) * self.window
+        if n <= 0:
+            return
+        k, v, pos = self.win_k[:, :, :n], self.win_v[:, :, :n], self.win_pos[:, :n]
         if k.shape[2]:
             block = {"k": self.keys_part.compress(self.layer_idx, k, pos),
                      "v": self.values_part.compress(self.layer_idx, v)}
@@ -235,19 +240,20 @@ class CommVQCache(Cache):
         return cls(spec.num_layers, keys, values, window, sink, quantize_prefill)
 
     @classmethod
-    def baseline(cls, model: Any, method: str, window: int = 128, group: int = 32) -> CommVQCache:
-        """``fp16`` (the identity codec) or ``kivi2`` / ``kivi1`` through the same cache."""
+    def baseline(cls, model: Any, method: str, window: int = 128, group: int = 32, sink: int = 0) -> CommVQCache:
+        """``fp16`` (the identity codec) or ``kivi2`` / ``kivi1`` through the same cache (same window
+        and sink as the CommVQ cache it is compared with)."""
         if method not in ("fp16", "kivi2", "kivi1"):
             raise ValueError(f"baseline {method!r}: use fp16, kivi2 or kivi1")
         spec = ModelSpec.from_config(model.config)
         check_supported(model)
         use_commvq(model)
         if method == "fp16":
-            return cls(spec.num_layers, parts.DenseKeys(), parts.DenseValues(), window)
+            return cls(spec.num_layers, parts.DenseKeys(), parts.DenseValues(), window, sink)
         bits = int(method[-1])
         if window % group:
             raise ValueError(f"KIVI needs window={window} to be a multiple of group={group}")
-        return cls(spec.num_layers, parts.KiviKeys(bits, group), parts.KiviValues(bits, group), window)
+        return cls(spec.num_layers, parts.KiviKeys(bits, group), parts.KiviValues(bits, group), window, sink)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
