@@ -165,7 +165,8 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
-    tiles skip more rows; the results do not depend on it. ``prune=False`` walks every row.
+    tiles skip more rows; it changes the statistics only by float rounding (the order of sums).
+    ``prune=False`` walks every row (same results bit for bit).
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_triton needs CUDA tensors; use commvq.quant.em.e_step on CPU")
@@ -174,7 +175,7 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     w, n, g = (t.contiguous() for t in search_tables(theta))
     h, big_n, d = x.shape
     stats = _empty_stats(h, n.shape[-1], d, x.device)
-    step = max(chunk, 131072)  # the kernel needs no chunking for memory; large chunks fill the GPU
+    step = max(chunk, 131072)  # the kernels need no chunking for memory; large chunks fill the GPU
     hards, done, total = [], 0, 0
     for i in range(0, big_n, step):
         part_hint = None if hint is None else hint[:, i:i + step]
