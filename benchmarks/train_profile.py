@@ -89,9 +89,8 @@ def profile_e2e(x, steps: int, residuals: int, batch: int) -> dict:
     out = {}
     for graphs in (False, True):
         params = torch.nn.Parameter(thetas.clone())
-        lr = torch.tensor(1e-3, device=x.device)
-        opt = torch.optim.Adam([params], lr=lr, capturable=True, fused=True)  # as e2e.train
         settings = e2e.E2ESettings(batch_size=batch, cuda_graphs=graphs, encode_fn=encode_triton)
+        opt, _ = e2e.make_optimizer(params, settings)  # as e2e.train
         w = e2e.pair_weight_vector(None, x.shape[0], x.shape[2], x.device, x.dtype)
         step = e2e._Step(params, opt, w, settings, (x.shape[0], batch, x.shape[2]))
         key = "graph" if graphs else "eager"

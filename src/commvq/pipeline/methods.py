@@ -12,7 +12,7 @@ from typing import Any
 from commvq import io
 
 BASELINES = ("fp16", "kivi2", "kivi1")
-HF_QUANTIZED = ("hf-quanto2", "hf-quanto4")  # transformers' QuantizedCache (optimum-quanto backend)
+HF_QUANTIZED = {"hf-quanto2": ("quanto", 2), "hf-quanto4": ("quanto", 4)}  # transformers' QuantizedCache
 ALL = "fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1"  # every named method, in table order
 
 
@@ -30,7 +30,7 @@ class Method:
         if self.name in HF_QUANTIZED:
             from commvq.integrations.hf.quantized import make_cache
 
-            return make_cache(model, self.name, window)
+            return make_cache(model, *HF_QUANTIZED[self.name], window)
         return CommVQCache.from_pretrained(model, self.key_dir, self.value_dir, window=window, sink=sink)
 
 
@@ -66,6 +66,6 @@ def resolve(names: list[str], workdir: Path, key_dir: Path | None = None,
             bits = int(name[-1])
             out.append(Method(name, find_key_dir(workdir, name[7:-1], bits), find_value_dir(workdir, bits)))
         else:
-            raise ValueError(f"unknown method {name!r}: use {', '.join(BASELINES + HF_QUANTIZED)}, commvq-em2, "
+            raise ValueError(f"unknown method {name!r}: use {', '.join(BASELINES + tuple(HF_QUANTIZED))}, commvq-em2, "
                              "commvq-e2e2, commvq-em1, commvq-e2e1 or commvq (with --key_dir/--value_dir)")
     return out

@@ -91,6 +91,14 @@ def loss_and_grad(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, re
     return recon, commit, join_theta(d_re, d_im).transpose(0, 1)
 
 
+def encode_with_residuals(x: torch.Tensor, thetas: torch.Tensor,
+                          encode_fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy codes and what each stage leaves (``encode_fn``: a fused encoder, else pure torch)."""
+    if encode_fn:
+        return encode_fn(x, thetas, residuals=True)
+    return encode(x, thetas, x.shape[1], residuals=True)
+
+
 def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192,
                    encode_fn=None) -> float:
     """Weighted relative error of the greedy code of ``x`` (what inference gets)."""
@@ -98,10 +106,19 @@ def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
             xc = x[:, i:i + chunk]
-            codes = encode_fn(xc, thetas) if encode_fn else encode(xc, thetas, chunk)
-            err += float(((xc - stage_decodes(codes, thetas).sum(0)) ** 2 * w).sum())
+            left = encode_with_residuals(xc, thetas, encode_fn)[1][-1]
+            err += float((left * left * w).sum())
             ref += float((xc * xc * w).sum())
     return err / ref
+
+
+def make_optimizer(params: torch.nn.Parameter, settings: E2ESettings) -> tuple[torch.optim.Optimizer,
+                                                                               torch.Tensor | float]:
+    """Adam (fused on CUDA: one kernel per step) and its learning rate: a device tensor when the
+    step is captured in a CUDA graph (the schedule then writes it in place), else a float."""
+    capturable = bool(settings.cuda_graphs and params.is_cuda)
+    lr = torch.tensor(settings.lr, device=params.device) if capturable else settings.lr
+    return torch.optim.Adam([params], lr=lr, capturable=capturable, fused=params.is_cuda), lr
 
 
 def kmeanspp_centers(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -201,10 +218,7 @@ class _Step:
         settings = self.settings
         with torch.no_grad():
             thetas = self.params.detach()
-            if settings.encode_fn:
-                codes, res = settings.encode_fn(self.xb, thetas, residuals=True)
-            else:
-                codes, res = encode(self.xb, thetas, self.xb.shape[1], residuals=True)
+            codes, res = encode_with_residuals(self.xb, thetas, settings.encode_fn)
             recon, commit, grad = loss_and_grad(self.xb, thetas, codes, res, self.w, settings.commit_weight)
             loss = recon + settings.commit_weight * commit
             finite = torch.isfinite(loss)
@@ -220,7 +234,7 @@ class _Step:
         side.wait_stream(torch.cuda.current_stream())
         start = self.params.detach().clone()
         with torch.cuda.stream(side):
-            for _ in range(3):  # warm up outside the graph (allocations, autograd state)
+            for _ in range(3):  # warm up outside the graph (allocations, optimizer state)
                 self._body()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
@@ -259,9 +273,7 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
     h, n, d = x.shape
     w = pair_weight_vector(weights, h, d, x.device, x.dtype)
     params = torch.nn.Parameter(thetas0.detach().clone())
-    capturable = bool(settings.cuda_graphs and x.is_cuda)
-    lr = torch.tensor(settings.lr, device=x.device) if capturable else settings.lr
-    opt = torch.optim.Adam([params], lr=lr, capturable=capturable, fused=x.is_cuda)  # one kernel per step
+    opt, lr = make_optimizer(params, settings)
     bs = min(settings.batch_size, n)
     steps_per_epoch = n // bs
     total = settings.epochs * steps_per_epoch
@@ -275,7 +287,7 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
         perm = torch.randperm(n, generator=generator).to(x.device)
         for i in range(steps_per_epoch):
             factor = 0.5 * (1 + math.cos(math.pi * step / total))
-            if capturable:
+            if torch.is_tensor(lr):
                 lr.fill_(settings.lr * factor)
             else:
                 opt.param_groups[0]["lr"] = settings.lr * factor

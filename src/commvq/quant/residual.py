@@ -91,6 +91,6 @@ def stage_errors(x: torch.Tensor, s: torch.Tensor, thetas: torch.Tensor, chunk: 
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
             xc, sc = x[:, i:i + chunk], s[i:i + chunk]
-            left = xc - torch.cumsum(stage_decodes(encode(xc, thetas, chunk), thetas), 0)  # [R, H, n, D]
+            left = encode(xc, thetas, chunk, residuals=True)[1]  # [R, H, n, D]
             out += ((left * sc[:, None]) ** 2).sum((2, 3)).double().cpu()
     return (out / (x.shape[1] * x.shape[2])).float()

@@ -1,10 +1,11 @@
-"""transformers' own quantized KV cache (``QuantizedCache``, optimum-quanto backend) as a baseline
-beside the CommVQ cache, and the bytes it really holds.
+"""transformers' own quantized KV cache (``QuantizedCache``) as a baseline beside the CommVQ cache,
+and the bytes it really holds.
 
-Methods ``hf-quanto2`` and ``hf-quanto4``: 2- or 4-bit group-wise integer keys and values
-(transformers' defaults: groups of 64 values, or of ``head_dim`` when that is smaller, so that
-any token count divides into groups; a scale and a shift per group) with the most recent
-``window`` tokens kept in full precision, as transformers runs it (``residual_length``).
+Group-wise integer keys and values (transformers' defaults: groups of 64 values, or of ``head_dim``
+when that is smaller, so that any token count divides into groups; a scale and a shift per group)
+with the most recent ``window`` tokens kept in full precision, as transformers runs it
+(``residual_length``). The evaluation names them ``hf-quanto2`` / ``hf-quanto4``
+(:mod:`commvq.pipeline.methods`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from typing import Any
 
 import torch
 
-METHODS = {"hf-quanto2": ("quanto", 2), "hf-quanto4": ("quanto", 4)}
-
 
 def has_quanto() -> bool:
     try:
@@ -24,13 +23,10 @@ def has_quanto() -> bool:
         return False
 
 
-def make_cache(model: Any, name: str, window: int) -> Any:
-    """A fresh ``transformers.QuantizedCache`` for method ``name`` (see :data:`METHODS`)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown transformers quantized cache {name!r}: use {', '.join(METHODS)}")
-    backend, nbits = METHODS[name]
+def make_cache(model: Any, backend: str, nbits: int, window: int) -> Any:
+    """A fresh ``transformers.QuantizedCache`` of ``nbits`` with transformers' ``backend``."""
     if backend == "quanto" and not has_quanto():
-        raise ImportError(f"method {name} needs optimum-quanto: pip install optimum-quanto==0.2.7")
+        raise ImportError("the quanto backend needs optimum-quanto: pip install optimum-quanto==0.2.7")
     from transformers import QuantizedCache
 
     cfg = model.config
