@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Where the time of one key-codebook training step goes, per GPU kernel (torch profiler).
 
-    python benchmarks/train_profile.py [--what em,e2e] [--num_samples 1000000] [--steps 20]
+    python benchmarks/train_profile.py [--what em,em_stage,e2e,encode] [--num_samples 1000000] [--steps 20]
 
 ``em``: one fused E-step (all heads) at Llama-3.1-8B shapes on synthetic key-like data, plus the
-rest of an iteration (M-step). ``e2e``: one E2E optimizer step (batch 256, R stages), uncaptured
+rest of an iteration (M-step), random codebooks, tokens unsorted. ``em_stage``: a real stage-0
+fit, timed, with the kernels of three of its E-steps (sorted tokens, pruned rows).
+``e2e``: one E2E optimizer step (batch 256, R stages), uncaptured
 so the profiler sees every kernel, and the same step replayed from its CUDA graph, timed. Prints a
 table per part (kernel, calls per step, microseconds per step) and a last JSON line.
 """
@@ -82,6 +84,45 @@ def profile_em(x, s, steps: int) -> dict:
     return out
 
 
+def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
+    """A real stage-0 fit (hint-sorted tokens, the temperature schedule): wall time of the init and
+    of the whole stage, and the kernels of a few of its E-steps."""
+    from commvq.kernels.em_estep import e_step_triton
+
+    out, calls = {}, [0]
+
+    def estep(*a, **kw):
+        calls[0] += 1
+        if calls[0] not in iters:
+            return e_step_triton(*a, **kw)
+        kept = {}
+
+        def one():
+            kept["stats"] = e_step_triton(*a, **kw)
+
+        table = kernel_table(one, 1, f"E-step {calls[0]} of a real stage, tau {a[3]:.2e}")
+        table["wall_us"] = round(wall(one, 2), 1)
+        table["rows_evaluated"] = kept["stats"].work
+        print(f"wall {table['wall_us']:.0f} us, rows evaluated {kept['stats'].work:.3f}")
+        out[f"iter{calls[0]}"] = table
+        return kept["stats"]
+
+    settings = em.EMSettings()
+    centers = x[:, torch.randint(0, x.shape[1], (4096,), device=x.device)]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    em.m_step(em.e_step_centers(x, s, centers, 1.0, settings.chunk))
+    torch.cuda.synchronize()
+    out["init_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    em.fit_stage(x, s, 64, 0, settings, torch.Generator().manual_seed(0), estep)
+    torch.cuda.synchronize()
+    out["stage_s"] = time.perf_counter() - t0
+    print(f"init E-step + M-step {out['init_s']:.2f} s; stage 0 (init, 100 iterations, profiled ones twice more) "
+          f"{out['stage_s']:.2f} s")
+    return out
+
+
 def profile_e2e(x, steps: int, residuals: int, batch: int) -> dict:
     from commvq.kernels.encode import encode_triton
 
@@ -112,21 +153,21 @@ def tune_encode(x, residuals: int, batch: int) -> dict:
 
     thetas = e2e.init_random(x, residuals, 64, torch.Generator().manual_seed(0))
     xb = x[:, :batch].contiguous()
-    keep = enc.BT, enc.WARPS
     out = {}
-    for bt, warps in itertools.product((16, 32), (1, 2, 4, 8)):
-        enc.BT, enc.WARPS = bt, warps
+    keep = enc.BT, enc.WARPS, enc.AC
+    for bt, warps, ac in itertools.product((16, 32), (2, 4, 8), (4, 8, 16)):
+        enc.BT, enc.WARPS, enc.AC = bt, warps, ac
         table = kernel_table(lambda: enc.encode_triton(xb, thetas, residuals=True), 20, "encode", top=0)
         us = table["by_kernel"].get("_encode_kernel", float("nan"))
-        out[f"BT{bt}_W{warps}"] = us
-        print(f"encode kernel, batch {batch}: BT {bt:3d} warps {warps}: {us:8.1f} us", flush=True)
-    enc.BT, enc.WARPS = keep
+        out[f"BT{bt}_W{warps}_AC{ac}"] = us
+        print(f"encode kernel, batch {batch}: BT {bt:3d} warps {warps} AC {ac:2d}: {us:8.1f} us", flush=True)
+    enc.BT, enc.WARPS, enc.AC = keep
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--what", default="em,e2e,encode")
+    ap.add_argument("--what", default="em,em_stage,e2e,encode")
     ap.add_argument("--num_samples", type=int, default=1_000_000)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--head_dim", type=int, default=128)
@@ -136,9 +177,11 @@ def main() -> None:
     args = ap.parse_args()
     x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim), args.heads)
     result = {"bench": "train_profile", "card": torch.cuda.get_device_name(), "commit": commit_id()}
-    if "em" in args.what:
+    if "em" in args.what.split(","):
         result["em"] = profile_em(x, s, args.steps)
-    if "e2e" in args.what:
+    if "em_stage" in args.what:
+        result["em_stage"] = profile_em_stage(x, s)
+    if "e2e" in args.what.split(","):
         result["e2e"] = profile_e2e(x, args.steps * 4, args.residuals, args.batch_size)
     if "encode" in args.what:
         result["encode"] = tune_encode(x, args.residuals, args.batch_size)

@@ -2,8 +2,9 @@
 :func:`commvq.quant.residual.encode`.
 
 Per block of tokens of one head the residual stays on chip: for each stage, ``uv = res @ W``
-(fp32), the exact argmin over the ``E x E`` separable distance table, then the chosen codeword
-(two rows of the decode table) is subtracted.
+(fp32), the exact argmin over the ``E x E`` separable distance table (``AC`` rows at a time, as
+one ``[BT, AC, E]`` block: few long steps instead of ``E`` short, latency-bound ones), then the
+chosen codeword (two rows of the decode table) is subtracted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from commvq.quant.commutative import decode_table, search_tables
 
 @triton.jit
 def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr, T, R,
-                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, STORE_RES: tl.constexpr):
+                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, AC: tl.constexpr, STORE_RES: tl.constexpr):
     h = tl.program_id(1)
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
@@ -38,12 +39,15 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr
         vb = tl.load(n_ptr + hr * E + b)[None, :] - 2.0 * tl.load(scratch[:, None] + E + b[None, :])
         m = tl.full([BT, E], float("inf"), tl.float32)
         am = tl.zeros([BT, E], tl.int32)
-        for a in range(E):
-            ua = tl.load(n_ptr + hr * E + a) - 2.0 * tl.load(scratch + a)
-            d2 = ua[:, None] + vb + tl.load(g_ptr + (hr * E + a) * E + b)[None, :]
-            better = d2 < m
-            m = tl.where(better, d2, m)
-            am = tl.where(better, a, am)
+        for a0 in range(0, E, AC):  # AC rows A at once: [BT, AC, E] distances, min over the rows
+            ac = a0 + tl.arange(0, AC)
+            ua = tl.load(n_ptr + hr * E + ac)[None, :] - 2.0 * tl.load(scratch[:, None] + ac[None, :])  # [BT, AC]
+            d2 = (ua[:, :, None] + vb[:, None, :]) + tl.load(g_ptr + (hr * E + ac[:, None]) * E + b[None, :])[None]
+            cm = tl.min(d2, axis=1)
+            ca = tl.argmin(d2, axis=1) + a0  # first row of the chunk reaching its minimum
+            better = cm < m  # strict: an earlier row wins a tie, as the flat argmin does
+            m = tl.where(better, cm, m)
+            am = tl.where(better, ca, am)
         bstar = tl.argmin(m, axis=1)
         astar = tl.sum(tl.where(b[None, :] == bstar[:, None], am, 0), axis=1)
         rows_a = tl.load(m_ptr + (hr * 2 * E + astar[:, None]) * D + dcol[None, :])
@@ -58,6 +62,7 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr
 
 BT = 16
 WARPS = 4
+AC = 8  # table rows per step of the search
 
 
 def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0,
@@ -76,6 +81,6 @@ def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0,
     uv = torch.empty(h * blocks * BT, 2 * e, device=x.device, dtype=torch.float32)
     codes = torch.empty(h, t, r, device=x.device, dtype=torch.int32)
     res = torch.empty(r if residuals else 1, h, t, d, device=x.device, dtype=torch.float32)
-    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=BT,
+    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=BT, AC=min(AC, e),
                                 STORE_RES=residuals, num_warps=WARPS)
     return (codes.long(), res) if residuals else codes.long()
