@@ -154,14 +154,14 @@ def tune_encode(x, residuals: int, batch: int) -> dict:
     thetas = e2e.init_random(x, residuals, 64, torch.Generator().manual_seed(0))
     xb = x[:, :batch].contiguous()
     out = {}
-    keep = enc.BT, enc.WARPS, enc.AC
-    for bt, warps, ac in itertools.product((16, 32), (2, 4, 8), (4, 8, 16)):
-        enc.BT, enc.WARPS, enc.AC = bt, warps, ac
+    keep = enc.BT, enc.WARPS, enc.UNROLL
+    for bt, warps, unroll in itertools.product((16, 32), (4, 8), (1, 2, 4, 8)):
+        enc.BT, enc.WARPS, enc.UNROLL = bt, warps, unroll
         table = kernel_table(lambda: enc.encode_triton(xb, thetas, residuals=True), 20, "encode", top=0)
         us = table["by_kernel"].get("_encode_kernel", float("nan"))
-        out[f"BT{bt}_W{warps}_AC{ac}"] = us
-        print(f"encode kernel, batch {batch}: BT {bt:3d} warps {warps} AC {ac:2d}: {us:8.1f} us", flush=True)
-    enc.BT, enc.WARPS, enc.AC = keep
+        out[f"BT{bt}_W{warps}_U{unroll}"] = us
+        print(f"encode kernel, batch {batch}: BT {bt:3d} warps {warps} unroll {unroll}: {us:8.1f} us", flush=True)
+    enc.BT, enc.WARPS, enc.UNROLL = keep
     return out
 
 

@@ -1,21 +1,18 @@
-"""Fused, pruned EM E-step for commutative codebooks (one Triton kernel): neither the N x E^2 soft
-assignment nor any per-token intermediate reaches memory, and table rows whose weights all
-underflow are skipped.
+"""Fused, pruned EM E-step for commutative codebooks (Triton): the N x E^2 soft assignment never
+reaches memory, and table rows whose weights all underflow are skipped.
 
-Tokens are taken in tiles of ``BT``, sorted by a hint (the previous iteration's hard codes) so that
-a tile holds tokens of the same or nearby cells; each program walks ``TILES_PER_PROG`` consecutive
-tiles of one head. Per tile: ``uv = x @ W`` (the separable distance terms, ``tl.dot`` at
-``PRECISION``) goes to a program-private scratch row; walk 1 covers the whole ``E x E`` distance
-table in blocks of ``BC`` columns for the row minima (hence the hard code, ``d_min`` and which rows
-``A`` the tile needs); walk 2 goes over the needed rows for the weights ``exp((d_min - d) / tau)``,
-their sum ``Z`` and both marginals; walk 3 goes over them again for the soft counts ``w / Z``
-(added to the program's private ``E x E`` partial); the marginal sums ``S_A``, ``S_B`` are one
-``[2E, BT] x [BT, D]`` product per tile, accumulated in registers. Partials are summed per program
-in a fixed order, then over programs in float64: deterministic. A row is skipped when, for every
-token of the tile, its nearest codeword in that row is farther than ``d_min + PRUNE_CUT * tau``:
-all its weights are below ``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny
-temperatures, a value that float32 rounding of the distance can lift to about ``exp(-80)``, still
-nothing beside ``Z >= 1``). The reference is :func:`commvq.quant.em.e_step`.
+Per chunk of tokens, ``uv = x @ W`` (cuBLAS, fp32) gives the separable distance terms. Tokens are
+taken in tiles of ``BT``, sorted by a hint (the previous iteration's hard codes) so that a tile
+holds tokens of the same or nearby cells. Kernel A walks each token's ``E x E`` distance table
+of a tile twice: column by column, elementwise, for the row minima (hence the hard code,
+``d_min`` and which rows ``A`` the tile needs), then over the needed rows for the weights
+``exp((d_min - d) / tau)``, their sum ``Z`` and the two marginals. Kernel B walks, per row ``A``,
+the tiles that need it and accumulates the soft counts ``N_AB`` into per-program partials, summed
+afterwards in a fixed order (deterministic). A row is skipped when, for every token of the tile,
+its nearest codeword in that row is farther than ``d_min + PRUNE_CUT * tau``: all its weights are
+below ``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny temperatures, a value that
+float32 rounding of the distance can lift to about ``exp(-80)``, still nothing beside ``Z >= 1``). The reference
+is :func:`commvq.quant.em.e_step`.
 """
 
 from __future__ import annotations
@@ -28,92 +25,140 @@ import triton
 import triton.language as tl
 
 from commvq.quant.commutative import search_tables
-from commvq.quant.em import EStats, _empty_stats, e_step
+from commvq.quant.em import EStats, _empty_stats
 
 PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's smallest subnormal
 
 
 @triton.jit
-def _estep_kernel(x_ptr, w_ptr, n_ptr, g_ptr, order_ptr, scratch_ptr, flag_ptr, cnt_ptr, sums_ptr, xx_ptr,
-                  rows_ptr, dmin_ptr, hard_ptr, T, n_tiles, tiles_per_prog, c, cut, sx_h, sx_t,
-                  D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
+def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_ptr, marg_ptr, hard_ptr, flag_ptr,
+            T, c, cut, stride_uv_h, stride_uv_t, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
+    """One tile of ``BT`` (sorted) tokens: hard code, ``d_min``, ``Z``, both marginals, and which
+    rows ``A`` the tile needs (``flag``); rows no token needs are skipped."""
+    tile = tl.program_id(0)
     h = tl.program_id(1)
-    slot = h * tl.num_programs(0) + pid  # this program's private partials and scratch
     e = tl.arange(0, E)
-    c2 = tl.arange(0, 2 * E)
-    dd = tl.arange(0, D)
-    bt = tl.arange(0, BT)
-    bc = tl.arange(0, BC)
+    i = tile * BT + tl.arange(0, BT)
+    imask = i < T
+    t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
+    uv_t = uv_ptr + h * stride_uv_h + t * stride_uv_t
+    xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
     ne = tl.load(n_ptr + h * E + e)
-    uv_s = scratch_ptr + slot * (BT * 2 * E)
-    flags = flag_ptr + slot * E
-    cnt = cnt_ptr + slot * E * E
-    acc = tl.zeros([2 * E, D], tl.float32)  # [S_A; S_B] of this program's tokens
-    xx_sum = tl.zeros([BT], tl.float32)
-    rows = tl.zeros([E], tl.int32)  # needed rows, per row over the tiles
-    for tile in range(pid * tiles_per_prog, tl.minimum((pid + 1) * tiles_per_prog, n_tiles)):
-        i = tile * BT + bt
-        imask = i < T
-        t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
-        xt = tl.load(x_ptr + h * sx_h + t[:, None] * sx_t + dd[None, :], mask=imask[:, None], other=0.0)
-        w = tl.load(w_ptr + (h * D + dd[:, None]) * (2 * E) + c2[None, :])
-        tl.debug_barrier()  # the previous tile is done with the scratch, flags and count rows
-        tl.store(uv_s + bt[:, None] * (2 * E) + c2[None, :], tl.dot(xt, w, input_precision=PRECISION))
-        xx = tl.sum(xt * xt, axis=1)
-        xx_sum += xx
-        tl.debug_barrier()
-        # walk 1, BC columns (B) at a time over all rows (A): the row minima
-        ua = xx[:, None] + ne[None, :] - 2.0 * tl.load(uv_s + bt[:, None] * (2 * E) + e[None, :])
-        m = tl.full([BT, E], float("inf"), tl.float32)
-        for b0 in range(0, E, BC):
-            v = tl.load(uv_s + bt[:, None] * (2 * E) + E + b0 + bc[None, :])
-            vblk = tl.load(n_ptr + h * E + b0 + bc)[None, :] - 2.0 * v
-            gblk = tl.load(g_ptr + (h * E + e[:, None]) * E + b0 + bc[None, :])  # [E (A), BC (B)]
-            m = tl.minimum(m, tl.min((ua[:, :, None] + vblk[:, None, :]) + gblk[None, :, :], axis=2))
-        best = tl.min(m, axis=1)
-        astar = tl.argmin(m, axis=1)  # first row reaching the minimum, then its first column: torch's flat argmin
-        ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(uv_s + bt * (2 * E) + astar)
-        vb = ne[None, :] - 2.0 * tl.load(uv_s + bt[:, None] * (2 * E) + E + e[None, :])
-        row = (ua_star[:, None] + vb) + tl.load(g_ptr + (h * E + astar[:, None]) * E + e[None, :])  # same sums
-        bstar = tl.argmin(row, axis=1)
-        dmin = tl.sqrt(tl.maximum(best, 0.0))
-        lim = dmin + cut
-        need = tl.max(((m <= (lim * lim)[:, None]) & imask[:, None]).to(tl.int32), axis=0)  # [E] rows
-        tl.store(flags + e, need)
-        rows += need
-        tl.store(dmin_ptr + h * T + t, dmin, mask=imask)
-        tl.store(hard_ptr + h * T + t, astar * E + bstar, mask=imask)
-        tl.debug_barrier()
-        # walk 2, row by row (A) over the needed rows: weights, Z and both marginals
-        gb = tl.zeros([BT, E], tl.float32)
-        wa = tl.zeros([BT, E], tl.float32)
-        for a in range(E):
-            if tl.load(flags + a) != 0:
-                ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_s + bt * (2 * E) + a)
-                d2 = (ua_a[:, None] + vb) + tl.load(g_ptr + (h * E + a) * E + e)[None, :]
-                wr = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
-                gb += wr
-                wa = tl.where(e[None, :] == a, tl.sum(wr, axis=1)[:, None], wa)
-        inv_z = tl.where(imask, 1.0 / tl.sum(gb, axis=1), 0.0)
-        # walk 3, the same rows again: soft counts w / Z into this program's partial
-        for a in range(E):
-            if tl.load(flags + a) != 0:
-                ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_s + bt * (2 * E) + a)
-                d2 = (ua_a[:, None] + vb) + tl.load(g_ptr + (h * E + a) * E + e)[None, :]
-                wr = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
-                tl.store(cnt + a * E + e, tl.load(cnt + a * E + e) + tl.sum(wr * inv_z[:, None], axis=0))
-        # marginal sums: [wa | gb]^T / Z @ x, one product for both
-        marg = tl.reshape(tl.permute(tl.join(wa, gb), (0, 2, 1)), (BT, 2 * E)) * inv_z[:, None]
-        acc += tl.dot(tl.trans(marg), xt, input_precision=PRECISION)
-    tl.store(sums_ptr + (slot * 2 * E + c2[:, None]) * D + dd[None, :], acc)
-    tl.store(xx_ptr + slot, tl.sum(xx_sum, axis=0))
-    tl.store(rows_ptr + slot, tl.sum(rows, axis=0))
+    # walk 1, column by column (B), elementwise over A: the row minima (one min per table entry)
+    ua = xx[:, None] + ne[None, :] - 2.0 * tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
+    m = tl.full([BT, E], float("inf"), tl.float32)
+    for b in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several columns in flight
+        vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(uv_t + E + b, mask=imask, other=0.0)
+        m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
+    best = tl.min(m, axis=1)
+    astar = tl.argmin(m, axis=1)  # first row reaching the minimum, then its first column: torch's flat argmin
+    ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(uv_t + astar, mask=imask, other=0.0)
+    vb = ne[None, :] - 2.0 * tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+    row = (ua_star[:, None] + vb) + tl.load(g_ptr + (h * E + astar[:, None]) * E + e[None, :])  # same sums
+    bstar = tl.argmin(row, axis=1)
+    dmin = tl.sqrt(tl.maximum(best, 0.0))
+    lim = dmin + cut
+    need = tl.max(((m <= (lim * lim)[:, None]) & imask[:, None]).to(tl.int32), axis=0)  # [E] rows
+    tl.store(flag_ptr + (h * tl.num_programs(0) + tile) * E + e, need.to(tl.int8))
+    tl.debug_barrier()
+    # walk 2, row by row (A), elementwise over B, over the rows the tile needs
+    gb = tl.zeros([BT, E], tl.float32)
+    for a in range(E):
+        wa = tl.zeros([BT], tl.float32)
+        if tl.load(flag_ptr + (h * tl.num_programs(0) + tile) * E + a) != 0:
+            ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
+            d2 = (ua_a[:, None] + vb) + tl.load(g_ptr + (h * E + a) * E + e)[None, :]
+            w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
+            gb += w
+            wa = tl.sum(w, axis=1)
+        tl.store(marg_ptr + (h * T + t) * (2 * E) + a, wa, mask=imask)
+    tl.store(marg_ptr + (h * T + t[:, None]) * (2 * E) + E + e[None, :], gb, mask=imask[:, None])
+    tl.store(z_ptr + h * T + t, tl.sum(gb, axis=1), mask=imask)
+    tl.store(dmin_ptr + h * T + t, dmin, mask=imask)
+    tl.store(hard_ptr + h * T + t, astar * E + bstar, mask=imask)
 
 
-BT, BC, WARPS = 32, 4, 8
-TILES_PER_PROG = 64  # tiles per program: how many tokens share one set of partial sums
-PRECISION = "tf32x3"  # of the two products (x @ W, marginals): float32-level error on tensor cores
+@triton.jit
+def _pass_b(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, dmin_ptr, z_ptr, flag_ptr, cnt_ptr, T, c, n_tiles,
+            tiles_per_prog, stride_uv_h, stride_uv_t, E: tl.constexpr, BT: tl.constexpr):
+    """Soft counts of one row ``A`` over a range of tiles that need it: acc[t, B] += w / Z."""
+    a = tl.program_id(0)
+    r = tl.program_id(1)
+    h = tl.program_id(2)
+    e = tl.arange(0, E)
+    nb = tl.load(n_ptr + h * E + e)
+    g_row = tl.load(g_ptr + (h * E + a) * E + e)
+    na = tl.load(n_ptr + h * E + a)
+    acc = tl.zeros([BT, E], tl.float32)
+    for tile in range(r * tiles_per_prog, tl.minimum((r + 1) * tiles_per_prog, n_tiles)):
+        if tl.load(flag_ptr + (h * n_tiles + tile) * E + a) != 0:
+            i = tile * BT + tl.arange(0, BT)
+            imask = i < T
+            t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
+            uv_t = uv_ptr + h * stride_uv_h + t * stride_uv_t
+            v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+            xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
+            ua = xx + na - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
+            dmin = tl.load(dmin_ptr + h * T + t, mask=imask, other=0.0)
+            inv_z = tl.where(imask, 1.0 / tl.load(z_ptr + h * T + t, mask=imask, other=1.0), 0.0)
+            d2 = ua[:, None] + (nb[None, :] - 2.0 * v) + g_row[None, :]
+            w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
+            acc += w * inv_z[:, None]
+    tl.store(cnt_ptr + ((h * tl.num_programs(1) + r) * E + a) * E + e, tl.sum(acc, axis=0))
+
+
+BT, WARPS_A, WARPS_B = 32, 4, 4
+UNROLL = 4  # columns per step of walk 1
+TILES_PER_PROG_B = 128  # pass B: tiles per program (one row A each)
+SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
+
+
+def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` -> ``[H, M, D]``, float64), split over T."""
+    h, t, m = a.shape
+    full = t // SPLIT_K * SPLIT_K
+    out = torch.zeros(h, m, b.shape[-1], dtype=torch.float64, device=a.device)
+    if full:
+        pa = a[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, m)
+        pb = b[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, -1)
+        out += torch.bmm(pa.transpose(1, 2), pb).view(h, -1, m, b.shape[-1]).double().sum(1)
+    if full < t:
+        out += torch.bmm(a[:, full:].transpose(1, 2), b[:, full:]).double()
+    return out
+
+
+def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor, g: torch.Tensor,
+                 hint: torch.Tensor | None, tau: float, prune: bool, stats: EStats) -> tuple[torch.Tensor, int, int]:
+    h, t, d = xc.shape
+    e = n.shape[-1]
+    uv = torch.bmm(xc, w).contiguous()  # [H, T, 2E]
+    xx = (xc * xc).sum(-1).contiguous()
+    if hint is None:
+        order = torch.arange(t, device=xc.device, dtype=torch.int32).expand(h, t).contiguous()
+    else:
+        order = torch.argsort(hint, dim=-1, stable=True).to(torch.int32).contiguous()
+    n_tiles = triton.cdiv(t, BT)
+    f32 = dict(device=xc.device, dtype=torch.float32)
+    dmin, z = torch.empty(h, t, **f32), torch.empty(h, t, **f32)
+    marg = torch.empty(h, t, 2 * e, **f32)
+    hard = torch.empty(h, t, device=xc.device, dtype=torch.int32)
+    flags = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
+    cut = PRUNE_CUT * tau if prune else float("inf")
+    c = math.log2(math.e) / tau
+    gt = g.transpose(-1, -2).contiguous()
+    _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, dmin, z, marg, hard, flags, t, c, cut, uv.stride(0), uv.stride(1),
+                          E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
+    n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
+    cnt = torch.empty(h, n_prog, e, e, **f32)
+    _pass_b[(e, n_prog, h)](uv, xx, n, g, order, dmin, z, flags, cnt, t, c, n_tiles, TILES_PER_PROG_B,
+                            uv.stride(0), uv.stride(1), E=e, BT=BT, num_warps=WARPS_B)
+    stats.count += cnt.double().sum(1)
+    sums = _sum_products(marg, xc / z[..., None])
+    stats.sum_a += sums[:, :e]
+    stats.sum_b += sums[:, e:]
+    stats.sum_xx += xx.double().sum(-1)
+    stats.hard_sqerr += ((dmin.double() * sc.double()) ** 2).sum(-1)
+    return hard, int(flags.sum(dtype=torch.int64)), flags.numel()
 
 
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
@@ -122,46 +167,23 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
     tiles skip more rows; it changes the statistics only by float rounding (the order of sums).
-    ``prune=False`` walks every row (same results bit for bit). ``chunk`` is not needed (nothing
-    per token is kept but the hard code and its distance); it is accepted for the common signature.
+    ``prune=False`` walks every row (same results bit for bit).
     """
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not x.is_cuda and not interpret:
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_triton needs CUDA tensors; use commvq.quant.em.e_step on CPU")
-    h, big_n, d = x.shape
-    e = theta.shape[-2] // 2
-    if not interpret and (d < 16 or 2 * e < 16):  # tl.dot needs dimensions of 16 and more
-        return e_step(x, s, theta, tau, chunk, hint)
     x = x.float()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    w, n, g = (t.contiguous() for t in search_tables(theta.float()))
-    stats = _empty_stats(h, e, d, x.device)
-    if hint is None:
-        order = torch.arange(big_n, device=x.device, dtype=torch.int32).expand(h, big_n).contiguous()
-    else:
-        order = torch.argsort(hint, dim=-1, stable=True).to(torch.int32).contiguous()
-    n_tiles = triton.cdiv(big_n, BT)
-    n_prog = triton.cdiv(n_tiles, TILES_PER_PROG)
-    f32 = dict(device=x.device, dtype=torch.float32)
-    scratch = torch.empty(h, n_prog, BT, 2 * e, **f32)
-    flags = torch.empty(h, n_prog, e, device=x.device, dtype=torch.int32)
-    cnt = torch.zeros(h, n_prog, e, e, **f32)
-    sums = torch.empty(h, n_prog, 2 * e, d, **f32)
-    xx = torch.empty(h, n_prog, **f32)
-    rows = torch.empty(h, n_prog, device=x.device, dtype=torch.int32)
-    dmin = torch.empty(h, big_n, **f32)
-    hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
-    cut = PRUNE_CUT * tau if prune else float("inf")
-    _estep_kernel[(n_prog, h)](x, w, n, g, order, scratch, flags, cnt, sums, xx, rows, dmin, hard, big_n, n_tiles,
-                               TILES_PER_PROG, math.log2(math.e) / tau, cut, x.stride(0), x.stride(1),
-                               D=d, E=e, BT=BT, BC=min(BC, e), PRECISION=PRECISION, num_warps=WARPS)
-    stats.count += cnt.double().sum(1)
-    total = sums.double().sum(1)
-    stats.sum_a += total[:, :e]
-    stats.sum_b += total[:, e:]
-    stats.sum_xx += xx.double().sum(-1)
-    stats.hard_sqerr += ((dmin.double() * s.double()) ** 2).sum(-1)
-    stats.hard = hard
-    stats.work = float(rows.sum(dtype=torch.int64)) / (n_tiles * e * h)
+    theta = theta.float()
+    w, n, g = (t.contiguous() for t in search_tables(theta))
+    h, big_n, d = x.shape
+    stats = _empty_stats(h, n.shape[-1], d, x.device)
+    step = max(chunk, 131072)  # the kernels need no chunking for memory; large chunks fill the GPU
+    hards, done, total = [], 0, 0
+    for i in range(0, big_n, step):
+        part_hint = None if hint is None else hint[:, i:i + step]
+        hard, rows, all_rows = _chunk_stats(x[:, i:i + step], s[i:i + step].float(), w, n, g,
+                                            part_hint, tau, prune, stats)
+        hards.append(hard)
+        done, total = done + rows, total + all_rows
+    stats.hard = torch.cat(hards, 1)
+    stats.work = done / max(total, 1)
     return stats

@@ -2,9 +2,8 @@
 :func:`commvq.quant.residual.encode`.
 
 Per block of tokens of one head the residual stays on chip: for each stage, ``uv = res @ W``
-(fp32), the exact argmin over the ``E x E`` separable distance table (``AC`` rows at a time, as
-one ``[BT, AC, E]`` block: few long steps instead of ``E`` short, latency-bound ones), then the
-chosen codeword (two rows of the decode table) is subtracted.
+(fp32), the exact argmin over the ``E x E`` separable distance table, then the chosen codeword
+(two rows of the decode table) is subtracted.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from commvq.quant.commutative import decode_table, search_tables
 
 @triton.jit
 def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr, T, R,
-                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, AC: tl.constexpr, STORE_RES: tl.constexpr):
+                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr, STORE_RES: tl.constexpr):
     h = tl.program_id(1)
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
@@ -39,15 +38,12 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr
         vb = tl.load(n_ptr + hr * E + b)[None, :] - 2.0 * tl.load(scratch[:, None] + E + b[None, :])
         m = tl.full([BT, E], float("inf"), tl.float32)
         am = tl.zeros([BT, E], tl.int32)
-        for a0 in range(0, E, AC):  # AC rows A at once: [BT, AC, E] distances, min over the rows
-            ac = a0 + tl.arange(0, AC)
-            ua = tl.load(n_ptr + hr * E + ac)[None, :] - 2.0 * tl.load(scratch[:, None] + ac[None, :])  # [BT, AC]
-            d2 = (ua[:, :, None] + vb[:, None, :]) + tl.load(g_ptr + (hr * E + ac[:, None]) * E + b[None, :])[None]
-            cm = tl.min(d2, axis=1)
-            ca = tl.argmin(d2, axis=1) + a0  # first row of the chunk reaching its minimum
-            better = cm < m  # strict: an earlier row wins a tie, as the flat argmin does
-            m = tl.where(better, cm, m)
-            am = tl.where(better, ca, am)
+        for a in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several rows in flight
+            ua = tl.load(n_ptr + hr * E + a) - 2.0 * tl.load(scratch + a)
+            d2 = ua[:, None] + vb + tl.load(g_ptr + (hr * E + a) * E + b)[None, :]
+            better = d2 < m
+            m = tl.where(better, d2, m)
+            am = tl.where(better, a, am)
         bstar = tl.argmin(m, axis=1)
         astar = tl.sum(tl.where(b[None, :] == bstar[:, None], am, 0), axis=1)
         rows_a = tl.load(m_ptr + (hr * 2 * E + astar[:, None]) * D + dcol[None, :])
@@ -55,20 +51,21 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr
         res = res - rows_a - rows_b
         tl.store(codes_ptr + (h * T + t) * R + r, astar * E + bstar, mask=tmask)
         if STORE_RES:
-            tl.store(res_ptr + ((r * tl.num_programs(1) + h) * T + t[:, None]) * D + dcol[None, :], res,
+            tl.store(res_ptr + ((h * R + r) * T + t[:, None]) * D + dcol[None, :], res,
                      mask=tmask[:, None])
         tl.debug_barrier()
 
 
 BT = 16
 WARPS = 4
-AC = 8  # table rows per step of the search
+UNROLL = 4  # table rows per step of the search loop
 
 
 def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0,
                   residuals: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` with ``thetas [H, R, 2E, P]``; with
-    ``residuals=True`` also what each stage leaves, ``[R, H, N, D]`` (as the torch encoder)."""
+    ``residuals=True`` also what each stage leaves, ``[R, H, N, D]`` (as the torch encoder; stored
+    head-major, so ``.transpose(0, 1)`` is a contiguous ``[H, R, N, D]``)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("encode_triton needs CUDA tensors")
     h, t, d = x.shape
@@ -80,7 +77,7 @@ def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0,
     blocks = triton.cdiv(t, BT)
     uv = torch.empty(h * blocks * BT, 2 * e, device=x.device, dtype=torch.float32)
     codes = torch.empty(h, t, r, device=x.device, dtype=torch.int32)
-    res = torch.empty(r if residuals else 1, h, t, d, device=x.device, dtype=torch.float32)
-    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=BT, AC=min(AC, e),
+    res = torch.empty(h, r if residuals else 1, t, d, device=x.device, dtype=torch.float32)
+    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=BT, UNROLL=UNROLL,
                                 STORE_RES=residuals, num_warps=WARPS)
-    return (codes.long(), res) if residuals else codes.long()
+    return (codes.long(), res.transpose(0, 1)) if residuals else codes.long()

@@ -78,17 +78,22 @@ def loss_and_grad(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, re
     ``residuals [R, H, B, D]`` are what the greedy encoder left after each stage of ``codes``;
     the gradient equals autograd's through :func:`losses` (same codes).
     """
-    r, e, p = thetas.shape[1], thetas.shape[2] // 2, thetas.shape[3]
+    h, r, e, p = thetas.shape[0], thetas.shape[1], thetas.shape[2] // 2, thetas.shape[3]
+    b, d = x.shape[1], x.shape[2]
     energy = (x * x * w).sum()
     last = residuals[-1]
     recon = (last * last * w).sum() / energy
-    commit = (torch.einsum("rhbd,rhbd->hd", residuals, residuals) * w[:, 0]).sum() / (energy * r)
-    g = torch.add(last, residuals, alpha=commit_weight / r).mul_(w * (-2.0 / energy))  # dLoss/dc_r, [R, H, B, D]
-    dm = code_onehot(codes, e, g.dtype).transpose(-1, -2) @ g  # [R, H, 2E, D], d/d decode_table
+    commit = (torch.linalg.vector_norm(residuals, dim=2).square() * w[:, 0]).sum() / (energy * r)
+    # dLoss/dc_r = -2 w (e_R + commit_weight/R * e_r) / energy, summed into the decode-table rows
+    # by one-hot products: [R*2E, B] @ e_R per head, plus [2E, B] @ e_r per (head, stage)
+    onehot = code_onehot(codes, e, x.dtype, by_head=True)  # [H, R, 2E, B]
+    dm = torch.bmm(onehot.view(h, r * 2 * e, b), last).view(h * r, 2 * e, d)
+    dm.baddbmm_(onehot.view(h * r, 2 * e, b), residuals.transpose(0, 1).reshape(h * r, b, d), alpha=commit_weight / r)
+    dm = dm.view(h, r, 2 * e, d) * (w[:, None] * (-2.0 / energy))  # d/d decode_table, [H, R, 2E, D]
     # decode_table rows A: [R_A | I_A], rows E + B: [-I_B | R_B]
     d_re = dm[..., :e, :p] + dm[..., e:, p:]
     d_im = dm[..., :e, p:] - dm[..., e:, :p]
-    return recon, commit, join_theta(d_re, d_im).transpose(0, 1)
+    return recon, commit, join_theta(d_re, d_im)
 
 
 def encode_with_residuals(x: torch.Tensor, thetas: torch.Tensor,

@@ -70,12 +70,18 @@ def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def code_onehot(codes: torch.Tensor, num_entries: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[R, H, N, 2E]``: ones at ``A`` and ``E + B`` of each code ``A*E + B`` of ``codes [H, N, R]``."""
-    c = codes.long().permute(2, 0, 1)  # [R, H, N]
-    onehot = torch.zeros(*c.shape, 2 * num_entries, device=codes.device, dtype=dtype)
-    onehot.scatter_(-1, (c // num_entries)[..., None], 1.0)
-    onehot.scatter_(-1, (num_entries + c % num_entries)[..., None], 1.0)
+def code_onehot(codes: torch.Tensor, num_entries: int, dtype: torch.dtype, by_head: bool = False) -> torch.Tensor:
+    """``[R, H, N, 2E]``: ones at ``A`` and ``E + B`` of each code ``A*E + B`` of ``codes [H, N, R]``;
+    ``by_head=True``: the same ones laid out ``[H, R, 2E, N]`` (for sums over tokens per table row)."""
+    if by_head:
+        c, dim = codes.long().transpose(1, 2)[:, :, None, :], 2  # [H, R, 1, N]
+        shape = (codes.shape[0], codes.shape[2], 2 * num_entries, codes.shape[1])
+    else:
+        c, dim = codes.long().permute(2, 0, 1)[..., None], 3  # [R, H, N, 1]
+        shape = (*c.shape[:3], 2 * num_entries)
+    onehot = torch.zeros(shape, device=codes.device, dtype=dtype)
+    onehot.scatter_(dim, c // num_entries, 1.0)
+    onehot.scatter_(dim, num_entries + c % num_entries, 1.0)
     return onehot
 
 
