@@ -84,8 +84,8 @@ def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
 
     theta = torch.randn(x.shape[0], 128, x.shape[2] // 2, device=x.device) * 0.05
     results = []
-    for bt, warps, unroll in itertools.product((32,), (4, 8), (1, 2, 4, 8)):
-        k.BT, k.WARPS_A, k.WARPS_B, k.UNROLL = bt, warps, warps, unroll
+    for bt, warps, unroll in itertools.product((16, 32, 64), (4, 8), (1, 4)):
+        k.BT, k.WARPS, k.UNROLL = bt, warps, unroll
         k.e_step_triton(x, s, theta, 1e-3, prune=False)  # compile
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -95,8 +95,7 @@ def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
         results.append(((time.perf_counter() - t0) / 2, (bt, warps, unroll)))
         print(f"tune BT {bt:3d} warps {warps} unroll {unroll}: {results[-1][0] * 1e3:8.1f} ms", flush=True)
     best = min(results)
-    k.BT, k.WARPS_A, k.UNROLL = best[1]
-    k.WARPS_B = k.WARPS_A
+    k.BT, k.WARPS, k.UNROLL = best[1]
     return {"best_ms": best[0] * 1e3, "config": best[1]}
 
 

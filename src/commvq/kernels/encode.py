@@ -58,7 +58,7 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr
 
 BT = 16
 WARPS = 4
-UNROLL = 4  # table rows per step of the search loop
+UNROLL = 8  # rows per step of the search loop (H100, batch 256 x 8 heads x 21 stages: 242 us; 302 with 1 or 4)
 
 
 def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0,
