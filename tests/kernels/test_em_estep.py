@@ -73,7 +73,7 @@ def test_triton_e_step_matches_torch_on_gpu():
 @pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter check only without a GPU, with triton installed")
 def test_triton_e_step_matches_torch_in_interpreter():
     code = ("from tests.kernels.test_em_estep import _compare\n"
-            "import commvq.kernels.em_estep as k; k.SPLIT_K = 64\n"
+            "import commvq.kernels.em_estep as k; k.SPLIT_K = 64; k.TILES_PER_PROG_B = 2; k.BLOCK = 100\n"
             "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)])\n"
             "from tests.kernels.test_em_estep import _pruning\n"
             "_pruning('cpu', 1, 800, 16, 8)\n")

@@ -1,19 +1,20 @@
 """Fused, pruned EM E-step for commutative codebooks (Triton): the N x E^2 soft assignment never
 reaches memory, and table rows whose weights all underflow are skipped.
 
-Per chunk of tokens, ``uv = x @ W`` (cuBLAS, fp32, per head: no copy of the vectors) gives the
-separable distance terms. Tokens are taken in tiles of ``BT``, sorted by a hint (the previous
-iteration's hard codes) so that a tile holds tokens of the same or nearby cells. One kernel walks
-a tile's ``E x E`` distance tables three times: column by column, elementwise, for the row minima
-(hence the hard code, ``d_min`` and which rows ``A`` the tile needs); over the needed rows for the
-weights ``exp((d_min - d) / tau)``, their sum ``Z`` and the two marginals (left divided by ``Z``:
-the marginal sums ``S_A``, ``S_B`` are then split-K matmuls with the vectors); over them again for
-the tile's soft counts ``w / Z``, one row per needed row, summed over tiles afterwards in float64
-(fixed order: deterministic). A row is skipped when, for every token of the tile, its nearest
-codeword in that row is farther than ``d_min + PRUNE_CUT * tau``: all its weights are below
-``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny temperatures, a value that
-float32 rounding of the distance can lift to about ``exp(-80)``, still nothing beside ``Z >= 1``).
-The reference is :func:`commvq.quant.em.e_step`.
+Per contiguous block of vectors (whole heads, or part of one), ``uv = x @ W`` (cuBLAS, fp32) gives
+the separable distance terms. Tokens are
+taken in tiles of ``BT``, sorted by a hint (the previous iteration's hard codes) so that a tile
+holds tokens of the same or nearby cells. Kernel A walks each token's ``E x E`` distance table
+of a tile twice: column by column, elementwise, for the row minima (hence the hard code,
+``d_min`` and which rows ``A`` the tile needs), then over the needed rows for the weights
+``exp((d_min - d) / tau)``, their sum ``Z`` and the two marginals (left divided by ``Z``: the
+marginal sums ``S_A``, ``S_B`` are then split-K matmuls with the block). Kernel B walks, per row ``A``,
+the tiles that need it and accumulates the soft counts ``N_AB`` into per-program partials, summed
+afterwards in a fixed order (deterministic). A row is skipped when, for every token of the tile,
+its nearest codeword in that row is farther than ``d_min + PRUNE_CUT * tau``: all its weights are
+below ``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny temperatures, a value that
+float32 rounding of the distance can lift to about ``exp(-80)``, still nothing beside ``Z >= 1``). The reference
+is :func:`commvq.quant.em.e_step`.
 """
 
 from __future__ import annotations
@@ -32,21 +33,19 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 
 @triton.jit
-def _tile_kernel(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, marg_ptr, cnt_ptr, hard_ptr,
-                 flag_ptr, T, c, cut, sx_h, sx_t, stride_uv_h, stride_uv_t, D: tl.constexpr, E: tl.constexpr,
-                 BT: tl.constexpr, UNROLL: tl.constexpr):
-    """One tile of ``BT`` (sorted) tokens: ``|x|^2``, hard code, ``d_min``, both marginals divided by
-    ``Z``, the tile's soft counts, and which rows ``A`` the tile needs (``flag``); rows no token
-    needs are skipped."""
+def _pass_a(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_ptr, marg_ptr, hard_ptr, flag_ptr,
+            T, c, cut, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
+    """One tile of ``BT`` (sorted) tokens: ``|x|^2``, hard code, ``d_min``, ``Z``, both marginals
+    divided by ``Z``, and which rows ``A`` the tile needs (``flag``); rows no token needs are skipped."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     e = tl.arange(0, E)
     i = tile * BT + tl.arange(0, BT)
     imask = i < T
     t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
-    uv_t = uv_ptr + h * stride_uv_h + t * stride_uv_t
+    uv_t = uv_ptr + (h * T + t) * (2 * E)
     d = tl.arange(0, D)
-    xt = tl.load(x_ptr + h * sx_h + t[:, None] * sx_t + d[None, :], mask=imask[:, None], other=0.0)
+    xt = tl.load(x_ptr + (h * T + t[:, None]) * D + d[None, :], mask=imask[:, None], other=0.0)
     xx = tl.sum(xt * xt, axis=1)
     tl.store(xx_ptr + h * T + t, xx, mask=imask)
     ne = tl.load(n_ptr + h * E + e)
@@ -86,75 +85,103 @@ def _tile_kernel(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_pt
     tl.debug_barrier()  # the row marginals written above are read back, divided by Z
     ma = marg_ptr + (h * T + t[:, None]) * (2 * E) + e[None, :]
     tl.store(ma, tl.load(ma, mask=imask[:, None], other=0.0) * inv_z[:, None], mask=imask[:, None])
-    # walk 3, the same rows again: the tile's soft counts w / Z, a row of E per needed row (zeros elsewhere)
-    inv_zm = tl.where(imask, inv_z, 0.0)
-    cnt_t = cnt_ptr + (h * tl.num_programs(0) + tile) * E * E
-    for a in range(E):
-        cr = tl.zeros([E], tl.float32)
-        if tl.load(flag_ptr + (h * tl.num_programs(0) + tile) * E + a) != 0:
-            ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
-            d2 = ua_a[:, None] + (vb + tl.load(g_ptr + (h * E + a) * E + e)[None, :])
-            w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
-            cr = tl.sum(w * inv_zm[:, None], axis=0)
-        tl.store(cnt_t + a * E + e, cr)
+    tl.store(z_ptr + h * T + t, z, mask=imask)
     tl.store(dmin_ptr + h * T + t, dmin, mask=imask)
     tl.store(hard_ptr + h * T + t, astar * E + bstar, mask=imask)
 
 
-BT, WARPS = 32, 4
+@triton.jit
+def _pass_b(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, dmin_ptr, z_ptr, flag_ptr, cnt_ptr, T, c, n_tiles,
+            tiles_per_prog, E: tl.constexpr, BT: tl.constexpr):
+    """Soft counts of one row ``A`` over a range of tiles that need it: acc[t, B] += w / Z."""
+    a = tl.program_id(0)
+    r = tl.program_id(1)
+    h = tl.program_id(2)
+    e = tl.arange(0, E)
+    nb = tl.load(n_ptr + h * E + e)
+    g_row = tl.load(g_ptr + (h * E + a) * E + e)
+    na = tl.load(n_ptr + h * E + a)
+    acc = tl.zeros([BT, E], tl.float32)
+    for tile in range(r * tiles_per_prog, tl.minimum((r + 1) * tiles_per_prog, n_tiles)):
+        if tl.load(flag_ptr + (h * n_tiles + tile) * E + a) != 0:
+            i = tile * BT + tl.arange(0, BT)
+            imask = i < T
+            t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
+            uv_t = uv_ptr + (h * T + t) * (2 * E)
+            v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+            xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
+            ua = xx + na - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
+            dmin = tl.load(dmin_ptr + h * T + t, mask=imask, other=0.0)
+            inv_z = tl.where(imask, 1.0 / tl.load(z_ptr + h * T + t, mask=imask, other=1.0), 0.0)
+            d2 = ua[:, None] + ((nb[None, :] - 2.0 * v) + g_row[None, :])
+            w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
+            acc += w * inv_z[:, None]
+    tl.store(cnt_ptr + ((h * tl.num_programs(1) + r) * E + a) * E + e, tl.sum(acc, axis=0))
+
+
+BT, WARPS_A, WARPS_B = 32, 4, 4
 UNROLL = 4  # columns per step of walk 1
+TILES_PER_PROG_B = 128  # pass B: tiles per program (one row A each)
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
+BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
 
 
 def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` -> ``[H, M, D]``, float64), split over T.
-
-    Per head, so that a head's rows of a token slice of the vectors are one contiguous block (no copy).
-    """
+    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` -> ``[H, M, D]``, float64), split over T."""
     h, t, m = a.shape
     full = t // SPLIT_K * SPLIT_K
     out = torch.zeros(h, m, b.shape[-1], dtype=torch.float64, device=a.device)
-    for i in range(h):
-        if full:
-            pa = a[i, :full].reshape(full // SPLIT_K, SPLIT_K, m)
-            pb = b[i, :full].reshape(full // SPLIT_K, SPLIT_K, -1)
-            out[i] += torch.bmm(pa.transpose(1, 2), pb).double().sum(0)
-        if full < t:
-            out[i] += (a[i, full:].T @ b[i, full:]).double()
+    if full:
+        pa = a[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, m)
+        pb = b[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, -1)
+        out += torch.bmm(pa.transpose(1, 2), pb).view(h, -1, m, b.shape[-1]).double().sum(1)
+    if full < t:
+        out += torch.bmm(a[:, full:].transpose(1, 2), b[:, full:]).double()
     return out
 
 
 def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor, g: torch.Tensor,
                  hint: torch.Tensor | None, tau: float, prune: bool, stats: EStats) -> tuple[torch.Tensor, int, int]:
+    """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
+    (views of those heads)."""
     h, t, d = xc.shape
     e = n.shape[-1]
     f32 = dict(device=xc.device, dtype=torch.float32)
-    uv = torch.empty(h, t, 2 * e, **f32)
-    for i in range(h):  # per head: a head's rows of the chunk are contiguous, batched matmul would copy them
-        torch.mm(xc[i], w[i], out=uv[i])
+    uv = torch.bmm(xc, w)  # [h, t, 2E]
     if hint is None:
         order = torch.arange(t, device=xc.device, dtype=torch.int32).expand(h, t).contiguous()
     else:
         order = torch.argsort(hint, dim=-1, stable=True).to(torch.int32).contiguous()
     n_tiles = triton.cdiv(t, BT)
-    xx, dmin = torch.empty(h, t, **f32), torch.empty(h, t, **f32)
+    xx, dmin, z = torch.empty(h, t, **f32), torch.empty(h, t, **f32), torch.empty(h, t, **f32)
     marg = torch.empty(h, t, 2 * e, **f32)
-    cnt = torch.empty(h, n_tiles, e, e, **f32)
     hard = torch.empty(h, t, device=xc.device, dtype=torch.int32)
     flags = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
     cut = PRUNE_CUT * tau if prune else float("inf")
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
-    _tile_kernel[(n_tiles, h)](xc, uv, xx, n, g, gt, order, dmin, marg, cnt, hard, flags, t, c, cut, xc.stride(0),
-                               xc.stride(1), uv.stride(0), uv.stride(1), D=d, E=e, BT=BT, UNROLL=UNROLL,
-                               num_warps=WARPS)
-    stats.count += torch.sum(cnt, 1, dtype=torch.float64)
-    sums = _sum_products(marg, xc)  # marginals are already divided by Z
+    _pass_a[(n_tiles, h)](xc, uv, xx, n, g, gt, order, dmin, z, marg, hard, flags, t, c, cut,
+                          D=d, E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
+    n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
+    cnt = torch.empty(h, n_prog, e, e, **f32)
+    _pass_b[(e, n_prog, h)](uv, xx, n, g, order, dmin, z, flags, cnt, t, c, n_tiles, TILES_PER_PROG_B,
+                            E=e, BT=BT, num_warps=WARPS_B)
+    stats.count += cnt.double().sum(1)
+    sums = _sum_products(marg, xc)  # the marginals are already divided by Z
     stats.sum_a += sums[:, :e]
     stats.sum_b += sums[:, e:]
     stats.sum_xx += xx.double().sum(-1)
     stats.hard_sqerr += ((dmin.double() * sc.double()) ** 2).sum(-1)
     return hard, int(flags.sum(dtype=torch.int64)), flags.numel()
+
+
+def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
+    """(heads, tokens) blocks of about ``budget`` vectors that are contiguous in ``[H, N, D]``:
+    several whole heads, or token ranges of one head."""
+    if n <= budget:
+        per = max(1, budget // max(n, 1))
+        return [(slice(i, min(i + per, h)), slice(0, n)) for i in range(0, h, per)]
+    return [(slice(i, i + 1), slice(j, min(j + budget, n))) for i in range(h) for j in range(0, n, budget)]
 
 
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
@@ -163,25 +190,25 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
     tiles skip more rows; it changes the statistics only by float rounding (the order of sums).
-    ``prune=False`` walks every row (same results bit for bit).
+    ``prune=False`` walks every row (same results bit for bit). Work goes in blocks of about
+    ``BLOCK`` vectors, each contiguous (whole heads, or part of one head): no copies. ``chunk`` is
+    accepted for the common signature (the kernels need no smaller blocks).
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_triton needs CUDA tensors; use commvq.quant.em.e_step on CPU")
-    x = x.float()
-    if x.stride(-1) != 1 or x.stride(1) != x.shape[-1]:
-        x = x.contiguous()
+    x = x.float().contiguous()
     theta = theta.float()
     w, n, g = (t.contiguous() for t in search_tables(theta))
     h, big_n, d = x.shape
     stats = _empty_stats(h, n.shape[-1], d, x.device)
-    step = max(chunk, 131072)  # the kernels need no chunking for memory; large chunks fill the GPU
-    hards, done, total = [], 0, 0
-    for i in range(0, big_n, step):
-        part_hint = None if hint is None else hint[:, i:i + step]
-        hard, rows, all_rows = _chunk_stats(x[:, i:i + step], s[i:i + step].float(), w, n, g,
-                                            part_hint, tau, prune, stats)
-        hards.append(hard)
+    hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
+    done = total = 0
+    for hs, ts in _blocks(h, big_n, BLOCK):
+        part = EStats(*(getattr(stats, k)[hs] for k in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
+        part_hint = None if hint is None else hint[hs, ts]
+        hard[hs, ts], rows, all_rows = _chunk_stats(x[hs, ts], s[ts].float(), w[hs], n[hs], g[hs], part_hint,
+                                                    tau, prune, part)
         done, total = done + rows, total + all_rows
-    stats.hard = torch.cat(hards, 1)
+    stats.hard = hard
     stats.work = done / max(total, 1)
     return stats
