@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim), args.heads)
+    x = x.contiguous()  # as EM trains on (its residual copy is contiguous)
     result = {"bench": "train_profile", "card": torch.cuda.get_device_name(), "commit": commit_id()}
     if "em" in args.what.split(","):
         result["em"] = profile_em(x, s, args.steps)

@@ -34,7 +34,8 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 @triton.jit
 def _pass_a(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_ptr, marg_ptr, hard_ptr, flag_ptr,
-            T, c, cut, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
+            T, c, cut, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr,
+            XX_FROM_X: tl.constexpr, TWO_OP: tl.constexpr):
     """One tile of ``BT`` (sorted) tokens: ``|x|^2``, hard code, ``d_min``, ``Z``, both marginals
     divided by ``Z``, and which rows ``A`` the tile needs (``flag``); rows no token needs are skipped."""
     tile = tl.program_id(0)
@@ -44,10 +45,13 @@ def _pass_a(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_
     imask = i < T
     t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
     uv_t = uv_ptr + (h * T + t) * (2 * E)
-    d = tl.arange(0, D)
-    xt = tl.load(x_ptr + (h * T + t[:, None]) * D + d[None, :], mask=imask[:, None], other=0.0)
-    xx = tl.sum(xt * xt, axis=1)
-    tl.store(xx_ptr + h * T + t, xx, mask=imask)
+    if XX_FROM_X:
+        d = tl.arange(0, D)
+        xt = tl.load(x_ptr + (h * T + t[:, None]) * D + d[None, :], mask=imask[:, None], other=0.0)
+        xx = tl.sum(xt * xt, axis=1)
+        tl.store(xx_ptr + h * T + t, xx, mask=imask)
+    else:
+        xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
     ne = tl.load(n_ptr + h * E + e)
     # walk 1, column by column (B), elementwise over A: the row minima d2(A) = u_A + min_B (v_B + G_AB),
     # an add and a min per table entry (u_A is added after the walk: rounding is monotonic, same minima)
@@ -55,8 +59,12 @@ def _pass_a(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_
     m = tl.full([BT, E], float("inf"), tl.float32)
     for b in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several columns in flight
         vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(uv_t + E + b, mask=imask, other=0.0)
-        m = tl.minimum(m, vcol[:, None] + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
-    m = ua + m
+        if TWO_OP:
+            m = tl.minimum(m, vcol[:, None] + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
+        else:
+            m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
+    if TWO_OP:
+        m = ua + m
     best = tl.min(m, axis=1)
     astar = tl.argmin(m, axis=1)  # first row reaching the minimum, then its first column: torch's flat argmin
     ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(uv_t + astar, mask=imask, other=0.0)
@@ -121,6 +129,7 @@ def _pass_b(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, dmin_ptr, z_ptr, flag_ptr, 
 
 BT, WARPS_A, WARPS_B = 32, 4, 4
 UNROLL = 4  # columns per step of walk 1
+XX_IN_KERNEL, TWO_OP = True, True
 TILES_PER_PROG_B = 128  # pass B: tiles per program (one row A each)
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
@@ -153,7 +162,8 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     else:
         order = torch.argsort(hint, dim=-1, stable=True).to(torch.int32).contiguous()
     n_tiles = triton.cdiv(t, BT)
-    xx, dmin, z = torch.empty(h, t, **f32), torch.empty(h, t, **f32), torch.empty(h, t, **f32)
+    dmin, z = torch.empty(h, t, **f32), torch.empty(h, t, **f32)
+    xx = torch.empty(h, t, **f32) if XX_IN_KERNEL else torch.linalg.vector_norm(xc, dim=-1).square_()
     marg = torch.empty(h, t, 2 * e, **f32)
     hard = torch.empty(h, t, device=xc.device, dtype=torch.int32)
     flags = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
@@ -161,7 +171,8 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
     _pass_a[(n_tiles, h)](xc, uv, xx, n, g, gt, order, dmin, z, marg, hard, flags, t, c, cut,
-                          D=d, E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
+                          D=d, E=e, BT=BT, UNROLL=UNROLL, XX_FROM_X=XX_IN_KERNEL, TWO_OP=TWO_OP,
+                          num_warps=WARPS_A)
     n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
     cnt = torch.empty(h, n_prog, e, e, **f32)
     _pass_b[(e, n_prog, h)](uv, xx, n, g, order, dmin, z, flags, cnt, t, c, n_tiles, TILES_PER_PROG_B,
