@@ -84,19 +84,18 @@ def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
 
     theta = torch.randn(x.shape[0], 128, x.shape[2] // 2, device=x.device) * 0.05
     results = []
-    for xx_in, two_op, warps in itertools.product((True, False), (True, False), (4, 8)):
-        k.XX_IN_KERNEL, k.TWO_OP, k.WARPS_A, k.WARPS_B = xx_in, two_op, warps, warps
+    for bt, warps, unroll in itertools.product((32,), (4, 8), (1, 4)):
+        k.BT, k.WARPS_A, k.WARPS_B, k.UNROLL = bt, warps, warps, unroll
         k.e_step_triton(x, s, theta, 1e-3, prune=False)  # compile
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(3):
             k.e_step_triton(x, s, theta, 1e-3, prune=False)
         torch.cuda.synchronize()
-        results.append(((time.perf_counter() - t0) / 3, (xx_in, two_op, warps)))
-        print(f"tune |x|^2 in kernel {xx_in:d} walk-1 add+min {two_op:d} warps {warps}: "
-              f"{results[-1][0] * 1e3:8.1f} ms", flush=True)
+        results.append(((time.perf_counter() - t0) / 3, (bt, warps, unroll)))
+        print(f"tune BT {bt:3d} warps {warps} unroll {unroll}: {results[-1][0] * 1e3:8.1f} ms", flush=True)
     best = min(results)
-    k.XX_IN_KERNEL, k.TWO_OP, k.WARPS_A = best[1]
+    k.BT, k.WARPS_A, k.UNROLL = best[1]
     k.WARPS_B = k.WARPS_A
     return {"best_ms": best[0] * 1e3, "config": best[1]}
 

@@ -1,8 +1,8 @@
 """Fused, pruned EM E-step for commutative codebooks (Triton): the N x E^2 soft assignment never
 reaches memory, and table rows whose weights all underflow are skipped.
 
-Per contiguous block of vectors (whole heads, or part of one), ``uv = x @ W`` (cuBLAS, fp32) gives
-the separable distance terms. Tokens are
+Per contiguous block of vectors (whole heads, or part of one), ``uv = x @ W`` (3xTF32 on tensor
+cores, :mod:`commvq.kernels.matmul`) gives the separable distance terms. Tokens are
 taken in tiles of ``BT``, sorted by a hint (the previous iteration's hard codes) so that a tile
 holds tokens of the same or nearby cells. Kernel A walks each token's ``E x E`` distance table
 of a tile twice: column by column, elementwise, for the row minima (hence the hard code,
@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from commvq.kernels import matmul
 from commvq.quant.commutative import search_tables
 from commvq.quant.em import EStats, _empty_stats
 
@@ -33,11 +34,10 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 
 @triton.jit
-def _pass_a(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_ptr, marg_ptr, hard_ptr, flag_ptr,
-            T, c, cut, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr,
-            XX_FROM_X: tl.constexpr, TWO_OP: tl.constexpr):
-    """One tile of ``BT`` (sorted) tokens: ``|x|^2``, hard code, ``d_min``, ``Z``, both marginals
-    divided by ``Z``, and which rows ``A`` the tile needs (``flag``); rows no token needs are skipped."""
+def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_ptr, marg_ptr, hard_ptr, flag_ptr,
+            T, c, cut, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
+    """One tile of ``BT`` (sorted) tokens: hard code, ``d_min``, ``Z``, both marginals divided by
+    ``Z``, and which rows ``A`` the tile needs (``flag``); rows no token needs are skipped."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     e = tl.arange(0, E)
@@ -45,31 +45,20 @@ def _pass_a(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_
     imask = i < T
     t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
     uv_t = uv_ptr + (h * T + t) * (2 * E)
-    if XX_FROM_X:
-        d = tl.arange(0, D)
-        xt = tl.load(x_ptr + (h * T + t[:, None]) * D + d[None, :], mask=imask[:, None], other=0.0)
-        xx = tl.sum(xt * xt, axis=1)
-        tl.store(xx_ptr + h * T + t, xx, mask=imask)
-    else:
-        xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
+    xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
     ne = tl.load(n_ptr + h * E + e)
-    # walk 1, column by column (B), elementwise over A: the row minima d2(A) = u_A + min_B (v_B + G_AB),
-    # an add and a min per table entry (u_A is added after the walk: rounding is monotonic, same minima)
+    # walk 1, column by column (B), elementwise over A: the row minima (one min per table entry; the
+    # form (u_A + v_B) + G_AB measured faster on the H100 than u_A + min_B (v_B + G_AB), one add less)
     ua = xx[:, None] + ne[None, :] - 2.0 * tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
     m = tl.full([BT, E], float("inf"), tl.float32)
     for b in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several columns in flight
         vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(uv_t + E + b, mask=imask, other=0.0)
-        if TWO_OP:
-            m = tl.minimum(m, vcol[:, None] + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
-        else:
-            m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
-    if TWO_OP:
-        m = ua + m
+        m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
     best = tl.min(m, axis=1)
     astar = tl.argmin(m, axis=1)  # first row reaching the minimum, then its first column: torch's flat argmin
     ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(uv_t + astar, mask=imask, other=0.0)
     vb = ne[None, :] - 2.0 * tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
-    row = ua_star[:, None] + (vb + tl.load(g_ptr + (h * E + astar[:, None]) * E + e[None, :]))  # same sums
+    row = (ua_star[:, None] + vb) + tl.load(g_ptr + (h * E + astar[:, None]) * E + e[None, :])  # same sums
     bstar = tl.argmin(row, axis=1)
     dmin = tl.sqrt(tl.maximum(best, 0.0))
     lim = dmin + cut
@@ -82,7 +71,7 @@ def _pass_a(x_ptr, uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_
         wa = tl.zeros([BT], tl.float32)
         if tl.load(flag_ptr + (h * tl.num_programs(0) + tile) * E + a) != 0:
             ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
-            d2 = ua_a[:, None] + (vb + tl.load(g_ptr + (h * E + a) * E + e)[None, :])
+            d2 = (ua_a[:, None] + vb) + tl.load(g_ptr + (h * E + a) * E + e)[None, :]
             w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
             gb += w
             wa = tl.sum(w, axis=1)
@@ -121,32 +110,17 @@ def _pass_b(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, dmin_ptr, z_ptr, flag_ptr, 
             ua = xx + na - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
             dmin = tl.load(dmin_ptr + h * T + t, mask=imask, other=0.0)
             inv_z = tl.where(imask, 1.0 / tl.load(z_ptr + h * T + t, mask=imask, other=1.0), 0.0)
-            d2 = ua[:, None] + ((nb[None, :] - 2.0 * v) + g_row[None, :])
+            d2 = (ua[:, None] + (nb[None, :] - 2.0 * v)) + g_row[None, :]
             w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
             acc += w * inv_z[:, None]
     tl.store(cnt_ptr + ((h * tl.num_programs(1) + r) * E + a) * E + e, tl.sum(acc, axis=0))
 
 
-BT, WARPS_A, WARPS_B = 32, 4, 4
+BT, WARPS_A, WARPS_B = 32, 8, 8  # H100, one unpruned E-step at 8 x 1M: 79 ms with 8 warps, 81 with 4
 UNROLL = 4  # columns per step of walk 1
-XX_IN_KERNEL, TWO_OP = True, True
 TILES_PER_PROG_B = 128  # pass B: tiles per program (one row A each)
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
-
-
-def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` -> ``[H, M, D]``, float64), split over T."""
-    h, t, m = a.shape
-    full = t // SPLIT_K * SPLIT_K
-    out = torch.zeros(h, m, b.shape[-1], dtype=torch.float64, device=a.device)
-    if full:
-        pa = a[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, m)
-        pb = b[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, -1)
-        out += torch.bmm(pa.transpose(1, 2), pb).view(h, -1, m, b.shape[-1]).double().sum(1)
-    if full < t:
-        out += torch.bmm(a[:, full:].transpose(1, 2), b[:, full:]).double()
-    return out
 
 
 def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor, g: torch.Tensor,
@@ -156,29 +130,28 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     h, t, d = xc.shape
     e = n.shape[-1]
     f32 = dict(device=xc.device, dtype=torch.float32)
-    uv = torch.bmm(xc, w)  # [h, t, 2E]
+    uv = matmul.bmm(xc, w)  # [h, t, 2E]
     if hint is None:
         order = torch.arange(t, device=xc.device, dtype=torch.int32).expand(h, t).contiguous()
     else:
         order = torch.argsort(hint, dim=-1, stable=True).to(torch.int32).contiguous()
     n_tiles = triton.cdiv(t, BT)
     dmin, z = torch.empty(h, t, **f32), torch.empty(h, t, **f32)
-    xx = torch.empty(h, t, **f32) if XX_IN_KERNEL else torch.linalg.vector_norm(xc, dim=-1).square_()
+    xx = torch.linalg.vector_norm(xc, dim=-1).square_()  # one pass over the block
     marg = torch.empty(h, t, 2 * e, **f32)
     hard = torch.empty(h, t, device=xc.device, dtype=torch.int32)
     flags = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
     cut = PRUNE_CUT * tau if prune else float("inf")
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
-    _pass_a[(n_tiles, h)](xc, uv, xx, n, g, gt, order, dmin, z, marg, hard, flags, t, c, cut,
-                          D=d, E=e, BT=BT, UNROLL=UNROLL, XX_FROM_X=XX_IN_KERNEL, TWO_OP=TWO_OP,
-                          num_warps=WARPS_A)
+    _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, dmin, z, marg, hard, flags, t, c, cut,
+                          E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
     n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
     cnt = torch.empty(h, n_prog, e, e, **f32)
     _pass_b[(e, n_prog, h)](uv, xx, n, g, order, dmin, z, flags, cnt, t, c, n_tiles, TILES_PER_PROG_B,
                             E=e, BT=BT, num_warps=WARPS_B)
     stats.count += cnt.double().sum(1)
-    sums = _sum_products(marg, xc)  # the marginals are already divided by Z
+    sums = matmul.split_sum_tn(marg, xc, SPLIT_K)  # the marginals are already divided by Z
     stats.sum_a += sums[:, :e]
     stats.sum_b += sums[:, e:]
     stats.sum_xx += xx.double().sum(-1)
