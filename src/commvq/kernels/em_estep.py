@@ -1,8 +1,8 @@
 """Fused, pruned EM E-step for commutative codebooks (Triton): the N x E^2 soft assignment never
 reaches memory, and table rows whose weights all underflow are skipped.
 
-Per contiguous block of vectors (whole heads, or part of one), ``uv = x @ W`` (3xTF32 on tensor
-cores, :mod:`commvq.kernels.matmul`) gives the separable distance terms. Tokens are
+Per contiguous block of vectors (whole heads, or part of one), ``uv = x @ W`` (cuBLAS, fp32) gives
+the separable distance terms. Tokens are
 taken in tiles of ``BT``, sorted by a hint (the previous iteration's hard codes) so that a tile
 holds tokens of the same or nearby cells. Kernel A walks each token's ``E x E`` distance table
 of a tile twice: column by column, elementwise, for the row minima (hence the hard code,
@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.kernels import matmul
 from commvq.quant.commutative import search_tables
 from commvq.quant.em import EStats, _empty_stats
 
@@ -123,6 +122,20 @@ SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fix
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
 
 
+def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` contiguous -> ``[H, M, D]``, float64), split over T."""
+    h, t, m = a.shape
+    full = t // SPLIT_K * SPLIT_K
+    out = torch.zeros(h, m, b.shape[-1], dtype=torch.float64, device=a.device)
+    if full:
+        pa = a[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, m)
+        pb = b[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, -1)
+        out += torch.bmm(pa.transpose(1, 2), pb).view(h, -1, m, b.shape[-1]).double().sum(1)
+    if full < t:
+        out += torch.bmm(a[:, full:].transpose(1, 2), b[:, full:]).double()
+    return out
+
+
 def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor, g: torch.Tensor,
                  hint: torch.Tensor | None, tau: float, prune: bool, stats: EStats) -> tuple[torch.Tensor, int, int]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
@@ -130,7 +143,7 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     h, t, d = xc.shape
     e = n.shape[-1]
     f32 = dict(device=xc.device, dtype=torch.float32)
-    uv = matmul.bmm(xc, w)  # [h, t, 2E]
+    uv = torch.bmm(xc, w)  # [h, t, 2E]
     if hint is None:
         order = torch.arange(t, device=xc.device, dtype=torch.int32).expand(h, t).contiguous()
     else:
@@ -151,7 +164,7 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     _pass_b[(e, n_prog, h)](uv, xx, n, g, order, dmin, z, flags, cnt, t, c, n_tiles, TILES_PER_PROG_B,
                             E=e, BT=BT, num_warps=WARPS_B)
     stats.count += cnt.double().sum(1)
-    sums = matmul.split_sum_tn(marg, xc, SPLIT_K)  # the marginals are already divided by Z
+    sums = _sum_products(marg, xc)  # the marginals are already divided by Z
     stats.sum_a += sums[:, :e]
     stats.sum_b += sums[:, e:]
     stats.sum_xx += xx.double().sum(-1)

@@ -112,7 +112,7 @@ def _accumulate(stats: EStats, d2: torch.Tensor, x: torch.Tensor, s: torch.Tenso
     """Add one chunk: ``d2 [H, T, E*E]`` squared distances of ``x [H, T, D]``."""
     h, t, _ = d2.shape
     e = stats.count.shape[-1]
-    gamma = torch.softmax(-d2.clamp_min(0).sqrt() / tau, dim=-1).view(h, t, e, e)
+    gamma = torch.softmax(d2.clamp_min(0).sqrt_().mul_(-1.0 / tau), dim=-1).view(h, t, e, e)  # few full passes
     stats.count += gamma.sum(1).double()
     xd = x.double()
     stats.sum_a += torch.einsum("hte,htd->hed", gamma.sum(-1).double(), xd)
@@ -157,7 +157,7 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
     hards = []
     for i in range(0, big_n, chunk):
         xc, sc = x[:, i:i + chunk], s[i:i + chunk]
-        d2 = (xc * xc).sum(-1, keepdim=True) - 2 * xc @ centers.transpose(-1, -2) + cc[:, None]
+        d2 = torch.baddbmm(cc[:, None], xc, centers.transpose(-1, -2), alpha=-2).add_((xc * xc).sum(-1, keepdim=True))
         hard = d2.argmin(-1)
         hards.append(hard)
         err = ((xc - torch.gather(centers, 1, hard[..., None].expand(-1, -1, d))) ** 2).sum(-1)
