@@ -141,8 +141,11 @@ def main() -> None:
         print(f"stage {r + 1:2d}: {stage_times[-1][1]:7.1f} s  iters {res.iters.tolist()}  residual MSE "
               f"{float(err.mean()):.6f}", flush=True)
 
+    from commvq.kernels.em_estep import e_step_centers_triton
+
     fitted = em.fit(x, s, args.residuals, 64, em.EMSettings(max_iters=args.max_iters), seed=args.seed,
-                    estep=estep, on_stage=on_stage)
+                    estep=estep, on_stage=on_stage,
+                    init_estep=em.e_step_centers if args.estep == "torch" else e_step_centers_triton)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30

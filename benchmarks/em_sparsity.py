@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=32)
     ap.add_argument("--cut", type=float, default=104.0, help="in units of tau: exp(-cut) underflows float32")
     args = ap.parse_args()
-    from commvq.kernels.em_estep import e_step_triton
+    from commvq.kernels.em_estep import e_step_centers_triton, e_step_triton
 
     x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim), args.heads)
     settings = em.EMSettings(max_iters=args.max_iters)
@@ -84,7 +84,7 @@ def main() -> None:
                       flush=True)
             return e_step_triton(xh, sh, theta, tau, chunk, hint)
 
-        res = em.fit_stage(x, s, 64, stage, settings, gen, estep)
+        res = em.fit_stage(x, s, 64, stage, settings, gen, estep, e_step_centers_triton)
         for i in range(0, x.shape[1], 65536):
             part = x[:, i:i + 65536]
             part -= decode(res.theta, nearest(part, res.theta))

@@ -87,7 +87,7 @@ def profile_em(x, s, steps: int) -> dict:
 def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
     """A real stage-0 fit (hint-sorted tokens, the temperature schedule): wall time of the init and
     of the whole stage, and the kernels of a few of its E-steps."""
-    from commvq.kernels.em_estep import e_step_triton
+    from commvq.kernels.em_estep import e_step_centers_triton, e_step_triton
 
     out, calls = {}, [0]
 
@@ -113,13 +113,19 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
     t0 = time.perf_counter()
     em.m_step(em.e_step_centers(x, s, centers, 1.0, settings.chunk))
     torch.cuda.synchronize()
+    out["init_torch_s"] = time.perf_counter() - t0
+    em.m_step(e_step_centers_triton(x, s, centers, 1.0, settings.chunk))  # compile
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    em.m_step(e_step_centers_triton(x, s, centers, 1.0, settings.chunk))
+    torch.cuda.synchronize()
     out["init_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    em.fit_stage(x, s, 64, 0, settings, torch.Generator().manual_seed(0), estep)
+    em.fit_stage(x, s, 64, 0, settings, torch.Generator().manual_seed(0), estep, e_step_centers_triton)
     torch.cuda.synchronize()
     out["stage_s"] = time.perf_counter() - t0
-    print(f"init E-step + M-step {out['init_s']:.2f} s; stage 0 (init, 100 iterations, profiled ones twice more) "
-          f"{out['stage_s']:.2f} s")
+    print(f"init E-step + M-step {out['init_s']:.2f} s (torch {out['init_torch_s']:.2f} s); stage 0 (init, "
+          f"100 iterations, profiled ones twice more) {out['stage_s']:.2f} s")
     return out
 
 

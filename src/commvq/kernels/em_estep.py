@@ -87,37 +87,40 @@ def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_ptr, ma
 
 
 @triton.jit
-def _pass_b(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, dmin_ptr, z_ptr, flag_ptr, cnt_ptr, T, c, n_tiles,
-            tiles_per_prog, E: tl.constexpr, BT: tl.constexpr):
-    """Soft counts of one row ``A`` over a range of tiles that need it: acc[t, B] += w / Z."""
+def _pass_b(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, dmin_ptr, z_ptr, ptr_ptr, tiles_ptr, cnt_ptr, T, c,
+            E: tl.constexpr, BT: tl.constexpr):
+    """Soft counts of one row ``A`` over the tiles of the ``r``-th range of tiles that need it
+    (``tiles[ptr[k]:ptr[k + 1]]``, ``k = (h * E + A) * ranges + r``): acc[t, B] += w / Z."""
     a = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
+    k = (h * E + a) * tl.num_programs(1) + r
+    start = tl.load(ptr_ptr + k)
+    end = tl.load(ptr_ptr + k + 1)
     e = tl.arange(0, E)
     nb = tl.load(n_ptr + h * E + e)
     g_row = tl.load(g_ptr + (h * E + a) * E + e)
     na = tl.load(n_ptr + h * E + a)
     acc = tl.zeros([BT, E], tl.float32)
-    for tile in range(r * tiles_per_prog, tl.minimum((r + 1) * tiles_per_prog, n_tiles)):
-        if tl.load(flag_ptr + (h * n_tiles + tile) * E + a) != 0:
-            i = tile * BT + tl.arange(0, BT)
-            imask = i < T
-            t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
-            uv_t = uv_ptr + (h * T + t) * (2 * E)
-            v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
-            xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
-            ua = xx + na - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
-            dmin = tl.load(dmin_ptr + h * T + t, mask=imask, other=0.0)
-            inv_z = tl.where(imask, 1.0 / tl.load(z_ptr + h * T + t, mask=imask, other=1.0), 0.0)
-            d2 = (ua[:, None] + (nb[None, :] - 2.0 * v)) + g_row[None, :]
-            w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
-            acc += w * inv_z[:, None]
+    for p in range(start, end):
+        i = tl.load(tiles_ptr + p) * BT + tl.arange(0, BT)
+        imask = i < T
+        t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
+        uv_t = uv_ptr + (h * T + t) * (2 * E)
+        v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+        xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
+        ua = xx + na - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
+        dmin = tl.load(dmin_ptr + h * T + t, mask=imask, other=0.0)
+        inv_z = tl.where(imask, 1.0 / tl.load(z_ptr + h * T + t, mask=imask, other=1.0), 0.0)
+        d2 = (ua[:, None] + (nb[None, :] - 2.0 * v)) + g_row[None, :]
+        w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
+        acc += w * inv_z[:, None]
     tl.store(cnt_ptr + ((h * tl.num_programs(1) + r) * E + a) * E + e, tl.sum(acc, axis=0))
 
 
 BT, WARPS_A, WARPS_B = 32, 8, 8  # H100, one unpruned E-step at 8 x 1M: 79 ms with 8 warps, 81 with 4
 UNROLL = 4  # columns per step of walk 1
-TILES_PER_PROG_B = 128  # pass B: tiles per program (one row A each)
+TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
 
@@ -159,17 +162,23 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     gt = g.transpose(-1, -2).contiguous()
     _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, dmin, z, marg, hard, flags, t, c, cut,
                           E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
+    # pass B visits only the needed (row, tile) pairs: the tiles needing each row, listed row by row;
+    # a program takes those of one row within a fixed range of tiles (the same sums as walking all)
     n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
+    needed = torch.zeros(h, e, n_prog * TILES_PER_PROG_B, device=xc.device, dtype=torch.int8)
+    needed[..., :n_tiles] = flags.transpose(1, 2)
+    ptr = torch.zeros(h * e * n_prog + 1, device=xc.device, dtype=torch.int32)
+    ptr[1:] = torch.cumsum(needed.view(-1, TILES_PER_PROG_B).sum(-1, dtype=torch.int32), 0)
+    tiles = torch.nonzero(needed.view(h * e, -1))[:, 1].to(torch.int32)  # row by row, tiles in order
     cnt = torch.empty(h, n_prog, e, e, **f32)
-    _pass_b[(e, n_prog, h)](uv, xx, n, g, order, dmin, z, flags, cnt, t, c, n_tiles, TILES_PER_PROG_B,
-                            E=e, BT=BT, num_warps=WARPS_B)
+    _pass_b[(e, n_prog, h)](uv, xx, n, g, order, dmin, z, ptr, tiles, cnt, t, c, E=e, BT=BT, num_warps=WARPS_B)
     stats.count += cnt.double().sum(1)
     sums = _sum_products(marg, xc)  # the marginals are already divided by Z
     stats.sum_a += sums[:, :e]
     stats.sum_b += sums[:, e:]
     stats.sum_xx += xx.double().sum(-1)
     stats.hard_sqerr += ((dmin.double() * sc.double()) ** 2).sum(-1)
-    return hard, int(flags.sum(dtype=torch.int64)), flags.numel()
+    return hard, tiles.numel(), flags.numel()
 
 
 def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
@@ -208,4 +217,84 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
         done, total = done + rows, total + all_rows
     stats.hard = hard
     stats.work = done / max(total, 1)
+    return stats
+
+
+@triton.jit
+def _centers_kernel(d2_ptr, xx_ptr, dmin_ptr, hard_ptr, marg_ptr, cnt_ptr, T, c, E: tl.constexpr, BT: tl.constexpr):
+    """One tile of ``BT`` tokens against ``E*E`` free centers in code order, from ``|c|^2 - 2 x.c``
+    (``[H, T, E*E]``): walk 1 gives the hard code, ``d_min`` and ``Z`` (online); walk 2 the weights
+    ``w / Z``, both marginals and the tile's soft counts (a row of ``E`` per block ``A``)."""
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    e = tl.arange(0, E)
+    i = tile * BT + tl.arange(0, BT)
+    imask = i < T
+    xx = tl.load(xx_ptr + h * T + i, mask=imask, other=0.0)
+    rows = d2_ptr + (h * T + i[:, None]).to(tl.int64) * (E * E) + e[None, :]
+    best2 = tl.full([BT], float("inf"), tl.float32)
+    arg = tl.zeros([BT], tl.int32)
+    dm = tl.full([BT], float("inf"), tl.float32)
+    z = tl.zeros([BT], tl.float32)
+    for a in range(E):
+        d2 = xx[:, None] + tl.load(rows + a * E, mask=imask[:, None], other=0.0)
+        b2 = tl.min(d2, axis=1)
+        better = b2 < best2  # strict: an earlier block wins a tie, as the flat argmin does
+        arg = tl.where(better, a * E + tl.argmin(d2, axis=1), arg)
+        best2 = tl.where(better, b2, best2)
+        d = tl.sqrt(tl.maximum(d2, 0.0))
+        new = tl.minimum(dm, tl.min(d, axis=1))
+        z = z * tl.exp2((new - dm) * c) + tl.sum(tl.exp2((new[:, None] - d) * c), axis=1)
+        dm = new
+    inv_z = tl.where(imask, 1.0 / z, 0.0)
+    gb = tl.zeros([BT, E], tl.float32)
+    cnt = cnt_ptr + (h * tl.num_programs(0) + tile) * (E * E) + e
+    for a in range(E):
+        d2 = xx[:, None] + tl.load(rows + a * E, mask=imask[:, None], other=0.0)
+        w = tl.exp2((dm[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c) * inv_z[:, None]
+        gb += w
+        tl.store(marg_ptr + (h * T + i) * (2 * E) + a, tl.sum(w, axis=1), mask=imask)
+        tl.store(cnt + a * E, tl.sum(w, axis=0))
+    tl.store(marg_ptr + (h * T + i[:, None]) * (2 * E) + E + e[None, :], gb, mask=imask[:, None])
+    tl.store(dmin_ptr + h * T + i, dm, mask=imask)
+    tl.store(hard_ptr + h * T + i, arg, mask=imask)
+
+
+BT_CENTERS = 32
+
+
+def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau: float,
+                          chunk: int = 8192) -> EStats:
+    """Same statistics as :func:`commvq.quant.em.e_step_centers` (the initialization against free
+    centers ``[H, E*E, D]``): per chunk, one cuBLAS product writes ``|c|^2 - 2 x.c`` and one kernel
+    reads it twice, instead of a dozen full passes of elementwise torch ops over ``N x E^2``."""
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU")
+    x, centers = x.float(), centers.float()
+    h, big_n, d = x.shape
+    e = math.isqrt(centers.shape[1])
+    stats = _empty_stats(h, e, d, x.device)
+    cc = (centers * centers).sum(-1)[:, None]  # [H, 1, E*E]
+    ct = centers.transpose(-1, -2)
+    hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
+    c = math.log2(math.e) / tau
+    f32 = dict(device=x.device, dtype=torch.float32)
+    for i in range(0, big_n, chunk):
+        xc = x[:, i:i + chunk]
+        t = xc.shape[1]
+        part = torch.baddbmm(cc, xc, ct, alpha=-2)  # [H, t, E*E]
+        xx = (xc * xc).sum(-1).contiguous()
+        n_tiles = triton.cdiv(t, BT_CENTERS)
+        dmin, marg = torch.empty(h, t, **f32), torch.empty(h, t, 2 * e, **f32)
+        cnt = torch.empty(h, n_tiles, e * e, **f32)
+        hard_c = torch.empty(h, t, device=x.device, dtype=torch.int32)
+        _centers_kernel[(n_tiles, h)](part, xx, dmin, hard_c, marg, cnt, t, c, E=e, BT=BT_CENTERS, num_warps=4)
+        hard[:, i:i + chunk] = hard_c
+        stats.count += cnt.sum(1, dtype=torch.float64).view(h, e, e)
+        sums = torch.bmm(marg.transpose(1, 2), xc).double()
+        stats.sum_a += sums[:, :e]
+        stats.sum_b += sums[:, e:]
+        stats.sum_xx += xx.double().sum(-1)
+        stats.hard_sqerr += ((dmin.double() * s[i:i + chunk].double()) ** 2).sum(-1)
+    stats.hard = hard
     return stats

@@ -167,6 +167,7 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
 
 
 EStep = Callable[..., EStats]  # (x, s, theta, tau, chunk, hint) -> EStats, as e_step
+CentersEStep = Callable[..., EStats]  # (x, s, centers, tau, chunk) -> EStats, as e_step_centers
 
 
 @dataclass
@@ -177,12 +178,13 @@ class StageResult:
 
 
 def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, settings: EMSettings,
-              generator: torch.Generator, estep: EStep = e_step) -> StageResult:
+              generator: torch.Generator, estep: EStep = e_step,
+              init_estep: CentersEStep = e_step_centers) -> StageResult:
     """Train one stage for every head of ``x [H, N, D]`` (prescales ``s [N]``)."""
     h, big_n, d = x.shape
     idx = torch.randint(0, big_n, (h, num_entries**2), generator=generator).to(x.device)
     centers = torch.gather(x, 1, idx[..., None].expand(-1, -1, d))
-    init = e_step_centers(x, s, centers, 1.0, settings.chunk)
+    init = init_estep(x, s, centers, 1.0, settings.chunk)
     theta = m_step(init, settings.eps, x.dtype)
     hint = init.hard.to(torch.int32)  # tokens of one free center tend to share a cell
     c = stage_factor(stage, settings.decay_every)
@@ -220,7 +222,8 @@ class FitResult:
 
 def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, settings: EMSettings,
         seed: int = 0, estep: EStep = e_step,
-        on_stage: Callable[[int, StageResult, torch.Tensor], None] | None = None) -> FitResult:
+        on_stage: Callable[[int, StageResult, torch.Tensor], None] | None = None,
+        init_estep: CentersEStep = e_step_centers) -> FitResult:
     """Greedy residual EM: train stage r on what stages < r left. ``x [H, N, D]`` is not modified."""
     from commvq.quant.commutative import nearest
 
@@ -229,7 +232,7 @@ def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, set
     big_n, d = x.shape[1], x.shape[2]
     thetas, stage_mse, res_mse, iters = [], [], [], []
     for r in range(num_stages):
-        res = fit_stage(residual, s, num_entries, r, settings, generator, estep)
+        res = fit_stage(residual, s, num_entries, r, settings, generator, estep, init_estep)
         for i in range(0, big_n, settings.chunk):
             part = residual[:, i:i + settings.chunk]
             part -= decode(res.theta, nearest(part, res.theta, settings.chunk))
