@@ -33,64 +33,76 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 
 @triton.jit
-def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, dmin_ptr, z_ptr, marg_ptr, hard_ptr, flag_ptr,
+def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scr_ptr, tok_ptr, marg_ptr, hard_ptr, flag_ptr,
             T, c, cut, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
     """One tile of ``BT`` (sorted) tokens: hard code, ``d_min``, ``Z``, both marginals divided by
-    ``Z``, and which rows ``A`` the tile needs (``flag``); rows no token needs are skipped."""
+    ``Z``, and which rows ``A`` the tile needs (``flag``); rows no token needs are skipped.
+
+    The tile's ``uv`` goes to a scratch transposed (``[2E, BT]``), so that a column of the table is
+    one coalesced load; it stays there for pass B with the tile's ``|x|^2``, ``d_min`` and ``1/Z``
+    (``tok [3, BT]``), in tile order."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     e = tl.arange(0, E)
-    i = tile * BT + tl.arange(0, BT)
+    bt = tl.arange(0, BT)
+    i = tile * BT + bt
     imask = i < T
     t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
     uv_t = uv_ptr + (h * T + t) * (2 * E)
+    slot = h * tl.num_programs(0) + tile
+    scr = scr_ptr + slot * (2 * E * BT)  # [2E, BT]: u then v, column-major for the tile
+    tok = tok_ptr + slot * (3 * BT)
     xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
     ne = tl.load(n_ptr + h * E + e)
+    u = tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
+    v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+    tl.store(scr + e[None, :] * BT + bt[:, None], u)
+    tl.store(scr + (E + e[None, :]) * BT + bt[:, None], v)
+    tl.debug_barrier()
     # walk 1, column by column (B), elementwise over A: the row minima (one min per table entry; the
     # form (u_A + v_B) + G_AB measured faster on the H100 than u_A + min_B (v_B + G_AB), one add less)
-    ua = xx[:, None] + ne[None, :] - 2.0 * tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
+    ua = xx[:, None] + ne[None, :] - 2.0 * u
     m = tl.full([BT, E], float("inf"), tl.float32)
     for b in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several columns in flight
-        vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(uv_t + E + b, mask=imask, other=0.0)
+        vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(scr + (E + b) * BT + bt)
         m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
     best = tl.min(m, axis=1)
     astar = tl.argmin(m, axis=1)  # first row reaching the minimum, then its first column: torch's flat argmin
-    ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(uv_t + astar, mask=imask, other=0.0)
-    vb = ne[None, :] - 2.0 * tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+    ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(scr + astar * BT + bt)
+    vb = ne[None, :] - 2.0 * v
     row = (ua_star[:, None] + vb) + tl.load(g_ptr + (h * E + astar[:, None]) * E + e[None, :])  # same sums
     bstar = tl.argmin(row, axis=1)
     dmin = tl.sqrt(tl.maximum(best, 0.0))
     lim = dmin + cut
     need = tl.max(((m <= (lim * lim)[:, None]) & imask[:, None]).to(tl.int32), axis=0)  # [E] rows
-    tl.store(flag_ptr + (h * tl.num_programs(0) + tile) * E + e, need.to(tl.int8))
+    tl.store(flag_ptr + slot * E + e, need.to(tl.int8))
     tl.debug_barrier()
     # walk 2, row by row (A), elementwise over B, over the rows the tile needs
     gb = tl.zeros([BT, E], tl.float32)
+    wa = tl.zeros([BT, E], tl.float32)
     for a in range(E):
-        wa = tl.zeros([BT], tl.float32)
-        if tl.load(flag_ptr + (h * tl.num_programs(0) + tile) * E + a) != 0:
-            ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
+        if tl.load(flag_ptr + slot * E + a) != 0:
+            ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(scr + a * BT + bt)
             d2 = (ua_a[:, None] + vb) + tl.load(g_ptr + (h * E + a) * E + e)[None, :]
             w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
             gb += w
-            wa = tl.sum(w, axis=1)
-        tl.store(marg_ptr + (h * T + t) * (2 * E) + a, wa, mask=imask)
-    z = tl.sum(gb, axis=1)
-    inv_z = 1.0 / z
-    tl.store(marg_ptr + (h * T + t[:, None]) * (2 * E) + E + e[None, :], gb * inv_z[:, None], mask=imask[:, None])
-    tl.debug_barrier()  # the row marginals written above are read back, divided by Z
-    ma = marg_ptr + (h * T + t[:, None]) * (2 * E) + e[None, :]
-    tl.store(ma, tl.load(ma, mask=imask[:, None], other=0.0) * inv_z[:, None], mask=imask[:, None])
-    tl.store(z_ptr + h * T + t, z, mask=imask)
-    tl.store(dmin_ptr + h * T + t, dmin, mask=imask)
+            wa = tl.where(e[None, :] == a, tl.sum(w, axis=1)[:, None], wa)
+    inv_z = tl.where(imask, 1.0 / tl.sum(gb, axis=1), 0.0)
+    m_t = marg_ptr + (h * T + t[:, None]) * (2 * E) + e[None, :]
+    tl.store(m_t, wa * inv_z[:, None], mask=imask[:, None])
+    tl.store(m_t + E, gb * inv_z[:, None], mask=imask[:, None])
+    tl.store(tok + bt, xx)
+    tl.store(tok + BT + bt, dmin)
+    tl.store(tok + 2 * BT + bt, inv_z)
     tl.store(hard_ptr + h * T + t, astar * E + bstar, mask=imask)
 
 
 @triton.jit
-def _pass_b(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, dmin_ptr, z_ptr, ptr_ptr, tiles_ptr, cnt_ptr, T, c,
+def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, ptr_ptr, tiles_ptr, cnt_ptr, n_tiles, c,
             E: tl.constexpr, BT: tl.constexpr):
     """Soft counts of one row ``A`` over the tiles of the ``r``-th range of tiles that need it
-    (``tiles[ptr[k]:ptr[k + 1]]``, ``k = (h * E + A) * ranges + r``): acc[t, B] += w / Z."""
+    (``tiles[ptr[k]:ptr[k + 1]]``, ``k = (h * E + A) * ranges + r``): acc[t, B] += w / Z, from the
+    tiles' scratch that pass A left."""
     a = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
@@ -98,20 +110,19 @@ def _pass_b(uv_ptr, xx_ptr, n_ptr, g_ptr, order_ptr, dmin_ptr, z_ptr, ptr_ptr, t
     start = tl.load(ptr_ptr + k)
     end = tl.load(ptr_ptr + k + 1)
     e = tl.arange(0, E)
+    bt = tl.arange(0, BT)
     nb = tl.load(n_ptr + h * E + e)
     g_row = tl.load(g_ptr + (h * E + a) * E + e)
     na = tl.load(n_ptr + h * E + a)
     acc = tl.zeros([BT, E], tl.float32)
     for p in range(start, end):
-        i = tl.load(tiles_ptr + p) * BT + tl.arange(0, BT)
-        imask = i < T
-        t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
-        uv_t = uv_ptr + (h * T + t) * (2 * E)
-        v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
-        xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
-        ua = xx + na - 2.0 * tl.load(uv_t + a, mask=imask, other=0.0)
-        dmin = tl.load(dmin_ptr + h * T + t, mask=imask, other=0.0)
-        inv_z = tl.where(imask, 1.0 / tl.load(z_ptr + h * T + t, mask=imask, other=1.0), 0.0)
+        slot = h * n_tiles + tl.load(tiles_ptr + p)
+        scr = scr_ptr + slot * (2 * E * BT)
+        tok = tok_ptr + slot * (3 * BT)
+        v = tl.load(scr + (E + e[None, :]) * BT + bt[:, None])
+        ua = tl.load(tok + bt) + na - 2.0 * tl.load(scr + a * BT + bt)
+        dmin = tl.load(tok + BT + bt)
+        inv_z = tl.load(tok + 2 * BT + bt)
         d2 = (ua[:, None] + (nb[None, :] - 2.0 * v)) + g_row[None, :]
         w = tl.exp2((dmin[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c)
         acc += w * inv_z[:, None]
@@ -152,15 +163,16 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     else:
         order = torch.argsort(hint, dim=-1, stable=True).to(torch.int32).contiguous()
     n_tiles = triton.cdiv(t, BT)
-    dmin, z = torch.empty(h, t, **f32), torch.empty(h, t, **f32)
     xx = torch.linalg.vector_norm(xc, dim=-1).square_()  # one pass over the block
+    scratch = torch.empty(h, n_tiles, 2 * e, BT, **f32)
+    tok = torch.empty(h, n_tiles, 3, BT, **f32)  # |x|^2, d_min, 1/Z in tile order
     marg = torch.empty(h, t, 2 * e, **f32)
     hard = torch.empty(h, t, device=xc.device, dtype=torch.int32)
     flags = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
     cut = PRUNE_CUT * tau if prune else float("inf")
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
-    _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, dmin, z, marg, hard, flags, t, c, cut,
+    _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, scratch, tok, marg, hard, flags, t, c, cut,
                           E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
     # pass B visits only the needed (row, tile) pairs: the tiles needing each row, listed row by row;
     # a program takes those of one row within a fixed range of tiles (the same sums as walking all)
@@ -171,13 +183,14 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     ptr[1:] = torch.cumsum(needed.view(-1, TILES_PER_PROG_B).sum(-1, dtype=torch.int32), 0)
     tiles = torch.nonzero(needed.view(h * e, -1))[:, 1].to(torch.int32)  # row by row, tiles in order
     cnt = torch.empty(h, n_prog, e, e, **f32)
-    _pass_b[(e, n_prog, h)](uv, xx, n, g, order, dmin, z, ptr, tiles, cnt, t, c, E=e, BT=BT, num_warps=WARPS_B)
+    _pass_b[(e, n_prog, h)](n, g, scratch, tok, ptr, tiles, cnt, n_tiles, c, E=e, BT=BT, num_warps=WARPS_B)
     stats.count += cnt.double().sum(1)
     sums = _sum_products(marg, xc)  # the marginals are already divided by Z
     stats.sum_a += sums[:, :e]
     stats.sum_b += sums[:, e:]
     stats.sum_xx += xx.double().sum(-1)
-    stats.hard_sqerr += ((dmin.double() * sc.double()) ** 2).sum(-1)
+    dmin = tok[:, :, 1].reshape(h, -1)[:, :t]  # in tile order: the prescales follow it
+    stats.hard_sqerr += ((dmin.double() * sc.double()[order.long()]) ** 2).sum(-1)
     return hard, tiles.numel(), flags.numel()
 
 
