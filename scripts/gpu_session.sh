@@ -22,7 +22,6 @@ for what in "$@"; do
     e2e_quick) python3 benchmarks/e2e_layer.py --epochs 2 2>&1 | tee "$OUT/e2e_quick.log" | tail -12 ;;
     e2e_full) python3 benchmarks/e2e_layer.py --budget_s 420 2>&1 | tee "$OUT/e2e_full.log" | tail -12 ;;
     em_quick) python3 benchmarks/em_layer.py --residuals 2 --max_iters 10 --ref_iters 3 2>&1 | tee "$OUT/em_quick.log" | tail -14 ;;
-    em_matmul) python3 benchmarks/em_matmul.py 2>&1 | tee "$OUT/em_matmul.log" | grep -v "^{" | tail -8 ;;
     em_tune) python3 benchmarks/em_layer.py --tune --residuals 1 --max_iters 3 --ref_iters 0 2>&1 | tee "$OUT/em_tune.log" | tail -40 ;;
     em_full) python3 benchmarks/em_layer.py --ref_iters 5 2>&1 | tee "$OUT/em_full.log" | tail -16 ;;
     collect) python3 benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --tokens 32768 --out_dir /dev/shm 2>&1 | grep -v "it/s\]\|tok/s\]" | tee "$OUT/collect_shm.log" | tail -6

@@ -63,6 +63,22 @@ def _pruning(device, h, n, d, e):
         assert torch.equal(getattr(full, name), getattr(pruned, name)), name
 
 
+def _norms_follow_in_place_changes(device):
+    """|x|^2 is reused across calls with the same vectors, and recomputed after an in-place change."""
+    from commvq.kernels.em_estep import e_step_triton
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 200, 16, generator=g) * 0.2).to(device)
+    s = torch.ones(200, device=device)
+    theta = (torch.randn(2, 16, 8, generator=g) * 0.1).to(device)
+    first = e_step_triton(x, s, theta, 1e-2)
+    assert torch.equal(e_step_triton(x, s, theta, 1e-2).sum_xx, first.sum_xx)
+    x.mul_(0.5)
+    again = e_step_triton(x, s, theta, 1e-2)
+    fresh = e_step_triton(x.clone(), s, theta, 1e-2)
+    assert torch.allclose(again.sum_xx, first.sum_xx / 4) and torch.equal(again.count, fresh.count)
+
+
 def _centers(device, cases):
     """The initialization's E-step against free centers: kernel vs the torch reference."""
     from commvq.kernels.em_estep import e_step_centers_triton
@@ -88,6 +104,7 @@ def _centers(device, cases):
 def test_triton_e_step_matches_torch_on_gpu():
     _compare("cuda", CASES)
     _pruning("cuda", 4, 20000, 128, 64)
+    _norms_follow_in_place_changes("cuda")
     _centers("cuda", [(8, 5000, 128, 64, 1.0, 2048), (2, 999, 64, 64, 0.01, 8192), (1, 300, 16, 8, 1.0, 100)])
 
 
@@ -98,7 +115,8 @@ def test_triton_e_step_matches_torch_in_interpreter():
             "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)])\n"
             "from tests.kernels.test_em_estep import _pruning\n"
             "_pruning('cpu', 1, 800, 16, 8)\n"
-            "from tests.kernels.test_em_estep import _centers\n"
+            "from tests.kernels.test_em_estep import _centers, _norms_follow_in_place_changes\n"
+            "_norms_follow_in_place_changes('cpu')\n"
             "_centers('cpu', [(2, 150, 16, 8, 1.0, 64), (1, 90, 8, 16, 0.05, 1000)])\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)

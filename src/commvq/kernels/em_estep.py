@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 import triton
@@ -150,8 +151,9 @@ def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor, g: torch.Tensor,
-                 hint: torch.Tensor | None, tau: float, prune: bool, stats: EStats) -> tuple[torch.Tensor, int, int]:
+def _chunk_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor,
+                 g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
+                 stats: EStats) -> tuple[torch.Tensor, int, int]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
     (views of those heads)."""
     h, t, d = xc.shape
@@ -163,7 +165,7 @@ def _chunk_stats(xc: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.T
     else:
         order = torch.argsort(hint, dim=-1, stable=True).to(torch.int32).contiguous()
     n_tiles = triton.cdiv(t, BT)
-    xx = torch.linalg.vector_norm(xc, dim=-1).square_()  # one pass over the block
+    xx = xx.contiguous()
     scratch = torch.empty(h, n_tiles, 2 * e, BT, **f32)
     tok = torch.empty(h, n_tiles, 3, BT, **f32)  # |x|^2, d_min, 1/Z in tile order
     marg = torch.empty(h, t, 2 * e, **f32)
@@ -203,6 +205,21 @@ def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
     return [(slice(i, i + 1), slice(j, min(j + budget, n))) for i in range(h) for j in range(0, n, budget)]
 
 
+_last_norms: list = []  # [(weakref to the vectors, their version, |x|^2)]: EM's vectors are fixed within a stage
+
+
+def _squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """``|x|^2 [H, N]``, reused while the same tensor is passed unmodified (its version counter
+    moves with every in-place change)."""
+    if _last_norms:
+        ref, version, xx = _last_norms[0]
+        if ref() is x and version == x._version:
+            return xx
+    xx = torch.linalg.vector_norm(x, dim=-1).square_()
+    _last_norms[:] = [(weakref.ref(x), x._version, xx)]
+    return xx
+
+
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
                   hint: torch.Tensor | None = None, prune: bool = True) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
@@ -221,12 +238,13 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     h, big_n, d = x.shape
     stats = _empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
+    xx = _squared_norms(x)
     done = total = 0
     for hs, ts in _blocks(h, big_n, BLOCK):
         part = EStats(*(getattr(stats, k)[hs] for k in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
         part_hint = None if hint is None else hint[hs, ts]
-        hard[hs, ts], rows, all_rows = _chunk_stats(x[hs, ts], s[ts].float(), w[hs], n[hs], g[hs], part_hint,
-                                                    tau, prune, part)
+        hard[hs, ts], rows, all_rows = _chunk_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs],
+                                                    part_hint, tau, prune, part)
         done, total = done + rows, total + all_rows
     stats.hard = hard
     stats.work = done / max(total, 1)
