@@ -104,6 +104,14 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
         table["wall_us"] = round(wall(one, 2), 1)
         table["rows_evaluated"] = kept["stats"].work
         print(f"wall {table['wall_us']:.0f} us, rows evaluated {kept['stats'].work:.3f}")
+        from commvq.kernels import em_estep as k
+
+        keep = k.STREAMS
+        for streams in (1, 2, 3):
+            k.STREAMS = streams
+            table[f"wall_us_{streams}_streams"] = round(wall(one, 3), 1)
+            print(f"  wall with {streams} stream(s): {table[f'wall_us_{streams}_streams']:.0f} us")
+        k.STREAMS = keep
         out[f"iter{calls[0]}"] = table
         return kept["stats"]
 

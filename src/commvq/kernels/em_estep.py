@@ -19,6 +19,7 @@ is :func:`commvq.quant.em.e_step`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import weakref
@@ -133,6 +134,7 @@ def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, ptr_ptr, tiles_ptr, cnt_ptr, n_tiles
 BT, WARPS_A, WARPS_B = 32, 8, 8  # H100, one unpruned E-step at 8 x 1M: 79 ms with 8 warps, 81 with 4
 UNROLL = 4  # columns per step of walk 1
 TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
+STREAMS = 2
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
 
@@ -153,7 +155,7 @@ def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _chunk_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor,
                  g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
-                 stats: EStats) -> tuple[torch.Tensor, int, int]:
+                 stats: EStats) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
     (views of those heads)."""
     h, t, d = xc.shape
@@ -181,9 +183,15 @@ def _chunk_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.
     n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
     needed = torch.zeros(h, e, n_prog * TILES_PER_PROG_B, device=xc.device, dtype=torch.int8)
     needed[..., :n_tiles] = flags.transpose(1, 2)
+    # (a scan and a scatter instead of nonzero: no wait for the GPU, the host queues on)
+    flat = needed.view(-1)
+    cum = torch.cumsum(flat, 0, dtype=torch.int32)
     ptr = torch.zeros(h * e * n_prog + 1, device=xc.device, dtype=torch.int32)
-    ptr[1:] = torch.cumsum(needed.view(-1, TILES_PER_PROG_B).sum(-1, dtype=torch.int32), 0)
-    tiles = torch.nonzero(needed.view(h * e, -1))[:, 1].to(torch.int32)  # row by row, tiles in order
+    ptr[1:] = cum.view(-1, TILES_PER_PROG_B)[:, -1]
+    tiles = torch.empty(flat.numel() + 1, device=xc.device, dtype=torch.int32)  # the last is a dump
+    dest = torch.where(flat.bool(), cum - 1, flat.numel()).long()
+    ids = torch.arange(n_prog * TILES_PER_PROG_B, device=xc.device, dtype=torch.int32).repeat(h * e)
+    tiles.scatter_(0, dest, ids)  # row by row, tiles in order
     cnt = torch.empty(h, n_prog, e, e, **f32)
     _pass_b[(e, n_prog, h)](n, g, scratch, tok, ptr, tiles, cnt, n_tiles, c, E=e, BT=BT, num_warps=WARPS_B)
     stats.count += cnt.double().sum(1)
@@ -193,7 +201,7 @@ def _chunk_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.
     stats.sum_xx += xx.double().sum(-1)
     dmin = tok[:, :, 1].reshape(h, -1)[:, :t]  # in tile order: the prescales follow it
     stats.hard_sqerr += ((dmin.double() * sc.double()[order.long()]) ** 2).sum(-1)
-    return hard, tiles.numel(), flags.numel()
+    return hard, ptr[-1]
 
 
 def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
@@ -206,6 +214,15 @@ def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
 
 
 _last_norms: list = []  # [(weakref to the vectors, their version, |x|^2)]: EM's vectors are fixed within a stage
+
+
+_side_streams: dict = {}  # device -> the extra streams of the E-step (created once)
+
+
+def _streams(device: torch.device) -> list:
+    made = _side_streams.setdefault(device, [])
+    made += [torch.cuda.Stream(device) for _ in range(STREAMS - 1 - len(made))]
+    return [torch.cuda.current_stream(device)] + _side_streams[device][: STREAMS - 1]
 
 
 def _squared_norms(x: torch.Tensor) -> torch.Tensor:
@@ -239,15 +256,24 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     stats = _empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     xx = _squared_norms(x)
-    done = total = 0
-    for hs, ts in _blocks(h, big_n, BLOCK):
-        part = EStats(*(getattr(stats, k)[hs] for k in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
-        part_hint = None if hint is None else hint[hs, ts]
-        hard[hs, ts], rows, all_rows = _chunk_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs],
-                                                    part_hint, tau, prune, part)
-        done, total = done + rows, total + all_rows
+    needed, total = [], 0
+    # blocks alternate between STREAMS streams: one block's matmuls can overlap another's kernels
+    streams = _streams(x.device) if x.is_cuda else [None]
+    for st in streams[1:]:
+        st.wait_stream(streams[0])
+    for k, (hs, ts) in enumerate(_blocks(h, big_n, BLOCK)):
+        st = streams[k % len(streams)]
+        with torch.cuda.stream(st) if st is not None else contextlib.nullcontext():
+            part = EStats(*(getattr(stats, f)[hs] for f in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
+            part_hint = None if hint is None else hint[hs, ts]
+            hard[hs, ts], rows = _chunk_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs], part_hint,
+                                              tau, prune, part)
+        needed.append(rows)
+        total += (hs.stop - hs.start) * triton.cdiv(ts.stop - ts.start, BT) * n.shape[-1]
+    for st in streams[1:]:
+        streams[0].wait_stream(st)
     stats.hard = hard
-    stats.work = done / max(total, 1)
+    stats.work = float(torch.stack(needed).sum()) / max(total, 1)
     return stats
 
 

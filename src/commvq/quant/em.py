@@ -236,7 +236,7 @@ def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, set
         for i in range(0, big_n, settings.chunk):
             part = residual[:, i:i + settings.chunk]
             part -= decode(res.theta, nearest(part, res.theta, settings.chunk))
-        err = ((residual * s[:, None]) ** 2).sum((1, 2)).cpu() / (big_n * d)
+        err = (torch.linalg.vector_norm(residual, dim=-1).square() * (s * s)).sum(-1).cpu() / (big_n * d)
         thetas.append(res.theta)
         stage_mse.append(res.mse)
         res_mse.append(err.float())
