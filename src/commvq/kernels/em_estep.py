@@ -234,6 +234,7 @@ def _squared_norms(x: torch.Tensor) -> torch.Tensor:
             return xx
     xx = torch.linalg.vector_norm(x, dim=-1).square_()
     _last_norms[:] = [(weakref.ref(x), x._version, xx)]
+    weakref.finalize(x, _last_norms.clear)  # no GPU memory held once the vectors are gone
     return xx
 
 
