@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
-# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests profile decode_tests breakdown decode generate em_* e2e_* collect
+# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests profile profile_enc profile_stage decode_tests breakdown decode generate em_* e2e_* collect
 set -uo pipefail
 . scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
