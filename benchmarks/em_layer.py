@@ -116,14 +116,13 @@ def main() -> None:
 
     from commvq.kernels.em_estep import e_step_triton
 
-    work, walk = [], []
+    work = []
 
     def estep(*a, **kw):
         if args.estep == "torch":
             return em.e_step(*a, **kw)
         stats = e_step_triton(*a, **kw, prune=not args.no_prune)
         work.append(stats.work)
-        walk.append(stats.walk)
         return stats
 
     k = synthetic_keys(args.num_samples, args.heads, args.head_dim, args.seed)
@@ -169,8 +168,6 @@ def main() -> None:
     print(f"{'EM iterations run (sum over heads, stages)':<44}{total_iters:>14d}")
     mean_work = sum(work) / len(work) if work else 1.0
     print(f"{'share of distance-table rows evaluated':<44}{mean_work:>14.3f}")
-    mean_walk = sum(walk) / len(walk) if walk else 1.0
-    print(f"{'share of rows searched for the nearest code':<44}{mean_walk:>14.3f}")
     print(f"{'peak GPU memory during training (GiB)':<44}{peak:>14.2f}")
     print(f"{'peak GPU memory incl. data (GiB)':<44}{peak_total:>14.2f}")
     print(f"{'final MSE (original scale, mean of heads)':<44}{final:>14.6f}")
@@ -181,7 +178,7 @@ def main() -> None:
     print(f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)")
     print(json.dumps({"bench": "em_layer", "card": card, "num_samples": args.num_samples, "heads": args.heads,
                       "head_dim": args.head_dim, "residuals": args.residuals, "estep": args.estep,
-                      "pruned": not args.no_prune, "rows_evaluated": mean_work, "rows_searched": mean_walk,
+                      "pruned": not args.no_prune, "rows_evaluated": mean_work,
                       "seconds_per_layer": round(seconds, 2), "total_iters": total_iters,
                       "peak_gib": round(peak, 3), "peak_total_gib": round(peak_total, 3), "final_mse": final,
                       "relative_mse": rel, "ours_iter_s": ours_iter_s, "ref_iter_s_per_head": ref_iter_s,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.quant.commutative import search_tables, split_theta
+from commvq.quant.commutative import search_tables
 from commvq.quant.em import EStats, _empty_stats
 
 PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's smallest subnormal
@@ -41,20 +41,13 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 @triton.jit
 def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scr_ptr, tok_ptr, marg_ptr, hard_ptr, flag_ptr,
-            lb_ptr, move_ptr, hint_ptr, cand_ptr, T, c, cut, E: tl.constexpr, BT: tl.constexpr,
-            UNROLL: tl.constexpr, USE_LB: tl.constexpr):
+            T, c, cut, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
     """One tile of ``BT`` (sorted) tokens: hard code, ``d_min``, ``Z``, both marginals divided by
     ``Z``, and which rows ``A`` the tile needs (``flag``); rows no token needs are skipped.
 
     The tile's ``uv`` goes to a scratch transposed (``[2E, BT]``), so that a column of the table is
     one coalesced load; it stays there for pass B with the tile's ``|x|^2``, ``d_min`` and ``1/Z``
-    (``tok [3, BT]``), in tile order.
-
-    ``lb [T, E]`` holds, per token and row, a lower bound of the row's nearest distance (exact when
-    the row was walked). With ``USE_LB`` (the codebooks moved by at most ``move [E]`` per row since
-    the bounds were written) walk 1 goes only over the rows where some token's bound minus the move
-    is within ``cut`` of its distance to the hint's code (an upper bound of ``d_min``): no other row
-    can hold the minimum or a weight above ``exp(-cut / tau)``. Otherwise it walks every row."""
+    (``tok [3, BT]``), in tile order."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     e = tl.arange(0, E)
@@ -73,42 +66,17 @@ def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scr_ptr, tok_ptr, m
     tl.store(scr + e[None, :] * BT + bt[:, None], u)
     tl.store(scr + (E + e[None, :]) * BT + bt[:, None], v)
     tl.debug_barrier()
-    vb = ne[None, :] - 2.0 * v
-    lb_t = lb_ptr + (h * T + t[:, None]) * E + e[None, :]
+    # walk 1, column by column (B), elementwise over A: the row minima (one min per table entry; the
+    # form (u_A + v_B) + G_AB measured faster on the H100 than u_A + min_B (v_B + G_AB), one add less)
+    ua = xx[:, None] + ne[None, :] - 2.0 * u
     m = tl.full([BT, E], float("inf"), tl.float32)
-    if USE_LB:
-        # walk 1 over the candidate rows only, row by row: the same sums, so the same minima
-        low = tl.load(lb_t, mask=imask[:, None], other=float("inf")) - tl.load(move_ptr + h * E + e)[None, :]
-        hc = tl.load(hint_ptr + h * T + t, mask=imask, other=0)
-        ha = hc // E
-        hb = hc % E
-        u_h = xx + tl.load(n_ptr + h * E + ha) - 2.0 * tl.load(scr + ha * BT + bt)
-        v_h = tl.load(n_ptr + h * E + hb) - 2.0 * tl.load(scr + (E + hb) * BT + bt)
-        ub2 = (u_h + v_h) + tl.load(g_ptr + (h * E + ha) * E + hb)  # the hint's code, new theta
-        reach = tl.sqrt(tl.maximum(ub2, 0.0)) + cut
-        reach = reach * (1.0 + 1e-5) + 1e-6  # float rounding of the bounds and distances
-        cand = tl.max(((low <= reach[:, None]) & imask[:, None]).to(tl.int32), axis=0)  # [E] rows
-        tl.store(cand_ptr + slot * E + e, cand.to(tl.int8))
-        tl.debug_barrier()
-        for a in range(E):
-            if tl.load(cand_ptr + slot * E + a) != 0:
-                ua_a = xx + tl.load(n_ptr + h * E + a) - 2.0 * tl.load(scr + a * BT + bt)
-                row_min = tl.min((ua_a[:, None] + vb) + tl.load(g_ptr + (h * E + a) * E + e)[None, :], axis=1)
-                m = tl.where(e[None, :] == a, row_min[:, None], m)
-        tl.store(lb_t, tl.where(cand[None, :] != 0, tl.sqrt(tl.maximum(m, 0.0)), tl.maximum(low, 0.0)),
-                 mask=imask[:, None])
-    else:
-        # walk 1, column by column (B), elementwise over A: the row minima (one min per table entry; the
-        # form (u_A + v_B) + G_AB measured faster on the H100 than u_A + min_B (v_B + G_AB), one add less)
-        ua = xx[:, None] + ne[None, :] - 2.0 * u
-        for b in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several columns in flight
-            vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(scr + (E + b) * BT + bt)
-            m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
-        tl.store(lb_t, tl.sqrt(tl.maximum(m, 0.0)), mask=imask[:, None])
-    m = tl.where(imask[:, None], m, 0.0)  # padding tokens: finite, never used
+    for b in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several columns in flight
+        vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(scr + (E + b) * BT + bt)
+        m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
     best = tl.min(m, axis=1)
     astar = tl.argmin(m, axis=1)  # first row reaching the minimum, then its first column: torch's flat argmin
     ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(scr + astar * BT + bt)
+    vb = ne[None, :] - 2.0 * v
     row = (ua_star[:, None] + vb) + tl.load(g_ptr + (h * E + astar[:, None]) * E + e[None, :])  # same sums
     bstar = tl.argmin(row, axis=1)
     dmin = tl.sqrt(tl.maximum(best, 0.0))
@@ -171,7 +139,6 @@ def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, ptr_ptr, tiles_ptr, cnt_ptr, n_tiles
 BT, WARPS_A, WARPS_B = 32, 8, 8  # H100, one unpruned E-step at 8 x 1M: 79 ms with 8 warps, 81 with 4
 UNROLL = 4  # columns per step of walk 1
 TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
-BOUNDS = True  # walk 1 only over rows the bounds cannot rule out (same results)
 STREAMS = 2  # H100, 8 x 1M: 3-6% faster per E-step than one stream
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
@@ -192,8 +159,8 @@ def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor,
-                 g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool, stats: EStats,
-                 lb: torch.Tensor, move: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
+                 stats: EStats) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
     (views of those heads)."""
     h, t, d = xc.shape
@@ -214,12 +181,8 @@ def _chunk_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.
     cut = PRUNE_CUT * tau if prune else float("inf")
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
-    use_lb = move is not None and hint is not None and prune
-    cand = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
-    hint_i = hint.to(torch.int32).contiguous() if use_lb else order
-    _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, scratch, tok, marg, hard, flags, lb,
-                          move if use_lb else n, hint_i, cand, t, c, cut, E=e, BT=BT, UNROLL=UNROLL,
-                          USE_LB=use_lb, num_warps=WARPS_A)
+    _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, scratch, tok, marg, hard, flags, t, c, cut,
+                          E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
     # pass B visits only the needed (row, tile) pairs: the tiles needing each row, listed row by row;
     # a program takes those of one row within a fixed range of tiles (the same sums as walking all)
     n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
@@ -243,8 +206,7 @@ def _chunk_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.
     stats.sum_xx += xx.double().sum(-1)
     dmin = tok[:, :, 1].reshape(h, -1)[:, :t]  # in tile order: the prescales follow it
     stats.hard_sqerr += ((dmin.double() * sc.double()[order.long()]) ** 2).sum(-1)
-    walked = cand.sum(dtype=torch.int64) if use_lb else torch.tensor(n_tiles * e * h, device=xc.device)
-    return hard, ptr[-1], walked
+    return hard, ptr[-1]
 
 
 def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
@@ -279,37 +241,6 @@ def _squared_norms(x: torch.Tensor) -> torch.Tensor:
     return xx
 
 
-_last_bounds: list = []  # [(weakref to the vectors, their version, theta, lb [H, N, E])]
-
-
-def row_moves(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``[H, E]``: how far any codeword of row ``A`` moved from ``old`` to ``new`` theta, at most
-    (``|c_AB - c'_AB| <= |a_A - a'_A| + |a_B - a'_B|``, maximized over ``B``)."""
-    re0, im0 = split_theta(old.float())
-    re1, im1 = split_theta(new.float())
-    da = torch.sqrt(((re1 - re0) ** 2 + (im1 - im0) ** 2).sum(-1))
-    return (da + da.max(-1, keepdim=True).values).contiguous()
-
-
-def _row_bounds(x: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per token and row lower bounds of the nearest distance ``[H, N, E]`` left by the previous
-    E-step on the same, unmodified vectors, and the rows' moves since; a fresh buffer and None
-    (walk every row) otherwise. The kernel rewrites the bounds for this theta."""
-    h, n, _ = x.shape
-    e = theta.shape[-2] // 2
-    move = None
-    if BOUNDS and _last_bounds:
-        ref, version, old, lb = _last_bounds[0]
-        if ref() is x and version == x._version and old.shape == theta.shape:
-            move = row_moves(old, theta)
-    if move is None:
-        _last_bounds.clear()
-        lb = torch.empty(h, n, e, device=x.device, dtype=torch.float32)
-        weakref.finalize(x, _last_bounds.clear)
-    _last_bounds[:] = [(weakref.ref(x), x._version, theta.detach().clone(), lb)]
-    return lb, move
-
-
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
                   hint: torch.Tensor | None = None, prune: bool = True) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
@@ -329,7 +260,6 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     stats = _empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     xx = _squared_norms(x)
-    lb, move = _row_bounds(x, theta)
     needed, total = [], 0
     # blocks alternate between STREAMS streams: one block's matmuls can overlap another's kernels
     streams = _streams(x.device) if x.is_cuda else [None]
@@ -340,16 +270,14 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
         with torch.cuda.stream(st) if st is not None else contextlib.nullcontext():
             part = EStats(*(getattr(stats, f)[hs] for f in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
             part_hint = None if hint is None else hint[hs, ts]
-            hard[hs, ts], rows, walked = _chunk_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs],
-                                                      part_hint, tau, prune, part, lb[hs, ts],
-                                                      None if move is None else move[hs])
-        needed.append(torch.stack((rows.long(), walked.long())))
+            hard[hs, ts], rows = _chunk_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs], part_hint,
+                                              tau, prune, part)
+        needed.append(rows)
         total += (hs.stop - hs.start) * triton.cdiv(ts.stop - ts.start, BT) * n.shape[-1]
     for st in streams[1:]:
         streams[0].wait_stream(st)
     stats.hard = hard
-    work, walk = torch.stack(needed).sum(0).tolist()
-    stats.work, stats.walk = work / max(total, 1), walk / max(total, 1)
+    stats.work = float(torch.stack(needed).sum()) / max(total, 1)
     return stats
 
 

@@ -50,7 +50,6 @@ class EStats:
     hard_sqerr: torch.Tensor  # [H] sum_t s_t^2 |x_t - c_hard(t)|^2 (original scale)
     hard: torch.Tensor | None = None  # [H, N] hard codes, a sorting hint for the next E-step
     work: float | None = None  # share of the distance table a pruned E-step evaluated
-    walk: float | None = None  # share of the table rows a bounded E-step searched for the nearest codeword
 
 
 def stage_factor(stage: int, every: int = 4) -> float:
