@@ -141,7 +141,7 @@ def main() -> None:
         print(f"stage {r + 1:2d}: {stage_times[-1][1]:7.1f} s  iters {res.iters.tolist()}  residual MSE "
               f"{float(err.mean()):.6f}", flush=True)
 
-    from commvq.kernels.em_estep import e_step_centers_triton
+    from commvq.kernels.em_init import e_step_centers_triton
 
     fitted = em.fit(x, s, args.residuals, 64, em.EMSettings(max_iters=args.max_iters), seed=args.seed,
                     estep=estep, on_stage=on_stage,

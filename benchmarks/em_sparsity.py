@@ -64,7 +64,8 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=32)
     ap.add_argument("--cut", type=float, default=104.0, help="in units of tau: exp(-cut) underflows float32")
     args = ap.parse_args()
-    from commvq.kernels.em_estep import e_step_centers_triton, e_step_triton
+    from commvq.kernels.em_estep import e_step_triton
+    from commvq.kernels.em_init import e_step_centers_triton
 
     x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim), args.heads)
     settings = em.EMSettings(max_iters=args.max_iters)

@@ -87,7 +87,8 @@ def profile_em(x, s, steps: int) -> dict:
 def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
     """A real stage-0 fit (hint-sorted tokens, the temperature schedule): wall time of the init and
     of the whole stage, and the kernels of a few of its E-steps."""
-    from commvq.kernels.em_estep import e_step_centers_triton, e_step_triton
+    from commvq.kernels.em_estep import e_step_triton
+    from commvq.kernels.em_init import e_step_centers_triton
 
     out, calls = {}, [0]
 

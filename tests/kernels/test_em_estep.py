@@ -79,33 +79,12 @@ def _norms_follow_in_place_changes(device):
     assert torch.allclose(again.sum_xx, first.sum_xx / 4) and torch.equal(again.count, fresh.count)
 
 
-def _centers(device, cases):
-    """The initialization's E-step against free centers: kernel vs the torch reference."""
-    from commvq.kernels.em_estep import e_step_centers_triton
-    from commvq.quant import em
-
-    for h, n, d, e, tau, chunk in cases:
-        g = torch.Generator().manual_seed(n)
-        x = torch.randn(h, n, d, generator=g)
-        x = (x / x.norm(dim=-1, keepdim=True) / h**0.5).to(device)
-        s = (torch.rand(n, generator=g) + 0.5).to(device)
-        centers = x[:, torch.randint(0, n, (e * e,), generator=g).to(device)]
-        a = em.e_step_centers(x.double(), s.double(), centers.double(), tau, chunk=64)
-        b = e_step_centers_triton(x, s, centers, tau, chunk=chunk)
-        for name in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr"):
-            want, got = getattr(a, name), getattr(b, name)
-            err = float((got - want).norm() / want.norm().clamp_min(1e-30))
-            assert err < 1e-4, f"{name} rel err {err} for case {(h, n, d, e, tau, chunk)}"
-        assert float((b.hard.long() != a.hard).float().mean()) < 0.01
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_triton_e_step_matches_torch_on_gpu():
     _compare("cuda", CASES)
     _pruning("cuda", 4, 20000, 128, 64)
     _norms_follow_in_place_changes("cuda")
-    _centers("cuda", [(8, 5000, 128, 64, 1.0, 2048), (2, 999, 64, 64, 0.01, 8192), (1, 300, 16, 8, 1.0, 100)])
 
 
 @pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter check only without a GPU, with triton installed")
@@ -115,9 +94,8 @@ def test_triton_e_step_matches_torch_in_interpreter():
             "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)])\n"
             "from tests.kernels.test_em_estep import _pruning\n"
             "_pruning('cpu', 1, 800, 16, 8)\n"
-            "from tests.kernels.test_em_estep import _centers, _norms_follow_in_place_changes\n"
-            "_norms_follow_in_place_changes('cpu')\n"
-            "_centers('cpu', [(2, 150, 16, 8, 1.0, 64), (1, 90, 8, 16, 0.05, 1000)])\n")
+            "from tests.kernels.test_em_estep import _norms_follow_in_place_changes\n"
+            "_norms_follow_in_place_changes('cpu')\n")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -16,10 +16,6 @@ tile, its nearest codeword in that row is farther than ``d_min + PRUNE_CUT * tau
 are below ``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny temperatures, a value
 that float32 rounding of the distance can lift to about ``exp(-80)``, still nothing beside
 ``Z >= 1``). The reference is :func:`commvq.quant.em.e_step`.
-
-The initialization's E-step against free centers (:func:`e_step_centers_triton`) is one cuBLAS
-product per chunk and one kernel reading it twice; its reference is
-:func:`commvq.quant.em.e_step_centers`.
 """
 
 from __future__ import annotations
@@ -278,84 +274,4 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
         streams[0].wait_stream(st)
     stats.hard = hard
     stats.work = float(torch.stack(needed).sum()) / max(total, 1)
-    return stats
-
-
-@triton.jit
-def _centers_kernel(d2_ptr, xx_ptr, dmin_ptr, hard_ptr, marg_ptr, cnt_ptr, T, c, E: tl.constexpr, BT: tl.constexpr):
-    """One tile of ``BT`` tokens against ``E*E`` free centers in code order, from ``|c|^2 - 2 x.c``
-    (``[H, T, E*E]``): walk 1 gives the hard code, ``d_min`` and ``Z`` (online); walk 2 the weights
-    ``w / Z``, both marginals and the tile's soft counts (a row of ``E`` per block ``A``)."""
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    e = tl.arange(0, E)
-    i = tile * BT + tl.arange(0, BT)
-    imask = i < T
-    xx = tl.load(xx_ptr + h * T + i, mask=imask, other=0.0)
-    rows = d2_ptr + (h * T + i[:, None]).to(tl.int64) * (E * E) + e[None, :]
-    best2 = tl.full([BT], float("inf"), tl.float32)
-    arg = tl.zeros([BT], tl.int32)
-    dm = tl.full([BT], float("inf"), tl.float32)
-    z = tl.zeros([BT], tl.float32)
-    for a in range(E):
-        d2 = xx[:, None] + tl.load(rows + a * E, mask=imask[:, None], other=0.0)
-        b2 = tl.min(d2, axis=1)
-        better = b2 < best2  # strict: an earlier block wins a tie, as the flat argmin does
-        arg = tl.where(better, a * E + tl.argmin(d2, axis=1), arg)
-        best2 = tl.where(better, b2, best2)
-        d = tl.sqrt(tl.maximum(d2, 0.0))
-        new = tl.minimum(dm, tl.min(d, axis=1))
-        z = z * tl.exp2((new - dm) * c) + tl.sum(tl.exp2((new[:, None] - d) * c), axis=1)
-        dm = new
-    inv_z = tl.where(imask, 1.0 / z, 0.0)
-    gb = tl.zeros([BT, E], tl.float32)
-    cnt = cnt_ptr + (h * tl.num_programs(0) + tile) * (E * E) + e
-    for a in range(E):
-        d2 = xx[:, None] + tl.load(rows + a * E, mask=imask[:, None], other=0.0)
-        w = tl.exp2((dm[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c) * inv_z[:, None]
-        gb += w
-        tl.store(marg_ptr + (h * T + i) * (2 * E) + a, tl.sum(w, axis=1), mask=imask)
-        tl.store(cnt + a * E, tl.sum(w, axis=0))
-    tl.store(marg_ptr + (h * T + i[:, None]) * (2 * E) + E + e[None, :], gb, mask=imask[:, None])
-    tl.store(dmin_ptr + h * T + i, dm, mask=imask)
-    tl.store(hard_ptr + h * T + i, arg, mask=imask)
-
-
-BT_CENTERS = 32
-
-
-def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau: float,
-                          chunk: int = 8192) -> EStats:
-    """Same statistics as :func:`commvq.quant.em.e_step_centers` (the initialization against free
-    centers ``[H, E*E, D]``): per chunk, one cuBLAS product writes ``|c|^2 - 2 x.c`` and one kernel
-    reads it twice, instead of a dozen full passes of elementwise torch ops over ``N x E^2``."""
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU")
-    x, centers = x.float(), centers.float()
-    h, big_n, d = x.shape
-    e = math.isqrt(centers.shape[1])
-    stats = _empty_stats(h, e, d, x.device)
-    cc = (centers * centers).sum(-1)[:, None]  # [H, 1, E*E]
-    ct = centers.transpose(-1, -2)
-    hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
-    c = math.log2(math.e) / tau
-    f32 = dict(device=x.device, dtype=torch.float32)
-    for i in range(0, big_n, chunk):
-        xc = x[:, i:i + chunk]
-        t = xc.shape[1]
-        part = torch.baddbmm(cc, xc, ct, alpha=-2)  # [H, t, E*E]
-        xx = (xc * xc).sum(-1).contiguous()
-        n_tiles = triton.cdiv(t, BT_CENTERS)
-        dmin, marg = torch.empty(h, t, **f32), torch.empty(h, t, 2 * e, **f32)
-        cnt = torch.empty(h, n_tiles, e * e, **f32)
-        hard_c = torch.empty(h, t, device=x.device, dtype=torch.int32)
-        _centers_kernel[(n_tiles, h)](part, xx, dmin, hard_c, marg, cnt, t, c, E=e, BT=BT_CENTERS, num_warps=4)
-        hard[:, i:i + chunk] = hard_c
-        stats.count += cnt.sum(1, dtype=torch.float64).view(h, e, e)
-        sums = torch.bmm(marg.transpose(1, 2), xc).double()
-        stats.sum_a += sums[:, :e]
-        stats.sum_b += sums[:, e:]
-        stats.sum_xx += xx.double().sum(-1)
-        stats.hard_sqerr += ((dmin.double() * s[i:i + chunk].double()) ** 2).sum(-1)
-    stats.hard = hard
     return stats

@@ -177,7 +177,8 @@ def resolve_estep(name: str, device: torch.device) -> tuple[em.EStep, em.Centers
     """The EM E-steps (against codebooks, and the initialization's against free centers)."""
     if not use_triton(name, device):
         return em.e_step, em.e_step_centers
-    from commvq.kernels.em_estep import e_step_centers_triton, e_step_triton
+    from commvq.kernels.em_estep import e_step_triton
+    from commvq.kernels.em_init import e_step_centers_triton
 
     return e_step_triton, e_step_centers_triton
 
