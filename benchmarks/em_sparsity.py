@@ -75,7 +75,7 @@ def main() -> None:
     for stage in range(args.stages):
         counter = [0]
 
-        def estep(xh, sh, theta, tau, chunk, hint=None, stage=stage, counter=counter):
+        def estep(xh, sh, theta, tau, chunk, hint=None, stage=stage, counter=counter, **kw):
             it = counter[0]
             counter[0] += 1
             if it % args.every == 0 or it == args.max_iters - 1:
@@ -83,7 +83,7 @@ def main() -> None:
                 rows.append({"stage": stage, "iter": it, "tau": tau, **r})
                 print(f"{stage:>5}{it:>6}{tau:>11.2e}{r['rows']:>9.4f}{r['tile_rows']:>11.4f}{r['weights']:>10.5f}",
                       flush=True)
-            return e_step_triton(xh, sh, theta, tau, chunk, hint)
+            return e_step_triton(xh, sh, theta, tau, chunk, hint, **kw)
 
         res = em.fit_stage(x, s, 64, stage, settings, gen, estep, e_step_centers_triton)
         for i in range(0, x.shape[1], 65536):

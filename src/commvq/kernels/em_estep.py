@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import weakref
 
 import torch
 import triton
@@ -214,7 +213,6 @@ def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
     return [(slice(i, i + 1), slice(j, min(j + budget, n))) for i in range(h) for j in range(0, n, budget)]
 
 
-_last_norms: list = []  # [(weakref to the vectors, their version, |x|^2)]: EM's vectors are fixed within a stage
 _side_streams: dict = {}  # device -> the extra streams of the E-step (created once)
 
 
@@ -224,26 +222,14 @@ def _streams(device: torch.device) -> list:
     return [torch.cuda.current_stream(device)] + _side_streams[device][: STREAMS - 1]
 
 
-def _squared_norms(x: torch.Tensor) -> torch.Tensor:
-    """``|x|^2 [H, N]``, reused while the same tensor is passed unmodified (its version counter
-    moves with every in-place change)."""
-    if _last_norms:
-        ref, version, xx = _last_norms[0]
-        if ref() is x and version == x._version:
-            return xx
-    xx = torch.linalg.vector_norm(x, dim=-1).square_()
-    _last_norms[:] = [(weakref.ref(x), x._version, xx)]
-    weakref.finalize(x, _last_norms.clear)  # no GPU memory held once the vectors are gone
-    return xx
-
-
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-                  hint: torch.Tensor | None = None, prune: bool = True) -> EStats:
+                  hint: torch.Tensor | None = None, prune: bool = True, xx: torch.Tensor | None = None) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
     tiles skip more rows; it changes the statistics only by float rounding (the order of sums).
-    ``prune=False`` walks every row (same results bit for bit). Work goes in blocks of about
+    ``prune=False`` walks every row (same results bit for bit). ``xx [H, N]``: ``|x|^2`` when the
+    caller has it (EM's vectors are fixed within a stage), else computed here. Work goes in blocks of about
     ``BLOCK`` vectors, each contiguous (whole heads, or part of one head): no copies. ``chunk`` is
     accepted for the common signature (the kernels need no smaller blocks).
     """
@@ -255,7 +241,7 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     h, big_n, d = x.shape
     stats = _empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
-    xx = _squared_norms(x)
+    xx = torch.linalg.vector_norm(x, dim=-1).square_() if xx is None else xx.float()
     needed, total = [], 0
     # blocks alternate between STREAMS streams: one block's matmuls can overlap another's kernels
     streams = _streams(x.device) if x.is_cuda else [None]

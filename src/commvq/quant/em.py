@@ -122,10 +122,11 @@ def _accumulate(stats: EStats, d2: torch.Tensor, x: torch.Tensor, s: torch.Tenso
 
 
 def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-           hint: torch.Tensor | None = None) -> EStats:
+           hint: torch.Tensor | None = None, xx: torch.Tensor | None = None) -> EStats:
     """E-step against the structured codebooks ``theta [H, 2E, P]`` (pure torch, chunked).
 
-    ``hint`` (a fused kernel's token-order hint) is not needed here.
+    ``hint`` (a token order) and ``xx`` (``|x|^2``, fixed within a stage) save a fused kernel work;
+    they are not needed here.
     """
     w, n, g = search_tables(theta)
     h, big_n, d = x.shape
@@ -166,7 +167,7 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
     return stats
 
 
-EStep = Callable[..., EStats]  # (x, s, theta, tau, chunk, hint) -> EStats, as e_step
+EStep = Callable[..., EStats]  # (x, s, theta, tau, chunk, hint, xx=) -> EStats, as e_step
 CentersEStep = Callable[..., EStats]  # (x, s, centers, tau, chunk) -> EStats, as e_step_centers
 
 
@@ -187,6 +188,7 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     init = init_estep(x, s, centers, 1.0, settings.chunk)
     theta = m_step(init, settings.eps, x.dtype)
     hint = init.hard.to(torch.int32)  # tokens of one free center tend to share a cell
+    xx = torch.linalg.vector_norm(x, dim=-1).square_()  # [H, N], fixed within the stage
     c = stage_factor(stage, settings.decay_every)
     best_mse = torch.full((h,), math.inf, dtype=torch.float64)
     best_theta = theta.clone()
@@ -196,7 +198,7 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
         tau = temperature(step, settings.max_iters, settings.temp_start * c, settings.temp_end * c)
         every = len(active) == h  # then no copy of the vectors (x[active] would copy all of them)
         stats = estep(x if every else x[active], s, theta[active], tau, settings.chunk,
-                      hint if every else hint[active])
+                      hint if every else hint[active], xx=xx if every else xx[active])
         if stats.hard is not None:
             hint[active] = stats.hard.to(torch.int32)
         mse = stats.hard_sqerr.cpu() / (big_n * d)
