@@ -24,20 +24,17 @@ except ImportError:
     from benchmarks._meta import commit_id
 
 try:
-    from em_layer import synthetic_keys
+    from em_layer import add_layer_args, layer_keys
 except ImportError:
-    from benchmarks.em_layer import synthetic_keys
+    from benchmarks.em_layer import add_layer_args, layer_keys
 
 from commvq.quant import e2e
-from commvq.quant.residual import normalize, stage_errors
+from commvq.quant.residual import stage_errors
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num_samples", type=int, default=1_000_000)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head_dim", type=int, default=128)
-    ap.add_argument("--residuals", type=int, default=21)
+    add_layer_args(ap)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--batch_size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -48,9 +45,7 @@ def main() -> None:
                     help="stop after the epoch that passes this many seconds and project the full run (0: no limit)")
     args = ap.parse_args()
 
-    k = synthetic_keys(args.num_samples, args.heads, args.head_dim, args.seed)
-    x, s = normalize(k, args.heads)
-    del k
+    x, s = layer_keys(args, args.seed)
     n_hold = int(args.num_samples * args.holdout)
     train_x, held_x, held_s = x[:, :-n_hold], x[:, -n_hold:], s[-n_hold:]
     torch.cuda.synchronize()

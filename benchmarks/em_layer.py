@@ -40,6 +40,21 @@ def synthetic_keys(n: int, heads: int, head_dim: int, seed: int = 0, device="cud
     return k
 
 
+def add_layer_args(ap: argparse.ArgumentParser, residuals: bool = True) -> None:
+    """The layer options of the training benchmarks (Llama-3.1-8B shapes, 1M vectors by default)."""
+    ap.add_argument("--num_samples", type=int, default=1_000_000)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head_dim", type=int, default=128)
+    if residuals:
+        ap.add_argument("--residuals", type=int, default=21)
+
+
+def layer_keys(args: argparse.Namespace, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized synthetic keys ``x [H, N, D]`` (contiguous, as EM trains on) and prescales ``s``."""
+    x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim, seed), args.heads)
+    return x.contiguous(), s
+
+
 def reference_style_stage0(x: torch.Tensor, s: torch.Tensor, iters: int, seed: int) -> tuple[float, float]:
     """The paper code's loop on one head: dense cdist, softmax, argmin, dense M-step.
 
@@ -102,10 +117,7 @@ def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num_samples", type=int, default=1_000_000)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head_dim", type=int, default=128)
-    ap.add_argument("--residuals", type=int, default=21)
+    add_layer_args(ap)
     ap.add_argument("--max_iters", type=int, default=100)
     ap.add_argument("--ref_iters", type=int, default=5, help="reference-style iterations to time (0: skip)")
     ap.add_argument("--estep", choices=("triton", "torch"), default="triton")
@@ -125,10 +137,8 @@ def main() -> None:
         work.append(stats.work)
         return stats
 
-    k = synthetic_keys(args.num_samples, args.heads, args.head_dim, args.seed)
-    x, s = normalize(k, args.heads)
-    del k
-    tuned = tune(x.contiguous(), s) if args.tune else None
+    x, s = layer_keys(args, args.seed)
+    tuned = tune(x, s) if args.tune else None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()

@@ -20,14 +20,13 @@ import torch
 
 try:
     from _meta import commit_id
-    from em_layer import synthetic_keys
+    from em_layer import add_layer_args, layer_keys
 except ImportError:
     from benchmarks._meta import commit_id
-    from benchmarks.em_layer import synthetic_keys
+    from benchmarks.em_layer import add_layer_args, layer_keys
 
 from commvq.quant import em
 from commvq.quant.commutative import decode, nearest, search_tables
-from commvq.quant.residual import normalize
 
 
 def probe(x: torch.Tensor, theta: torch.Tensor, tau: float, cut: float, tile: int, slice_: int = 8192) -> dict:
@@ -54,9 +53,7 @@ def probe(x: torch.Tensor, theta: torch.Tensor, tau: float, cut: float, tile: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num_samples", type=int, default=1_000_000)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head_dim", type=int, default=128)
+    add_layer_args(ap, residuals=False)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--max_iters", type=int, default=100)
     ap.add_argument("--every", type=int, default=10)
@@ -67,7 +64,7 @@ def main() -> None:
     from commvq.kernels.em_estep import e_step_triton
     from commvq.kernels.em_init import e_step_centers_triton
 
-    x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim), args.heads)
+    x, s = layer_keys(args)
     settings = em.EMSettings(max_iters=args.max_iters)
     gen = torch.Generator().manual_seed(0)
     rows = []

@@ -22,13 +22,12 @@ import torch
 
 try:
     from _meta import commit_id
-    from em_layer import synthetic_keys
+    from em_layer import add_layer_args, layer_keys
 except ImportError:
     from benchmarks._meta import commit_id
-    from benchmarks.em_layer import synthetic_keys
+    from benchmarks.em_layer import add_layer_args, layer_keys
 
 from commvq.quant import e2e, em
-from commvq.quant.residual import normalize
 
 
 def kernel_table(fn, steps: int, title: str, top: int = 25) -> dict[str, float]:
@@ -183,23 +182,20 @@ def tune_encode(x, residuals: int, batch: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--what", default="em,em_stage,e2e,encode")
-    ap.add_argument("--num_samples", type=int, default=1_000_000)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head_dim", type=int, default=128)
-    ap.add_argument("--residuals", type=int, default=21)
+    add_layer_args(ap)
     ap.add_argument("--batch_size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
-    x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim), args.heads)
-    x = x.contiguous()  # as EM trains on (its residual copy is contiguous)
+    x, s = layer_keys(args)
+    what = set(args.what.split(","))
     result = {"bench": "train_profile", "card": torch.cuda.get_device_name(), "commit": commit_id()}
-    if "em" in args.what.split(","):
+    if "em" in what:
         result["em"] = profile_em(x, s, args.steps)
-    if "em_stage" in args.what:
+    if "em_stage" in what:
         result["em_stage"] = profile_em_stage(x, s)
-    if "e2e" in args.what.split(","):
+    if "e2e" in what:
         result["e2e"] = profile_e2e(x, args.steps * 4, args.residuals, args.batch_size)
-    if "encode" in args.what:
+    if "encode" in what:
         result["encode"] = tune_encode(x, args.residuals, args.batch_size)
     print(json.dumps(result))
 
