@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -87,3 +90,11 @@ def check_collected_against_model(lm, key_dir: Path, value_dir: Path, batch: tor
         heads = k.reshape(b, t, hkv, hd).transpose(1, 2)
         rotated, _ = modeling.apply_rotary_pos_emb(heads, heads, cos, sin)
         assert torch.allclose(rotated, out.past_key_values.layers[i].keys, atol=1e-6), f"layer {i} RoPE"
+
+
+def run_in_triton_interpreter(code: str, timeout: int = 600) -> None:
+    """Run ``code`` in a fresh Python with Triton's interpreter on (it must be set before triton is
+    imported, hence the subprocess); fail with its stderr if it fails."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]

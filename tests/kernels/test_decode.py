@@ -2,12 +2,11 @@
 over a grid of shapes; on a GPU, or in Triton's interpreter on a CPU (a few small shapes)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import run_in_triton_interpreter
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -67,6 +66,4 @@ def test_decode_kernels_match_reference_on_gpu():
 def test_decode_kernels_match_reference_in_interpreter():
     code = ("from tests.kernels.test_decode import _compare\n"
             "_compare('cpu', [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1)])\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_in_triton_interpreter(code, timeout=900)

@@ -1,12 +1,11 @@
 """The fused Triton E-step against the pure-torch reference (GPU; or Triton's interpreter on CPU)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import run_in_triton_interpreter
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -97,6 +96,4 @@ def test_triton_e_step_matches_torch_in_interpreter():
             "_pruning('cpu', 1, 800, 16, 8)\n"
             "from tests.kernels.test_em_estep import _given_norms\n"
             "_given_norms('cpu')\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_in_triton_interpreter(code, timeout=600)

@@ -1,12 +1,11 @@
 """The EM initialization's E-step kernel against the pure-torch reference (GPU; interpreter on CPU)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import run_in_triton_interpreter
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -42,6 +41,4 @@ def test_init_e_step_matches_torch_on_gpu():
 def test_init_e_step_matches_torch_in_interpreter():
     code = ("from tests.kernels.test_em_init import _centers\n"
             "_centers('cpu', [(2, 150, 16, 8, 1.0, 64), (1, 90, 8, 16, 0.05, 1000)])\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_in_triton_interpreter(code, timeout=600)

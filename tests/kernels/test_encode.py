@@ -1,12 +1,11 @@
 """The one-launch greedy encoder against the pure-torch one (GPU; interpreter on CPU)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import run_in_triton_interpreter
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -44,6 +43,4 @@ def test_encode_kernel_matches_torch_on_gpu():
 @pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter check only without a GPU, with triton installed")
 def test_encode_kernel_matches_torch_in_interpreter():
     code = "from tests.kernels.test_encode import _compare\n_compare('cpu', [(2, 40, 16, 8, 3), (1, 20, 32, 16, 2)])\n"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_in_triton_interpreter(code, timeout=600)

@@ -1,12 +1,11 @@
 """The fused nearest-codeword kernel against the pure-torch search (GPU; interpreter on CPU)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers import run_in_triton_interpreter
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -40,6 +39,4 @@ def test_nearest_kernel_matches_torch_on_gpu():
 @pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter check only without a GPU, with triton installed")
 def test_nearest_kernel_matches_torch_in_interpreter():
     code = "from tests.kernels.test_nearest import _compare\n_compare('cpu', [(2, 70, 16, 8), (1, 40, 8, 16)])\n"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_in_triton_interpreter(code, timeout=600)

@@ -153,7 +153,7 @@ def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _chunk_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor,
+def _block_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor,
                  g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
                  stats: EStats) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
@@ -252,7 +252,7 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
         with torch.cuda.stream(st) if st is not None else contextlib.nullcontext():
             part = EStats(*(getattr(stats, f)[hs] for f in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
             part_hint = None if hint is None else hint[hs, ts]
-            hard[hs, ts], rows = _chunk_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs], part_hint,
+            hard[hs, ts], rows = _block_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs], part_hint,
                                               tau, prune, part)
         needed.append(rows)
         total += (hs.stop - hs.start) * triton.cdiv(ts.stop - ts.start, BT) * n.shape[-1]
