@@ -26,18 +26,15 @@ except ImportError:
     from benchmarks.em_layer import add_layer_args, layer_keys
 
 from commvq.quant import em
-from commvq.quant.commutative import decode, nearest, search_tables
+from commvq.quant.commutative import decode, nearest, squared_distances
 
 
 def probe(x: torch.Tensor, theta: torch.Tensor, tau: float, cut: float, tile: int, slice_: int = 8192) -> dict:
-    w, n, g = search_tables(theta)
-    e = n.shape[-1]
+    e = theta.shape[-2] // 2
     rowmins, hits = [], 0.0
     for i in range(0, x.shape[1], slice_):
         xc = x[:, i:i + slice_]
-        uv = xc @ w
-        d2 = (n[:, None] - 2 * uv[..., :e])[..., :, None] + (n[:, None] - 2 * uv[..., e:])[..., None, :] + g[:, None]
-        d = (d2 + (xc * xc).sum(-1)[..., None, None]).clamp_min(0).sqrt()
+        d = squared_distances(xc, theta).unflatten(-1, (e, e)).clamp_min(0).sqrt()  # [H, t, A, B]
         dmin = d.flatten(-2).amin(-1)
         hits += float(((d - dmin[..., None, None]) < cut * tau).float().sum())
         rowmins.append(d.amin(-1))

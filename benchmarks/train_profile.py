@@ -86,7 +86,7 @@ def profile_em(x, s, steps: int) -> dict:
 def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
     """A real stage-0 fit (hint-sorted tokens, the temperature schedule): wall time of the init and
     of the whole stage, and the kernels of a few of its E-steps."""
-    from commvq.kernels.em_estep import e_step_triton
+    from commvq.kernels import em_estep as k
     from commvq.kernels.em_init import e_step_centers_triton
 
     out, calls = {}, [0]
@@ -94,18 +94,16 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
     def estep(*a, **kw):
         calls[0] += 1
         if calls[0] not in iters:
-            return e_step_triton(*a, **kw)
+            return k.e_step_triton(*a, **kw)
         kept = {}
 
         def one():
-            kept["stats"] = e_step_triton(*a, **kw)
+            kept["stats"] = k.e_step_triton(*a, **kw)
 
         table = kernel_table(one, 1, f"E-step {calls[0]} of a real stage, tau {a[3]:.2e}")
         table["wall_us"] = round(wall(one, 2), 1)
         table["rows_evaluated"] = kept["stats"].work
         print(f"wall {table['wall_us']:.0f} us, rows evaluated {kept['stats'].work:.3f}")
-        from commvq.kernels import em_estep as k
-
         keep = k.STREAMS
         for streams in (1, 2, 3):
             k.STREAMS = streams
