@@ -1,11 +1,12 @@
 """Several processes (``torchrun``): rank, world size and a barrier; one process otherwise.
 
 The process group (gloo, which works on CPU and GPU tensors alike for a barrier) is created
-lazily by the first barrier, never at import.
+lazily by the first barrier, never at import, and destroyed at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -29,7 +30,17 @@ def barrier() -> None:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
+        # torn down before the interpreter exits: a process group left to the C++ destructors can
+        # abort a rank at exit ("terminate called without an active exception")
+        atexit.register(_destroy)
     dist.barrier()
+
+
+def _destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for_rank(name: str) -> torch.device:
