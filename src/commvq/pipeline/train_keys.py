@@ -136,8 +136,9 @@ def resolve_layout(cfg: TrainKeysConfig, spec: ModelSpec) -> tuple[io.CodebookLa
     return layout, cfg.output_dir or Path(layout.dir_name)
 
 
-def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite: bool) -> None:
-    """Refuse to mix methods or layouts in one directory, unless ``overwrite`` empties it."""
+def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite: bool, empty: bool = True) -> None:
+    """Refuse to mix methods or layouts in one directory, unless ``overwrite`` empties it (the
+    emptying only where ``empty``: one process of several)."""
     if not out.exists():
         out.mkdir(parents=True, exist_ok=True)  # several processes may get here at once
         return
@@ -153,6 +154,8 @@ def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite:
     if not overwrite:
         raise ValueError(f"{out} holds {have_method} codebooks of other settings; EM and E2E results never "
                          "overwrite each other: choose another --output_dir or pass --overwrite")
+    if not empty:
+        return
     log.warning("train-keys: emptying %s (%s codebooks) as --overwrite asks", out, have_method)
     for f in files + sorted((out / "metrics").glob("*.json")):
         f.unlink()
@@ -252,10 +255,11 @@ def run(cfg: TrainKeysConfig) -> Path:
         raise ValueError(f"{cfg.key_dir}: the manifest records no model shape; re-collect with this commvq")
     spec = ModelSpec.from_dict(store.settings["spec"])
     layout, out = resolve_layout(cfg, spec)
-    prepare_output(out, layout, cfg.method, cfg.overwrite)
-    (out / "metrics").mkdir(exist_ok=True)
-    layers = parse_layers(cfg.layers, spec.num_layers)
     rank, world = rank_world()
+    prepare_output(out, layout, cfg.method, cfg.overwrite, empty=rank == 0)
+    (out / "metrics").mkdir(exist_ok=True)
+    barrier()  # no process writes codebooks before every one has checked (and rank 0 emptied) the folder
+    layers = parse_layers(cfg.layers, spec.num_layers)
     device = device_for_rank(cfg.device)
     samples = min(cfg.num_samples, store.num_tokens)
     mine = [layer for layer in layers[rank::world]
