@@ -124,20 +124,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune", action="store_true", help="try kernel block sizes first and use the fastest")
     ap.add_argument("--no_prune", action="store_true", help="evaluate every row of the distance table")
-    ap.add_argument("--cut", type=float, default=None,
-                    help="skip rows whose weights are all below exp(-cut) (default: the E-step's PRUNE_CUT)")
     args = ap.parse_args()
 
-    from commvq.kernels.em_estep import PRUNE_CUT, e_step_triton
-
-    cut = PRUNE_CUT if args.cut is None else args.cut
+    from commvq.kernels.em_estep import e_step_triton
 
     work = []
 
     def estep(*a, **kw):
         if args.estep == "torch":
             return em.e_step(*a, **kw)
-        stats = e_step_triton(*a, **kw, prune=not args.no_prune, cut=cut)
+        stats = e_step_triton(*a, **kw, prune=not args.no_prune)
         work.append(stats.work)
         return stats
 
@@ -192,7 +188,7 @@ def main() -> None:
     print(f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)")
     print(json.dumps({"bench": "em_layer", "card": card, "num_samples": args.num_samples, "heads": args.heads,
                       "head_dim": args.head_dim, "residuals": args.residuals, "estep": args.estep,
-                      "pruned": not args.no_prune, "cut": cut, "rows_evaluated": mean_work,
+                      "pruned": not args.no_prune, "rows_evaluated": mean_work,
                       "seconds_per_layer": round(seconds, 2), "total_iters": total_iters,
                       "peak_gib": round(peak, 3), "peak_total_gib": round(peak_total, 3), "final_mse": final,
                       "relative_mse": rel, "ours_iter_s": ours_iter_s, "ref_iter_s_per_head": ref_iter_s,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
-# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests profile profile_enc profile_stage decode_tests breakdown decode generate em_* (em_exact: cut 110) e2e_* collect
+# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests profile profile_enc profile_stage decode_tests breakdown decode generate em_* e2e_* collect
 set -uo pipefail
 . scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -23,7 +23,6 @@ for what in "$@"; do
     e2e_full) python3 benchmarks/e2e_layer.py --budget_s 420 2>&1 | tee "$OUT/e2e_full.log" | tail -12 ;;
     em_quick) python3 benchmarks/em_layer.py --residuals 2 --max_iters 10 --ref_iters 3 2>&1 | tee "$OUT/em_quick.log" | tail -14 ;;
     em_tune) python3 benchmarks/em_layer.py --tune --residuals 1 --max_iters 3 --ref_iters 0 2>&1 | tee "$OUT/em_tune.log" | tail -40 ;;
-    em_exact) python3 benchmarks/em_layer.py --ref_iters 0 --cut 110 2>&1 | tee "$OUT/em_exact.log" | tail -16 ;;
     em_full) python3 benchmarks/em_layer.py --ref_iters 5 2>&1 | tee "$OUT/em_full.log" | tail -16 ;;
     collect) python3 benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --tokens 32768 --out_dir /dev/shm 2>&1 | grep -v "it/s\]\|tok/s\]" | tee "$OUT/collect_shm.log" | tail -6
              python3 benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --tokens 32768 --out_dir "$DEV" 2>&1 | grep -v "it/s\]\|tok/s\]" | tee "$OUT/collect_disk.log" | tail -6 ;;

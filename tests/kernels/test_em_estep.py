@@ -14,7 +14,7 @@ CASES = [(2, 1000, 128, 64, 1e-3), (3, 777, 64, 64, 0.05), (1, 300, 16, 8, 1e-5)
 
 
 def _compare(device, cases):
-    from commvq.kernels.em_estep import EXACT_CUT, e_step_triton
+    from commvq.kernels.em_estep import e_step_triton
     from commvq.quant import em
 
     for h, n, d, e, tau in cases:
@@ -32,24 +32,20 @@ def _compare(device, cases):
         assert float((b.hard.long() != a.hard).float().mean()) < 0.01  # float32 vs float64 near-ties
         theta_a, theta_b = em.m_step(a), em.m_step(b)
         assert float((theta_a - theta_b).norm() / theta_a.norm()) < 1e-3
-        # pruning at the exact cut skips only rows whose weights underflow (bit-identical results), at
-        # the default cut rows whose weights are all below exp(-48); the token order changes only the
-        # order of float sums
+        # pruning skips only rows whose weights underflow (bit-identical results); the token order
+        # changes only the order of float sums
         full = e_step_triton(x, s, theta, tau, hint=a.hard, prune=False)
-        exact = e_step_triton(x, s, theta, tau, hint=a.hard, cut=EXACT_CUT)
         unsorted = e_step_triton(x, s, theta, tau)
-        assert full.work == 1.0 and b.work <= exact.work <= 1.0
+        assert full.work == 1.0 and b.work <= 1.0
         for name in ("count", "sum_a", "sum_b", "hard_sqerr"):
-            assert torch.equal(getattr(full, name), getattr(exact, name)), name
-            assert torch.allclose(getattr(full, name), getattr(b, name), rtol=1e-6, atol=1e-15), name
+            assert torch.equal(getattr(full, name), getattr(b, name)), name
             assert torch.allclose(getattr(unsorted, name), getattr(b, name), rtol=1e-5, atol=1e-12), name
         assert torch.equal(full.hard, b.hard) and torch.equal(unsorted.hard, b.hard)
 
 
 def _pruning(device, h, n, d, e):
-    """Keys near their codewords at a low temperature: sorted tiles skip most rows, same results
-    (bit for bit at the exact cut, within float rounding at the default one)."""
-    from commvq.kernels.em_estep import EXACT_CUT, e_step_triton
+    """Keys near their codewords at a low temperature: sorted tiles skip most rows, same results."""
+    from commvq.kernels.em_estep import e_step_triton
     from commvq.quant import em
     from commvq.quant.commutative import codewords
 
@@ -60,12 +56,10 @@ def _pruning(device, h, n, d, e):
     x, s, theta = x.to(device), torch.ones(n, device=device), theta.to(device)
     hint = em.e_step(x, s, theta, 1e-4).hard
     pruned = e_step_triton(x, s, theta, 1e-4, hint=hint)
-    exact = e_step_triton(x, s, theta, 1e-4, hint=hint, cut=EXACT_CUT)
     full = e_step_triton(x, s, theta, 1e-4, hint=hint, prune=False)
-    assert pruned.work <= exact.work < 0.5, f"evaluated {pruned.work:.2f}, {exact.work:.2f} of the rows"
+    assert pruned.work < 0.5, f"evaluated {pruned.work:.2f} of the rows"
     for name in ("count", "sum_a", "sum_b", "hard_sqerr"):
-        assert torch.equal(getattr(full, name), getattr(exact, name)), name
-        assert torch.allclose(getattr(full, name), getattr(pruned, name), rtol=1e-6, atol=1e-15), name
+        assert torch.equal(getattr(full, name), getattr(pruned, name)), name
 
 
 def _given_norms(device):

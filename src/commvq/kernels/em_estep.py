@@ -12,14 +12,10 @@ the two marginals (left divided by ``Z``: the marginal sums ``S_A``, ``S_B`` are
 with the block). Kernel B visits, per row ``A``, only the tiles that need it (lists built on the
 GPU) and accumulates the soft counts ``N_AB`` into per-program partials over fixed tile ranges,
 summed afterwards in a fixed order (deterministic). A row is skipped when, for every token of the
-tile, its nearest codeword in that row is farther than ``d_min + cut * tau``: all its weights are
-below ``exp(-cut)`` (the largest weight is 1). The default ``PRUNE_CUT = 48`` drops weights below
-1.4e-21: even over 1e9 tokens less than 1.4e-12 of any soft count, nothing beside the 1e-8 the
-M-step adds to every count (on an H100 it halves the rows evaluated mid-stage against a cut at
-float32's range). With ``cut=EXACT_CUT`` every skipped weight is zero in float32 (or, at the last
-stages' tiny temperatures, a value that float32 rounding of the distance can lift to about
-``exp(-80)``, still nothing beside ``Z >= 1``), so pruned and unpruned results are identical bit
-for bit. The reference is :func:`commvq.quant.em.e_step`.
+tile, its nearest codeword in that row is farther than ``d_min + PRUNE_CUT * tau``: all its weights
+are below ``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny temperatures, a value
+that float32 rounding of the distance can lift to about ``exp(-80)``, still nothing beside
+``Z >= 1``). The reference is :func:`commvq.quant.em.e_step`.
 """
 
 from __future__ import annotations
@@ -35,8 +31,7 @@ import triton.language as tl
 from commvq.quant.commutative import search_tables
 from commvq.quant.em import EStats, _empty_stats
 
-PRUNE_CUT = 48.0  # in units of tau: weights below exp(-48) = 1.4e-21 are dropped
-EXACT_CUT = 110.0  # exp(-110) = 1.7e-48 is below float32's smallest subnormal: nothing is dropped
+PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's smallest subnormal
 
 
 @triton.jit
@@ -159,7 +154,7 @@ def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _block_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor,
-                 g: torch.Tensor, hint: torch.Tensor | None, tau: float, cut: float,
+                 g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
                  stats: EStats) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
     (views of those heads)."""
@@ -178,7 +173,7 @@ def _block_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.
     marg = torch.empty(h, t, 2 * e, **f32)
     hard = torch.empty(h, t, device=xc.device, dtype=torch.int32)
     flags = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
-    cut = cut * tau
+    cut = PRUNE_CUT * tau if prune else float("inf")
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
     _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, scratch, tok, marg, hard, flags, t, c, cut,
@@ -228,15 +223,12 @@ def _streams(device: torch.device) -> list:
 
 
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-                  hint: torch.Tensor | None = None, prune: bool = True, xx: torch.Tensor | None = None,
-                  cut: float = PRUNE_CUT) -> EStats:
+                  hint: torch.Tensor | None = None, prune: bool = True, xx: torch.Tensor | None = None) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
     tiles skip more rows; it changes the statistics only by float rounding (the order of sums).
-    ``prune=False`` walks every row (the same results bit for bit as ``cut=EXACT_CUT``; within
-    float rounding of the default cut). ``cut``: rows are skipped whose weights are all below
-    ``exp(-cut)``. ``xx [H, N]``: ``|x|^2`` when the
+    ``prune=False`` walks every row (same results bit for bit). ``xx [H, N]``: ``|x|^2`` when the
     caller has it (EM's vectors are fixed within a stage), else computed here. Work goes in blocks of about
     ``BLOCK`` vectors, each contiguous (whole heads, or part of one head): no copies. ``chunk`` is
     accepted for the common signature (the kernels need no smaller blocks).
@@ -261,7 +253,7 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
             part = EStats(*(getattr(stats, f)[hs] for f in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
             part_hint = None if hint is None else hint[hs, ts]
             hard[hs, ts], rows = _block_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs], part_hint,
-                                              tau, cut if prune else math.inf, part)
+                                              tau, prune, part)
         needed.append(rows)
         total += (hs.stop - hs.start) * triton.cdiv(ts.stop - ts.start, BT) * n.shape[-1]
     for st in streams[1:]:
