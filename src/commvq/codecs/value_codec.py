@@ -13,13 +13,14 @@ from torch import nn
 
 from commvq import __version__
 from commvq.fsutil import atomic_path, write_json
-from commvq.quant import binary
+from commvq.quant import binary, value_init
 from commvq.quant.packing import pack_2bit, unpack_2bit
 
 FORMAT = "commvq-value-codec"
 VERSION = 1
 WEIGHTS = "value_codec.safetensors"
 CONFIG = "config.json"
+SHARPNESS = 4.0  # logit scale of the data-driven start (training samples Gumbel noise of scale 1)
 
 
 class LayerValueCodec(nn.Module):
@@ -61,6 +62,37 @@ class LayerValueCodec(nn.Module):
         self.fc2.bias.zero_()
         self.fc2.weight[:, :f] = w
         self.fc2.weight[:, f:2 * f] = -w
+        return self
+
+    @torch.no_grad()
+    def init_from_values(self, v: torch.Tensor, sharpness: float = SHARPNESS) -> LayerValueCodec:
+        """Start as transform coding of sample values ``v [N, F]`` (:mod:`commvq.quant.value_init`):
+        principal axes, 0-2 bits per axis, Lloyd-Max levels, and an encoder whose logits are each
+        group's nearest-pattern logits (``sharpness`` scales them against the Gumbel noise of
+        training). The encoder sees ``LayerNorm(u) = (u - mean) / std``: ``u`` is a unit vector,
+        so ``std ~ 1/sqrt(F)``; only its component along the all-ones direction is lost."""
+        f = self.width
+        if self.fc1.out_features < 2 * f:
+            raise ValueError(f"width {f}: the encoder's hidden size {self.fc1.out_features} cannot carry "
+                             "x and -x; use init='rotation'")
+        if len(v) < f:
+            raise ValueError(f"{len(v)} sample values for width {f}: need at least {f}")
+        u, _ = binary.normalize(v.float(), self.scale.to(v.device))
+        power, axes = value_init.principal_axes(u)
+        groups = value_init.group_layout(value_init.allocate_bits(power, f * self.quant_bits))
+        self.codebook.copy_(value_init.decoder_rows(power, axes, groups))
+        a, b = value_init.pattern_weights(power, groups, binary.PATTERNS, sharpness)
+        std = math.sqrt(1.0 / f + self.norm.eps)  # u = LayerNorm(u) * std for a unit u of mean 0
+        w = (a.flatten(0, 1) @ axes.T * std).float()  # [4n, F] over LayerNorm(u)
+        self.norm.reset_parameters()
+        self.fc1.weight.zero_()
+        self.fc1.bias.zero_()
+        self.fc1.weight[:f] = torch.eye(f)
+        self.fc1.weight[f:2 * f] = -torch.eye(f)
+        self.fc2.weight.zero_()
+        self.fc2.weight[:, :f] = w
+        self.fc2.weight[:, f:2 * f] = -w
+        self.fc2.bias.copy_(b.flatten().float())
         return self
 
     def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,9 @@ class TrainValuesConfig:
     resume: bool = option(False, "continue from the checkpoint in output_dir")
     model_dtype: str = option("auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)", choices=MODEL_DTYPES)
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
+    init: str = option("pca", "codec start: pca (transform coding on the principal axes of the first "
+                       "batches' values) or rotation (random-rotation sign quantizer)", choices=("pca", "rotation"))
+    init_tokens: int = option(16384, "value vectors per layer for --init pca")
     seed: int = option(0, "seed")
     overwrite: bool = option(False, "start over even if output_dir holds a codec")
 
@@ -63,7 +66,7 @@ class TrainValuesConfig:
         if self.output_dir is None:
             object.__setattr__(self, "output_dir", Path(f"value_codec_{self.quant_bits}bit"))
         object.__setattr__(self, "output_dir", Path(self.output_dir))
-        for name in ("max_seq_length", "batch_size", "steps", "save_every"):
+        for name in ("max_seq_length", "batch_size", "steps", "save_every", "init_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.warmup_steps < 0 or self.lr <= 0:
@@ -112,6 +115,20 @@ def batch_stream(cfg: TrainValuesConfig, loaded: LoadedModel, rank: int, world: 
         log.info("train-values: epoch %d of the corpus done", epoch + 1)
 
 
+@torch.no_grad()
+def sample_values(model, stream: Iterator[torch.Tensor], tokens: int, device) -> dict[int, torch.Tensor]:
+    """``[>= tokens, F]`` value vectors per layer from the first batches of ``stream``."""
+    parts: dict[int, list[torch.Tensor]] = {}
+    have = 0
+    while have < tokens:
+        batch = next(stream).to(device)
+        for layer, h in enumerate(layer_inputs(model, batch)):
+            v = LayerAttention(model, layer, h).v
+            parts.setdefault(layer, []).append(v.reshape(-1, v.shape[-1]).float())
+        have += batch.numel()
+    return {layer: torch.cat(p) for layer, p in parts.items()}
+
+
 def step_loss(model, codec, batch: torch.Tensor, autocast) -> float:
     """Forward and backward of one batch, layer by layer (gradients accumulate); the loss value."""
     hidden = layer_inputs(model, batch)
@@ -138,7 +155,7 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
     values = check_scales(load_scales(cfg.scale_file), loaded, cfg.scale_file)
     out = cfg.output_dir
     torch.manual_seed(cfg.seed)
-    codec = ValueCodec.from_scales(values, cfg.quant_bits).to(loaded.model.device).train()
+    codec = ValueCodec.from_scales(values, cfg.quant_bits, cfg.seed).to(loaded.model.device).train()
     opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     start, history = 0, []
     if (out / STATE).is_file() and not cfg.overwrite:
@@ -150,6 +167,14 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
         opt.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), list(state["history"])
         log.info("train-values: resuming %s at step %d", out, start)
+    elif cfg.init == "pca":
+        samples = sample_values(loaded.model, batch_stream(cfg, loaded, rank, world), cfg.init_tokens,
+                                loaded.model.device)
+        for layer, codec_layer in enumerate(codec.layers):
+            codec_layer.init_from_values(samples[layer])
+        if world > 1:
+            _broadcast_params(codec)  # every process starts from rank 0's codec
+        log.info("train-values: started from the principal axes of %d values per layer", len(samples[0]))
     barrier()
     device = loaded.model.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -185,6 +210,14 @@ def _allreduce_grads(codec: torch.nn.Module) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world
+
+
+def _broadcast_params(codec: torch.nn.Module) -> None:
+    import torch.distributed as dist
+
+    barrier()  # starts the process group
+    for t in itertools.chain(codec.parameters(), codec.buffers()):
+        dist.broadcast(t.data, 0)
 
 
 def save_checkpoint(cfg: TrainValuesConfig, loaded: LoadedModel, codec: ValueCodec, opt, step: int,
