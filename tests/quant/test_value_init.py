@@ -23,8 +23,9 @@ def test_allocation_spends_every_bit_on_the_strong_axes_first():
         assert int(bits.sum()) == total and int(bits.max()) <= 2 and int((bits == 1).sum()) % 2 == 0
         assert torch.all(bits[:-1] >= bits[1:]), bits  # never more bits on a weaker axis
     assert value_init.allocate_bits(power, 16).tolist() == [2] * 8
-    with pytest.raises(ValueError, match="at most 2"):
-        value_init.allocate_bits(power, 17)
+    for bad in (17, 18, -2):
+        with pytest.raises(ValueError, match="an even number, at most 2"):
+            value_init.allocate_bits(power, bad)
 
 
 @pytest.mark.parametrize("total", [8, 12, 16])

@@ -74,7 +74,7 @@ class LayerValueCodec(nn.Module):
         f = self.width
         if self.fc1.out_features < 2 * f:
             raise ValueError(f"width {f}: the encoder's hidden size {self.fc1.out_features} cannot carry "
-                             "x and -x; use init='rotation'")
+                             "x and -x; train with --init rotation")
         if len(v) < f:
             raise ValueError(f"{len(v)} sample values for width {f}: need at least {f}")
         u, _ = binary.normalize(v.float(), self.scale.to(v.device))

@@ -31,19 +31,15 @@ def principal_axes(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def allocate_bits(power: torch.Tensor, total: int) -> torch.Tensor:
     """Bits per axis (0..2, sum ``total``): each next bit where it removes the most distortion."""
-    if not 0 <= total <= MAX_BITS * len(power):
-        raise ValueError(f"total={total} bits for {len(power)} axes: at most {MAX_BITS} each")
+    if not 0 <= total <= MAX_BITS * len(power) or total % 2:
+        raise ValueError(f"total={total} bits for {len(power)} axes: an even number, at most {MAX_BITS} each")
     bits = torch.zeros(len(power), dtype=torch.long)
     dist = torch.tensor(DISTORTION, dtype=torch.float64)
     p = power.double().cpu()
     for _ in range(total):
         gain = torch.where(bits < MAX_BITS, p * (dist[bits] - dist[(bits + 1).clamp_max(MAX_BITS)]), -1.0)
         bits[int(gain.argmax())] += 1
-    if int((bits == 1).sum()) % 2:  # an odd number of 1-bit axes cannot fill groups of 2 bits
-        one = torch.nonzero(bits == 1).flatten()
-        bits[one[-1]] -= 1  # the weakest 1-bit axis gives its bit to the strongest one
-        bits[one[0]] += 1
-    return bits
+    return bits  # an even total leaves an even number of 1-bit axes: they pair into groups
 
 
 def group_layout(bits: torch.Tensor) -> list[tuple[tuple[int, float], tuple[int, float]]]:
