@@ -54,14 +54,21 @@ class LayerValueCodec(nn.Module):
             return self
         patterns = binary.PATTERNS  # [4, 2]
         w = torch.einsum("ps,gsf->gpf", patterns, rot.reshape(self.groups, 2, f)).reshape(4 * self.groups, f)
+        return self._linear_encoder(w, torch.zeros(4 * self.groups))
+
+    @torch.no_grad()
+    def _linear_encoder(self, w: torch.Tensor, b: torch.Tensor) -> LayerValueCodec:
+        """Make the encoder's logits exactly ``w @ x + b`` (``x`` what the LayerNorm gives):
+        ``fc1 = [I; -I]``, ``fc2 = [w, -w]``, since ``gelu(x) - gelu(-x) = x``."""
+        f = self.width
         self.fc1.weight.zero_()
         self.fc1.bias.zero_()
         self.fc1.weight[:f] = torch.eye(f)
         self.fc1.weight[f:2 * f] = -torch.eye(f)
         self.fc2.weight.zero_()
-        self.fc2.bias.zero_()
         self.fc2.weight[:, :f] = w
         self.fc2.weight[:, f:2 * f] = -w
+        self.fc2.bias.copy_(b)
         return self
 
     @torch.no_grad()
@@ -85,15 +92,7 @@ class LayerValueCodec(nn.Module):
         std = math.sqrt(1.0 / f + self.norm.eps)  # u = LayerNorm(u) * std for a unit u of mean 0
         w = (a.flatten(0, 1) @ axes.T * std).float()  # [4n, F] over LayerNorm(u)
         self.norm.reset_parameters()
-        self.fc1.weight.zero_()
-        self.fc1.bias.zero_()
-        self.fc1.weight[:f] = torch.eye(f)
-        self.fc1.weight[f:2 * f] = -torch.eye(f)
-        self.fc2.weight.zero_()
-        self.fc2.weight[:, :f] = w
-        self.fc2.weight[:, f:2 * f] = -w
-        self.fc2.bias.copy_(b.flatten().float())
-        return self
+        return self._linear_encoder(w, b.flatten().float())
 
     def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [N, n, 4], p [N])``."""
