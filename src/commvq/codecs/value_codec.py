@@ -21,6 +21,10 @@ VERSION = 1
 WEIGHTS = "value_codec.safetensors"
 CONFIG = "config.json"
 SHARPNESS = 4.0  # logit scale of the data-driven start (training samples Gumbel noise of scale 1)
+# with axes of 3-4 bits: their fine bits' logit gaps are small, and at 4 the Gumbel noise of training
+# flips them (CPU, SmolLM2 layers 3 and 27, value MSE over KIVI-2 after 150 steps: 0.54 / 0.46 at 4,
+# 0.46 / 0.39 at 16)
+DEEP_SHARPNESS = 16.0
 
 
 class LayerValueCodec(nn.Module):
@@ -37,6 +41,32 @@ class LayerValueCodec(nn.Module):
         nbits = width * quant_bits
         self.codebook = nn.Parameter(torch.randn(nbits, width) / math.sqrt(nbits))
         self.register_buffer("scale", torch.ones(width) if scale is None else scale.float().clone())
+        # hidden units after the first 2F that compute staircase steps (a start with 3-4-bit axes):
+        # training keeps them as they are then (see fixed_features)
+        self.register_buffer("step_units", torch.zeros(()))
+
+        self._fixed_fc2: torch.Tensor | None = None
+
+    @property
+    def fixed_features(self) -> bool:
+        """Whether training must leave the step units as they are: all of ``fc1`` (AdamW steps of the
+        learning rate move the thresholds) and ``fc2``'s weights on the step units (they multiply
+        activations in the hundreds)."""
+        return bool(self.step_units > 0)
+
+    def _step_columns(self) -> slice:
+        return slice(2 * self.width, 2 * self.width + int(self.step_units))
+
+    @torch.no_grad()
+    def remember_fixed(self) -> None:
+        """Remember ``fc2``'s weights on the step units (on the codec's device), for :meth:`restore_fixed`."""
+        self._fixed_fc2 = self.fc2.weight[:, self._step_columns()].clone() if self.fixed_features else None
+
+    @torch.no_grad()
+    def restore_fixed(self) -> None:
+        """Put back what :meth:`remember_fixed` remembered (after an optimizer step moved it)."""
+        if self._fixed_fc2 is not None:
+            self.fc2.weight[:, self._step_columns()] = self._fixed_fc2
 
     @torch.no_grad()
     def init_projection(self, generator: torch.Generator) -> LayerValueCodec:
@@ -72,12 +102,14 @@ class LayerValueCodec(nn.Module):
         return self
 
     @torch.no_grad()
-    def init_from_values(self, v: torch.Tensor, sharpness: float = SHARPNESS) -> LayerValueCodec:
+    def init_from_values(self, v: torch.Tensor, sharpness: float | None = None) -> LayerValueCodec:
         """Start as transform coding of sample values ``v [N, F]`` (:mod:`commvq.quant.value_init`):
-        principal axes, 0-2 bits per axis, Lloyd-Max levels, and an encoder whose logits are each
-        group's nearest-pattern logits (``sharpness`` scales them against the Gumbel noise of
-        training). The encoder sees ``LayerNorm(u) = (u - mean) / std``: ``u`` is a unit vector,
-        so ``std ~ 1/sqrt(F)``; only its component along the all-ones direction is lost."""
+        principal axes, 0-4 bits per axis (more than 2 on as many axes as the encoder's spare
+        hidden units allow), and an encoder whose logits are each group's nearest-pattern logits
+        (``sharpness``, default ``SHARPNESS`` or ``DEEP_SHARPNESS`` with 3-4-bit axes, scales them
+        against the Gumbel noise of training). The encoder sees ``LayerNorm(u) = (u - mean) / std``:
+        ``u`` is a unit vector, so ``std ~ 1/sqrt(F)``; only its component along the all-ones
+        direction is lost."""
         f = self.width
         if self.fc1.out_features < 2 * f:
             raise ValueError(f"width {f}: the encoder's hidden size {self.fc1.out_features} cannot carry "
@@ -86,18 +118,40 @@ class LayerValueCodec(nn.Module):
             raise ValueError(f"{len(v)} sample values for width {f}: need at least {f}")
         u, _ = binary.normalize(v.float(), self.scale.to(v.device))
         power, axes = value_init.principal_axes(u)
-        groups = value_init.group_layout(value_init.allocate_bits(power, f * self.quant_bits))
-        self.codebook.copy_(value_init.decoder_rows(power, axes, groups))
-        a, b = value_init.pattern_weights(power, groups, binary.PATTERNS, sharpness)
+        spare = (self.fc1.out_features - 2 * f) // 2  # steps the spare hidden units can carry
+        bits = value_init.allocate_bits(power, f * self.quant_bits, spare // value_init.STEPS_PER_DEEP_AXIS)
+        deep = bool((bits > 2).any())
+        if sharpness is None:
+            sharpness = DEEP_SHARPNESS if deep else SHARPNESS
+        groups = value_init.group_layout(bits)
+        rows = value_init.decoder_rows(power, axes, groups)
+        if deep:  # decoding is scale-free (renormalized): the finest rows get entries AdamW steps cannot swamp
+            rows = rows / rows.norm(dim=-1).min().clamp_min(1e-12)
+        self.codebook.copy_(rows)
+        a, c, b = value_init.pattern_weights(power, bits, groups, binary.PATTERNS, sharpness)
         std = math.sqrt(1.0 / f + self.norm.eps)  # u = LayerNorm(u) * std for a unit u of mean 0
         w = (a.flatten(0, 1) @ axes.T * std).float()  # [4n, F] over LayerNorm(u)
         self.norm.reset_parameters()
-        return self._linear_encoder(w, b.flatten().float())
+        self._linear_encoder(w, b.flatten().float())
+        gain, offset = value_init.step_units(power, bits)
+        self.step_units.fill_(2 * len(gain))
+        if deep:  # step s: units 2F + 2s and 2F + 2s + 1 are gelu(t + A) and gelu(t - A)
+            axis = torch.tensor([i for i, _ in value_init.steps(bits)])
+            units = slice(2 * f, 2 * f + 2 * len(gain))
+            self.fc1.weight[units] = (gain[:, None] * axes[:, axis].T * std).float().repeat_interleave(2, 0)
+            ramp = torch.tensor([value_init.RAMP_A, -value_init.RAMP_A], dtype=offset.dtype)
+            self.fc1.bias[units] = (offset[:, None] + ramp).flatten().float()
+            out = (c.flatten(0, 1) / (2 * value_init.RAMP_A)).float()  # [4n, S]: H = (g+ - g-) / 2A
+            self.fc2.weight[:, units] = torch.stack([out, -out], -1).flatten(1)
+        return self
 
     def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [N, n, 4], p [N])``."""
         u, p = binary.normalize(v, self.scale)
-        h = self.fc2(nn.functional.gelu(self.fc1(self.norm(u.to(self.fc1.weight.dtype)))))
+        # float32 even under autocast: a step unit reaches hundreds, and bf16's rounding there would move
+        # the difference of a pair of them (one step) by a sizable part of the step
+        with torch.autocast(u.device.type, enabled=False):
+            h = self.fc2(nn.functional.gelu(self.fc1(self.norm(u.to(self.fc1.weight.dtype)))))
         return h.reshape(*h.shape[:-1], self.groups, 4), p
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
@@ -134,6 +188,20 @@ class ValueCodec(nn.Module):
         self.num_layers, self.width, self.quant_bits = num_layers, width, quant_bits
         self.layers = nn.ModuleList(
             LayerValueCodec(width, quant_bits, None if scales is None else scales[i]) for i in range(num_layers))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What training updates: everything but ``fc1`` of layers with fixed features (whose ``fc2``
+        columns on the step units :meth:`remember_fixed` and :meth:`restore_fixed` keep)."""
+        fixed = {id(p) for layer in self.layers if layer.fixed_features for p in layer.fc1.parameters()}
+        return [p for p in self.parameters() if id(p) not in fixed]
+
+    def remember_fixed(self) -> None:
+        for layer in self.layers:
+            layer.remember_fixed()
+
+    def restore_fixed(self) -> None:
+        for layer in self.layers:
+            layer.restore_fixed()
 
     @classmethod
     def from_scales(cls, scales: dict[int, torch.Tensor], quant_bits: int, seed: int = 0) -> ValueCodec:
@@ -175,5 +243,8 @@ class ValueCodec(nn.Module):
             if want is not None and cfg[key] != want:
                 raise ValueError(f"{folder}: value codec for {key}={cfg[key]}, the model has {want}")
         codec = cls(cfg["num_layers"], cfg["width"], cfg["quant_bits"])
-        codec.load_state_dict(load_file(str(folder / WEIGHTS)))
+        state = load_file(str(folder / WEIGHTS))
+        for i in range(codec.num_layers):  # files written before the staircase start have no step_units
+            state.setdefault(f"layers.{i}.step_units", torch.zeros(()))
+        codec.load_state_dict(state)
         return codec.eval()

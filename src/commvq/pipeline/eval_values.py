@@ -3,7 +3,9 @@ scalar quantization at the same bits, on held-out text. Writes JSON and a Markdo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,8 @@ class EvalValuesConfig:
     dataset: str = option("embedded", "corpus (the embedded corpus uses its held-out split)")
     max_seq_length: int = option(1024, "tokens per sequence")
     num_sequences: int = option(4, "held-out sequences")
-    scale_file: Path | None = option(None, "also evaluate untrained codecs with these scales (the 'before')")
+    scale_file: Path | None = option(None, "also evaluate, with these scales, each codec's training start "
+                                     "(rebuilt from its recorded settings) and a random-rotation codec")
     output: Path = option(Path("eval_values"), "folder for values.json and values.md")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
 
@@ -46,6 +49,10 @@ def run(cfg: EvalValuesConfig) -> Path:
         bits.add(c.quant_bits)
     if cfg.scale_file is not None:
         values = load_scales(cfg.scale_file)["value"]
+        for d in cfg.codec_dirs:
+            start = _training_start(d, loaded, values)
+            if start is not None:
+                codecs[f"start_{d.name}"] = start
         for b in sorted(bits):
             torch.manual_seed(0)
             codecs[f"untrained_{b}bit"] = ValueCodec.from_scales(values, b).to(loaded.model.device)
@@ -57,6 +64,20 @@ def run(cfg: EvalValuesConfig) -> Path:
     data = [b.to(loaded.model.device) for b in batches(seqs, 1)]
     rows = value_errors(loaded.model, codecs, data, sorted(bits))
     return report(cfg, rows, {"model": loaded.name, "tokens": cfg.num_sequences * cfg.max_seq_length})
+
+
+def _training_start(folder: Path, loaded, values: dict[int, torch.Tensor]) -> ValueCodec | None:
+    """The codec that training of ``folder`` started from, rebuilt from its recorded settings when it
+    was data-driven (``--init pca``: the same first batches give the same start); else None."""
+    from commvq.pipeline.train_values import TrainValuesConfig, start_codec
+
+    config = json.loads((folder / "config.json").read_text())
+    recorded = config.get("train_config") or {}
+    if recorded.get("init") != "pca":
+        return None
+    known = {f.name for f in dataclasses.fields(TrainValuesConfig)}
+    settings = TrainValuesConfig(**{k: v for k, v in recorded.items() if k in known})
+    return start_codec(settings, loaded, values, 0, int(config.get("world", 1))).eval()
 
 
 def report(cfg: EvalValuesConfig, rows: list[dict], meta: dict) -> Path:

@@ -129,6 +129,22 @@ def sample_values(model, stream: Iterator[torch.Tensor], tokens: int, device) ->
     return {layer: torch.cat(p) for layer, p in parts.items()}
 
 
+def start_codec(cfg: TrainValuesConfig, loaded: LoadedModel, values: dict[int, torch.Tensor], rank: int = 0,
+                world: int = 1) -> ValueCodec:
+    """The codec training starts from (``--init``): ``--init pca`` samples the first batches of the
+    ``rank``-th of ``world`` corpus slices; under torchrun every process then takes rank 0's codec."""
+    codec = ValueCodec.from_scales(values, cfg.quant_bits, cfg.seed).to(loaded.model.device)
+    if cfg.init == "pca":
+        samples = sample_values(loaded.model, batch_stream(cfg, loaded, rank, world), cfg.init_tokens,
+                                loaded.model.device)
+        for layer, codec_layer in enumerate(codec.layers):
+            codec_layer.init_from_values(samples[layer])
+        if rank_world()[1] > 1:
+            _broadcast_params(codec)
+        log.info("train-values: started from the principal axes of %d values per layer", len(samples[0]))
+    return codec
+
+
 def step_loss(model, codec, batch: torch.Tensor, autocast) -> float:
     """Forward and backward of one batch, layer by layer (gradients accumulate); the loss value."""
     hidden = layer_inputs(model, batch)
@@ -155,26 +171,21 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
     values = check_scales(load_scales(cfg.scale_file), loaded, cfg.scale_file)
     out = cfg.output_dir
     torch.manual_seed(cfg.seed)
-    codec = ValueCodec.from_scales(values, cfg.quant_bits, cfg.seed).to(loaded.model.device).train()
-    opt = torch.optim.AdamW(codec.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    start, history = 0, []
+    start, history, state = 0, [], None
     if (out / STATE).is_file() and not cfg.overwrite:
         if not cfg.resume:
             raise ValueError(f"{out} holds a value codec checkpoint: pass --resume to continue or --overwrite")
-        loaded_codec = ValueCodec.load(out, loaded.spec.num_layers, loaded.spec.kv_dim)
-        codec.load_state_dict(loaded_codec.state_dict())
+        codec = ValueCodec.load(out, loaded.spec.num_layers, loaded.spec.kv_dim).to(loaded.model.device)
         state = torch.load(out / STATE, map_location=loaded.model.device, weights_only=True)
-        opt.load_state_dict(state["optimizer"])
         start, history = int(state["step"]), list(state["history"])
         log.info("train-values: resuming %s at step %d", out, start)
-    elif cfg.init == "pca":
-        samples = sample_values(loaded.model, batch_stream(cfg, loaded, rank, world), cfg.init_tokens,
-                                loaded.model.device)
-        for layer, codec_layer in enumerate(codec.layers):
-            codec_layer.init_from_values(samples[layer])
-        if world > 1:
-            _broadcast_params(codec)  # every process starts from rank 0's codec
-        log.info("train-values: started from the principal axes of %d values per layer", len(samples[0]))
+    else:
+        codec = start_codec(cfg, loaded, values, rank, world)
+    codec.train().remember_fixed()
+    opt = torch.optim.AdamW(codec.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
     barrier()
     device = loaded.model.device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -191,11 +202,12 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
         if world > 1:
             _allreduce_grads(codec)
         opt.step()
+        codec.restore_fixed()
         history.append(loss)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4g}")
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(cfg, loaded, codec, opt, step + 1, history)
+            save_checkpoint(cfg, loaded, codec, opt, step + 1, history, world)
     bar.close()
     barrier()
     return out
@@ -221,9 +233,9 @@ def _broadcast_params(codec: torch.nn.Module) -> None:
 
 
 def save_checkpoint(cfg: TrainValuesConfig, loaded: LoadedModel, codec: ValueCodec, opt, step: int,
-                    history: list[float]) -> None:
+                    history: list[float], world: int = 1) -> None:
     codec.save(cfg.output_dir, {"model": loaded.name, "spec": loaded.spec.to_dict(), "steps_done": step,
-                                "train_config": to_dict(cfg), "loss_history": history})
+                                "train_config": to_dict(cfg), "world": world, "loss_history": history})
     with atomic_path(cfg.output_dir / STATE) as tmp:
         torch.save({"optimizer": opt.state_dict(), "step": step, "history": history}, tmp)
     log.info("train-values: checkpoint at step %d in %s", step, cfg.output_dir)
