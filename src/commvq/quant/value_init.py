@@ -155,4 +155,5 @@ def step_units(power: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, t
         k = 2 * RAMP_A / (RAMP_WIDTH * STEP[int(bits[i])] * float(rms[i]))
         gain.append(k)
         offset.append(-k * t * float(rms[i]))
-    return torch.tensor(gain, dtype=torch.float64), torch.tensor(offset, dtype=torch.float64)
+    z = dict(dtype=torch.float64, device=power.device)
+    return torch.tensor(gain, **z), torch.tensor(offset, **z)
