@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates docs/results_values.md's figures: value codecs (1 and 2 bit) on the embedded
+# Regenerates the CPU figures of docs/results.md's value-codec section: value codecs (1 and 2 bit) on the embedded
 # SmolLM2, trained on the CPU, evaluated on held-out speeches against KIVI-style quantization.
 # Usage: bash scripts/results_values.sh [workdir] [steps]     (about 40 minutes on 2 CPU cores)
 set -euo pipefail
