@@ -24,7 +24,6 @@ for what in "$@"; do
     em_quick) python3 benchmarks/em_layer.py --residuals 2 --max_iters 10 --ref_iters 3 2>&1 | tee "$OUT/em_quick.log" | tail -14 ;;
     em_tune) python3 benchmarks/em_layer.py --tune --residuals 1 --max_iters 3 --ref_iters 0 2>&1 | tee "$OUT/em_tune.log" | tail -40 ;;
     em_full) python3 benchmarks/em_layer.py --ref_iters 5 2>&1 | tee "$OUT/em_full.log" | tail -16 ;;
-    em_cublas) python3 benchmarks/em_layer.py --products cublas --ref_iters 0 2>&1 | tee "$OUT/em_cublas.log" | tail -16 ;;
     collect) python3 benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --tokens 32768 --out_dir /dev/shm 2>&1 | grep -v "it/s\]\|tok/s\]" | tee "$OUT/collect_shm.log" | tail -6
              python3 benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --tokens 32768 --out_dir "$DEV" 2>&1 | grep -v "it/s\]\|tok/s\]" | tee "$OUT/collect_disk.log" | tail -6 ;;
   esac

@@ -79,30 +79,9 @@ def _given_norms(device):
     assert torch.allclose(shifted.sum_xx, own.sum_xx + 200) and not torch.equal(shifted.count, own.count)
 
 
-def _products(device, h=2, t=300, d=32, n=16, tol=1e-5):
-    """The two products of a block in bfloat16 halves on tensor cores are accurate to a few units in
-    1e-6 (float32's are 1e-7), on whole heads and on a token range of one head. (Triton's interpreter
-    rounds to bfloat16 by truncation: 3e-5 there.)"""
-    import commvq.kernels.em_estep as k
-
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(h, t, d, generator=g).to(device)
-    w = (torch.randn(h, d, n, generator=g) * 0.3).to(device)
-    m = torch.rand(h, t, n, generator=g).to(device)
-    assert k._tensor_core_shapes(d, n)
-    for xs, ws, ms in ((x, w, m), (x[1:, 37:251], w[1:], m[1:, 37:251].contiguous())):
-        uv = k._product_uv(xs, ws)
-        want = xs.double() @ ws.double()
-        assert float((uv.double() - want).norm() / want.norm()) < tol
-        sums = k._sum_products(ms, xs)
-        want = ms.double().transpose(1, 2) @ xs.double()
-        assert sums.dtype == torch.float64 and float((sums - want).norm() / want.norm()) < tol
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_triton_e_step_matches_torch_on_gpu():
-    _products("cuda", 8, 70000, 128, 128)
     _compare("cuda", CASES)
     _pruning("cuda", 4, 20000, 128, 64)
     _given_norms("cuda")
@@ -116,7 +95,5 @@ def test_triton_e_step_matches_torch_in_interpreter():
             "from tests.kernels.test_em_estep import _pruning\n"
             "_pruning('cpu', 1, 800, 16, 8)\n"
             "from tests.kernels.test_em_estep import _given_norms\n"
-            "_given_norms('cpu')\n"
-            "from tests.kernels.test_em_estep import _products\n"
-            "_products('cpu', tol=1e-4)\n")
+            "_given_norms('cpu')\n")
     run_in_triton_interpreter(code, timeout=600)

@@ -131,64 +131,6 @@ def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, ptr_ptr, tiles_ptr, cnt_ptr, n_tiles
     tl.store(cnt_ptr + ((h * tl.num_programs(1) + r) * E + a) * E + e, tl.sum(acc, axis=0))
 
 
-@triton.jit
-def _split_bf16(a):
-    """``a = hi + lo`` in two bfloat16 halves (16 significant bits together)."""
-    hi = a.to(tl.bfloat16)
-    return hi, (a - hi.to(tl.float32)).to(tl.bfloat16)
-
-
-@triton.jit
-def _dot3(a, b, acc, EXACT_HALVES: tl.constexpr):
-    """``acc + a @ b`` from bfloat16 halves on the tensor cores: hi.hi + hi.lo + lo.hi (the lo.lo term is
-    below float32's rounding of the sum). ``EXACT_HALVES``: multiply the halves as float32 instead
-    (the same products, which bfloat16 x bfloat16 gives exactly; for Triton's interpreter, whose
-    bfloat16 dot is wrong)."""
-    ah, al = _split_bf16(a)
-    bh, bl = _split_bf16(b)
-    if EXACT_HALVES:
-        ah, al, bh, bl = ah.to(tl.float32), al.to(tl.float32), bh.to(tl.float32), bl.to(tl.float32)
-        acc = tl.dot(ah, bh, acc, input_precision="ieee")
-        acc = tl.dot(ah, bl, acc, input_precision="ieee")
-        return tl.dot(al, bh, acc, input_precision="ieee")
-    acc = tl.dot(ah, bh, acc)
-    acc = tl.dot(ah, bl, acc)
-    return tl.dot(al, bh, acc)
-
-
-@triton.jit
-def _products_uv(x_ptr, w_ptr, uv_ptr, T, stride_xh, D: tl.constexpr, N: tl.constexpr, BM: tl.constexpr,
-                 EXACT_HALVES: tl.constexpr):
-    """``uv[h, t] = x[h, t] @ w[h]`` for ``BM`` tokens of head ``h``."""
-    h = tl.program_id(1)
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    d = tl.arange(0, D)
-    n = tl.arange(0, N)
-    live = rows < T
-    x = tl.load(x_ptr + h * stride_xh + rows[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-    w = tl.load(w_ptr + (h * D + d[:, None]) * N + n[None, :])
-    acc = _dot3(x, w, tl.zeros([BM, N], tl.float32), EXACT_HALVES)
-    tl.store(uv_ptr + (h * T + rows[:, None]) * N + n[None, :], acc, mask=live[:, None])
-
-
-@triton.jit
-def _products_sums(m_ptr, x_ptr, out_ptr, T, stride_xh, D: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr,
-                   BK: tl.constexpr, EXACT_HALVES: tl.constexpr):
-    """``out[h, c] = m[h, chunk c]^T @ x[h, chunk c]``: one ``CHUNK`` of tokens of head ``h``."""
-    c = tl.program_id(0)
-    h = tl.program_id(1)
-    d = tl.arange(0, D)
-    n = tl.arange(0, N)
-    acc = tl.zeros([N, D], tl.float32)
-    for k in range(0, CHUNK, BK):
-        rows = c * CHUNK + k + tl.arange(0, BK)
-        live = rows < T
-        m = tl.load(m_ptr + (h * T + rows[:, None]) * N + n[None, :], mask=live[:, None], other=0.0)
-        x = tl.load(x_ptr + h * stride_xh + rows[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
-        acc = _dot3(tl.trans(m), x, acc, EXACT_HALVES)
-    tl.store(out_ptr + ((h * tl.num_programs(0) + c) * N + n[:, None]) * D + d[None, :], acc)
-
-
 BT, WARPS_A, WARPS_B = 32, 8, 8  # H100, one unpruned E-step at 8 x 1M: 79 ms with 8 warps, 81 with 4
 UNROLL = 4  # columns per step of walk 1
 TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
@@ -197,37 +139,9 @@ SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fix
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
 
 
-PRODUCTS = "bf16x3"  # the two products per block: "bf16x3" (Triton, tensor cores) or "cublas" (float32)
-BM_UV, BK_SUMS = 64, 64
-
-
-def _tensor_core_shapes(d: int, n: int) -> bool:
-    return PRODUCTS == "bf16x3" and all(v >= 16 and v & (v - 1) == 0 for v in (d, n))
-
-
-def _product_uv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w`` per head (``[h, t, D]`` with contiguous rows, ``[h, D, N]`` -> ``[h, t, N]`` float32)."""
-    h, t, d = x.shape
-    n = w.shape[-1]
-    if not _tensor_core_shapes(d, n) or x.stride(1) != d or x.stride(2) != 1:
-        return torch.bmm(x, w)
-    uv = torch.empty(h, t, n, device=x.device, dtype=torch.float32)
-    _products_uv[(triton.cdiv(t, BM_UV), h)](x, w.contiguous(), uv, t, x.stride(0), D=d, N=n, BM=BM_UV,
-                                             EXACT_HALVES=not x.is_cuda, num_warps=4)
-    return uv
-
-
 def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` contiguous -> ``[H, M, D]``, float64), split over T
-    into chunks of ``SPLIT_K`` tokens summed in a fixed order."""
+    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` contiguous -> ``[H, M, D]``, float64), split over T."""
     h, t, m = a.shape
-    d = b.shape[-1]
-    if _tensor_core_shapes(d, m) and b.stride(1) == d and b.stride(2) == 1 and SPLIT_K % BK_SUMS == 0:
-        chunks = triton.cdiv(t, SPLIT_K)
-        part = torch.empty(h, chunks, m, d, device=a.device, dtype=torch.float32)
-        _products_sums[(chunks, h)](a.contiguous(), b, part, t, b.stride(0), D=d, N=m, CHUNK=SPLIT_K, BK=BK_SUMS,
-                                    EXACT_HALVES=not b.is_cuda, num_warps=4)
-        return part.double().sum(1)
     full = t // SPLIT_K * SPLIT_K
     out = torch.zeros(h, m, b.shape[-1], dtype=torch.float64, device=a.device)
     if full:
@@ -247,7 +161,7 @@ def _block_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.
     h, t, d = xc.shape
     e = n.shape[-1]
     f32 = dict(device=xc.device, dtype=torch.float32)
-    uv = _product_uv(xc, w)  # [h, t, 2E]
+    uv = torch.bmm(xc, w)  # [h, t, 2E]
     if hint is None:
         order = torch.arange(t, device=xc.device, dtype=torch.int32).expand(h, t).contiguous()
     else:
