@@ -68,6 +68,26 @@ def test_training_lowers_attention_error_and_resumes(prepared, tiny_llama, corpu
     assert conf["steps_done"] == 50 and conf["loss_history"][:40] == first and len(conf["loss_history"]) == 50
 
 
+def test_eval_values_rebuilds_the_training_start(prepared, tiny_llama, corpus_dir):
+    from commvq.pipeline import eval_values
+
+    lm, tmp_path = prepared
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, steps=2)
+    train_values.run(cfg, loaded=lm)
+    values = torch.load(cfg.scale_file, weights_only=True)["value"]
+    rebuilt = eval_values._training_start(cfg.output_dir, lm, values)
+    fresh = train_values.start_codec(cfg, lm, values).eval()
+    assert rebuilt.layers[0].fixed_features  # width 32 leaves spare hidden units: 3-4-bit axes
+    v = torch.randn(64, 32)
+    for a, b in zip(rebuilt.layers, fresh.layers, strict=True):
+        assert torch.equal(a.encode(v)[0], b.encode(v)[0])
+    out = eval_values.run(eval_values.EvalValuesConfig(
+        codec_dirs=[cfg.output_dir], model=str(tiny_llama), dataset=str(corpus_dir), max_seq_length=32,
+        num_sequences=2, scale_file=cfg.scale_file, output=tmp_path / "eval", device="cpu"))
+    rows = json.loads((out / "values.json").read_text())["rows"]
+    assert {"codec", "start_codec", "untrained_2bit", "kivi2"} <= set(rows[0])
+
+
 def test_bad_scale_files_are_refused(prepared, tiny_llama, corpus_dir):
     lm, tmp_path = prepared
     scales = torch.load(tmp_path / "data" / "learnable_scale.pt", weights_only=True)
