@@ -44,7 +44,6 @@ class LayerValueCodec(nn.Module):
         # hidden units after the first 2F that compute staircase steps (a start with 3-4-bit axes):
         # training keeps them as they are then (see fixed_features)
         self.register_buffer("step_units", torch.zeros(()))
-
         self._fixed_fc2: torch.Tensor | None = None
 
     @property

@@ -64,8 +64,8 @@ def allocate_bits(power: torch.Tensor, total: int, max_deep: int = 0) -> torch.T
     dist = torch.tensor(DISTORTION, dtype=torch.float64)
     p = power.double().cpu()
     for _ in range(total):
-        deep_full = int((bits > 2).sum()) >= max_deep
-        limit = torch.where((bits > 2) | ~torch.tensor(deep_full), MAX_BITS, 2)
+        can_deepen = int((bits > 2).sum()) < max_deep
+        limit = torch.where((bits > 2) | can_deepen, MAX_BITS, 2)
         gain = torch.where(bits < limit, p * (dist[bits] - dist[(bits + 1).clamp_max(MAX_BITS)]), -1.0)
         bits[int(gain.argmax())] += 1
     return bits
