@@ -150,6 +150,17 @@ def test_training_leaves_a_deep_start_s_features_fixed(tmp_path):
     assert not torch.equal(layer.fc2.weight[:, : 2 * f], fc2[:, : 2 * f])
 
 
+def test_values_of_low_rank_give_a_finite_start():
+    """Values spanning 6 of 32 dimensions: the spare bits land on empty axes at 1-2 bits only, and
+    the weights stay of ordinary size."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4000, 6, generator=g) @ torch.randn(6, 32, generator=g)
+    codec = LayerValueCodec(32, 2, torch.ones(32)).init_from_values(v).eval()
+    assert codec.fixed_features
+    assert float(codec.codebook.detach().abs().max()) < 1e4 and float(codec.fc1.weight.detach().abs().max()) < 1e6
+    assert _rel_err(codec, v) < value_init.DISTORTION[3]
+
+
 def test_the_start_needs_enough_samples():
     codec = LayerValueCodec(16, 2, torch.ones(16))
     with pytest.raises(ValueError, match="need at least 16"):

@@ -125,7 +125,8 @@ class LayerValueCodec(nn.Module):
         groups = value_init.group_layout(bits)
         rows = value_init.decoder_rows(power, axes, groups)
         if deep:  # decoding is scale-free (renormalized): the finest rows get entries AdamW steps cannot swamp
-            rows = rows / rows.norm(dim=-1).min().clamp_min(1e-12)
+            norms = rows.norm(dim=-1)
+            rows = rows / norms[norms > 1e-6 * norms.max()].min()  # (rows of empty axes aside)
         self.codebook.copy_(rows)
         a, c, b = value_init.pattern_weights(power, bits, groups, binary.PATTERNS, sharpness)
         std = math.sqrt(1.0 / f + self.norm.eps)  # u = LayerNorm(u) * std for a unit u of mean 0

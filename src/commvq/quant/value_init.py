@@ -56,16 +56,17 @@ def principal_axes(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def allocate_bits(power: torch.Tensor, total: int, max_deep: int = 0) -> torch.Tensor:
     """Bits per axis (sum ``total``): each next bit where it removes the most distortion; at most
-    2 bits per axis, except that up to ``max_deep`` axes may take 3 or 4."""
+    2 bits per axis, except that up to ``max_deep`` axes of non-negligible power may take 3 or 4."""
     cap = MAX_BITS if max_deep > 0 else 2
     if not 0 <= total <= cap * len(power) or total % 2:
         raise ValueError(f"total={total} bits for {len(power)} axes: an even number, at most {cap} each")
     bits = torch.zeros(len(power), dtype=torch.long)
     dist = torch.tensor(DISTORTION, dtype=torch.float64)
     p = power.double().cpu()
+    strong = p > 1e-9 * p.max().clamp_min(1e-300)  # a staircase on a (numerically) empty axis has no scale
     for _ in range(total):
         can_deepen = int((bits > 2).sum()) < max_deep
-        limit = torch.where((bits > 2) | can_deepen, MAX_BITS, 2)
+        limit = torch.where((bits > 2) | (strong & can_deepen), MAX_BITS, 2)
         gain = torch.where(bits < limit, p * (dist[bits] - dist[(bits + 1).clamp_max(MAX_BITS)]), -1.0)
         bits[int(gain.argmax())] += 1
     return bits
