@@ -101,17 +101,14 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
     k16 = torch.randn(b, hkv, n + window, d, generator=gen).to(device, dtype)
     v16 = torch.randn(b, hkv, n + window, d, generator=gen).to(device, dtype)
     q16 = q[:, :, None].to(dtype)
-    st["tables"] = {style: decode.prepare_tables(st["thetas"], style)
-                    for style in ("regdecode16", "regdecode8", "regdecode")}
+    st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")}
     t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
     t_fp32 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device)
-    t_int8 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode8"), device)
     t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device)
     t_fp16 = timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
     bytes_ours = sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
     bytes_fp16 = (k16.numel() + v16.numel()) * k16.element_size()
     return {"bits": bits, "context": n, "batch": b, "commvq_ms": t_ours, "commvq_fp32_tables_ms": t_fp32,
-            "commvq_int8_tables_ms": t_int8, "int8_tables_ratio_vs_fp16": t_int8 / t_fp16,
             "naive_ms": t_naive, "fp16_sdpa_ms": t_fp16,
             "commvq_bytes": bytes_ours, "fp16_bytes": bytes_fp16, "commvq_GBps": bytes_ours / t_ours / 1e6,
             "fp16_GBps": bytes_fp16 / t_fp16 / 1e6, "ratio_vs_fp16": t_ours / t_fp16,
@@ -151,11 +148,11 @@ def main() -> None:
                 for name, bpt in (("fp16", fp16_token), ("commvq2", per_token[2]), ("commvq1", per_token[1]))}
     commit = commit_id()
     print(f"card {card}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, window {window}")
-    print(f"{'bits':>4} {'context':>8} {'commvq ms':>10} {'fp32tab ms':>10} {'int8tab ms':>10} {'naive ms':>9} "
-          f"{'fp16 ms':>8} {'vs fp16':>8} {'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")
+    print(f"{'bits':>4} {'context':>8} {'commvq ms':>10} {'fp32tab ms':>10} {'naive ms':>9} {'fp16 ms':>8} "
+          f"{'vs fp16':>8} {'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")
     for r_ in rows:
         print(f"{r_['bits']:>4} {r_['context']:>8} {r_['commvq_ms']:>10.3f} {r_['commvq_fp32_tables_ms']:>10.3f} "
-              f"{r_['commvq_int8_tables_ms']:>10.3f} {r_['naive_ms']:>9.3f} "
+              f"{r_['naive_ms']:>9.3f} "
               f"{r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} {r_['speedup_vs_naive']:>9.1f} "
               f"{r_['commvq_GBps']:>12.0f} {r_['fp16_GBps']:>10.0f}")
     print(f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f}; "

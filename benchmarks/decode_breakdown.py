@@ -75,7 +75,6 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     score_cfgs = [("trick", 32, 4), ("regdecode", 32, 4), ("regdecode", 64, 4)]
     score_cfgs += [("regdecode16", bn, w) for bn, w in itertools.product((16, 32, 64), (2, 4, 8))]
-    score_cfgs += [("regdecode8", bn, w) for bn, w in itertools.product((16, 32), (2, 4, 8))]
     value_cfgs = [(None, 256, 64, 4), (None, 256, 64, 8), (None, 128, 64, 4), (512, 256, 64, 4), (2048, 256, 64, 4),
                   (2048, 256, 32, 4)]
     if args.small:

@@ -72,14 +72,12 @@ def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N
 
 
 @triton.jit
-def _scores_regdecode_kernel(m_ptr, s_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes,
-                             scale, R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr,
-                             D: tl.constexpr, P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr,
-                             BN: tl.constexpr, ROW_SCALES: tl.constexpr):
+def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes, scale,
+                             R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
+                             P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr):
     """The same scores with the key assembled in registers from the decode tables ``M [Hkv, R, 2E, D]``
-    (rows ``A``: ``[R_A | I_A]``, rows ``E+B``: ``[-I_B | R_B]``; fp32, fp16, or int8 times a per-row
-    scale ``s [Hkv, R, 2E]`` when ``ROW_SCALES``; summed in fp32): 2R gathered rows per token and KV
-    head instead of 2R per query head; the key never reaches memory."""
+    (rows ``A``: ``[R_A | I_A]``, rows ``E+B``: ``[-I_B | R_B]``; fp32 or fp16, summed in fp32): 2R
+    gathered rows per token and KV head instead of 2R per query head; the key never reaches memory."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -91,18 +89,10 @@ def _scores_regdecode_kernel(m_ptr, s_ptr, codes_ptr, prescale_ptr, pos_ptr, fre
     kim = tl.zeros([BN, P], tl.float32)
     for r in range(R):
         code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
-        row_a = (h * R + r) * 2 * E + code // E
-        row_b = (h * R + r) * 2 * E + E + code % E
-        ra = m_ptr + row_a[:, None] * D + f[None, :]
-        rb = m_ptr + row_b[:, None] * D + f[None, :]
-        if ROW_SCALES:
-            sa = tl.load(s_ptr + row_a)[:, None]
-            sb = tl.load(s_ptr + row_b)[:, None]
-            kre += tl.load(ra).to(tl.float32) * sa + tl.load(rb).to(tl.float32) * sb
-            kim += tl.load(ra + P).to(tl.float32) * sa + tl.load(rb + P).to(tl.float32) * sb
-        else:
-            kre += tl.load(ra).to(tl.float32) + tl.load(rb).to(tl.float32)
-            kim += tl.load(ra + P).to(tl.float32) + tl.load(rb + P).to(tl.float32)
+        ra = m_ptr + (((h * R + r) * 2 * E) + code // E)[:, None] * D + f[None, :]
+        rb = m_ptr + (((h * R + r) * 2 * E) + E + code % E)[:, None] * D + f[None, :]
+        kre += tl.load(ra).to(tl.float32) + tl.load(rb).to(tl.float32)
+        kim += tl.load(ra + P).to(tl.float32) + tl.load(rb + P).to(tl.float32)
     pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
     ang = pos[:, None] * tl.load(freq_ptr + f)[None, :]
@@ -169,15 +159,14 @@ def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None 
     return u.reshape(b, hkv, r, e2 // 2, gp * d).contiguous()
 
 
-STYLES = ("regdecode16", "regdecode8", "regdecode", "trick")
-BLOCKS = {"regdecode16": 16, "regdecode8": 16, "regdecode": 32, "trick": 32}  # tokens per program
+STYLES = ("regdecode16", "regdecode", "trick")
+BLOCKS = {"regdecode16": 16, "regdecode": 32, "trick": 32}  # tokens per program, fastest on an H100
 
 
 def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]:
     """The per-layer tables a scores ``style`` reads (build once per codebook, reuse every step):
-    ``regdecode``: ``M [Hkv, R, 2E, D]`` fp32; ``regdecode16``: the same in fp16; ``regdecode8``: int8
-    and a float32 scale per row (``M ~ q * s``, ``s = max |row| / 127``); ``trick``: none (its
-    tables depend on the query)."""
+    ``regdecode``: ``M [Hkv, R, 2E, D]`` fp32; ``regdecode16``: the same in fp16; ``trick``: none
+    (its tables depend on the query)."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
     if style == "trick":
@@ -185,9 +174,6 @@ def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]
     from commvq.quant.commutative import decode_table
 
     m = decode_table(thetas.float())
-    if style == "regdecode8":
-        s = m.abs().amax(-1).clamp_min(1e-30) / 127
-        return torch.round(m / s[..., None]).to(torch.int8).contiguous(), s.contiguous()
     return ((m.half() if style == "regdecode16" else m).contiguous(),)
 
 
@@ -197,9 +183,8 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
                          num_warps: int = 4) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
-    assembled in registers from fp16 decode tables, summed in fp32), ``regdecode8`` (int8 tables with
-    a scale per row: half the bytes gathered), ``regdecode`` (fp32 tables) or ``trick`` (per-query
-    tables, the commutative trick; slow, kept as a check).
+    assembled in registers from fp16 decode tables, summed in fp32), ``regdecode`` (the same from
+    fp32 tables) or ``trick`` (per-query tables, the commutative trick; slow, kept as a check).
     ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
@@ -221,9 +206,8 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
         _scores_kernel[grid](score_table(q, thetas, gp), *args, out, n, packed.shape[2], scale, GP=gp, BN=block,
                              **common)
     else:
-        _scores_regdecode_kernel[grid](tables[0], tables[-1], *args, q.float().contiguous(), out, n, packed.shape[2],
-                                       scale, GQ=triton.next_power_of_2(g), BN=block,
-                                       ROW_SCALES=style == "regdecode8", **common)
+        _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,
+                                       GQ=triton.next_power_of_2(g), BN=block, **common)
     return out
 
 
