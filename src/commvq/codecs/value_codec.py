@@ -133,16 +133,13 @@ class LayerValueCodec(nn.Module):
         w = (a.flatten(0, 1) @ axes.T * std).float()  # [4n, F] over LayerNorm(u)
         self.norm.reset_parameters()
         self._linear_encoder(w, b.flatten().float())
-        gain, offset = value_init.step_units(power, bits)
-        self.step_units.fill_(2 * len(gain))
-        if deep:  # step s: units 2F + 2s and 2F + 2s + 1 are gelu(t + A) and gelu(t - A)
-            axis = torch.tensor([i for i, _ in value_init.steps(bits)], device=axes.device)
-            units = slice(2 * f, 2 * f + 2 * len(gain))
-            self.fc1.weight[units] = (gain[:, None] * axes[:, axis].T * std).float().repeat_interleave(2, 0)
-            ramp = torch.tensor([value_init.RAMP_A, -value_init.RAMP_A], dtype=offset.dtype, device=offset.device)
-            self.fc1.bias[units] = (offset[:, None] + ramp).flatten().float()
-            out = (c.flatten(0, 1) / (2 * value_init.RAMP_A)).float()  # [4n, S]: H = (g+ - g-) / 2A
-            self.fc2.weight[:, units] = torch.stack([out, -out], -1).flatten(1)
+        if deep:  # the step units follow the 2F linear ones
+            weight, bias = value_init.step_units(power, axes, bits, std)
+            units = slice(2 * f, 2 * f + len(bias))
+            self.fc1.weight[units] = weight.float()
+            self.fc1.bias[units] = bias.float()
+            self.fc2.weight[:, units] = value_init.step_readout(c).float()
+        self.step_units.fill_(2 * len(value_init.steps(bits)))
         return self
 
     def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

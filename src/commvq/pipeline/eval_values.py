@@ -18,6 +18,7 @@ from commvq.evals.values import value_errors
 from commvq.fsutil import atomic_path, write_json
 from commvq.integrations.hf.loader import load_model
 from commvq.pipeline.scale import load_scales
+from commvq.pipeline.train_values import TrainValuesConfig, start_codec
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,6 @@ def run(cfg: EvalValuesConfig) -> Path:
 def _training_start(folder: Path, loaded, values: dict[int, torch.Tensor]) -> ValueCodec | None:
     """The codec that training of ``folder`` started from, rebuilt from its recorded settings when it
     was data-driven (``--init pca``: the same first batches give the same start); else None."""
-    from commvq.pipeline.train_values import TrainValuesConfig, start_codec
-
     config = json.loads((folder / "config.json").read_text())
     recorded = config.get("train_config") or {}
     if recorded.get("init") != "pca":

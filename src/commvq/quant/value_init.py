@@ -146,15 +146,27 @@ def pattern_weights(power: torch.Tensor, bits: torch.Tensor, groups: list[tuple[
     return a * k, c * k, b * k
 
 
-def step_units(power: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gain [S], offset [S])`` of each step's pair of hidden units: with ``t = gain * z_axis +
-    offset``, ``H = (gelu(t + A) - gelu(t - A)) / 2A`` is 0 below the threshold and 1 above, a
-    ramp of ``RAMP_WIDTH`` times the axis's finest step in between."""
+def step_units(power: torch.Tensor, axes: torch.Tensor, bits: torch.Tensor,
+               scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight [2S, F], bias [2S])`` of the hidden units of the steps of :func:`steps`, two per
+    step over inputs ``u / scale`` (``z = u @ axes``): with ``t = k (z_axis - threshold * rms)``,
+    units ``2s`` and ``2s + 1`` are ``gelu(t + A)`` and ``gelu(t - A)``, so that
+    ``H = (gelu(t + A) - gelu(t - A)) / 2A`` (:func:`step_readout`) is 0 below the threshold and 1
+    above, a ramp of ``RAMP_WIDTH`` times the axis's finest step in between."""
     rms = power.sqrt()
-    gain, offset = [], []
-    for i, t in steps(bits):
-        k = 2 * RAMP_A / (RAMP_WIDTH * STEP[int(bits[i])] * float(rms[i]))
-        gain.append(k)
-        offset.append(-k * t * float(rms[i]))
-    z = dict(dtype=torch.float64, device=power.device)
-    return torch.tensor(gain, **z), torch.tensor(offset, **z)
+    listed = steps(bits)
+    axis = torch.tensor([i for i, _ in listed], dtype=torch.long, device=axes.device)
+    k = torch.tensor([2 * RAMP_A / (RAMP_WIDTH * STEP[int(bits[i])] * float(rms[i])) for i, _ in listed],
+                     dtype=axes.dtype, device=axes.device)
+    thresholds = torch.tensor([t for _, t in listed], dtype=axes.dtype, device=axes.device)
+    weight = (k[:, None] * axes[:, axis].T * scale).repeat_interleave(2, 0)
+    ramp = torch.tensor([RAMP_A, -RAMP_A], dtype=axes.dtype, device=axes.device)
+    bias = (-k * thresholds * rms[axis].to(axes.dtype))[:, None] + ramp
+    return weight, bias.flatten()
+
+
+def step_readout(c: torch.Tensor) -> torch.Tensor:
+    """The output weights ``[n * 4, 2S]`` on the step units that add ``H @ c^T`` to the logits, for
+    the step coefficients ``c [n, 4, S]`` of :func:`pattern_weights`."""
+    out = c.flatten(0, 1) / (2 * RAMP_A)
+    return torch.stack([out, -out], -1).flatten(1)
