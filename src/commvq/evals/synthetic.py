@@ -55,10 +55,16 @@ def passkey_probes(encode: Callable[[str], list[int]], lengths: list[int], depth
 
 
 def needle_probes(encode: Callable[[str], list[int]], haystack: str, lengths: list[int],
-                  depths: list[float]) -> list[Probe]:
+                  depths: list[float], samples: int = 1, seed: int = 0) -> list[Probe]:
+    """One needle per (length, depth, sample). Sample 0 reads the haystack from its start; each
+    further sample from a seeded random token offset (wrapping around), so the needle sits in
+    different text while the grid of lengths and depths stays the same."""
     body = encode(haystack)
-    return [Probe(_fit(encode, "", body, NEEDLE, NEEDLE_QUESTION, length, depth), NEEDLE_ANSWER, length, depth)
-            for length in lengths for depth in depths]
+    rng = random.Random(seed)
+    offsets = [0] + [rng.randrange(len(body)) for _ in range(samples - 1)]
+    return [Probe(_fit(encode, "", body[o:] + body[:o], NEEDLE, NEEDLE_QUESTION, length, depth), NEEDLE_ANSWER,
+                  length, depth)
+            for length in lengths for depth in depths for o in offsets]
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ class EvalConfig:
     ppl_chunk: int = option(64, "tokens fed per step (each attends to the compressed past)")
     lengths: str = option("512,1024,2048", "context lengths for passkey and needle (comma list)")
     depths: str = option("0,0.5,1", "needle / pass key depths (comma list of fractions)")
-    samples: int = option(2, "pass keys per (length, depth)")
+    samples: int = option(2, "pass keys and needles per (length, depth); each needle reads other haystack text")
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "seed of the pass keys")
@@ -106,7 +106,7 @@ def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) ->
         probes = synthetic.passkey_probes(encode, lengths, depths, cfg.samples, cfg.seed)
     else:
         hay = " ".join(itertools.islice(iter_documents(CorpusSource("embedded", split="heldout")), 6))
-        probes = synthetic.needle_probes(encode, hay, lengths, depths)
+        probes = synthetic.needle_probes(encode, hay, lengths, depths, cfg.samples, cfg.seed)
     grid: dict[str, dict[tuple[int, float], list[bool]]] = {m.name: {} for m in methods}
     for m in methods:
         for probe in tqdm(probes, desc=f"{kind} {m.name}", unit="probe", leave=False):
