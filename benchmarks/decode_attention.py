@@ -101,31 +101,26 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
     k16 = torch.randn(b, hkv, n + window, d, generator=gen).to(device, dtype)
     v16 = torch.randn(b, hkv, n + window, d, generator=gen).to(device, dtype)
     q16 = q[:, :, None].to(dtype)
-    st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode",
-                                                                                      "sliced16")}
+    st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")}
     t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
-    t_sliced = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "sliced16"), device)
     t_fp32 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device)
     t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device)
     t_fp16 = timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
     bytes_ours = sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
     bytes_fp16 = (k16.numel() + v16.numel()) * k16.element_size()
     return {"bits": bits, "context": n, "batch": b, "commvq_ms": t_ours, "commvq_fp32_tables_ms": t_fp32,
-            "commvq_sliced16_ms": t_sliced,
             "naive_ms": t_naive, "fp16_sdpa_ms": t_fp16,
             "commvq_bytes": bytes_ours, "fp16_bytes": bytes_fp16, "commvq_GBps": bytes_ours / t_ours / 1e6,
             "fp16_GBps": bytes_fp16 / t_fp16 / 1e6, "ratio_vs_fp16": t_ours / t_fp16,
             "speedup_vs_naive": t_naive / t_ours}
 
 
-def parse_args(doc: str, contexts: str, styles: bool = False) -> tuple[argparse.Namespace, torch.device]:
+def parse_args(doc: str, contexts: str) -> tuple[argparse.Namespace, torch.device]:
     """The options the decode benchmarks share, and the device they run on."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--contexts", default=contexts)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--small", action="store_true")
-    if styles:
-        ap.add_argument("--styles", default="", help="comma list of scores styles to time (default: all)")
     return ap.parse_args(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -153,12 +148,11 @@ def main() -> None:
                 for name, bpt in (("fp16", fp16_token), ("commvq2", per_token[2]), ("commvq1", per_token[1]))}
     commit = commit_id()
     print(f"card {card}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, window {window}")
-    print(f"{'bits':>4} {'context':>8} {'commvq ms':>10} {'fp32tab ms':>10} {'sliced ms':>10} {'naive ms':>9} "
-          f"{'fp16 ms':>8} "
+    print(f"{'bits':>4} {'context':>8} {'commvq ms':>10} {'fp32tab ms':>10} {'naive ms':>9} {'fp16 ms':>8} "
           f"{'vs fp16':>8} {'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")
     for r_ in rows:
         print(f"{r_['bits']:>4} {r_['context']:>8} {r_['commvq_ms']:>10.3f} {r_['commvq_fp32_tables_ms']:>10.3f} "
-              f"{r_['commvq_sliced16_ms']:>10.3f} {r_['naive_ms']:>9.3f} "
+              f"{r_['naive_ms']:>9.3f} "
               f"{r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} {r_['speedup_vs_naive']:>9.1f} "
               f"{r_['commvq_GBps']:>12.0f} {r_['fp16_GBps']:>10.0f}")
     print(f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f}; "

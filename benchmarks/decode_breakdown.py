@@ -4,7 +4,7 @@ kernel in each style and launch configuration, the values kernel in each configu
 softmax between them; FP16 SDPA on the same card as the yardstick. Used to pick the defaults of
 :mod:`commvq.kernels.decode`.
 
-    python benchmarks/decode_breakdown.py [--contexts 32768,131072] [--batch 1] [--styles regdecode16,sliced16]
+    python benchmarks/decode_breakdown.py [--contexts 32768,131072] [--batch 1]
 
 Prints a table and a last JSON line (``--small``: tiny shapes, a smoke test for the interpreter).
 """
@@ -39,20 +39,19 @@ def measure(batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cf
              "ms": timed(lambda: F.scaled_dot_product_attention(q[:, :, None].to(k16.dtype), k16, v16,
                                                                  enable_gqa=True), device)}]
     s = None
-    for cfg in score_cfgs:
-        tables = decode.prepare_tables(st["thetas"], cfg["style"])
+    for style, bn, warps in score_cfgs:
+        tables = decode.prepare_tables(st["thetas"], style)
 
-        def run(cfg=cfg, tables=tables):
+        def run(style=style, bn=bn, warps=warps, tables=tables):
             return decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs,
-                                               12, 0.1, tables=tables, **cfg)
-        label = " ".join(f"{k}={v}" for k, v in cfg.items())
+                                               12, 0.1, block=bn, style=style, tables=tables, num_warps=warps)
         try:
             ms = timed(run, device)
             s = run()
         except Exception as exc:  # a configuration the card cannot run (out of resources)
             ms = float("nan")
-            print(f"scores {label}: {type(exc).__name__}: {str(exc)[:200]}")
-        rows.append({**base, "part": "scores", "cfg": label, "ms": ms})
+            print(f"scores {style} {bn} {warps}: {type(exc).__name__}: {str(exc)[:200]}")
+        rows.append({**base, "part": "scores", "cfg": f"{style} BN{bn} w{warps}", "ms": ms})
     p = torch.softmax(s, -1)
     rows.append({**base, "part": "softmax", "cfg": "", "ms": timed(lambda: torch.softmax(s, -1), device)})
     for tpp, bf, bk, warps in value_cfgs:
@@ -69,19 +68,13 @@ def measure(batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cf
 
 
 def main() -> None:
-    args, device = parse_args(__doc__, "32768,131072", styles=True)
+    args, device = parse_args(__doc__, "32768,131072")
     hq, hkv, d = (32, 8, 128) if not args.small else (4, 2, 16)
     contexts = [int(c) for c in args.contexts.split(",")] if not args.small else [100]
     freqs = rope.inv_freq(d, 5e5).to(device)
     gen = torch.Generator().manual_seed(0)
-    score_cfgs = [dict(style="trick", block=32, num_warps=4), dict(style="regdecode", block=32, num_warps=4),
-                  dict(style="regdecode", block=64, num_warps=4)]
-    score_cfgs += [dict(style="regdecode16", block=bn, num_warps=w)
-                   for bn, w in itertools.product((16, 32, 64), (2, 4, 8))]
-    score_cfgs += [dict(style="sliced16", block=bn, num_warps=4, slice_pairs=ps, programs=pr)
-                   for ps, pr, bn in itertools.product((8, 16, 32), (528, 1056, 2112), (16, 32))]
-    if args.styles:
-        score_cfgs = [c for c in score_cfgs if c["style"] in args.styles.split(",")]
+    score_cfgs = [("trick", 32, 4), ("regdecode", 32, 4), ("regdecode", 64, 4)]
+    score_cfgs += [("regdecode16", bn, w) for bn, w in itertools.product((16, 32, 64), (2, 4, 8))]
     value_cfgs = [(None, 256, 64, 4), (None, 256, 64, 8), (None, 128, 64, 4), (512, 256, 64, 4), (2048, 256, 64, 4),
                   (2048, 256, 32, 4)]
     if args.small:
@@ -94,9 +87,9 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     commit = commit_id()
     print(f"card {card}; commit {commit}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}")
-    print(f"{'bits':>4} {'context':>8} {'part':>10} {'config':>60} {'ms':>9}")
+    print(f"{'bits':>4} {'context':>8} {'part':>10} {'config':>26} {'ms':>9}")
     for r_ in rows:
-        print(f"{r_['bits']:>4} {r_['context']:>8} {r_['part']:>10} {r_['cfg']:>60} {r_['ms']:>9.3f}")
+        print(f"{r_['bits']:>4} {r_['context']:>8} {r_['part']:>10} {r_['cfg']:>26} {r_['ms']:>9.3f}")
     print(json.dumps({"bench": "decode_breakdown", "card": card, "commit": commit, "rows": rows}))
 
 

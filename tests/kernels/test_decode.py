@@ -38,12 +38,7 @@ def _compare(device, cases):
         want = ref.commvq_scores(q[:, :, None], codes, prescale.float(), pos, thetas.float(), freqs, 0.7)[:, :, 0]
         for style in decode.STYLES:
             got = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, style=style)
-            assert _db(got, want) > (60 if style in ("regdecode", "trick") else 50), (style, b, hkv, g, d, r, n)
-        # sliced16 with several slices per head and several token chunks per program column
-        for pairs, programs in ((d // 4, 1), (2, 7 * b * hkv * d // 4)):
-            got = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, style="sliced16",
-                                              slice_pairs=pairs, programs=programs, block=16)
-            assert _db(got, want) > 50, ("sliced16", pairs, programs, b, hkv, g, d, r, n)
+            assert _db(got, want) > (50 if style == "regdecode16" else 60), (style, b, hkv, g, d, r, n)
         f = hkv * d
         groups = f * qbits // 2
         idx = torch.randint(0, 4, (b, n, groups), generator=gen).to(device)

@@ -110,53 +110,6 @@ def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
 
 
 @triton.jit
-def _scores_sliced_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, part_ptr, N, row_bytes, scale,
-                          tokens_per_prog, R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr,
-                          D: tl.constexpr, P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr,
-                          BN: tl.constexpr, PS: tl.constexpr):
-    """:func:`_scores_regdecode_kernel` over one slice of ``PS`` pairs (``P // PS`` slices per KV head):
-    a program keeps to one (KV head, slice), whose table columns (``R * 2E * 2PS`` fp16) stay in its
-    SM's L1 while it walks ``tokens_per_prog`` tokens, and writes partial scores ``[S, B, Hq, N]``
-    (summed over slices afterwards; each pair is still rotated once)."""
-    chunk = tl.program_id(0)
-    hs = tl.program_id(1)
-    b = tl.program_id(2)
-    nsl = P // PS
-    h = hs // nsl
-    sl = hs % nsl
-    f = sl * PS + tl.arange(0, PS)
-    j = tl.arange(0, GQ)
-    qmask = j[:, None] < G
-    q_re = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + f[None, :], mask=qmask, other=0.0)
-    q_im = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + P + f[None, :], mask=qmask, other=0.0)
-    freq = tl.load(freq_ptr + f)
-    table = m_ptr + (h * R * 2 * E) * D
-    out = part_ptr + ((sl * tl.num_programs(2) + b) * HKV * G + h * G + j[None, :]) * N
-    start = chunk * tokens_per_prog
-    for t0 in range(start, tl.minimum(start + tokens_per_prog, N), BN):
-        t = t0 + tl.arange(0, BN)
-        tmask = t < N
-        row = codes_ptr + (b * N + t) * row_bytes
-        kre = tl.zeros([BN, PS], tl.float32)
-        kim = tl.zeros([BN, PS], tl.float32)
-        for r in range(R):
-            code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
-            ra = table + ((r * 2 * E) + code // E)[:, None] * D + f[None, :]
-            rb = table + ((r * 2 * E) + E + code % E)[:, None] * D + f[None, :]
-            kre += tl.load(ra).to(tl.float32) + tl.load(rb).to(tl.float32)
-            kim += tl.load(ra + P).to(tl.float32) + tl.load(rb + P).to(tl.float32)
-        pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
-        pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
-        ang = pos[:, None] * freq[None, :]
-        c = tl.cos(ang)
-        s = tl.sin(ang)
-        rre = (kre * c - kim * s) * pre[:, None]
-        rim = (kre * s + kim * c) * pre[:, None]
-        score = tl.sum(rre[:, None, :] * q_re[None, :, :] + rim[:, None, :] * q_im[None, :, :], axis=2)
-        tl.store(out + t[:, None], score * scale, mask=tmask[:, None] & (j[None, :] < G))
-
-
-@triton.jit
 def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
                    HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
                    BF: tl.constexpr):
@@ -206,15 +159,13 @@ def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None 
     return u.reshape(b, hkv, r, e2 // 2, gp * d).contiguous()
 
 
-STYLES = ("regdecode16", "regdecode", "sliced16", "trick")
-BLOCKS = {"regdecode16": 16, "regdecode": 32, "sliced16": 16, "trick": 32}  # tokens per block, fastest on an H100
-SLICE_PAIRS = 16  # sliced16: pairs per slice (table columns a program keeps in L1: R x 2E x 2 x 16 fp16)
-SLICE_PROGRAMS = 1024  # sliced16: programs per step in all (token chunks x KV heads x slices x batch)
+STYLES = ("regdecode16", "regdecode", "trick")
+BLOCKS = {"regdecode16": 16, "regdecode": 32, "trick": 32}  # tokens per program, fastest on an H100
 
 
 def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]:
     """The per-layer tables a scores ``style`` reads (build once per codebook, reuse every step):
-    ``regdecode``: ``M [Hkv, R, 2E, D]`` fp32; ``regdecode16`` and ``sliced16``: the same in fp16; ``trick``: none
+    ``regdecode``: ``M [Hkv, R, 2E, D]`` fp32; ``regdecode16``: the same in fp16; ``trick``: none
     (its tables depend on the query)."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
@@ -223,21 +174,18 @@ def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]
     from commvq.quant.commutative import decode_table
 
     m = decode_table(thetas.float())
-    return ((m if style == "regdecode" else m.half()).contiguous(),)
+    return ((m.half() if style == "regdecode16" else m).contiguous(),)
 
 
 def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
                          thetas: torch.Tensor, inv_freq: torch.Tensor, code_bits: int, scale: float = 1.0,
                          block: int | None = None, style: str = "regdecode16", tables: tuple | None = None,
-                         num_warps: int = 4, slice_pairs: int | None = None,
-                         programs: int | None = None) -> torch.Tensor:
+                         num_warps: int = 4) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
     assembled in registers from fp16 decode tables, summed in fp32), ``regdecode`` (the same from
-    fp32 tables), ``sliced16`` (``regdecode16`` split over slices of ``slice_pairs`` pairs, token chunks
-    sized for about ``programs`` programs, partial scores summed) or ``trick`` (per-query tables, the
-    commutative trick; slow, kept as a check). ``tables``: :func:`prepare_tables` of ``thetas`` for
-    this style, if already built."""
+    fp32 tables) or ``trick`` (per-query tables, the commutative trick; slow, kept as a check).
+    ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:
@@ -257,18 +205,6 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
         gp = triton.next_power_of_2(g)
         _scores_kernel[grid](score_table(q, thetas, gp), *args, out, n, packed.shape[2], scale, GP=gp, BN=block,
                              **common)
-    elif style == "sliced16":
-        ps = min(slice_pairs or SLICE_PAIRS, d // 2)
-        if (d // 2) % ps:
-            raise ValueError(f"slice_pairs={ps}: must divide head_dim / 2 = {d // 2}")
-        slices = d // 2 // ps
-        chunks = max(1, (programs or SLICE_PROGRAMS) // (hkv * slices * b))
-        per = triton.cdiv(triton.cdiv(n, chunks), block) * block
-        part = torch.empty(slices, b, hq, n, device=q.device, dtype=torch.float32)
-        _scores_sliced_kernel[(triton.cdiv(n, per), hkv * slices, b)](
-            tables[0], *args, q.float().contiguous(), part, n, packed.shape[2], scale, per,
-            GQ=triton.next_power_of_2(g), BN=block, PS=ps, **common)
-        out = part[0] if slices == 1 else part.sum(0)
     else:
         _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,
                                        GQ=triton.next_power_of_2(g), BN=block, **common)
