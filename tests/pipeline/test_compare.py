@@ -51,3 +51,18 @@ def test_compare_two_directories_on_held_out_keys(key_dir, tmp_path):
         assert 0 < row["r3"]["relative_logit_error"] < 1
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "relative_logit_error" in (out / "compare.md").read_text()
+
+
+def test_column_names_tell_same_named_directories_apart(tmp_path):
+    a, b, c = tmp_path / "x" / "codebook_8bits", tmp_path / "y" / "codebook_8bits", tmp_path / "y" / "other"
+    assert compare.column_names([a, c]) == ["codebook_8bits", "other"]
+    assert compare.column_names([a, b, c]) == ["x/codebook_8bits", "y/codebook_8bits", "y/other"]
+
+
+def test_a_held_out_split_store_is_all_held_out(key_dir):
+    from commvq.data.kvstore import KVStore
+
+    store = KVStore(key_dir)
+    assert compare.eval_range(store, 200, 100) == (200, 300)
+    store.settings = {**store.settings, "split": "heldout"}
+    assert compare.eval_range(store, 10**6, 100) == (0, 100)

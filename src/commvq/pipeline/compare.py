@@ -1,7 +1,9 @@
 """Stage `compare-codebooks`: per-layer key errors of codebook directories side by side.
 
 Evaluates on keys the codebooks were not trained on: the tokens after the first ``samples`` the
-training used (from each directory's config.json), or a separate store (``--key_dir``).
+training used (from each directory's config.json), or all of a store collected from the held-out
+split (``commvq collect --split heldout``). Columns are the directories' names, with as many parent
+folders as it takes to tell them apart.
 Writes ``compare.json``, ``compare.md`` and ``compare.png`` to ``--output``.
 """
 
@@ -40,8 +42,22 @@ class CompareConfig:
             raise ValueError(f"--eval_samples {self.eval_samples}: must be at least 1")
 
 
+def column_names(dirs: list[Path]) -> list[str]:
+    """Each directory's name, lengthened by parent folders until no two are the same."""
+    parts = [Path(d).resolve().parts for d in dirs]
+    depth = 1
+    while True:
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names) or depth >= max(len(p) for p in parts):
+            return names
+        depth += 1
+
+
 def eval_range(store: KVStore, trained: int, want: int) -> tuple[int, int]:
-    """Held-out rows ``[start, stop)``: after the training rows when the store has them."""
+    """Held-out rows ``[start, stop)``: the store's first rows if it holds the held-out split, else
+    the rows after the training rows when the store has them."""
+    if store.settings.get("split") == "heldout":
+        return 0, min(store.num_tokens, want)
     if store.num_tokens > trained:
         return trained, min(store.num_tokens, trained + want)
     log.warning("compare: %s has no keys beyond the %d used for training; evaluating on training keys",
@@ -61,7 +77,7 @@ def run(cfg: CompareConfig) -> Path:
     qdir = store_dirs(cfg.key_dir)["query"]
     queries = KVStore(qdir) if (qdir / "manifest.json").is_file() else None
     device = device_for_rank(cfg.device)
-    names = [d.name for d in cfg.dirs]
+    names = column_names(cfg.dirs)
     rows = []
     for layer in range(spec.num_layers):
         present = [d for d in cfg.dirs
