@@ -88,6 +88,19 @@ def test_kmeanspp_seeds_are_data_points_and_spread_out():
         assert len(torch.unique(d.argmin(1))) == 16
 
 
+def test_kmeanspp_puts_one_seed_in_each_far_cluster():
+    """D^2 sampling: with k tight clusters far apart, the k seeds land one per cluster."""
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(2, 5, 8, generator=g) * 100
+    label = torch.randint(0, 5, (2, 400), generator=g)
+    x = torch.gather(centers, 1, label[..., None].expand(-1, -1, 8)) + 0.01 * torch.randn(2, 400, 8, generator=g)
+    for seed in range(5):
+        c = e2e.kmeanspp_centers(x, 5, torch.Generator().manual_seed(seed))
+        nearest_cluster = torch.cdist(c, centers).argmin(-1)  # [2, 5]
+        for h in range(2):
+            assert sorted(nearest_cluster[h].tolist()) == [0, 1, 2, 3, 4], (seed, h)
+
+
 def test_non_finite_data_stops_with_a_clear_error():
     x, _ = _data(200)
     x[:, :150] = float("nan")

