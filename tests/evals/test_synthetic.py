@@ -44,7 +44,7 @@ def test_needle_samples_move_through_the_haystack():
     assert other[1:] != three[1:]
 
 
-def test_passkeys_hold_their_key_once_per_probe():
+def test_passkeys_hold_their_key():
     probes = synthetic.passkey_probes(encode, [100], [0.0, 1.0], samples=2, seed=3)
     assert len(probes) == 4
     for p in probes:

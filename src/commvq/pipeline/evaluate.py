@@ -53,7 +53,7 @@ class EvalConfig:
     samples: int = option(2, "pass keys and needles per (length, depth); each needle reads other haystack text")
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
-    seed: int = option(0, "seed of the pass keys")
+    seed: int = option(0, "seed of the pass keys and of the needles' haystack offsets")
 
     def __post_init__(self) -> None:
         if self.suite not in SUITES:
