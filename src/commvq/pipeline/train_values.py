@@ -139,7 +139,7 @@ def start_codec(cfg: TrainValuesConfig, loaded: LoadedModel, values: dict[int, t
                                 loaded.model.device)
         for layer, codec_layer in enumerate(codec.layers):
             codec_layer.init_from_values(samples[layer])
-        if rank_world()[1] > 1:
+        if rank_world()[1] > 1:  # a running process group, not the recorded ``world`` eval-values rebuilds
             _broadcast_params(codec)
         log.info("train-values: started from the principal axes of %d values per layer", len(samples[0]))
     return codec

@@ -124,12 +124,13 @@ def pattern_weights(power: torch.Tensor, bits: torch.Tensor, groups: list[tuple[
     pattern to the group's input ``x``), times ``sharpness`` over the mean power (one scale for all
     groups: weak axes get small weights)."""
     rms = power.sqrt()
+    listed = steps(bits)
     index = {}
-    for s, (i, _) in enumerate(steps(bits)):
+    for s, (i, _) in enumerate(listed):
         index.setdefault(i, []).append(s)
     n, f = len(groups), len(power)
     a = torch.zeros(n, 4, f, dtype=power.dtype, device=power.device)
-    c = torch.zeros(n, 4, sum(map(len, index.values())), dtype=power.dtype, device=power.device)
+    c = torch.zeros(n, 4, len(listed), dtype=power.dtype, device=power.device)
     b = torch.zeros(n, 4, dtype=power.dtype, device=power.device)
     pat = patterns.to(power)
     for g, halves in enumerate(groups):
