@@ -124,9 +124,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune", action="store_true", help="try kernel block sizes first and use the fastest")
     ap.add_argument("--no_prune", action="store_true", help="evaluate every row of the distance table")
+    ap.add_argument("--float32_products", action="store_true",
+                    help="x @ W and x.c in float32 on the CUDA cores instead of split float16 halves")
     args = ap.parse_args()
 
+    from commvq.kernels import em_estep
     from commvq.kernels.em_estep import e_step_triton
+
+    em_estep.SPLIT = not args.float32_products
 
     work = []
 
@@ -172,7 +177,7 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     commit = commit_id()
     print(f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
-          f"E-step {args.estep}")
+          f"E-step {args.estep}  products {'split float16' if em_estep.SPLIT else 'float32'}")
     print(f"{'what':<44}{'value':>14}")
     print(f"{'seconds per layer (all heads, all stages)':<44}{seconds:>14.1f}")
     print(f"{'EM iterations run (sum over heads, stages)':<44}{total_iters:>14d}")
@@ -188,7 +193,7 @@ def main() -> None:
     print(f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)")
     print(json.dumps({"bench": "em_layer", "card": card, "num_samples": args.num_samples, "heads": args.heads,
                       "head_dim": args.head_dim, "residuals": args.residuals, "estep": args.estep,
-                      "pruned": not args.no_prune, "rows_evaluated": mean_work,
+                      "pruned": not args.no_prune, "split_products": em_estep.SPLIT, "rows_evaluated": mean_work,
                       "seconds_per_layer": round(seconds, 2), "total_iters": total_iters,
                       "peak_gib": round(peak, 3), "peak_total_gib": round(peak_total, 3), "final_mse": final,
                       "relative_mse": rel, "ours_iter_s": ours_iter_s, "ref_iter_s_per_head": ref_iter_s,

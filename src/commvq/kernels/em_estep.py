@@ -2,15 +2,17 @@
 reaches memory, and table rows whose weights all underflow are skipped.
 
 Work goes in contiguous blocks of vectors (whole heads, or a token range of one head), alternating
-between ``STREAMS`` CUDA streams. Per block, ``uv = x @ W`` (cuBLAS, fp32) gives the separable
-distance terms. Tokens are taken in tiles of ``BT``, sorted by a hint (the previous iteration's hard
-codes) so that a tile holds tokens of the same or nearby cells. Kernel A keeps the tile's terms
-transposed in a scratch and walks its ``E x E`` distance tables twice: column by column,
-elementwise, for the row minima (hence the hard code, ``d_min`` and which rows ``A`` the tile
-needs), then over the needed rows for the weights ``exp((d_min - d) / tau)``, their sum ``Z`` and
-the two marginals (left divided by ``Z``: the marginal sums ``S_A``, ``S_B`` are split-K matmuls
-with the block). Kernel B visits, per row ``A``, only the tiles that need it (lists built on the
-GPU) and accumulates the soft counts ``N_AB`` into per-program partials over fixed tile ranges,
+between ``STREAMS`` CUDA streams. Per block, ``uv = x @ W`` gives the separable distance terms:
+one float16 tensor-core product of split halves (:mod:`commvq.kernels.split16`, float32-accurate;
+the halves of ``x`` made once per EM stage), unscaled by the kernel that reads it. Tokens are
+taken in tiles of ``BT``, sorted by a hint (the previous iteration's hard codes) so that a tile
+holds tokens of the same or nearby cells. Kernel A keeps the tile's terms transposed in a scratch
+and walks its ``E x E`` distance tables twice: column by column, elementwise, for the row minima
+(hence the hard code, ``d_min`` and which rows ``A`` the tile needs), then over the needed rows
+for the weights ``exp((d_min - d) / tau)``, their sum ``Z`` and the two marginals (left divided by
+``Z``: the marginal sums ``S_A``, ``S_B`` are split-K matmuls with the block, on TF32 tensor
+cores). Kernel B visits, per row ``A``, only the tiles that need it (it lists them from their
+flags) and accumulates the soft counts ``N_AB`` into per-program partials over fixed tile ranges,
 summed afterwards in a fixed order (deterministic). A row is skipped when, for every token of the
 tile, its nearest codeword in that row is farther than ``d_min + PRUNE_CUT * tau``: all its weights
 are below ``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny temperatures, a value
@@ -28,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from commvq.kernels import split16
+from commvq.kernels.split16 import tf32_products
 from commvq.quant.commutative import search_tables
 from commvq.quant.em import EStats, _empty_stats
 
@@ -35,14 +39,16 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 
 @triton.jit
-def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scr_ptr, tok_ptr, marg_ptr, hard_ptr, flag_ptr,
-            T, c, cut, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
+def _pass_a(uv_ptr, xr_ptr, wc_ptr, xx_ptr, s_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scr_ptr, tok_ptr, marg_ptr,
+            hard_ptr, flag_ptr, err_ptr, T, c, cut, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
     """One tile of ``BT`` (sorted) tokens: hard code, ``d_min``, ``Z``, both marginals divided by
-    ``Z``, and which rows ``A`` the tile needs (``flag``); rows no token needs are skipped.
+    ``Z``, which rows ``A`` the tile needs (``flag``) and the tile's hard error ``sum (s d_min)^2``;
+    rows no token needs are skipped.
 
-    The tile's ``uv`` goes to a scratch transposed (``[2E, BT]``), so that a column of the table is
-    one coalesced load; it stays there for pass B with the tile's ``|x|^2``, ``d_min`` and ``1/Z``
-    (``tok [3, BT]``), in tile order."""
+    ``uv`` is the product of the split halves (:mod:`commvq.kernels.split16`), unscaled here by
+    ``xr`` (per token) and ``wc`` (per column). The tile's ``uv`` goes to a scratch transposed
+    (``[2E, BT]``), so that a column of the table is one coalesced load; it stays there for pass B
+    with the tile's ``|x|^2``, ``d_min`` and ``1/Z`` (``tok [3, BT]``), in tile order."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     e = tl.arange(0, E)
@@ -56,8 +62,10 @@ def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scr_ptr, tok_ptr, m
     tok = tok_ptr + slot * (3 * BT)
     xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
     ne = tl.load(n_ptr + h * E + e)
-    u = tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
-    v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+    xr = tl.load(xr_ptr + h * T + t, mask=imask, other=0.0)[:, None]
+    wc = wc_ptr + h * 2 * E + e
+    u = tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0) * xr * tl.load(wc)[None, :]
+    v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0) * xr * tl.load(wc + E)[None, :]
     tl.store(scr + e[None, :] * BT + bt[:, None], u)
     tl.store(scr + (E + e[None, :]) * BT + bt[:, None], v)
     tl.debug_barrier()
@@ -97,28 +105,34 @@ def _pass_a(uv_ptr, xx_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scr_ptr, tok_ptr, m
     tl.store(tok + BT + bt, dmin)
     tl.store(tok + 2 * BT + bt, inv_z)
     tl.store(hard_ptr + h * T + t, astar * E + bstar, mask=imask)
+    err = dmin * tl.load(s_ptr + t, mask=imask, other=0.0)
+    tl.store(err_ptr + slot, tl.sum(err * err, axis=0))
 
 
 @triton.jit
-def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, ptr_ptr, tiles_ptr, cnt_ptr, n_tiles, c,
-            E: tl.constexpr, BT: tl.constexpr):
-    """Soft counts of one row ``A`` over the tiles of the ``r``-th range of tiles that need it
-    (``tiles[ptr[k]:ptr[k + 1]]``, ``k = (h * E + A) * ranges + r``): acc[t, B] += w / Z, from the
+def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, flag_ptr, list_ptr, cnt_ptr, n_tiles, c,
+            E: tl.constexpr, BT: tl.constexpr, RANGE: tl.constexpr):
+    """Soft counts of one row ``A`` over the tiles of the ``r``-th range of ``RANGE`` tiles that need
+    it (their flags, compacted in order into the program's ``list``): acc[t, B] += w / Z, from the
     tiles' scratch that pass A left."""
     a = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
     k = (h * E + a) * tl.num_programs(1) + r
-    start = tl.load(ptr_ptr + k)
-    end = tl.load(ptr_ptr + k + 1)
+    j = r * RANGE + tl.arange(0, RANGE)
+    f = tl.load(flag_ptr + (h * n_tiles + j) * E + a, mask=j < n_tiles, other=0).to(tl.int32)
+    lst = list_ptr + k * RANGE
+    tl.store(lst + tl.cumsum(f, axis=0) - 1, j, mask=f != 0)
+    count = tl.sum(f, axis=0)
+    tl.debug_barrier()  # the list is read back by every thread
     e = tl.arange(0, E)
     bt = tl.arange(0, BT)
     nb = tl.load(n_ptr + h * E + e)
     g_row = tl.load(g_ptr + (h * E + a) * E + e)
     na = tl.load(n_ptr + h * E + a)
     acc = tl.zeros([BT, E], tl.float32)
-    for p in range(start, end):
-        slot = h * n_tiles + tl.load(tiles_ptr + p)
+    for p in range(count):
+        slot = h * n_tiles + tl.load(lst + p)
         scr = scr_ptr + slot * (2 * E * BT)
         tok = tok_ptr + slot * (3 * BT)
         v = tl.load(scr + (E + e[None, :]) * BT + bt[:, None])
@@ -136,36 +150,50 @@ UNROLL = 4  # columns per step of walk 1
 TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
 STREAMS = 2  # H100, 8 x 1M: 3-6% faster per E-step than one stream
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
+SPLIT = True  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
 
 
 def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` contiguous -> ``[H, M, D]``, float64), split over T."""
+    """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` contiguous -> ``[H, M, D]``, float64), split
+    over T, on TF32 tensor cores: EM's marginal sums need no more (10-bit weights and vectors, errors
+    of either sign over a million terms; the distances, which do, use :mod:`split16`)."""
     h, t, m = a.shape
     full = t // SPLIT_K * SPLIT_K
     out = torch.zeros(h, m, b.shape[-1], dtype=torch.float64, device=a.device)
-    if full:
-        pa = a[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, m)
-        pb = b[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, -1)
-        out += torch.bmm(pa.transpose(1, 2), pb).view(h, -1, m, b.shape[-1]).double().sum(1)
-    if full < t:
-        out += torch.bmm(a[:, full:].transpose(1, 2), b[:, full:]).double()
+    with tf32_products():
+        if full:
+            pa = a[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, m)
+            pb = b[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, -1)
+            out += torch.bmm(pa.transpose(1, 2), pb).view(h, -1, m, b.shape[-1]).sum(1, dtype=torch.float64)
+        if full < t:
+            out += torch.bmm(a[:, full:].transpose(1, 2), b[:, full:]).double()
     return out
 
 
-def _block_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor, n: torch.Tensor,
-                 g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
+def _distance_terms(xc: torch.Tensor, w: torch.Tensor, split: tuple | None) -> tuple[torch.Tensor, ...]:
+    """``x @ W`` for the block, still scaled, with its unscaling per token and per column: through
+    the split halves ``split = (x3, xr, w3, wc)`` when given, else in float32 (unit scales)."""
+    if split is None:
+        return torch.bmm(xc, w), torch.ones(xc.shape[:2], device=xc.device), torch.ones(w.shape[0], w.shape[-1],
+                                                                                       device=w.device)
+    x3, xr, w3, wc = split
+    return split16.product(x3, w3), xr.contiguous(), wc.contiguous()
+
+
+def _block_stats(xc: torch.Tensor, split: tuple | None, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor,
+                 n: torch.Tensor, g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
                  stats: EStats) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
-    (views of those heads)."""
+    (views of those heads); ``split``: the block's split halves, see :func:`_distance_terms`."""
     h, t, d = xc.shape
     e = n.shape[-1]
     f32 = dict(device=xc.device, dtype=torch.float32)
-    uv = torch.bmm(xc, w)  # [h, t, 2E]
+    uv, xr, wc = _distance_terms(xc, w, split)  # [h, t, 2E], [h, t], [h, 2E]
     if hint is None:
         order = torch.arange(t, device=xc.device, dtype=torch.int32).expand(h, t).contiguous()
-    else:
-        order = torch.argsort(hint, dim=-1, stable=True).to(torch.int32).contiguous()
+    else:  # codes < 2^15: a two-pass radix sort
+        order = torch.argsort(hint.to(torch.int16), dim=-1, stable=True).to(torch.int32)
     n_tiles = triton.cdiv(t, BT)
     xx = xx.contiguous()
     scratch = torch.empty(h, n_tiles, 2 * e, BT, **f32)
@@ -173,35 +201,26 @@ def _block_stats(xc: torch.Tensor, xx: torch.Tensor, sc: torch.Tensor, w: torch.
     marg = torch.empty(h, t, 2 * e, **f32)
     hard = torch.empty(h, t, device=xc.device, dtype=torch.int32)
     flags = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
+    tile_err = torch.empty(h, n_tiles, **f32)
     cut = PRUNE_CUT * tau if prune else float("inf")
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
-    _pass_a[(n_tiles, h)](uv, xx, n, g, gt, order, scratch, tok, marg, hard, flags, t, c, cut,
-                          E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
-    # pass B visits only the needed (row, tile) pairs: the tiles needing each row, listed row by row;
-    # a program takes those of one row within a fixed range of tiles (the same sums as walking all)
+    _pass_a[(n_tiles, h)](uv, xr, wc, xx, sc.float().contiguous(), n, g, gt, order, scratch, tok, marg, hard, flags,
+                          tile_err, t, c, cut, E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
+    # pass B visits only the needed (row, tile) pairs: a program takes one row within a fixed range of
+    # tiles, lists the tiles that need it from their flags, in order (the same sums as walking all)
     n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
-    needed = torch.zeros(h, e, n_prog * TILES_PER_PROG_B, device=xc.device, dtype=torch.int8)
-    needed[..., :n_tiles] = flags.transpose(1, 2)
-    # (a scan and a scatter instead of nonzero: no wait for the GPU, the host queues on)
-    flat = needed.view(-1)
-    cum = torch.cumsum(flat, 0, dtype=torch.int32)
-    ptr = torch.zeros(h * e * n_prog + 1, device=xc.device, dtype=torch.int32)
-    ptr[1:] = cum.view(-1, TILES_PER_PROG_B)[:, -1]
-    tiles = torch.empty(flat.numel() + 1, device=xc.device, dtype=torch.int32)  # the last is a dump
-    dest = torch.where(flat.bool(), cum - 1, flat.numel()).long()
-    ids = torch.arange(n_prog * TILES_PER_PROG_B, device=xc.device, dtype=torch.int32).repeat(h * e)
-    tiles.scatter_(0, dest, ids)  # row by row, tiles in order
+    lists = torch.empty(h, e, n_prog, TILES_PER_PROG_B, device=xc.device, dtype=torch.int32)
     cnt = torch.empty(h, n_prog, e, e, **f32)
-    _pass_b[(e, n_prog, h)](n, g, scratch, tok, ptr, tiles, cnt, n_tiles, c, E=e, BT=BT, num_warps=WARPS_B)
-    stats.count += cnt.double().sum(1)
+    _pass_b[(e, n_prog, h)](n, g, scratch, tok, flags, lists, cnt, n_tiles, c, E=e, BT=BT, RANGE=TILES_PER_PROG_B,
+                            num_warps=WARPS_B)
+    stats.count += cnt.sum(1, dtype=torch.float64)
     sums = _sum_products(marg, xc)  # the marginals are already divided by Z
     stats.sum_a += sums[:, :e]
     stats.sum_b += sums[:, e:]
-    stats.sum_xx += xx.double().sum(-1)
-    dmin = tok[:, :, 1].reshape(h, -1)[:, :t]  # in tile order: the prescales follow it
-    stats.hard_sqerr += ((dmin.double() * sc.double()[order.long()]) ** 2).sum(-1)
-    return hard, ptr[-1]
+    stats.sum_xx += xx.sum(-1, dtype=torch.float64)
+    stats.hard_sqerr += tile_err.sum(-1, dtype=torch.float64)
+    return hard, flags.sum(dtype=torch.int64)
 
 
 def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
@@ -222,16 +241,30 @@ def _streams(device: torch.device) -> list:
     return [torch.cuda.current_stream(device)] + _side_streams[device][: STREAMS - 1]
 
 
+def stage_cache(x: torch.Tensor, cache: dict | None) -> dict:
+    """What the E-steps of one stage share for vectors ``x [H, N, D]`` that stay fixed: ``|x|^2``
+    and, with ``SPLIT``, the split halves of ``x`` and their unscaling (``x3 [H, N, 3D]`` float16:
+    1.5x the bytes of ``x``). Filled into ``cache`` on first use when one is given."""
+    cache = {} if cache is None else cache
+    if "xx" not in cache:
+        cache["xx"] = torch.linalg.vector_norm(x, dim=-1).square_()
+    if SPLIT and "x3" not in cache:
+        cache["x3"], cache["xr"] = split16.split_rows(x)
+    return cache
+
+
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-                  hint: torch.Tensor | None = None, prune: bool = True, xx: torch.Tensor | None = None) -> EStats:
+                  hint: torch.Tensor | None = None, prune: bool = True, xx: torch.Tensor | None = None,
+                  cache: dict | None = None) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
     tiles skip more rows; it changes the statistics only by float rounding (the order of sums).
     ``prune=False`` walks every row (same results bit for bit). ``xx [H, N]``: ``|x|^2`` when the
-    caller has it (EM's vectors are fixed within a stage), else computed here. Work goes in blocks of about
-    ``BLOCK`` vectors, each contiguous (whole heads, or part of one head): no copies. ``chunk`` is
-    accepted for the common signature (the kernels need no smaller blocks).
+    caller has it. ``cache``: a dict kept by a caller whose ``x`` stays fixed over many calls (EM,
+    within a stage), holding what :func:`stage_cache` derives from ``x`` once. Work goes in blocks
+    of about ``BLOCK`` vectors, each contiguous (whole heads, or part of one head): no copies.
+    ``chunk`` is accepted for the common signature (the kernels need no smaller blocks).
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_triton needs CUDA tensors; use commvq.quant.em.e_step on CPU")
@@ -241,7 +274,12 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     h, big_n, d = x.shape
     stats = _empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
-    xx = torch.linalg.vector_norm(x, dim=-1).square_() if xx is None else xx.float()
+    cache = {} if cache is None else cache
+    if xx is not None:
+        cache["xx"] = xx.float()
+    stage_cache(x, cache)
+    xx, x3, xr = cache["xx"], cache.get("x3") if SPLIT else None, cache.get("xr")
+    w3, wc = split16.split_cols(w) if x3 is not None else (None, None)
     needed, total = [], 0
     # blocks alternate between STREAMS streams: one block's matmuls can overlap another's kernels
     streams = _streams(x.device) if x.is_cuda else [None]
@@ -252,7 +290,8 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
         with torch.cuda.stream(st) if st is not None else contextlib.nullcontext():
             part = EStats(*(getattr(stats, f)[hs] for f in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
             part_hint = None if hint is None else hint[hs, ts]
-            hard[hs, ts], rows = _block_stats(x[hs, ts], xx[hs, ts], s[ts].float(), w[hs], n[hs], g[hs], part_hint,
+            split = None if x3 is None else (x3[hs, ts], xr[hs, ts], w3[hs], wc[hs])
+            hard[hs, ts], rows = _block_stats(x[hs, ts], split, xx[hs, ts], s[ts], w[hs], n[hs], g[hs], part_hint,
                                               tau, prune, part)
         needed.append(rows)
         total += (hs.stop - hs.start) * triton.cdiv(ts.stop - ts.start, BT) * n.shape[-1]

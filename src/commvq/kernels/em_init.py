@@ -2,9 +2,11 @@
 :func:`commvq.quant.em.e_step_centers`.
 
 Each stage starts from 4,096 random data points as free centers and one E-step at temperature 1,
-dense by nature. Per chunk of tokens one cuBLAS product writes ``|c|^2 - 2 x.c`` and one kernel
-reads it twice (hard code, ``d_min`` and ``Z``; then the weights, both marginals and the soft
-counts), instead of a dozen full passes of elementwise torch ops over ``N x E^2``.
+dense by nature. Per chunk of tokens one tensor-core product of split halves writes ``x.c``
+(:mod:`commvq.kernels.split16`: float32-accurate, the halves of ``x`` shared with the stage's
+E-steps) and one kernel reads it twice (hard code, ``d_min`` and ``Z``; then the weights, both
+marginals and the soft counts), instead of a dozen full passes of elementwise torch ops over
+``N x E^2``.
 """
 
 from __future__ import annotations
@@ -16,27 +18,41 @@ import torch
 import triton
 import triton.language as tl
 
+from commvq.kernels import split16
+from commvq.kernels.em_estep import stage_cache
+from commvq.kernels.split16 import tf32_products
 from commvq.quant.em import EStats, _empty_stats
 
 
 @triton.jit
-def _centers_kernel(d2_ptr, xx_ptr, dmin_ptr, hard_ptr, marg_ptr, cnt_ptr, T, c, E: tl.constexpr, BT: tl.constexpr):
-    """One tile of ``BT`` tokens against ``E*E`` free centers in code order, from ``|c|^2 - 2 x.c``
-    (``[H, T, E*E]``): walk 1 gives the hard code, ``d_min`` and ``Z`` (online); walk 2 the weights
-    ``w / Z``, both marginals and the tile's soft counts (a row of ``E`` per block ``A``)."""
+def _block_d2(row_ptr, imask, xx, xr, cc_ptr, cs_ptr, col):
+    """Squared distances of a tile's tokens to the ``E`` centers of block ``A``: ``|x|^2 + |c|^2 - 2 x.c``
+    (``xr`` holds ``-2`` times the token's unscaling)."""
+    xc = tl.load(row_ptr, mask=imask[:, None], other=0.0) * xr * tl.load(cs_ptr + col)[None, :]
+    return (xx + tl.load(cc_ptr + col)[None, :]) + xc
+
+
+@triton.jit
+def _centers_kernel(xc_ptr, xr_ptr, cs_ptr, cc_ptr, xx_ptr, dmin_ptr, hard_ptr, marg_ptr, cnt_ptr, T, c,
+                    E: tl.constexpr, BT: tl.constexpr):
+    """One tile of ``BT`` tokens against ``E*E`` free centers in code order, from the scaled products
+    ``x.c`` (``[H, T, E*E]``, unscaled by ``xr`` per token and ``cs`` per center) and ``|c|^2``
+    (``cc``): walk 1 gives the hard code, ``d_min`` and ``Z`` (online); walk 2 the weights ``w / Z``,
+    both marginals and the tile's soft counts (a row of ``E`` per block ``A``)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     e = tl.arange(0, E)
     i = tile * BT + tl.arange(0, BT)
     imask = i < T
-    xx = tl.load(xx_ptr + h * T + i, mask=imask, other=0.0)
-    rows = d2_ptr + (h * T + i[:, None]).to(tl.int64) * (E * E) + e[None, :]
+    xx = tl.load(xx_ptr + h * T + i, mask=imask, other=0.0)[:, None]
+    xr = -2.0 * tl.load(xr_ptr + h * T + i, mask=imask, other=0.0)[:, None]
+    rows = xc_ptr + (h * T + i[:, None]).to(tl.int64) * (E * E) + e[None, :]
     best2 = tl.full([BT], float("inf"), tl.float32)
     arg = tl.zeros([BT], tl.int32)
     dm = tl.full([BT], float("inf"), tl.float32)
     z = tl.zeros([BT], tl.float32)
     for a in range(E):
-        d2 = xx[:, None] + tl.load(rows + a * E, mask=imask[:, None], other=0.0)
+        d2 = _block_d2(rows + a * E, imask, xx, xr, cc_ptr, cs_ptr, h * E * E + a * E + e)
         b2 = tl.min(d2, axis=1)
         better = b2 < best2  # strict: an earlier block wins a tie, as the flat argmin does
         arg = tl.where(better, a * E + tl.argmin(d2, axis=1), arg)
@@ -49,7 +65,7 @@ def _centers_kernel(d2_ptr, xx_ptr, dmin_ptr, hard_ptr, marg_ptr, cnt_ptr, T, c,
     gb = tl.zeros([BT, E], tl.float32)
     cnt = cnt_ptr + (h * tl.num_programs(0) + tile) * (E * E) + e
     for a in range(E):
-        d2 = xx[:, None] + tl.load(rows + a * E, mask=imask[:, None], other=0.0)
+        d2 = _block_d2(rows + a * E, imask, xx, xr, cc_ptr, cs_ptr, h * E * E + a * E + e)
         w = tl.exp2((dm[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c) * inv_z[:, None]
         gb += w
         tl.store(marg_ptr + (h * T + i) * (2 * E) + a, tl.sum(w, axis=1), mask=imask)
@@ -63,37 +79,50 @@ BT_CENTERS = 32
 
 
 def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau: float,
-                          chunk: int = 8192) -> EStats:
+                          chunk: int = 8192, cache: dict | None = None) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step_centers` (the initialization against free
-    centers ``[H, E*E, D]``): per chunk, one cuBLAS product writes ``|c|^2 - 2 x.c`` and one kernel
-    reads it twice, instead of a dozen full passes of elementwise torch ops over ``N x E^2``."""
+    centers ``[H, E*E, D]``): per chunk, one product writes ``x.c`` and one kernel reads it twice,
+    instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: as for
+    :func:`commvq.kernels.em_estep.e_step_triton` (the split halves of ``x`` made here serve the
+    stage's E-steps)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU")
-    x, centers = x.float(), centers.float()
+    x, centers = x.float().contiguous(), centers.float()
     h, big_n, d = x.shape
     e = math.isqrt(centers.shape[1])
     stats = _empty_stats(h, e, d, x.device)
-    cc = (centers * centers).sum(-1)[:, None]  # [H, 1, E*E]
+    cache = stage_cache(x, {} if cache is None else cache)
+    split = "x3" in cache
+    cc = (centers * centers).sum(-1).contiguous()  # [H, E*E]
     ct = centers.transpose(-1, -2)
+    if split:
+        c3, cs = split16.split_cols(ct)
+    else:
+        cs = torch.ones(h, e * e, device=x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     c = math.log2(math.e) / tau
     f32 = dict(device=x.device, dtype=torch.float32)
     for i in range(0, big_n, chunk):
         xc = x[:, i:i + chunk]
         t = xc.shape[1]
-        part = torch.baddbmm(cc, xc, ct, alpha=-2)  # [H, t, E*E]
-        xx = (xc * xc).sum(-1).contiguous()
+        if split:
+            prod, xr = split16.product(cache["x3"][:, i:i + chunk], c3), cache["xr"][:, i:i + chunk].contiguous()
+        else:
+            prod, xr = torch.bmm(xc, ct), torch.ones(h, t, **f32)
+        xx = cache["xx"][:, i:i + chunk].contiguous()
         n_tiles = triton.cdiv(t, BT_CENTERS)
         dmin, marg = torch.empty(h, t, **f32), torch.empty(h, t, 2 * e, **f32)
         cnt = torch.empty(h, n_tiles, e * e, **f32)
         hard_c = torch.empty(h, t, device=x.device, dtype=torch.int32)
-        _centers_kernel[(n_tiles, h)](part, xx, dmin, hard_c, marg, cnt, t, c, E=e, BT=BT_CENTERS, num_warps=4)
+        _centers_kernel[(n_tiles, h)](prod, xr, cs.contiguous(), cc, xx, dmin, hard_c, marg, cnt, t, c, E=e,
+                                      BT=BT_CENTERS, num_warps=4)
         hard[:, i:i + chunk] = hard_c
         stats.count += cnt.sum(1, dtype=torch.float64).view(h, e, e)
-        sums = torch.bmm(marg.transpose(1, 2), xc).double()
+        with tf32_products():  # the marginal sums, as in the E-step
+            sums = torch.bmm(marg.transpose(1, 2), xc).double()
         stats.sum_a += sums[:, :e]
         stats.sum_b += sums[:, e:]
-        stats.sum_xx += xx.double().sum(-1)
+        stats.sum_xx += xx.sum(-1, dtype=torch.float64)
         stats.hard_sqerr += ((dmin.double() * s[i:i + chunk].double()) ** 2).sum(-1)
     stats.hard = hard
     return stats

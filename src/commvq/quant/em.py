@@ -122,11 +122,11 @@ def _accumulate(stats: EStats, d2: torch.Tensor, x: torch.Tensor, s: torch.Tenso
 
 
 def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-           hint: torch.Tensor | None = None, xx: torch.Tensor | None = None) -> EStats:
+           hint: torch.Tensor | None = None, cache: dict | None = None) -> EStats:
     """E-step against the structured codebooks ``theta [H, 2E, P]`` (pure torch, chunked).
 
-    ``hint`` (a token order) and ``xx`` (``|x|^2``, fixed within a stage) save a fused kernel work;
-    they are not needed here.
+    ``hint`` (a token order) and ``cache`` (what a fused kernel derives once from vectors that stay
+    fixed within a stage) save a fused kernel work; they are not needed here.
     """
     w, n, g = search_tables(theta)
     h, big_n, d = x.shape
@@ -149,8 +149,9 @@ def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, ch
 
 
 def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau: float,
-                   chunk: int = 8192) -> EStats:
-    """E-step against free centers ``[H, E*E, D]`` (the initialization from data points)."""
+                   chunk: int = 8192, cache: dict | None = None) -> EStats:
+    """E-step against free centers ``[H, E*E, D]`` (the initialization from data points); ``cache``
+    as for :func:`e_step`, not needed here."""
     h, big_n, d = x.shape
     e = math.isqrt(centers.shape[1])
     stats = _empty_stats(h, e, d, x.device)
@@ -167,8 +168,8 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
     return stats
 
 
-EStep = Callable[..., EStats]  # (x, s, theta, tau, chunk, hint, xx=) -> EStats, as e_step
-CentersEStep = Callable[..., EStats]  # (x, s, centers, tau, chunk) -> EStats, as e_step_centers
+EStep = Callable[..., EStats]  # (x, s, theta, tau, chunk, hint, cache=) -> EStats, as e_step
+CentersEStep = Callable[..., EStats]  # (x, s, centers, tau, chunk, cache=) -> EStats, as e_step_centers
 
 
 @dataclass
@@ -185,10 +186,10 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     h, big_n, d = x.shape
     idx = torch.randint(0, big_n, (h, num_entries**2), generator=generator).to(x.device)
     centers = torch.gather(x, 1, idx[..., None].expand(-1, -1, d))
-    init = init_estep(x, s, centers, 1.0, settings.chunk)
+    cache: dict = {}  # what the E-steps derive once from x, fixed within the stage
+    init = init_estep(x, s, centers, 1.0, settings.chunk, cache=cache)
     theta = m_step(init, settings.eps, x.dtype)
     hint = init.hard.to(torch.int32)  # tokens of one free center tend to share a cell
-    xx = torch.linalg.vector_norm(x, dim=-1).square_()  # [H, N], fixed within the stage
     c = stage_factor(stage, settings.decay_every)
     best_mse = torch.full((h,), math.inf, dtype=torch.float64)
     best_theta = theta.clone()
@@ -197,8 +198,9 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     for step in range(settings.max_iters):
         tau = temperature(step, settings.max_iters, settings.temp_start * c, settings.temp_end * c)
         every = len(active) == h  # then no copy of the vectors (x[active] would copy all of them)
+        sub = cache if every else {k: v[active] for k, v in cache.items()}
         stats = estep(x if every else x[active], s, theta[active], tau, settings.chunk,
-                      hint if every else hint[active], xx=xx if every else xx[active])
+                      hint if every else hint[active], cache=sub)
         if stats.hard is not None:
             hint[active] = stats.hard.to(torch.int32)
         mse = stats.hard_sqerr.cpu() / (big_n * d)
