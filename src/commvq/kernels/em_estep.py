@@ -150,7 +150,7 @@ UNROLL = 4  # columns per step of walk 1
 TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
 STREAMS = 2  # H100, 8 x 1M: 3-6% faster per E-step than one stream
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
-SPLIT = True  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
+SPLIT = False  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
 
 

@@ -3,8 +3,8 @@
 
 Each stage starts from 4,096 random data points as free centers and one E-step at temperature 1,
 dense by nature. Per chunk of tokens one tensor-core product of split halves writes ``x.c``
-(:mod:`commvq.kernels.split16`: float32-accurate, the halves of ``x`` shared with the stage's
-E-steps) and one kernel reads it twice (hard code, ``d_min`` and ``Z``; then the weights, both
+(:mod:`commvq.kernels.split16`, float32-like; at temperature 1 no more is needed) and one kernel
+reads it twice (hard code, ``d_min`` and ``Z``; then the weights, both
 marginals and the soft counts), instead of a dozen full passes of elementwise torch ops over
 ``N x E^2``.
 """
@@ -19,8 +19,6 @@ import triton
 import triton.language as tl
 
 from commvq.kernels import split16
-from commvq.kernels.em_estep import stage_cache
-from commvq.kernels.split16 import tf32_products
 from commvq.quant.em import EStats, _empty_stats
 
 
@@ -82,34 +80,25 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
                           chunk: int = 8192, cache: dict | None = None) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step_centers` (the initialization against free
     centers ``[H, E*E, D]``): per chunk, one product writes ``x.c`` and one kernel reads it twice,
-    instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: as for
-    :func:`commvq.kernels.em_estep.e_step_triton` (the split halves of ``x`` made here serve the
-    stage's E-steps)."""
+    instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: accepted
+    for the common signature."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU")
-    x, centers = x.float().contiguous(), centers.float()
+    x, centers = x.float(), centers.float()
     h, big_n, d = x.shape
     e = math.isqrt(centers.shape[1])
     stats = _empty_stats(h, e, d, x.device)
-    cache = stage_cache(x, {} if cache is None else cache)
-    split = "x3" in cache
     cc = (centers * centers).sum(-1).contiguous()  # [H, E*E]
-    ct = centers.transpose(-1, -2)
-    if split:
-        c3, cs = split16.split_cols(ct)
-    else:
-        cs = torch.ones(h, e * e, device=x.device)
+    c3, cs = split16.split_cols(centers.transpose(-1, -2))
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     c = math.log2(math.e) / tau
     f32 = dict(device=x.device, dtype=torch.float32)
     for i in range(0, big_n, chunk):
         xc = x[:, i:i + chunk]
         t = xc.shape[1]
-        if split:
-            prod, xr = split16.product(cache["x3"][:, i:i + chunk], c3), cache["xr"][:, i:i + chunk].contiguous()
-        else:
-            prod, xr = torch.bmm(xc, ct), torch.ones(h, t, **f32)
-        xx = cache["xx"][:, i:i + chunk].contiguous()
+        x3, xr = split16.split_rows(xc)
+        prod = split16.product(x3, c3)  # [H, t, E*E], scaled
+        xx = (xc * xc).sum(-1).contiguous()
         n_tiles = triton.cdiv(t, BT_CENTERS)
         dmin, marg = torch.empty(h, t, **f32), torch.empty(h, t, 2 * e, **f32)
         cnt = torch.empty(h, n_tiles, e * e, **f32)
@@ -118,8 +107,7 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
                                       BT=BT_CENTERS, num_warps=4)
         hard[:, i:i + chunk] = hard_c
         stats.count += cnt.sum(1, dtype=torch.float64).view(h, e, e)
-        with tf32_products():  # the marginal sums, as in the E-step
-            sums = torch.bmm(marg.transpose(1, 2), xc).double()
+        sums = torch.bmm(marg.transpose(1, 2), xc).double()
         stats.sum_a += sums[:, :e]
         stats.sum_b += sums[:, e:]
         stats.sum_xx += xx.sum(-1, dtype=torch.float64)
