@@ -181,7 +181,7 @@ def main() -> None:
     print(f"{'what':<44}{'value':>14}")
     print(f"{'seconds per layer (all heads, all stages)':<44}{seconds:>14.1f}")
     print(f"{'EM iterations run (sum over heads, stages)':<44}{total_iters:>14d}")
-    mean_work = sum(work) / len(work) if work else 1.0
+    mean_work = float(sum(work) / len(work)) if work else 1.0
     print(f"{'share of distance-table rows evaluated':<44}{mean_work:>14.3f}")
     print(f"{'peak GPU memory during training (GiB)':<44}{peak:>14.2f}")
     print(f"{'peak GPU memory incl. data (GiB)':<44}{peak_total:>14.2f}")

@@ -5,7 +5,8 @@
 
 For ``x @ W`` (normalized synthetic keys, the search table of a random codebook) and each way of
 computing it: float32 on the CUDA cores, TF32, split float16 halves in one product (K tripled, as
-``commvq.kernels.split16``) and the three half products apart (float32 sums between them). Per
+``commvq.kernels.split16``: small terms first), the same with the large ``hi @ hi`` term first,
+and the three half products apart (float32 sums between them). Per
 entry the error is taken over the scale ``|x| |w|`` of its dot product; the table gives its RMS and
 its mean along the sign of the exact value (a bias toward zero is positive). Last line JSON.
 """
@@ -52,8 +53,10 @@ def main() -> None:
     a3, ra = split16.split_rows(x)
     b3, cb = split16.split_cols(w)
     k = x.shape[-1]
+    big_first = torch.cat((a3[..., k:], a3[..., :k]), -1)  # [hi | hi | lo] by [hi; lo; hi]
+    rows["split, hi @ hi first"] = split16.product(big_first, b3) * ra[..., :, None] * cb[..., None, :]
     parts = [split16.product(a3[..., i * k:(i + 1) * k].contiguous(), b3[..., i * k:(i + 1) * k, :].contiguous())
-             for i in range(3)]
+             for i in range(3)]  # lo @ hi, hi @ lo, hi @ hi
     rows["split, three products"] = (parts[0] + parts[1] + parts[2]) * ra[..., :, None] * cb[..., None, :]
     out = {}
     print(f"{'product':<26}{'rms':>12}{'toward zero':>14}{'max':>12}")

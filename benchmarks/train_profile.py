@@ -103,7 +103,7 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
 
         table = kernel_table(one, 1, f"E-step {calls[0]} of a real stage, tau {a[3]:.2e}")
         table["wall_us"] = round(wall(one, 2), 1)
-        table["rows_evaluated"] = kept["stats"].work
+        table["rows_evaluated"] = float(kept["stats"].work)
         print(f"wall {table['wall_us']:.0f} us, rows evaluated {kept['stats'].work:.3f}")
         keep = k.STREAMS
         for streams in (1, 2, 3):

@@ -82,7 +82,14 @@ def _given_norms(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_triton_e_step_matches_torch_on_gpu():
+    import commvq.kernels.em_estep as k
+
     _compare("cuda", CASES)
+    k.SPLIT = False  # x @ W in float32
+    try:
+        _compare("cuda", CASES[:2])
+    finally:
+        k.SPLIT = True
     _pruning("cuda", 4, 20000, 128, 64)
     _given_norms("cuda")
 
@@ -92,6 +99,9 @@ def test_triton_e_step_matches_torch_in_interpreter():
     code = ("from tests.kernels.test_em_estep import _compare\n"
             "import commvq.kernels.em_estep as k; k.SPLIT_K = 64; k.TILES_PER_PROG_B = 2; k.BLOCK = 100\n"
             "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)])\n"
+            "k.SPLIT = False  # x @ W in float32\n"
+            "_compare('cpu', [(2, 150, 16, 8, 1e-3)])\n"
+            "k.SPLIT = True\n"
             "from tests.kernels.test_em_estep import _pruning\n"
             "_pruning('cpu', 1, 800, 16, 8)\n"
             "from tests.kernels.test_em_estep import _given_norms\n"

@@ -30,8 +30,8 @@ def test_halves_keep_22_bits_per_row():
     a3, unscale = split16.split_rows(a, rows_per_pass=333)  # passes that cut heads apart
     k = a.shape[-1]
     assert a3.dtype == torch.float16 and a3.shape == (3, 500, 3 * k)
-    assert torch.equal(a3[..., :k], a3[..., k:2 * k])
-    back = (a3[..., k:2 * k].double() + a3[..., 2 * k:].double()) * unscale.double()[..., None]
+    assert torch.equal(a3[..., k:2 * k], a3[..., 2 * k:])  # [lo | hi | hi]
+    back = (a3[..., :k].double() + a3[..., k:2 * k].double()) * unscale.double()[..., None]
     top = a.double().abs().amax(-1, keepdim=True)
     assert float(((back - a.double()).abs() / top.clamp_min(1e-300)).max()) < 2.0**-21
     assert torch.equal(torch.log2(unscale), torch.log2(unscale).round())  # powers of two: exact unscaling

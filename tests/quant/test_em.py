@@ -103,6 +103,29 @@ def test_fit_stage_beats_its_initialization_and_stopping_rule_holds():
     assert torch.all(res.iters <= 30)
 
 
+def test_heads_stop_on_their_own_and_keep_their_best_iterate():
+    """A head that stops improving leaves the batch; the others go on; each keeps the iterate of its
+    lowest hard error (the E-step is recorded to know which heads ran and what they scored)."""
+    x, s = _data(h=4, n=300)
+    seen = []  # (heads, theta, hard error) per call
+
+    def recording(xa, sa, theta, *args, **kw):
+        stats = em.e_step(xa, sa, theta, *args, **kw)
+        heads = [next(i for i in range(len(x)) if torch.equal(xa[j], x[i])) for j in range(len(xa))]
+        seen.append((heads, theta.clone(), stats.hard_sqerr.cpu() / (x.shape[1] * x.shape[2])))
+        return stats
+
+    res = em.fit_stage(x, s, 4, 0, em.EMSettings(max_iters=40, tol=1.0), torch.Generator().manual_seed(0), recording)
+    assert len(set(res.iters.tolist())) > 1 and int(res.iters.max()) < 40  # heads stopped at different steps
+    for i in range(len(x)):
+        runs = [(theta[heads.index(i)], float(err[heads.index(i)])) for heads, theta, err in seen if i in heads]
+        assert len(runs) == int(res.iters[i])
+        best = min(range(len(runs)), key=lambda k: runs[k][1])
+        assert math.isclose(float(res.mse[i]), runs[best][1], rel_tol=1e-6)
+        assert torch.equal(res.theta[i], runs[best][0])
+        assert runs[-1][1] >= min(r[1] for r in runs[:-1])  # it stopped on an iterate that did not improve
+
+
 def test_more_stages_lower_residual_error():
     x, s = _data(n=300)
     fitted = em.fit(x, s, 4, 4, em.EMSettings(max_iters=10), seed=0)

@@ -150,7 +150,7 @@ UNROLL = 4  # columns per step of walk 1
 TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
 STREAMS = 2  # H100, 8 x 1M: 3-6% faster per E-step than one stream
 SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
-SPLIT = False  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
+SPLIT = True  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
 BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
 
 
@@ -192,8 +192,9 @@ def _block_stats(xc: torch.Tensor, split: tuple | None, xx: torch.Tensor, sc: to
     uv, xr, wc = _distance_terms(xc, w, split)  # [h, t, 2E], [h, t], [h, 2E]
     if hint is None:
         order = torch.arange(t, device=xc.device, dtype=torch.int32).expand(h, t).contiguous()
-    else:  # codes < 2^15: a two-pass radix sort
-        order = torch.argsort(hint.to(torch.int16), dim=-1, stable=True).to(torch.int32)
+    else:  # codes below 2^15 sort as int16: a two-pass radix sort
+        key = hint.to(torch.int16) if e * e <= 1 << 15 else hint
+        order = torch.argsort(key, dim=-1, stable=True).to(torch.int32)
     n_tiles = triton.cdiv(t, BT)
     xx = xx.contiguous()
     scratch = torch.empty(h, n_tiles, 2 * e, BT, **f32)
@@ -298,5 +299,5 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     for st in streams[1:]:
         streams[0].wait_stream(st)
     stats.hard = hard
-    stats.work = float(torch.stack(needed).sum()) / max(total, 1)
+    stats.work = torch.stack(needed).sum() / max(total, 1)  # a device scalar: no wait for the GPU here
     return stats

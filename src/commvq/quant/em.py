@@ -49,7 +49,7 @@ class EStats:
     sum_xx: torch.Tensor  # [H] sum_t |x_t|^2
     hard_sqerr: torch.Tensor  # [H] sum_t s_t^2 |x_t - c_hard(t)|^2 (original scale)
     hard: torch.Tensor | None = None  # [H, N] hard codes, a sorting hint for the next E-step
-    work: float | None = None  # share of the distance table a pruned E-step evaluated
+    work: torch.Tensor | float | None = None  # share of the distance table a pruned E-step evaluated
 
 
 def stage_factor(stage: int, every: int = 4) -> float:
@@ -197,19 +197,32 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     active = torch.arange(h)
     for step in range(settings.max_iters):
         tau = temperature(step, settings.max_iters, settings.temp_start * c, settings.temp_end * c)
-        every = len(active) == h  # then no copy of the vectors (x[active] would copy all of them)
-        sub = cache if every else {k: v[active] for k, v in cache.items()}
-        stats = estep(x if every else x[active], s, theta[active], tau, settings.chunk,
-                      hint if every else hint[active], cache=sub)
-        if stats.hard is not None:
+        every = len(active) == h  # then no copies (x[active] would copy all the vectors) and no index waits
+        if every:
+            stats = estep(x, s, theta, tau, settings.chunk, hint, cache=cache)
+        else:
+            stats = estep(x[active], s, theta[active], tau, settings.chunk, hint[active],
+                          cache={k: v[active] for k, v in cache.items()})
+        new_theta = m_step(stats, settings.eps, x.dtype)  # queued before the wait for the error below
+        if stats.hard is not None and every:
+            hint = stats.hard.to(torch.int32)
+        elif stats.hard is not None:
             hint[active] = stats.hard.to(torch.int32)
         mse = stats.hard_sqerr.cpu() / (big_n * d)
         iters[active] += 1
         better = mse < best_mse[active]
         best_mse[active[better]] = mse[better]
-        best_theta[active[better]] = theta[active[better]]
+        if every and bool(better.all()):
+            best_theta = theta  # theta is replaced below, never written in place
+        else:
+            best_theta = best_theta.clone()
+            best_theta[active[better]] = theta[active[better]]
         stop = ~better & (mse - best_mse[active] < settings.tol)
-        theta[active] = m_step(stats, settings.eps, x.dtype)
+        if every:
+            theta = new_theta
+        else:
+            theta = theta.clone()
+            theta[active] = new_theta
         active = active[~stop]
         if len(active) == 0:
             break
