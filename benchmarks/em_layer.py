@@ -124,14 +124,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune", action="store_true", help="try kernel block sizes first and use the fastest")
     ap.add_argument("--no_prune", action="store_true", help="evaluate every row of the distance table")
-    ap.add_argument("--split_products", action="store_true",
-                    help="x @ W through split float16 halves on tensor cores instead of float32 on the CUDA cores")
+    ap.add_argument("--float32_products", action="store_true",
+                    help="x @ W in float32 on the CUDA cores instead of split float16 halves on tensor cores")
     args = ap.parse_args()
 
     from commvq.kernels import em_estep
     from commvq.kernels.em_estep import e_step_triton
 
-    em_estep.SPLIT = args.split_products
+    em_estep.SPLIT = not args.float32_products
 
     work = []
 
