@@ -105,7 +105,9 @@ def test_fit_stage_beats_its_initialization_and_stopping_rule_holds():
 
 def test_heads_stop_on_their_own_and_keep_their_best_iterate():
     """A head that stops improving leaves the batch; the others go on; each keeps the iterate of its
-    lowest hard error (the E-step is recorded to know which heads ran and what they scored)."""
+    lowest hard error (the E-step is recorded to know which heads ran and what they scored). The
+    host reads an iteration's error after queuing the next, so a stopping head runs once more,
+    and that run counts for nothing."""
     x, s = _data(h=4, n=300)
     seen = []  # (heads, theta, hard error) per call
 
@@ -119,7 +121,8 @@ def test_heads_stop_on_their_own_and_keep_their_best_iterate():
     assert len(set(res.iters.tolist())) > 1 and int(res.iters.max()) < 40  # heads stopped at different steps
     for i in range(len(x)):
         runs = [(theta[heads.index(i)], float(err[heads.index(i)])) for heads, theta, err in seen if i in heads]
-        assert len(runs) == int(res.iters[i])
+        assert len(runs) - int(res.iters[i]) in ((0,) if res.iters[i] == 40 else (1,))
+        runs = runs[: int(res.iters[i])]
         best = min(range(len(runs)), key=lambda k: runs[k][1])
         assert math.isclose(float(res.mse[i]), runs[best][1], rel_tol=1e-6)
         assert torch.equal(res.theta[i], runs[best][0])

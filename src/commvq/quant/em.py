@@ -98,7 +98,8 @@ def m_step(stats: EStats, eps: float = 1e-8, dtype: torch.dtype = torch.float64)
     normal[:, 1::2, 0::2] -= anti
     sa, sb = stats.sum_a.double(), stats.sum_b.double()
     rhs = join_theta(sa[..., :p] + sb[..., p:], sa[..., p:] - sb[..., :p])  # [H, 2E, P]
-    return torch.linalg.solve(normal, rhs).to(dtype)
+    # positive definite (a weighted Gram matrix plus eps): no singularity check, so no wait for the GPU
+    return torch.linalg.solve_ex(normal, rhs)[0].to(dtype)
 
 
 def _empty_stats(h: int, e: int, d: int, device) -> EStats:
@@ -182,7 +183,11 @@ class StageResult:
 def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, settings: EMSettings,
               generator: torch.Generator, estep: EStep = e_step,
               init_estep: CentersEStep = e_step_centers) -> StageResult:
-    """Train one stage for every head of ``x [H, N, D]`` (prescales ``s [N]``)."""
+    """Train one stage for every head of ``x [H, N, D]`` (prescales ``s [N]``).
+
+    The host reads an iteration's error only after the next iteration is queued, so the GPU never
+    waits for it; a head whose stopping rule fires has run one iteration more, whose results are
+    dropped (same results as stopping at once)."""
     h, big_n, d = x.shape
     idx = torch.randint(0, big_n, (h, num_entries**2), generator=generator).to(x.device)
     centers = torch.gather(x, 1, idx[..., None].expand(-1, -1, d))
@@ -191,42 +196,94 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     theta = m_step(init, settings.eps, x.dtype)
     hint = init.hard.to(torch.int32)  # tokens of one free center tend to share a cell
     c = stage_factor(stage, settings.decay_every)
-    best_mse = torch.full((h,), math.inf, dtype=torch.float64)
-    best_theta = theta.clone()
-    iters = torch.zeros(h, dtype=torch.long)
+    track = _Best(h, theta, settings.tol)
     active = torch.arange(h)
+    pending = None  # (heads, theta evaluated, their hard MSE on the device) of the last iteration queued
     for step in range(settings.max_iters):
+        active = active[~track.stopped[active]]
+        if len(active) == 0:
+            break
         tau = temperature(step, settings.max_iters, settings.temp_start * c, settings.temp_end * c)
-        every = len(active) == h  # then no copies (x[active] would copy all the vectors) and no index waits
-        if every:
+        if len(active) == h:  # no copies (x[active] would copy all the vectors), no index waits
             stats = estep(x, s, theta, tau, settings.chunk, hint, cache=cache)
+            hint = stats.hard.to(torch.int32) if stats.hard is not None else hint
         else:
             stats = estep(x[active], s, theta[active], tau, settings.chunk, hint[active],
                           cache={k: v[active] for k, v in cache.items()})
-        new_theta = m_step(stats, settings.eps, x.dtype)  # queued before the wait for the error below
-        if stats.hard is not None and every:
-            hint = stats.hard.to(torch.int32)
-        elif stats.hard is not None:
-            hint[active] = stats.hard.to(torch.int32)
-        mse = stats.hard_sqerr.cpu() / (big_n * d)
-        iters[active] += 1
-        better = mse < best_mse[active]
-        best_mse[active[better]] = mse[better]
-        if every and bool(better.all()):
-            best_theta = theta  # theta is replaced below, never written in place
-        else:
-            best_theta = best_theta.clone()
-            best_theta[active[better]] = theta[active[better]]
-        stop = ~better & (mse - best_mse[active] < settings.tol)
-        if every:
+            if stats.hard is not None:
+                hint[active] = stats.hard.to(torch.int32)
+        new_theta = m_step(stats, settings.eps, x.dtype)
+        if pending is not None:
+            track.add(*pending)  # waits for the previous iteration only: this one is queued
+        pending = (active, theta if len(active) == h else theta[active], _Later(stats.hard_sqerr / (big_n * d)))
+        if len(active) == h:
             theta = new_theta
         else:
             theta = theta.clone()
             theta[active] = new_theta
-        active = active[~stop]
-        if len(active) == 0:
-            break
-    return StageResult(theta=best_theta, mse=best_mse.float(), iters=iters)
+    if pending is not None:
+        track.add(*pending)
+    return StageResult(theta=track.theta, mse=track.mse.float(), iters=track.iters)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the GPU (pinned, non-blocking copy)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Later:
+    """A device tensor copied to the host without waiting; :meth:`get` waits for that copy only
+    (not for work queued after it)."""
+
+    def __init__(self, t: torch.Tensor):
+        if t.device.type != "cuda":
+            self.value, self.event = t, None
+            return
+        self.value = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.value.copy_(t, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def get(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.value
+
+
+class _Best:
+    """Per head: the iterate of lowest hard MSE, iterations counted, and the reference stopping rule
+    (stop when the MSE fails to improve and is worse than the best by less than ``tol``). Nothing
+    here waits for the GPU beyond the MSE it is given."""
+
+    def __init__(self, h: int, theta: torch.Tensor, tol: float):
+        self.mse = torch.full((h,), math.inf, dtype=torch.float64)
+        self.theta = theta.clone()
+        self.iters = torch.zeros(h, dtype=torch.long)
+        self.stopped = torch.zeros(h, dtype=torch.bool)
+        self.tol = tol
+
+    def add(self, heads: torch.Tensor, theta: torch.Tensor, mse: _Later) -> None:
+        """One iteration's results for ``heads`` (``theta``, ``mse`` row by row); heads stopped
+        meanwhile are ignored."""
+        err = mse.get().double()
+        keep = ~self.stopped[heads]
+        heads, err = heads[keep], err[keep]
+        self.iters[heads] += 1
+        better = err < self.mse[heads]
+        self.mse[heads[better]] = err[better]
+        if bool(better.any()):
+            dev = theta.device
+            if len(heads) == len(self.mse) and bool(keep.all()):
+                candidate = theta
+            else:
+                candidate = self.theta.clone()
+                candidate[_to_device(heads, dev)] = theta.index_select(0, _to_device(keep.nonzero()[:, 0], dev))
+            upd = torch.zeros(len(self.mse), dtype=torch.bool)
+            upd[heads[better]] = True
+            self.theta = torch.where(_to_device(upd, dev)[:, None, None], candidate, self.theta)
+        self.stopped[heads[~better & (err - self.mse[heads] < self.tol)]] = True
 
 
 @dataclass
