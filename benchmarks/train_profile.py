@@ -1,12 +1,11 @@
 #!/usr/bin/env python
 """Where the time of one key-codebook training step goes, per GPU kernel (torch profiler).
 
-    python benchmarks/train_profile.py [--what em,em_stage,init,e2e,encode] [--num_samples 1000000] [--steps 20]
+    python benchmarks/train_profile.py [--what em,em_stage,e2e,encode] [--num_samples 1000000] [--steps 20]
 
 ``em``: one fused E-step (all heads) at Llama-3.1-8B shapes on synthetic key-like data, plus the
 rest of an iteration (M-step), random codebooks, tokens unsorted. ``em_stage``: a real stage-0
-fit, timed, with the kernels of three of its E-steps (sorted tokens, pruned rows). ``init``: the
-initialization's E-step for a few block sizes.
+fit, timed, with the kernels of three of its E-steps (sorted tokens, pruned rows).
 ``e2e``: one E2E optimizer step (batch 256, R stages), uncaptured
 so the profiler sees every kernel, and the same step replayed from its CUDA graph, timed. Prints a
 table per part (kernel, calls per step, microseconds per step) and a last JSON line.
@@ -137,28 +136,6 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
     return out
 
 
-def tune_init(x, s) -> dict:
-    """Seconds of the initialization's E-step (all heads) for a few block sizes of the fused kernel,
-    and for the product of split halves read twice (the path of small shapes)."""
-    from commvq.kernels import em_init as k
-
-    centers = x[:, torch.randint(0, x.shape[1], (4096,), device=x.device)]
-    keep = k.FUSED, k.BT_FUSED, k.WARPS_FUSED
-    out = {}
-    for fused, bt, warps in ((False, 32, 4), (True, 64, 4), (True, 64, 8), (True, 128, 4), (True, 128, 8)):
-        k.FUSED, k.BT_FUSED, k.WARPS_FUSED = fused, bt, warps
-        k.e_step_centers_triton(x[:, :65536], s[:65536], centers, 1.0)  # compile
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        k.e_step_centers_triton(x, s, centers, 1.0)
-        torch.cuda.synchronize()
-        key = f"fused_BT{bt}_W{warps}" if fused else "split_product"
-        out[key] = time.perf_counter() - t0
-        print(f"init E-step {key:<20} {out[key]:.3f} s", flush=True)
-    k.FUSED, k.BT_FUSED, k.WARPS_FUSED = keep
-    return out
-
-
 def profile_e2e(x, steps: int, residuals: int, batch: int) -> dict:
     from commvq.kernels.encode import encode_triton
 
@@ -215,8 +192,6 @@ def main() -> None:
         result["em"] = profile_em(x, s, args.steps)
     if "em_stage" in what:
         result["em_stage"] = profile_em_stage(x, s)
-    if "init" in what:
-        result["init"] = tune_init(x, s)
     if "e2e" in what:
         result["e2e"] = profile_e2e(x, args.steps * 4, args.residuals, args.batch_size)
     if "encode" in what:

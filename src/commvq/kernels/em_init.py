@@ -2,11 +2,11 @@
 :func:`commvq.quant.em.e_step_centers`.
 
 Each stage starts from 4,096 random data points as free centers and one E-step at temperature 1,
-dense by nature. Per chunk of tokens one kernel walks all centers twice (hard code, ``d_min`` and
-``Z``; then the weights, both marginals and the soft counts), computing ``x.c`` block by block on
-TF32 tensor cores (at temperature 1, a distance error of 1e-5 moves a weight by 1e-5) instead of
-reading a product from memory. Shapes the tensor cores do not take (``D`` or ``E`` below 16) go
-through one product of split halves (:mod:`commvq.kernels.split16`) that the kernel reads twice.
+dense by nature. Per chunk of tokens one tensor-core product of split halves writes ``x.c``
+(:mod:`commvq.kernels.split16`, float32-like; at temperature 1 no more is needed) and one kernel
+reads it twice (hard code, ``d_min`` and ``Z``; then the weights, both
+marginals and the soft counts), instead of a dozen full passes of elementwise torch ops over
+``N x E^2``.
 """
 
 from __future__ import annotations
@@ -73,60 +73,7 @@ def _centers_kernel(xc_ptr, xr_ptr, cs_ptr, cc_ptr, xx_ptr, dmin_ptr, hard_ptr, 
     tl.store(hard_ptr + h * T + i, arg, mask=imask)
 
 
-@triton.jit
-def _fused_d2(xt, xx, ct_ptr, cc_ptr, h, a, D: tl.constexpr, E: tl.constexpr):
-    """Squared distances of a tile's tokens ``xt [BT, D]`` to the ``E`` centers of block ``A``, the
-    product on TF32 tensor cores (``ct``: centers transposed, ``[H, D, E*E]``)."""
-    dd = tl.arange(0, D)
-    e = tl.arange(0, E)
-    cb = tl.load(ct_ptr + (h * D + dd[:, None]) * (E * E) + a * E + e[None, :])
-    xc = tl.dot(xt, cb, input_precision="tf32")
-    return (xx + tl.load(cc_ptr + h * E * E + a * E + e)[None, :]) - 2.0 * xc
-
-
-@triton.jit
-def _centers_fused(x_ptr, ct_ptr, cc_ptr, dmin_ptr, hard_ptr, marg_ptr, cnt_ptr, T, head_stride, c,
-                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr):
-    """As :func:`_centers_kernel`, with ``x.c`` computed here from the vectors (``x [H, ., D]``, a
-    head every ``head_stride`` floats) instead of read from memory twice."""
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    e = tl.arange(0, E)
-    i = tile * BT + tl.arange(0, BT)
-    imask = i < T
-    xt = tl.load(x_ptr + h * head_stride + i[:, None] * D + tl.arange(0, D)[None, :], mask=imask[:, None], other=0.0)
-    xx = tl.sum(xt * xt, axis=1)[:, None]
-    best2 = tl.full([BT], float("inf"), tl.float32)
-    arg = tl.zeros([BT], tl.int32)
-    dm = tl.full([BT], float("inf"), tl.float32)
-    z = tl.zeros([BT], tl.float32)
-    for a in range(E):
-        d2 = _fused_d2(xt, xx, ct_ptr, cc_ptr, h, a, D, E)
-        b2 = tl.min(d2, axis=1)
-        better = b2 < best2  # strict: an earlier block wins a tie, as the flat argmin does
-        arg = tl.where(better, a * E + tl.argmin(d2, axis=1), arg)
-        best2 = tl.where(better, b2, best2)
-        d = tl.sqrt(tl.maximum(d2, 0.0))
-        new = tl.minimum(dm, tl.min(d, axis=1))
-        z = z * tl.exp2((new - dm) * c) + tl.sum(tl.exp2((new[:, None] - d) * c), axis=1)
-        dm = new
-    inv_z = tl.where(imask, 1.0 / z, 0.0)
-    gb = tl.zeros([BT, E], tl.float32)
-    cnt = cnt_ptr + (h * tl.num_programs(0) + tile) * (E * E) + e
-    for a in range(E):
-        d2 = _fused_d2(xt, xx, ct_ptr, cc_ptr, h, a, D, E)
-        w = tl.exp2((dm[:, None] - tl.sqrt(tl.maximum(d2, 0.0))) * c) * inv_z[:, None]
-        gb += w
-        tl.store(marg_ptr + (h * T + i) * (2 * E) + a, tl.sum(w, axis=1), mask=imask)
-        tl.store(cnt + a * E, tl.sum(w, axis=0))
-    tl.store(marg_ptr + (h * T + i[:, None]) * (2 * E) + E + e[None, :], gb, mask=imask[:, None])
-    tl.store(dmin_ptr + h * T + i, dm, mask=imask)
-    tl.store(hard_ptr + h * T + i, arg, mask=imask)
-
-
 BT_CENTERS = 32
-BT_FUSED, WARPS_FUSED = 64, 4
-FUSED = True  # x.c on TF32 tensor cores inside the kernel where the shapes allow (D, E >= 16)
 
 
 def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau: float,
@@ -142,38 +89,28 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     e = math.isqrt(centers.shape[1])
     stats = _empty_stats(h, e, d, x.device)
     cc = (centers * centers).sum(-1).contiguous()  # [H, E*E]
-    fused = FUSED and d >= 16 and e >= 16 and d & (d - 1) == 0
-    if fused:
-        ct = centers.transpose(-1, -2).contiguous()  # [H, D, E*E]
-        x = x.contiguous()
-    else:
-        c3, cs = split16.split_cols(centers.transpose(-1, -2))
+    c3, cs = split16.split_cols(centers.transpose(-1, -2))
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     c = math.log2(math.e) / tau
     f32 = dict(device=x.device, dtype=torch.float32)
     for i in range(0, big_n, chunk):
         xc = x[:, i:i + chunk]
         t = xc.shape[1]
-        bt = BT_FUSED if fused else BT_CENTERS
-        n_tiles = triton.cdiv(t, bt)
+        x3, xr = split16.split_rows(xc)
+        prod = split16.product(x3, c3)  # [H, t, E*E], scaled
+        xx = (xc * xc).sum(-1).contiguous()
+        n_tiles = triton.cdiv(t, BT_CENTERS)
         dmin, marg = torch.empty(h, t, **f32), torch.empty(h, t, 2 * e, **f32)
         cnt = torch.empty(h, n_tiles, e * e, **f32)
         hard_c = torch.empty(h, t, device=x.device, dtype=torch.int32)
-        if fused:
-            _centers_fused[(n_tiles, h)](xc, ct, cc, dmin, hard_c, marg, cnt, t, big_n * d, c, D=d, E=e, BT=bt,
-                                         num_warps=WARPS_FUSED)
-        else:
-            x3, xr = split16.split_rows(xc)
-            prod = split16.product(x3, c3)  # [H, t, E*E], scaled
-            xx = (xc * xc).sum(-1).contiguous()
-            _centers_kernel[(n_tiles, h)](prod, xr, cs.contiguous(), cc, xx, dmin, hard_c, marg, cnt, t, c, E=e,
-                                          BT=bt, num_warps=4)
+        _centers_kernel[(n_tiles, h)](prod, xr, cs.contiguous(), cc, xx, dmin, hard_c, marg, cnt, t, c, E=e,
+                                      BT=BT_CENTERS, num_warps=4)
         hard[:, i:i + chunk] = hard_c
         stats.count += cnt.sum(1, dtype=torch.float64).view(h, e, e)
         sums = torch.bmm(marg.transpose(1, 2), xc).double()
         stats.sum_a += sums[:, :e]
         stats.sum_b += sums[:, e:]
-        stats.sum_xx += (xc.double() ** 2).sum((-1, -2))
+        stats.sum_xx += xx.sum(-1, dtype=torch.float64)
         stats.hard_sqerr += ((dmin.double() * s[i:i + chunk].double()) ** 2).sum(-1)
     stats.hard = hard
     return stats
