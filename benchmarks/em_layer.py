@@ -157,10 +157,12 @@ def main() -> None:
               f"{float(err.mean()):.6f}", flush=True)
 
     from commvq.kernels.em_init import e_step_centers_triton
+    from commvq.kernels.nearest import nearest_triton
 
     fitted = em.fit(x, s, args.residuals, 64, em.EMSettings(max_iters=args.max_iters), seed=args.seed,
                     estep=estep, on_stage=on_stage,
-                    init_estep=em.e_step_centers if args.estep == "torch" else e_step_centers_triton)
+                    init_estep=em.e_step_centers if args.estep == "torch" else e_step_centers_triton,
+                    nearest_fn=None if args.estep == "torch" else nearest_triton)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30

@@ -19,6 +19,7 @@ float32 on the CUDA cores (``benchmarks/em_layer.py``).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -27,7 +28,7 @@ SCALE_EXP = 11  # the largest entry of a scaled row lies in [2^10, 2^11): float1
 
 def _unit_scale(v: torch.Tensor, dim: int) -> torch.Tensor:
     """Powers of two ``2^(11 - e)`` with ``max |v| = m 2^e``, ``m`` in ``[0.5, 1)``, along ``dim`` (kept)."""
-    top = v.abs().amax(dim=dim, keepdim=True)
+    top = torch.linalg.vector_norm(v, ord=math.inf, dim=dim, keepdim=True)
     _, e = torch.frexp(top)
     return torch.ldexp(torch.ones_like(top), SCALE_EXP - e)
 
@@ -46,10 +47,13 @@ def split_rows(a: torch.Tensor, rows_per_pass: int = 1 << 20) -> tuple[torch.Ten
     out = torch.empty(flat.shape[0], 3 * k, dtype=torch.float16, device=a.device)
     unscale = torch.empty(flat.shape[0], dtype=torch.float32, device=a.device)
     for i in range(0, flat.shape[0], rows_per_pass):
-        part = flat[i:i + rows_per_pass].float()
-        scale = _unit_scale(part, -1)
-        hi, lo = _halves(part * scale)
-        out[i:i + rows_per_pass] = torch.cat((lo, hi, hi), dim=-1)
+        v = flat[i:i + rows_per_pass].float()
+        scale = _unit_scale(v, -1)
+        v = v * scale
+        rows = out[i:i + rows_per_pass]
+        rows[:, k:2 * k] = v  # hi, rounded to nearest
+        rows[:, 2 * k:] = rows[:, k:2 * k]
+        rows[:, :k] = v.sub_(rows[:, k:2 * k])  # lo = v - hi, exact in float32
         unscale[i:i + rows_per_pass] = 1.0 / scale.squeeze(-1)
     return out.view(*a.shape[:-1], 3 * k), unscale.view(a.shape[:-1])
 

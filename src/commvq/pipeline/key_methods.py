@@ -33,6 +33,7 @@ class LayerJob:
     seed: int
     estep: em.EStep
     init_estep: em.CentersEStep = em.e_step_centers
+    nearest: em.Nearest | None = None  # encodes the residual between EM stages (None: pure torch)
     pair_weights: torch.Tensor | None = None  # [H, P] for objective=attention
 
 
@@ -60,7 +61,7 @@ def run_em(job: LayerJob, max_iters: int, chunk: int) -> LayerResult:
 
     fitted = em.fit(job.x, job.s, job.layout.residuals, num_entries(job.layout.code_bits),
                     em.EMSettings(max_iters=max_iters, chunk=chunk), seed=job.seed, estep=job.estep,
-                    on_stage=on_stage, init_estep=job.init_estep)
+                    on_stage=on_stage, init_estep=job.init_estep, nearest_fn=job.nearest)
     bar.close()
     save_heads(job, fitted.thetas, fitted.residual_mse)
     return LayerResult(fitted.thetas, fitted.residual_mse, {"iterations": fitted.iters.T.tolist()})
@@ -72,7 +73,7 @@ def initial_thetas(job: LayerJob, init: str, train_x: torch.Tensor, max_iters: i
     if init == "em":
         settings = em.EMSettings(max_iters=max_iters, chunk=chunk)
         return em.fit(train_x, job.s[: train_x.shape[1]], job.layout.residuals, e, settings, seed=job.seed,
-                      estep=job.estep, init_estep=job.init_estep).thetas
+                      estep=job.estep, init_estep=job.init_estep, nearest_fn=job.nearest).thetas
     if init == "random":
         return e2e.init_random(train_x, job.layout.residuals, e, generator)
     return e2e.init_kmeans(train_x, job.layout.residuals, e, generator)

@@ -176,14 +176,16 @@ def use_triton(name: str, device: torch.device) -> bool:
     return True
 
 
-def resolve_estep(name: str, device: torch.device) -> tuple[em.EStep, em.CentersEStep]:
-    """The EM E-steps (against codebooks, and the initialization's against free centers)."""
+def resolve_estep(name: str, device: torch.device) -> tuple[em.EStep, em.CentersEStep, em.Nearest | None]:
+    """The EM E-steps (against codebooks, and the initialization's against free centers) and the
+    nearest-codeword search that encodes the residual between stages (None: pure torch)."""
     if not use_triton(name, device):
-        return em.e_step, em.e_step_centers
+        return em.e_step, em.e_step_centers, None
     from commvq.kernels.em_estep import e_step_triton
     from commvq.kernels.em_init import e_step_centers_triton
+    from commvq.kernels.nearest import nearest_triton
 
-    return e_step_triton, e_step_centers_triton
+    return e_step_triton, e_step_centers_triton, nearest_triton
 
 
 def resolve_encoder(name: str, device: torch.device):
@@ -231,10 +233,10 @@ def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout
     heads = list(range(spec.num_kv_heads))
     keys = store.layer(layer).read(0, samples).float().to(device)
     x, s = normalize(keys, spec.num_kv_heads)
-    estep, init_estep = resolve_estep(cfg.kernels, device)
+    estep, init_estep, nearest_fn = resolve_estep(cfg.kernels, device)
     job = key_methods.LayerJob(layer=layer, heads=heads, x=x, s=s, layout=layout, out=out,
                                with_centers=cfg.with_centers, seed=cfg.seed * 1000 + layer,
-                               estep=estep, init_estep=init_estep,
+                               estep=estep, init_estep=init_estep, nearest=nearest_fn,
                                pair_weights=pair_weights_for(cfg, spec, layer, heads, device))
     if cfg.method == "em":
         res = key_methods.run_em(job, cfg.max_iters, cfg.chunk)

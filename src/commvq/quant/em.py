@@ -171,6 +171,7 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
 
 EStep = Callable[..., EStats]  # (x, s, theta, tau, chunk, hint, cache=) -> EStats, as e_step
 CentersEStep = Callable[..., EStats]  # (x, s, centers, tau, chunk, cache=) -> EStats, as e_step_centers
+Nearest = Callable[..., torch.Tensor]  # (x, theta, chunk) -> codes [H, N], as commutative.nearest
 
 
 @dataclass
@@ -297,10 +298,13 @@ class FitResult:
 def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, settings: EMSettings,
         seed: int = 0, estep: EStep = e_step,
         on_stage: Callable[[int, StageResult, torch.Tensor], None] | None = None,
-        init_estep: CentersEStep = e_step_centers) -> FitResult:
-    """Greedy residual EM: train stage r on what stages < r left. ``x [H, N, D]`` is not modified."""
+        init_estep: CentersEStep = e_step_centers, nearest_fn: Nearest | None = None) -> FitResult:
+    """Greedy residual EM: train stage r on what stages < r left. ``x [H, N, D]`` is not modified.
+    ``nearest_fn`` (as :func:`commvq.quant.commutative.nearest`, the default) encodes the residual
+    with a trained stage."""
     from commvq.quant.commutative import nearest
 
+    nearest_fn = nearest if nearest_fn is None else nearest_fn
     generator = torch.Generator().manual_seed(seed)
     residual = x.clone(memory_format=torch.contiguous_format)  # a head's chunks are then contiguous
     big_n, d = x.shape[1], x.shape[2]
@@ -309,7 +313,7 @@ def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, set
         res = fit_stage(residual, s, num_entries, r, settings, generator, estep, init_estep)
         for i in range(0, big_n, settings.chunk):
             part = residual[:, i:i + settings.chunk]
-            part -= decode(res.theta, nearest(part, res.theta, settings.chunk))
+            part -= decode(res.theta, nearest_fn(part, res.theta, settings.chunk))
         err = (torch.linalg.vector_norm(residual, dim=-1).square() * (s * s)).sum(-1).cpu() / (big_n * d)
         thetas.append(res.theta)
         stage_mse.append(res.mse)
