@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tune", action="store_true", help="try kernel block sizes first and use the fastest")
     ap.add_argument("--no_prune", action="store_true", help="evaluate every row of the distance table")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="an integer setting of commvq.kernels.em_estep (BT, WARPS_A, WARPS_B, UNROLL, "
+                         "TILES_PER_PROG_B, STREAMS, BLOCK); repeatable")
     ap.add_argument("--float32_products", action="store_true",
                     help="x @ W in float32 on the CUDA cores instead of split float16 halves on tensor cores")
     args = ap.parse_args()
@@ -132,6 +135,14 @@ def main() -> None:
     from commvq.kernels.em_estep import e_step_triton
 
     em_estep.SPLIT = not args.float32_products
+    knobs = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in ("BT", "WARPS_A", "WARPS_B", "UNROLL", "TILES_PER_PROG_B", "STREAMS", "BLOCK"):
+            raise SystemExit(f"--set {item}: unknown setting {name!r}; use one of BT, WARPS_A, WARPS_B, UNROLL, "
+                             "TILES_PER_PROG_B, STREAMS, BLOCK")
+        knobs[name] = int(value)
+        setattr(em_estep, name, int(value))
 
     work = []
 
@@ -195,7 +206,8 @@ def main() -> None:
     print(f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)")
     print(json.dumps({"bench": "em_layer", "card": card, "num_samples": args.num_samples, "heads": args.heads,
                       "head_dim": args.head_dim, "residuals": args.residuals, "estep": args.estep,
-                      "pruned": not args.no_prune, "split_products": em_estep.SPLIT, "rows_evaluated": mean_work,
+                      "pruned": not args.no_prune, "split_products": em_estep.SPLIT, "settings": knobs,
+                      "rows_evaluated": mean_work,
                       "seconds_per_layer": round(seconds, 2), "total_iters": total_iters,
                       "peak_gib": round(peak, 3), "peak_total_gib": round(peak_total, 3), "final_mse": final,
                       "relative_mse": rel, "ours_iter_s": ours_iter_s, "ref_iter_s_per_head": ref_iter_s,
