@@ -29,6 +29,11 @@ def _centers(device, cases):
             err = float((got - want).norm() / want.norm().clamp_min(1e-30))
             assert err < 1e-4, f"{name} rel err {err} for case {(h, n, d, e, tau, chunk)}"
         assert float((b.hard.long() != a.hard).float().mean()) < 0.01
+        cache = {}  # as EM's stages pass it: the halves of x made once, kept for the E-steps
+        kept = e_step_centers_triton(x, s, centers, tau, chunk=chunk, cache=cache)
+        assert cache["x3"].shape == (h, n, 3 * d)
+        for name in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr", "hard"):
+            assert torch.equal(getattr(kept, name), getattr(b, name)), name
 
 
 @pytest.mark.gpu

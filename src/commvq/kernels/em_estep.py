@@ -145,7 +145,7 @@ def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, flag_ptr, list_ptr, cnt_ptr, n_tiles
     tl.store(cnt_ptr + ((h * tl.num_programs(1) + r) * E + a) * E + e, tl.sum(acc, axis=0))
 
 
-BT, WARPS_A, WARPS_B = 32, 8, 8  # H100, one unpruned E-step at 8 x 1M: 79 ms with 8 warps, 81 with 4
+BT, WARPS_A, WARPS_B = 32, 4, 8  # H100, EM layer at 8 x 1M: 60.1 s with 4 warps in pass A, 61.8 with 8
 UNROLL = 4  # columns per step of walk 1
 TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
 STREAMS = 2  # H100, 8 x 1M: 3-6% faster per E-step than one stream
@@ -242,14 +242,14 @@ def _streams(device: torch.device) -> list:
     return [torch.cuda.current_stream(device)] + _side_streams[device][: STREAMS - 1]
 
 
-def stage_cache(x: torch.Tensor, cache: dict | None) -> dict:
+def stage_cache(x: torch.Tensor, cache: dict | None, split: bool | None = None) -> dict:
     """What the E-steps of one stage share for vectors ``x [H, N, D]`` that stay fixed: ``|x|^2``
-    and, with ``SPLIT``, the split halves of ``x`` and their unscaling (``x3 [H, N, 3D]`` float16:
-    1.5x the bytes of ``x``). Filled into ``cache`` on first use when one is given."""
+    and, with ``split`` (default ``SPLIT``), the split halves of ``x`` and their unscaling (``x3
+    [H, N, 3D]`` float16: 1.5x the bytes of ``x``). Filled into ``cache`` on first use when one is given."""
     cache = {} if cache is None else cache
     if "xx" not in cache:
         cache["xx"] = torch.linalg.vector_norm(x, dim=-1).square_()
-    if SPLIT and "x3" not in cache:
+    if (SPLIT if split is None else split) and "x3" not in cache:
         cache["x3"], cache["xr"] = split16.split_rows(x)
     return cache
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from commvq.kernels import split16
+from commvq.kernels.em_estep import stage_cache
 from commvq.quant.em import EStats, _empty_stats
 
 
@@ -80,8 +81,9 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
                           chunk: int = 8192, cache: dict | None = None) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step_centers` (the initialization against free
     centers ``[H, E*E, D]``): per chunk, one product writes ``x.c`` and one kernel reads it twice,
-    instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: accepted
-    for the common signature."""
+    instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: as for
+    :func:`commvq.kernels.em_estep.e_step_triton`; the split halves of ``x`` made here then serve the
+    stage's E-steps (without one, each chunk is split on its own)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU")
     x, centers = x.float(), centers.float()
@@ -93,10 +95,15 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     c = math.log2(math.e) / tau
     f32 = dict(device=x.device, dtype=torch.float32)
+    if cache is not None:
+        stage_cache(x.contiguous(), cache, split=True)
     for i in range(0, big_n, chunk):
         xc = x[:, i:i + chunk]
         t = xc.shape[1]
-        x3, xr = split16.split_rows(xc)
+        if cache is not None:
+            x3, xr = cache["x3"][:, i:i + chunk], cache["xr"][:, i:i + chunk].contiguous()
+        else:
+            x3, xr = split16.split_rows(xc)
         prod = split16.product(x3, c3)  # [H, t, E*E], scaled
         xx = (xc * xc).sum(-1).contiguous()
         n_tiles = triton.cdiv(t, BT_CENTERS)
