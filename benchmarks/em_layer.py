@@ -29,6 +29,8 @@ from commvq.quant import em
 from commvq.quant.commutative import codewords
 from commvq.quant.residual import normalize
 
+KNOBS = ("BT", "WARPS_A", "WARPS_B", "UNROLL", "TILES_PER_PROG_B", "STREAMS", "BLOCK")  # em_estep's block sizes
+
 
 def synthetic_keys(n: int, heads: int, head_dim: int, seed: int = 0, device="cuda") -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
@@ -125,8 +127,7 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="try kernel block sizes first and use the fastest")
     ap.add_argument("--no_prune", action="store_true", help="evaluate every row of the distance table")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="an integer setting of commvq.kernels.em_estep (BT, WARPS_A, WARPS_B, UNROLL, "
-                         "TILES_PER_PROG_B, STREAMS, BLOCK); repeatable")
+                    help=f"an integer setting of commvq.kernels.em_estep ({', '.join(KNOBS)}); repeatable")
     ap.add_argument("--float32_products", action="store_true",
                     help="x @ W in float32 on the CUDA cores instead of split float16 halves on tensor cores")
     args = ap.parse_args()
@@ -138,9 +139,8 @@ def main() -> None:
     knobs = {}
     for item in args.set:
         name, _, value = item.partition("=")
-        if name not in ("BT", "WARPS_A", "WARPS_B", "UNROLL", "TILES_PER_PROG_B", "STREAMS", "BLOCK"):
-            raise SystemExit(f"--set {item}: unknown setting {name!r}; use one of BT, WARPS_A, WARPS_B, UNROLL, "
-                             "TILES_PER_PROG_B, STREAMS, BLOCK")
+        if name not in KNOBS or not value.isdigit():
+            raise SystemExit(f"--set {item}: expected NAME=INTEGER with NAME one of {', '.join(KNOBS)}")
         knobs[name] = int(value)
         setattr(em_estep, name, int(value))
 

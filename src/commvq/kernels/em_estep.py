@@ -242,14 +242,14 @@ def _streams(device: torch.device) -> list:
     return [torch.cuda.current_stream(device)] + _side_streams[device][: STREAMS - 1]
 
 
-def stage_cache(x: torch.Tensor, cache: dict | None, split: bool | None = None) -> dict:
+def stage_cache(x: torch.Tensor, cache: dict | None) -> dict:
     """What the E-steps of one stage share for vectors ``x [H, N, D]`` that stay fixed: ``|x|^2``
-    and, with ``split`` (default ``SPLIT``), the split halves of ``x`` and their unscaling (``x3
-    [H, N, 3D]`` float16: 1.5x the bytes of ``x``). Filled into ``cache`` on first use when one is given."""
+    and, with ``SPLIT``, the split halves of ``x`` and their unscaling (``x3 [H, N, 3D]`` float16:
+    1.5x the bytes of ``x``). Filled into ``cache`` on first use when one is given."""
     cache = {} if cache is None else cache
     if "xx" not in cache:
         cache["xx"] = torch.linalg.vector_norm(x, dim=-1).square_()
-    if (SPLIT if split is None else split) and "x3" not in cache:
+    if SPLIT and "x3" not in cache:
         cache["x3"], cache["xr"] = split16.split_rows(x)
     return cache
 

@@ -3,10 +3,9 @@
 
 Each stage starts from 4,096 random data points as free centers and one E-step at temperature 1,
 dense by nature. Per chunk of tokens one tensor-core product of split halves writes ``x.c``
-(:mod:`commvq.kernels.split16`, float32-like; at temperature 1 no more is needed) and one kernel
-reads it twice (hard code, ``d_min`` and ``Z``; then the weights, both
-marginals and the soft counts), instead of a dozen full passes of elementwise torch ops over
-``N x E^2``.
+(:mod:`commvq.kernels.split16`, float32-like) and one kernel reads it twice (hard code, ``d_min``
+and ``Z``; then the weights, both marginals and the soft counts), instead of a dozen full passes
+of elementwise torch ops over ``N x E^2``.
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     centers ``[H, E*E, D]``): per chunk, one product writes ``x.c`` and one kernel reads it twice,
     instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: as for
     :func:`commvq.kernels.em_estep.e_step_triton`; the split halves of ``x`` made here then serve the
-    stage's E-steps (without one, each chunk is split on its own)."""
+    stage's E-steps (without them, each chunk is split on its own)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU")
     x, centers = x.float(), centers.float()
@@ -96,11 +95,11 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     c = math.log2(math.e) / tau
     f32 = dict(device=x.device, dtype=torch.float32)
     if cache is not None:
-        stage_cache(x.contiguous(), cache, split=True)
+        stage_cache(x.contiguous(), cache)
     for i in range(0, big_n, chunk):
         xc = x[:, i:i + chunk]
         t = xc.shape[1]
-        if cache is not None:
+        if cache is not None and "x3" in cache:
             x3, xr = cache["x3"][:, i:i + chunk], cache["xr"][:, i:i + chunk].contiguous()
         else:
             x3, xr = split16.split_rows(xc)
