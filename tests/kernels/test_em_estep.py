@@ -63,7 +63,7 @@ def _pruning(device, h, n, d, e):
 
 
 def _given_norms(device):
-    """|x|^2 passed by the caller (EM computes it once per stage) gives the same statistics as
+    """|x|^2 the caller puts in the cache (EM keeps one per stage) gives the same statistics as
     computing it in the E-step, and it is what the distances use."""
     from commvq.kernels.em_estep import e_step_triton
 
@@ -72,10 +72,10 @@ def _given_norms(device):
     s = torch.ones(200, device=device)
     theta = (torch.randn(2, 16, 8, generator=g) * 0.1).to(device)
     own = e_step_triton(x, s, theta, 1e-2)
-    given = e_step_triton(x, s, theta, 1e-2, xx=torch.linalg.vector_norm(x, dim=-1).square())
+    given = e_step_triton(x, s, theta, 1e-2, cache={"xx": torch.linalg.vector_norm(x, dim=-1).square()})
     for name in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr"):
         assert torch.equal(getattr(own, name), getattr(given, name)), name
-    shifted = e_step_triton(x, s, theta, 1e-2, xx=torch.linalg.vector_norm(x, dim=-1).square() + 1.0)
+    shifted = e_step_triton(x, s, theta, 1e-2, cache={"xx": torch.linalg.vector_norm(x, dim=-1).square() + 1.0})
     assert torch.allclose(shifted.sum_xx, own.sum_xx + 200) and not torch.equal(shifted.count, own.count)
 
 

@@ -244,26 +244,26 @@ def _streams(device: torch.device) -> list:
 
 def stage_cache(x: torch.Tensor, cache: dict | None) -> dict:
     """What the E-steps of one stage share for vectors ``x [H, N, D]`` that stay fixed: ``|x|^2``
-    and, with ``SPLIT``, the split halves of ``x`` and their unscaling (``x3 [H, N, 3D]`` float16:
-    1.5x the bytes of ``x``). Filled into ``cache`` on first use when one is given."""
+    and, with ``SPLIT`` (where torch supports it), the split halves of ``x`` and their unscaling
+    (``x3 [H, N, 3D]`` float16: 1.5x the bytes of ``x``). Filled into ``cache`` on first use when
+    one is given."""
     cache = {} if cache is None else cache
     if "xx" not in cache:
         cache["xx"] = torch.linalg.vector_norm(x, dim=-1).square_()
-    if SPLIT and "x3" not in cache:
+    if SPLIT and "x3" not in cache and split16.supported(x.device):
         cache["x3"], cache["xr"] = split16.split_rows(x)
     return cache
 
 
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-                  hint: torch.Tensor | None = None, prune: bool = True, xx: torch.Tensor | None = None,
-                  cache: dict | None = None) -> EStats:
+                  hint: torch.Tensor | None = None, prune: bool = True, cache: dict | None = None) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
     tiles skip more rows; it changes the statistics only by float rounding (the order of sums).
-    ``prune=False`` walks every row (same results bit for bit). ``xx [H, N]``: ``|x|^2`` when the
-    caller has it. ``cache``: a dict kept by a caller whose ``x`` stays fixed over many calls (EM,
-    within a stage), holding what :func:`stage_cache` derives from ``x`` once. Work goes in blocks
+    ``prune=False`` walks every row (same results bit for bit). ``cache``: a dict kept by a caller
+    whose ``x`` stays fixed over many calls (EM, within a stage), holding what :func:`stage_cache`
+    derives from ``x`` once (``|x|^2`` as ``"xx"``, which a caller may also put there). Work goes in blocks
     of about ``BLOCK`` vectors, each contiguous (whole heads, or part of one head): no copies.
     ``chunk`` is accepted for the common signature (the kernels need no smaller blocks).
     """
@@ -275,10 +275,7 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     h, big_n, d = x.shape
     stats = _empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
-    cache = {} if cache is None else cache
-    if xx is not None:
-        cache["xx"] = xx.float()
-    stage_cache(x, cache)
+    cache = stage_cache(x, cache)
     xx, x3, xr = cache["xx"], cache.get("x3") if SPLIT else None, cache.get("xr")
     w3, wc = split16.split_cols(w) if x3 is not None else (None, None)
     needed, total = [], 0

@@ -82,7 +82,8 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     centers ``[H, E*E, D]``): per chunk, one product writes ``x.c`` and one kernel reads it twice,
     instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: as for
     :func:`commvq.kernels.em_estep.e_step_triton`; the split halves of ``x`` made here then serve the
-    stage's E-steps (without them, each chunk is split on its own)."""
+    stage's E-steps (without them, each chunk is split on its own; where torch cannot give float16
+    products a float32 output, the products are float32)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU")
     x, centers = x.float(), centers.float()
@@ -90,7 +91,11 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     e = math.isqrt(centers.shape[1])
     stats = _empty_stats(h, e, d, x.device)
     cc = (centers * centers).sum(-1).contiguous()  # [H, E*E]
-    c3, cs = split16.split_cols(centers.transpose(-1, -2))
+    split = split16.supported(x.device)
+    if split:
+        c3, cs = split16.split_cols(centers.transpose(-1, -2))
+    else:  # float32 products, unit scales
+        ct, cs = centers.transpose(-1, -2), torch.ones(h, e * e, device=x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     c = math.log2(math.e) / tau
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -99,11 +104,14 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     for i in range(0, big_n, chunk):
         xc = x[:, i:i + chunk]
         t = xc.shape[1]
-        if cache is not None and "x3" in cache:
-            x3, xr = cache["x3"][:, i:i + chunk], cache["xr"][:, i:i + chunk].contiguous()
+        if not split:
+            prod, xr = torch.bmm(xc, ct), torch.ones(h, t, **f32)
         else:
-            x3, xr = split16.split_rows(xc)
-        prod = split16.product(x3, c3)  # [H, t, E*E], scaled
+            if cache is not None and "x3" in cache:
+                x3, xr = cache["x3"][:, i:i + chunk], cache["xr"][:, i:i + chunk].contiguous()
+            else:
+                x3, xr = split16.split_rows(xc)
+            prod = split16.product(x3, c3)  # [H, t, E*E], scaled
         xx = (xc * xc).sum(-1).contiguous()
         n_tiles = triton.cdiv(t, BT_CENTERS)
         dmin, marg = torch.empty(h, t, **f32), torch.empty(h, t, 2 * e, **f32)

@@ -19,6 +19,7 @@ float32 on the CUDA cores (``benchmarks/em_layer.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -64,6 +65,19 @@ def split_cols(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = _unit_scale(b, -2)
     hi, lo = _halves(b.float() * scale)
     return torch.cat((hi, lo, hi), dim=-2), (1.0 / scale).squeeze(-2)
+
+
+@functools.cache
+def supported(device: torch.device) -> bool:
+    """Whether this torch gives float16 products a float32 output on ``device`` (``bmm(...,
+    out_dtype=)``, torch 2.8 on); callers fall back to float32 products where it does not."""
+    if device.type != "cuda":
+        return True
+    a = torch.zeros(1, 16, 16, dtype=torch.float16, device=device)
+    try:
+        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
 
 
 def product(a3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
