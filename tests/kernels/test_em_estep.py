@@ -98,7 +98,10 @@ def _fit(device):
     assert torch.equal(got.iters, want.iters)
     assert torch.allclose(got.residual_mse.double(), want.residual_mse.double(), rtol=1e-3)
     # float32 against float64: the torch path in float32 differs by 1.5e-3 here, the kernels by 1.0e-3
-    assert float((got.thetas.double() - want.thetas).norm() / want.thetas.norm()) < 5e-3
+    # in the interpreter; on a GPU the marginal sums run on TF32 tensor cores (10-bit mantissa), and
+    # the kernels differ by 7.9e-3 (H100), the residual errors still within 1e-3
+    tol = 2e-2 if x.is_cuda else 5e-3
+    assert float((got.thetas.double() - want.thetas).norm() / want.thetas.norm()) < tol
 
 
 @pytest.mark.gpu
