@@ -2,10 +2,13 @@
 """Decode attention per layer per step at Llama-3.1-8B shapes (32 query heads, 8 KV heads x 128):
 CommVQ kernels vs naive decode-then-attend vs FP16 SDPA, all in one run on one card; plus memory.
 
-    python benchmarks/decode_attention.py [--contexts 8192,32768,131072] [--batch 1]
+    python benchmarks/decode_attention.py [--contexts 8192,32768,131072] [--batch 1 | --batch max]
 
-Random codes and codebooks (speed does not depend on their values). Prints a table and a last
-JSON line. ``--small`` runs tiny shapes (also under TRITON_INTERPRET=1 on a CPU, as a smoke test).
+Random codes and codebooks (speed does not depend on their values). ``--batch max``: per context and
+bit width, the largest batch whose cache fits beside Llama-3.1-8B's bf16 weights on this card (all 32
+layers), timed for one layer; FP16 SDPA at that batch (one layer) and at its own largest batch.
+Prints a table and a last JSON line. ``--small`` runs tiny shapes (also under TRITON_INTERPRET=1 on a
+CPU, as a smoke test).
 """
 
 from __future__ import annotations
@@ -46,19 +49,34 @@ def timed(fn, device, reps: int = 20) -> float:
 
 
 def make_state(b, n, hkv, d, r, qbits, device, gen):
+    """Random packed codes of ``b`` sequences of ``n`` tokens (random bytes are valid codes: every
+    12-bit pattern is a code, every 2-bit pattern a value pattern), drawn on ``device``."""
     e = 64
     f = hkv * d
+    dev_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    kbytes = pack_codes(torch.zeros(1, hkv * r, dtype=torch.long), 12).shape[-1]
+    vbytes = pack_2bit(torch.zeros(1, f * qbits // 2, dtype=torch.long)).shape[-1]
+
+    def rand_bytes(width):
+        return torch.randint(0, 256, (b, n, width), generator=dev_gen, device=device, dtype=torch.uint8)
+
     st = {
         "thetas": (torch.randn(hkv, r, 2 * e, d // 2, generator=gen) * 0.1).to(device),
-        "kcodes": pack_codes(torch.randint(0, e * e, (b, n, hkv * r), generator=gen), 12).to(device),
-        "prescale": (torch.rand(b, n, generator=gen) + 0.5).half().to(device),
-        "pos": torch.arange(n, dtype=torch.int32).expand(b, -1).contiguous().to(device),
-        "vcodes": pack_2bit(torch.randint(0, 4, (b, n, f * qbits // 2), generator=gen)).to(device),
-        "factor": torch.rand(b, n, generator=gen).half().to(device),
+        "kcodes": rand_bytes(kbytes),
+        "prescale": (torch.rand(b, n, generator=dev_gen, device=device) + 0.5).half(),
+        "pos": torch.arange(n, dtype=torch.int32, device=device).expand(b, -1).contiguous(),
+        "vcodes": rand_bytes(vbytes),
+        "factor": torch.rand(b, n, generator=dev_gen, device=device).half(),
         "codebook": (torch.randn(f * qbits, f, generator=gen) / math.sqrt(f * qbits)).to(device),
         "scale": (torch.rand(f, generator=gen) + 0.5).to(device),
     }
     return st
+
+
+def bytes_per_token(hkv, d, r, qbits) -> int:
+    """What the compressed cache holds per token per layer (codes and scalars, as ``make_state``)."""
+    st = make_state(1, 1, hkv, d, r, qbits, torch.device("cpu"), torch.Generator().manual_seed(0))
+    return sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
 
 
 def ours(q, st, win_k, win_v, freqs, hkv, scaling, style="regdecode16"):
@@ -104,7 +122,11 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
     st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")}
     t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
     t_fp32 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device)
-    t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device)
+    try:
+        t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device)
+    except torch.OutOfMemoryError:  # its dense keys and values do not fit at the largest batches
+        t_naive = float("nan")
+        torch.cuda.empty_cache()
     t_fp16 = timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
     bytes_ours = sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
     bytes_fp16 = (k16.numel() + v16.numel()) * k16.element_size()
@@ -119,9 +141,25 @@ def parse_args(doc: str, contexts: str) -> tuple[argparse.Namespace, torch.devic
     """The options the decode benchmarks share, and the device they run on."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--contexts", default=contexts)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", default="1", help="sequences, or max (decode_attention only)")
     ap.add_argument("--small", action="store_true")
     return ap.parse_args(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+WEIGHTS = 16.06e9  # Llama-3.1-8B in bf16
+LAYERS = 32
+
+
+def largest_batch(total: int, n: int, per_token_layer: int) -> int:
+    """Sequences of ``n`` tokens whose cache (all layers) fits beside the weights in ``total`` bytes."""
+    return int((total - WEIGHTS) // (per_token_layer * LAYERS * n)) if total else 1
+
+
+def fp16_sdpa_ms(b, n, hq, hkv, d, device, dtype) -> float:
+    """FP16 SDPA over ``b`` sequences of ``n`` dense keys and values."""
+    k16, v16 = (torch.randn(b, hkv, n, d, device=device, dtype=dtype) for _ in range(2))
+    q16 = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
+    return timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
 
 
 def main() -> None:
@@ -132,29 +170,40 @@ def main() -> None:
     freqs = rope.inv_freq(d, 5e5).to(device)
     scaling = d**-0.5
     gen = torch.Generator().manual_seed(0)
+    total = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 0
+    fp16_token = 2 * hkv * d * 2
+    per_token = {bits: bytes_per_token(hkv, d, round(bits * d / 12), bits) for bits in (2, 1)}
     rows = []
     for bits, r in ((2, round(2 * d / 12)), (1, round(d / 12))):
         for n in contexts:
-            rows.append(measure(args.batch, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen))
+            b = largest_batch(total, n, per_token[bits]) if args.batch == "max" else int(args.batch)
+            row = measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen)
+            if args.batch == "max":
+                b16 = max(1, largest_batch(total, n, fp16_token))
+                t16 = fp16_sdpa_ms(b16, n + window, hq, hkv, d, device, dtype)
+                row.update(fp16_max_batch=b16, fp16_at_max_ms=t16,
+                           seq_per_ms_commvq=b / row["commvq_ms"], seq_per_ms_fp16=b16 / t16)
+            rows.append(row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    total = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 0
-    per_token = {bits: [r_["commvq_bytes"] / (r_["context"] * r_["batch"]) for r_ in rows if r_["bits"] == bits][-1]
-                 for bits in (2, 1)}
-    fp16_token = 2 * hkv * d * 2
-    weights = 16.06e9  # Llama-3.1-8B in bf16
-    capacity = {name: int((total - weights) / (bpt * 32)) if total else 0
+    capacity = {name: int((total - WEIGHTS) / (bpt * LAYERS)) if total else 0
                 for name, bpt in (("fp16", fp16_token), ("commvq2", per_token[2]), ("commvq1", per_token[1]))}
     commit = commit_id()
-    print(f"card {card}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, window {window}")
-    print(f"{'bits':>4} {'context':>8} {'commvq ms':>10} {'fp32tab ms':>10} {'naive ms':>9} {'fp16 ms':>8} "
-          f"{'vs fp16':>8} {'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")
+    print(f"card {card}; commit {commit}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, "
+          f"window {window}")
+    print(f"{'bits':>4} {'context':>8} {'batch':>5} {'commvq ms':>10} {'fp32tab ms':>10} {'naive ms':>9} "
+          f"{'fp16 ms':>8} {'vs fp16':>8} {'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")
     for r_ in rows:
-        print(f"{r_['bits']:>4} {r_['context']:>8} {r_['commvq_ms']:>10.3f} {r_['commvq_fp32_tables_ms']:>10.3f} "
-              f"{r_['naive_ms']:>9.3f} "
+        print(f"{r_['bits']:>4} {r_['context']:>8} {r_['batch']:>5} {r_['commvq_ms']:>10.3f} "
+              f"{r_['commvq_fp32_tables_ms']:>10.3f} {r_['naive_ms']:>9.3f} "
               f"{r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} {r_['speedup_vs_naive']:>9.1f} "
               f"{r_['commvq_GBps']:>12.0f} {r_['fp16_GBps']:>10.0f}")
+    if args.batch == "max":
+        print("at each one's largest batch (whole model on this card): sequences per ms per layer")
+        for r_ in rows:
+            print(f"{r_['bits']:>4} {r_['context']:>8}  CommVQ batch {r_['batch']}: {r_['seq_per_ms_commvq']:.2f}; "
+                  f"FP16 batch {r_['fp16_max_batch']} ({r_['fp16_at_max_ms']:.3f} ms): {r_['seq_per_ms_fp16']:.2f}")
     print(f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f}; "
           f"tokens (batch x context) that fit beside bf16 weights: {capacity}")
     print(json.dumps({"bench": "decode_attention", "card": card, "rows": rows, "bytes_per_token_layer":

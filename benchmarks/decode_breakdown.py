@@ -81,7 +81,7 @@ def main() -> None:
         score_cfgs, value_cfgs = score_cfgs[:3], value_cfgs[:1]
     rows = []
     for bits, n in itertools.product((2, 1), contexts):
-        rows += measure(args.batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cfgs)
+        rows += measure(int(args.batch), n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cfgs)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

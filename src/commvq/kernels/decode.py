@@ -72,12 +72,30 @@ def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N
 
 
 @triton.jit
-def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes, scale,
-                             R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr,
-                             P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr):
-    """The same scores with the key assembled in registers from the decode tables ``M [Hkv, R, 2E, D]``
-    (rows ``A``: ``[R_A | I_A]``, rows ``E+B``: ``[-I_B | R_B]``; fp32 or fp16, summed in fp32): 2R
-    gathered rows per token and KV head instead of 2R per query head; the key never reaches memory."""
+def _rotation(pos, freq, FAST: tl.constexpr):
+    """``cos, sin`` of the float32 angles ``pos * freq`` (as the model computes them), reduced to
+    ``[-pi, pi]`` by ``2 pi`` in three parts (Cody-Waite: the first two of 8 and 9 significant bits,
+    so their products with the multiple ``k < 2^15``, angles up to 205,887, are exact; 1.2e-7 off
+    at most), then the hardware's approximations (``FAST``) or the accurate library functions (the
+    interpreter has only these)."""
+    ang = pos[:, None] * freq[None, :]
+    k = tl.floor(ang * 0.15915494309189535 + 0.5)
+    red = ang - k * 6.28125
+    red = red - k * 0.001934051513671875
+    red = red - k * 1.2556659146019252e-06
+    if FAST:
+        return tl.extra.cuda.libdevice.fast_cosf(red), tl.extra.cuda.libdevice.fast_sinf(red)
+    return tl.cos(red), tl.sin(red)
+
+
+@triton.jit
+def _scores_regdecode_kernel(a_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes, scale,
+                             R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+                             HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr, FAST: tl.constexpr):
+    """The scores with each token's key assembled in registers from the codebook ``a [Hkv, R, E, D]``
+    (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword ``a_A + i a_B`` is formed in the
+    table's dtype and summed over stages in fp32; 2R gathered half-rows per token and KV head, the key
+    never reaches memory; then one rotation per pair and a dot with each of the ``G`` query heads."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -89,24 +107,19 @@ def _scores_regdecode_kernel(m_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
     kim = tl.zeros([BN, P], tl.float32)
     for r in range(R):
         code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
-        ra = m_ptr + (((h * R + r) * 2 * E) + code // E)[:, None] * D + f[None, :]
-        rb = m_ptr + (((h * R + r) * 2 * E) + E + code % E)[:, None] * D + f[None, :]
-        kre += tl.load(ra).to(tl.float32) + tl.load(rb).to(tl.float32)
-        kim += tl.load(ra + P).to(tl.float32) + tl.load(rb + P).to(tl.float32)
-    pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
+        ra = a_ptr + ((h * R + r) * E + code // E)[:, None] * D + f[None, :]
+        rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
+        kre += (tl.load(ra) - tl.load(rb + P)).to(tl.float32)
+        kim += (tl.load(ra + P) + tl.load(rb)).to(tl.float32)
+    pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32) * scale
     pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
-    ang = pos[:, None] * tl.load(freq_ptr + f)[None, :]
-    c = tl.cos(ang)
-    s = tl.sin(ang)
-    rre = (kre * c - kim * s) * pre[:, None]
-    rim = (kre * s + kim * c) * pre[:, None]
-    j = tl.arange(0, GQ)
-    qmask = j[:, None] < G
-    q_re = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + f[None, :], mask=qmask, other=0.0)
-    q_im = tl.load(q_ptr + ((b * HKV + h) * G + j[:, None]) * D + P + f[None, :], mask=qmask, other=0.0)
-    score = tl.sum(rre[:, None, :] * q_re[None, :, :] + rim[:, None, :] * q_im[None, :, :], axis=2)  # [BN, GQ]
-    tl.store(out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None], score * scale,
-             mask=tmask[:, None] & (j[None, :] < G))
+    c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
+    rre = kre * c - kim * s
+    rim = kre * s + kim * c
+    for j in tl.static_range(G):
+        qh = q_ptr + ((b * HKV + h) * G + j) * D
+        score = tl.sum(rre * tl.load(qh + f)[None, :] + rim * tl.load(qh + P + f)[None, :], axis=1) * pre
+        tl.store(out_ptr + ((b * HKV + h) * G + j) * N + t, score, mask=tmask)
 
 
 @triton.jit
@@ -131,7 +144,8 @@ def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_p
         packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
                          other=0).to(tl.int32)  # [BK, BF // 8]
         wide = tl.reshape(tl.broadcast_to(packed[:, :, None], [BK, BF // 8, 8]), [BK, BF])
-        signs = (2 * ((wide >> shift[None, :]) & 1) - 1).to(tl.float16)  # [BK, BF]
+        # +-1.0 as float16 bit patterns: 0x3C00, with the sign bit where the bit is 0
+        signs = (((((wide >> shift[None, :]) & 1) ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
         f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
                     other=0.0)
@@ -165,16 +179,15 @@ BLOCKS = {"regdecode16": 16, "regdecode": 32, "trick": 32}  # tokens per program
 
 def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]:
     """The per-layer tables a scores ``style`` reads (build once per codebook, reuse every step):
-    ``regdecode``: ``M [Hkv, R, 2E, D]`` fp32; ``regdecode16``: the same in fp16; ``trick``: none
-    (its tables depend on the query)."""
+    ``regdecode``: the codebook ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``) in fp32;
+    ``regdecode16``: the same in fp16; ``trick``: none (its tables depend on the query)."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
     if style == "trick":
         return ()
-    from commvq.quant.commutative import decode_table
-
-    m = decode_table(thetas.float())
-    return ((m.half() if style == "regdecode16" else m).contiguous(),)
+    hkv, r, e2, p = thetas.shape
+    a = thetas.float().reshape(hkv, r, e2 // 2, 2 * p)  # rows 2e, 2e+1 of theta: Re a_e, Im a_e
+    return ((a.half() if style == "regdecode16" else a).contiguous(),)
 
 
 def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
@@ -207,7 +220,7 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
                              **common)
     else:
         _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,
-                                       GQ=triton.next_power_of_2(g), BN=block, **common)
+                                       BN=block, FAST=q.is_cuda, **common)
     return out
 
 
