@@ -29,6 +29,7 @@ from decode_attention import make_state, timed
 from commvq import rope
 from commvq.kernels import decode
 from commvq.kernels.decode import _load_code
+from commvq.quant.commutative import decode_table
 
 
 @triton.jit
@@ -199,8 +200,8 @@ def measure(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]:
     fp16 = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None].bfloat16(), k16, v16,
                                                                           enable_gqa=True), device)
     rows.append({"bits": bits, "part": "fp16_sdpa", "cfg": "", "ms": fp16, "rel": 0.0})
-    table = decode.prepare_tables(st["thetas"], "regdecode16")[0]
-    tables = (table, st["thetas"].half().reshape(hkv, r, -1, d).contiguous())
+    table = decode.prepare_tables(st["thetas"], "regdecode16")[0]  # the codebook [Hkv, R, E, D], fp16
+    tables = (decode_table(st["thetas"]).half().contiguous(), table)
 
     def lib(pos=st["pos"]):
         return decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], pos, st["thetas"], freqs, 12, 0.1,
