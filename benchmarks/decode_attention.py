@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import time
+from math import nan
 
 import torch
 
@@ -110,8 +111,9 @@ def naive(q, st, win_k, win_v, freqs, hkv, r, qbits, dtype):
     return F.scaled_dot_product_attention(q[:, :, None].to(dtype), kk, vv, enable_gqa=True)
 
 
-def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen) -> dict:
-    """One (bits, context) row: the three attentions timed on the same card."""
+def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen, extras=True) -> dict:
+    """One (bits, context) row: the three attentions timed on the same card (``extras=False``: not
+    the fp32-table variant nor naive, whose dense keys and values do not fit at the largest batches)."""
     st = make_state(b, n, hkv, d, r, bits, device, gen)
     q = torch.randn(b, hq, d, generator=gen).to(device)
     win_k = torch.randn(b, hkv, window, d, generator=gen).to(device, dtype)
@@ -121,12 +123,8 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
     q16 = q[:, :, None].to(dtype)
     st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")}
     t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
-    t_fp32 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device)
-    try:
-        t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device)
-    except torch.OutOfMemoryError:  # its dense keys and values do not fit at the largest batches
-        t_naive = float("nan")
-        torch.cuda.empty_cache()
+    t_fp32 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device) if extras else nan
+    t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device) if extras else nan
     t_fp16 = timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
     bytes_ours = sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
     bytes_fp16 = (k16.numel() + v16.numel()) * k16.element_size()
@@ -177,13 +175,15 @@ def main() -> None:
     for bits, r in ((2, round(2 * d / 12)), (1, round(d / 12))):
         for n in contexts:
             b = largest_batch(total, n, per_token[bits]) if args.batch == "max" else int(args.batch)
-            row = measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen)
+            row = measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen,
+                          extras=args.batch != "max")
             if args.batch == "max":
                 b16 = max(1, largest_batch(total, n, fp16_token))
                 t16 = fp16_sdpa_ms(b16, n + window, hq, hkv, d, device, dtype)
                 row.update(fp16_max_batch=b16, fp16_at_max_ms=t16,
                            seq_per_ms_commvq=b / row["commvq_ms"], seq_per_ms_fp16=b16 / t16)
             rows.append(row)
+            print(json.dumps(row), flush=True)  # progress, in case a long run is cut short
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
