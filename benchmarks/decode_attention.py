@@ -2,7 +2,7 @@
 """Decode attention per layer per step at Llama-3.1-8B shapes (32 query heads, 8 KV heads x 128):
 CommVQ kernels vs naive decode-then-attend vs FP16 SDPA, all in one run on one card; plus memory.
 
-    python benchmarks/decode_attention.py [--contexts 8192,32768,131072] [--batch 1 | --batch max]
+    python benchmarks/decode_attention.py [--contexts 8192,32768,131072] [--batch 1 | --batch max] [--bits 2,1]
 
 Random codes and codebooks (speed does not depend on their values). ``--batch max``: per context and
 bit width, the largest batch whose cache fits beside Llama-3.1-8B's bf16 weights on this card (all 32
@@ -140,6 +140,7 @@ def parse_args(doc: str, contexts: str) -> tuple[argparse.Namespace, torch.devic
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--contexts", default=contexts)
     ap.add_argument("--batch", default="1", help="sequences, or max (decode_attention only)")
+    ap.add_argument("--bits", default="2,1", help="bit widths to run (decode_attention only)")
     ap.add_argument("--small", action="store_true")
     return ap.parse_args(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -172,7 +173,8 @@ def main() -> None:
     fp16_token = 2 * hkv * d * 2
     per_token = {bits: bytes_per_token(hkv, d, round(bits * d / 12), bits) for bits in (2, 1)}
     rows = []
-    for bits, r in ((2, round(2 * d / 12)), (1, round(d / 12))):
+    for bits in (int(x) for x in args.bits.split(",")):
+        r = round(bits * d / 12)
         for n in contexts:
             b = largest_batch(total, n, per_token[bits]) if args.batch == "max" else int(args.batch)
             row = measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen,
