@@ -118,8 +118,7 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
     q = torch.randn(b, hq, d, generator=gen).to(device)
     win_k = torch.randn(b, hkv, window, d, generator=gen).to(device, dtype)
     win_v = torch.randn(b, hkv, window, d, generator=gen).to(device, dtype)
-    k16 = torch.randn(b, hkv, n + window, d, generator=gen).to(device, dtype)
-    v16 = torch.randn(b, hkv, n + window, d, generator=gen).to(device, dtype)
+    k16, v16 = (torch.randn(b, hkv, n + window, d, device=device, dtype=dtype) for _ in range(2))  # drawn there
     q16 = q[:, :, None].to(dtype)
     st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")}
     t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
