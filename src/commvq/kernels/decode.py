@@ -1,10 +1,10 @@
 """Decode attention over a CommVQ-compressed cache (Triton), for one new query token per sequence.
 
 Keys (default ``regdecode16``): :func:`_scores_regdecode_kernel` reads each token's packed codes and,
-per KV head, sums in fp32 registers the 2R rows of the layer's decode tables ``M [2E, D]`` (fp16,
-built once per codebook by :func:`prepare_tables`) that its codes select, rotates each pair once by
-the token's angle, scales by its prescale and dots the result with the ``g`` query heads of that KV
-head: the key never reaches memory. ``trick``: :func:`_scores_kernel`, the commutative trick with
+per KV head, sums in fp32 registers the stage codewords ``a_A + i a_B`` its codes select from the
+layer's codebook ``a [E, D]`` (fp16, laid out once per codebook by :func:`prepare_tables`), rotates
+each pair once by the token's angle, scales by its prescale and dots the result with the ``g`` query
+heads of that KV head: the key never reaches memory. ``trick``: :func:`_scores_kernel`, the commutative trick with
 per-step tables ``u[h, r, e] = q_j . M(a_{h,r,e})`` per query head (the same scores, gathering g
 times more; about 40x slower on an H100, kept as a cross-check). Values: :func:`_values_kernel`
 accumulates ``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with tensor-core dot products,
@@ -73,19 +73,17 @@ def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N
 
 @triton.jit
 def _rotation(pos, freq, FAST: tl.constexpr):
-    """``cos, sin`` of the float32 angles ``pos * freq`` (as the model computes them), reduced to
-    ``[-pi, pi]`` by ``2 pi`` in three parts (Cody-Waite: the first two of 8 and 9 significant bits,
-    so their products with the multiple ``k < 2^15``, angles up to 205,887, are exact; 1.2e-7 off
-    at most), then the hardware's approximations (``FAST``) or the accurate library functions (the
-    interpreter has only these)."""
+    """``cos, sin`` of the float32 angles ``pos * freq`` (as the model computes them). ``FAST`` (on a
+    GPU): reduced to ``[-pi, pi]`` by ``2 pi`` in two float32 parts with fused multiply-adds (each
+    product exact, each step rounded once: under 1e-6 off for angles up to 1e8), then the hardware's
+    approximations; else the accurate library functions (the interpreter has only these)."""
     ang = pos[:, None] * freq[None, :]
-    k = tl.floor(ang * 0.15915494309189535 + 0.5)
-    red = ang - k * 6.28125
-    red = red - k * 0.001934051513671875
-    red = red - k * 1.2556659146019252e-06
     if FAST:
+        k = tl.floor(ang * 0.15915494309189535 + 0.5)
+        red = tl.fma(-k, 6.2831854820251465, ang)  # float32(2 pi)
+        red = tl.fma(-k, -1.7484555314695172e-07, red)  # float32(2 pi - float32(2 pi))
         return tl.extra.cuda.libdevice.fast_cosf(red), tl.extra.cuda.libdevice.fast_sinf(red)
-    return tl.cos(red), tl.sin(red)
+    return tl.cos(ang), tl.sin(ang)
 
 
 @triton.jit
@@ -196,8 +194,8 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
                          num_warps: int = 4) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
-    assembled in registers from fp16 decode tables, summed in fp32), ``regdecode`` (the same from
-    fp32 tables) or ``trick`` (per-query tables, the commutative trick; slow, kept as a check).
+    assembled in registers from the fp16 codebook, stage codewords summed in fp32), ``regdecode``
+    (the same from the fp32 codebook) or ``trick`` (per-query tables, the commutative trick; slow, kept as a check).
     ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
