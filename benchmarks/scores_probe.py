@@ -6,7 +6,7 @@ in the same run, with a diagnostic that skips the rotation to show what it costs
 compute the true scores print their largest difference from the library's kernel, relative to the
 largest score (or output).
 
-    python benchmarks/scores_probe.py [--context 131072]
+    python benchmarks/scores_probe.py [--context 131072] [--round 2]
 
 Prints a table and a last JSON line (``--small``: tiny shapes, runs under TRITON_INTERPRET=1).
 """
@@ -139,9 +139,12 @@ def probe_scores(q, packed, prescale, positions, tables, inv_freq, r, scale, bn,
 
 @triton.jit
 def _probe_values(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
-                  HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr):
+                  HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr, BF: tl.constexpr,
+                  W16: tl.constexpr = False, ZERO_ONE: tl.constexpr = False):
     """The library's values kernel with each sign built as a float16 bit pattern (+-1.0: 0x3C00 with
-    the sign bit set for a zero bit) instead of an integer-to-float conversion."""
+    the sign bit set for a zero bit) instead of an integer-to-float conversion. ``W16``: ``p_ptr``
+    holds the weights ``p * f`` already in fp16 (as a softmax could write them); ``ZERO_ONE``: the
+    bits as {0, 1} (fewer operations), the +-1 sum recovered as ``2 acc - sum(w)``."""
     split = tl.program_id(0)
     kb = tl.program_id(1)
     b = tl.program_id(2)
@@ -150,6 +153,7 @@ def _probe_values(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_pe
     shift = (tl.arange(0, BF) % 8) ^ 1
     hq = tl.arange(0, HQP)
     acc = tl.zeros([HQP, BF], tl.float32)
+    wsum = tl.zeros([HQP], tl.float32)
     start = split * tokens_per_prog
     for n0 in range(start, start + tokens_per_prog, BK):
         n = n0 + tl.arange(0, BK)
@@ -157,17 +161,27 @@ def _probe_values(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_pe
         packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
                          other=0).to(tl.int32)
         wide = tl.reshape(tl.broadcast_to(packed[:, :, None], [BK, BF // 8, 8]), [BK, BF])
-        pattern = ((((wide >> shift[None, :]) & 1) ^ 1) << 15) | 0x3C00
+        bit = (wide >> shift[None, :]) & 1
+        pattern = bit * 0x3C00 if ZERO_ONE else ((bit ^ 1) << 15) | 0x3C00
         signs = pattern.to(tl.int16).to(tl.float16, bitcast=True)
-        f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
-                    other=0.0)
-        w = (p * f[None, :]).to(tl.float16)
+        if W16:
+            w = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
+                        other=0.0)
+        else:
+            f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
+                        other=0.0)
+            w = (p * f[None, :]).to(tl.float16)
         acc += tl.dot(w, signs)
+        if ZERO_ONE:
+            wsum += tl.sum(w.to(tl.float32), axis=1)
+    if ZERO_ONE:
+        acc = 2 * acc - wsum[:, None]
     tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
 
 
-def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, warps=4, programs=512):
+def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, warps=4, programs=512, w16=False,
+                 zero_one=False, stages=None):
     b, hq, n = probs.shape
     nbits, f = codebook.shape
     d = f // hkv
@@ -177,9 +191,11 @@ def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, war
     tpp = max(bk, triton.cdiv(triton.cdiv(n, splits), bk) * bk)
     splits = max(1, triton.cdiv(n, tpp))
     part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
-    _probe_values[(splits, nbits // bf, b)](probs.float().contiguous(), factor.contiguous(), packed.contiguous(),
+    weights = (probs * factor[:, None, :]).half() if w16 else probs.float()  # w16: as a softmax could write
+    extra = {"num_stages": stages} if stages else {}
+    _probe_values[(splits, nbits // bf, b)](weights.contiguous(), factor.contiguous(), packed.contiguous(),
                                             part, n, packed.shape[2], tpp, HQ=hq, HQP=hqp, NBITS=nbits, BK=bk, BF=bf,
-                                            num_warps=warps)
+                                            W16=w16, ZERO_ONE=zero_one, num_warps=warps, **extra)
     mixed = part.sum(1)[:, :hq].reshape(b, hkv, hq // hkv, nbits)
     out = torch.einsum("bhgk,khd->bhgd", mixed, codebook.float().reshape(nbits, hkv, d))
     return (out * scale.float().reshape(hkv, 1, d)).reshape(b, hq, d)
@@ -241,9 +257,62 @@ def measure(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]:
     return rows
 
 
+def library_scores(q, st, table, freqs, r, bn, warps, stages):
+    """The library's scores kernel launched with a chosen block, warps and pipeline stages."""
+    b, hq, d = q.shape
+    hkv = table.shape[0]
+    n = st["kcodes"].shape[1]
+    out = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
+    decode._scores_regdecode_kernel[(triton.cdiv(n, bn), hkv, b)](
+        table, st["kcodes"], st["prescale"], st["pos"], freqs.float().contiguous(), q.float().contiguous(), out, n,
+        st["kcodes"].shape[2], 0.1, R=r, E=table.shape[2], G=hq // hkv, D=d, P=d // 2, HKV=hkv, CODE_BITS=12,
+        BN=bn, FAST=q.is_cuda, num_warps=warps, num_stages=stages)
+    return out
+
+
+def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]:
+    """Round 2 (after the library took round 1's winners): launch settings of the scores kernel and
+    variants of the values kernel, against the library's defaults."""
+    rows = []
+    r = round(bits * d / 12)
+    st = make_state(1, n, hkv, d, r, bits, device, gen)
+    q = torch.randn(1, hq, d, generator=gen).to(device)
+    table = decode.prepare_tables(st["thetas"], "regdecode16")[0]
+
+    def lib():
+        return decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs, 12, 0.1,
+                                           tables=(table,))
+    ref = lib()
+    rows.append({"bits": bits, "part": "scores", "cfg": "library", "ms": timed(lib, device), "rel": 0.0})
+    cfgs = [(64, 4, 1), (64, 4, 2), (64, 4, 4), (128, 8, 3), (128, 4, 3), (32, 2, 3)]
+    for bn, warps, stages in cfgs[:1] if small else cfgs:
+        def run(bn=bn, warps=warps, stages=stages):
+            return library_scores(q, st, table, freqs, r, bn, warps, stages)
+        try:
+            ms, err = timed(run, device), rel(run(), ref)
+        except Exception as exc:  # out of resources
+            print(f"scores BN{bn} w{warps} s{stages}: {type(exc).__name__}: {str(exc)[:120]}")
+            ms = err = float("nan")
+        rows.append({"bits": bits, "part": "scores", "cfg": f"BN{bn} w{warps} stages{stages}", "ms": ms, "rel": err})
+    p = torch.softmax(ref, -1)
+    vargs = (p, st["vcodes"], st["factor"], st["codebook"], st["scale"], hkv)
+    vref = decode.commvq_values_triton(*vargs)
+    rows.append({"bits": bits, "part": "values", "cfg": "library",
+                 "ms": timed(lambda: decode.commvq_values_triton(*vargs), device), "rel": 0.0})
+    vcfgs = [dict(w16=True), dict(zero_one=True), dict(w16=True, zero_one=True), dict(stages=1), dict(stages=2),
+             dict(stages=4), dict(bf=512, warps=8), dict(bf=512, warps=8, w16=True), dict(bk=128, w16=True)]
+    for c in vcfgs[:2] if small else vcfgs:
+        def run_v(c=c):
+            return probe_values(*vargs, **c)
+        cfg = " ".join(f"{k}={v}" for k, v in c.items())
+        rows.append({"bits": bits, "part": "values", "cfg": cfg, "ms": timed(run_v, device), "rel": rel(run_v(), vref)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=131072)
+    ap.add_argument("--round", type=int, default=2, help="1: the kernel variants of 8849ff3; 2: launch settings")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -253,7 +322,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for bits in (2, 1):
-        rows += measure(bits, n, hq, hkv, d, freqs, device, gen, args.small)
+        rows += (measure if args.round == 1 else measure_round2)(bits, n, hq, hkv, d, freqs, device, gen, args.small)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
