@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Decode attention per layer per step at Llama-3.1-8B shapes (32 query heads, 8 KV heads x 128):
 CommVQ kernels vs naive decode-then-attend vs FP16 SDPA, all in one run on one card; plus memory.
+CommVQ's step is timed as launched from Python and as one CUDA graph (its GPU time alone).
 
     python benchmarks/decode_attention.py [--contexts 8192,32768,131072] [--batch 1 | --batch max] [--bits 2,1]
 
@@ -80,6 +81,23 @@ def bytes_per_token(hkv, d, r, qbits) -> int:
     return sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
 
 
+def graphed(fn, device):
+    """``fn`` captured in a CUDA graph (replayed without the host's per-kernel launches), or None
+    where it cannot be (no GPU)."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def ours(q, st, win_k, win_v, freqs, hkv, scaling, style="regdecode16"):
     """The cache's decode step: scores kernel (tables built once per layer, as the cache does),
     one softmax over compressed and window scores, values kernel, window values."""
@@ -122,12 +140,15 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
     q16 = q[:, :, None].to(dtype)
     st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")}
     t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
+    replay = graphed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
+    t_graph = timed(replay, device) if replay else nan
     t_fp32 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device) if extras else nan
     t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device) if extras else nan
     t_fp16 = timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
     bytes_ours = sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
     bytes_fp16 = (k16.numel() + v16.numel()) * k16.element_size()
-    return {"bits": bits, "context": n, "batch": b, "commvq_ms": t_ours, "commvq_fp32_tables_ms": t_fp32,
+    return {"bits": bits, "context": n, "batch": b, "commvq_ms": t_ours, "commvq_graph_ms": t_graph,
+            "commvq_fp32_tables_ms": t_fp32,
             "naive_ms": t_naive, "fp16_sdpa_ms": t_fp16,
             "commvq_bytes": bytes_ours, "fp16_bytes": bytes_fp16, "commvq_GBps": bytes_ours / t_ours / 1e6,
             "fp16_GBps": bytes_fp16 / t_fp16 / 1e6, "ratio_vs_fp16": t_ours / t_fp16,
@@ -193,10 +214,11 @@ def main() -> None:
     commit = commit_id()
     print(f"card {card}; commit {commit}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, "
           f"window {window}")
-    print(f"{'bits':>4} {'context':>8} {'batch':>5} {'commvq ms':>10} {'fp32tab ms':>10} {'naive ms':>9} "
-          f"{'fp16 ms':>8} {'vs fp16':>8} {'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")
+    print(f"{'bits':>4} {'context':>8} {'batch':>5} {'commvq ms':>10} {'graph ms':>9} {'fp32tab ms':>10} "
+          f"{'naive ms':>9} {'fp16 ms':>8} {'vs fp16':>8} {'vs naive':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}")
     for r_ in rows:
         print(f"{r_['bits']:>4} {r_['context']:>8} {r_['batch']:>5} {r_['commvq_ms']:>10.3f} "
+              f"{r_['commvq_graph_ms']:>9.3f} "
               f"{r_['commvq_fp32_tables_ms']:>10.3f} {r_['naive_ms']:>9.3f} "
               f"{r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} {r_['speedup_vs_naive']:>9.1f} "
               f"{r_['commvq_GBps']:>12.0f} {r_['fp16_GBps']:>10.0f}")
