@@ -6,7 +6,7 @@ in the same run, with a diagnostic that skips the rotation to show what it costs
 compute the true scores print their largest difference from the library's kernel, relative to the
 largest score (or output).
 
-    python benchmarks/scores_probe.py [--context 131072] [--round 2]
+    python benchmarks/scores_probe.py [--context 131072] [--round 3]
 
 Prints a table and a last JSON line (``--small``: tiny shapes, runs under TRITON_INTERPRET=1).
 """
@@ -180,8 +180,52 @@ def _probe_values(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_pe
     tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
 
 
+@triton.jit
+def _probe_values_bytes(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
+                        HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
+                        BF: tl.constexpr, TRANS: tl.constexpr):
+    """The values kernel with each bit's byte loaded in the signs' own shape (8 lanes read one byte;
+    no broadcast-and-reshape of the packed bytes); ``TRANS``: the product taken as
+    ``signs^T [BF, BK] @ w^T [BK, HQP]`` (the signs as the left operand)."""
+    split = tl.program_id(0)
+    kb = tl.program_id(1)
+    b = tl.program_id(2)
+    hq = tl.arange(0, HQP)
+    start = split * tokens_per_prog
+    if TRANS:
+        kt = kb * BF + tl.arange(0, BF)
+        acc_t = tl.zeros([BF, HQP], tl.float32)
+        for n0 in range(start, start + tokens_per_prog, BK):
+            n = n0 + tl.arange(0, BK)
+            nmask = n < N
+            byte = tl.load(codes_ptr + (b * N + n[None, :]) * row_bytes + (kt // 8)[:, None], mask=nmask[None, :],
+                           other=0).to(tl.int32)  # [BF, BK]
+            bit = (byte >> ((kt % 8) ^ 1)[:, None]) & 1
+            signs = (((bit ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
+            f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + (b * HQ + hq[None, :]) * N + n[:, None], mask=(hq[None, :] < HQ) & nmask[:, None],
+                        other=0.0)  # [BK, HQP]
+            acc_t += tl.dot(signs, (p * f[:, None]).to(tl.float16))
+        tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[None, :]) * NBITS + kt[:, None], acc_t)
+    else:
+        k = kb * BF + tl.arange(0, BF)
+        acc = tl.zeros([HQP, BF], tl.float32)
+        for n0 in range(start, start + tokens_per_prog, BK):
+            n = n0 + tl.arange(0, BK)
+            nmask = n < N
+            byte = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + (k // 8)[None, :], mask=nmask[:, None],
+                           other=0).to(tl.int32)  # [BK, BF]
+            bit = (byte >> ((k % 8) ^ 1)[None, :]) & 1
+            signs = (((bit ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
+            f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
+                        other=0.0)
+            acc += tl.dot((p * f[None, :]).to(tl.float16), signs)
+        tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
+
+
 def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, warps=4, programs=512, w16=False,
-                 zero_one=False, stages=None):
+                 zero_one=False, stages=None, byte_loads=False, trans=False):
     b, hq, n = probs.shape
     nbits, f = codebook.shape
     d = f // hkv
@@ -193,9 +237,15 @@ def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, war
     part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
     weights = (probs * factor[:, None, :]).half() if w16 else probs.float()  # w16: as a softmax could write
     extra = {"num_stages": stages} if stages else {}
-    _probe_values[(splits, nbits // bf, b)](weights.contiguous(), factor.contiguous(), packed.contiguous(),
-                                            part, n, packed.shape[2], tpp, HQ=hq, HQP=hqp, NBITS=nbits, BK=bk, BF=bf,
-                                            W16=w16, ZERO_ONE=zero_one, num_warps=warps, **extra)
+    grid = (splits, nbits // bf, b)
+    if byte_loads:
+        _probe_values_bytes[grid](weights.contiguous(), factor.contiguous(), packed.contiguous(), part, n,
+                                  packed.shape[2], tpp, HQ=hq, HQP=hqp, NBITS=nbits, BK=bk, BF=bf, TRANS=trans,
+                                  num_warps=warps, **extra)
+    else:
+        _probe_values[grid](weights.contiguous(), factor.contiguous(), packed.contiguous(), part, n, packed.shape[2],
+                            tpp, HQ=hq, HQP=hqp, NBITS=nbits, BK=bk, BF=bf, W16=w16, ZERO_ONE=zero_one,
+                            num_warps=warps, **extra)
     mixed = part.sum(1)[:, :hq].reshape(b, hkv, hq // hkv, nbits)
     out = torch.einsum("bhgk,khd->bhgd", mixed, codebook.float().reshape(nbits, hkv, d))
     return (out * scale.float().reshape(hkv, 1, d)).reshape(b, hq, d)
@@ -270,9 +320,10 @@ def library_scores(q, st, table, freqs, r, bn, warps, stages):
     return out
 
 
-def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]:
+def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small, rnd=2) -> list[dict]:
     """Round 2 (after the library took round 1's winners): launch settings of the scores kernel and
-    variants of the values kernel, against the library's defaults."""
+    variants of the values kernel, against the library's defaults; round 3: the values kernel with
+    per-bit byte loads (and the product transposed)."""
     rows = []
     r = round(bits * d / 12)
     st = make_state(1, n, hkv, d, r, bits, device, gen)
@@ -285,7 +336,7 @@ def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]
     ref = lib()
     rows.append({"bits": bits, "part": "scores", "cfg": "library", "ms": timed(lib, device), "rel": 0.0})
     cfgs = [(64, 4, 1), (64, 4, 2), (64, 4, 4), (128, 8, 3), (128, 4, 3), (32, 2, 3)]
-    for bn, warps, stages in cfgs[:1] if small else cfgs:
+    for bn, warps, stages in cfgs[:1] if small or rnd == 3 else cfgs:
         def run(bn=bn, warps=warps, stages=stages):
             return library_scores(q, st, table, freqs, r, bn, warps, stages)
         try:
@@ -299,8 +350,13 @@ def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]
     vref = decode.commvq_values_triton(*vargs)
     rows.append({"bits": bits, "part": "values", "cfg": "library",
                  "ms": timed(lambda: decode.commvq_values_triton(*vargs), device), "rel": 0.0})
-    vcfgs = [dict(w16=True), dict(zero_one=True), dict(w16=True, zero_one=True), dict(stages=1), dict(stages=2),
-             dict(stages=4), dict(bf=512, warps=8), dict(bf=512, warps=8, w16=True), dict(bk=128, w16=True)]
+    if rnd == 2:
+        vcfgs = [dict(w16=True), dict(zero_one=True), dict(w16=True, zero_one=True), dict(stages=1), dict(stages=2),
+                 dict(stages=4), dict(bf=512, warps=8), dict(bf=512, warps=8, w16=True), dict(bk=128, w16=True)]
+    else:
+        vcfgs = [dict(byte_loads=True), dict(byte_loads=True, trans=True), dict(byte_loads=True, bk=32),
+                 dict(byte_loads=True, trans=True, bk=32), dict(byte_loads=True, warps=8),
+                 dict(byte_loads=True, trans=True, warps=8), dict(byte_loads=True, bf=128)]
     for c in vcfgs[:2] if small else vcfgs:
         def run_v(c=c):
             return probe_values(*vargs, **c)
@@ -312,7 +368,8 @@ def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--round", type=int, default=2, help="1: the kernel variants of 8849ff3; 2: launch settings")
+    ap.add_argument("--round", type=int, default=3,
+                    help="1: the kernel variants of 8849ff3; 2: launch settings; 3: values loads")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -322,7 +379,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for bits in (2, 1):
-        rows += (measure if args.round == 1 else measure_round2)(bits, n, hq, hkv, d, freqs, device, gen, args.small)
+        if args.round == 1:
+            rows += measure(bits, n, hq, hkv, d, freqs, device, gen, args.small)
+        else:
+            rows += measure_round2(bits, n, hq, hkv, d, freqs, device, gen, args.small, args.round)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
