@@ -47,10 +47,13 @@ def _compare(device, cases):
         factor = torch.rand(b, n, generator=gen).half().to(device)
         codebook = torch.randn(f * qbits, f, generator=gen).to(device)
         scale = (torch.rand(f, generator=gen) + 0.5).to(device)
-        probs = torch.softmax(torch.randn(b, hkv * g, n, generator=gen).to(device), -1)
+        # the weights as the cache passes them: a slice of the softmax over compressed and window tokens
+        probs = torch.softmax(torch.randn(b, hkv * g, n + 9, generator=gen).to(device), -1)[..., 4:n + 4]
         got_v = decode.commvq_values_triton(probs, vpacked, factor, codebook, scale, hkv)
         want_v = ref.commvq_values(probs[:, :, None], idx, factor.float(), codebook, scale, hkv)[:, :, 0]
         assert _db(got_v, want_v) > 40, ("values", b, hkv, g, d, n, qbits)
+        dense = decode.commvq_values_triton(probs.contiguous(), vpacked, factor, codebook, scale, hkv)
+        assert torch.equal(got_v, dense), "a strided slice and its contiguous copy give the same values"
 
 
 GRID = [(1, 8, 4, 128, 21, 1000, 2), (2, 3, 3, 64, 11, 777, 2), (1, 2, 1, 64, 5, 130, 1), (2, 8, 8, 128, 11, 333, 1),

@@ -121,7 +121,7 @@ def _scores_regdecode_kernel(a_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
 
 
 @triton.jit
-def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
+def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog, p_sb, p_sh,
                    HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
                    BF: tl.constexpr):
     """``out[b, split, hq, k] = sum_n p[b, hq, n] f[b, n] bits[b, n, k]`` over this split's tokens."""
@@ -145,7 +145,7 @@ def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_p
         # +-1.0 as float16 bit patterns: 0x3C00, with the sign bit where the bit is 0
         signs = (((((wide >> shift[None, :]) & 1) ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
         f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
+        p = tl.load(p_ptr + b * p_sb + hq[:, None] * p_sh + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
                     other=0.0)
         w = (p * f[None, :]).to(tl.float16)  # [HQP, BK]
         acc += tl.dot(w, signs)
@@ -242,8 +242,11 @@ def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torc
     splits = max(1, triton.cdiv(n, tokens_per_prog))
     part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
     grid = (splits, nbits // bf, b)
-    _values_kernel[grid](probs.float().contiguous(), factor.contiguous(), packed.contiguous(), part, n,
-                         packed.shape[2], tokens_per_prog, HQ=hq, HQP=hqp, NBITS=nbits, BK=block_tokens, BF=bf,
+    p = probs.float()
+    if p.stride(2) != 1:
+        p = p.contiguous()  # a slice of a wider row (the softmax over compressed and window) is read in place
+    _values_kernel[grid](p, factor.contiguous(), packed.contiguous(), part, n, packed.shape[2], tokens_per_prog,
+                         p.stride(0), p.stride(1), HQ=hq, HQP=hqp, NBITS=nbits, BK=block_tokens, BF=bf,
                          num_warps=num_warps)
     mixed = part.sum(1)[:, :hq].reshape(b, num_kv_heads, hq // num_kv_heads, nbits)
     out = torch.einsum("bhgk,khd->bhgd", mixed, codebook.float().reshape(nbits, num_kv_heads, d))

@@ -171,14 +171,15 @@ class CommVQLayer(CacheLayerMixin):
 
     def _mixed(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         hq, tq, w = query.shape[1], query.shape[2], self.num_window
+        qs = query.float() * scaling  # scaled once here, not the scores of every cached token
         scores = []
         if self.num_sink:
-            scores.append(query.float() @ parts._gqa(self.sink_k, hq).float().transpose(-1, -2))
+            scores.append(qs @ parts._gqa(self.sink_k, hq).float().transpose(-1, -2))
         nc = self.num_compressed
         if nc:
-            scores.append(self.keys_part.scores(self.layer_idx, query, self.store["k"]))
-        scores.append(query.float() @ parts._gqa(self.win_k, hq).float().transpose(-1, -2))
-        s = torch.cat(scores, -1) * scaling
+            scores.append(self.keys_part.scores(self.layer_idx, qs, self.store["k"]))
+        scores.append(qs @ parts._gqa(self.win_k, hq).float().transpose(-1, -2))
+        s = torch.cat(scores, -1)
         total = s.shape[-1]
         if attention_mask is not None:
             mask = attention_mask[..., -tq:, :total]
@@ -187,7 +188,9 @@ class CommVQLayer(CacheLayerMixin):
             qi = torch.arange(tq, device=s.device)[:, None] + (w - tq)
             kj = torch.arange(w, device=s.device)[None, :]
             s[..., total - w:] = s[..., total - w:].masked_fill(kj > qi, float("-inf"))
-        p = torch.softmax(s, -1).nan_to_num(0.0)
+        p = torch.softmax(s, -1)
+        if attention_mask is not None:  # a row the mask hides entirely (padding) gives NaN: no weight
+            p = p.nan_to_num(0.0)
         out = torch.zeros(*query.shape, device=query.device, dtype=torch.float32)
         start = 0
         if self.num_sink:
