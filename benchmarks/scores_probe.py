@@ -1,10 +1,13 @@
 #!/usr/bin/env python
-"""Experiments on the decode kernels at Llama-3.1-8B shapes, one context: variants of the key-scores
-kernel (a stage's two rows added in fp16, the query heads dotted one at a time) and of the values
-kernel (signs built as float16 bit patterns, other splits), each timed against the library's default
-in the same run, with a diagnostic that skips the rotation to show what it costs. Variants that
-compute the true scores print their largest difference from the library's kernel, relative to the
-largest score (or output).
+"""Experiments on the decode kernels at Llama-3.1-8B shapes, one context, each variant timed against
+the library's kernel in the same run. Round 1 (the variants measured at 577dcd9/8849ff3, which the
+library then took up): a stage's two rows added in fp16, the query heads dotted one at a time, the
+codebook read instead of the decode tables, stage groups, and a diagnostic that skips the rotation;
+round 2: launch settings of the library's scores kernel and variants of the values kernel (fp16
+weights written beforehand, bits as 0/1, wider bit blocks, pipeline stages); round 3: the values
+kernel loading each bit's byte in the signs' shape, also with the product transposed. Variants that
+compute the true results print their largest difference from the library's, relative to the largest
+score (or output).
 
     python benchmarks/scores_probe.py [--context 131072] [--round 3]
 
