@@ -153,6 +153,20 @@ def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):
             steps = [model(ids[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache)).logits for i in range(5)]
         logits.append(torch.cat(steps, 1))
     assert torch.allclose(logits[0], logits[1], atol=2e-3, rtol=2e-3)
+    # a ragged batch: the second prompt left-padded by 9, so positions and the mask differ per row
+    ids = _ids(2, 40, seed=3).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    scores = []
+    for kernels in ("torch", "triton"):
+        keys = parts.CommVQKeys(books, freqs, 1.0, kernels=kernels)
+        cache = CommVQCache(2, keys, parts.CommVQValues(codec, 2, kernels), window=16)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache,
+                             output_scores=True, return_dict_in_generate=True)
+        assert cache.layers[0].num_compressed > 0
+        scores.append(torch.stack(out.scores, 1))
+    assert torch.isfinite(scores[1]).all()
+    assert torch.allclose(scores[0], scores[1], atol=2e-3, rtol=2e-3)
 
 
 def test_baselines_take_the_sink_too(tiny):
