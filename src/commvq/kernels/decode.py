@@ -4,13 +4,13 @@ Keys (default ``regdecode16``): :func:`_scores_regdecode_kernel` reads each toke
 per KV head, sums in fp32 registers the stage codewords ``a_A + i a_B`` its codes select from the
 layer's codebook ``a [E, D]`` (fp16, laid out once per codebook by :func:`prepare_tables`), rotates
 each pair once by the token's angle, scales by its prescale and dots the result with the ``g`` query
-heads of that KV head: the key never reaches memory. ``trick``: :func:`_scores_kernel`, the commutative trick with
-per-step tables ``u[h, r, e] = q_j . M(a_{h,r,e})`` per query head (the same scores, gathering g
-times more; about 40x slower on an H100, kept as a cross-check). Values: :func:`_values_kernel`
-accumulates ``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with tensor-core dot products,
-split over tokens; the codebook product ``@ E`` happens once per step. The softmax runs over the
-compressed scores and the full-precision window together. References: :mod:`commvq.kernels.reference`;
-timings: ``docs/benchmarks.md``.
+heads of that KV head: the key never reaches memory. ``trick``: :func:`_scores_kernel`, the
+commutative trick with per-step tables ``u[h, r, e] = q_j . M(a_{h,r,e})`` per query head (the same
+scores, gathering g times more; about 90x slower on an H100, kept as a cross-check). Values:
+:func:`_values_kernel` accumulates ``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with
+tensor-core dot products, split over tokens; the codebook product ``@ E`` happens once per step. The
+softmax runs over the compressed scores and the full-precision window together. References:
+:mod:`commvq.kernels.reference`; timings: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -195,8 +195,8 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
     assembled in registers from the fp16 codebook, stage codewords summed in fp32), ``regdecode``
-    (the same from the fp32 codebook) or ``trick`` (per-query tables, the commutative trick; slow, kept as a check).
-    ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
+    (the same from the fp32 codebook) or ``trick`` (per-query tables, the commutative trick; slow,
+    kept as a check). ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:
