@@ -69,6 +69,8 @@ def measure(batch, n, bits, hq, hkv, d, freqs, device, gen, score_cfgs, value_cf
 
 def main() -> None:
     args, device = parse_args(__doc__, "32768,131072")
+    if not args.batch.isdigit():
+        raise SystemExit(f"--batch {args.batch}: give a number of sequences (max is decode_attention's)")
     hq, hkv, d = (32, 8, 128) if not args.small else (4, 2, 16)
     contexts = [int(c) for c in args.contexts.split(",")] if not args.small else [100]
     freqs = rope.inv_freq(d, 5e5).to(device)
