@@ -75,10 +75,14 @@ def make_state(b, n, hkv, d, r, qbits, device, gen):
     return st
 
 
-def bytes_per_token(hkv, d, r, qbits) -> int:
-    """What the compressed cache holds per token per layer (codes and scalars, as ``make_state``)."""
-    st = make_state(1, 1, hkv, d, r, qbits, torch.device("cpu"), torch.Generator().manual_seed(0))
+def state_bytes(st) -> int:
+    """What the compressed cache holds for ``st`` (codes and per-token scalars; not the codebooks)."""
     return sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
+
+
+def bytes_per_token(hkv, d, r, qbits) -> int:
+    """What the compressed cache holds per token per layer."""
+    return state_bytes(make_state(1, 1, hkv, d, r, qbits, torch.device("cpu"), torch.Generator().manual_seed(0)))
 
 
 def graphed(fn, device):
@@ -145,7 +149,7 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
     t_fp32 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device) if extras else nan
     t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device) if extras else nan
     t_fp16 = timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
-    bytes_ours = sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
+    bytes_ours = state_bytes(st)
     bytes_fp16 = (k16.numel() + v16.numel()) * k16.element_size()
     return {"bits": bits, "context": n, "batch": b, "commvq_ms": t_ours, "commvq_graph_ms": t_graph,
             "commvq_fp32_tables_ms": t_fp32,

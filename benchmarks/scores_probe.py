@@ -230,12 +230,9 @@ def _probe_values_bytes(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tok
 def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, warps=4, programs=512, w16=False,
                  zero_one=False, stages=None, byte_loads=False, trans=False):
     b, hq, n = probs.shape
-    nbits, f = codebook.shape
-    d = f // hkv
+    nbits = codebook.shape[0]
     hqp = max(16, triton.next_power_of_2(hq))
-    bf = min(bf, nbits)
-    splits = max(1, programs // ((nbits // bf) * b))
-    tpp = max(bk, triton.cdiv(triton.cdiv(n, splits), bk) * bk)
+    bf, tpp = decode.values_split(n, nbits, b, bf, bk, programs)
     splits = max(1, triton.cdiv(n, tpp))
     part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
     weights = (probs * factor[:, None, :]).half() if w16 else probs.float()  # w16: as a softmax could write
@@ -249,9 +246,7 @@ def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, war
         _probe_values[grid](weights.contiguous(), factor.contiguous(), packed.contiguous(), part, n, packed.shape[2],
                             tpp, HQ=hq, HQP=hqp, NBITS=nbits, BK=bk, BF=bf, W16=w16, ZERO_ONE=zero_one,
                             num_warps=warps, **extra)
-    mixed = part.sum(1)[:, :hq].reshape(b, hkv, hq // hkv, nbits)
-    out = torch.einsum("bhgk,khd->bhgd", mixed, codebook.float().reshape(nbits, hkv, d))
-    return (out * scale.float().reshape(hkv, 1, d)).reshape(b, hq, d)
+    return decode.mix_values(part, codebook, scale, hq, hkv)
 
 
 def rel(a, b) -> float:

@@ -222,23 +222,40 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
     return out
 
 
+def values_split(n: int, nbits: int, batch: int, block_bits: int, block_tokens: int,
+                 programs: int = 512) -> tuple[int, int]:
+    """``(bits per block, tokens per program)`` of the values kernel's split-K: about ``programs``
+    programs in all (splits x bit blocks x batch; 512 was the fastest measured on an H100)."""
+    bf = block_bits
+    while nbits % bf and bf > 16:
+        bf //= 2
+    splits = max(1, programs // ((nbits // bf) * batch))
+    return bf, max(block_tokens, triton.cdiv(triton.cdiv(n, splits), block_tokens) * block_tokens)
+
+
+def mix_values(part: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, num_q_heads: int,
+               num_kv_heads: int) -> torch.Tensor:
+    """The values kernel's partial sums ``[B, splits, HQP, nbits]`` -> ``[B, Hq, D]``: summed over
+    splits, then the codebook product and the channel scale, once per step."""
+    b, nbits = part.shape[0], part.shape[-1]
+    d = codebook.shape[1] // num_kv_heads
+    mixed = part.sum(1)[:, :num_q_heads].reshape(b, num_kv_heads, num_q_heads // num_kv_heads, nbits)
+    out = torch.einsum("bhgk,khd->bhgd", mixed, codebook.float().reshape(nbits, num_kv_heads, d))
+    return (out * scale.float().reshape(num_kv_heads, 1, d)).reshape(b, num_q_heads, d)
+
+
 def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torch.Tensor, codebook: torch.Tensor,
                          scale: torch.Tensor, num_kv_heads: int, tokens_per_prog: int | None = None,
                          block_bits: int = 256, block_tokens: int = 64, num_warps: int = 4) -> torch.Tensor:
     """``sum_n p_n v_hat_n`` per query head: ``probs [B, Hq, N]`` -> ``[B, Hq, D]`` (fp32).
 
-    Split-K over tokens: ``tokens_per_prog`` (default: about 512 programs in all, the fastest
-    measured on an H100) tokens per program, partial sums added afterwards."""
+    Split-K over tokens: ``tokens_per_prog`` (default: :func:`values_split`) tokens per program,
+    partial sums added afterwards."""
     b, hq, n = probs.shape
-    nbits, f = codebook.shape
-    d = f // num_kv_heads
+    nbits = codebook.shape[0]
     hqp = max(16, triton.next_power_of_2(hq))
-    bf = block_bits
-    while nbits % bf and bf > 16:
-        bf //= 2
-    if tokens_per_prog is None:
-        splits = max(1, 512 // ((nbits // bf) * b))  # programs = splits x bit blocks x batch
-        tokens_per_prog = max(block_tokens, triton.cdiv(triton.cdiv(n, splits), block_tokens) * block_tokens)
+    bf, auto_tokens = values_split(n, nbits, b, block_bits, block_tokens)
+    tokens_per_prog = tokens_per_prog or auto_tokens
     splits = max(1, triton.cdiv(n, tokens_per_prog))
     part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
     grid = (splits, nbits // bf, b)
@@ -248,6 +265,4 @@ def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torc
     _values_kernel[grid](p, factor.contiguous(), packed.contiguous(), part, n, packed.shape[2], tokens_per_prog,
                          p.stride(0), p.stride(1), HQ=hq, HQP=hqp, NBITS=nbits, BK=block_tokens, BF=bf,
                          num_warps=num_warps)
-    mixed = part.sum(1)[:, :hq].reshape(b, num_kv_heads, hq // num_kv_heads, nbits)
-    out = torch.einsum("bhgk,khd->bhgd", mixed, codebook.float().reshape(nbits, num_kv_heads, d))
-    return (out * scale.float().reshape(num_kv_heads, 1, d)).reshape(b, hq, d)
+    return mix_values(part, codebook, scale, hq, num_kv_heads)
