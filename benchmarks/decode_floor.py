@@ -116,7 +116,7 @@ def main() -> None:
                                       ("gathers only, codes made up", False, 0),
                                       ("gathers only, codes made up, stage 0 rows only (L1)", False, 1)):
         add(label, timed(lambda rc=read_codes, s=stages: gathers_only(table, st["kcodes"], rc, s), device))
-    gathered = n * hkv * 2 * r * d // 2 * 2  # bytes of fp16 half-rows gathered per step
+    gathered = n * hkv * 2 * r * d * 2  # bytes of the 2R fp16 rows of D values gathered per step
     macs = n * hkv * 2 * r * e * d  # one-hot [n, 2R E] @ [2R E, D] per KV head
     if device.type == "cuda":
         for name in ("fp16", "fp8"):

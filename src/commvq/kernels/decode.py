@@ -132,7 +132,7 @@ def _scores_regdecode_kernel(a_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
 # byte's bits is value bit (i ^ 1) of its nibble, negative where 0. Shifts bring n's bits 1, 0, 3, 2 to
 # bits 15 / 31 of the two output registers (from the copies in bytes 1 and 3); lop3 0xE4 takes bit 15
 # from the first shift and the rest from the second; lop3 0xAE then sets (~x & 0x80008000) | 0x3C003C00.
-_SIGNS_ASM = """{
+_SIGNS_ASM = tl.constexpr("""{
 .reg .b32 a, b, t, m, s, one;
 mov.b32 m, 0x00008000;
 mov.b32 s, 0x80008000;
@@ -145,7 +145,7 @@ shl.b32 a, $2, 4;
 shl.b32 b, $2, 5;
 lop3.b32 t, a, b, m, 0xE4;
 lop3.b32 $1, t, s, one, 0xAE;
-}"""
+}""")
 
 
 @triton.jit
