@@ -5,12 +5,13 @@ library then took up): a stage's two rows added in fp16, the query heads dotted 
 codebook read instead of the decode tables, stage groups, and a diagnostic that skips the rotation;
 round 2: launch settings of the library's scores kernel and variants of the values kernel (fp16
 weights written beforehand, bits as 0/1, wider bit blocks, pipeline stages); round 3: the values
-kernel loading each bit's byte in the signs' shape, also with the product transposed; round 4: the
-scores summed over stages in fp16, the values' signs built by inline PTX. Variants that
+kernel loading each bit's byte in the signs' shape, also with the product transposed (round 4, the
+scores summed over stages in fp16 and the values' signs built by inline PTX, ran at commit 68fd2a7,
+whose library kernels had those switches; none was adopted). Variants that
 compute the true results print their largest difference from the library's, relative to the largest
 score (or output).
 
-    python benchmarks/scores_probe.py [--context 131072] [--round 4]
+    python benchmarks/scores_probe.py [--context 131072] [--round 3]
 
 Prints a table and a last JSON line (``--small``: tiny shapes, runs under TRITON_INTERPRET=1).
 """
@@ -306,9 +307,8 @@ def measure(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]:
     return rows
 
 
-def library_scores(q, st, table, freqs, r, bn, warps, stages, acc16=False):
-    """The library's scores kernel launched with a chosen block, warps and pipeline stages (and
-    ``acc16``: stage codewords summed in fp16)."""
+def library_scores(q, st, table, freqs, r, bn, warps, stages):
+    """The library's scores kernel launched with a chosen block, warps and pipeline stages."""
     b, hq, d = q.shape
     hkv = table.shape[0]
     n = st["kcodes"].shape[1]
@@ -316,52 +316,8 @@ def library_scores(q, st, table, freqs, r, bn, warps, stages, acc16=False):
     decode._scores_regdecode_kernel[(triton.cdiv(n, bn), hkv, b)](
         table, st["kcodes"], st["prescale"], st["pos"], freqs.float().contiguous(), q.float().contiguous(), out, n,
         st["kcodes"].shape[2], 0.1, R=r, E=table.shape[2], G=hq // hkv, D=d, P=d // 2, HKV=hkv, CODE_BITS=12,
-        BN=bn, FAST=q.is_cuda, ACC16=acc16, num_warps=warps, num_stages=stages)
+        BN=bn, FAST=q.is_cuda, num_warps=warps, num_stages=stages)
     return out
-
-
-def db(x, ref) -> float:
-    """Error in dB below the reference: -20 log10(|x - ref| / |ref|)."""
-    return float(-20 * torch.log10((x - ref).norm() / ref.norm().clamp_min(1e-30) + 1e-30))
-
-
-def measure_round4(bits, n, hq, hkv, d, freqs, device, gen, small) -> list[dict]:
-    """Round 4: the scores kernel summing the stage codewords in fp16 (one conversion per key
-    instead of one per stage), at several blocks; the values kernel building its signs by inline
-    PTX (four per nibble: two shifts and two lop3 per pair of signs). ``rel`` column: dB below the
-    fp32 codebook's scores (``regdecode``) for the scores rows; max relative difference from the
-    library's output for the values rows."""
-    rows = []
-    r = round(bits * d / 12)
-    st = make_state(1, n, hkv, d, r, bits, device, gen)
-    q = torch.randn(1, hq, d, generator=gen).to(device)
-    table = decode.prepare_tables(st["thetas"], "regdecode16")[0]
-    exact = decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs, 12, 0.1,
-                                        style="regdecode")
-    cfgs = [(64, 4, False), (64, 4, True), (128, 4, True), (128, 8, True), (32, 4, True), (64, 8, True)]
-    for bn, warps, acc16 in cfgs[:2] if small else cfgs:
-        def run(bn=bn, warps=warps, acc16=acc16):
-            return library_scores(q, st, table, freqs, r, bn, warps, 3, acc16)
-        try:
-            ms, err = timed(run, device), db(run(), exact)
-        except Exception as exc:  # out of resources
-            print(f"scores BN{bn} w{warps} acc16={acc16}: {type(exc).__name__}: {str(exc)[:120]}")
-            ms = err = float("nan")
-        cfg = f"BN{bn} w{warps} " + ("fp16 sums" if acc16 else "fp32 sums (library)")
-        rows.append({"bits": bits, "part": "scores", "cfg": cfg, "ms": ms, "rel": err})
-    p = torch.softmax(exact, -1)
-    vargs = (p, st["vcodes"], st["factor"], st["codebook"], st["scale"], hkv)
-    vref = decode.commvq_values_triton(*vargs)
-    rows.append({"bits": bits, "part": "values", "cfg": "library",
-                 "ms": timed(lambda: decode.commvq_values_triton(*vargs), device), "rel": 0.0})
-    vcfgs = [dict(asm=True), dict(asm=True, block_tokens=128), dict(asm=True, block_tokens=32),
-             dict(asm=True, block_bits=512, num_warps=8), dict(asm=True, block_bits=128)]
-    for c in [] if small else vcfgs:
-        def run_v(c=c):
-            return decode.commvq_values_triton(*vargs, **c)
-        cfg = " ".join(f"{k}={v}" for k, v in c.items())
-        rows.append({"bits": bits, "part": "values", "cfg": cfg, "ms": timed(run_v, device), "rel": rel(run_v(), vref)})
-    return rows
 
 
 def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small, rnd=2) -> list[dict]:
@@ -412,9 +368,9 @@ def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small, rnd=2) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--round", type=int, default=4,
-                    help="1: the kernel variants of 8849ff3; 2: launch settings; 3: values loads; "
-                         "4: fp16 stage sums, signs by inline PTX")
+    ap.add_argument("--round", type=int, default=3,
+                    help="1: the kernel variants of 8849ff3; 2: launch settings; 3: values loads "
+                         "(round 4, fp16 stage sums and signs by inline PTX: commit 68fd2a7)")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -426,8 +382,6 @@ def main() -> None:
     for bits in (2, 1):
         if args.round == 1:
             rows += measure(bits, n, hq, hkv, d, freqs, device, gen, args.small)
-        elif args.round == 4:
-            rows += measure_round4(bits, n, hq, hkv, d, freqs, device, gen, args.small)
         else:
             rows += measure_round2(bits, n, hq, hkv, d, freqs, device, gen, args.small, args.round)
         if device.type == "cuda":

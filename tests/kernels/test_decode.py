@@ -37,10 +37,9 @@ def _compare(device, cases):
         freqs = rope.inv_freq(d, 5e5).to(device)
         q = torch.randn(b, hkv * g, d, generator=gen).to(device)
         want = ref.commvq_scores(q[:, :, None], codes, prescale.float(), pos, thetas.float(), freqs, 0.7)[:, :, 0]
-        for style, acc16 in [(s, False) for s in decode.STYLES] + [("regdecode16", True)]:
-            got = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, style=style,
-                                              acc16=acc16)
-            assert _db(got, want) > (50 if style == "regdecode16" else 60), (style, acc16, b, hkv, g, d, r, n)
+        for style in decode.STYLES:
+            got = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, style=style)
+            assert _db(got, want) > (50 if style == "regdecode16" else 60), (style, b, hkv, g, d, r, n)
         f = hkv * d
         groups = f * qbits // 2
         idx = torch.randint(0, 4, (b, n, groups), generator=gen).to(device)
@@ -55,9 +54,6 @@ def _compare(device, cases):
         assert _db(got_v, want_v) > 40, ("values", b, hkv, g, d, n, qbits)
         dense = decode.commvq_values_triton(probs.contiguous(), vpacked, factor, codebook, scale, hkv)
         assert torch.equal(got_v, dense), "a strided slice and its contiguous copy give the same values"
-        if device == "cuda":  # signs by inline PTX: the same float16 +-1, so the same sums
-            by_asm = decode.commvq_values_triton(probs, vpacked, factor, codebook, scale, hkv, asm=True)
-            assert torch.equal(by_asm, got_v), ("values asm", b, hkv, g, d, n, qbits)
 
 
 GRID = [(1, 8, 4, 128, 21, 1000, 2), (2, 3, 3, 64, 11, 777, 2), (1, 2, 1, 64, 5, 130, 1), (2, 8, 8, 128, 11, 333, 1),

@@ -89,13 +89,11 @@ def _rotation(pos, freq, FAST: tl.constexpr):
 @triton.jit
 def _scores_regdecode_kernel(a_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes, scale,
                              R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                             HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr, FAST: tl.constexpr,
-                             ACC16: tl.constexpr = False):
+                             HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr, FAST: tl.constexpr):
     """The scores with each token's key assembled in registers from the codebook ``a [Hkv, R, E, D]``
     (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword ``a_A + i a_B`` is formed in the
-    table's dtype and summed over stages in fp32 (``ACC16``: in fp16, converted once at the end); 2R
-    gathered half-rows per token and KV head, the key never reaches memory; then one rotation per pair
-    and a dot with each of the ``G`` query heads."""
+    table's dtype and summed over stages in fp32; 2R gathered half-rows per token and KV head, the key
+    never reaches memory; then one rotation per pair and a dot with each of the ``G`` query heads."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -103,20 +101,14 @@ def _scores_regdecode_kernel(a_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
     tmask = t < N
     f = tl.arange(0, P)
     row = codes_ptr + (b * N + t) * row_bytes
-    if ACC16:
-        kre = tl.zeros([BN, P], tl.float16)
-        kim = tl.zeros([BN, P], tl.float16)
-    else:
-        kre = tl.zeros([BN, P], tl.float32)
-        kim = tl.zeros([BN, P], tl.float32)
+    kre = tl.zeros([BN, P], tl.float32)
+    kim = tl.zeros([BN, P], tl.float32)
     for r in range(R):
         code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
         ra = a_ptr + ((h * R + r) * E + code // E)[:, None] * D + f[None, :]
         rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
-        kre += (tl.load(ra) - tl.load(rb + P)).to(kre.dtype)
-        kim += (tl.load(ra + P) + tl.load(rb)).to(kim.dtype)
-    kre = kre.to(tl.float32)
-    kim = kim.to(tl.float32)
+        kre += (tl.load(ra) - tl.load(rb + P)).to(tl.float32)
+        kim += (tl.load(ra + P) + tl.load(rb)).to(tl.float32)
     pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32) * scale
     pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
@@ -128,32 +120,11 @@ def _scores_regdecode_kernel(a_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
         tl.store(out_ptr + ((b * HKV + h) * G + j) * N + t, score, mask=tmask)
 
 
-# Four signs (+-1.0 in float16) from one nibble n (the 4 bytes of $2 all hold n): bit 4j + i of a
-# byte's bits is value bit (i ^ 1) of its nibble, negative where 0. Shifts bring n's bits 1, 0, 3, 2 to
-# bits 15 / 31 of the two output registers (from the copies in bytes 1 and 3); lop3 0xE4 takes bit 15
-# from the first shift and the rest from the second; lop3 0xAE then sets (~x & 0x80008000) | 0x3C003C00.
-_SIGNS_ASM = tl.constexpr("""{
-.reg .b32 a, b, t, m, s, one;
-mov.b32 m, 0x00008000;
-mov.b32 s, 0x80008000;
-mov.b32 one, 0x3C003C00;
-shl.b32 a, $2, 6;
-shl.b32 b, $2, 7;
-lop3.b32 t, a, b, m, 0xE4;
-lop3.b32 $0, t, s, one, 0xAE;
-shl.b32 a, $2, 4;
-shl.b32 b, $2, 5;
-lop3.b32 t, a, b, m, 0xE4;
-lop3.b32 $1, t, s, one, 0xAE;
-}""")
-
-
 @triton.jit
 def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog, p_sb, p_sh,
                    HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
-                   BF: tl.constexpr, ASM: tl.constexpr = False):
-    """``out[b, split, hq, k] = sum_n p[b, hq, n] f[b, n] bits[b, n, k]`` over this split's tokens.
-    ``ASM`` (GPU only): the signs built four at a time from each nibble by :data:`_SIGNS_ASM`."""
+                   BF: tl.constexpr):
+    """``out[b, split, hq, k] = sum_n p[b, hq, n] f[b, n] bits[b, n, k]`` over this split's tokens."""
     split = tl.program_id(0)
     kb = tl.program_id(1)
     b = tl.program_id(2)
@@ -170,15 +141,9 @@ def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_p
         nmask = n < N
         packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
                          other=0).to(tl.int32)  # [BK, BF // 8]
-        if ASM:
-            # each nibble (low, then high of a byte) repeated for its 4 bits, packed 4 to a register
-            nib = tl.reshape(tl.join(packed & 15, packed >> 4), [BK, BF // 4])
-            nib = tl.reshape(tl.broadcast_to(nib[:, :, None], [BK, BF // 4, 4]), [BK, BF]).to(tl.int8)
-            signs = tl.inline_asm_elementwise(_SIGNS_ASM, "=r,=r,r", [nib], dtype=tl.float16, is_pure=True, pack=4)
-        else:
-            wide = tl.reshape(tl.broadcast_to(packed[:, :, None], [BK, BF // 8, 8]), [BK, BF])
-            # +-1.0 as float16 bit patterns: 0x3C00, with the sign bit where the bit is 0
-            signs = (((((wide >> shift[None, :]) & 1) ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
+        wide = tl.reshape(tl.broadcast_to(packed[:, :, None], [BK, BF // 8, 8]), [BK, BF])
+        # +-1.0 as float16 bit patterns: 0x3C00, with the sign bit where the bit is 0
+        signs = (((((wide >> shift[None, :]) & 1) ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
         f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
         p = tl.load(p_ptr + b * p_sb + hq[:, None] * p_sh + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
                     other=0.0)
@@ -226,13 +191,12 @@ def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]
 def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
                          thetas: torch.Tensor, inv_freq: torch.Tensor, code_bits: int, scale: float = 1.0,
                          block: int | None = None, style: str = "regdecode16", tables: tuple | None = None,
-                         num_warps: int = 4, acc16: bool = False) -> torch.Tensor:
+                         num_warps: int = 4) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
     assembled in registers from the fp16 codebook, stage codewords summed in fp32), ``regdecode``
     (the same from the fp32 codebook) or ``trick`` (per-query tables, the commutative trick; slow,
-    kept as a check). ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built.
-    ``acc16`` (``regdecode16``): the stage codewords summed in fp16 instead of fp32."""
+    kept as a check). ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:
@@ -254,7 +218,7 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
                              **common)
     else:
         _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,
-                                       BN=block, FAST=q.is_cuda, ACC16=acc16 and style == "regdecode16", **common)
+                                       BN=block, FAST=q.is_cuda, **common)
     return out
 
 
@@ -282,12 +246,11 @@ def mix_values(part: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, 
 
 def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torch.Tensor, codebook: torch.Tensor,
                          scale: torch.Tensor, num_kv_heads: int, tokens_per_prog: int | None = None,
-                         block_bits: int = 256, block_tokens: int = 64, num_warps: int = 4,
-                         asm: bool = False) -> torch.Tensor:
+                         block_bits: int = 256, block_tokens: int = 64, num_warps: int = 4) -> torch.Tensor:
     """``sum_n p_n v_hat_n`` per query head: ``probs [B, Hq, N]`` -> ``[B, Hq, D]`` (fp32).
 
     Split-K over tokens: ``tokens_per_prog`` (default: :func:`values_split`) tokens per program,
-    partial sums added afterwards. ``asm`` (GPU only): signs built by inline PTX, four per nibble."""
+    partial sums added afterwards."""
     b, hq, n = probs.shape
     nbits = codebook.shape[0]
     hqp = max(16, triton.next_power_of_2(hq))
@@ -301,5 +264,5 @@ def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torc
         p = p.contiguous()  # a slice of a wider row (the softmax over compressed and window) is read in place
     _values_kernel[grid](p, factor.contiguous(), packed.contiguous(), part, n, packed.shape[2], tokens_per_prog,
                          p.stride(0), p.stride(1), HQ=hq, HQP=hqp, NBITS=nbits, BK=block_tokens, BF=bf,
-                         ASM=asm, num_warps=num_warps)
+                         num_warps=num_warps)
     return mix_values(part, codebook, scale, hq, num_kv_heads)
