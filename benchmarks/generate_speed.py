@@ -2,7 +2,7 @@
 """End-to-end greedy generation speed: the default cache vs CommVQCache (2-bit keys and values,
 Triton kernels) on a randomly initialized model of real shapes (weights need not be real for speed).
 
-    python benchmarks/generate_speed.py [--shape llama-3.1-8b] [--prompt 4096] [--new 64]
+    python benchmarks/generate_speed.py [--shape llama-3.1-8b] [--prompt 4096] [--new 64] [--repeats 3]
 
 Prints a table and a last JSON line.
 """
@@ -69,29 +69,45 @@ def main() -> None:
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds, each running every cache once in turn (median and range reported)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats {args.repeats}: use 1 or more")
     lm = random_model(args.shape)
     use_commvq(lm.model)
     ids = torch.randint(0, 1000, (1, args.prompt), device=lm.model.device)
     from transformers import DynamicCache
 
-    rows = {}
-    for name, make in (("default (bf16)", DynamicCache), ("commvq-2", lambda: random_commvq_cache(lm, 2)),
-                       ("commvq-1", lambda: random_commvq_cache(lm, 1))):
+    makers = {"default (bf16)": DynamicCache, "commvq-2": lambda: random_commvq_cache(lm, 2),
+              "commvq-1": lambda: random_commvq_cache(lm, 1)}
+    for make in makers.values():
         run(lm, ids[:, :256], 4, make())  # warm-up (compilation)
-        cache = make()
-        prefill, tps = run(lm, ids, args.new, cache)
-        held = cache.nbytes() if hasattr(cache, "nbytes") else sum(
-            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-        rows[name] = {"prefill_s": prefill, "decode_tok_s": tps, "cache_bytes": held}
+    runs = {name: [] for name in makers}
+    held = {}
+    for _ in range(args.repeats):  # interleaved, so a slow spell of the host hits every cache alike
+        for name, make in makers.items():
+            cache = make()
+            runs[name].append(run(lm, ids, args.new, cache))
+            held[name] = cache.nbytes() if hasattr(cache, "nbytes") else sum(
+                t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+            del cache
+    rows = {}
+    for name, got in runs.items():
+        tps = sorted(t for _, t in got)
+        rows[name] = {"prefill_s": sorted(p for p, _ in got)[len(got) // 2], "decode_tok_s": tps[len(tps) // 2],
+                      "decode_tok_s_min": tps[0], "decode_tok_s_max": tps[-1], "cache_bytes": held[name]}
     card = torch.cuda.get_device_name()
     commit = commit_id()
-    print(f"card {card}; model random {args.shape}; prompt {args.prompt}; {args.new} new tokens, batch 1")
-    print(f"{'cache':<16}{'prefill s':>10}{'decode tok/s':>14}{'cache MiB':>11}")
+    print(f"card {card}; model random {args.shape}; prompt {args.prompt}; {args.new} new tokens, batch 1; "
+          f"median of {args.repeats} interleaved runs")
+    print(f"{'cache':<16}{'prefill s':>10}{'decode tok/s':>14}{'range':>14}{'cache MiB':>11}")
     for name, r in rows.items():
-        print(f"{name:<16}{r['prefill_s']:>10.3f}{r['decode_tok_s']:>14.1f}{r['cache_bytes'] / 2**20:>11.1f}")
+        spread = f"{r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f}"
+        mib = r["cache_bytes"] / 2**20
+        print(f"{name:<16}{r['prefill_s']:>10.3f}{r['decode_tok_s']:>14.1f}{spread:>14}{mib:>11.1f}")
     print(json.dumps({"bench": "generate_speed", "card": card, "shape": args.shape, "prompt": args.prompt,
-                      "new": args.new, "rows": rows, "commit": commit}))
+                      "new": args.new, "repeats": args.repeats, "rows": rows, "commit": commit}))
 
 
 if __name__ == "__main__":
