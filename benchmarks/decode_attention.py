@@ -29,6 +29,7 @@ except ImportError:
 import torch.nn.functional as F
 
 from commvq import rope
+from commvq.codecs import cache_parts as parts
 from commvq.kernels import decode
 from commvq.quant import residual
 from commvq.quant.binary import bits_from_index
@@ -107,12 +108,12 @@ def ours(q, st, win_k, win_v, freqs, hkv, scaling, style="regdecode16"):
     one softmax over compressed and window scores, values kernel, window values."""
     s_c = decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs, 12, scaling,
                                       style=style, tables=st["tables"][style])
-    g = q.shape[1] // hkv
-    s_w = torch.einsum("bhd,bhnd->bhn", q.float(), win_k.repeat_interleave(g, 1).float()) * scaling
+    s_w = parts.grouped(q.float()[:, :, None] * scaling, win_k.float().transpose(-1, -2))[:, :, 0]
     p = torch.softmax(torch.cat((s_c, s_w), -1), -1)
     n = s_c.shape[-1]
-    out = decode.commvq_values_triton(p[..., :n], st["vcodes"], st["factor"], st["codebook"], st["scale"], hkv)
-    return out + torch.einsum("bhn,bhnd->bhd", p[..., n:], win_v.repeat_interleave(g, 1).float())
+    out = parts.grouped(p[:, :, None, n:], win_v.float())[:, :, 0]
+    return out + decode.commvq_values_triton(p[..., :n], st["vcodes"], st["factor"], st["codebook"], st["scale"],
+                                             hkv, table=st["vtable"])
 
 
 def naive(q, st, win_k, win_v, freqs, hkv, r, qbits, dtype):
@@ -143,6 +144,7 @@ def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, ge
     k16, v16 = (torch.randn(b, hkv, n + window, d, device=device, dtype=dtype) for _ in range(2))  # drawn there
     q16 = q[:, :, None].to(dtype)
     st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")}
+    st["vtable"] = decode.value_table(st["codebook"], st["scale"], hkv)
     t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
     replay = graphed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
     t_graph = timed(replay, device) if replay else nan

@@ -248,7 +248,7 @@ def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, war
         _probe_values[grid](weights.contiguous(), factor.contiguous(), packed.contiguous(), part, n, packed.shape[2],
                             tpp, HQ=hq, HQP=hqp, NBITS=nbits, BK=bk, BF=bf, W16=w16, ZERO_ONE=zero_one,
                             num_warps=warps, **extra)
-    return decode.mix_values(part, codebook, scale, hq, hkv)
+    return decode.mix_values(part, decode.value_table(codebook, scale, hkv), hq)
 
 
 def rel(a, b) -> float:

@@ -34,6 +34,24 @@ def _use_kernels(kernels: str, x: torch.Tensor, tq: int, head_dim: int) -> bool:
     return True
 
 
+def memo(store: dict, key, sources: tuple[torch.Tensor, ...], build):
+    """``build()``, kept in ``store[key]`` and rebuilt only when one of the ``sources`` tensors is
+    replaced or changed in place (its version counter moves): tables derived from parameters."""
+    versions = tuple(t._version for t in sources)
+    hit = store.get(key)
+    if hit is None or hit[1] != versions or any(a is not b for a, b in zip(hit[0], sources, strict=True)):
+        hit = store[key] = (sources, versions, build())
+    return hit[2]
+
+
+def grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x [B, Hq, T, K] @ y [B, Hkv, K, M]`` with each KV head serving its ``Hq / Hkv`` query heads
+    (grouped-query attention), without repeating ``y``: ``[B, Hq, T, M]``."""
+    b, hq, t, k = x.shape
+    hkv = y.shape[1]
+    return (x.reshape(b, hkv, hq // hkv * t, k) @ y).reshape(b, hq, t, y.shape[-1])
+
+
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """``[B, n, H, D]`` -> ``[B, H, n, D]``."""
     return x.permute(0, 2, 1, 3)
@@ -181,16 +199,13 @@ class CommVQKeys:
 
     def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
         if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
-            from commvq.kernels.decode import commvq_scores_triton
+            from commvq.kernels.decode import commvq_scores_triton, prepare_tables
 
             thetas = self.codebooks[layer].thetas
-            if layer not in self._tables or self._tables[layer][0] is not thetas:
-                from commvq.kernels.decode import prepare_tables
-
-                self._tables[layer] = (thetas, prepare_tables(thetas, self.kernel_style))
+            tables = memo(self._tables, layer, (thetas,), lambda: prepare_tables(thetas, self.kernel_style))
             s = commvq_scores_triton(q[:, :, 0], block["codes"], block["prescale"], block["pos"], thetas,
                                      self.inv_freq.to(q.device), self.code_bits, self.rope_scale,
-                                     style=self.kernel_style, tables=self._tables[layer][1])
+                                     style=self.kernel_style, tables=tables)
             return s[:, :, None]
         b, n = block["codes"].shape[:2]
         codes = unpack_codes(block["codes"], self.num_heads * self.stages, self.code_bits)
@@ -214,6 +229,7 @@ class CommVQValues:
 
     def __init__(self, codec: ValueCodec, num_kv_heads: int, kernels: str = "auto") -> None:
         self.codec, self.num_kv_heads, self.kernels = codec.eval(), num_kv_heads, kernels
+        self._tables: dict[int, tuple] = {}  # per layer: the kernel's value table, built on first use
 
     def bits(self, head_dim: int) -> float:
         return float(self.codec.quant_bits)
@@ -226,10 +242,12 @@ class CommVQValues:
     def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
         lc = self.codec.layers[layer]
         if _use_kernels(self.kernels, probs, probs.shape[2], lc.width // self.num_kv_heads):
-            from commvq.kernels.decode import commvq_values_triton
+            from commvq.kernels.decode import commvq_values_triton, value_table
 
+            table = memo(self._tables, layer, (lc.codebook, lc.scale),
+                         lambda: value_table(lc.codebook.detach(), lc.scale.detach(), self.num_kv_heads))
             out = commvq_values_triton(probs[:, :, 0], block["codes"], block["factor"], lc.codebook.detach(),
-                                       lc.scale, self.num_kv_heads)
+                                       lc.scale, self.num_kv_heads, table=table)
             return out[:, :, None]
         idx = unpack_2bit(block["codes"], lc.groups)
         return ref.commvq_values(probs, idx, block["factor"], lc.codebook.detach(), lc.scale, self.num_kv_heads)

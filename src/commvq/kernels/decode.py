@@ -233,24 +233,33 @@ def values_split(n: int, nbits: int, batch: int, block_bits: int, block_tokens: 
     return bf, max(block_tokens, triton.cdiv(triton.cdiv(n, splits), block_tokens) * block_tokens)
 
 
-def mix_values(part: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, num_q_heads: int,
-               num_kv_heads: int) -> torch.Tensor:
+def value_table(codebook: torch.Tensor, scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The value codebook per KV head with its channel scale folded in: ``[Hkv, nbits, D]`` (fp32;
+    build once per codec, reuse every step)."""
+    nbits, f = codebook.shape
+    d = f // num_kv_heads
+    table = codebook.float().reshape(nbits, num_kv_heads, d).permute(1, 0, 2)
+    return (table * scale.float().reshape(num_kv_heads, 1, d)).contiguous()
+
+
+def mix_values(part: torch.Tensor, table: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     """The values kernel's partial sums ``[B, splits, HQP, nbits]`` -> ``[B, Hq, D]``: summed over
-    splits, then the codebook product and the channel scale, once per step."""
-    b, nbits = part.shape[0], part.shape[-1]
-    d = codebook.shape[1] // num_kv_heads
-    mixed = part.sum(1)[:, :num_q_heads].reshape(b, num_kv_heads, num_q_heads // num_kv_heads, nbits)
-    out = torch.einsum("bhgk,khd->bhgd", mixed, codebook.float().reshape(nbits, num_kv_heads, d))
-    return (out * scale.float().reshape(num_kv_heads, 1, d)).reshape(b, num_q_heads, d)
+    splits, then the product with :func:`value_table` once per step."""
+    b = part.shape[0]
+    hkv, nbits, d = table.shape
+    mixed = part.sum(1)[:, :num_q_heads].reshape(b, hkv, num_q_heads // hkv, nbits)
+    return (mixed @ table).reshape(b, num_q_heads, d)
 
 
 def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torch.Tensor, codebook: torch.Tensor,
                          scale: torch.Tensor, num_kv_heads: int, tokens_per_prog: int | None = None,
-                         block_bits: int = 256, block_tokens: int = 64, num_warps: int = 4) -> torch.Tensor:
+                         block_bits: int = 256, block_tokens: int = 64, num_warps: int = 4,
+                         table: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_n p_n v_hat_n`` per query head: ``probs [B, Hq, N]`` -> ``[B, Hq, D]`` (fp32).
 
     Split-K over tokens: ``tokens_per_prog`` (default: :func:`values_split`) tokens per program,
-    partial sums added afterwards."""
+    partial sums added afterwards. ``table``: :func:`value_table` of ``codebook`` and ``scale``, if
+    already built."""
     b, hq, n = probs.shape
     nbits = codebook.shape[0]
     hqp = max(16, triton.next_power_of_2(hq))
@@ -265,4 +274,4 @@ def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torc
     _values_kernel[grid](p, factor.contiguous(), packed.contiguous(), part, n, packed.shape[2], tokens_per_prog,
                          p.stride(0), p.stride(1), HQ=hq, HQP=hqp, NBITS=nbits, BK=block_tokens, BF=bf,
                          num_warps=num_warps)
-    return mix_values(part, codebook, scale, hq, num_kv_heads)
+    return mix_values(part, value_table(codebook, scale, num_kv_heads) if table is None else table, hq)

@@ -30,6 +30,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat((a, b), dim=dim)
 
 
+
 class CommVQLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
@@ -170,35 +171,32 @@ class CommVQLayer(CacheLayerMixin):
         return out.transpose(1, 2)
 
     def _mixed(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        hq, tq, w = query.shape[1], query.shape[2], self.num_window
+        tq, w, ns = query.shape[2], self.num_window, self.num_sink
         qs = query.float() * scaling  # scaled once here, not the scores of every cached token
         scores = []
-        if self.num_sink:
-            scores.append(qs @ parts._gqa(self.sink_k, hq).float().transpose(-1, -2))
+        if ns:
+            scores.append(parts.grouped(qs, self.sink_k.float().transpose(-1, -2)))
         nc = self.num_compressed
         if nc:
             scores.append(self.keys_part.scores(self.layer_idx, qs, self.store["k"]))
-        scores.append(qs @ parts._gqa(self.win_k, hq).float().transpose(-1, -2))
+        scores.append(parts.grouped(qs, self.win_k.float().transpose(-1, -2)))
         s = torch.cat(scores, -1)
         total = s.shape[-1]
         if attention_mask is not None:
             mask = attention_mask[..., -tq:, :total]
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
-        else:  # causal inside the window; everything older is visible
+        elif tq > 1:  # causal inside the window; everything older is visible (one query sees all)
             qi = torch.arange(tq, device=s.device)[:, None] + (w - tq)
             kj = torch.arange(w, device=s.device)[None, :]
             s[..., total - w:] = s[..., total - w:].masked_fill(kj > qi, float("-inf"))
         p = torch.softmax(s, -1)
         if attention_mask is not None:  # a row the mask hides entirely (padding) gives NaN: no weight
             p = p.nan_to_num(0.0)
-        out = torch.zeros(*query.shape, device=query.device, dtype=torch.float32)
-        start = 0
-        if self.num_sink:
-            out += p[..., :self.num_sink] @ parts._gqa(self.sink_v, hq).float()
-            start = self.num_sink
+        out = parts.grouped(p[..., total - w:], self.win_v.float())
+        if ns:
+            out = out + parts.grouped(p[..., :ns], self.sink_v.float())
         if nc:
-            out += self.values_part.values(self.layer_idx, p[..., start:start + nc], self.store["v"])
-        out += p[..., total - w:] @ parts._gqa(self.win_v, hq).float()
+            out = out + self.values_part.values(self.layer_idx, p[..., ns:ns + nc], self.store["v"])
         return out
 
     def nbytes(self) -> int:
