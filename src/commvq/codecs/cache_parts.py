@@ -48,8 +48,8 @@ def grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x [B, Hq, T, K] @ y [B, Hkv, K, M]`` with each KV head serving its ``Hq / Hkv`` query heads
     (grouped-query attention), without repeating ``y``: ``[B, Hq, T, M]``."""
     b, hq, t, k = x.shape
-    hkv = y.shape[1]
-    return (x.reshape(b, hkv, hq // hkv * t, k) @ y).reshape(b, hq, t, y.shape[-1])
+    hkv, m = y.shape[1], y.shape[-1]
+    return torch.bmm(x.reshape(b * hkv, hq // hkv * t, k), y.reshape(b * hkv, k, m)).reshape(b, hq, t, m)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
