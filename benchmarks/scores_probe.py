@@ -229,6 +229,95 @@ def _probe_values_bytes(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tok
         tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
 
 
+@triton.jit
+def _bit_dot(acc, w, packed, BIT: tl.constexpr):
+    """``acc += w @ signs`` for bit ``BIT`` of every byte column (bit ``BIT ^ 1`` of the byte, as the
+    library's layout puts it): the packed bytes' own shape, no broadcast to one column per bit."""
+    signs = (((((packed >> (BIT ^ 1)) & 1) ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
+    return acc + tl.dot(w, signs)
+
+
+@triton.jit
+def _probe_values_pos(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
+                      HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
+                      BF: tl.constexpr, BATCHED: tl.constexpr):
+    """The values kernel with one product per bit position of the bytes (``[HQP, BK] @ [BK, BF/8]``,
+    8 of them) instead of one over ``BF`` bits broadcast from the bytes; ``BATCHED``: the 8 as one
+    3-D product; else 8 accumulators."""
+    split = tl.program_id(0)
+    kb = tl.program_id(1)
+    b = tl.program_id(2)
+    j = tl.arange(0, BF // 8)
+    byte = kb * (BF // 8) + j
+    hq = tl.arange(0, HQP)
+    start = split * tokens_per_prog
+    dst = out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + kb * BF + 8 * j[None, :]
+    if BATCHED:
+        i = tl.arange(0, 8)
+        acc = tl.zeros([8, HQP, BF // 8], tl.float32)
+        for n0 in range(start, start + tokens_per_prog, BK):
+            n = n0 + tl.arange(0, BK)
+            nmask = n < N
+            packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
+                             other=0).to(tl.int32)
+            bits = (packed[None, :, :] >> (i ^ 1)[:, None, None]) & 1
+            signs = (((bits ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)  # [8, BK, BF/8]
+            f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
+                        other=0.0)
+            w = (p * f[None, :]).to(tl.float16)
+            acc += tl.dot(tl.broadcast_to(w[None, :, :], [8, HQP, BK]), signs)
+        tl.store(dst[None, :, :] + i[:, None, None], acc)
+    else:
+        a0 = tl.zeros([HQP, BF // 8], tl.float32)
+        a1 = tl.zeros([HQP, BF // 8], tl.float32)
+        a2 = tl.zeros([HQP, BF // 8], tl.float32)
+        a3 = tl.zeros([HQP, BF // 8], tl.float32)
+        a4 = tl.zeros([HQP, BF // 8], tl.float32)
+        a5 = tl.zeros([HQP, BF // 8], tl.float32)
+        a6 = tl.zeros([HQP, BF // 8], tl.float32)
+        a7 = tl.zeros([HQP, BF // 8], tl.float32)
+        for n0 in range(start, start + tokens_per_prog, BK):
+            n = n0 + tl.arange(0, BK)
+            nmask = n < N
+            packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
+                             other=0).to(tl.int32)
+            f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
+                        other=0.0)
+            w = (p * f[None, :]).to(tl.float16)
+            a0 = _bit_dot(a0, w, packed, 0)
+            a1 = _bit_dot(a1, w, packed, 1)
+            a2 = _bit_dot(a2, w, packed, 2)
+            a3 = _bit_dot(a3, w, packed, 3)
+            a4 = _bit_dot(a4, w, packed, 4)
+            a5 = _bit_dot(a5, w, packed, 5)
+            a6 = _bit_dot(a6, w, packed, 6)
+            a7 = _bit_dot(a7, w, packed, 7)
+        tl.store(dst, a0)
+        tl.store(dst + 1, a1)
+        tl.store(dst + 2, a2)
+        tl.store(dst + 3, a3)
+        tl.store(dst + 4, a4)
+        tl.store(dst + 5, a5)
+        tl.store(dst + 6, a6)
+        tl.store(dst + 7, a7)
+
+
+def probe_values_pos(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, warps=4, programs=512,
+                     batched=False):
+    b, hq, n = probs.shape
+    nbits = codebook.shape[0]
+    hqp = max(16, triton.next_power_of_2(hq))
+    bf, tpp = decode.values_split(n, nbits, b, bf, bk, programs)
+    splits = max(1, triton.cdiv(n, tpp))
+    part = torch.empty(b, splits, hqp, nbits, device=probs.device, dtype=torch.float32)
+    _probe_values_pos[(splits, nbits // bf, b)](probs.float().contiguous(), factor.contiguous(), packed.contiguous(),
+                                                part, n, packed.shape[2], tpp, HQ=hq, HQP=hqp, NBITS=nbits, BK=bk,
+                                                BF=bf, BATCHED=batched, num_warps=warps)
+    return decode.mix_values(part, decode.value_table(codebook, scale, hkv), hq)
+
+
 def probe_values(probs, packed, factor, codebook, scale, hkv, bf=256, bk=64, warps=4, programs=512, w16=False,
                  zero_one=False, stages=None, byte_loads=False, trans=False):
     b, hq, n = probs.shape
@@ -336,7 +425,7 @@ def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small, rnd=2) -> lis
     ref = lib()
     rows.append({"bits": bits, "part": "scores", "cfg": "library", "ms": timed(lib, device), "rel": 0.0})
     cfgs = [(64, 4, 1), (64, 4, 2), (64, 4, 4), (128, 8, 3), (128, 4, 3), (32, 2, 3)]
-    for bn, warps, stages in cfgs[:1] if small or rnd == 3 else cfgs:
+    for bn, warps, stages in cfgs[:1] if small or rnd >= 3 else cfgs:
         def run(bn=bn, warps=warps, stages=stages):
             return library_scores(q, st, table, freqs, r, bn, warps, stages)
         try:
@@ -350,7 +439,10 @@ def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small, rnd=2) -> lis
     vref = decode.commvq_values_triton(*vargs)
     rows.append({"bits": bits, "part": "values", "cfg": "library",
                  "ms": timed(lambda: decode.commvq_values_triton(*vargs), device), "rel": 0.0})
-    if rnd == 2:
+    if rnd == 5:
+        vcfgs = [dict(pos=True), dict(pos=True, batched=True), dict(pos=True, bf=512), dict(pos=True, bk=128),
+                 dict(pos=True, bf=512, warps=8)]
+    elif rnd == 2:
         vcfgs = [dict(w16=True), dict(zero_one=True), dict(w16=True, zero_one=True), dict(stages=1), dict(stages=2),
                  dict(stages=4), dict(bf=512, warps=8), dict(bf=512, warps=8, w16=True), dict(bk=128, w16=True)]
     else:
@@ -359,6 +451,8 @@ def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small, rnd=2) -> lis
                  dict(byte_loads=True, trans=True, warps=8), dict(byte_loads=True, bf=128)]
     for c in vcfgs[:2] if small else vcfgs:
         def run_v(c=c):
+            if c.get("pos"):
+                return probe_values_pos(*vargs, **{k: v for k, v in c.items() if k != "pos"})
             return probe_values(*vargs, **c)
         cfg = " ".join(f"{k}={v}" for k, v in c.items())
         rows.append({"bits": bits, "part": "values", "cfg": cfg, "ms": timed(run_v, device), "rel": rel(run_v(), vref)})
@@ -368,9 +462,10 @@ def measure_round2(bits, n, hq, hkv, d, freqs, device, gen, small, rnd=2) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=131072)
-    ap.add_argument("--round", type=int, default=3,
+    ap.add_argument("--round", type=int, default=5,
                     help="1: the kernel variants of 8849ff3; 2: launch settings; 3: values loads "
-                         "(round 4, fp16 stage sums and signs by inline PTX: commit 68fd2a7)")
+                         "(4: fp16 stage sums and signs by inline PTX, at commit 68fd2a7); 5: values "
+                         "products per bit position")
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
