@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""End-to-end greedy generation speed: the default cache vs CommVQCache (2-bit keys and values,
-Triton kernels) on a randomly initialized model of real shapes (weights need not be real for speed).
+"""End-to-end greedy generation speed: the default cache vs CommVQCache (2- and 1-bit keys and values,
+Triton kernels, decode steps as CUDA graphs; "eager": without the graphs) on a randomly initialized
+model of real shapes (weights need not be real for speed).
 
     python benchmarks/generate_speed.py [--shape llama-3.1-8b] [--prompt 4096] [--new 64] [--repeats 3]
 
@@ -33,7 +34,7 @@ from commvq.integrations.hf.attention import cache_kwargs
 from commvq.integrations.hf.cache import CommVQCache
 
 
-def random_commvq_cache(lm, bits: int, window: int = 128) -> CommVQCache:
+def random_commvq_cache(lm, bits: int, window: int = 128, graphs: bool = True) -> CommVQCache:
     spec = lm.spec
     dev = lm.model.device
     g = torch.Generator().manual_seed(0)
@@ -45,7 +46,7 @@ def random_commvq_cache(lm, bits: int, window: int = 128) -> CommVQCache:
 
     rotary = lm.model.base_model.rotary_emb
     keys = parts.CommVQKeys(books, rotary.inv_freq, 1.0, encoder=encode_triton)
-    return CommVQCache(spec.num_layers, keys, parts.CommVQValues(codec, spec.num_kv_heads), window)
+    return CommVQCache(spec.num_layers, keys, parts.CommVQValues(codec, spec.num_kv_heads), window, graphs=graphs)
 
 
 def run(lm, ids, new, cache) -> tuple[float, float]:
@@ -80,6 +81,7 @@ def main() -> None:
     from transformers import DynamicCache
 
     makers = {"default (bf16)": DynamicCache, "commvq-2": lambda: random_commvq_cache(lm, 2),
+              "commvq-2 eager": lambda: random_commvq_cache(lm, 2, graphs=False),
               "commvq-1": lambda: random_commvq_cache(lm, 1)}
     for make in makers.values():
         run(lm, ids[:, :256], 4, make())  # warm-up (compilation)

@@ -130,6 +130,62 @@ def test_unsupported_uses_raise_clear_errors(tiny):
         CommVQCache.baseline(tiny, "kivi3")
 
 
+def test_step_on_fixed_window_buffers_equals_the_eager_step(tiny):
+    """The step a CUDA graph captures (window copied into ``window + 1`` fixed slots, the rest masked
+    by a length tensor) gives the eager step's output, whatever the unused slots hold; CPU, no graph."""
+    from commvq.integrations.hf.attention import cache_kwargs
+
+    cache = CommVQCache(2, parts.DenseKeys(), parts.DenseValues(), window=8, sink=2, graphs=False)
+    from commvq.integrations.hf import use_commvq
+
+    use_commvq(tiny)
+    ids = _ids(2, 29)
+    with torch.no_grad():
+        tiny(ids[:, :25], use_cache=True, **cache_kwargs(tiny, cache))
+        for i in range(25, 29):
+            tiny(ids[:, i:i + 1], use_cache=True, **cache_kwargs(tiny, cache))
+    layer = cache.layers[1]
+    w = layer.num_window
+    assert layer.num_compressed > 0 and layer.num_sink == 2 and 1 <= w <= 8
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    kbuf = torch.randn(*layer.win_k.shape[:2], 9, layer.win_k.shape[3], generator=g) * 100
+    vbuf = torch.randn(*layer.win_v.shape[:2], 9, layer.win_v.shape[3], generator=g) * 100
+    kbuf[:, :, :w], vbuf[:, :, :w] = layer.win_k, layer.win_v
+    want = layer._mixed(q, None, 0.25)
+    got = layer._mixed(q, None, 0.25, (kbuf, vbuf, torch.tensor(w)))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_decode_graphs_give_the_eager_tokens(tiny_models):
+    """Greedy decoding through flushes (window 8, batch 2) with the steps replayed as CUDA graphs
+    gives the eager steps' tokens and logits; graphs are recaptured after each flush."""
+    from commvq.integrations.hf import use_commvq
+
+    model = load_model(str(tiny_models["llama"]), model_dtype="float32", device="cuda").model
+    use_commvq(model)
+    g = torch.Generator().manual_seed(1)
+    books = [KeyCodebook((torch.randn(2, 4, 128, 8, generator=g) * 0.2).cuda(), code_bits=12) for _ in range(2)]
+    codec = ValueCodec(2, 32, 2, {i: torch.rand(32, generator=g) + 0.5 for i in range(2)}).cuda()
+    freqs = model.model.rotary_emb.inv_freq
+    ids = _ids(2, 30, seed=7).cuda()
+    runs = []
+    for graphs in (False, True):
+        cache = CommVQCache(2, parts.CommVQKeys(books, freqs, 1.0), parts.CommVQValues(codec, 2), window=8,
+                            graphs=graphs)
+        out = model.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=cache, output_scores=True,
+                             return_dict_in_generate=True)
+        runs.append((out.sequences, torch.stack(out.scores, 1), cache))
+    (tokens, scores, _), (g_tokens, g_scores, g_cache) = runs
+    layer = g_cache.layers[0]
+    assert layer.graph.replays >= 20 and layer.store_version >= 5  # replayed, across several flushes
+    assert runs[0][2].layers[0].graph is None
+    assert torch.equal(tokens, g_tokens)
+    assert torch.allclose(scores, g_scores, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):

@@ -165,6 +165,10 @@ class CommVQKeys:
     def bits(self, head_dim: int) -> float:
         return self.stages * self.code_bits / head_dim
 
+    def graphable(self, q: torch.Tensor) -> bool:
+        """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a graph)."""
+        return _use_kernels(self.kernels, q, 1, q.shape[-1])
+
     def angles(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ang = pos.float()[..., None] * self.inv_freq.to(pos.device)  # as the model computes it
         return torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
@@ -233,6 +237,10 @@ class CommVQValues:
 
     def bits(self, head_dim: int) -> float:
         return float(self.codec.quant_bits)
+
+    def graphable(self, q: torch.Tensor) -> bool:
+        """Whether single-token mixing for ``q`` runs on the kernels (capturable in a graph)."""
+        return _use_kernels(self.kernels, q, 1, self.codec.layers[0].width // self.num_kv_heads)
 
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         b, h, n, d = v.shape

@@ -20,6 +20,7 @@ from commvq.codecs import cache_parts as parts
 from commvq.codecs.key_codebook import KeyCodebook
 from commvq.codecs.value_codec import ValueCodec
 from commvq.integrations.hf.attention import hand_over, use_commvq
+from commvq.integrations.hf.graphs import DecodeGraph, GraphPool
 from commvq.integrations.hf.loader import check_supported
 from commvq.spec import ModelSpec
 
@@ -38,7 +39,7 @@ class CommVQLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, layer_idx: int, keys: Any, values: Any, window: int = 128, sink: int = 0,
-                 quantize_prefill: bool = False) -> None:
+                 quantize_prefill: bool = False, graphs: GraphPool | None = None) -> None:
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window={window} must be >= 1 and sink={sink} >= 0")
@@ -47,7 +48,9 @@ class CommVQLayer(CacheLayerMixin):
         self.win_k = self.win_v = self.win_pos = None  # [B, H, w, D], [B, w]
         self.sink_k = self.sink_v = None
         self.store: dict[str, dict[str, torch.Tensor]] | None = None  # compressed tokens, oldest first
+        self.store_version = 0  # moves whenever ``store`` is replaced (a captured step reads its tensors)
         self.num_compressed = 0
+        self.graph = DecodeGraph(graphs) if graphs is not None else None
 
     # --- the CacheLayerMixin contract -------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -85,6 +88,7 @@ class CommVQLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.win_k = self.win_v = self.win_pos = self.sink_k = self.sink_v = None
         self.store, self.num_compressed = None, 0
+        self.store_version += 1
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -103,6 +107,7 @@ class CommVQLayer(CacheLayerMixin):
                 setattr(self, name, fn(t))
         if self.store is not None:
             self.store = {part: {k: fn(v) for k, v in d.items()} for part, d in self.store.items()}
+            self.store_version += 1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -145,6 +150,7 @@ class CommVQLayer(CacheLayerMixin):
             else:
                 self.store = {part: {name: torch.cat((self.store[part][name], t), 1) for name, t in d.items()}
                               for part, d in block.items()}
+            self.store_version += 1
             self.num_compressed += k.shape[2]
         self.win_k, self.win_v, self.win_pos = self.win_k[:, :, n:], self.win_v[:, :, n:], self.win_pos[:, n:]
 
@@ -156,9 +162,12 @@ class CommVQLayer(CacheLayerMixin):
         self.set_positions(position_ids, tq)
         if self.quantize_prefill:
             self.flush()
+        out = None
         if self.num_compressed == 0 and self.num_sink == 0:
             out = self._dense(module, query, attention_mask, scaling)
-        else:
+        elif self._graphable(query, attention_mask):
+            out = self.graph.run(self, query, scaling)
+        if out is None:
             out = self._mixed(query, attention_mask, scaling)
         if not self.quantize_prefill:
             self.flush()
@@ -170,8 +179,22 @@ class CommVQLayer(CacheLayerMixin):
         out, _ = sdpa_attention_forward(module, query, self.win_k, self.win_v, attention_mask, scaling=scaling)
         return out.transpose(1, 2)
 
-    def _mixed(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        tq, w, ns = query.shape[2], self.num_window, self.num_sink
+    def _graphable(self, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+        """Whether this step may run as a captured graph: one query token on a GPU, no mask, CommVQ
+        parts on their Triton kernels, and no capture of the caller's own in progress."""
+        return (self.graph is not None and query.shape[2] == 1 and attention_mask is None and query.is_cuda
+                and self.num_compressed > 0 and all(getattr(part, "graphable", lambda q: False)(query)
+                                                    for part in (self.keys_part, self.values_part))
+                and not torch.cuda.is_current_stream_capturing())
+
+    def _mixed(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+               window: tuple | None = None) -> torch.Tensor:
+        """Attention over sink, codes and window. ``window``: ``(keys, values, length)``, fixed
+        buffers of ``window + 1`` slots whose first ``length`` (a GPU scalar) hold the window, in
+        place of the window itself (the step a :class:`DecodeGraph` captures)."""
+        tq, ns = query.shape[2], self.num_sink
+        win_k, win_v, length = window if window is not None else (self.win_k, self.win_v, None)
+        w = win_k.shape[2]
         qs = query.float() * scaling  # scaled once here, not the scores of every cached token
         scores = []
         if ns:
@@ -179,7 +202,7 @@ class CommVQLayer(CacheLayerMixin):
         nc = self.num_compressed
         if nc:
             scores.append(self.keys_part.scores(self.layer_idx, qs, self.store["k"]))
-        scores.append(parts.grouped(qs, self.win_k.float().transpose(-1, -2)))
+        scores.append(parts.grouped(qs, win_k.float().transpose(-1, -2)))
         s = torch.cat(scores, -1)
         total = s.shape[-1]
         if attention_mask is not None:
@@ -189,10 +212,13 @@ class CommVQLayer(CacheLayerMixin):
             qi = torch.arange(tq, device=s.device)[:, None] + (w - tq)
             kj = torch.arange(w, device=s.device)[None, :]
             s[..., total - w:] = s[..., total - w:].masked_fill(kj > qi, float("-inf"))
+        if length is not None:  # the buffers' slots past the window
+            s[..., total - w:] = s[..., total - w:].masked_fill(torch.arange(w, device=s.device) >= length,
+                                                                float("-inf"))
         p = torch.softmax(s, -1)
         if attention_mask is not None:  # a row the mask hides entirely (padding) gives NaN: no weight
             p = p.nan_to_num(0.0)
-        out = parts.grouped(p[..., total - w:], self.win_v.float())
+        out = parts.grouped(p[..., total - w:], win_v.float())
         if ns:
             out = out + parts.grouped(p[..., :ns], self.sink_v.float())
         if nc:
@@ -211,16 +237,20 @@ class CommVQCache(Cache):
     """A compressed KV cache for ``model.generate(past_key_values=...)`` and forward passes."""
 
     def __init__(self, num_layers: int, keys: Any, values: Any, window: int = 128, sink: int = 0,
-                 quantize_prefill: bool = False) -> None:
-        super().__init__(layers=[CommVQLayer(i, keys, values, window, sink, quantize_prefill)
+                 quantize_prefill: bool = False, graphs: bool = True) -> None:
+        """``graphs``: on a GPU, run single-token decode steps as captured CUDA graphs where they
+        can be (:mod:`commvq.integrations.hf.graphs`; same results, less host time)."""
+        pool = GraphPool() if graphs else None
+        super().__init__(layers=[CommVQLayer(i, keys, values, window, sink, quantize_prefill, pool)
                                  for i in range(num_layers)])
         self.keys_part, self.values_part = keys, values
 
     @classmethod
     def from_pretrained(cls, model: Any, key_dir: str | Path | None = None, value_dir: str | Path | None = None,
                         window: int = 128, sink: int = 0, quantize_prefill: bool = False,
-                        kernels: str = "auto") -> CommVQCache:
-        """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense).
+                        kernels: str = "auto", graphs: bool = True) -> CommVQCache:
+        """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense);
+        ``graphs``: decode steps as CUDA graphs on a GPU (see ``__init__``).
 
         Switches ``model`` to the ``commvq`` attention (other caches keep working with it).
         """
@@ -238,7 +268,7 @@ class CommVQCache(Cache):
         if value_dir is not None:
             codec = ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim).to(device)
             values = parts.CommVQValues(codec, spec.num_kv_heads, kernels)
-        return cls(spec.num_layers, keys, values, window, sink, quantize_prefill)
+        return cls(spec.num_layers, keys, values, window, sink, quantize_prefill, graphs)
 
     @classmethod
     def baseline(cls, model: Any, method: str, window: int = 128, group: int = 32, sink: int = 0) -> CommVQCache:

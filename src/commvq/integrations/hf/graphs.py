@@ -1,0 +1,88 @@
+"""One cache layer's single-token decode step, captured as a CUDA graph and replayed.
+
+Eager, a CommVQ decode step issues about twenty operations and two Triton launches per layer; in a
+host-bound ``generate`` that host work, not the GPU's, sets the speed (``docs/benchmarks.md``).
+Between two flushes the step's shapes do not change: the compressed blocks are fixed and the
+full-precision window holds at most ``window + 1`` tokens. So the layer copies the query and its
+window into fixed buffers and replays the captured step (four copies and one launch); the window's
+unused slots are masked by its length, held on the GPU. A graph is captured on the second step with
+the same store and shapes (a store replaced every step, as beam search does, stays eager) and
+dropped as soon as they change; the graphs of one cache share one memory pool, since its layers
+replay them one after another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class GraphPool:
+    """The memory pool that the decode graphs of one cache's layers allocate from (made on first use)."""
+
+    def __init__(self) -> None:
+        self._handle = None
+
+    def handle(self):
+        if self._handle is None:
+            self._handle = torch.cuda.graph_pool_handle()
+        return self._handle
+
+
+class DecodeGraph:
+    """The captured decode step of one cache layer (see the module's docstring); ``replays`` counts
+    the steps it served."""
+
+    def __init__(self, pool: GraphPool) -> None:
+        self.pool = pool
+        self.seen = None
+        self.replays = 0
+        self._drop()
+
+    def _drop(self) -> None:
+        self.key = self.graph = self.out = self.q = self.k = self.v = self.length = None
+
+    def run(self, layer: Any, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
+        """The step's output ``[B, Hq, 1, D]`` (fp32) by replay, or None: run it eagerly."""
+        if layer.num_window > layer.window + 1:
+            return None
+        key = (layer.store_version, layer.num_sink, layer.num_compressed, tuple(query.shape), query.dtype,
+               query.device, scaling)
+        if key != self.key:
+            self._drop()
+            if key != self.seen:  # first step with this store and these shapes
+                self.seen = key
+                return None
+            self._capture(layer, query, scaling)
+            self.key = key
+        self._fill(layer, query)
+        self.graph.replay()
+        self.replays += 1
+        return self.out.clone()
+
+    def _fill(self, layer: Any, query: torch.Tensor) -> None:
+        w = layer.num_window
+        self.q.copy_(query)
+        self.k[:, :, :w].copy_(layer.win_k)
+        self.v[:, :, :w].copy_(layer.win_v)
+        self.length.fill_(w)
+
+    def _capture(self, layer: Any, query: torch.Tensor, scaling: float) -> None:
+        slots = layer.window + 1
+        device = query.device
+        self.q = torch.empty(query.shape, device=device, dtype=torch.float32)
+        self.k = layer.win_k.new_zeros(*layer.win_k.shape[:2], slots, layer.win_k.shape[3])
+        self.v = layer.win_v.new_zeros(*layer.win_v.shape[:2], slots, layer.win_v.shape[3])
+        self.length = torch.zeros((), device=device, dtype=torch.long)
+        self._fill(layer, query)
+        window = (self.k, self.v, self.length)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture (compilation, workspaces, tables)
+            layer._mixed(self.q, None, scaling, window)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool.handle()):
+            self.out = layer._mixed(self.q, None, scaling, window)
+        self.graph = graph
