@@ -13,19 +13,22 @@ replay them one after another.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
 
 class GraphPool:
-    """The memory pool that the decode graphs of one cache's layers allocate from (made on first use)."""
+    """The memory pool that the decode graphs of one cache's layers allocate from. PyTorch frees a
+    pool with its last graph, so a new one is made whenever no graph holds the current one."""
 
     def __init__(self) -> None:
         self._handle = None
+        self.live = 0  # graphs captured into the current pool and not yet dropped
 
     def handle(self):
-        if self._handle is None:
+        if self._handle is None or self.live == 0:
             self._handle = torch.cuda.graph_pool_handle()
         return self._handle
 
@@ -38,14 +41,17 @@ class DecodeGraph:
         self.pool = pool
         self.seen = None
         self.replays = 0
+        self.disabled = False
         self._drop()
 
     def _drop(self) -> None:
+        if getattr(self, "graph", None) is not None:
+            self.pool.live -= 1
         self.key = self.graph = self.out = self.q = self.k = self.v = self.length = None
 
     def run(self, layer: Any, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
         """The step's output ``[B, Hq, 1, D]`` (fp32) by replay, or None: run it eagerly."""
-        if layer.num_window > layer.window + 1:
+        if self.disabled or layer.num_window > layer.window + 1:
             return None
         key = (layer.store_version, layer.num_sink, layer.num_compressed, tuple(query.shape), query.dtype,
                query.device, scaling)
@@ -54,7 +60,15 @@ class DecodeGraph:
             if key != self.seen:  # first step with this store and these shapes
                 self.seen = key
                 return None
-            self._capture(layer, query, scaling)
+            try:
+                self._capture(layer, query, scaling)
+            except RuntimeError as exc:  # a capture the driver or allocator refuses: stay eager, say why
+                self._drop()
+                self.disabled = True
+                warnings.warn(f"CommVQCache: decode steps of layer {layer.layer_idx} stay eager, their CUDA "
+                              f"graph failed to capture ({exc}); CommVQCache(graphs=False) silences this",
+                              RuntimeWarning, stacklevel=2)
+                return None
             self.key = key
         self._fill(layer, query)
         self.graph.replay()
@@ -86,3 +100,4 @@ class DecodeGraph:
         with torch.cuda.graph(graph, pool=self.pool.handle()):
             self.out = layer._mixed(self.q, None, scaling, window)
         self.graph = graph
+        self.pool.live += 1
