@@ -31,7 +31,6 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor, dim: int) -> torch.Tensor:
     return b if a is None else torch.cat((a, b), dim=dim)
 
 
-
 class CommVQLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
@@ -89,6 +88,8 @@ class CommVQLayer(CacheLayerMixin):
         self.win_k = self.win_v = self.win_pos = self.sink_k = self.sink_v = None
         self.store, self.num_compressed = None, 0
         self.store_version += 1
+        if self.graph is not None:
+            self.graph.release()
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -44,6 +44,11 @@ class DecodeGraph:
         self.disabled = False
         self._drop()
 
+    def release(self) -> None:
+        """Drop the graph and its buffers (the next step runs eagerly)."""
+        self._drop()
+        self.seen = None
+
     def _drop(self) -> None:
         if getattr(self, "graph", None) is not None:
             self.pool.live -= 1
