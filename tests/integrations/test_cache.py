@@ -155,6 +155,14 @@ def test_step_on_fixed_window_buffers_equals_the_eager_step(tiny):
     want = layer._mixed(q, None, 0.25)
     got = layer._mixed(q, None, 0.25, (kbuf, vbuf, torch.tensor(w)))
     torch.testing.assert_close(got, want)
+    # with a padded batch's boolean mask: the fixed mask buffer's slots past the window hold anything
+    total = layer.get_seq_length()
+    mask = torch.ones(2, 1, 1, total, dtype=torch.bool)
+    mask[1, ..., :5] = False
+    mask_buf = torch.rand(2, 1, 1, total - w + 9, generator=g) < 0.5
+    mask_buf[..., :total] = mask
+    torch.testing.assert_close(layer._mixed(q, mask_buf, 0.25, (kbuf, vbuf, torch.tensor(w))),
+                               layer._mixed(q, mask, 0.25))
 
 
 @pytest.mark.gpu
@@ -171,19 +179,22 @@ def test_decode_graphs_give_the_eager_tokens(tiny_models):
     codec = ValueCodec(2, 32, 2, {i: torch.rand(32, generator=g) + 0.5 for i in range(2)}).cuda()
     freqs = model.model.rotary_emb.inv_freq
     ids = _ids(2, 30, seed=7).cuda()
-    runs = []
-    for graphs in (False, True):
-        cache = CommVQCache(2, parts.CommVQKeys(books, freqs, 1.0), parts.CommVQValues(codec, 2), window=8,
-                            graphs=graphs)
-        out = model.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=cache, output_scores=True,
-                             return_dict_in_generate=True)
-        runs.append((out.sequences, torch.stack(out.scores, 1), cache))
-    (tokens, scores, _), (g_tokens, g_scores, g_cache) = runs
-    layer = g_cache.layers[0]
-    assert layer.graph.replays >= 20 and layer.store_version >= 5  # replayed, across several flushes
-    assert runs[0][2].layers[0].graph is None
-    assert torch.equal(tokens, g_tokens)
-    assert torch.allclose(scores, g_scores, atol=1e-4, rtol=1e-4)
+    padded = torch.ones_like(ids)
+    padded[1, :5] = 0  # the second row left-padded: a boolean mask reaches the attention
+    for mask in (None, padded):
+        runs = []
+        for graphs in (False, True):
+            cache = CommVQCache(2, parts.CommVQKeys(books, freqs, 1.0), parts.CommVQValues(codec, 2), window=8,
+                                graphs=graphs)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, past_key_values=cache,
+                                 output_scores=True, return_dict_in_generate=True)
+            runs.append((out.sequences, torch.stack(out.scores, 1), cache))
+        (tokens, scores, _), (g_tokens, g_scores, g_cache) = runs
+        layer = g_cache.layers[0]
+        assert layer.graph.replays >= 20 and layer.store_version >= 5, mask  # replayed, across flushes
+        assert runs[0][2].layers[0].graph is None
+        assert torch.equal(tokens, g_tokens), mask
+        assert torch.allclose(scores, g_scores, atol=1e-4, rtol=1e-4), mask
 
 
 @pytest.mark.gpu

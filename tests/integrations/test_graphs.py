@@ -28,10 +28,12 @@ def test_capture_on_the_second_step_and_drop_on_a_new_store(monkeypatch):
     g = graphs.DecodeGraph(pool)
     captured = []
 
-    def capture(layer, query, scaling):
+    def capture(layer, query, scaling, mask):
         g.q, g.out = torch.empty_like(query), torch.empty_like(query)
         g.k = g.v = torch.zeros(1, 1, layer.window + 1, 2)
         g.length = torch.zeros((), dtype=torch.long)
+        if mask is not None:
+            g.mask = torch.ones(1, 1, 1, layer.num_compressed + layer.window + 1, dtype=torch.bool)
         g.graph = _FakeGraph(g)
         captured.append(pool.handle())
         pool.live += 1
@@ -52,6 +54,12 @@ def test_capture_on_the_second_step_and_drop_on_a_new_store(monkeypatch):
         layer.store_version = version
         assert g.run(layer, q, 0.5) is None
     assert len(captured) == 2
+    # a padded batch's mask: a new graph, the mask's last row copied into the fixed buffer
+    mask = torch.ones(1, 1, 1, 8 + layer.num_window, dtype=torch.bool)
+    mask[..., :3] = False
+    assert g.run(layer, q, 0.5, mask) is None  # first step with a mask
+    assert g.run(layer, q, 0.5, mask) is not None and len(captured) == 3
+    assert torch.equal(g.mask[..., :11], mask[..., -1:, :11]) and g.mask[..., 11:].all()
     layer.num_window = layer.window + 2  # more than the buffers hold: eager
     assert g.run(layer, q, 0.5) is None
     g.release()

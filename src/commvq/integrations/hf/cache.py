@@ -167,7 +167,7 @@ class CommVQLayer(CacheLayerMixin):
         if self.num_compressed == 0 and self.num_sink == 0:
             out = self._dense(module, query, attention_mask, scaling)
         elif self._graphable(query, attention_mask):
-            out = self.graph.run(self, query, scaling)
+            out = self.graph.run(self, query, scaling, attention_mask)
         if out is None:
             out = self._mixed(query, attention_mask, scaling)
         if not self.quantize_prefill:
@@ -181,9 +181,12 @@ class CommVQLayer(CacheLayerMixin):
         return out.transpose(1, 2)
 
     def _graphable(self, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
-        """Whether this step may run as a captured graph: one query token on a GPU, no mask, CommVQ
-        parts on their Triton kernels, and no capture of the caller's own in progress."""
-        return (self.graph is not None and query.shape[2] == 1 and attention_mask is None and query.is_cuda
+        """Whether this step may run as a captured graph: one query token on a GPU, no mask or a
+        boolean one, CommVQ parts on their Triton kernels, and no capture of the caller's own in progress."""
+        if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+                                           or attention_mask.shape[-1] < self.get_seq_length()):
+            return False
+        return (self.graph is not None and query.shape[2] == 1 and query.is_cuda
                 and self.num_compressed > 0 and all(getattr(part, "graphable", lambda q: False)(query)
                                                     for part in (self.keys_part, self.values_part))
                 and not torch.cuda.is_current_stream_capturing())
