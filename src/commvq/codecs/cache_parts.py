@@ -57,11 +57,6 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3)
 
 
-def _gqa(x: torch.Tensor, hq: int) -> torch.Tensor:
-    """Repeat KV heads ``[B, Hkv, N, D]`` for ``hq`` query heads."""
-    return x.repeat_interleave(hq // x.shape[1], dim=1)
-
-
 class DenseKeys:
     """Keys as the model computed them (after RoPE), in the model's dtype."""
 
@@ -74,7 +69,7 @@ class DenseKeys:
         return {"k": k.transpose(1, 2).contiguous()}
 
     def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
-        return q.float() @ _gqa(_heads_first(block["k"]).float(), q.shape[1]).transpose(-1, -2)
+        return grouped(q.float(), _heads_first(block["k"]).float().transpose(-1, -2))
 
 
 class DenseValues:
@@ -87,7 +82,7 @@ class DenseValues:
         return {"v": v.transpose(1, 2).contiguous()}
 
     def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
-        return probs.float() @ _gqa(_heads_first(block["v"]).float(), probs.shape[1])
+        return grouped(probs.float(), _heads_first(block["v"]).float())
 
 
 def _kivi_store(x: torch.Tensor, bits: int, group: int, dim: int) -> dict[str, torch.Tensor]:
@@ -122,7 +117,7 @@ class KiviKeys:
 
     def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
         k = _kivi_load(block, self.bits_, self.group, dim=1)
-        return q.float() @ _gqa(_heads_first(k), q.shape[1]).transpose(-1, -2)
+        return grouped(q.float(), _heads_first(k).float().transpose(-1, -2))
 
 
 class KiviValues:
@@ -141,7 +136,7 @@ class KiviValues:
     def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
         d = block["codes"].shape[-1] * 8 // self.bits_
         v = _kivi_load(block, self.bits_, min(self.group, d), dim=-1)
-        return probs.float() @ _gqa(_heads_first(v), probs.shape[1])
+        return grouped(probs.float(), _heads_first(v).float())
 
 
 class CommVQKeys:
@@ -223,7 +218,7 @@ class CommVQKeys:
         k = k.reshape(b, n, self.num_heads, -1)
         cos, sin = self.angles(block["pos"])
         k = rope.apply_rope(k.float(), cos[:, :, None], sin[:, :, None]) * self.rope_scale
-        return q.float() @ _gqa(_heads_first(k), q.shape[1]).transpose(-1, -2)
+        return grouped(q.float(), _heads_first(k).float().transpose(-1, -2))
 
 
 class CommVQValues:
