@@ -238,6 +238,20 @@ def _bit_dot(acc, w, packed, BIT: tl.constexpr):
 
 
 @triton.jit
+def _bytes_and_weights(p_ptr, factor_ptr, codes_ptr, b, n0, N, row_bytes, byte, hq, HQ: tl.constexpr,
+                       BK: tl.constexpr):
+    """One step of the values kernel's inputs: the packed bytes ``[BK, bytes]`` of tokens ``n0..``
+    and the weights ``p f`` ``[HQP, BK]`` in fp16."""
+    n = n0 + tl.arange(0, BK)
+    nmask = n < N
+    packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
+                     other=0).to(tl.int32)
+    f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :], other=0.0)
+    return packed, (p * f[None, :]).to(tl.float16)
+
+
+@triton.jit
 def _probe_values_pos(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog,
                       HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
                       BF: tl.constexpr, BATCHED: tl.constexpr):
@@ -256,16 +270,9 @@ def _probe_values_pos(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, token
         i = tl.arange(0, 8)
         acc = tl.zeros([8, HQP, BF // 8], tl.float32)
         for n0 in range(start, start + tokens_per_prog, BK):
-            n = n0 + tl.arange(0, BK)
-            nmask = n < N
-            packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
-                             other=0).to(tl.int32)
+            packed, w = _bytes_and_weights(p_ptr, factor_ptr, codes_ptr, b, n0, N, row_bytes, byte, hq, HQ, BK)
             bits = (packed[None, :, :] >> (i ^ 1)[:, None, None]) & 1
             signs = (((bits ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)  # [8, BK, BF/8]
-            f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
-            p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
-                        other=0.0)
-            w = (p * f[None, :]).to(tl.float16)
             acc += tl.dot(tl.broadcast_to(w[None, :, :], [8, HQP, BK]), signs)
         tl.store(dst[None, :, :] + i[:, None, None], acc)
     else:
@@ -278,14 +285,7 @@ def _probe_values_pos(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, token
         a6 = tl.zeros([HQP, BF // 8], tl.float32)
         a7 = tl.zeros([HQP, BF // 8], tl.float32)
         for n0 in range(start, start + tokens_per_prog, BK):
-            n = n0 + tl.arange(0, BK)
-            nmask = n < N
-            packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
-                             other=0).to(tl.int32)
-            f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
-            p = tl.load(p_ptr + (b * HQ + hq[:, None]) * N + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
-                        other=0.0)
-            w = (p * f[None, :]).to(tl.float16)
+            packed, w = _bytes_and_weights(p_ptr, factor_ptr, codes_ptr, b, n0, N, row_bytes, byte, hq, HQ, BK)
             a0 = _bit_dot(a0, w, packed, 0)
             a1 = _bit_dot(a1, w, packed, 1)
             a2 = _bit_dot(a2, w, packed, 2)
