@@ -14,7 +14,6 @@ import argparse
 import cProfile
 import json
 import pstats
-import time
 
 import torch
 
@@ -23,27 +22,14 @@ try:
 except ImportError:
     from benchmarks._meta import commit_id
 from _shapes import SHAPES, random_model
-from generate_speed import random_commvq_cache
+from generate_speed import random_commvq_cache, run
 
 from commvq.integrations.hf import use_commvq
-from commvq.integrations.hf.attention import cache_kwargs
 
 
 def steps(lm, cache, ids, n: int, profiler: cProfile.Profile | None) -> float:
     """Prefill ``ids`` into ``cache``, then time ``n`` greedy decode steps (seconds per step)."""
-    kw = cache_kwargs(lm.model, cache)
-    with torch.no_grad():
-        nxt = lm.model(ids, use_cache=True, **kw).logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        if profiler is not None:
-            profiler.enable()
-        for _ in range(n):
-            nxt = lm.model(nxt, use_cache=True, **kw).logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        if profiler is not None:
-            profiler.disable()
-    return (time.perf_counter() - t0) / n
+    return 1.0 / run(lm, ids, n, cache, profiler)[1]
 
 
 def main() -> None:

@@ -49,8 +49,9 @@ def random_commvq_cache(lm, bits: int, window: int = 128, graphs: bool = True) -
     return CommVQCache(spec.num_layers, keys, parts.CommVQValues(codec, spec.num_kv_heads), window, graphs=graphs)
 
 
-def run(lm, ids, new, cache) -> tuple[float, float]:
-    """(prefill seconds, decode tokens per second)."""
+def run(lm, ids, new, cache, profiler=None) -> tuple[float, float]:
+    """(prefill seconds, decode tokens per second); ``profiler`` (a ``cProfile.Profile``) runs
+    during the decode steps only."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -58,10 +59,14 @@ def run(lm, ids, new, cache) -> tuple[float, float]:
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     nxt = out.logits[:, -1:].argmax(-1)
+    if profiler is not None:
+        profiler.enable()
     with torch.no_grad():
         for _ in range(new):
             nxt = lm.model(nxt, use_cache=True, **cache_kwargs(lm.model, cache)).logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
+    if profiler is not None:
+        profiler.disable()
     return t1 - t0, new / (time.perf_counter() - t1)
 
 
