@@ -51,9 +51,9 @@ def add_layer_args(ap: argparse.ArgumentParser, residuals: bool = True) -> None:
         ap.add_argument("--residuals", type=int, default=21)
 
 
-def layer_keys(args: argparse.Namespace, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_keys(args: argparse.Namespace, seed: int = 0, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized synthetic keys ``x [H, N, D]`` (contiguous, as EM trains on) and prescales ``s``."""
-    x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim, seed), args.heads)
+    x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim, seed, device), args.heads)
     return x.contiguous(), s
 
 

@@ -112,6 +112,15 @@ def write_config(folder: Path, layout: CodebookLayout, method: str, spec: ModelS
     })
 
 
+def encode_beam(folder: Path) -> int:
+    """The encoder's beam width a codebook folder was trained for (1, greedy, when it says none)."""
+    cfg = read_config(folder)
+    beam = int(cfg.get("beam", 1)) if cfg else 1
+    if beam < 1:
+        raise ValueError(f"{Path(folder) / CONFIG}: beam {beam} must be at least 1")
+    return beam
+
+
 def layout_of(folder: Path) -> tuple[CodebookLayout, dict[str, Any] | None]:
     """A directory's layout, from its config.json, else from its name."""
     folder = Path(folder)

@@ -11,8 +11,8 @@ from commvq.pipeline.main_job import PipelineConfig
 @pytest.mark.slow
 def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, capsys):
     cfg = PipelineConfig(workdir=tmp_path / "run", model=str(tiny_llama), dataset=str(corpus_dir), num_samples=600,
-                         max_seq_length=64, code_bits=6, key_samples=300, em_iters=2, e2e_epochs=1, value_steps=3,
-                         value_seq_length=32, ppl_tokens=200, lengths="230,250", device="cpu")
+                         max_seq_length=64, code_bits=6, key_samples=300, em_iters=2, e2e_rounds=1, beam=2,
+                         value_steps=3, value_seq_length=32, ppl_tokens=200, lengths="230,250", device="cpu")
     main_job.run(cfg)
     w = tmp_path / "run"
     results = json.loads((w / "eval" / "compare.json").read_text())["results"]

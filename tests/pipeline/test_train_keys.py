@@ -66,10 +66,14 @@ def test_em_training_writes_loadable_files_and_skips_finished(key_dir, tmp_path,
     assert "stage 3/3: hard MSE (original scale)" in caplog.text
     spec = ModelSpec.from_dict(KVStore(key_dir).settings["spec"])
     cb = KeyCodebook.from_dir(out, 1, spec)
-    keys = KVStore(key_dir).layer(1).read(0, 256)
+    assert cb.beam == 1 and conf["beam"] == 1  # EM: the paper's greedy encoder unless --beam says otherwise
+    rows = conf["layers"]["1"]["rows"]
+    # both methods train on the same first rows; the error is measured on the rows after the samples
+    assert rows == {"train": [0, 244], "validation": [244, 256], "eval": [256, 300]}
+    keys = KVStore(key_dir).layer(1).read(*rows["eval"])
     codes, s = cb.encode(keys)
     rel = float(((cb.decode(codes, s) - keys) ** 2).sum() / (keys**2).sum())
-    assert abs(rel - conf["layers"]["1"]["relative_mse"]) < 1e-4
+    assert abs(rel - conf["layers"]["1"]["relative_mse"]) < 1e-5
 
     before = io.head_file(out, 0, 0).stat().st_mtime_ns
     io.head_file(out, 1, 1).unlink()
@@ -102,8 +106,8 @@ LOG_LINE = re.compile(r"^Epoch (\d+)/(\d+) - Loss: (\d+\.\d{4}), Recon: (\d+\.\d
 
 def test_e2e_writes_its_own_directory_logs_the_guide_format_and_curves(key_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = TrainKeysConfig(key_dir=key_dir, method="e2e", code_bits=6, residuals=2, epochs=3, batch_size=32,
-                          num_samples=300, device="cpu", layers="1", init="kmeans")
+    cfg = TrainKeysConfig(key_dir=key_dir, method="e2e", solver="adam", code_bits=6, residuals=2, epochs=3,
+                          batch_size=32, num_samples=300, device="cpu", layers="1", init="kmeans")
     out = train_keys.run(cfg)
     assert out == Path("codebook_e2e_6bits_8group_2residuals")
     lines = capsys.readouterr().out.splitlines()
@@ -122,18 +126,64 @@ def test_e2e_writes_its_own_directory_logs_the_guide_format_and_curves(key_dir, 
     assert em_out == Path("codebook_6bits_8group_2residuals") and (em_out / "001_0.pt").is_file()
     with pytest.raises(ValueError, match="never overwrite each other"):
         train_keys.run(TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=em_out, code_bits=6, residuals=2,
-                                       epochs=1, device="cpu", layers="1"))
+                                       solver="adam", epochs=1, device="cpu", layers="1"))
     with pytest.raises(ValueError, match="never overwrite each other"):
         train_keys.prepare_output(out, io.CodebookLayout(6, 8, 2), "em", False)
 
 
 def test_e2e_from_em_never_ends_worse_on_heldout_and_attention_objective(key_dir, tmp_path):
-    cfg = TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=tmp_path / "a", code_bits=6, residuals=2,
-                          epochs=2, lr=0.5, batch_size=32, num_samples=300, device="cpu", layers="0", init="em",
-                          max_iters=3, objective="attention")
+    cfg = TrainKeysConfig(key_dir=key_dir, method="e2e", solver="adam", output_dir=tmp_path / "a", code_bits=6,
+                          residuals=2, epochs=2, lr=0.5, batch_size=32, num_samples=300, device="cpu", layers="0",
+                          init="em", max_iters=3, objective="attention")
     train_keys.run(cfg)
     layer = json.loads((tmp_path / "a" / "config.json").read_text())["layers"]["0"]
     assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
+
+
+LSTSQ_LINE = re.compile(r"^Round (\d+)/(\d+) - Recon: (\d+\.\d{4}), held-out: (\d+\.\d{4}) \(\d+\.\d s\)$")
+
+
+def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, capsys):
+    em_dir = tmp_path / "em"
+    train_keys.run(_cfg(key_dir, em_dir, layers="0"))
+    out = tmp_path / "e2e"
+    cfg = _cfg(key_dir, out, method="e2e", layers="0", init_dir=em_dir, rounds=3, beam=4)
+    assert cfg.solver == "lstsq" and cfg.encode_beam == 4
+    train_keys.run(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    rounds = [LSTSQ_LINE.match(ln) for ln in lines if ln.startswith("Round")]
+    assert len(rounds) == 3 and all(rounds)
+    conf = json.loads((out / "config.json").read_text())
+    layer = conf["layers"]["0"]
+    assert conf["method"] == "e2e" and conf["beam"] == 4 and layer["solver"] == "lstsq" and layer["beam"] == 4
+    assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
+    # the start is the EM folder's codebooks: round 0 is EM under the beam on the same validation rows
+    em_thetas = io.load_layer(em_dir, 0, SPEC)
+    val = KVStore(key_dir).layer(0).read(*layer["rows"]["validation"]).float()
+    from commvq.quant import refine
+    from commvq.quant.residual import normalize
+
+    x_val = normalize(val, SPEC.num_kv_heads)[0]
+    assert layer["init_heldout_relative_error"] == pytest.approx(refine.relative_error(x_val, em_thetas, 4))
+    cb = KeyCodebook.from_dir(out, 0, SPEC)  # loaded with the beam it was trained for
+    assert cb.beam == 4 and KeyCodebook.from_dir(out, 0, SPEC, beam=1).beam == 1
+    # the error in config.json is the one of the codebooks as loaded, on the rows after the samples
+    keys = KVStore(key_dir).layer(0).read(*layer["rows"]["eval"])
+    codes, s = cb.encode(keys)
+    rel = float(((cb.decode(codes, s) - keys) ** 2).sum() / (keys**2).sum())
+    assert rel == pytest.approx(layer["relative_mse"], rel=1e-5)
+    assert layer["relative_mse"] <= layer["relative_mse_greedy"] + 1e-9
+    # another beam width is another setting: refused in the same folder
+    with pytest.raises(ValueError, match="never overwrite each other"):
+        train_keys.run(_cfg(key_dir, out, method="e2e", layers="1", init_dir=em_dir, rounds=1, beam=2))
+
+
+def test_adam_flags_without_the_adam_solver_are_named(key_dir, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="commvq")
+    train_keys.run(_cfg(key_dir, tmp_path / "x", method="e2e", layers="0", rounds=1, epochs=5, lr=0.01, max_iters=2))
+    assert "--epochs, --lr set the adam solver" in caplog.text
+    with pytest.raises(ValueError, match="--beam 4 needs --solver lstsq"):
+        TrainKeysConfig(method="e2e", solver="adam", beam=4)
 
 
 def test_attention_objective_needs_queries(key_dir, tmp_path):

@@ -146,13 +146,12 @@ class CommVQKeys:
     name = "commvq"
 
     def __init__(self, codebooks: list[KeyCodebook], inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                 encoder=None, scoring: str = "auto", kernels: str = "auto", kernel_style: str = "regdecode16") -> None:
+                 scoring: str = "auto", kernels: str = "auto", kernel_style: str = "regdecode16") -> None:
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
         self.kernels, self.kernel_style = kernels, kernel_style
         self._tables: dict[int, tuple] = {}  # per layer: the kernel's tables, built on first use
         self.codebooks, self.inv_freq, self.rope_scale = codebooks, inv_freq.float(), rope_scale
-        self.encoder = encoder  # a fused greedy encoder (x [H, N, D], thetas) -> codes, or None
         self.scoring = scoring
         cb = codebooks[0]
         self.code_bits, self.num_heads, self.stages = cb.code_bits, cb.num_heads, cb.num_stages
@@ -173,14 +172,7 @@ class CommVQKeys:
         cos, sin = self.angles(pos)  # [B, n, D]
         pre = rope.unapply_rope(k.float(), cos[:, None], sin[:, None]) / self.rope_scale
         flat = pre.transpose(1, 2).reshape(b * n, h * d)
-        cb = self.codebooks[layer]
-        if self.encoder is not None:
-            from commvq.quant.residual import normalize
-
-            x, s = normalize(flat, h)
-            codes = self.encoder(x, cb.thetas).permute(1, 0, 2)
-        else:
-            codes, s = cb.encode(flat)
+        codes, s = self.codebooks[layer].encode(flat)  # greedy or beam, torch or Triton: the codebook's
         packed = pack_codes(codes.reshape(b * n, h * self.stages), self.code_bits)
         return {"codes": packed.reshape(b, n, -1), "prescale": s.reshape(b, n).half(),
                 "pos": pos.to(torch.int32)}

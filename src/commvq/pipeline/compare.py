@@ -32,6 +32,7 @@ class CompareConfig:
     key_dir: Path = option(Path("data/key"), "keys to evaluate on (queries from its sibling 'query' if present)")
     eval_samples: int = option(16384, "held-out key vectors per layer")
     output: Path = option(Path("compare"), "folder for compare.json / .md / .png")
+    beam: int = option(0, "key encoder's beam width for every folder (0: each folder's own, from its config.json)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
 
     def __post_init__(self) -> None:
@@ -40,6 +41,8 @@ class CompareConfig:
             raise ValueError("give at least one codebook directory")
         if self.eval_samples < 1:
             raise ValueError(f"--eval_samples {self.eval_samples}: must be at least 1")
+        if self.beam < 0:
+            raise ValueError(f"--beam {self.beam}: 0 (each folder's own) or a width of 1 or more")
 
 
 def column_names(dirs: list[Path]) -> list[str]:
@@ -92,11 +95,12 @@ def run(cfg: CompareConfig) -> Path:
         for name, d in zip(names, cfg.dirs, strict=True):
             if d not in present:
                 continue
-            cb = KeyCodebook.from_dir(d, layer, spec).to(device)
+            cb = KeyCodebook.from_dir(d, layer, spec, cfg.beam or None).to(device)
             row[name] = key_errors(keys, cb, w)
         rows.append(row)
+    beams = {name: cfg.beam or io.encode_beam(d) for name, d in zip(names, cfg.dirs, strict=True)}
     return write_report(cfg, names, rows, {"eval_rows": [start, stop], "key_dir": str(cfg.key_dir),
-                                           "query_weighted": queries is not None})
+                                           "query_weighted": queries is not None, "beams": beams})
 
 
 def _table(names: list[str], rows: list[dict], metric: str) -> list[str]:
@@ -116,7 +120,8 @@ def write_report(cfg: CompareConfig, names: list[str], rows: list[dict], meta: d
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     metrics = ["relative_mse"] + (["relative_logit_error"] if meta["query_weighted"] else [])
-    md = [f"Held-out keys: rows {meta['eval_rows'][0]}..{meta['eval_rows'][1]} of {meta['key_dir']}.", ""]
+    md = [f"Held-out keys: rows {meta['eval_rows'][0]}..{meta['eval_rows'][1]} of {meta['key_dir']}; key encoder's "
+          "beam width: " + ", ".join(f"{n} {b}" for n, b in meta["beams"].items()) + ".", ""]
     for metric in metrics:
         md += [f"### {metric}", "", *_table(names, rows, metric), ""]
     text = "\n".join(md)

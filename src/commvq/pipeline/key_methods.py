@@ -11,10 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from commvq import io
+from commvq.codecs.key_codebook import Encoder
 from commvq.fsutil import atomic_path
-from commvq.quant import e2e, em
+from commvq.quant import e2e, em, refine
+from commvq.quant.beam import encode as torch_encode
+from commvq.quant.beam import stage_residuals
 from commvq.quant.commutative import num_entries
-from commvq.quant.residual import stage_errors
+from commvq.spec import ModelSpec
 
 log = logging.getLogger("commvq")
 
@@ -25,8 +28,10 @@ class LayerJob:
 
     layer: int
     heads: list[int]
-    x: torch.Tensor  # [H, N, D] normalized keys of the heads to train
-    s: torch.Tensor  # [N] prescales
+    x: torch.Tensor  # [H, N, D] normalized training keys of the heads to train
+    s: torch.Tensor  # [N] their prescales
+    val_x: torch.Tensor  # [H, M, D] validation keys (E2E picks its best round or epoch there)
+    val_s: torch.Tensor  # [M]
     layout: io.CodebookLayout
     out: Path
     with_centers: bool
@@ -35,6 +40,8 @@ class LayerJob:
     init_estep: em.CentersEStep = em.e_step_centers
     nearest: em.Nearest | None = None  # encodes the residual between EM stages (None: pure torch)
     pair_weights: torch.Tensor | None = None  # [H, P] for objective=attention
+    encoder: Encoder = torch_encode  # (x, thetas, beam) -> codes: what the cache will encode with
+    beam: int = 1  # the encoder's beam width the codebooks are trained for and saved with
 
 
 @dataclass
@@ -42,6 +49,14 @@ class LayerResult:
     thetas: torch.Tensor  # [H, R, 2E, P]
     stage_mse: torch.Tensor  # [R, H], original scale
     extra: dict
+
+
+def validation_stage_mse(job: LayerJob, thetas: torch.Tensor) -> torch.Tensor:
+    """``[R, H]`` MSE (original scale) left after each stage of the validation keys, coded by
+    the job's encoder."""
+    codes = job.encoder(job.val_x, thetas, job.beam)
+    left = stage_residuals(job.val_x, codes, thetas) * job.val_s[None, None, :, None]
+    return (left.double() ** 2).mean((2, 3)).float().cpu()
 
 
 def save_heads(job: LayerJob, thetas: torch.Tensor, stage_mse: torch.Tensor) -> None:
@@ -63,54 +78,90 @@ def run_em(job: LayerJob, max_iters: int, chunk: int) -> LayerResult:
                     em.EMSettings(max_iters=max_iters, chunk=chunk), seed=job.seed, estep=job.estep,
                     on_stage=on_stage, init_estep=job.init_estep, nearest_fn=job.nearest)
     bar.close()
-    save_heads(job, fitted.thetas, fitted.residual_mse)
-    return LayerResult(fitted.thetas, fitted.residual_mse, {"iterations": fitted.iters.T.tolist()})
+    stage_mse = fitted.residual_mse if job.beam == 1 else validation_stage_mse(job, fitted.thetas)
+    save_heads(job, fitted.thetas, stage_mse)
+    return LayerResult(fitted.thetas, stage_mse, {"iterations": fitted.iters.T.tolist()})
 
 
-def initial_thetas(job: LayerJob, init: str, train_x: torch.Tensor, max_iters: int, chunk: int) -> torch.Tensor:
+def initial_thetas(job: LayerJob, init: str, max_iters: int, chunk: int, init_dir: Path | None = None,
+                   spec: ModelSpec | None = None) -> torch.Tensor:
+    """E2E's start: codebooks from ``init_dir`` (same layout), else trained on the job's keys."""
+    if init_dir is not None:
+        if spec is None:
+            raise ValueError("init_dir needs the model's spec")
+        return io.load_layer(init_dir, job.layer, spec)[job.heads].to(job.x.device, job.x.dtype)
     generator = torch.Generator().manual_seed(job.seed)
     e = num_entries(job.layout.code_bits)
     if init == "em":
         settings = em.EMSettings(max_iters=max_iters, chunk=chunk)
-        return em.fit(train_x, job.s[: train_x.shape[1]], job.layout.residuals, e, settings, seed=job.seed,
+        return em.fit(job.x, job.s, job.layout.residuals, e, settings, seed=job.seed,
                       estep=job.estep, init_estep=job.init_estep, nearest_fn=job.nearest).thetas
     if init == "random":
-        return e2e.init_random(train_x, job.layout.residuals, e, generator)
-    return e2e.init_kmeans(train_x, job.layout.residuals, e, generator)
+        return e2e.init_random(job.x, job.layout.residuals, e, generator)
+    return e2e.init_kmeans(job.x, job.layout.residuals, e, generator)
 
 
-def run_e2e(job: LayerJob, settings: e2e.E2ESettings, init: str, holdout: float, max_iters: int,
-            chunk: int, echo: Callable[[str], None] = print) -> LayerResult:
-    """E2E on all but the last ``holdout`` of the vectors; those pick the best epoch, whose
+def _saver(job: LayerJob, echo: Callable[[str], None]) -> Callable[[float, torch.Tensor | None], None]:
+    def save(heldout: float, best: torch.Tensor | None) -> None:
+        if best is not None:
+            save_heads(job, best, validation_stage_mse(job, best))
+            echo(f"✓ Saved best model with loss {heldout:.4f}")
+
+    return save
+
+
+def run_e2e_adam(job: LayerJob, settings: e2e.E2ESettings, thetas0: torch.Tensor,
+                 echo: Callable[[str], None] = print) -> LayerResult:
+    """Adam on the training keys (greedy codes); the validation keys pick the best epoch, whose
     codebooks are saved as soon as it is reached."""
-    n = job.x.shape[1]
-    n_hold = max(1, int(n * holdout))
-    train_x, held_x, held_s = job.x[:, : n - n_hold], job.x[:, n - n_hold:], job.s[n - n_hold:]
-    thetas0 = initial_thetas(job, init, train_x, max_iters, chunk)
     bar = tqdm(total=settings.epochs, desc=f"layer {job.layer:3d}", unit="epoch", leave=False)
+    save = _saver(job, echo)
 
     def on_epoch(entry: e2e.EpochLog, best: torch.Tensor | None) -> None:
         bar.update(1)
         echo(f"Epoch {entry.epoch}/{settings.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
              f"Commit: {entry.commit:.4f}")
-        if best is not None:
-            save_heads(job, best, stage_errors(held_x, held_s, best))
-            echo(f"✓ Saved best model with loss {entry.heldout:.4f}")
+        save(entry.heldout, best)
 
-    result = e2e.train(train_x, held_x, thetas0, settings, job.pair_weights, seed=job.seed, on_epoch=on_epoch)
+    result = e2e.train(job.x, job.val_x, thetas0, settings, job.pair_weights, seed=job.seed, on_epoch=on_epoch)
     bar.close()
-    stage_mse = stage_errors(held_x, held_s, result.thetas)
-    if result.best_epoch == 0:  # no epoch beat the initialization: keep it
-        save_heads(job, result.thetas, stage_mse)
-    history = [vars(h) for h in result.history]
+    return _finish(job, result.thetas, result.best_epoch, {
+        "solver": "adam", "best_epoch": result.best_epoch, "heldout_relative_error": result.best_heldout,
+        "init_heldout_relative_error": result.init_heldout, "history": [vars(h) for h in result.history]})
+
+
+def run_e2e_lstsq(job: LayerJob, settings: refine.RefineSettings, thetas0: torch.Tensor,
+                  echo: Callable[[str], None] = print) -> LayerResult:
+    """Alternate encoding (the job's beam) and the joint least-squares solve of all stages; the
+    validation keys pick the best round (round 0: the start), saved as soon as it is reached."""
+    bar = tqdm(total=settings.rounds, desc=f"layer {job.layer:3d}", unit="round", leave=False)
+    save = _saver(job, echo)
+
+    def on_round(entry: refine.RoundLog, best: torch.Tensor | None) -> None:
+        bar.update(1)
+        echo(f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4f}, held-out: {entry.heldout:.4f} "
+             f"({entry.seconds:.1f} s)")
+        save(entry.heldout, best)
+
+    result = refine.refine(job.x, job.val_x, thetas0, settings, on_round=on_round)
+    bar.close()
+    return _finish(job, result.thetas, result.best_round, {
+        "solver": "lstsq", "best_round": result.best_round, "heldout_relative_error": result.best_heldout,
+        "init_heldout_relative_error": result.init_heldout, "history": [vars(h) for h in result.history]})
+
+
+def _finish(job: LayerJob, thetas: torch.Tensor, best: int, extra: dict) -> LayerResult:
+    stage_mse = validation_stage_mse(job, thetas)
+    if best == 0:  # nothing beat the start: keep it
+        save_heads(job, thetas, stage_mse)
+    history = extra["history"]
     plot_curves(job.out / "curves" / f"{job.layer:03d}.png", history, job.layer)
-    return LayerResult(result.thetas, stage_mse, {
-        "best_epoch": result.best_epoch, "heldout_relative_error": result.best_heldout,
-        "init_heldout_relative_error": result.init_heldout, "history": history})
+    return LayerResult(thetas, stage_mse, extra)
 
 
 def plot_curves(path: Path, history: list[dict], layer: int) -> None:
-    """Loss, Recon, Commit and held-out error per epoch, as a PNG."""
+    """Training and held-out errors per epoch (Adam: Loss, Recon, Commit) or per round (lstsq: the
+    round's training Recon), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,10 +169,12 @@ def plot_curves(path: Path, history: list[dict], layer: int) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = [h["epoch"] for h in history]
-    for key in ("loss", "recon", "commit", "heldout"):
-        ax.plot(epochs, [h[key] for h in history], label=key if key != "heldout" else "held-out recon")
-    ax.set_xlabel("epoch")
+    step = "epoch" if history and "epoch" in history[0] else "round"
+    keys = ("loss", "recon", "commit", "heldout") if step == "epoch" else ("train", "heldout")
+    for key in keys:
+        ax.plot([h[step] for h in history], [h[key] for h in history],
+                label={"heldout": "held-out recon", "train": "recon (the round's codes)"}.get(key, key), marker=".")
+    ax.set_xlabel(step)
     ax.set_yscale("log")
     ax.set_title(f"E2E key codebooks, layer {layer}")
     ax.grid(alpha=0.3)

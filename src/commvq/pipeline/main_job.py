@@ -3,8 +3,8 @@
 collect -> scale -> key codebooks (EM and E2E, 2 and 1 bit) -> value codecs (2 and 1 bit) ->
 held-out key errors (EM vs E2E) -> evaluation of every cache method side by side.
 The defaults are sized to finish in about 15 minutes on 2 CPU cores (8-bit codes, 4096 key vectors
-per layer, a few EM iterations and E2E epochs); the paper's settings are one flag away
-(``--code_bits 12 --key_samples 1048576 --em_iters 100 --e2e_epochs 100``). Re-running resumes:
+per layer, a few EM iterations, E2E by least-squares rounds from the EM codebooks); the paper's
+settings are one flag away (``--code_bits 12 --key_samples 1100000 --em_iters 100``). Re-running resumes:
 finished stages and layers are skipped.
 """
 
@@ -33,7 +33,8 @@ class PipelineConfig:
     code_bits: int = option(8, "bits per key code and stage (the paper: 12)")
     key_samples: int = option(4096, "key vectors per layer for key training")
     em_iters: int = option(3, "EM iterations per stage")
-    e2e_epochs: int = option(4, "E2E epochs")
+    e2e_rounds: int = option(train_keys.DEFAULT_ROUNDS, "E2E least-squares rounds, from the EM codebooks")
+    beam: int = option(train_keys.DEFAULT_BEAM, "beam width of the E2E codebooks' key encoder")
     value_steps: int = option(60, "value codec training steps")
     value_seq_length: int = option(512, "tokens per sequence for value training")
     bits: str = option("2,1", "bit widths to build (comma list of 1 and 2)")
@@ -63,12 +64,14 @@ def run(cfg: PipelineConfig) -> Path:
     key_dirs = []
     for b in bits:
         r = residuals_for_bits(b, spec.head_dim, cfg.code_bits)
-        for method in ("em", "e2e"):
+        em_dir = None
+        for method in ("em", "e2e"):  # E2E refines the EM codebooks just trained
             out = w / io.CodebookLayout(cfg.code_bits, spec.head_dim, r, e2e=method == "e2e").dir_name
             key_dirs.append(train_keys.run(train_keys.TrainKeysConfig(
                 key_dir=key_dir, output_dir=out, method=method, code_bits=cfg.code_bits, residuals=r,
-                num_samples=cfg.key_samples, max_iters=cfg.em_iters, epochs=cfg.e2e_epochs,
-                batch_size=256, device=cfg.device, seed=cfg.seed)))
+                num_samples=cfg.key_samples, max_iters=cfg.em_iters, rounds=cfg.e2e_rounds, init_dir=em_dir,
+                beam=cfg.beam if method == "e2e" else None, device=cfg.device, seed=cfg.seed)))
+            em_dir = key_dirs[-1]
         train_values.run(train_values.TrainValuesConfig(
             model=cfg.model, dataset=cfg.dataset, scale_file=scale_file, output_dir=w / f"value_codec_{b}bit",
             quant_bits=b, max_seq_length=cfg.value_seq_length, steps=cfg.value_steps,

@@ -19,20 +19,26 @@ import torch
 from tqdm.auto import tqdm
 
 from commvq import io
+from commvq.codecs.key_codebook import KeyCodebook, encoder_for
 from commvq.config import option, to_dict
 from commvq.data.kvstore import KVStore
 from commvq.distributed import barrier, device_for_rank, rank_world
-from commvq.evals.keys import pair_weights
+from commvq.evals.keys import key_errors, pair_weights
 from commvq.fsutil import write_json
 from commvq.pipeline import key_methods
 from commvq.pipeline.collect import store_dirs
-from commvq.quant import e2e, em
+from commvq.quant import e2e, em, refine
 from commvq.quant.residual import normalize, residuals_for_bits
 from commvq.spec import ModelSpec
 
 log = logging.getLogger("commvq")
 DEFAULT_QUANT_BITS = 2.0
 DEFAULT_CODE_BITS = 12
+SOLVERS = ("lstsq", "adam")
+DEFAULT_ROUNDS = 4
+DEFAULT_BEAM = 8
+ADAM_DEFAULTS = {"epochs": 100, "lr": 1e-3, "batch_size": 256}
+EVAL_SAMPLES = 16384  # rows after the training samples on which config.json's key errors are measured
 
 
 @dataclass(frozen=True)
@@ -47,12 +53,19 @@ class TrainKeysConfig:
     residuals: int | None = option(None, "residual stages R (default: round(quant_bits*head_dim/code_bits))")
     num_samples: int = option(1_048_576, "key vectors per layer to train on (the first N collected)")
     max_iters: int = option(100, "EM: iterations per stage at most")
-    epochs: int = option(100, "E2E: epochs")
-    lr: float = option(1e-3, "E2E: Adam learning rate (cosine schedule)")
-    batch_size: int = option(256, "E2E: key vectors per step")
+    solver: str = option("lstsq", "E2E: lstsq (alternate encoding with the beam and one joint least-squares "
+                         "solve of all stages) or adam (gradient steps on greedy codes)", choices=SOLVERS)
+    rounds: int = option(DEFAULT_ROUNDS, "E2E lstsq: rounds of encode + solve")
+    beam: int | None = option(None, "beam width of the key encoder the codebooks are trained for and used with "
+                              f"(1: greedy; default {DEFAULT_BEAM} for e2e, 1 for em); recorded in config.json")
+    epochs: int | None = option(None, f"E2E adam: epochs (default {ADAM_DEFAULTS['epochs']})")
+    lr: float | None = option(None, f"E2E adam: learning rate, cosine schedule (default {ADAM_DEFAULTS['lr']:g})")
+    batch_size: int | None = option(None, f"E2E adam: key vectors per step (default {ADAM_DEFAULTS['batch_size']})")
     commit_weight: float = option(0.25, "E2E: weight of the commitment loss")
-    init: str = option("kmeans", "E2E: initial codebooks: kmeans (k-means++ per stage), em (the paper's EM) "
-                       "or random", choices=("kmeans", "em", "random"))
+    init: str = option("em", "E2E: initial codebooks: em (the paper's EM on the same keys), kmeans "
+                       "(k-means++ per stage) or random", choices=("em", "kmeans", "random"))
+    init_dir: Path | None = option(None, "E2E: start from the codebooks in this folder (e.g. an EM run on the "
+                                   "same keys) instead of training a start")
     objective: str = option("mse", "E2E: mse, or attention (weights key errors by the collected queries)",
                             choices=("mse", "attention"))
     holdout: float = option(0.05, "E2E: fraction of the vectors held out to pick the best epoch")
@@ -72,17 +85,40 @@ class TrainKeysConfig:
             raise ValueError(f"--method {self.method!r}: use one of {io.METHODS}")
         if self.code_bits is not None and (self.code_bits % 2 or not 6 <= self.code_bits <= 12):
             raise ValueError(f"--code_bits {self.code_bits}: use an even number from 6 to 12")
-        for name in ("num_samples", "max_iters", "chunk", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("num_samples", "max_iters", "chunk", "epochs", "batch_size", "beam"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.rounds < 0:
+            raise ValueError(f"--rounds {self.rounds}: must be 0 or more")
+        if self.init_dir is not None:
+            object.__setattr__(self, "init_dir", Path(self.init_dir))
+        if self.method == "e2e" and self.solver == "adam" and self.beam not in (None, 1):
+            raise ValueError(f"--beam {self.beam} needs --solver lstsq: adam trains on greedy codes (--beam 1)")
         if self.residuals is not None and self.residuals < 1:
             raise ValueError(f"--residuals {self.residuals}: must be at least 1")
         if self.quant_bits is not None and self.quant_bits <= 0:
             raise ValueError(f"--quant_bits {self.quant_bits}: must be positive")
         if not 0 < self.holdout < 0.5:
             raise ValueError(f"--holdout {self.holdout}: use a fraction between 0 and 0.5")
-        if self.lr <= 0 or self.commit_weight < 0:
+        if (self.lr is not None and self.lr <= 0) or self.commit_weight < 0:
             raise ValueError(f"--lr {self.lr} must be positive and --commit_weight {self.commit_weight} >= 0")
+
+    @property
+    def encode_beam(self) -> int:
+        """The beam width the codebooks are trained for (the default depends on the method)."""
+        if self.beam is not None:
+            return self.beam
+        return DEFAULT_BEAM if self.method == "e2e" and self.solver == "lstsq" else 1
+
+    def ignored_flags(self) -> list[str]:
+        """The Adam flags given to a run that does not use Adam."""
+        if self.method == "e2e" and self.solver == "adam":
+            return []
+        return [f"--{n}" for n in ADAM_DEFAULTS if getattr(self, n) is not None]
+
+    def adam(self, name: str):
+        value = getattr(self, name)
+        return ADAM_DEFAULTS[name] if value is None else value
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
@@ -136,7 +172,8 @@ def resolve_layout(cfg: TrainKeysConfig, spec: ModelSpec) -> tuple[io.CodebookLa
     return layout, cfg.output_dir or Path(layout.dir_name)
 
 
-def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite: bool, empty: bool = True) -> None:
+def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite: bool, empty: bool = True,
+                   beam: int = 1) -> None:
     """Refuse to mix methods or layouts in one directory, unless ``overwrite`` empties it (the
     emptying only where ``empty``: one process of several)."""
     if not out.exists():
@@ -147,8 +184,8 @@ def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite:
     if cfg is None and not files:
         return
     have_method = cfg["method"] if cfg else "unknown"
-    same = cfg is not None and cfg["method"] == method and (cfg["code_bits"], cfg["residuals"]) == (
-        layout.code_bits, layout.residuals)
+    same = cfg is not None and cfg["method"] == method and (cfg["code_bits"], cfg["residuals"], cfg.get("beam", 1)) == (
+        layout.code_bits, layout.residuals, beam)
     if same:
         return
     if not overwrite:
@@ -204,7 +241,7 @@ def update_config(out: Path, layout: io.CodebookLayout, cfg: TrainKeysConfig, sp
         layers[str(int(f.stem))] = json.loads(f.read_text())
     io.write_config(out, layout, cfg.method, spec, {
         "model": store.settings.get("model"), "key_dir": str(cfg.key_dir), "samples": samples,
-        "seed": cfg.seed, "train_config": to_dict(cfg), "layers": layers,
+        "seed": cfg.seed, "beam": cfg.encode_beam, "train_config": to_dict(cfg), "layers": layers,
     })
 
 
@@ -226,29 +263,64 @@ def layer_done(out: Path, layer: int, num_heads: int) -> bool:
         io.head_file(out, layer, h).is_file() for h in range(num_heads))
 
 
+def split_rows(samples: int, available: int, holdout: float, eval_samples: int) -> dict[str, list[int]]:
+    """Row ranges ``[start, stop)`` of one layer's keys: ``train`` (both methods train on these),
+    ``validation`` (the last ``holdout`` of the ``samples``; E2E picks its best round there) and
+    ``eval`` (the rows after the samples, which neither method saw, when the store has them; else
+    the validation rows), where the key error in config.json is measured."""
+    n_val = max(1, int(samples * holdout))
+    rows = {"train": [0, samples - n_val], "validation": [samples - n_val, samples]}
+    rows["eval"] = [samples, min(available, samples + eval_samples)] if available > samples else rows["validation"]
+    return rows
+
+
 def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout, out: Path, store: KVStore,
                 layer: int, samples: int, device: torch.device) -> dict:
     """Train (and save) every KV head of one layer; return its metrics."""
     t0 = time.perf_counter()
     heads = list(range(spec.num_kv_heads))
+    rows = split_rows(samples, store.num_tokens, cfg.holdout, EVAL_SAMPLES)
     keys = store.layer(layer).read(0, samples).float().to(device)
     x, s = normalize(keys, spec.num_kv_heads)
+    n_train = rows["train"][1]
     estep, init_estep, nearest_fn = resolve_estep(cfg.kernels, device)
-    job = key_methods.LayerJob(layer=layer, heads=heads, x=x, s=s, layout=layout, out=out,
-                               with_centers=cfg.with_centers, seed=cfg.seed * 1000 + layer,
-                               estep=estep, init_estep=init_estep, nearest=nearest_fn,
-                               pair_weights=pair_weights_for(cfg, spec, layer, heads, device))
+    encoder = encoder_for(cfg.kernels, device)
+    job = key_methods.LayerJob(layer=layer, heads=heads, x=x[:, :n_train], s=s[:n_train], val_x=x[:, n_train:],
+                               val_s=s[n_train:], layout=layout, out=out, with_centers=cfg.with_centers,
+                               seed=cfg.seed * 1000 + layer, estep=estep, init_estep=init_estep, nearest=nearest_fn,
+                               pair_weights=pair_weights_for(cfg, spec, layer, heads, device), encoder=encoder,
+                               beam=cfg.encode_beam)
+    echo = tqdm.write
     if cfg.method == "em":
         res = key_methods.run_em(job, cfg.max_iters, cfg.chunk)
     else:
-        settings = e2e.E2ESettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                   commit_weight=cfg.commit_weight, encode_fn=resolve_encoder(cfg.kernels, device))
-        res = key_methods.run_e2e(job, settings, cfg.init, cfg.holdout, cfg.max_iters, cfg.chunk,
-                                  echo=lambda line: tqdm.write(line))
-    k2 = float((keys.double() ** 2).sum() / keys.shape[0])
-    return {"seconds": round(time.perf_counter() - t0, 3), "samples": samples, "heads": heads,
-            "relative_mse": float(res.stage_mse[-1].double().sum() * layout.head_dim / k2),
-            "final_error": res.stage_mse[-1].tolist(), "stage_mse": res.stage_mse.T.tolist(), **res.extra}
+        thetas0 = key_methods.initial_thetas(job, cfg.init, cfg.max_iters, cfg.chunk, cfg.init_dir, spec)
+        if cfg.solver == "adam":
+            settings = e2e.E2ESettings(epochs=cfg.adam("epochs"), lr=cfg.adam("lr"), batch_size=cfg.adam("batch_size"),
+                                       commit_weight=cfg.commit_weight, encode_fn=resolve_encoder(cfg.kernels, device))
+            res = key_methods.run_e2e_adam(job, settings, thetas0, echo)
+        else:
+            settings = refine.RefineSettings(rounds=cfg.rounds, beam=job.beam, commit_weight=cfg.commit_weight,
+                                             encode_fn=encoder)
+            res = key_methods.run_e2e_lstsq(job, settings, thetas0, echo)
+    seconds = time.perf_counter() - t0
+    del keys, x, s, job
+    err = heldout_errors(store, layer, rows["eval"], out, layout, spec, cfg.encode_beam, device)
+    return {"seconds": round(seconds, 3), "samples": samples, "rows": rows, "heads": heads, "beam": cfg.encode_beam,
+            **err, "final_error": res.stage_mse[-1].tolist(), "stage_mse": res.stage_mse.T.tolist(), **res.extra}
+
+
+def heldout_errors(store: KVStore, layer: int, rows: list[int], out: Path, layout: io.CodebookLayout,
+                   spec: ModelSpec, beam: int, device: torch.device) -> dict[str, float]:
+    """Relative key MSE ``sum |k - k_hat|^2 / sum |k|^2`` of the saved codebooks on ``rows``, as
+    `compare-codebooks` measures it: with the trained beam, and greedy."""
+    keys = store.layer(layer).read(*rows).float().to(device)
+    thetas = torch.stack([io.load_head(io.head_file(out, layer, h))[0] for h in range(spec.num_kv_heads)])
+    book = KeyCodebook(thetas, layout.code_bits, beam).to(device)
+    out_err = {"relative_mse": key_errors(keys, book)["relative_mse"]}
+    if beam > 1:
+        out_err["relative_mse_greedy"] = key_errors(keys, book.with_beam(1))["relative_mse"]
+    return out_err
 
 
 def run(cfg: TrainKeysConfig) -> Path:
@@ -257,8 +329,12 @@ def run(cfg: TrainKeysConfig) -> Path:
         raise ValueError(f"{cfg.key_dir}: the manifest records no model shape; re-collect with this commvq")
     spec = ModelSpec.from_dict(store.settings["spec"])
     layout, out = resolve_layout(cfg, spec)
+    if cfg.ignored_flags():
+        log.warning("train-keys: %s set the adam solver; this run (--method %s%s) does not use them: pass "
+                    "--method e2e --solver adam to train by gradient steps", ", ".join(cfg.ignored_flags()),
+                    cfg.method, " --solver lstsq" if cfg.method == "e2e" else "")
     rank, world = rank_world()
-    prepare_output(out, layout, cfg.method, cfg.overwrite, empty=rank == 0)
+    prepare_output(out, layout, cfg.method, cfg.overwrite, empty=rank == 0, beam=cfg.encode_beam)
     (out / "metrics").mkdir(exist_ok=True)
     barrier()  # no process writes codebooks before every one has checked (and rank 0 emptied) the folder
     layers = parse_layers(cfg.layers, spec.num_layers)
@@ -272,7 +348,8 @@ def run(cfg: TrainKeysConfig) -> Path:
         metrics = train_layer(cfg, spec, layout, out, store, layer, samples, device)
         write_json(out / "metrics" / f"{layer:03d}.json", metrics)
         update_config(out, layout, cfg, spec, store, samples)
-        log.info("layer %d: relative key MSE %.5f in %.1f s", layer, metrics["relative_mse"], metrics["seconds"])
+        log.info("layer %d: held-out relative key MSE %.5f (rows %d..%d, beam %d) in %.1f s", layer,
+                 metrics["relative_mse"], *metrics["rows"]["eval"], metrics["beam"], metrics["seconds"])
     barrier()
     if rank == 0:
         update_config(out, layout, cfg, spec, store, samples)

@@ -252,9 +252,11 @@ class CommVQCache(Cache):
     @classmethod
     def from_pretrained(cls, model: Any, key_dir: str | Path | None = None, value_dir: str | Path | None = None,
                         window: int = 128, sink: int = 0, quantize_prefill: bool = False,
-                        kernels: str = "auto", graphs: bool = True) -> CommVQCache:
+                        kernels: str = "auto", graphs: bool = True, beam: int | None = None) -> CommVQCache:
         """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense);
-        ``graphs``: decode steps as CUDA graphs on a GPU (see ``__init__``).
+        ``graphs``: decode steps as CUDA graphs on a GPU (see ``__init__``); ``beam``: the key
+        encoder's beam width at prefill and at every flush (None: the width the codebooks were
+        trained for, from their config.json; 1: greedy). The codes' format is the same for every width.
 
         Switches ``model`` to the ``commvq`` attention (other caches keep working with it).
         """
@@ -265,9 +267,9 @@ class CommVQCache(Cache):
         keys: Any = parts.DenseKeys()
         if key_dir is not None:
             rotary = model.base_model.rotary_emb
-            books = [KeyCodebook.from_dir(key_dir, i, spec).to(device) for i in range(spec.num_layers)]
+            books = [KeyCodebook.from_dir(key_dir, i, spec, beam).to(device, kernels) for i in range(spec.num_layers)]
             keys = parts.CommVQKeys(books, rotary.inv_freq.to(device), float(getattr(rotary, "attention_scaling", 1.0)),
-                                    encoder=_encoder(kernels, device), kernels=kernels)
+                                    kernels=kernels)
         values: Any = parts.DenseValues()
         if value_dir is not None:
             codec = ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim).to(device)
@@ -293,14 +295,3 @@ class CommVQCache(Cache):
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 
-
-def _encoder(kernels: str, device: torch.device):
-    if kernels == "torch" or device.type != "cuda":
-        return None
-    try:
-        from commvq.kernels.encode import encode_triton
-    except ImportError:
-        if kernels == "triton":
-            raise
-        return None
-    return encode_triton

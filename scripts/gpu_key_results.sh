@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# EM vs E2E key codebooks for the embedded SmolLM2 on a lent GPU (every layer, 12-bit codes, 2 and 1
+# bit), and the key-training benchmarks, in phases that each fit one call of the device tool (the
+# machine stays warm between calls; every phase resumes what an earlier call left):
+#   call 1, carry .gguf_parts/part_aa .whl:  bash scripts/gpu_key_results.sh bench
+#       GPU tests of the encoders, benchmarks/key_training.py at Llama-3.1-8B shapes; keeps part_aa
+#   call 2.., carry .gguf_parts/part_ab .whl:  bash scripts/gpu_key_results.sh keys [SECONDS]
+#       joins the GGUF, collects $COLLECT tokens per layer once, trains (in order, resuming) EM-2,
+#       E2E-2 from EM-2, EM-1, E2E-1 from EM-1, stopping cleanly after SECONDS (default 540)
+#   last call:  bash scripts/gpu_key_results.sh report
+#       compare-codebooks of the four folders, the one-layer plot on layer 14's collected keys, and
+#       the codebook folders as tarballs in $OUT
+set -uo pipefail
+PHASE=$1 BEGIN=$(date +%s)
+. scripts/device_env.sh
+NUM_SAMPLES=${NUM_SAMPLES:-1100000}  # 5% of them validate: 1,045,000 keys train per layer
+COLLECT=${COLLECT:-1120000}          # the 16,384 rows after the samples are the held-out rows
+K=$DEV/keys
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case $PHASE in
+  bench)
+    [ -f .gguf_parts/part_aa ] && cp .gguf_parts/part_aa "$DEV/"
+    python3 -m pytest -q -x tests/kernels/test_beam.py tests/kernels/test_encode.py tests/quant/test_beam.py \
+      tests/quant/test_refine.py -m "gpu or not gpu" 2>&1 | tee "$OUT/tests.log" | tail -3
+    python3 benchmarks/key_training.py --num_samples "$NUM_SAMPLES" --beams 1,2,4,8,16 --lstsq_beams 8 --adam_budget_s 0 \
+      --plot "$OUT/llama_shapes.png" 2>&1 | tee "$OUT/llama_shapes.log" | grep -v "^{" | tail -22 ;;
+  keys)
+    . scripts/device_model.sh "$DEV/part_aa" .gguf_parts/part_ab
+    end=$(( BEGIN + ${2:-540} ))
+    for job in "em 11" "e2e 11" "em 5" "e2e 5"; do
+      set -- $job
+      em_dir=$K/codebook_12bits_64group_$2residuals
+      name=$([ "$1" = e2e ] && echo codebook_e2e_12bits_64group_$2residuals || basename "$em_dir")
+      init=$([ "$1" = e2e ] && echo "--init_dir $em_dir")
+      left=$(( end - $(date +%s) ))
+      [ $left -gt 20 ] || { echo "keys: out of time before $name"; break; }
+      start=$(date +%s)
+      timeout "$left" python3 -m commvq -q train-keys --key_dir "$DATA/data/key" --layers all --method "$1" \
+        --code_bits 12 --residuals "$2" --num_samples "$NUM_SAMPLES" --output_dir "$K/$name" $init 2>&1 \
+        | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|stage/s\]\|round/s\]" >> "$OUT/train_$name.log"
+      echo "$name: rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s, layers done:" \
+        "$(ls "$K/$name/metrics" 2>/dev/null | wc -l)"
+    done ;;
+  report)
+    python3 -m commvq -q compare-codebooks "$K"/codebook_12bits_64group_11residuals \
+      "$K"/codebook_e2e_12bits_64group_11residuals "$K"/codebook_12bits_64group_5residuals \
+      "$K"/codebook_e2e_12bits_64group_5residuals --key_dir "$DATA/data/key" --output "$OUT/compare_keys" 2>&1 | tail -2
+    # the EM codebooks under the E2E folders' beam: how much of the gain is the encoder's
+    python3 -m commvq -q compare-codebooks "$K"/codebook_12bits_64group_11residuals \
+      "$K"/codebook_12bits_64group_5residuals --beam 8 --key_dir "$DATA/data/key" --output "$DEV/compare_em_beam8" \
+      2>&1 | grep "^| "
+    python3 benchmarks/key_training.py --key_dir "$DATA/data/key" --layer 14 --residuals 11 --num_samples "$NUM_SAMPLES" \
+      --heads 3 --head_dim 64 --beams 1,2,4,8,16 --adam_budget_s 75 --plot "$OUT/layer14.png" 2>&1 \
+      | tee "$OUT/layer14.log" | grep -v "^{" | tail -22
+    # at most 8 files of 16 MiB come back: the folders travel as one tarball in 15 MB parts
+    rm -f "$OUT"/compare_keys/compare.png
+    tar -C "$K" -czf "$DEV/codebooks.tgz" --exclude "*.png" codebook_12bits_64group_11residuals \
+      codebook_e2e_12bits_64group_11residuals codebook_12bits_64group_5residuals codebook_e2e_12bits_64group_5residuals
+    split -b 15M "$DEV/codebooks.tgz" "$OUT/codebooks.tgz.part_"
+    ls -la "$OUT" "$OUT"/compare_keys ;;
+esac

@@ -1,0 +1,206 @@
+"""Joint least-squares refinement of all residual stages: the E2E objective solved exactly for
+fixed codes, alternated with re-encoding.
+
+With the codes fixed, a vector's decode is linear in the table entries, and RoPE pair ``f`` of the
+decode depends only on the entries' pair ``f``. In complex form (``z_r[e] = R_r[e] + i I_r[e]``,
+``x_f = re_f + i im_f``) stage ``r`` contributes ``z_r[A_r] + i z_r[B_r]``, so per head one
+``R*E``-square Hermitian normal matrix, shared by all ``P`` pairs, gives every stage at once::
+
+    phi_n = onehot(A) + i onehot(B)           (over all stages, length R*E)
+    G     = sum_n conj(phi_n) phi_n^T         rhs = sum_n conj(phi_n) x_n        [R*E, P]
+
+The E2E loss ``Recon + commit_weight * Commit`` (targets detached) adds each stage's own block of
+``G`` (times ``commit_weight / R``) and its targets, what the earlier stages leave. A small ridge
+pulls unused entries toward their current values. A round encodes the training vectors, gathers
+``G`` and ``rhs`` in one pass (chunked; nothing of size ``N`` is kept), solves by Cholesky, and is
+scored on the held-out split; the best round (round 0: the start) is kept.
+Pair weights (``objective=attention``) scale every equation of a pair alike, so they do not change
+the solution: they matter to training only through the encoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from commvq.quant.beam import encode as torch_encode
+from commvq.quant.commutative import decode_table, join_theta, split_theta
+from commvq.quant.residual import decode
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    rounds: int = 8
+    beam: int = 1  # the encoder's beam width (1: greedy, what the cache does by default)
+    commit_weight: float = 0.25
+    ridge: float = 1e-6  # relative to the mean diagonal of the normal matrix
+    chunk: int = 16384
+    encode_fn: Callable = torch_encode  # (x [H, n, D], thetas, beam) -> codes [H, n, R], e.g. a fused kernel
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0 or self.beam < 1 or self.chunk < 1:
+            raise ValueError(f"rounds={self.rounds}, beam={self.beam}, chunk={self.chunk}: rounds >= 0, "
+                             "beam and chunk >= 1")
+        if self.commit_weight < 0 or self.ridge < 0:
+            raise ValueError(f"commit_weight={self.commit_weight} and ridge={self.ridge} must be >= 0")
+
+
+def _onehots(codes: torch.Tensor, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(OA, OB)``, each ``[H, n, R*E]``: ones at ``r*E + A_r`` and ``r*E + B_r``."""
+    h, n, r = codes.shape
+    base = torch.arange(r, device=codes.device) * e
+    out = []
+    for idx in (codes // e, codes % e):
+        o = torch.zeros(h, n, r * e, device=codes.device, dtype=dtype)
+        o.scatter_(2, idx + base, 1.0)
+        out.append(o)
+    return out[0], out[1]
+
+
+@contextmanager
+def _exact_tf32():
+    """TF32 matrix products for the duration (exact for one-hot factors: counts below 2**24)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _complex_rhs(oa: torch.Tensor, ob: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sum_n conj(phi_n) t_n`` for ``t [H, n, D]`` in the rotate_half layout: ``[H, cols, P]``."""
+    p = t.shape[-1] // 2
+    at, bt = oa.transpose(1, 2) @ t, ob.transpose(1, 2) @ t  # [H, cols, D]
+    return torch.complex((at[..., :p] + bt[..., p:]).double(), (at[..., p:] - bt[..., :p]).double())
+
+
+@dataclass
+class Normal:
+    """Accumulated normal equations of one round, per head (float64 / complex128)."""
+
+    gram: torch.Tensor  # [H, R*E, R*E] Hermitian
+    rhs: torch.Tensor  # [H, R*E, P]
+    commit_rhs: torch.Tensor  # [H, R*E, P]: each stage's block against its own targets
+
+    @classmethod
+    def zeros(cls, h: int, r: int, e: int, p: int, device) -> Normal:
+        z = dict(dtype=torch.complex128, device=device)
+        return cls(torch.zeros(h, r * e, r * e, **z), torch.zeros(h, r * e, p, **z), torch.zeros(h, r * e, p, **z))
+
+    def add(self, x: torch.Tensor, codes: torch.Tensor, thetas: torch.Tensor) -> None:
+        """Add vectors ``x [H, n, D]`` coded as ``codes [H, n, R]`` (targets from ``thetas``)."""
+        h, n, r = codes.shape
+        e = thetas.shape[2] // 2
+        oa, ob = _onehots(codes, e, x.dtype)
+        with _exact_tf32():  # 0/1 inputs, float32 sums: tensor-core products are exact here
+            real = oa.transpose(1, 2) @ oa + ob.transpose(1, 2) @ ob
+            cross = oa.transpose(1, 2) @ ob
+        self.gram += torch.complex(real.double(), (cross - cross.transpose(1, 2)).double())
+        self.rhs += _complex_rhs(oa, ob, x)
+        target = x.clone()  # what the stages before s leave
+        table = decode_table(thetas)  # [H, R, 2E, D]
+        heads = torch.arange(h, device=x.device)[:, None]
+        for s in range(r):
+            cols = slice(s * e, (s + 1) * e)
+            self.commit_rhs[:, cols] += _complex_rhs(oa[..., cols], ob[..., cols], target)
+            code = codes[..., s]
+            target -= table[heads, s, code // e] + table[heads, s, e + code % e]
+
+
+def solve(normal: Normal, thetas0: torch.Tensor, commit_weight: float, ridge: float) -> torch.Tensor:
+    """Theta ``[H, R, 2E, P]`` minimizing ``Recon + commit_weight * Commit`` for the gathered codes
+    (plus ``ridge`` times the mean diagonal, pulling toward ``thetas0``)."""
+    h, r, e2, p = thetas0.shape
+    e = e2 // 2
+    gram = normal.gram.clone()
+    rhs = normal.rhs.clone()
+    if commit_weight:
+        c = commit_weight / r
+        for s in range(r):
+            cols = slice(s * e, (s + 1) * e)
+            gram[:, cols, cols] += c * normal.gram[:, cols, cols]
+        rhs += c * normal.commit_rhs
+    re0, im0 = split_theta(thetas0.double())
+    z0 = torch.complex(re0, im0).reshape(h, r * e, p)
+    lam = ridge * gram.diagonal(dim1=1, dim2=2).real.mean(-1).clamp_min(1e-30)  # [H]
+    gram.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+    rhs += lam[:, None, None] * z0
+    chol, info = torch.linalg.cholesky_ex(gram)
+    singular = bool((info != 0).any())  # no ridge and unused entries: take the least-norm solution
+    z = torch.linalg.pinv(gram, hermitian=True) @ rhs if singular else torch.cholesky_solve(rhs, chol)
+    z = z.reshape(h, r, e, p)
+    return join_theta(z.real, z.imag).to(thetas0.dtype)
+
+
+def relative_error(x: torch.Tensor, thetas: torch.Tensor, beam: int, chunk: int = 16384,
+                   encode_fn: Callable = torch_encode) -> float:
+    """``sum |x - decode(encode(x))|^2 / sum |x|^2`` with the beam's codes."""
+    err = ref = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[1], chunk):
+            xc = x[:, i:i + chunk]
+            left = xc - decode(encode_fn(xc, thetas, beam), thetas)
+            err += float((left.double() ** 2).sum())
+            ref += float((xc.double() ** 2).sum())
+    return err / max(ref, 1e-30)
+
+
+@dataclass
+class RoundLog:
+    round: int
+    train: float  # relative error of the codes the round solved for (before the solve)
+    heldout: float  # held-out relative error of the round's result
+    seconds: float
+
+
+@dataclass
+class RefineResult:
+    thetas: torch.Tensor
+    best_round: int
+    best_heldout: float
+    init_heldout: float
+    history: list[RoundLog] = field(default_factory=list)
+
+
+def refine(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, settings: RefineSettings,
+           on_round: Callable[[RoundLog, torch.Tensor | None], None] | None = None) -> RefineResult:
+    """Alternate encode / joint solve on ``x [H, N, D]`` from ``thetas0 [H, R, 2E, P]``; the round
+    best on ``heldout`` is kept (never worse than the start there)."""
+    import time
+
+    h, n, d = x.shape
+    r, e = thetas0.shape[1], thetas0.shape[2] // 2
+    s = settings
+    start = relative_error(heldout, thetas0, s.beam, s.chunk, s.encode_fn)
+    best = RefineResult(thetas0.clone(), 0, start, start)
+    thetas = thetas0
+    energy = float((x.double() ** 2).sum())
+    for rnd in range(1, s.rounds + 1):
+        t0 = time.perf_counter()
+        normal = Normal.zeros(h, r, e, d // 2, x.device)
+        err = 0.0
+        with torch.no_grad():
+            for i in range(0, n, s.chunk):
+                xc = x[:, i:i + s.chunk]
+                codes = s.encode_fn(xc, thetas, s.beam)
+                normal.add(xc, codes, thetas)
+                left = xc - decode(codes, thetas)
+                err += float((left.double() ** 2).sum())
+            thetas = solve(normal, thetas, s.commit_weight, s.ridge)
+        held = relative_error(heldout, thetas, s.beam, s.chunk, s.encode_fn)
+        if not math.isfinite(held):
+            raise FloatingPointError(f"refinement round {rnd} gave non-finite codebooks")
+        log = RoundLog(rnd, err / energy, held, time.perf_counter() - t0)
+        best.history.append(log)
+        improved = held < best.best_heldout
+        if improved:
+            best.thetas, best.best_round, best.best_heldout = thetas.clone(), rnd, held
+        if on_round is not None:
+            on_round(log, best.thetas if improved else None)
+    return best
+
