@@ -47,7 +47,7 @@ def sync() -> None:
 
 def reset_peak() -> None:
     if CUDA:
-        reset_peak()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_gib() -> float:
