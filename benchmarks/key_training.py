@@ -51,7 +51,7 @@ def reset_peak() -> None:
 
 
 def peak_gib() -> float:
-    return peak_gib() if CUDA else 0.0
+    return torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
 
 
 def load_rows(args) -> tuple[torch.Tensor, ...]:
