@@ -175,7 +175,7 @@ def main() -> None:
     enc_rows = []
     xe = torch.nn.functional.normalize(torch.randn(h, args.encode_tokens, d, device=x.device), dim=-1) / h**0.5
     for b in beams:
-        enc(xe[:, :1024], em_thetas, b)
+        enc(xe, em_thetas, b)  # compiles: the same sizes as the timed call (triton specializes on them)
         sync()
         t3 = time.perf_counter()
         enc(xe, em_thetas, b)
