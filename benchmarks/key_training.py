@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,7 +66,7 @@ def load_rows(args) -> tuple[torch.Tensor, ...]:
         n = min(args.num_samples, store.num_tokens - EVAL_SAMPLES)
         k = store.layer(args.layer).read(0, n + EVAL_SAMPLES).float().to("cuda" if CUDA else "cpu")
         x, s = normalize(k, heads)
-        what = f"{args.key_dir} layer {args.layer}"
+        what = f"{Path(args.key_dir).parent.parent.name or args.key_dir} keys, layer {args.layer}"
     else:
         n = args.num_samples
         x, s = layer_keys(argparse.Namespace(**{**vars(args), "num_samples": n + EVAL_SAMPLES}), 0,

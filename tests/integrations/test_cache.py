@@ -248,3 +248,36 @@ def test_baselines_take_the_sink_too(tiny):
     tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
                   past_key_values=small)
     assert small.layers[0].num_sink == 4 and small.layers[0].num_compressed == 64
+
+
+def test_the_key_encoder_beam_is_the_codebooks_and_never_worse_than_greedy(tiny, tmp_path):
+    from commvq import io
+    from commvq.quant.packing import unpack_codes
+    from commvq.spec import ModelSpec
+
+    keys, _, books, _ = _commvq_parts(h=2, d=16, r=3)
+    k_pre = torch.randn(1, 2, 40, 16)
+    pos = torch.arange(40)[None]
+    cos, sin = keys.angles(pos)
+    k_rot = rope.apply_rope(k_pre, cos[:, None], sin[:, None])
+    errs = {}
+    for beam in (1, 4):
+        part = parts.CommVQKeys([books[0].with_beam(beam)], rope.inv_freq(16, 1e4))
+        block = part.compress(0, k_rot, pos)
+        codes = unpack_codes(block["codes"].reshape(40, -1), 2 * 3, 6).reshape(40, 2, 3)
+        want_codes, _ = books[0].with_beam(beam).encode(k_pre[0].transpose(0, 1).reshape(40, 32))
+        assert torch.equal(codes.long(), want_codes.long())  # the cache stores what the codebook's encoder gives
+        decoded = books[0].decode(codes, block["prescale"][0].float())
+        errs[beam] = ((decoded - k_pre[0].transpose(0, 1).reshape(40, 32)) ** 2).sum(-1)
+    assert bool((errs[4] <= errs[1] + 1e-3).all()) and float(errs[4].sum()) < float(errs[1].sum())
+    # from_pretrained takes the beam a folder's config.json records, or the one it is given
+    spec = ModelSpec.from_config(tiny.config)
+    g = torch.Generator().manual_seed(1)
+    folder = tmp_path / "codebook_e2e_6bits_16group_2residuals"
+    folder.mkdir()
+    for layer in range(spec.num_layers):
+        for h in range(spec.num_kv_heads):
+            io.save_head(io.head_file(folder, layer, h), torch.randn(2, 16, 8, generator=g) * 0.3, torch.ones(2), 1.0)
+    io.write_config(folder, io.CodebookLayout(6, 16, 2, e2e=True), "e2e", spec, {"beam": 4})
+    assert CommVQCache.from_pretrained(tiny, folder).keys_part.codebooks[0].beam == 4
+    assert CommVQCache.from_pretrained(tiny, folder, beam=1).keys_part.codebooks[1].beam == 1

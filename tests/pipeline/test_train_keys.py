@@ -140,7 +140,7 @@ def test_e2e_from_em_never_ends_worse_on_heldout_and_attention_objective(key_dir
     assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
 
 
-LSTSQ_LINE = re.compile(r"^Round (\d+)/(\d+) - Recon: (\d+\.\d{4}), held-out: (\d+\.\d{4}) \(\d+\.\d s\)$")
+LSTSQ_LINE = re.compile(r"^Round (\d+)/(\d+) - Recon: ([\d.e-]+), held-out: ([\d.e-]+) \(\d+\.\d s\)$")
 
 
 def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, capsys):

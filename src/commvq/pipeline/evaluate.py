@@ -38,7 +38,8 @@ def _floats(text: str) -> list[float]:
 class EvalConfig:
     suite: str = option("compare", "ppl, passkey, needle or compare (all three)", positional=True)
     methods: str = option(meth.ALL, "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq, "
-                                    "hf-quanto2, hf-quanto4 (transformers' QuantizedCache; needs optimum-quanto)")
+                                    "hf-quanto2, hf-quanto4 (transformers' QuantizedCache; needs optimum-quanto); "
+                                    "a CommVQ method + @B encodes keys with a beam of width B (commvq-em2@8)")
     workdir: Path = option(Path("runs/embedded"), "folder holding codebook_*/ and value_codec_*/")
     key_dir: Path | None = option(None, "codebooks for method 'commvq'")
     value_dir: Path | None = option(None, "value codec for method 'commvq'")

@@ -105,7 +105,8 @@ def _saver(job: LayerJob, echo: Callable[[str], None]) -> Callable[[float, torch
     def save(heldout: float, best: torch.Tensor | None) -> None:
         if best is not None:
             save_heads(job, best, validation_stage_mse(job, best))
-            echo(f"✓ Saved best model with loss {heldout:.4f}")
+            echo(f"✓ Saved best model with loss {heldout:.4f}" if heldout >= 1e-3 else
+                 f"✓ Saved best model with loss {heldout:.4g}")
 
     return save
 
@@ -139,7 +140,7 @@ def run_e2e_lstsq(job: LayerJob, settings: refine.RefineSettings, thetas0: torch
 
     def on_round(entry: refine.RoundLog, best: torch.Tensor | None) -> None:
         bar.update(1)
-        echo(f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4f}, held-out: {entry.heldout:.4f} "
+        echo(f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4g}, held-out: {entry.heldout:.4g} "
              f"({entry.seconds:.1f} s)")
         save(entry.heldout, best)
 

@@ -1,6 +1,8 @@
 """Named cache methods for evaluation: ``fp16``, ``kivi2``, ``kivi1``, ``commvq-{em,e2e}{2,1}``
 (codebooks and value codecs found in a working folder), ``commvq`` from explicit folders, and
-transformers' own quantized cache ``hf-quanto{2,4}`` (where optimum-quanto is installed)."""
+transformers' own quantized cache ``hf-quanto{2,4}`` (where optimum-quanto is installed).
+A CommVQ method may end in ``@B``: its keys encoded with a beam of width ``B`` instead of the
+width its codebooks were trained for (``commvq-em2@8``: the paper's EM codebooks, beam 8)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class Method:
     name: str
     key_dir: Path | None = None
     value_dir: Path | None = None
+    beam: int | None = None  # the key encoder's beam width (None: the codebooks' own)
 
     def make_cache(self, model: Any, window: int, sink: int = 0):
         from commvq.integrations.hf.cache import CommVQCache
@@ -31,7 +34,8 @@ class Method:
             from commvq.integrations.hf.quantized import make_cache
 
             return make_cache(model, *HF_QUANTIZED[self.name], window)
-        return CommVQCache.from_pretrained(model, self.key_dir, self.value_dir, window=window, sink=sink)
+        return CommVQCache.from_pretrained(model, self.key_dir, self.value_dir, window=window, sink=sink,
+                                           beam=self.beam)
 
 
 def find_key_dir(workdir: Path, method: str, bits: int) -> Path:
@@ -52,19 +56,32 @@ def find_value_dir(workdir: Path, bits: int) -> Path:
     raise FileNotFoundError(f"no {bits}-bit value codec in {workdir}: run `commvq train-values --quant_bits {bits}`")
 
 
+def split_beam(name: str) -> tuple[str, int | None]:
+    """``"commvq-em2@8"`` -> ``("commvq-em2", 8)``; no suffix -> ``(name, None)``."""
+    if "@" not in name:
+        return name, None
+    base, _, width = name.partition("@")
+    if not width.isdigit() or int(width) < 1:
+        raise ValueError(f"method {name!r}: the beam width after @ must be a whole number of 1 or more")
+    return base, int(width)
+
+
 def resolve(names: list[str], workdir: Path, key_dir: Path | None = None,
             value_dir: Path | None = None) -> list[Method]:
     out = []
-    for name in names:
+    for full in names:
+        name, beam = split_beam(full)
+        if beam is not None and not name.startswith("commvq"):
+            raise ValueError(f"method {full!r}: a beam width (@B) applies to CommVQ methods only")
         if name in BASELINES or name in HF_QUANTIZED:
             out.append(Method(name))
         elif name == "commvq":
             if key_dir is None and value_dir is None:
                 raise ValueError("method 'commvq' needs --key_dir and/or --value_dir")
-            out.append(Method(name, key_dir, value_dir))
+            out.append(Method(full, key_dir, value_dir, beam))
         elif name.startswith("commvq-") and name[7:-1] in ("em", "e2e") and name[-1] in "12":
             bits = int(name[-1])
-            out.append(Method(name, find_key_dir(workdir, name[7:-1], bits), find_value_dir(workdir, bits)))
+            out.append(Method(full, find_key_dir(workdir, name[7:-1], bits), find_value_dir(workdir, bits), beam))
         else:
             raise ValueError(f"unknown method {name!r}: use {', '.join(BASELINES + tuple(HF_QUANTIZED))}, commvq-em2, "
                              "commvq-e2e2, commvq-em1, commvq-e2e1 or commvq (with --key_dir/--value_dir)")
