@@ -19,7 +19,8 @@ def _bash(script, *args, cwd):
 @pytest.mark.slow
 def test_train_e2e_key_codebook_sh_every_option_and_resume(tiny_llama, corpus_dir, tmp_path):
     args = ["--model", str(tiny_llama), "--dataset", str(corpus_dir), "--output_dir", "my_codebook",
-            "--quant_bits", "1", "--epochs", "2", "--lr", "0.002", "--batch_size", "16", "--num_samples", "300",
+            "--quant_bits", "1", "--solver", "adam", "--epochs", "2", "--lr", "0.002", "--batch_size", "16",
+            "--num_samples", "300",
             "--layer", "1", "--max_seq_length", "32", "--gpus", "1"]
     out = _bash("train_e2e_key_codebook.sh", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -34,13 +35,24 @@ def test_train_e2e_key_codebook_sh_every_option_and_resume(tiny_llama, corpus_di
     again = _bash("train_e2e_key_codebook.sh", *args, cwd=tmp_path)
     assert again.returncode == 0 and "Epoch" not in again.stdout
     assert "nothing to do" in again.stderr
+    # the default solver: least-squares rounds with a beam, recorded for the cache
+    lstsq = ["--model", str(tiny_llama), "--dataset", str(corpus_dir), "--output_dir", "my_lstsq", "--quant_bits", "1",
+             "--rounds", "1", "--beam", "2", "--num_samples", "300", "--layer", "1", "--max_seq_length", "32",
+             "--gpus", "1"]
+    out = _bash("train_e2e_key_codebook.sh", *lstsq, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Round 1/1 - Recon:" in out.stdout
+    conf = json.loads((tmp_path / "my_lstsq" / "config.json").read_text())
+    assert conf["beam"] == 2 and conf["layers"]["1"]["solver"] == "lstsq"
+    start, stop = conf["layers"]["1"]["rows"]["eval"]
+    assert start == 300 < stop  # the script collects held-out rows beyond the samples
 
 
 def test_guide_scripts_help_and_bad_options(tmp_path):
     out = _bash("train_e2e_key_codebook.sh", "--help", cwd=tmp_path)
     assert out.returncode == 0
-    for opt in ("--model", "--dataset", "--output_dir", "--quant_bits", "--epochs", "--lr", "--batch_size",
-                "--num_samples", "--layer", "--help"):
+    for opt in ("--model", "--dataset", "--output_dir", "--quant_bits", "--solver", "--rounds", "--beam", "--epochs",
+                "--lr", "--batch_size", "--num_samples", "--layer", "--help"):
         assert opt in out.stdout
     bad = _bash("train_e2e_key_codebook.sh", "--epoch", "3", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown option --epoch" in bad.stderr

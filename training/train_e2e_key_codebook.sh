@@ -7,10 +7,14 @@ MODEL=auto            # hub id, local folder, .gguf, 'embedded', or auto (Llama-
 DATASET=auto          # hub dataset, local files, 'embedded', or auto (HuggingFaceFW/fineweb-edu if the hub answers)
 OUTPUT_DIR=""         # default: codebook_e2e_<code bits>bits_<head_dim>group_<R>residuals
 QUANT_BITS=2
-EPOCHS=100
-LR=0.001
-BATCH_SIZE=256
+SOLVER=""            # default: lstsq (train-keys --help); adam is the gradient path the next three options set
+EPOCHS=""
+LR=""
+BATCH_SIZE=""
+ROUNDS=""
+BEAM=""
 NUM_SAMPLES=1000000
+EVAL_ROWS=16384      # collected beyond NUM_SAMPLES: the held-out rows config.json's key errors are measured on
 LAYER=all
 MAX_SEQ_LENGTH=8192
 GPUS=auto             # processes (one per GPU); auto: all visible GPUs, 1 without GPU
@@ -22,9 +26,12 @@ Usage: bash train_e2e_key_codebook.sh [options]
   --dataset D          corpus (default: $DATASET)
   --output_dir O       codebook directory (default: codebook_e2e_12bits_<head_dim>group_<R>residuals)
   --quant_bits 1|2     bits per channel (default: $QUANT_BITS)
-  --epochs N           E2E epochs per layer (default: $EPOCHS)
-  --lr X               learning rate (default: $LR)
-  --batch_size N       key vectors per step (default: $BATCH_SIZE)
+  --solver S           lstsq (encode with a beam, solve all stages jointly) or adam (default: lstsq)
+  --rounds N           lstsq: rounds of encode + solve (default: train-keys')
+  --beam B             beam width of the key encoder, in training and in the cache (default: train-keys')
+  --epochs N           adam: epochs per layer (default: 100)
+  --lr X               adam: learning rate (default: 0.001)
+  --batch_size N       adam: key vectors per step (default: 256)
   --num_samples N      key/value vectors collected per layer (default: $NUM_SAMPLES)
   --layer L            one layer, A-B, or all (default: $LAYER)
   --max_seq_length N   tokens per packed sequence for collection (default: $MAX_SEQ_LENGTH)
@@ -42,6 +49,9 @@ while [ $# -gt 0 ]; do
     --dataset) need "$@"; DATASET=$2; shift 2 ;;
     --output_dir) need "$@"; OUTPUT_DIR=$2; shift 2 ;;
     --quant_bits) need "$@"; QUANT_BITS=$2; shift 2 ;;
+    --solver) need "$@"; SOLVER=$2; shift 2 ;;
+    --rounds) need "$@"; ROUNDS=$2; shift 2 ;;
+    --beam) need "$@"; BEAM=$2; shift 2 ;;
     --epochs) need "$@"; EPOCHS=$2; shift 2 ;;
     --lr) need "$@"; LR=$2; shift 2 ;;
     --batch_size) need "$@"; BATCH_SIZE=$2; shift 2 ;;
@@ -65,16 +75,21 @@ commvq_run() {
   fi
 }
 
-echo "== 1/3 KV collection ($NUM_SAMPLES vectors per layer, $GPUS process(es)) =="
-commvq_run collect --model "$MODEL" --dataset "$DATASET" --output_dir data/key --num_samples "$NUM_SAMPLES" \
+echo "== 1/3 KV collection ($NUM_SAMPLES vectors per layer and $EVAL_ROWS held-out, $GPUS process(es)) =="
+commvq_run collect --model "$MODEL" --dataset "$DATASET" --output_dir data/key \
+  --num_samples "$((NUM_SAMPLES + EVAL_ROWS))" \
   --max_seq_length "$MAX_SEQ_LENGTH" --quant_bits "$QUANT_BITS" --with_queries
 echo "== 2/3 scales =="
 python -m commvq.cli scale --key_dir data/key
 echo "== 3/3 E2E key codebooks (layers: $LAYER) =="
 out_args=()
 [ -n "$OUTPUT_DIR" ] && out_args=(--output_dir "$OUTPUT_DIR")
+for opt in solver rounds beam epochs lr batch_size; do  # given options only: train-keys' defaults otherwise
+  val=$(eval echo "\${$(echo "$opt" | tr a-z A-Z)}")
+  [ -n "$val" ] && out_args+=("--$opt" "$val")
+done
 commvq_run train-keys --method e2e --key_dir data/key --layers "$LAYER" --quant_bits "$QUANT_BITS" \
-  --epochs "$EPOCHS" --lr "$LR" --batch_size "$BATCH_SIZE" --num_samples "$NUM_SAMPLES" "${out_args[@]}"
+  --num_samples "$NUM_SAMPLES" "${out_args[@]}"
 echo
 echo "Done."
 echo "  keys, values, queries: $(pwd)/data/key, data/value, data/query"
