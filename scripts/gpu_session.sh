@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
-# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests profile profile_enc profile_stage decode_tests breakdown floor probe decode decode8 decodemax host generate em_* e2e_* collect
+# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests key_training profile profile_enc profile_stage decode_tests breakdown floor probe decode decode8 decodemax host generate em_* e2e_* collect
 set -uo pipefail
 . scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -9,7 +9,7 @@ for what in "$@"; do
   case $what in
     decode_tests) python3 -m pytest -q -x tests/kernels/test_decode.py tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -5 ;;
     tests) python3 -m pytest -q -x tests/kernels tests/pipeline/test_collect.py tests/quant tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
-    train_tests) python3 -m pytest -q -x tests/kernels/test_split16.py tests/kernels/test_em_estep.py tests/kernels/test_em_init.py tests/kernels/test_encode.py tests/quant -m gpu 2>&1 | tee "$OUT/train_tests.log" | tail -5 ;;
+    train_tests) python3 -m pytest -q -x tests/kernels/test_split16.py tests/kernels/test_em_estep.py tests/kernels/test_em_init.py tests/kernels/test_encode.py tests/kernels/test_beam.py tests/quant -m gpu 2>&1 | tee "$OUT/train_tests.log" | tail -5 ;;
     profile) python3 benchmarks/train_profile.py --steps 3 2>&1 | tee "$OUT/train_profile.log" | grep -v "^{" | tail -120 ;;
     profile_enc) python3 benchmarks/train_profile.py --what e2e,encode --steps 3 2>&1 | tee "$OUT/profile_enc.log" | grep -v "^{" | tail -60 ;;
     profile_stage) python3 benchmarks/train_profile.py --what em_stage 2>&1 | tee "$OUT/profile_stage.log" | grep -v "^{" | tail -80 ;;
@@ -24,6 +24,7 @@ for what in "$@"; do
     generate_small) timeout 200 python3 benchmarks/generate_speed.py --shape smollm2-135m --prompt 4096 --new 64 2>&1 | grep -v "it/s\]" | tee "$OUT/generate_small.log" | tail -6 ;;
     generate32k) timeout 300 python3 benchmarks/generate_speed.py --prompt 32768 --new 16 2>&1 | grep -v "it/s\]" | tee "$OUT/generate32k.log" | tail -6 ;;
     generate) timeout 200 python3 benchmarks/generate_speed.py --prompt 4096 --new 32 2>&1 | grep -v "it/s\]" | tee "$OUT/generate.log" | tail -6 ;;
+    key_training) python3 benchmarks/key_training.py --num_samples 1100000 --lstsq_beams 8 --adam_budget_s 0 --plot "$OUT/key_training.png" 2>&1 | tee "$OUT/key_training.log" | grep -v "^{" | tail -22 ;;
     e2e_quick) python3 benchmarks/e2e_layer.py --epochs 2 2>&1 | tee "$OUT/e2e_quick.log" | tail -12 ;;
     e2e_full) python3 benchmarks/e2e_layer.py --budget_s 420 2>&1 | tee "$OUT/e2e_full.log" | tail -12 ;;
     em_quick) python3 benchmarks/em_layer.py --residuals 2 --max_iters 10 --ref_iters 3 2>&1 | tee "$OUT/em_quick.log" | tail -14 ;;

@@ -27,11 +27,18 @@ def _stage_candidates(res: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, t
     e = nrm.shape[-1]
     uv = torch.einsum("hnbd,hdc->hnbc", res, w)
     left = (res * res).sum(-1, keepdim=True)[..., None]  # [H, n, B, 1, 1]
-    ua = (nrm[:, None, None] - 2 * uv[..., :e])[..., :, None]
-    vb = (nrm[:, None, None] - 2 * uv[..., e:])[..., None, :]
-    best, a = torch.topk(ua + vb + g[:, None, None], min(2, e), dim=-2, largest=False)  # over a: [H, n, B, 2, E]
-    code = a * e + torch.arange(e, device=res.device)
-    return (best + left).transpose(-1, -2).flatten(-2), code.transpose(-1, -2).flatten(-2)
+    ua = (nrm[:, None, None] - 2 * uv[..., :e])[..., None, :]
+    vb = (nrm[:, None, None] - 2 * uv[..., e:])[..., :, None]
+    d2 = vb + ua + g.transpose(-1, -2)[:, None, None]  # [H, n, B, b, a]: a last, reduced contiguously
+    best, a = d2.min(-1)
+    if e > 1:  # the runner-up: two passes of min are faster than topk here
+        d2.scatter_(-1, a[..., None], torch.inf)
+        second, a2 = d2.min(-1)
+        best, a = torch.stack((best, second), -1), torch.stack((a, a2), -1)  # [H, n, B, E, 2]
+    else:
+        best, a = best[..., None], a[..., None]
+    code = a * e + torch.arange(e, device=res.device)[:, None]
+    return (best + left).flatten(-2), code.flatten(-2)
 
 
 def encode_chunk(x: torch.Tensor, thetas: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
