@@ -51,6 +51,9 @@ def test_layout_from_flags_and_directory_names(tmp_path):
                        spec128)
     with pytest.raises(ValueError, match="E2E directory"):
         resolve_layout(TrainKeysConfig(output_dir=tmp_path / "codebook_e2e_12bits_128group_21residuals"), spec128)
+    with pytest.raises(ValueError, match="named for EM codebooks; use codebook_e2e_12bits_128group_21residuals"):
+        resolve_layout(TrainKeysConfig(method="e2e", output_dir=tmp_path / "codebook_12bits_128group_21residuals"),
+                       spec128)
     with pytest.raises(ValueError, match="code_bits 7"):
         TrainKeysConfig(code_bits=7)
 
@@ -124,8 +127,13 @@ def test_e2e_writes_its_own_directory_logs_the_guide_format_and_curves(key_dir, 
     em_out = train_keys.run(TrainKeysConfig(key_dir=key_dir, code_bits=6, residuals=2, max_iters=2, num_samples=300,
                                             device="cpu", layers="1"))
     assert em_out == Path("codebook_6bits_8group_2residuals") and (em_out / "001_0.pt").is_file()
-    with pytest.raises(ValueError, match="never overwrite each other"):
+    with pytest.raises(ValueError, match="named for EM codebooks"):
         train_keys.run(TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=em_out, code_bits=6, residuals=2,
+                                       solver="adam", epochs=1, device="cpu", layers="1"))
+    renamed = tmp_path / "em_folder"  # a name outside the pattern: the folder's config.json refuses it
+    em_out.rename(renamed)
+    with pytest.raises(ValueError, match="never overwrite each other"):
+        train_keys.run(TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=renamed, code_bits=6, residuals=2,
                                        solver="adam", epochs=1, device="cpu", layers="1"))
     with pytest.raises(ValueError, match="never overwrite each other"):
         train_keys.prepare_output(out, io.CodebookLayout(6, 8, 2), "em", False)
@@ -184,6 +192,18 @@ def test_adam_flags_without_the_adam_solver_are_named(key_dir, tmp_path, caplog)
     assert "--epochs, --lr set the adam solver" in caplog.text
     with pytest.raises(ValueError, match="--beam 4 needs --solver lstsq"):
         TrainKeysConfig(method="e2e", solver="adam", beam=4)
+
+
+def test_values_are_not_keys(key_dir, tmp_path):
+    from commvq.data.kvstore import KVStoreWriter
+
+    w = KVStoreWriter(key_dir.parent / "value", "value", 3, 16, torch.float32,
+                      settings={"model": "toy", "spec": SPEC.to_dict()})
+    w.write_shard([{"x": torch.randn(10, 16)} for _ in range(3)])
+    w.finish(False)
+    with pytest.raises(ValueError, match="holds value vectors, not keys: give the keys folder"):
+        train_keys.run(_cfg(key_dir.parent / "value", tmp_path / "cb", layers="0"))
+    assert not (tmp_path / "cb").exists()
 
 
 def test_attention_objective_needs_queries(key_dir, tmp_path):

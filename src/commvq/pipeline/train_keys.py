@@ -152,6 +152,10 @@ def resolve_layout(cfg: TrainKeysConfig, spec: ModelSpec) -> tuple[io.CodebookLa
         if named.e2e and cfg.method != "e2e":
             raise ValueError(f"--output_dir {cfg.output_dir.name} is an E2E directory; "
                              "use --method e2e or another name")
+        if cfg.method == "e2e" and not named.e2e:
+            raise ValueError(f"--output_dir {cfg.output_dir.name} is named for EM codebooks; use "
+                             f"codebook_e2e_{named.code_bits}bits_{named.head_dim}group_{named.residuals}residuals "
+                             "or another name")
         for flag, given, said in (("code_bits", cfg.code_bits, named.code_bits),
                                   ("residuals", cfg.residuals, named.residuals)):
             if given is not None and given != said:
@@ -325,6 +329,9 @@ def heldout_errors(store: KVStore, layer: int, rows: list[int], out: Path, layou
 
 def run(cfg: TrainKeysConfig) -> Path:
     store = KVStore(cfg.key_dir)
+    if store.kind != "key":
+        raise ValueError(f"--key_dir {cfg.key_dir} holds {store.kind} vectors, not keys: give the keys folder "
+                         f"(`commvq collect` writes it beside this one, as {Path(cfg.key_dir).parent / 'key'})")
     if "spec" not in store.settings:
         raise ValueError(f"{cfg.key_dir}: the manifest records no model shape; re-collect with this commvq")
     spec = ModelSpec.from_dict(store.settings["spec"])
