@@ -68,7 +68,10 @@ def head_file(folder: Path, layer: int, head: int) -> Path:
 
 def save_head(path: Path, thetas: torch.Tensor, stage_mse: torch.Tensor, final_error: float,
               with_centers: bool = False) -> None:
-    """Write one (layer, head) file atomically; ``thetas [R, 2E, P]``, ``stage_mse [R]``."""
+    """Write one (layer, head) file atomically; ``thetas [R, 2E, P]``, ``stage_mse [R]``. Codebooks
+    holding NaN or Inf are never written."""
+    if not bool(torch.isfinite(thetas).all()):
+        raise FloatingPointError(f"{path}: the codebooks hold NaN or Inf; not saved")
     steps = []
     for r in range(thetas.shape[0]):
         th = thetas[r].detach().float().cpu().clone()  # its own storage: a view would save all of thetas
@@ -88,7 +91,11 @@ def load_head(path: Path) -> tuple[torch.Tensor, float]:
         data = torch.load(path, map_location="cpu", weights_only=True)
         thetas = torch.stack([s["theta"].float() for s in data["steps"]])
     except Exception as e:
-        raise ValueError(f"{path}: not a readable codebook file ({e})") from e
+        raise ValueError(f"{path}: not a readable codebook file ({str(e) or type(e).__name__}); retrain its layer "
+                         "(`commvq train-keys --layers L --overwrite`)") from e
+    if not bool(torch.isfinite(thetas).all()):
+        raise ValueError(f"{path}: the codebooks hold NaN or Inf; retrain its layer "
+                         "(`commvq train-keys --layers L --overwrite`)")
     return thetas, float(data["final_error"])
 
 

@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -192,6 +193,49 @@ def test_adam_flags_without_the_adam_solver_are_named(key_dir, tmp_path, caplog)
     assert "--epochs, --lr set the adam solver" in caplog.text
     with pytest.raises(ValueError, match="--beam 4 needs --solver lstsq"):
         TrainKeysConfig(method="e2e", solver="adam", beam=4)
+
+
+def _poison(key_dir, layer, rows, value=float("nan"), shards=1):
+    """Write ``value`` into ``rows`` of one layer's first ``shards`` shards (fault injection)."""
+    from safetensors.torch import load_file, save_file
+
+    for shard in sorted((key_dir / f"L{layer:03d}").glob("*.safetensors"))[:shards]:
+        data = load_file(shard)
+        data["x"][rows] = value
+        save_file(data, shard)
+
+
+def test_nan_keys_are_dropped_and_counted_never_trained_on(key_dir, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="commvq")
+    _poison(key_dir, 0, slice(10, 20))
+    _poison(key_dir, 0, slice(30, 31), float("inf"))
+    for method, kw in (("em", {}), ("e2e", {"rounds": 1, "beam": 2})):
+        out = tmp_path / method
+        train_keys.run(_cfg(key_dir, out, method=method, layers="0", **kw))
+        layer = json.loads((out / "config.json").read_text())["layers"]["0"]
+        assert layer["dropped_nonfinite"] == 11 and math.isfinite(layer["relative_mse"])
+        assert torch.isfinite(io.load_layer(out, 0, SPEC)).all()
+    assert "layer 0: dropping 11 of 256 training and validation key vectors that hold NaN or Inf" in caplog.text
+    # a layer with no finite key is refused and not marked done
+    _poison(key_dir, 1, slice(None), shards=2)
+    with pytest.raises(ValueError, match="layer 1 has no finite key"):
+        train_keys.run(_cfg(key_dir, tmp_path / "em", layers="1"))
+    assert not train_keys.layer_done(tmp_path / "em", 1, SPEC.num_kv_heads)
+
+
+def test_non_finite_codebooks_are_neither_saved_nor_loaded(tmp_path):
+    bad = torch.zeros(2, 16, 4)
+    bad[1, 3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="not saved"):
+        io.save_head(tmp_path / "000_0.pt", bad, torch.ones(2), 1.0)
+    assert not (tmp_path / "000_0.pt").exists()
+    torch.save({"final_error": 1.0, "steps": [{"mse_loss": torch.tensor(1.0), "theta": t} for t in bad]},
+               tmp_path / "000_1.pt")
+    with pytest.raises(ValueError, match="hold NaN or Inf; retrain its layer"):
+        io.load_head(tmp_path / "000_1.pt")
+    (tmp_path / "000_2.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable codebook file \\(.+\\); retrain"):
+        io.load_head(tmp_path / "000_2.pt")
 
 
 def test_values_are_not_keys(key_dir, tmp_path):

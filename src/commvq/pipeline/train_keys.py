@@ -285,10 +285,16 @@ def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout
     heads = list(range(spec.num_kv_heads))
     rows = split_rows(samples, store.num_tokens, cfg.holdout, EVAL_SAMPLES)
     keys = store.layer(layer).read(0, samples).float().to(device)
+    finite = finite_rows(keys, layer, "training and validation")
     x, s = normalize(keys, spec.num_kv_heads)
     n_train = rows["train"][1]
+    if not bool(finite[:n_train].any()) or not bool(finite[n_train:].any()):
+        raise ValueError(f"{cfg.key_dir}: layer {layer} has no finite key in its training or validation rows; "
+                         "re-collect the keys (`commvq collect --overwrite`)")
     estep, init_estep, nearest_fn = resolve_estep(cfg.kernels, device)
     encoder = encoder_for(cfg.kernels, device)
+    if not bool(finite.all()):  # (a copy only when rows are dropped)
+        x, s, n_train = x[:, finite], s[finite], int(finite[:n_train].sum())
     job = key_methods.LayerJob(layer=layer, heads=heads, x=x[:, :n_train], s=s[:n_train], val_x=x[:, n_train:],
                                val_s=s[n_train:], layout=layout, out=out, with_centers=cfg.with_centers,
                                seed=cfg.seed * 1000 + layer, estep=estep, init_estep=init_estep, nearest=nearest_fn,
@@ -311,7 +317,18 @@ def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout
     del keys, x, s, job
     err = heldout_errors(store, layer, rows["eval"], out, layout, spec, cfg.encode_beam, device)
     return {"seconds": round(seconds, 3), "samples": samples, "rows": rows, "heads": heads, "beam": cfg.encode_beam,
+            "dropped_nonfinite": int((~finite).sum()),
             **err, "final_error": res.stage_mse[-1].tolist(), "stage_mse": res.stage_mse.T.tolist(), **res.extra}
+
+
+def finite_rows(keys: torch.Tensor, layer: int, what: str) -> torch.Tensor:
+    """``[N]`` mask of the rows without NaN/Inf; the others are dropped with a warning that counts them."""
+    finite = torch.isfinite(keys).all(-1)
+    bad = int((~finite).sum())
+    if bad:
+        log.warning("train-keys: layer %d: dropping %d of %d %s key vectors that hold NaN or Inf", layer, bad,
+                    keys.shape[0], what)
+    return finite
 
 
 def heldout_errors(store: KVStore, layer: int, rows: list[int], out: Path, layout: io.CodebookLayout,
@@ -319,6 +336,7 @@ def heldout_errors(store: KVStore, layer: int, rows: list[int], out: Path, layou
     """Relative key MSE ``sum |k - k_hat|^2 / sum |k|^2`` of the saved codebooks on ``rows``, as
     `compare-codebooks` measures it: with the trained beam, and greedy."""
     keys = store.layer(layer).read(*rows).float().to(device)
+    keys = keys[finite_rows(keys, layer, "held-out")]
     thetas = torch.stack([io.load_head(io.head_file(out, layer, h))[0] for h in range(spec.num_kv_heads)])
     book = KeyCodebook(thetas, layout.code_bits, beam).to(device)
     out_err = {"relative_mse": key_errors(keys, book)["relative_mse"]}

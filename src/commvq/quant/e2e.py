@@ -309,7 +309,8 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
         if diverged or bad_batches > settings.max_bad_fraction * steps_per_epoch:
             raise FloatingPointError(
                 f"E2E training diverged in epoch {epoch} ({bad_batches} of {steps_per_epoch} batches "
-                "non-finite); lower --lr; the last good codebooks are kept")
+                "non-finite); lower --lr. The layer is not marked done; its files hold the best epoch saved "
+                "before, if any")
         good = steps_per_epoch - bad_batches
         scale = steps_per_epoch / max(good, 1)
         heldout_err = relative_error(heldout, params, w, encode_fn=search)
