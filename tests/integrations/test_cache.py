@@ -281,3 +281,40 @@ def test_the_key_encoder_beam_is_the_codebooks_and_never_worse_than_greedy(tiny,
     io.write_config(folder, io.CodebookLayout(6, 16, 2, e2e=True), "e2e", spec, {"beam": 4})
     assert CommVQCache.from_pretrained(tiny, folder).keys_part.codebooks[0].beam == 4
     assert CommVQCache.from_pretrained(tiny, folder, beam=1).keys_part.codebooks[1].beam == 1
+
+
+def _caches(tiny, quantize_prefill, sink):
+    keys, values, _, _ = _commvq_parts(h=2, d=16, r=3, layers=2)  # one codec for every cache compared
+
+    def commvq():
+        return CommVQCache(2, keys, values, window=8, sink=sink, quantize_prefill=quantize_prefill)
+
+    def baseline(name):
+        cache = CommVQCache.baseline(tiny, name, window=8, group=4, sink=sink)
+        for layer in cache.layers:
+            layer.quantize_prefill = quantize_prefill
+        return cache
+
+    return {"fp16": lambda: baseline("fp16"), "kivi2": lambda: baseline("kivi2"), "kivi1": lambda: baseline("kivi1"),
+            "commvq": commvq}
+
+
+@pytest.mark.parametrize("quantize_prefill", [False, True])
+@pytest.mark.parametrize("sink", [0, 3])
+def test_prompt_positions_never_see_later_tokens(tiny, quantize_prefill, sink):
+    from commvq.integrations.hf import use_commvq
+
+    use_commvq(tiny)
+    ids = _ids(1, 40, seed=5)
+    for p in (9, 21, 33):
+        changed = ids.clone()
+        changed[0, p] = (changed[0, p] + 7) % 300 + 1
+        with torch.no_grad():
+            exact = tiny(ids).logits
+            for name, make in _caches(tiny, quantize_prefill, sink).items():
+                a = tiny(ids, past_key_values=make(), use_cache=True).logits
+                b = tiny(changed, past_key_values=make(), use_cache=True).logits
+                assert torch.allclose(a[:, :p], b[:, :p], atol=1e-5), (name, p)  # earlier positions unchanged
+                assert not torch.allclose(a[:, p:], b[:, p:], atol=1e-5), (name, p)  # the change is seen after it
+                if name == "fp16":  # the identity codec is the exact model, prefill quantized or not
+                    assert torch.allclose(a, exact, atol=1e-4), p

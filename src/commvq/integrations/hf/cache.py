@@ -161,18 +161,45 @@ class CommVQLayer(CacheLayerMixin):
         """Attention output ``[B, Hq, Tq, D]`` over sink + codes + window, then flush."""
         tq = query.shape[2]
         self.set_positions(position_ids, tq)
-        if self.quantize_prefill:
-            self.flush()
+        copies = self._flush_keeping_copies() if self.quantize_prefill else None
         out = None
         if self.num_compressed == 0 and self.num_sink == 0:
             out = self._dense(module, query, attention_mask, scaling)
-        elif self._graphable(query, attention_mask):
+        elif copies is None and self._graphable(query, attention_mask):
             out = self.graph.run(self, query, scaling, attention_mask)
         if out is None:
-            out = self._mixed(query, attention_mask, scaling)
+            out = self._mixed(query, attention_mask, scaling, copies=copies)
         if not self.quantize_prefill:
             self.flush()
         return out
+
+    def _flush_keeping_copies(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Flush before attending (``quantize_prefill``), keeping the exact keys and values of the
+        tokens it compresses and the index of the first in the compressed store: a query of this
+        step sees a block compressed only once the whole block lies before it (so no query learns
+        of a later token through a block's codes, e.g. KIVI's per-channel groups), and the block's
+        exact tokens until then."""
+        ns0, nc0, k, v = self.num_sink, self.num_compressed, self.win_k, self.win_v
+        self.flush()
+        taken, n = self.num_sink - ns0, self.num_compressed - nc0
+        return (k[:, :, taken:taken + n], v[:, :, taken:taken + n], nc0) if n else None
+
+    def _visible(self, tq: int, w: int, copies: tuple | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([tq, keys], [keys])``: which of sink, codes, exact copies and window each query of this step may
+        see. Keys in the order they arrived; the step's queries are the last ``tq`` to arrive."""
+        ns, nc, win = self.num_sink, self.num_compressed, self.window
+        arange = lambda n: torch.arange(n, device=device)  # noqa: E731
+        nx, nc0 = (copies[0].shape[2], copies[2]) if copies is not None else (0, nc)
+        q = ns + nc + w - tq + arange(tq)[:, None]  # arrival index of each query
+        c = arange(nc)
+        cx = nc0 + arange(nx)  # the copies' places in the compressed store
+        arrival = torch.cat((arange(ns), ns + c, ns + cx, ns + nc + arange(w)))
+        seen = arrival[None, :] <= q
+        block_end = lambda i: ns + (i // win + 1) * win - 1  # noqa: E731  last arrival of a code's block
+        coded_now = c >= nc0
+        seen[:, ns:ns + nc] &= ~coded_now | (block_end(c)[None, :] < q)
+        seen[:, ns + nc:ns + nc + nx] &= block_end(cx)[None, :] >= q
+        return seen, arrival
 
     def _dense(self, module, query, attention_mask, scaling) -> torch.Tensor:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -192,10 +219,11 @@ class CommVQLayer(CacheLayerMixin):
                 and not torch.cuda.is_current_stream_capturing())
 
     def _mixed(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-               window: tuple | None = None) -> torch.Tensor:
+               window: tuple | None = None, copies: tuple | None = None) -> torch.Tensor:
         """Attention over sink, codes and window. ``window``: ``(keys, values, length)``, fixed
         buffers of ``window + 1`` slots whose first ``length`` (a GPU scalar) hold the window, in
-        place of the window itself (the step a :class:`DecodeGraph` captures)."""
+        place of the window itself (the step a :class:`DecodeGraph` captures). ``copies``: the exact
+        tokens this step compressed (see :meth:`_flush_keeping_copies`)."""
         tq, ns = query.shape[2], self.num_sink
         win_k, win_v, length = window if window is not None else (self.win_k, self.win_v, None)
         w = win_k.shape[2]
@@ -206,16 +234,21 @@ class CommVQLayer(CacheLayerMixin):
         nc = self.num_compressed
         if nc:
             scores.append(self.keys_part.scores(self.layer_idx, qs, self.store["k"]))
+        nx = 0 if copies is None else copies[0].shape[2]
+        if nx:
+            scores.append(parts.grouped(qs, copies[0].float().transpose(-1, -2)))
         scores.append(parts.grouped(qs, win_k.float().transpose(-1, -2)))
         s = torch.cat(scores, -1)
         total = s.shape[-1]
+        seen = None
+        if tq > 1 or nx:  # one query that arrived last sees everything; several see by arrival
+            seen, arrival = self._visible(tq, w, copies, s.device)
         if attention_mask is not None:
-            mask = attention_mask[..., -tq:, :total]
+            mask = attention_mask[..., -tq:, :]
+            mask = mask[..., arrival] if seen is not None else mask[..., :total]
             s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
-        elif tq > 1:  # causal inside the window; everything older is visible (one query sees all)
-            qi = torch.arange(tq, device=s.device)[:, None] + (w - tq)
-            kj = torch.arange(w, device=s.device)[None, :]
-            s[..., total - w:] = s[..., total - w:].masked_fill(kj > qi, float("-inf"))
+        if seen is not None:
+            s = s.masked_fill(~seen, float("-inf"))
         if length is not None:  # the buffers' slots past the window
             s[..., total - w:] = s[..., total - w:].masked_fill(torch.arange(w, device=s.device) >= length,
                                                                 float("-inf"))
@@ -227,6 +260,8 @@ class CommVQLayer(CacheLayerMixin):
             out = out + parts.grouped(p[..., :ns], self.sink_v.float())
         if nc:
             out = out + self.values_part.values(self.layer_idx, p[..., ns:ns + nc], self.store["v"])
+        if nx:
+            out = out + parts.grouped(p[..., ns + nc:ns + nc + nx], copies[1].float())
         return out
 
     def nbytes(self) -> int:
