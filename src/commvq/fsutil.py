@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,3 +49,29 @@ def remove_stale_tmp(folder: Path) -> int:
             p.unlink(missing_ok=True)
             n += 1
     return n
+
+
+class LockedError(OSError):
+    """Another process holds a lock this one needs."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the duration; if another process
+    holds it, raise :class:`LockedError` naming that process. The lock dies with its process."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise LockedError(f"{what} is being written by {holder} (lock {path}); wait for it to end or "
+                              "stop it, then run again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)

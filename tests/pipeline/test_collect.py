@@ -87,6 +87,36 @@ def test_rerun_is_a_no_op_and_more_samples_extend(tiny_llama, corpus_dir, tmp_pa
     assert torch.equal(KVStore(direct.output_dir).layer(1).read(), store.layer(1).read())
 
 
+def test_a_second_writer_fails_at_once_naming_the_first(tiny_llama, corpus_dir, tmp_path):
+    """Two runs into one data folder: the second fails before touching it, and the first's shards,
+    temporary files and manifest are its own (the lock dies with its holder)."""
+    import os
+    import subprocess
+    import sys
+
+    from commvq.fsutil import LockedError, exclusive_lock
+
+    lm = load_model(str(tiny_llama), device="cpu")
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, num_samples=64)
+    lock = tmp_path / "data" / collect.LOCK_NAME
+    with exclusive_lock(lock, "test"):  # the first writer, still running
+        (tmp_path / "data" / "key").mkdir(parents=True)
+        stale = tmp_path / "data" / "key" / ".first.safetensors.123.tmp"
+        stale.write_text("the first writer's file in progress")
+        with pytest.raises(LockedError, match=f"is being written by pid {os.getpid()} on .* since .*; wait"):
+            collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, num_samples=64, seed=1), loaded=lm)
+        assert stale.exists() and not (tmp_path / "data" / "key" / "manifest.json").exists()
+        # the same from another process, through the command line: one line, exit 2
+        out = subprocess.run([sys.executable, "-m", "commvq", "collect", "--model", str(tiny_llama), "--dataset",
+                              str(corpus_dir), "--output_dir", str(cfg.output_dir), "--num_samples", "64",
+                              "--device", "cpu"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2 and "error:" in out.stderr and "is being written by pid" in out.stderr
+        assert "Traceback" not in out.stderr
+        stale.unlink()  # the first writer ends
+    collect.run(cfg, loaded=lm)  # the lock went with its holder
+    assert KVStore(cfg.output_dir).num_tokens == 64
+
+
 def test_changed_settings_need_overwrite(tiny_llama, corpus_dir, tmp_path):
     lm = load_model(str(tiny_llama), device="cpu")
     collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, num_samples=40), loaded=lm)

@@ -15,6 +15,7 @@ import math
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from commvq.config import option, to_dict
 from commvq.data import kvstore
 from commvq.data.corpus import SPLITS, CorpusSource, batches, iter_documents, pack, resolve_dataset
 from commvq.distributed import barrier, rank_world
-from commvq.fsutil import write_json
+from commvq.fsutil import exclusive_lock, write_json
 from commvq.integrations.hf.capture import capture_projections
 from commvq.integrations.hf.loader import MODEL_DTYPES, LoadedModel, load_model
 
@@ -71,6 +72,8 @@ class CollectConfig:
         if self.dtype not in kvstore.DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: use one of {tuple(kvstore.DTYPES)}")
 
+
+LOCK_NAME = ".collect.lock"  # in the data folder: key, value and query stores are written together
 
 def store_dirs(output_dir: Path) -> dict[str, Path]:
     """Where each kind of vector goes, given the key folder."""
@@ -232,7 +235,16 @@ def _sequences(cfg: CollectConfig, loaded: LoadedModel, dataset: str, skip: int)
 
 
 def run(cfg: CollectConfig, loaded: LoadedModel | None = None) -> Path:
-    """Collect; return the key folder. ``loaded`` reuses a model already in memory."""
+    """Collect; return the key folder. ``loaded`` reuses a model already in memory. One run at a
+    time writes a data folder: the first process of a run holds its lock (the others of a torchrun
+    run share it), and a second run fails at once, naming the holder."""
+    lock = Path(cfg.output_dir).parent / LOCK_NAME
+    held = exclusive_lock(lock, f"{Path(cfg.output_dir).parent}") if rank_world()[0] == 0 else nullcontext()
+    with held:
+        return _run(cfg, loaded)
+
+
+def _run(cfg: CollectConfig, loaded: LoadedModel | None) -> Path:
     loaded = loaded or load_model(cfg.model, cfg.model_dtype, cfg.device)
     check_limits(cfg, loaded)
     dataset = resolve_dataset(cfg.dataset)
