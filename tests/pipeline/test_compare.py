@@ -53,6 +53,26 @@ def test_compare_two_directories_on_held_out_keys(key_dir, tmp_path):
     assert "relative_logit_error" in (out / "compare.md").read_text()
 
 
+def test_layers_of_mixed_runs_are_scored_on_rows_they_never_saw(key_dir, tmp_path):
+    out = tmp_path / "cb"
+    for layer, n in (("0", 256), ("1", 200)):  # a later run with fewer --num_samples, same folder
+        train_keys.run(TrainKeysConfig(key_dir=key_dir, output_dir=out, code_bits=6, residuals=2, max_iters=2,
+                                       num_samples=n, device="cpu", layers=layer))
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["samples"] == 200 and conf["layers"]["0"]["samples"] == 256  # each layer keeps its own record
+    report = json.loads((compare.run(CompareConfig(dirs=[out], key_dir=key_dir, output=tmp_path / "cmp",
+                                                   device="cpu")) / "compare.json").read_text())
+    assert report["eval_rows"] == "per layer"
+    assert [r["eval_rows"] for r in report["rows"]] == [[256, 300], [200, 300]]  # never a row a layer trained on
+    from commvq.data.kvstore import KVStore
+    from commvq.spec import ModelSpec
+
+    store = KVStore(key_dir)
+    cb = KeyCodebook.from_dir(out, 0, ModelSpec.from_dict(store.settings["spec"]))
+    want = key_errors(store.layer(0).read(256, 300), cb)["relative_mse"]
+    assert abs(report["rows"][0]["cb"]["relative_mse"] - want) < 1e-6
+
+
 def test_column_names_tell_same_named_directories_apart(tmp_path):
     a, b, c = tmp_path / "x" / "codebook_8bits", tmp_path / "y" / "codebook_8bits", tmp_path / "y" / "other"
     assert compare.column_names([a, c]) == ["codebook_8bits", "other"]

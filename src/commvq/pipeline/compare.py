@@ -56,6 +56,20 @@ def column_names(dirs: list[Path]) -> list[str]:
         depth += 1
 
 
+def rows_trained(configs: list[dict], layer: int) -> int:
+    """How many of the store's first rows any folder trained (or validated) this layer on: its
+    per-layer record where there is one (folders can mix runs of other --num_samples), else the
+    folder's ``samples``."""
+    out = 0
+    for c in configs:
+        info = c.get("layers", {}).get(str(layer), {})
+        if "rows" in info:
+            out = max(out, int(info["rows"]["validation"][1]), int(info["rows"]["train"][1]))
+        else:
+            out = max(out, int(info.get("samples", c.get("samples", 0))))
+    return out
+
+
 def eval_range(store: KVStore, trained: int, want: int) -> tuple[int, int]:
     """Held-out rows ``[start, stop)``: the store's first rows if it holds the held-out split, else
     the rows after the training rows when the store has them."""
@@ -75,8 +89,6 @@ def run(cfg: CompareConfig) -> Path:
     for d in cfg.dirs:
         io.check_fits(d, spec)
         configs.append(io.read_config(d) or {})
-    trained = max(int(c.get("samples", 0)) for c in configs)
-    start, stop = eval_range(store, trained, cfg.eval_samples)
     qdir = store_dirs(cfg.key_dir)["query"]
     queries = KVStore(qdir) if (qdir / "manifest.json").is_file() else None
     device = device_for_rank(cfg.device)
@@ -87,11 +99,12 @@ def run(cfg: CompareConfig) -> Path:
                    if all(io.head_file(d, layer, h).is_file() for h in range(spec.num_kv_heads))]
         if not present:
             continue
+        start, stop = eval_range(store, rows_trained(configs, layer), cfg.eval_samples)
         keys = store.layer(layer).read(start, stop).to(device)
         w = None
         if queries is not None:
             w = pair_weights(queries.layer(layer).read().to(device), spec.num_kv_heads, spec.head_dim)
-        row = {"layer": layer}
+        row = {"layer": layer, "eval_rows": [start, stop]}
         for name, d in zip(names, cfg.dirs, strict=True):
             if d not in present:
                 continue
@@ -99,7 +112,9 @@ def run(cfg: CompareConfig) -> Path:
             row[name] = key_errors(keys, cb, w)
         rows.append(row)
     beams = {name: cfg.beam or io.encode_beam(d) for name, d in zip(names, cfg.dirs, strict=True)}
-    return write_report(cfg, names, rows, {"eval_rows": [start, stop], "key_dir": str(cfg.key_dir),
+    spans = sorted({tuple(r["eval_rows"]) for r in rows})
+    return write_report(cfg, names, rows, {"eval_rows": list(spans[0]) if len(spans) == 1 else "per layer",
+                                           "key_dir": str(cfg.key_dir),
                                            "query_weighted": queries is not None, "beams": beams})
 
 
@@ -120,7 +135,9 @@ def write_report(cfg: CompareConfig, names: list[str], rows: list[dict], meta: d
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     metrics = ["relative_mse"] + (["relative_logit_error"] if meta["query_weighted"] else [])
-    md = [f"Held-out keys: rows {meta['eval_rows'][0]}..{meta['eval_rows'][1]} of {meta['key_dir']}; key encoder's "
+    where = (f"rows {meta['eval_rows'][0]}..{meta['eval_rows'][1]}" if meta["eval_rows"] != "per layer" else
+             "per layer, the rows after those its codebooks trained on (compare.json)")
+    md = [f"Held-out keys: {where} of {meta['key_dir']}; key encoder's "
           "beam width: " + ", ".join(f"{n} {b}" for n, b in meta["beams"].items()) + ".", ""]
     for metric in metrics:
         md += [f"### {metric}", "", *_table(names, rows, metric), ""]
