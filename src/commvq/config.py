@@ -82,7 +82,46 @@ def load_yaml(path: str | None, cls: type) -> dict[str, Any]:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"--config {path}: unknown option(s) {unknown}; valid: {sorted(names)}")
-    return data
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return {k: coerce(v, hints[k], f"--config {path}: {k}", fields[k].metadata.get("choices")) for k, v in data.items()}
+
+
+def coerce(value: Any, tp: Any, where: str, choices: tuple | None = None) -> Any:
+    """``value`` as the field type ``tp`` wants it, or a ``ValueError`` naming ``where``: booleans
+    only from YAML booleans, integers only from whole numbers, no silent truthiness."""
+    optional = isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where}: null is not allowed here; give a value or leave the option out")
+    base = _base_type(tp)
+    is_path = Path in (typing.get_args(tp) if optional else (tp,))
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: {value!r} is not a list")
+        item = typing.get_args(base)[0]
+        return [coerce(v, item, where) for v in value]
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: {value!r} is not a boolean; write true or false (unquoted)")
+        return value
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: {value!r} is not a whole number")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: {value!r} is not a number")
+        return float(value)
+    if base is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where}: {value!r} is not text")
+        value = str(value)
+        if choices and value not in choices:
+            raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
+        return Path(value) if is_path else value
+    return value
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace, **fixed: Any) -> T:
