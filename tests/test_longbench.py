@@ -75,6 +75,34 @@ def test_pred_then_eval_scripts_on_a_tiny_fixture(tiny_llama, tmp_path):
     assert len(preds) == 1 and "\n" not in json.loads(preds[0])["pred"]
 
 
+def test_pred_resumes_over_a_torn_last_line(tiny_llama, tmp_path):
+    from commvq.pipeline.longbench import PredConfig, run_pred
+
+    _fixture(tmp_path / "data")
+    cfg = dict(model=str(tiny_llama), method="fp16", max_length=64, window=32, tasks="trec",
+               data_dir=tmp_path / "data", out_dir=tmp_path / "pred", device="cpu")
+    out = run_pred(PredConfig(**cfg, limit=1))
+    path = out / "trec.jsonl"
+    first = path.read_text()
+    with path.open("a") as fh:  # an interrupted second write: half a line
+        fh.write(first[: len(first) // 2])
+    run_pred(PredConfig(**cfg, limit=2))
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == first.rstrip("\n")
+    assert all(json.loads(ln)["answers"] == ["Human being"] for ln in lines)  # every line whole
+
+
+def test_complete_lines_cuts_only_a_torn_tail(tmp_path):
+    from commvq.fsutil import complete_lines
+
+    p = tmp_path / "x.jsonl"
+    assert complete_lines(p) == 0
+    p.write_text('{"a": 1}\n{"a": 2}\n')
+    assert complete_lines(p) == 2 and p.read_text() == '{"a": 1}\n{"a": 2}\n'
+    p.write_text('{"a": 1}\n{"a"')
+    assert complete_lines(p) == 1 and p.read_text() == '{"a": 1}\n'
+
+
 def test_codebooks_in_the_model_folder_are_found(tmp_path):
     from commvq.pipeline.longbench import PredConfig, resolve_method
 

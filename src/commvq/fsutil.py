@@ -75,3 +75,16 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def complete_lines(path: str | os.PathLike) -> int:
+    """The number of complete (newline-ended) lines of an append-only file; a torn last line (a
+    write cut short) is cut off first, so that appending goes on from a whole line."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        os.truncate(path, end)
+    return data[:end].count(b"\n")

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from commvq.config import option, to_dict
 from commvq.evals import longbench as lb
-from commvq.fsutil import atomic_path, write_json
+from commvq.fsutil import atomic_path, complete_lines, write_json
 from commvq.integrations.hf.attention import use_commvq
 from commvq.integrations.hf.loader import load_model
 from commvq.pipeline.methods import BASELINES, Method
@@ -82,7 +82,7 @@ def run_pred(cfg: PredConfig) -> Path:
     for task in cfg.task_list:
         rows = lb.load_task(cfg.data_dir, task, cfg.limit)
         path = out / f"{task}.jsonl"
-        done = path.read_text().count("\n") if path.is_file() else 0
+        done = complete_lines(path)  # a torn last line (an interrupted write) is dropped, then redone
         with path.open("a", encoding="utf-8") as fh:
             for sample in tqdm(rows[done:], desc=task, unit="sample"):
                 pred = lb.predict(lm.model, lm.tokenizer, task, sample, cfg.max_length,
