@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +44,28 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and "commvq collect" in err[0]
     assert cli.main(["collect", "--model", str(tmp_path / "m.gguf"), "--dataset", "embedded"]) == 2
     assert re.search(r"no such file", capsys.readouterr().err)
+
+
+def test_quiet_silences_progress_bars_and_depths_are_fractions(tmp_path, capsys):
+    import torch
+
+    from commvq.data.kvstore import KVStoreWriter
+    from tests.pipeline.conftest import SPEC
+
+    for kind in ("key", "value"):
+        w = KVStoreWriter(tmp_path / "data" / kind, kind, 3, 16, torch.float32, settings={"spec": SPEC.to_dict()})
+        w.write_shard([{"x": torch.randn(20, 16)} for _ in range(3)])
+        w.finish(False)
+    env = {**os.environ, "TQDM_MININTERVAL": "0"}  # every bar update printed where bars are on
+    for quiet, bars in ((False, True), (True, False)):
+        args = [sys.executable, "-m", "commvq", *(["-q"] if quiet else []), "scale", "--key_dir",
+                str(tmp_path / "data" / "key")]
+        out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert ("layer/s" in out.stderr) == bars, out.stderr
+    assert cli.main(["eval", "ppl", "--depths", "0,2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--depths 0,2: give fractions of the context between 0 and 1" in err[0]
 
 
 def test_console_entry_point_runs():

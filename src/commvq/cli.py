@@ -7,9 +7,10 @@ line and exit with status 2; an interrupted run exits 130 and resumes when run a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from commvq import __version__
@@ -76,6 +77,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     return parser, table
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """``-q``: every progress bar disabled for the duration of the stage, then restored."""
+    from tqdm import std
+
+    init = std.tqdm.__init__
+
+    def silent(self, *args, **kwargs):  # a bar's own disable= is overruled too
+        init(self, *args, **{**kwargs, "disable": True})
+
+    std.tqdm.__init__ = silent
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, table = build_parser()
     args = parser.parse_args(argv)
@@ -84,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = table[args.stage]
     try:
         cfg = from_namespace(stage.config, args)
-        stage.run(cfg)
+        with no_progress_bars() if args.quiet else contextlib.nullcontext():
+            stage.run(cfg)
     except USER_ERRORS as e:
         print(f"commvq {stage.name}: error: {e}", file=sys.stderr)
         return 2

@@ -66,6 +66,11 @@ class EvalConfig:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.sink < 0:
             raise ValueError(f"--sink {self.sink}: must be 0 or more")
+        bad = [d for d in _floats(self.depths) if not 0 <= d <= 1]
+        if bad or not _floats(self.depths):
+            raise ValueError(f"--depths {self.depths}: give fractions of the context between 0 and 1 (e.g. 0,0.5,1)")
+        if not _ints(self.lengths) or min(_ints(self.lengths)) < 1:
+            raise ValueError(f"--lengths {self.lengths}: give positive token counts (e.g. 512,1024)")
 
 
 def heldout_docs(tokenizer: Any, n: int, tokens: int) -> list[list[int]]:
