@@ -127,3 +127,18 @@ def test_hub_heldout_is_every_tenth_document_of_the_train_split(monkeypatch):
     train = list(iter_documents(CorpusSource("someone/corpus", split="train")))
     assert held == ["doc 9", "doc 19", "doc 29"] and len(train) == 32 and not set(held) & set(train)
     assert asked == ["train", "train"]
+
+
+def test_files_that_are_not_text_are_refused_naming_the_file_and_line(tmp_path):
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="blob.txt: not a text file"):
+        list(iter_documents(CorpusSource(str(tmp_path / "blob.txt"))))
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.txt: not UTF-8 text \\(byte 3\\)"):
+        list(iter_documents(CorpusSource(str(tmp_path / "latin.txt"))))
+    (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": 12}\n')
+    with pytest.raises(ValueError, match="rows.jsonl:4: field 'text' is int, not text"):
+        list(iter_documents(CorpusSource(str(tmp_path / "rows.jsonl"))))
+    (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": "torn\n')
+    with pytest.raises(ValueError, match="rows.jsonl:2: not a JSON line"):
+        list(iter_documents(CorpusSource(str(tmp_path / "rows.jsonl"))))

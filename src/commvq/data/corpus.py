@@ -100,15 +100,13 @@ def local_files(path: Path) -> list[Path]:
 def read_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """The documents of one local file."""
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield _text(path.read_bytes(), path)
     elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
+        with path.open("rb") as fh:  # line by line: a corpus file may be larger than memory
+            for n, raw in enumerate(fh, 1):
+                line = _text(raw, Path(f"{path}:{n}"))
                 if line.strip():
-                    row = json.loads(line)
-                    if text_field not in row:
-                        raise ValueError(f"{path}:{n}: no field {text_field!r}; set --text_field")
-                    yield row[text_field]
+                    yield _json_text(line, path, n, text_field)
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -118,6 +116,30 @@ def read_file_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         if text_field not in table.column_names:
             raise ValueError(f"{path}: no column {text_field!r}; set --text_field")
         yield from table.column(text_field).to_pylist()
+
+
+def _json_text(line: str, path: Path, n: int, text_field: str) -> str:
+    """The text of one JSON line, or one line naming the file, the line and the fix."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not a JSON line ({e.msg}); fix or remove that line") from None
+    if not isinstance(row, dict) or text_field not in row:
+        raise ValueError(f"{path}:{n}: no field {text_field!r}; set --text_field")
+    if not isinstance(row[text_field], str):
+        raise ValueError(f"{path}:{n}: field {text_field!r} is {type(row[text_field]).__name__}, not text")
+    return row[text_field]
+
+
+def _text(data: bytes, path: Path) -> str:
+    """A corpus file's bytes as text; a file that is not UTF-8 text (a binary file) is refused."""
+    if b"\x00" in data:
+        raise ValueError(f"{path}: not a text file (it holds NUL bytes); remove it from the corpus")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8 or remove it "
+                         "from the corpus") from None
 
 
 def _looks_like_path(name: str) -> bool:
