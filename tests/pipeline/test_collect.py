@@ -72,6 +72,33 @@ def test_interrupted_run_resumes_to_the_same_data(tiny_llama, corpus_dir, tmp_pa
     assert torch.equal(pos, (torch.arange(200)[::collect.query_stride(200, 50)] % 32).int())
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete", "garbage"])
+def test_a_damaged_shard_is_collected_again_on_resume(tiny_llama, corpus_dir, tmp_path, damage, caplog):
+    """The reader's message says: re-run collect. Collect then finds the damaged shard, drops it and
+    every shard after it from the manifests, and collects them again: the same data as before."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="commvq")
+    lm = load_model(str(tiny_llama), device="cpu")
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, with_queries=True, num_queries=50)
+    collect.run(cfg, loaded=lm)
+    before = {kind: KVStore(tmp_path / "data" / kind).layer(1).read() for kind in ("key", "value")}
+    shard = tmp_path / "data" / "value" / "L001" / "00001.safetensors"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-40])
+    elif damage == "delete":
+        shard.unlink()
+    else:
+        shard.write_bytes(b"not a shard")
+    with pytest.raises((ValueError, FileNotFoundError), match="re-run `commvq collect`"):
+        KVStore(tmp_path / "data" / "value").layer(1).read()
+    collect.run(cfg, loaded=lm)
+    assert "shard 1 of the stores" in caplog.text and "collecting again from there" in caplog.text
+    for kind in ("key", "value"):
+        store = KVStore(tmp_path / "data" / kind)
+        assert store.num_tokens == 200 and torch.equal(store.layer(1).read(), before[kind])
+
+
 def test_rerun_is_a_no_op_and_more_samples_extend(tiny_llama, corpus_dir, tmp_path):
     lm = load_model(str(tiny_llama), device="cpu")
     cfg = _cfg(tiny_llama, corpus_dir, tmp_path, num_samples=100)

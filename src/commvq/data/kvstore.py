@@ -68,6 +68,16 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     return man
 
 
+def shard_ok(path: Path, tokens: int, width: int) -> bool:
+    """Whether a shard file opens and its ``x`` has the listed shape (safetensors checks that the
+    file covers what its header lists, so a truncated file fails here)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return tuple(fh.get_slice("x").get_shape()) == (tokens, width)
+    except Exception:
+        return False
+
+
 def bytes_per_token(num_layers: int, width: int, dtype: torch.dtype) -> int:
     return num_layers * width * torch.tensor([], dtype=dtype).element_size()
 
@@ -120,6 +130,15 @@ class KVStoreWriter:
     @property
     def num_tokens(self) -> int:
         return sum(s.tokens for s in self.shards)
+
+    def readable_shards(self) -> int:
+        """How many of the listed shards, from the first, have every layer's file whole (opens and
+        holds the listed rows): a resume starts again at the first that does not."""
+        for i, s in enumerate(self.shards):
+            if not all(shard_ok(shard_file(self.root, layer, i), s.tokens, self.width)
+                       for layer in range(self.num_layers)):
+                return i
+        return len(self.shards)
 
     def truncate(self, num_shards: int) -> None:
         """Forget shards past ``num_shards`` (used to realign stores after a crash)."""
@@ -234,7 +253,8 @@ class LayerData:
         except FileNotFoundError:
             raise FileNotFoundError(f"shard {path} is missing; re-run `commvq collect` to redo it") from None
         except Exception as e:
-            raise ValueError(f"corrupt shard {path} ({e}); delete it and re-run `commvq collect`") from e
+            raise ValueError(f"corrupt shard {path} ({e}); re-run `commvq collect` with the same options: it "
+                             "redoes this shard and the ones after it") from e
 
     def read(self, start: int = 0, stop: int | None = None, name: str = "x") -> torch.Tensor:
         """Rows ``[start, stop)`` across shards as one tensor."""

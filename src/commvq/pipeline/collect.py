@@ -210,11 +210,16 @@ def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...
     }
     barrier()  # nobody writes before every process has opened (and cleaned) the stores
     key_w = writers["key"]
-    if key_w.num_tokens >= cfg.num_samples or key_w.exhausted:
+    readable = min(w.readable_shards() for w in writers.values())  # a damaged shard is redone, and all after it
+    damaged = readable < max(len(w.shards) for w in writers.values())
+    if damaged:
+        log.warning("collect: shard %d of the stores in %s is missing or damaged; collecting again from there",
+                    readable, cfg.output_dir.parent)
+    if not damaged and (key_w.num_tokens >= cfg.num_samples or key_w.exhausted):
         return writers
     full = batches_per_shard(cfg) * cfg.batch_size * cfg.max_seq_length
     done = 0  # shards every store holds in full (a trailing partial shard is redone)
-    while done < min(len(w.shards) for w in writers.values()) and key_w.shards[done].tokens == full:
+    while done < min(readable, *(len(w.shards) for w in writers.values())) and key_w.shards[done].tokens == full:
         done += 1
     if rank_world()[0] == 0:
         for w in writers.values():
