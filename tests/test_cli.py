@@ -47,15 +47,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_quiet_silences_progress_bars_and_depths_are_fractions(tmp_path, capsys):
-    import torch
-
-    from commvq.data.kvstore import KVStoreWriter
-    from tests.pipeline.conftest import SPEC
-
-    for kind in ("key", "value"):
-        w = KVStoreWriter(tmp_path / "data" / kind, kind, 3, 16, torch.float32, settings={"spec": SPEC.to_dict()})
-        w.write_shard([{"x": torch.randn(20, 16)} for _ in range(3)])
-        w.finish(False)
+    _small_store(tmp_path)
     env = {**os.environ, "TQDM_MININTERVAL": "0"}  # every bar update printed where bars are on
     for quiet, bars in ((False, True), (True, False)):
         args = [sys.executable, "-m", "commvq", *(["-q"] if quiet else []), "scale", "--key_dir",
@@ -66,6 +58,53 @@ def test_quiet_silences_progress_bars_and_depths_are_fractions(tmp_path, capsys)
     assert cli.main(["eval", "ppl", "--depths", "0,2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--depths 0,2: give fractions of the context between 0 and 1" in err[0]
+
+
+def _small_store(root):
+    import torch
+
+    from commvq.data.kvstore import KVStoreWriter
+    from tests.pipeline.conftest import SPEC
+
+    for kind in ("key", "value"):
+        w = KVStoreWriter(root / "data" / kind, kind, 3, 16, torch.float32, settings={"spec": SPEC.to_dict()})
+        w.write_shard([{"x": torch.randn(20, 16)} for _ in range(3)])
+        w.finish(False)
+    return root / "data" / "key"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch
+
+    key_dir = _small_store(tmp_path)
+
+    def full(obj, f, *a, **kw):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full)
+    assert cli.main(["-q", "scale", "--key_dir", str(key_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0]
+    assert not list((tmp_path / "data").glob("learnable_scale*")) and not list((tmp_path / "data").glob(".*tmp"))
+
+
+def test_bugs_keep_their_traceback_and_debug_shows_every_one(tmp_path, capsys, monkeypatch):
+    from commvq.pipeline import scale
+
+    def buggy(cfg):
+        return int("not a number")  # a ValueError raised outside commvq's own code: a bug
+
+    monkeypatch.setattr(scale, "run", buggy)
+    with pytest.raises(ValueError, match="invalid literal"):
+        cli.main(["scale", "--key_dir", str(tmp_path)])
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):  # a user mistake, with its traceback on request
+        cli.main(["--debug", "scale", "--key_dir", str(tmp_path / "none")])
+    assert cli.main(["scale", "--key_dir", str(tmp_path / "none")]) == 2
 
 
 def test_console_entry_point_runs():

@@ -1,22 +1,50 @@
 """`commvq <stage>`: every stage's options come from its config dataclass.
 
 Options resolve as defaults < YAML (``--config file.yaml``) < flags. User mistakes print one
-line and exit with status 2; an interrupted run exits 130 and resumes when run again.
+line and exit with status 2; an interrupted run exits 130 and resumes when run again. An error
+is a user mistake when commvq itself raised it (its messages name the value and the fix), or when
+the system refused a file (full disk, no permission, missing); anything else is a bug and keeps its
+traceback, as everything does with ``--debug``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from commvq import __version__
 from commvq.config import add_arguments, from_namespace
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, ModuleNotFoundError, OSError)
+SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT)
+PACKAGE = Path(__file__).resolve().parent
+
+
+def is_user_error(e: BaseException) -> bool:
+    """A user mistake (one line) rather than a bug (a traceback)."""
+    if not isinstance(e, USER_ERRORS):
+        return False
+    if isinstance(e, OSError) and e.errno in SYSTEM_REFUSALS:
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE)
+
+
+def describe(e: BaseException) -> str:
+    """The error's line: a refused file names itself, a full disk says what to do."""
+    if not (isinstance(e, OSError) and e.errno in SYSTEM_REFUSALS):
+        return str(e)
+    where = f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""
+    hint = "; free some space or write elsewhere, then run again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{e}{where}{hint}"
 
 
 @dataclass(frozen=True)
@@ -68,6 +96,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     parser = argparse.ArgumentParser(prog="commvq", description="CommVQ KV-cache compression.")
     parser.add_argument("--version", action="version", version=f"commvq {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (default: False)")
+    parser.add_argument("--debug", action="store_true", help="a traceback for every error (default: False)")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     table = {}
     for st in stages():
@@ -105,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with no_progress_bars() if args.quiet else contextlib.nullcontext():
             stage.run(cfg)
     except USER_ERRORS as e:
-        print(f"commvq {stage.name}: error: {e}", file=sys.stderr)
+        if args.debug or not is_user_error(e):
+            raise
+        print(f"commvq {stage.name}: error: {describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"commvq {stage.name}: interrupted; run the same command again to resume", file=sys.stderr)
