@@ -107,6 +107,37 @@ def test_bugs_keep_their_traceback_and_debug_shows_every_one(tmp_path, capsys, m
     assert cli.main(["scale", "--key_dir", str(tmp_path / "none")]) == 2
 
 
+def test_bad_devices_damaged_manifests_and_poisoned_scales_are_one_line(tmp_path, capsys):
+    import json
+    import pickle
+
+    import torch
+
+    def one_line(args, *words):
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), err
+
+    key_dir = _small_store(tmp_path)
+    one_line(["train-keys", "--key_dir", str(key_dir), "--device", "gpu"], "--device gpu: not a device")
+    if not torch.cuda.is_available():
+        one_line(["train-keys", "--key_dir", str(key_dir), "--device", "cuda"], "--device cuda", "no CUDA GPU")
+    man = json.loads((key_dir / "manifest.json").read_text())
+    del man["kind"]
+    (key_dir / "manifest.json").write_text(json.dumps(man))
+    one_line(["train-keys", "--key_dir", str(key_dir)], "damaged manifest", "--overwrite")
+    from commvq.pipeline.scale import load_scales
+
+    scales = tmp_path / "scales.pt"
+    for poison in (b"not a pickle", pickle.dumps({"key": {0: "os.system"}, "value": {}})):
+        scales.write_bytes(poison)
+        with pytest.raises(ValueError, match="commvq scale"):
+            load_scales(scales)
+    torch.save({"key": {0: torch.tensor([float("nan")])}, "value": {0: torch.ones(1)}}, scales)
+    with pytest.raises(ValueError, match="finite tensor"):
+        load_scales(scales)
+
+
 def test_console_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "commvq", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("commvq ")

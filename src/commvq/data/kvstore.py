@@ -65,6 +65,10 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
         raise ValueError(f"{path} is not a commvq KV store manifest")
     if man.get("version", 0) > VERSION:
         raise ValueError(f"{path} has format version {man['version']}; upgrade commvq to read it")
+    missing = [k for k in ("kind", "num_layers", "width", "dtype", "shards") if k not in man]
+    if missing or man.get("kind") not in KINDS:
+        raise ValueError(f"{path}: a damaged manifest (missing or unknown {missing or ['kind']}); "
+                         "collect again with --overwrite")
     return man
 
 

@@ -108,7 +108,14 @@ def load_scales(path: str | Path) -> dict[str, dict[int, torch.Tensor]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no scale file; run `commvq scale` first")
-    data = torch.load(path, weights_only=True, map_location="cpu")
-    if not isinstance(data, dict) or set(data) != {"key", "value"}:
-        raise ValueError(f"{path}: not a scale file (expected keys 'key' and 'value')")
+    try:
+        data = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # a pickle of other objects is refused by weights_only, a torn file fails to read
+        raise ValueError(f"{path}: not a readable scale file ({type(e).__name__}); run `commvq scale` "
+                         "again") from None
+    if not isinstance(data, dict) or set(data) != {"key", "value"} or not all(
+            isinstance(d, dict) and all(torch.is_tensor(t) and bool(torch.isfinite(t).all()) for t in d.values())
+            for d in data.values()):
+        raise ValueError(f"{path}: not a scale file (per kind, a layer -> finite tensor mapping); run "
+                         "`commvq scale` again")
     return data
