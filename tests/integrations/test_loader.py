@@ -32,6 +32,37 @@ def test_missing_paths_and_bad_files(tmp_path):
         loader.load_model(str(tmp_path / "weights.bin"))
 
 
+def test_other_architectures_and_mistyped_paths_are_named_at_once(tmp_path):
+    import time
+
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(NotImplementedError, match="unsupported architecture 'gpt2'.*Llama family"):
+        loader.load_model(str(tmp_path / "gpt2"), device="cpu")
+    t0 = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="no such file or folder here, and the Hugging Face hub is not"):
+        loader.load_model("my_model_folder", device="cpu")  # a path typed without ./ that is not there
+    assert time.perf_counter() - t0 < 5
+
+
+def test_damaged_weights_are_one_line(tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("COMMVQ_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="a weights file is damaged"):
+        loader.load_model(str(folder), device="cpu")
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(loader.embedded_gguf().read_bytes()[:1_000_000])
+    with pytest.raises(ValueError, match="not a whole GGUF file"):
+        loader.load_model(str(gguf), device="cpu")
+    assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-converted was kept
+
+
 def test_unreachable_hub_id_is_one_clear_error():
     with pytest.raises(FileNotFoundError, match="local model folder"):
         loader.load_model("some-org/not-a-model-here", device="cpu")

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,11 +165,15 @@ def gguf_to_safetensors(gguf: Path) -> Path:
 
     log.info("dequantizing %s once into %s (later loads take about a second)", gguf.name, out)
     folder, name = str(gguf.parent), gguf.name
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except (struct.error, EOFError) as e:  # the reader ran past the end of the file
+        raise ValueError(f"{gguf}: not a whole GGUF file ({gguf.stat().st_size:,} bytes; {e}); download or copy "
+                         "it again") from None
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -203,6 +208,10 @@ def resolve_source(name: str) -> tuple[str, str]:
         return str(path), str(path.resolve())
     if _looks_like_path(name):
         raise FileNotFoundError(f"--model {name}: no such file or folder")
+    if not hub_reachable():  # a hub id could only be fetched from the hub: say so at once
+        raise FileNotFoundError(f"--model {name}: no such file or folder here, and the Hugging Face hub is not "
+                                "reachable to fetch it as a model id; check the path, give a local model folder, "
+                                "or use --model embedded")
     return name, name
 
 
@@ -240,7 +249,11 @@ def check_config_supported(config: Any) -> None:
             skeleton = AutoModelForCausalLM.from_config(config)
     except ValueError as e:
         raise NotImplementedError(f"unsupported model type {config.model_type!r}: {e}") from e
-    check_supported(skeleton)
+    try:
+        check_supported(skeleton)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"unsupported architecture {config.model_type!r} ({type(skeleton).__name__}): "
+                                  f"{e}; commvq supports the Llama family ({', '.join(SUPPORTED_ATTENTION)})") from None
 
 
 def load_model(name: str = EMBEDDED, model_dtype: str = "auto", device: str = "auto") -> LoadedModel:
@@ -263,5 +276,10 @@ def load_model(name: str = EMBEDDED, model_dtype: str = "auto", device: str = "a
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         raise FileNotFoundError(f"--model {name}: could not load ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # a truncated or damaged weights file (safetensors, GGUF readers raise their own)
+        if "safetensor" not in type(e).__name__.lower() and "header" not in str(e).lower():
+            raise
+        raise ValueError(f"--model {name}: a weights file is damaged ({str(e).splitlines()[0]}); download or "
+                         "copy the model again") from None
     model.to(dev).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, spec=ModelSpec.from_config(config), name=display)
