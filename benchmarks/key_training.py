@@ -34,7 +34,8 @@ except ImportError:
     from benchmarks.em_layer import add_layer_args, layer_keys
 
 from commvq.codecs.key_codebook import encoder_for
-from commvq.pipeline.train_keys import EVAL_SAMPLES, resolve_encoder, resolve_estep
+from commvq.pipeline.key_rows import EVAL_SAMPLES
+from commvq.pipeline.train_keys import resolve_encoder, resolve_estep
 from commvq.quant import e2e, em, refine
 from commvq.quant.residual import decode, normalize
 

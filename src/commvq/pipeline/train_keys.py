@@ -19,14 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from commvq import io
-from commvq.codecs.key_codebook import KeyCodebook, encoder_for
+from commvq.codecs.key_codebook import encoder_for
 from commvq.config import option, to_dict
 from commvq.data.kvstore import KVStore
 from commvq.distributed import barrier, device_for_rank, rank_world
-from commvq.evals.keys import key_errors, pair_weights
+from commvq.evals.keys import pair_weights
 from commvq.fsutil import write_json
 from commvq.pipeline import key_methods
 from commvq.pipeline.collect import store_dirs
+from commvq.pipeline.key_rows import EVAL_SAMPLES, finite_rows, heldout_errors, split_rows
 from commvq.quant import e2e, em, refine
 from commvq.quant.residual import normalize, residuals_for_bits
 from commvq.spec import ModelSpec
@@ -38,7 +39,6 @@ SOLVERS = ("lstsq", "adam")
 DEFAULT_ROUNDS = 4
 DEFAULT_BEAM = 8
 ADAM_DEFAULTS = {"epochs": 100, "lr": 1e-3, "batch_size": 256}
-EVAL_SAMPLES = 16384  # rows after the training samples on which config.json's key errors are measured
 
 
 @dataclass(frozen=True)
@@ -267,17 +267,6 @@ def layer_done(out: Path, layer: int, num_heads: int) -> bool:
         io.head_file(out, layer, h).is_file() for h in range(num_heads))
 
 
-def split_rows(samples: int, available: int, holdout: float, eval_samples: int) -> dict[str, list[int]]:
-    """Row ranges ``[start, stop)`` of one layer's keys: ``train`` (both methods train on these),
-    ``validation`` (the last ``holdout`` of the ``samples``; E2E picks its best round there) and
-    ``eval`` (the rows after the samples, which neither method saw, when the store has them; else
-    the validation rows), where the key error in config.json is measured."""
-    n_val = max(1, int(samples * holdout))
-    rows = {"train": [0, samples - n_val], "validation": [samples - n_val, samples]}
-    rows["eval"] = [samples, min(available, samples + eval_samples)] if available > samples else rows["validation"]
-    return rows
-
-
 def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout, out: Path, store: KVStore,
                 layer: int, samples: int, device: torch.device) -> dict:
     """Train (and save) every KV head of one layer; return its metrics."""
@@ -319,30 +308,6 @@ def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout
     return {"seconds": round(seconds, 3), "samples": samples, "rows": rows, "heads": heads, "beam": cfg.encode_beam,
             "dropped_nonfinite": int((~finite).sum()),
             **err, "final_error": res.stage_mse[-1].tolist(), "stage_mse": res.stage_mse.T.tolist(), **res.extra}
-
-
-def finite_rows(keys: torch.Tensor, layer: int, what: str) -> torch.Tensor:
-    """``[N]`` mask of the rows without NaN/Inf; the others are dropped with a warning that counts them."""
-    finite = torch.isfinite(keys).all(-1)
-    bad = int((~finite).sum())
-    if bad:
-        log.warning("train-keys: layer %d: dropping %d of %d %s key vectors that hold NaN or Inf", layer, bad,
-                    keys.shape[0], what)
-    return finite
-
-
-def heldout_errors(store: KVStore, layer: int, rows: list[int], out: Path, layout: io.CodebookLayout,
-                   spec: ModelSpec, beam: int, device: torch.device) -> dict[str, float]:
-    """Relative key MSE ``sum |k - k_hat|^2 / sum |k|^2`` of the saved codebooks on ``rows``, as
-    `compare-codebooks` measures it: with the trained beam, and greedy."""
-    keys = store.layer(layer).read(*rows).float().to(device)
-    keys = keys[finite_rows(keys, layer, "held-out")]
-    thetas = torch.stack([io.load_head(io.head_file(out, layer, h))[0] for h in range(spec.num_kv_heads)])
-    book = KeyCodebook(thetas, layout.code_bits, beam).to(device)
-    out_err = {"relative_mse": key_errors(keys, book)["relative_mse"]}
-    if beam > 1:
-        out_err["relative_mse_greedy"] = key_errors(keys, book.with_beam(1))["relative_mse"]
-    return out_err
 
 
 def run(cfg: TrainKeysConfig) -> Path:
