@@ -7,6 +7,8 @@
 #   call 2.., carry .gguf_parts/part_ab .whl:  bash scripts/gpu_key_results.sh keys [SECONDS]
 #       joins the GGUF, collects $COLLECT tokens per layer once, trains (in order, resuming) EM-2,
 #       E2E-2 from EM-2, EM-1, E2E-1 from EM-1, stopping cleanly after SECONDS (default 540)
+#       CARRIED=DIR (a carried folder of codebook_* folders from an earlier machine) is copied in
+#       first: finished layers are then skipped, so E2E goes on where that machine stopped
 #   last call:  bash scripts/gpu_key_results.sh report
 #       compare-codebooks of the four folders, the one-layer plot on layer 14's collected keys, and
 #       the codebook folders as tarballs in $OUT
@@ -26,6 +28,8 @@ case $PHASE in
       --plot "$OUT/llama_shapes.png" 2>&1 | tee "$OUT/llama_shapes.log" | grep -v "^{" | tail -22 ;;
   keys)
     . scripts/device_model.sh "$DEV/part_aa" .gguf_parts/part_ab
+    mkdir -p "$K"
+    [ -n "${CARRIED:-}" ] && cp -rn "$CARRIED"/codebook_* "$K"/
     end=$(( BEGIN + ${2:-540} ))
     for job in "em 11" "e2e 11" "em 5" "e2e 5"; do
       set -- $job
