@@ -34,7 +34,7 @@ from commvq.quant.residual import decode
 
 @dataclass(frozen=True)
 class RefineSettings:
-    rounds: int = 8
+    rounds: int = 4
     beam: int = 1  # the encoder's beam width (1: greedy, what the cache does by default)
     commit_weight: float = 0.25
     ridge: float = 1e-6  # relative to the mean diagonal of the normal matrix
