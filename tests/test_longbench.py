@@ -92,6 +92,18 @@ def test_pred_resumes_over_a_torn_last_line(tiny_llama, tmp_path):
     assert all(json.loads(ln)["answers"] == ["Human being"] for ln in lines)  # every line whole
 
 
+def test_bad_task_rows_name_the_file_and_line(tmp_path):
+    good = json.dumps({"context": "c", "input": "i", "answers": ["a"]})
+    for bad, match in ((good + "\n{torn", ":2: not a JSON line"),
+                       (good + "\n" + json.dumps({"context": 5, "answers": ["a"]}), ":2: .*context is int"),
+                       ("\n" + json.dumps({"context": "c"}), ":2: .*answers")):
+        (tmp_path / "trec.jsonl").write_text(bad + "\n")
+        with pytest.raises(ValueError, match=match):
+            lb.load_task(tmp_path, "trec")
+    (tmp_path / "trec.jsonl").write_text(good + "\n\n" + good + "\n")
+    assert len(lb.load_task(tmp_path, "trec")) == 2
+
+
 def test_complete_lines_cuts_only_a_torn_tail(tmp_path):
     from commvq.fsutil import complete_lines
 

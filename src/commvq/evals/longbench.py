@@ -56,7 +56,20 @@ def load_task(data_dir: Path, task: str, limit: int | None = None) -> list[dict[
     path = Path(data_dir) / f"{task}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: LongBench data missing; put {task}.jsonl (LongBench format) in --data_dir")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON line ({e.msg}); fix or remove that line") from None
+        bad = [k for k in ("context", "input") if k in row and not isinstance(row[k], str)]
+        answers = row.get("answers") if isinstance(row, dict) else None
+        if bad or not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+            raise ValueError(f"{path}:{n}: a LongBench row needs text 'context'/'input' and a list of text "
+                             f"'answers' ({'; '.join(f'{k} is {type(row[k]).__name__}' for k in bad) or 'answers'})")
+        rows.append(row)
     return rows[:limit] if limit else rows
 
 
