@@ -90,6 +90,12 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0]
     assert not list((tmp_path / "data").glob("learnable_scale*")) and not list((tmp_path / "data").glob(".*tmp"))
+    out = tmp_path / "codebook_6bits_8group_1residuals"  # train-keys: the codebook files hit the full disk
+    assert cli.main(["-q", "train-keys", "--key_dir", str(key_dir), "--output_dir", str(out), "--code_bits", "6",
+                     "--max_iters", "1", "--num_samples", "16", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert not list(out.rglob("*.pt")) and not list(out.rglob(".*tmp")) and not list(out.glob("metrics/*.json"))
 
 
 def test_bugs_keep_their_traceback_and_debug_shows_every_one(tmp_path, capsys, monkeypatch):
