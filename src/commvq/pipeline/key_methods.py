@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -101,63 +102,57 @@ def initial_thetas(job: LayerJob, init: str, max_iters: int, chunk: int, init_di
     return e2e.init_kmeans(job.x, job.layout.residuals, e, generator)
 
 
-def _saver(job: LayerJob, echo: Callable[[str], None]) -> Callable[[float, torch.Tensor | None], None]:
-    def save(heldout: float, best: torch.Tensor | None) -> None:
+def _progress(job: LayerJob, echo: Callable[[str], None], total: int, unit: str,
+              line: Callable[[Any], str]) -> tuple[Callable[[Any, torch.Tensor | None], None], Any]:
+    """A solver's step callback (a progress bar, the step's log line, the best codebooks saved as
+    soon as they are reached) and its bar."""
+    bar = tqdm(total=total, desc=f"layer {job.layer:3d}", unit=unit, leave=False)
+
+    def on_step(entry: Any, best: torch.Tensor | None) -> None:
+        bar.update(1)
+        echo(line(entry))
         if best is not None:
             save_heads(job, best, validation_stage_mse(job, best))
-            echo(f"✓ Saved best model with loss {heldout:.4f}" if heldout >= 1e-3 else
-                 f"✓ Saved best model with loss {heldout:.4g}")
+            loss = entry.heldout
+            echo(f"✓ Saved best model with loss {loss:.4f}" if loss >= 1e-3 else
+                 f"✓ Saved best model with loss {loss:.4g}")
 
-    return save
+    return on_step, bar
 
 
 def run_e2e_adam(job: LayerJob, settings: e2e.E2ESettings, thetas0: torch.Tensor,
                  echo: Callable[[str], None] = print) -> LayerResult:
-    """Adam on the training keys (greedy codes); the validation keys pick the best epoch, whose
-    codebooks are saved as soon as it is reached."""
-    bar = tqdm(total=settings.epochs, desc=f"layer {job.layer:3d}", unit="epoch", leave=False)
-    save = _saver(job, echo)
-
-    def on_epoch(entry: e2e.EpochLog, best: torch.Tensor | None) -> None:
-        bar.update(1)
-        echo(f"Epoch {entry.epoch}/{settings.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
-             f"Commit: {entry.commit:.4f}")
-        save(entry.heldout, best)
-
+    """Adam on the training keys (greedy codes); the validation keys pick the best epoch."""
+    on_epoch, bar = _progress(job, echo, settings.epochs, "epoch", lambda entry: (
+        f"Epoch {entry.epoch}/{settings.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
+        f"Commit: {entry.commit:.4f}"))
     result = e2e.train(job.x, job.val_x, thetas0, settings, job.pair_weights, seed=job.seed, on_epoch=on_epoch)
     bar.close()
-    return _finish(job, result.thetas, result.best_epoch, {
-        "solver": "adam", "best_epoch": result.best_epoch, "heldout_relative_error": result.best_heldout,
-        "init_heldout_relative_error": result.init_heldout, "history": [vars(h) for h in result.history]})
+    return _finish(job, "adam", "epoch", result.best_epoch, result)
 
 
 def run_e2e_lstsq(job: LayerJob, settings: refine.RefineSettings, thetas0: torch.Tensor,
                   echo: Callable[[str], None] = print) -> LayerResult:
     """Alternate encoding (the job's beam) and the joint least-squares solve of all stages; the
-    validation keys pick the best round (round 0: the start), saved as soon as it is reached."""
-    bar = tqdm(total=settings.rounds, desc=f"layer {job.layer:3d}", unit="round", leave=False)
-    save = _saver(job, echo)
-
-    def on_round(entry: refine.RoundLog, best: torch.Tensor | None) -> None:
-        bar.update(1)
-        echo(f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4g}, held-out: {entry.heldout:.4g} "
-             f"({entry.seconds:.1f} s)")
-        save(entry.heldout, best)
-
+    validation keys pick the best round (round 0: the start)."""
+    on_round, bar = _progress(job, echo, settings.rounds, "round", lambda entry: (
+        f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4g}, held-out: {entry.heldout:.4g} "
+        f"({entry.seconds:.1f} s)"))
     result = refine.refine(job.x, job.val_x, thetas0, settings, on_round=on_round)
     bar.close()
-    return _finish(job, result.thetas, result.best_round, {
-        "solver": "lstsq", "best_round": result.best_round, "heldout_relative_error": result.best_heldout,
-        "init_heldout_relative_error": result.init_heldout, "history": [vars(h) for h in result.history]})
+    return _finish(job, "lstsq", "round", result.best_round, result)
 
 
-def _finish(job: LayerJob, thetas: torch.Tensor, best: int, extra: dict) -> LayerResult:
-    stage_mse = validation_stage_mse(job, thetas)
-    if best == 0:  # nothing beat the start: keep it
-        save_heads(job, thetas, stage_mse)
-    history = extra["history"]
+def _finish(job: LayerJob, solver: str, unit: str, best: int, result: Any) -> LayerResult:
+    """Save the start when no step beat it, plot the curves, and the layer's metrics."""
+    stage_mse = validation_stage_mse(job, result.thetas)
+    if best == 0:
+        save_heads(job, result.thetas, stage_mse)
+    history = [vars(h) for h in result.history]
     plot_curves(job.out / "curves" / f"{job.layer:03d}.png", history, job.layer)
-    return LayerResult(thetas, stage_mse, extra)
+    return LayerResult(result.thetas, stage_mse, {
+        "solver": solver, f"best_{unit}": best, "heldout_relative_error": result.best_heldout,
+        "init_heldout_relative_error": result.init_heldout, "history": history})
 
 
 def plot_curves(path: Path, history: list[dict], layer: int) -> None:
