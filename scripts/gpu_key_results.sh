@@ -8,10 +8,12 @@
 #       joins the GGUF, collects $COLLECT tokens per layer once, trains (in order, resuming) EM-2,
 #       E2E-2 from EM-2, EM-1, E2E-1 from EM-1, stopping cleanly after SECONDS (default 540)
 #       CARRIED=DIR (a carried folder of codebook_* folders from an earlier machine) is copied in
-#       first: finished layers are then skipped, so E2E goes on where that machine stopped
+#       first: finished layers are then skipped, so E2E goes on where that machine stopped;
+#       JOBS="e2e 11,e2e 5" (default "em 11,e2e 11,em 5,e2e 5") runs only those, in that order
 #   last call:  bash scripts/gpu_key_results.sh report
 #       compare-codebooks of the four folders, the one-layer plot on layer 14's collected keys, and
-#       the codebook folders as tarballs in $OUT
+#       the codebook folders as tarballs in $OUT (LAYER14=0 skips the plot; TAR="e2e" packs only
+#       the E2E folders)
 set -uo pipefail
 PHASE=$1 BEGIN=$(date +%s)
 . scripts/device_env.sh
@@ -31,7 +33,8 @@ case $PHASE in
     mkdir -p "$K"
     [ -n "${CARRIED:-}" ] && cp -rn "$CARRIED"/codebook_* "$K"/
     end=$(( BEGIN + ${2:-540} ))
-    for job in "em 11" "e2e 11" "em 5" "e2e 5"; do
+    IFS=, read -ra jobs <<< "${JOBS:-em 11,e2e 11,em 5,e2e 5}"
+    for job in "${jobs[@]}"; do
       set -- $job
       em_dir=$K/codebook_12bits_64group_$2residuals
       name=$([ "$1" = e2e ] && echo codebook_e2e_12bits_64group_$2residuals || basename "$em_dir")
@@ -53,13 +56,14 @@ case $PHASE in
     python3 -m commvq -q compare-codebooks "$K"/codebook_12bits_64group_11residuals \
       "$K"/codebook_12bits_64group_5residuals --beam 8 --key_dir "$DATA/data/key" --output "$DEV/compare_em_beam8" \
       2>&1 | grep "^| "
-    python3 benchmarks/key_training.py --key_dir "$DATA/data/key" --layer 14 --residuals 11 --num_samples "$NUM_SAMPLES" \
+    [ "${LAYER14:-1}" = 0 ] || python3 benchmarks/key_training.py --key_dir "$DATA/data/key" --layer 14 --residuals 11 --num_samples "$NUM_SAMPLES" \
       --heads 3 --head_dim 64 --beams 1,2,4,8,16 --adam_budget_s 75 --plot "$OUT/layer14.png" 2>&1 \
       | tee "$OUT/layer14.log" | grep -v "^{" | tail -22
     # at most 8 files of 16 MiB come back: the folders travel as one tarball in 15 MB parts
     rm -f "$OUT"/compare_keys/compare.png
-    tar -C "$K" -czf "$DEV/codebooks.tgz" --exclude "*.png" codebook_12bits_64group_11residuals \
-      codebook_e2e_12bits_64group_11residuals codebook_12bits_64group_5residuals codebook_e2e_12bits_64group_5residuals
+    dirs=(codebook_e2e_12bits_64group_11residuals codebook_e2e_12bits_64group_5residuals)
+    [ "${TAR:-all}" = e2e ] || dirs+=(codebook_12bits_64group_11residuals codebook_12bits_64group_5residuals)
+    tar -C "$K" -czf "$DEV/codebooks.tgz" --exclude "*.png" "${dirs[@]}"
     split -b 15M "$DEV/codebooks.tgz" "$OUT/codebooks.tgz.part_"
     ls -la "$OUT" "$OUT"/compare_keys ;;
 esac
