@@ -91,16 +91,21 @@ def run_ppl(cfg: EvalConfig, lm, methods: list[meth.Method]) -> dict[str, dict]:
     import torch
 
     docs = heldout_docs(lm.tokenizer, cfg.ppl_docs, cfg.ppl_tokens)
-    total: dict[str, dict] = {}
+    per_doc: dict[str, list[dict]] = {}
     for ids in tqdm(docs, desc="ppl", unit="doc"):
         t = torch.tensor([ids], device=lm.model.device)
         makers = {m.name: (lambda m=m: m.make_cache(lm.model, cfg.window, cfg.sink)) for m in methods}
         for name, s in ppl_kl(lm.model, t, makers, cfg.ppl_chunk, skip=cfg.window).items():
-            acc = total.setdefault(name, {"nll": 0.0, "kl": 0.0, "tokens": 0})
-            for k in acc:
-                acc[k] += s[k]
-    return {name: {"ppl": math.exp(s["nll"] / s["tokens"]), "kl": s["kl"] / s["tokens"], "tokens": s["tokens"]}
-            for name, s in total.items()}
+            per_doc.setdefault(name, []).append(s)
+    return {name: pooled(stats) for name, stats in per_doc.items()}
+
+
+def pooled(per_doc: list[dict]) -> dict:
+    """Perplexity and KL over every scored token of the documents, and each document's KL
+    (``kl_docs``: the spread a comparison between methods must beat)."""
+    tokens = sum(s["tokens"] for s in per_doc)
+    return {"ppl": math.exp(sum(s["nll"] for s in per_doc) / tokens), "kl": sum(s["kl"] for s in per_doc) / tokens,
+            "tokens": tokens, "kl_docs": [s["kl"] / s["tokens"] for s in per_doc]}
 
 
 def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) -> tuple[dict, dict]:
