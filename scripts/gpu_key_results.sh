@@ -14,9 +14,14 @@
 #       compare-codebooks of the four folders, the one-layer plot on layer 14's collected keys, and
 #       the codebook folders as tarballs in $OUT (LAYER14=0 skips the plot; TAR="e2e" packs only
 #       the E2E folders)
+#   then:  bash scripts/gpu_key_results.sh values   (value codecs of 2 and 1 bit from the same
+#       collected data's scales: VALUES="2 600 165,1 500 135" = bits, steps, seconds each), and
+#       bash scripts/gpu_key_results.sh cache [eval compare options]   (every cache method with these
+#       key codebooks and value codecs: scripts/gpu_results.sh)
 set -uo pipefail
 PHASE=$1 BEGIN=$(date +%s)
 . scripts/device_env.sh
+DATA=$DEV/values_data  # where scripts/device_model.sh collects (the report reads it too)
 NUM_SAMPLES=${NUM_SAMPLES:-1100000}  # 5% of them validate: 1,045,000 keys train per layer
 COLLECT=${COLLECT:-1120000}          # the 16,384 rows after the samples are the held-out rows
 K=$DEV/keys
@@ -66,4 +71,18 @@ case $PHASE in
     tar -C "$K" -czf "$DEV/codebooks.tgz" --exclude "*.png" "${dirs[@]}"
     split -b 15M "$DEV/codebooks.tgz" "$OUT/codebooks.tgz.part_"
     ls -la "$OUT" "$OUT"/compare_keys ;;
+  values)
+    IFS=, read -ra runs <<< "${VALUES:-2 600 165,1 500 135}"
+    for run in "${runs[@]}"; do
+      set -- $run
+      start=$(date +%s)
+      timeout "$3" python3 -m commvq train-values --model embedded --dataset embedded \
+        --scale_file "$DATA/data/learnable_scale.pt" --output_dir "$DEV/values/value_codec_$1bit" --quant_bits "$1" \
+        --max_seq_length 4096 --steps "$2" --warmup_steps $(($2 / 10)) --save_every 100 2>&1 | tr '\r' '\n' \
+        | grep -v "it/s\]\|s/it\]" > "$OUT/train_values_$1bit.log"
+      echo "values $1 bit: rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"; tail -1 "$OUT/train_values_$1bit.log"
+    done ;;
+  cache)
+    shift
+    KEY_DIRS=$K bash scripts/gpu_results.sh "$@" ;;
 esac

@@ -11,7 +11,7 @@ set -uo pipefail
 . scripts/device_env.sh
 K=${KEY_DIRS:-runs/results_smollm2}
 W=$DEV/eval_workdir; rm -rf "$W"; mkdir -p "$W"
-for d in "$K"/codebook_*; do ln -s "$PWD/$d" "$W/"; done
+for d in "$K"/codebook_*; do ln -s "$(realpath "$d")" "$W/"; done
 for b in 1 2; do ln -s "$DEV/values/value_codec_${b}bit" "$W/"; done
 nvidia-smi --query-gpu=name --format=csv,noheader
 start=$(date +%s)
