@@ -6,6 +6,7 @@ import torch
 from commvq.data import kvstore
 from commvq.data.corpus import CorpusSource, iter_documents, pack
 from commvq.data.kvstore import KVStore
+from commvq.fsutil import write_json
 from commvq.integrations.hf.loader import load_model
 from commvq.pipeline import collect
 from commvq.pipeline.collect import CollectConfig
@@ -209,3 +210,78 @@ def test_collect_on_gpu_stores_exact_projections(tiny_llama, corpus_dir, tmp_pat
         ref = layer.self_attn.k_proj(layer.input_layernorm(out.hidden_states[i])).reshape(-1, lm.spec.kv_dim)
         assert torch.allclose(keys.layer(i).read(0, 64), ref.cpu(), atol=1e-5)
     assert KVStore(tmp_path / "data" / "query").num_tokens == 50
+
+
+def _same_store(a, b):
+    assert a.num_tokens == b.num_tokens
+    for layer in range(a.num_layers):
+        for name in ("x", "pos"):
+            assert torch.equal(a.layer(layer).read(name=name), b.layer(layer).read(name=name))
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_an_extended_query_store_holds_what_a_fresh_run_collects(tiny_llama, corpus_dir, tmp_path, recorded):
+    """100 tokens at 50 queries keep every 2nd token's query; 200 tokens keep every 4th: the
+    extension thins the first 100 tokens' queries to every 4th, as the fresh run keeps them.
+    ``recorded=False``: a store of an older version, whose manifest lacks the stride."""
+    lm = load_model(str(tiny_llama), device="cpu")
+    fresh = _cfg(tiny_llama, corpus_dir, tmp_path / "fresh", num_samples=200, with_queries=True, num_queries=50)
+    collect.run(fresh, loaded=lm)
+    grown = _cfg(tiny_llama, corpus_dir, tmp_path / "grown", num_samples=100, with_queries=True, num_queries=50)
+    collect.run(grown, loaded=lm)
+    assert KVStore(tmp_path / "grown" / "data" / "query").num_tokens == 50
+    if not recorded:
+        root = tmp_path / "grown" / "data" / "query"
+        man = kvstore.read_manifest(root)
+        del man["settings"]["query_stride"]
+        write_json(root / kvstore.MANIFEST, man)
+    collect.run(_cfg(tiny_llama, corpus_dir, tmp_path / "grown", num_samples=200, with_queries=True,
+                     num_queries=50), loaded=lm)
+    a, b = KVStore(tmp_path / "fresh" / "data" / "query"), KVStore(tmp_path / "grown" / "data" / "query")
+    _same_store(a, b)
+    assert kvstore.read_manifest(b.root)["settings"]["query_stride"] == 4
+    assert not any(p.name.startswith(".query") for p in (tmp_path / "grown" / "data").iterdir())
+
+
+def test_a_query_stride_that_is_not_a_subsample_is_refused_in_one_line(tiny_llama, corpus_dir, tmp_path):
+    lm = load_model(str(tiny_llama), device="cpu")
+    collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, num_samples=100, with_queries=True, num_queries=50),
+                loaded=lm)
+    before = KVStore(tmp_path / "data" / "query").layer(0).read()
+    with pytest.raises(ValueError, match=r"one token in 2; .* keep one in 3, .*--num_queries 75 "):
+        collect.run(_cfg(tiny_llama, corpus_dir, tmp_path, num_samples=150, with_queries=True, num_queries=50),
+                    loaded=lm)
+    assert torch.equal(KVStore(tmp_path / "data" / "query").layer(0).read(), before)  # untouched
+
+
+@pytest.mark.parametrize("when", ["writing", "between_renames"])
+def test_a_kill_while_thinning_leaves_the_old_or_the_new_store(tiny_llama, corpus_dir, tmp_path, monkeypatch, when):
+    lm = load_model(str(tiny_llama), device="cpu")
+    fresh = _cfg(tiny_llama, corpus_dir, tmp_path / "fresh", num_samples=200, with_queries=True, num_queries=50)
+    collect.run(fresh, loaded=lm)
+    small = _cfg(tiny_llama, corpus_dir, tmp_path / "grown", num_samples=100, with_queries=True, num_queries=50)
+    collect.run(small, loaded=lm)
+    big = _cfg(tiny_llama, corpus_dir, tmp_path / "grown", num_samples=200, with_queries=True, num_queries=50)
+    real_replace, real_write = kvstore.os.replace, kvstore.KVStoreWriter.write_shard
+    if when == "writing":
+        def dying(self, per_layer):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(kvstore.KVStoreWriter, "write_shard", dying)
+    else:
+        def dying(src, dst):
+            if str(src).endswith(".query.thin"):  # the old store moved aside, the new one not yet in place
+                raise KeyboardInterrupt
+            real_replace(src, dst)
+        monkeypatch.setattr(kvstore.os, "replace", dying)
+    with pytest.raises(KeyboardInterrupt):
+        collect.run(big, loaded=lm)
+    data = tmp_path / "grown" / "data"
+    if when == "between_renames":
+        assert not (data / "query").exists() and (data / ".query.old").is_dir()
+    else:
+        assert KVStore(data / "query").num_tokens == 50  # the old store, untouched
+    monkeypatch.setattr(kvstore.os, "replace", real_replace)
+    monkeypatch.setattr(kvstore.KVStoreWriter, "write_shard", real_write)
+    collect.run(big, loaded=lm)
+    _same_store(KVStore(tmp_path / "fresh" / "data" / "query"), KVStore(tmp_path / "grown" / "data" / "query"))
+    assert not any(p.name.startswith(".query") for p in (tmp_path / "grown" / "data").iterdir())

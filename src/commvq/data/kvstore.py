@@ -191,6 +191,50 @@ class KVStoreWriter:
         })
 
 
+def _sibling(root: Path, what: str) -> Path:
+    return root.parent / f".{root.name}.{what}"
+
+
+def thin(root: Path, every: int, settings: dict[str, Any]) -> None:
+    """Keep every ``every``-th row of a store (rows counted from 0 across its shards, each shard
+    keeping its place), with ``settings`` merged into the manifest's. The thinned store is written
+    next to it and swapped in by two renames; :func:`recover` ends a swap that a kill interrupted,
+    so the folder holds the old store or the new one, never a mixture."""
+    root = Path(root)
+    man = read_manifest(root)
+    if man is None:
+        raise ValueError(f"{root} is not a commvq KV store (no {MANIFEST})")
+    new, old = _sibling(root, "thin"), _sibling(root, "old")
+    shutil.rmtree(new, ignore_errors=True)
+    writer = KVStoreWriter(new, man["kind"], man["num_layers"], man["width"], DTYPES[man["dtype"]],
+                           {**man.get("settings", {}), **settings}, man.get("config"))
+    offset = 0
+    for index, info in enumerate(man["shards"]):
+        keep = torch.arange(info["tokens"])
+        keep = keep[(keep + offset) % every == 0]
+        per_layer = []
+        for layer in range(man["num_layers"]):
+            with safe_open(str(shard_file(root, layer, index)), framework="pt") as fh:
+                per_layer.append({k: fh.get_tensor(k).index_select(0, keep) for k in fh.keys()})  # noqa: SIM118
+        writer.write_shard(per_layer)
+        offset += info["tokens"]
+    writer.finish(bool(man.get("exhausted", False)))
+    os.replace(root, old)
+    os.replace(new, root)
+    shutil.rmtree(old)
+
+
+def recover(root: Path) -> None:
+    """Finish or undo a :func:`thin` that was killed: a complete thinned store whose swap had begun
+    takes the folder's place; an unfinished one and the replaced store are deleted."""
+    root = Path(root)
+    new, old = _sibling(root, "thin"), _sibling(root, "old")
+    if not root.exists() and old.exists():  # killed between the two renames: the new store is whole
+        os.replace(new, root)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(new, ignore_errors=True)
+
+
 def remove_store(root: Path) -> None:
     """Delete a store; refuses a folder that is not one (nothing foreign is ever deleted)."""
     root = Path(root)

@@ -86,6 +86,40 @@ def query_stride(num_samples: int, num_queries: int) -> int:
     return max(1, math.ceil(num_samples / num_queries))
 
 
+def align_queries(root: Path, cfg: CollectConfig, key_tokens: int) -> int:
+    """The query stride of the store at ``root`` from now on, made what a fresh collection with
+    ``cfg`` keeps when this run extends the store: an existing store whose stride divides the new
+    one is thinned to it (the same rows as a fresh run), any other stride is refused."""
+    kvstore.recover(root)
+    man = kvstore.read_manifest(root)
+    stride = query_stride(cfg.num_samples, cfg.num_queries)
+    if man is None or not man["shards"]:
+        return stride
+    have = man.get("settings", {}).get("query_stride")
+    if have is None:  # written before the stride was recorded: the run that wrote it tells
+        old = man.get("config") or {}
+        if "num_samples" in old and "num_queries" in old:
+            have = query_stride(old["num_samples"], old["num_queries"])
+        if have is None or sum(s["tokens"] for s in man["shards"]) != math.ceil(key_tokens / have):
+            raise ValueError(f"{root}: queries collected by an older version with an unknown stride; collect them "
+                             "again (--overwrite, or another --output_dir)")
+    if key_tokens >= cfg.num_samples or have == stride:
+        stride = have  # nothing to collect, or nothing to change
+    elif stride % have:
+        raise ValueError(
+            f"{root} keeps the query of one token in {have}; --num_samples {cfg.num_samples} --num_queries "
+            f"{cfg.num_queries} keep one in {stride}, which is not a subsample of it: pass --num_queries "
+            f"{math.ceil(cfg.num_samples / have)} (one in {have}), or collect into another --output_dir")
+    else:
+        log.info("collect: %s kept the query of one token in %d; thinning it to one in %d, as a fresh run "
+                 "with --num_samples %d keeps", root, have, stride, cfg.num_samples)
+        kvstore.thin(root, stride // have, {"query_stride": stride})
+        return stride
+    if man.get("settings", {}).get("query_stride") != stride:  # record it
+        write_json(root / kvstore.MANIFEST, {**man, "settings": {**man.get("settings", {}), "query_stride": stride}})
+    return stride
+
+
 def bytes_needed(cfg: CollectConfig, loaded: LoadedModel, tokens: int) -> int:
     spec = loaded.spec
     per_tok = 2 * kvstore.bytes_per_token(spec.num_layers, spec.kv_dim, kvstore.DTYPES[cfg.dtype])
@@ -204,8 +238,19 @@ def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...
     spec = loaded.spec
     width = {"key": spec.kv_dim, "value": spec.kv_dim, "query": spec.q_dim}
     dtype = kvstore.DTYPES[cfg.dtype]
+    per_kind = {k: settings for k in kinds}
+    if "query" in kinds:
+        key_man = kvstore.read_manifest(dirs["key"])
+        key_tokens = key_man["num_tokens"] if key_man else 0
+        if rank_world()[0] == 0:
+            align_queries(dirs["query"], cfg, key_tokens)
+        barrier()
+        q_man = kvstore.read_manifest(dirs["query"])
+        stride = (q_man or {}).get("settings", {}).get("query_stride") or query_stride(cfg.num_samples,
+                                                                                         cfg.num_queries)
+        per_kind["query"] = {**settings, "query_stride": stride}
     writers = {
-        k: kvstore.KVStoreWriter(dirs[k], k, spec.num_layers, width[k], dtype, settings, to_dict(cfg))
+        k: kvstore.KVStoreWriter(dirs[k], k, spec.num_layers, width[k], dtype, per_kind[k], to_dict(cfg))
         for k in kinds
     }
     barrier()  # nobody writes before every process has opened (and cleaned) the stores
@@ -291,7 +336,7 @@ def _collect_loop(cfg: CollectConfig, loaded: LoadedModel, dataset: str,
     rank, world = rank_world()
     k = batches_per_shard(cfg)
     store_dtype = kvstore.DTYPES[cfg.dtype]
-    stride = query_stride(cfg.num_samples, cfg.num_queries)
+    stride = writers["query"].settings["query_stride"] if "query" in writers else 1
     first = len(writers["key"].shards)
     g, tok = first * k, writers["key"].num_tokens
     captured: dict[tuple[str, int], torch.Tensor] = {}
