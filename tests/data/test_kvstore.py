@@ -76,6 +76,30 @@ def test_foreign_folder_is_never_used_or_deleted(tmp_path):
     assert (tmp_path / "k" / "mine.txt").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("inside", ["L000/notes.txt", "L000/00000.safetensors.bak", "notes.txt"])
+def test_a_foreign_file_beside_shard_files_still_refuses_the_folder(tmp_path, inside):
+    (tmp_path / "k" / "L000").mkdir(parents=True)
+    (tmp_path / "k" / "L000" / "00000.safetensors").write_bytes(b"x")
+    (tmp_path / "k" / inside).write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        _writer(tmp_path / "k")
+    with pytest.raises(ValueError, match="not a commvq KV store"):
+        kvstore.remove_store(tmp_path / "k")
+    assert (tmp_path / "k" / inside).read_text() == "keep me"
+
+
+def test_shard_files_left_before_the_first_manifest_are_written_over(tmp_path):
+    """A run killed while writing its first shard leaves shard files and no manifest: the next
+    writer starts the store afresh instead of refusing the folder."""
+    (tmp_path / "k" / "L001").mkdir(parents=True)
+    (tmp_path / "k" / "L001" / "00000.safetensors").write_bytes(b"half")
+    (tmp_path / "k" / "L001" / ".00001.safetensors.tmp").write_bytes(b"")
+    w = _writer(tmp_path / "k")
+    assert w.num_tokens == 0 and not (tmp_path / "k" / "L001").exists()
+    _fill(w, [2])
+    assert KVStore(tmp_path / "k").num_tokens == 2
+
+
 def test_truncate_and_stale_tmp_cleanup(tmp_path):
     w = _writer(tmp_path / "k")
     data = _fill(w, [2, 2, 2])

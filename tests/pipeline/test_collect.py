@@ -285,3 +285,50 @@ def test_a_kill_while_thinning_leaves_the_old_or_the_new_store(tiny_llama, corpu
     collect.run(big, loaded=lm)
     _same_store(KVStore(tmp_path / "fresh" / "data" / "query"), KVStore(tmp_path / "grown" / "data" / "query"))
     assert not any(p.name.startswith(".query") for p in (tmp_path / "grown" / "data").iterdir())
+
+
+def test_a_full_disk_during_collect_is_one_line_and_a_rerun_completes_the_same_data(
+        tiny_llama, corpus_dir, tmp_path, capsys, monkeypatch):
+    """The third shard file hits a full disk: one line and exit 2, no temporary file left, the
+    manifests list only whole shards; once space is back the same command finishes the data."""
+    import errno
+
+    from commvq import cli
+
+    args = ["-q", "collect", "--model", str(tiny_llama), "--dataset", str(corpus_dir), "--num_samples", "200",
+            "--max_seq_length", "32", "--batch_size", "2", "--shard_tokens", "64", "--dtype", "float32",
+            "--device", "cpu"]
+    real_save, calls = kvstore.save_file, {"n": 0}
+
+    def full(tensors, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with open(path, "wb") as fh:
+                fh.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(kvstore, "save_file", full)
+    out = tmp_path / "cut" / "data" / "key"
+    assert cli.main(args + ["--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    data = tmp_path / "cut" / "data"
+    assert not list(data.rglob(".*tmp"))
+    for kind in ("key", "value"):  # whatever a manifest lists is whole
+        man = kvstore.read_manifest(data / kind)
+        for i, shard in enumerate(man["shards"] if man else []):
+            for layer in range(man["num_layers"]):
+                assert kvstore.shard_ok(kvstore.shard_file(data / kind, layer, i), shard["tokens"], man["width"])
+    monkeypatch.setattr(kvstore, "save_file", real_save)
+    assert cli.main(args + ["--output_dir", str(out)]) == 0
+    whole = tmp_path / "whole" / "data" / "key"
+    assert cli.main(args + ["--output_dir", str(whole)]) == 0
+    for kind in ("key", "value"):
+        _same_keys(KVStore(tmp_path / "whole" / "data" / kind), KVStore(data / kind))
+
+
+def _same_keys(a, b):
+    assert a.num_tokens == b.num_tokens
+    for layer in range(a.num_layers):
+        assert torch.equal(a.layer(layer).read(), b.layer(layer).read())

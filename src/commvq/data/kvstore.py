@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from commvq.fsutil import atomic_path, remove_stale_tmp, write_json
+from commvq.fsutil import TMP_SUFFIX, atomic_path, remove_stale_tmp, write_json
 
 FORMAT = "commvq-kv"
 VERSION = 1
@@ -72,6 +73,19 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     return man
 
 
+def foreign_files(root: Path) -> list[Path]:
+    """What under ``root`` is not a store's own: anything but layer folders of shard files and
+    temporaries (a run killed or refused before its first manifest leaves only those)."""
+    out = []
+    for p in Path(root).iterdir():
+        if p.is_dir() and re.fullmatch(r"L\d{3}", p.name):
+            out += [q for q in p.iterdir()
+                    if not (re.fullmatch(r"\d{5}\.safetensors", q.name) or q.name.endswith(TMP_SUFFIX))]
+        elif not (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)):
+            out.append(p)
+    return out
+
+
 def shard_ok(path: Path, tokens: int, width: int) -> bool:
     """Whether a shard file opens and its ``x`` has the listed shape (safetensors checks that the
     file covers what its header lists, so a truncated file fails here)."""
@@ -111,11 +125,13 @@ class KVStoreWriter:
             self._check_compatible(man)
             self.shards = [ShardInfo(**s) for s in man["shards"]]
             self.exhausted = bool(man.get("exhausted", False))
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise ValueError(
-                f"{self.root} exists, is not empty and holds no {MANIFEST}: "
-                "choose another --output_dir"
-            )
+        elif self.root.exists():
+            if foreign_files(self.root):
+                raise ValueError(
+                    f"{self.root} exists, is not empty and holds no {MANIFEST}: "
+                    "choose another --output_dir"
+                )
+            shutil.rmtree(self.root)  # only unlisted shard files of a run stopped before its first manifest
         self.root.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.root)
 
@@ -240,7 +256,7 @@ def remove_store(root: Path) -> None:
     root = Path(root)
     if not root.exists():
         return
-    if read_manifest(root) is None and any(root.iterdir()):
+    if read_manifest(root) is None and foreign_files(root):
         raise ValueError(f"{root} is not a commvq KV store (no {MANIFEST}); not deleting it")
     shutil.rmtree(root)
 
