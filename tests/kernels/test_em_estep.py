@@ -120,7 +120,7 @@ def test_triton_e_step_matches_torch_on_gpu():
     _fit("cuda")
 
 
-@pytest.mark.skipif(HAS_CUDA or not HAS_TRITON, reason="interpreter check only without a GPU, with triton installed")
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)")
 def test_triton_e_step_matches_torch_in_interpreter():
     code = ("from tests.kernels.test_em_estep import _compare\n"
             "import commvq.kernels.em_estep as k; k.SPLIT_K = 64; k.TILES_PER_PROG_B = 2; k.BLOCK = 100\n"
