@@ -45,7 +45,7 @@ def test_save_load_gives_identical_codes(tmp_path):
     thetas = _write_dir(tmp_path)
     k = torch.randn(50, 16)
     a = KeyCodebook(thetas[0], code_bits=4)
-    b = KeyCodebook.from_dir(tmp_path, 0, SPEC)
+    b = io.load_key_codebook(tmp_path, 0, SPEC)
     codes_a, s_a = a.encode(k)
     codes_b, s_b = b.encode(k)
     assert torch.equal(codes_a, codes_b) and torch.equal(s_a, s_b)

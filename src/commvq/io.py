@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from commvq import __version__
+from commvq.codecs.key_codebook import KeyCodebook
 from commvq.fsutil import atomic_path, write_json
 from commvq.quant.commutative import codewords, interleave_pairs, num_entries
 from commvq.spec import ModelSpec
@@ -169,3 +170,12 @@ def load_layer(folder: Path, layer: int, spec: ModelSpec) -> torch.Tensor:
             )
         out.append(thetas)
     return torch.stack(out)
+
+
+def load_key_codebook(folder: str | Path, layer: int, spec: ModelSpec, beam: int | None = None) -> KeyCodebook:
+    """One layer's :class:`KeyCodebook` from a codebook folder; ``beam`` None takes the width the
+    folder's config.json records."""
+    layout = check_fits(Path(folder), spec)
+    if beam is None:
+        beam = encode_beam(Path(folder))
+    return KeyCodebook(load_layer(Path(folder), layer, spec), layout.code_bits, beam)

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from commvq import rope
+from commvq import io, rope
 from commvq.codecs.key_codebook import KeyCodebook
 from commvq.evals.keys import key_errors, pair_energy, pair_weights
 from commvq.pipeline import compare, train_keys
@@ -68,7 +68,7 @@ def test_layers_of_mixed_runs_are_scored_on_rows_they_never_saw(key_dir, tmp_pat
     from commvq.spec import ModelSpec
 
     store = KVStore(key_dir)
-    cb = KeyCodebook.from_dir(out, 0, ModelSpec.from_dict(store.settings["spec"]))
+    cb = io.load_key_codebook(out, 0, ModelSpec.from_dict(store.settings["spec"]))
     want = key_errors(store.layer(0).read(256, 300), cb)["relative_mse"]
     assert abs(report["rows"][0]["cb"]["relative_mse"] - want) < 1e-6
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from commvq import io
-from commvq.codecs.key_codebook import KeyCodebook
 from commvq.data.kvstore import KVStore
 from commvq.pipeline import train_keys
 from commvq.pipeline.train_keys import TrainKeysConfig, parse_layers, resolve_layout
@@ -69,7 +68,7 @@ def test_em_training_writes_loadable_files_and_skips_finished(key_dir, tmp_path,
     assert set(conf["layers"]) == {"0", "1"} and conf["layers"]["0"]["relative_mse"] < 1
     assert "stage 3/3: hard MSE (original scale)" in caplog.text
     spec = ModelSpec.from_dict(KVStore(key_dir).settings["spec"])
-    cb = KeyCodebook.from_dir(out, 1, spec)
+    cb = io.load_key_codebook(out, 1, spec)
     assert cb.beam == 1 and conf["beam"] == 1  # EM: the paper's greedy encoder unless --beam says otherwise
     rows = conf["layers"]["1"]["rows"]
     # both methods train on the same first rows; the error is measured on the rows after the samples
@@ -174,8 +173,8 @@ def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, caps
 
     x_val = normalize(val, SPEC.num_kv_heads)[0]
     assert layer["init_heldout_relative_error"] == pytest.approx(refine.relative_error(x_val, em_thetas, 4))
-    cb = KeyCodebook.from_dir(out, 0, SPEC)  # loaded with the beam it was trained for
-    assert cb.beam == 4 and KeyCodebook.from_dir(out, 0, SPEC, beam=1).beam == 1
+    cb = io.load_key_codebook(out, 0, SPEC)  # loaded with the beam it was trained for
+    assert cb.beam == 4 and io.load_key_codebook(out, 0, SPEC, beam=1).beam == 1
     # the error in config.json is the one of the codebooks as loaded, on the rows after the samples
     keys = KVStore(key_dir).layer(0).read(*layer["rows"]["eval"])
     codes, s = cb.encode(keys)

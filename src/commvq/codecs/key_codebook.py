@@ -4,15 +4,12 @@ encoder (greedy or beam search; pure torch or Triton)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from commvq import io
 from commvq.quant import residual
 from commvq.quant.beam import encode as torch_encode
 from commvq.quant.commutative import num_entries
-from commvq.spec import ModelSpec
 
 Encoder = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x [H, N, D], thetas, beam) -> codes [H, N, R]
 
@@ -56,14 +53,6 @@ class KeyCodebook:
         self.code_bits = code_bits
         self.beam = beam
         self.encoder = encoder or torch_encode
-
-    @classmethod
-    def from_dir(cls, folder: str | Path, layer: int, spec: ModelSpec, beam: int | None = None) -> KeyCodebook:
-        """One layer's codebooks; ``beam`` None takes the width the folder's config.json records."""
-        layout = io.check_fits(Path(folder), spec)
-        if beam is None:
-            beam = io.encode_beam(Path(folder))
-        return cls(io.load_layer(Path(folder), layer, spec), layout.code_bits, beam)
 
     @property
     def num_heads(self) -> int:

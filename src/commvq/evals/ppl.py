@@ -17,12 +17,10 @@ def ppl_kl(model: Any, ids: torch.Tensor, make_caches: dict[str, Callable[[], An
     ``make_caches`` maps a method name to a factory of its cache; the reference is a plain
     ``DynamicCache`` with exact attention.
     """
-    from transformers import DynamicCache
-
-    from commvq.integrations.hf.attention import cache_kwargs
+    from commvq.integrations.hf.attention import cache_kwargs, exact_cache
 
     caches = {name: make() for name, make in make_caches.items()}
-    ref_cache = DynamicCache()
+    ref_cache = exact_cache()
     stats = {name: {"nll": 0.0, "kl": 0.0, "tokens": 0} for name in caches}
     length = ids.shape[1]
     for start in range(0, length - 1, chunk):

@@ -33,7 +33,7 @@ import triton.language as tl
 from commvq.kernels import split16
 from commvq.kernels.split16 import tf32_products
 from commvq.quant.commutative import search_tables
-from commvq.quant.em import EStats, _empty_stats
+from commvq.quant.em import EStats, empty_stats
 
 PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's smallest subnormal
 
@@ -273,7 +273,7 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     theta = theta.float()
     w, n, g = (t.contiguous() for t in search_tables(theta))
     h, big_n, d = x.shape
-    stats = _empty_stats(h, n.shape[-1], d, x.device)
+    stats = empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     cache = stage_cache(x, cache)
     xx, x3, xr = cache["xx"], cache.get("x3") if SPLIT else None, cache.get("xr")

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from commvq.kernels import split16
 from commvq.kernels.em_estep import stage_cache
-from commvq.quant.em import EStats, _empty_stats
+from commvq.quant.em import EStats, empty_stats
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     x, centers = x.float(), centers.float()
     h, big_n, d = x.shape
     e = math.isqrt(centers.shape[1])
-    stats = _empty_stats(h, e, d, x.device)
+    stats = empty_stats(h, e, d, x.device)
     cc = (centers * centers).sum(-1).contiguous()  # [H, E*E]
     split = split16.supported(x.device)
     if split:

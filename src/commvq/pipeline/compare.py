@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from commvq import io
-from commvq.codecs.key_codebook import KeyCodebook
 from commvq.config import option, to_dict
 from commvq.data.kvstore import KVStore
 from commvq.distributed import device_for_rank
@@ -108,7 +107,7 @@ def run(cfg: CompareConfig) -> Path:
         for name, d in zip(names, cfg.dirs, strict=True):
             if d not in present:
                 continue
-            cb = KeyCodebook.from_dir(d, layer, spec, cfg.beam or None).to(device)
+            cb = io.load_key_codebook(d, layer, spec, cfg.beam or None).to(device)
             row[name] = key_errors(keys, cb, w)
         rows.append(row)
     beams = {name: cfg.beam or io.encode_beam(d) for name, d in zip(names, cfg.dirs, strict=True)}

@@ -102,7 +102,7 @@ def m_step(stats: EStats, eps: float = 1e-8, dtype: torch.dtype = torch.float64)
     return torch.linalg.solve_ex(normal, rhs)[0].to(dtype)
 
 
-def _empty_stats(h: int, e: int, d: int, device) -> EStats:
+def empty_stats(h: int, e: int, d: int, device) -> EStats:
     z = dict(dtype=torch.float64, device=device)
     return EStats(torch.zeros(h, e, e, **z), torch.zeros(h, e, d, **z), torch.zeros(h, e, d, **z),
                   torch.zeros(h, **z), torch.zeros(h, **z))
@@ -133,7 +133,7 @@ def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, ch
     h, big_n, d = x.shape
     e = n.shape[-1]
     n = n[:, None]
-    stats = _empty_stats(h, e, d, x.device)
+    stats = empty_stats(h, e, d, x.device)
     hards = []
     for i in range(0, big_n, chunk):
         xc, sc = x[:, i:i + chunk], s[i:i + chunk]
@@ -155,7 +155,7 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
     as for :func:`e_step`, not needed here."""
     h, big_n, d = x.shape
     e = math.isqrt(centers.shape[1])
-    stats = _empty_stats(h, e, d, x.device)
+    stats = empty_stats(h, e, d, x.device)
     cc = (centers * centers).sum(-1)
     hards = []
     for i in range(0, big_n, chunk):

@@ -69,6 +69,13 @@ def use_commvq(model: Any) -> Any:
     return model
 
 
+def exact_cache() -> Any:
+    """transformers' own cache (``DynamicCache``): exact keys and values, the reference."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """``{"cache": cache}`` where the model's forward takes ``cache`` (transformers >= 5.2x),
     else ``{"past_key_values": cache}``."""

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from commvq import io
 from commvq.codecs import cache_parts as parts
-from commvq.codecs.key_codebook import KeyCodebook
 from commvq.codecs.value_codec import ValueCodec
 from commvq.integrations.hf.attention import hand_over, use_commvq
 from commvq.integrations.hf.graphs import DecodeGraph, GraphPool
@@ -302,7 +302,7 @@ class CommVQCache(Cache):
         keys: Any = parts.DenseKeys()
         if key_dir is not None:
             rotary = model.base_model.rotary_emb
-            books = [KeyCodebook.from_dir(key_dir, i, spec, beam).to(device, kernels) for i in range(spec.num_layers)]
+            books = [io.load_key_codebook(key_dir, i, spec, beam).to(device, kernels) for i in range(spec.num_layers)]
             keys = parts.CommVQKeys(books, rotary.inv_freq.to(device), float(getattr(rotary, "attention_scaling", 1.0)),
                                     kernels=kernels)
         values: Any = parts.DenseValues()
