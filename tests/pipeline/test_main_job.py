@@ -21,6 +21,11 @@ def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, c
         assert r["ppl"] > 1 and r["kl"] >= -1e-6 and 0 <= r["passkey"] <= 1 and 0 <= r["needle"] <= 1
     assert results["fp16"]["kl"] < 1e-4
     assert results["commvq-em2"]["bytes_per_token_layer"] < results["kivi2"]["bytes_per_token_layer"]
+    kv_dim = results["fp16"]["fp16_bytes_per_token_layer"] / 4
+    for r in results.values():  # the bits columns count every stored byte, as the bytes column does
+        assert (r["key_bits"] + r["value_bits"]) * kv_dim / 8 == pytest.approx(r["bytes_per_token_layer"])
+    # CommVQ-2's values: 2 bits per channel plus one fp16 factor per token
+    assert results["commvq-em2"]["value_bits"] == pytest.approx(2 + 16 / kv_dim)
     assert (w / "eval" / "needle.png").read_bytes()[:4] == b"\x89PNG"
     assert (w / "compare_keys" / "compare.md").is_file()
     out = capsys.readouterr().out

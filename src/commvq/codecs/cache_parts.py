@@ -62,8 +62,6 @@ class DenseKeys:
 
     name = "dense"
 
-    def bits(self, head_dim: int) -> float:
-        return 16.0
 
     def compress(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"k": k.transpose(1, 2).contiguous()}
@@ -75,8 +73,6 @@ class DenseKeys:
 class DenseValues:
     name = "dense"
 
-    def bits(self, head_dim: int) -> float:
-        return 16.0
 
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"v": v.transpose(1, 2).contiguous()}
@@ -106,8 +102,6 @@ class KiviKeys:
     def __init__(self, bits: int, group: int = 32) -> None:
         self.bits_, self.group, self.name = bits, group, f"kivi{bits}"
 
-    def bits(self, head_dim: int) -> float:
-        return kivi.bits_per_value(self.bits_, self.group)
 
     def compress(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         x = k.transpose(1, 2)  # [B, n, H, D]
@@ -126,8 +120,6 @@ class KiviValues:
     def __init__(self, bits: int, group: int = 32) -> None:
         self.bits_, self.group, self.name = bits, group, f"kivi{bits}"
 
-    def bits(self, head_dim: int) -> float:
-        return kivi.bits_per_value(self.bits_, min(self.group, head_dim))
 
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         x = v.transpose(1, 2)
@@ -141,7 +133,9 @@ class KiviValues:
 
 class CommVQKeys:
     """12-bit residual codes of the pre-RoPE keys (un-rotated with the model's own angles), one
-    prescale and one position per token; scores by the commutative trick."""
+    prescale and one position per token. Scores come from the codes: in torch by the commutative trick
+    (per-query tables) or a transient decode, whichever costs less; on a GPU by the decode kernel,
+    which sums each key from its codewords in registers (``kernels/decode.py``)."""
 
     name = "commvq"
 
@@ -156,8 +150,6 @@ class CommVQKeys:
         cb = codebooks[0]
         self.code_bits, self.num_heads, self.stages = cb.code_bits, cb.num_heads, cb.num_stages
 
-    def bits(self, head_dim: int) -> float:
-        return self.stages * self.code_bits / head_dim
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a graph)."""
@@ -222,8 +214,6 @@ class CommVQValues:
         self.codec, self.num_kv_heads, self.kernels = codec.eval(), num_kv_heads, kernels
         self._tables: dict[int, tuple] = {}  # per layer: the kernel's value table, built on first use
 
-    def bits(self, head_dim: int) -> float:
-        return float(self.codec.quant_bits)
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token mixing for ``q`` runs on the kernels (capturable in a graph)."""

@@ -46,8 +46,3 @@ def quantize_values(v: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor
 def quantize_keys(k: torch.Tensor, bits: int, group: int = 32) -> torch.Tensor:
     """Keys ``[..., T, F]`` per channel, groups of ``group`` tokens (T must be a multiple)."""
     return fake_quant(k, bits, group, dim=-2)
-
-
-def bits_per_value(bits: int, group: int) -> float:
-    """Effective bits per value including the 16-bit scale and minimum of each group."""
-    return bits + 32 / group

@@ -24,7 +24,7 @@ import importlib.util
 import json
 import random
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,15 +237,3 @@ def batches(seqs: Iterable[list[int]], batch_size: int) -> Iterator[torch.Tensor
         group.append(s)
     if group:
         yield torch.tensor(group, dtype=torch.long)
-
-
-def packed_batches(
-    src: CorpusSource,
-    encode: Callable[[str], list[int]],
-    sep_id: int,
-    seq_len: int,
-    batch_size: int,
-) -> Iterator[torch.Tensor]:
-    """Token batches ``[B, seq_len]`` (the last may be shorter) from a corpus source."""
-    token_docs = (encode(d) for d in iter_documents(src))
-    return batches(pack(token_docs, seq_len, sep_id), batch_size)

@@ -148,11 +148,12 @@ def bytes_per_token(lm, method: meth.Method, window: int, sink: int = 0) -> dict
         return {"bytes_per_token_layer": (kbytes + vbytes) / tokens, "key_bits": 8 * kbytes / (tokens * spec.kv_dim),
                 "value_bits": 8 * vbytes / (tokens * spec.kv_dim), **fp16}
     layer = cache.layers[0]
-    exact = (layer.win_k, layer.win_v, layer.win_pos, layer.sink_k, layer.sink_v)  # not compressed
-    exact_bytes = sum(t.numel() * t.element_size() for t in exact if t is not None)
-    per = (layer.nbytes() - exact_bytes) / max(1, layer.num_compressed)
-    kb, vb = cache.keys_part.bits(spec.head_dim), cache.values_part.bits(spec.head_dim)
-    return {"bytes_per_token_layer": per, "key_bits": kb, "value_bits": vb, **fp16}
+    kbytes, vbytes = (sum(t.numel() * t.element_size() for t in layer.store[part].values()) for part in ("k", "v"))
+    tokens = max(1, layer.num_compressed)
+    # every stored byte of a compressed token counts: codes and bits, and the per-token scalars
+    # (key prescale and position, value factor) as KIVI's bits count its scales
+    return {"bytes_per_token_layer": (kbytes + vbytes) / tokens, "key_bits": 8 * kbytes / (tokens * spec.kv_dim),
+            "value_bits": 8 * vbytes / (tokens * spec.kv_dim), **fp16}
 
 
 def run(cfg: EvalConfig) -> Path:

@@ -4,8 +4,9 @@ Per layer: an optional exact "sink" (the first ``sink`` tokens), compressed bloc
 tokens (key and value parts from ``commvq.codecs.cache_parts``: CommVQ codes, KIVI-style, or
 dense for the identity baseline), and a full-precision window of the most recent 1..``window``
 tokens, flushed to codes every ``window`` new tokens. Prefill attention is exact unless
-``quantize_prefill``. Decode attention scores keys from codes (commutative trick) and mixes values
-from codes, in one softmax with the window.
+``quantize_prefill``. Decode attention scores keys from their codes (the Triton kernel assembles
+each key in registers; torch uses the commutative trick or a transient decode) and mixes values from
+codes, in one softmax with the window.
 """
 
 from __future__ import annotations
