@@ -70,10 +70,10 @@ def main() -> None:
         if args.budget_s and epoch_times[-1] > args.budget_s and entry.epoch < args.epochs:
             raise OutOfTime
 
-    from commvq.kernels.encode import encode_triton
+    from commvq.kernels.encode import encode_triton_with_residuals
 
     settings = e2e.E2ESettings(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                               encode_fn=None if args.torch_search else encode_triton)
+                               encode_fn=None if args.torch_search else encode_triton_with_residuals)
     complete = True
     try:
         e2e.train(train_x, held_x, thetas0, settings, seed=args.seed, on_epoch=on_epoch)

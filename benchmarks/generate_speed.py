@@ -39,13 +39,11 @@ def random_commvq_cache(lm, bits: int, window: int = 128, graphs: bool = True) -
     dev = lm.model.device
     g = torch.Generator().manual_seed(0)
     r = round(bits * spec.head_dim / 12)
-    books = [KeyCodebook((torch.randn(spec.num_kv_heads, r, 128, spec.head_dim // 2, generator=g) * 0.05).to(dev))
-             for _ in range(spec.num_layers)]
+    books = [KeyCodebook(torch.randn(spec.num_kv_heads, r, 128, spec.head_dim // 2, generator=g) * 0.05).to(dev)
+             for _ in range(spec.num_layers)]  # .to(a GPU): the fused Triton encoder
     codec = ValueCodec(spec.num_layers, spec.kv_dim, bits).to(dev)
-    from commvq.kernels.encode import encode_triton
-
     rotary = lm.model.base_model.rotary_emb
-    keys = parts.CommVQKeys(books, rotary.inv_freq, 1.0, encoder=encode_triton)
+    keys = parts.CommVQKeys(books, rotary.inv_freq, 1.0)
     return CommVQCache(spec.num_layers, keys, parts.CommVQValues(codec, spec.num_kv_heads), window, graphs=graphs)
 
 

@@ -137,13 +137,13 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
 
 
 def profile_e2e(x, steps: int, residuals: int, batch: int) -> dict:
-    from commvq.kernels.encode import encode_triton
+    from commvq.kernels.encode import encode_triton_with_residuals
 
     thetas = e2e.init_random(x, residuals, 64, torch.Generator().manual_seed(0))
     out = {}
     for graphs in (False, True):
         params = torch.nn.Parameter(thetas.clone())
-        settings = e2e.E2ESettings(batch_size=batch, cuda_graphs=graphs, encode_fn=encode_triton)
+        settings = e2e.E2ESettings(batch_size=batch, cuda_graphs=graphs, encode_fn=encode_triton_with_residuals)
         opt, _ = e2e.make_optimizer(params, settings)  # as e2e.train
         w = e2e.pair_weight_vector(None, x.shape[0], x.shape[2], x.device, x.dtype)
         step = e2e._Step(params, opt, w, settings, (x.shape[0], batch, x.shape[2]))
@@ -170,7 +170,7 @@ def tune_encode(x, residuals: int, batch: int) -> dict:
     keep = enc.BT, enc.WARPS, enc.UNROLL
     for bt, warps, unroll in itertools.product((16, 32), (4, 8), (1, 2, 4, 8)):
         enc.BT, enc.WARPS, enc.UNROLL = bt, warps, unroll
-        table = kernel_table(lambda: enc.encode_triton(xb, thetas, residuals=True), 20, "encode", top=0)
+        table = kernel_table(lambda: enc.encode_triton_with_residuals(xb, thetas), 20, "encode", top=0)
         us = table["by_kernel"].get("_encode_kernel", float("nan"))
         out[f"BT{bt}_W{warps}_U{unroll}"] = us
         print(f"encode kernel, batch {batch}: BT {bt:3d} warps {warps} unroll {unroll}: {us:8.1f} us", flush=True)

@@ -12,7 +12,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _compare(device, cases):
-    from commvq.kernels.encode import encode_triton
+    from commvq.kernels.encode import encode_triton, encode_triton_with_residuals
     from commvq.quant import residual as rs
 
     for h, n, d, e, r in cases:
@@ -28,7 +28,7 @@ def _compare(device, cases):
         err_got = ((x.double() - rs.decode(got, thetas.double())) ** 2).sum()
         err_want = ((x.double() - rs.decode(want, thetas.double())) ** 2).sum()
         assert abs(float(err_got / err_want) - 1) < 1e-4
-        codes, res = encode_triton(x, thetas, residuals=True)
+        codes, res = encode_triton_with_residuals(x, thetas)
         assert torch.equal(codes, got) and res.shape == (r, h, n, d)
         want_res = x.double() - torch.cumsum(rs.stage_decodes(codes, thetas.double()), 0)
         assert float((res.double() - want_res).abs().max()) < 1e-4

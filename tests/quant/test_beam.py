@@ -55,7 +55,8 @@ def test_chunks_and_stage_residuals():
     x, thetas = _case(n=100)
     whole = bm.beam_encode(x, thetas, 4, chunk=1000)
     assert torch.equal(bm.beam_encode(x, thetas, 4, chunk=7), whole)
-    codes, left = bm.beam_encode(x, thetas, 4, residuals=True)
+    codes = bm.beam_encode(x, thetas, 4)
+    left = bm.stage_residuals(x, codes, thetas)
     assert torch.equal(codes, whole) and left.shape == (4, 2, 100, 16)
     assert torch.allclose(left, x - torch.cumsum(rs.stage_decodes(codes, thetas), 0))
     with pytest.raises(ValueError, match="beam=0"):

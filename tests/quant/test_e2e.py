@@ -33,7 +33,7 @@ def test_closed_form_gradient_equals_autograd():
     x = torch.randn(3, 50, 16, generator=g, dtype=torch.float64)
     thetas = torch.randn(3, 4, 16, 8, generator=g, dtype=torch.float64) * 0.3
     w = torch.rand(3, 1, 16, generator=g, dtype=torch.float64) + 0.5
-    codes, res = rs.encode(x, thetas, residuals=True)
+    codes, res = rs.encode_with_residuals(x, thetas)
     assert torch.allclose(res[-1], x - rs.decode(codes, thetas))
     assert torch.allclose(res, x - torch.cumsum(rs.stage_decodes(codes, thetas), 0))
     p = thetas.clone().requires_grad_(True)

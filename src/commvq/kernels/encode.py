@@ -61,11 +61,19 @@ WARPS = 4
 UNROLL = 8  # rows per step of the search loop (H100, batch 256 x 8 heads x 21 stages: 242 us; 302 with 1 or 4)
 
 
-def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0,
-                  residuals: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` with ``thetas [H, R, 2E, P]``; with
-    ``residuals=True`` also what each stage leaves, ``[R, H, N, D]`` (as the torch encoder; stored
-    head-major, so ``.transpose(0, 1)`` is a contiguous ``[H, R, N, D]``)."""
+def encode_triton(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """Greedy codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` with ``thetas [H, R, 2E, P]``."""
+    return _launch(x, thetas, residuals=False)[0]
+
+
+def encode_triton_with_residuals(x: torch.Tensor, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy codes and what each stage leaves, ``[R, H, N, D]``, as
+    :func:`commvq.quant.residual.encode_with_residuals` (stored head-major, so ``.transpose(0, 1)``
+    is a contiguous ``[H, R, N, D]``)."""
+    return _launch(x, thetas, residuals=True)
+
+
+def _launch(x: torch.Tensor, thetas: torch.Tensor, residuals: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("encode_triton needs CUDA tensors")
     h, t, d = x.shape
@@ -80,4 +88,4 @@ def encode_triton(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 0,
     res = torch.empty(h, r if residuals else 1, t, d, device=x.device, dtype=torch.float32)
     _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=BT, UNROLL=UNROLL,
                                 STORE_RES=residuals, num_warps=WARPS)
-    return (codes.long(), res.transpose(0, 1)) if residuals else codes.long()
+    return codes.long(), res.transpose(0, 1)

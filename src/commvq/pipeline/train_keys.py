@@ -232,9 +232,9 @@ def resolve_estep(name: str, device: torch.device) -> tuple[em.EStep, em.Centers
 def resolve_encoder(name: str, device: torch.device):
     if not use_triton(name, device):
         return None
-    from commvq.kernels.encode import encode_triton
+    from commvq.kernels.encode import encode_triton_with_residuals
 
-    return encode_triton
+    return encode_triton_with_residuals
 
 
 def update_config(out: Path, layout: io.CodebookLayout, cfg: TrainKeysConfig, spec: ModelSpec, store: KVStore,

@@ -67,23 +67,16 @@ def encode_chunk(x: torch.Tensor, thetas: torch.Tensor, beam: int) -> tuple[torc
     return codes[idx_h, idx_n, best], res[idx_h, idx_n, best]
 
 
-def beam_encode(x: torch.Tensor, thetas: torch.Tensor, beam: int = 1, chunk: int = 1024,
-                residuals: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Codes ``[H, N, R]`` of ``x [H, N, D]`` by a beam of width ``beam`` (1: greedy).
-
-    ``residuals=True`` also returns what the chosen codes leave after each stage, ``[R, H, N, D]``,
-    as :func:`commvq.quant.residual.encode` does.
-    """
+def beam_encode(x: torch.Tensor, thetas: torch.Tensor, beam: int = 1, chunk: int = 1024) -> torch.Tensor:
+    """Codes ``[H, N, R]`` of ``x [H, N, D]`` by a beam of width ``beam`` (1: greedy); what they
+    leave after each stage: :func:`stage_residuals`."""
     if beam < 1:
         raise ValueError(f"beam={beam}: must be at least 1")
     out = []
     for i in range(0, x.shape[1], chunk):
         out.append(encode_chunk(x[:, i:i + chunk], thetas, beam)[0])
-    codes = torch.cat(out, 1) if out else torch.empty(*x.shape[:2], thetas.shape[1], dtype=torch.long,
-                                                      device=x.device)
-    if not residuals:
-        return codes
-    return codes, stage_residuals(x, codes, thetas)
+    return torch.cat(out, 1) if out else torch.empty(*x.shape[:2], thetas.shape[1], dtype=torch.long,
+                                                     device=x.device)
 
 
 def encode(x: torch.Tensor, thetas: torch.Tensor, beam: int = 1) -> torch.Tensor:

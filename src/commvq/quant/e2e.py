@@ -29,7 +29,8 @@ import torch
 
 from commvq.quant.commutative import join_theta, nearest
 from commvq.quant.em import EStats, m_step
-from commvq.quant.residual import code_onehot, encode, stage_decodes
+from commvq.quant.residual import code_onehot, stage_decodes
+from commvq.quant.residual import encode_with_residuals as residual_encode
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class E2ESettings:
     max_bad_fraction: float = 0.5  # an epoch with more non-finite batches than this stops training
     cuda_graphs: bool = True
     eval_chunk: int = 8192
-    encode_fn: Callable | None = None  # a fused greedy encoder like residual.encode (default: pure torch)
+    encode_fn: Callable | None = None  # a fused greedy encoder of codes and residuals (default: pure torch)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -98,10 +99,11 @@ def loss_and_grad(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, re
 
 def encode_with_residuals(x: torch.Tensor, thetas: torch.Tensor,
                           encode_fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy codes and what each stage leaves (``encode_fn``: a fused encoder, else pure torch)."""
+    """Greedy codes and what each stage leaves (``encode_fn``: a fused encoder of both, e.g.
+    ``kernels.encode.encode_triton_with_residuals``; else pure torch)."""
     if encode_fn:
-        return encode_fn(x, thetas, residuals=True)
-    return encode(x, thetas, x.shape[1], residuals=True)
+        return encode_fn(x, thetas)
+    return residual_encode(x, thetas, x.shape[1])
 
 
 def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192,

@@ -43,23 +43,28 @@ def normalize(k: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tens
     return to_heads(k.float() / s[:, None], num_heads), s
 
 
-def encode(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest,
-           residuals: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Greedy residual codes ``[H, N, R]`` of ``x [H, N, D]`` (``nearest_fn``: a fused kernel).
+def encode(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest) -> torch.Tensor:
+    """Greedy residual codes ``[H, N, R]`` of ``x [H, N, D]`` (``nearest_fn``: a fused kernel)."""
+    return _greedy(x, thetas, chunk, nearest_fn, keep=False)[0]
 
-    ``residuals=True`` also returns what each stage leaves, ``[R, H, N, D]``:
-    ``x - sum_{j <= r} c_j``.
-    """
+
+def encode_with_residuals(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192,
+                          nearest_fn=nearest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy codes ``[H, N, R]`` and what each stage leaves, ``[R, H, N, D]``: ``x - sum_{j <= r} c_j``."""
+    codes, left = _greedy(x, thetas, chunk, nearest_fn, keep=True)
+    return codes, torch.stack(left)
+
+
+def _greedy(x: torch.Tensor, thetas: torch.Tensor, chunk: int, nearest_fn, keep: bool) -> tuple[torch.Tensor, list]:
     residual = x.clone()
     codes, left = [], []
     for r in range(thetas.shape[1]):
         c = nearest_fn(residual, thetas[:, r], chunk)
         residual -= decode_stage(thetas[:, r], c)
         codes.append(c)
-        if residuals:
+        if keep:
             left.append(residual.clone())
-    codes = torch.stack(codes, dim=-1)
-    return (codes, torch.stack(left)) if residuals else codes
+    return torch.stack(codes, dim=-1), left
 
 
 def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
@@ -97,6 +102,6 @@ def stage_errors(x: torch.Tensor, s: torch.Tensor, thetas: torch.Tensor, chunk: 
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
             xc, sc = x[:, i:i + chunk], s[i:i + chunk]
-            left = encode(xc, thetas, chunk, residuals=True)[1]  # [R, H, n, D]
+            left = encode_with_residuals(xc, thetas, chunk)[1]  # [R, H, n, D]
             out += ((left * sc[:, None]) ** 2).sum((2, 3)).double().cpu()
     return (out / (x.shape[1] * x.shape[2])).float()
