@@ -29,7 +29,7 @@ from commvq.quant import em
 from commvq.quant.commutative import codewords
 from commvq.quant.residual import normalize
 
-KNOBS = ("BT", "WARPS_A", "WARPS_B", "UNROLL", "TILES_PER_PROG_B", "STREAMS", "BLOCK")  # em_estep's block sizes
+KNOBS = ("bt", "warps_a", "warps_b", "unroll", "tiles_per_prog_b", "streams", "block")  # EStepTuning's sizes
 
 
 def synthetic_keys(n: int, heads: int, head_dim: int, seed: int = 0, device="cuda") -> torch.Tensor:
@@ -93,28 +93,28 @@ def reference_style_stage0(x: torch.Tensor, s: torch.Tensor, iters: int, seed: i
     return (time.perf_counter() - t0) / iters, best
 
 
-def tune(x: torch.Tensor, s: torch.Tensor) -> dict:
-    """Time one unpruned fused E-step for a few kernel configurations; set and return the fastest."""
+def tune(x: torch.Tensor, s: torch.Tensor, base) -> tuple[dict, object]:
+    """Time one unpruned fused E-step for a few kernel configurations of ``base`` (an
+    ``EStepTuning``); the timings and the fastest configuration."""
+    import dataclasses
     import itertools
 
-    from commvq.kernels import em_estep as k
+    from commvq.kernels.em_estep import e_step_triton
 
     theta = torch.randn(x.shape[0], 128, x.shape[2] // 2, device=x.device) * 0.05
     results = []
     for bt, warps, unroll in itertools.product((32,), (4, 8), (1, 4)):
-        k.BT, k.WARPS_A, k.WARPS_B, k.UNROLL = bt, warps, warps, unroll
-        k.e_step_triton(x, s, theta, 1e-3, prune=False)  # compile
+        tuning = dataclasses.replace(base, bt=bt, warps_a=warps, warps_b=warps, unroll=unroll)
+        e_step_triton(x, s, theta, 1e-3, prune=False, tuning=tuning)  # compile
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(3):
-            k.e_step_triton(x, s, theta, 1e-3, prune=False)
+            e_step_triton(x, s, theta, 1e-3, prune=False, tuning=tuning)
         torch.cuda.synchronize()
-        results.append(((time.perf_counter() - t0) / 3, (bt, warps, unroll)))
+        results.append(((time.perf_counter() - t0) / 3, (bt, warps, unroll), tuning))
         print(f"tune BT {bt:3d} warps {warps} unroll {unroll}: {results[-1][0] * 1e3:8.1f} ms", flush=True)
-    best = min(results)
-    k.BT, k.WARPS_A, k.UNROLL = best[1]
-    k.WARPS_B = k.WARPS_A
-    return {"best_ms": best[0] * 1e3, "config": best[1]}
+    best = min(results, key=lambda r: r[0])
+    return {"best_ms": best[0] * 1e3, "config": best[1]}, best[2]
 
 
 def main() -> None:
@@ -132,29 +132,29 @@ def main() -> None:
                     help="x @ W in float32 on the CUDA cores instead of split float16 halves on tensor cores")
     args = ap.parse_args()
 
-    from commvq.kernels import em_estep
-    from commvq.kernels.em_estep import e_step_triton
+    from commvq.kernels.em_estep import EStepTuning, e_step_triton
 
-    em_estep.SPLIT = not args.float32_products
     knobs = {}
     for item in args.set:
         name, _, value = item.partition("=")
         if name not in KNOBS or not value.isdigit():
             raise SystemExit(f"--set {item}: expected NAME=INTEGER with NAME one of {', '.join(KNOBS)}")
         knobs[name] = int(value)
-        setattr(em_estep, name, int(value))
+    tuning = EStepTuning(split=not args.float32_products, **knobs)
 
     work = []
 
     def estep(*a, **kw):
         if args.estep == "torch":
             return em.e_step(*a, **kw)
-        stats = e_step_triton(*a, **kw, prune=not args.no_prune)
+        stats = e_step_triton(*a, **kw, prune=not args.no_prune, tuning=tuning)
         work.append(stats.work)
         return stats
 
     x, s = layer_keys(args, args.seed)
-    tuned = tune(x, s) if args.tune else None
+    tuned = None
+    if args.tune:
+        tuned, tuning = tune(x, s, tuning)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
@@ -190,7 +190,7 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     commit = commit_id()
     print(f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
-          f"E-step {args.estep}  products {'split float16' if em_estep.SPLIT else 'float32'}")
+          f"E-step {args.estep}  products {'split float16' if tuning.split else 'float32'}")
     print(f"{'what':<44}{'value':>14}")
     print(f"{'seconds per layer (all heads, all stages)':<44}{seconds:>14.1f}")
     print(f"{'EM iterations run (sum over heads, stages)':<44}{total_iters:>14d}")
@@ -206,7 +206,7 @@ def main() -> None:
     print(f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)")
     print(json.dumps({"bench": "em_layer", "card": card, "num_samples": args.num_samples, "heads": args.heads,
                       "head_dim": args.head_dim, "residuals": args.residuals, "estep": args.estep,
-                      "pruned": not args.no_prune, "split_products": em_estep.SPLIT, "settings": knobs,
+                      "pruned": not args.no_prune, "split_products": tuning.split, "settings": knobs,
                       "rows_evaluated": mean_work,
                       "seconds_per_layer": round(seconds, 2), "total_iters": total_iters,
                       "peak_gib": round(peak, 3), "peak_total_gib": round(peak_total, 3), "final_mse": final,

@@ -14,6 +14,7 @@ table per part (kernel, calls per step, microseconds per step) and a last JSON l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -105,12 +106,10 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
         table["wall_us"] = round(wall(one, 2), 1)
         table["rows_evaluated"] = float(kept["stats"].work)
         print(f"wall {table['wall_us']:.0f} us, rows evaluated {kept['stats'].work:.3f}")
-        keep = k.STREAMS
         for streams in (1, 2, 3):
-            k.STREAMS = streams
-            table[f"wall_us_{streams}_streams"] = round(wall(one, 3), 1)
+            tuned = dataclasses.replace(k.TUNING, streams=streams)
+            table[f"wall_us_{streams}_streams"] = round(wall(lambda t=tuned: k.e_step_triton(*a, **kw, tuning=t), 3), 1)
             print(f"  wall with {streams} stream(s): {table[f'wall_us_{streams}_streams']:.0f} us")
-        k.STREAMS = keep
         out[f"iter{calls[0]}"] = table
         return kept["stats"]
 

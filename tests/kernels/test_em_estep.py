@@ -13,8 +13,17 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 CASES = [(2, 1000, 128, 64, 1e-3), (3, 777, 64, 64, 0.05), (1, 300, 16, 8, 1e-5), (8, 5000, 128, 64, 1e-4)]
 
 
-def _compare(device, cases):
-    from commvq.kernels.em_estep import e_step_triton
+def _tuned(tuning):
+    """The fused E-step with ``tuning`` (None: the default one)."""
+    from functools import partial
+
+    from commvq.kernels.em_estep import TUNING, e_step_triton
+
+    return partial(e_step_triton, tuning=tuning or TUNING)
+
+
+def _compare(device, cases, tuning=None):
+    e_step_triton = _tuned(tuning)
     from commvq.quant import em
 
     for h, n, d, e, tau in cases:
@@ -43,9 +52,9 @@ def _compare(device, cases):
         assert torch.equal(full.hard, b.hard) and torch.equal(unsorted.hard, b.hard)
 
 
-def _pruning(device, h, n, d, e):
+def _pruning(device, h, n, d, e, tuning=None):
     """Keys near their codewords at a low temperature: sorted tiles skip most rows, same results."""
-    from commvq.kernels.em_estep import e_step_triton
+    e_step_triton = _tuned(tuning)
     from commvq.quant import em
     from commvq.quant.commutative import codewords
 
@@ -62,10 +71,10 @@ def _pruning(device, h, n, d, e):
         assert torch.equal(getattr(full, name), getattr(pruned, name)), name
 
 
-def _given_norms(device):
+def _given_norms(device, tuning=None):
     """|x|^2 the caller puts in the cache (EM keeps one per stage) gives the same statistics as
     computing it in the E-step, and it is what the distances use."""
-    from commvq.kernels.em_estep import e_step_triton
+    e_step_triton = _tuned(tuning)
 
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(2, 200, 16, generator=g) * 0.2).to(device)
@@ -79,10 +88,10 @@ def _given_norms(device):
     assert torch.allclose(shifted.sum_xx, own.sum_xx + 200) and not torch.equal(shifted.count, own.count)
 
 
-def _fit(device):
+def _fit(device, tuning=None):
     """A whole EM fit through the kernels (init, E-steps sharing the stage cache, the pipelined
     loop, the residual update) ends where the pure-torch fit does."""
-    from commvq.kernels.em_estep import e_step_triton
+    e_step_triton = _tuned(tuning)
     from commvq.kernels.em_init import e_step_centers_triton
     from commvq.kernels.nearest import nearest_triton
     from commvq.quant import em
@@ -107,14 +116,10 @@ def _fit(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_triton_e_step_matches_torch_on_gpu():
-    import commvq.kernels.em_estep as k
+    from commvq.kernels.em_estep import EStepTuning
 
     _compare("cuda", CASES)
-    k.SPLIT = False  # x @ W in float32
-    try:
-        _compare("cuda", CASES[:2])
-    finally:
-        k.SPLIT = True
+    _compare("cuda", CASES[:2], EStepTuning(split=False))  # x @ W in float32
     _pruning("cuda", 4, 20000, 128, 64)
     _given_norms("cuda")
     _fit("cuda")
@@ -122,15 +127,13 @@ def test_triton_e_step_matches_torch_on_gpu():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)")
 def test_triton_e_step_matches_torch_in_interpreter():
-    code = ("from tests.kernels.test_em_estep import _compare\n"
-            "import commvq.kernels.em_estep as k; k.SPLIT_K = 64; k.TILES_PER_PROG_B = 2; k.BLOCK = 100\n"
-            "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)])\n"
-            "k.SPLIT = False  # x @ W in float32\n"
-            "_compare('cpu', [(2, 150, 16, 8, 1e-3)])\n"
-            "k.SPLIT = True\n"
-            "from tests.kernels.test_em_estep import _pruning\n"
-            "_pruning('cpu', 1, 800, 16, 8)\n"
-            "from tests.kernels.test_em_estep import _given_norms, _fit\n"
-            "_given_norms('cpu')\n"
-            "_fit('cpu')\n")
+    code = ("from tests.kernels.test_em_estep import _compare, _fit, _given_norms, _pruning\n"
+            "from commvq.kernels.em_estep import EStepTuning\n"
+            "t = EStepTuning(split_k=64, tiles_per_prog_b=2, block=100)  # several blocks and programs\n"
+            "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)], t)\n"
+            "_compare('cpu', [(2, 150, 16, 8, 1e-3)], EStepTuning(split_k=64, tiles_per_prog_b=2, block=100, "
+            "split=False))\n"
+            "_pruning('cpu', 1, 800, 16, 8, t)\n"
+            "_given_norms('cpu', t)\n"
+            "_fit('cpu', t)\n")
     run_in_triton_interpreter(code, timeout=600)

@@ -2,10 +2,10 @@
 reaches memory, and table rows whose weights all underflow are skipped.
 
 Work goes in contiguous blocks of vectors (whole heads, or a token range of one head), alternating
-between ``STREAMS`` CUDA streams. Per block, ``uv = x @ W`` gives the separable distance terms:
+between CUDA streams (``EStepTuning.streams``). Per block, ``uv = x @ W`` gives the separable distance terms:
 one float16 tensor-core product of split halves (:mod:`commvq.kernels.split16`, float32-accurate;
 the halves of ``x`` made once per EM stage), unscaled by the kernel that reads it. Tokens are
-taken in tiles of ``BT``, sorted by a hint (the previous iteration's hard codes) so that a tile
+taken in tiles of ``EStepTuning.bt``, sorted by a hint (the previous iteration's hard codes) so that a tile
 holds tokens of the same or nearby cells. Kernel A keeps the tile's terms transposed in a scratch
 and walks its ``E x E`` distance tables twice: column by column, elementwise, for the row minima
 (hence the hard code, ``d_min`` and which rows ``A`` the tile needs), then over the needed rows
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -145,26 +146,36 @@ def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, flag_ptr, list_ptr, cnt_ptr, n_tiles
     tl.store(cnt_ptr + ((h * tl.num_programs(1) + r) * E + a) * E + e, tl.sum(acc, axis=0))
 
 
-BT, WARPS_A, WARPS_B = 32, 4, 8  # H100, EM layer at 8 x 1M: 60.1 s with 4 warps in pass A, 61.8 with 8
-UNROLL = 4  # columns per step of walk 1
-TILES_PER_PROG_B = 128  # pass B: the range of tiles of a program (one row A each)
-STREAMS = 2  # H100, 8 x 1M: 3-6% faster per E-step than one stream
-SPLIT_K = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
-SPLIT = True  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
-BLOCK = 1 << 20  # vectors per block of work (H100, 8 heads x 1M: one head at a time, 0.5 GiB of distance terms)
+@dataclass(frozen=True)
+class EStepTuning:
+    """Block sizes and options of the fused E-step (measured on an H100, EM layer at 8 x 1M; the
+    figures are in docs/benchmarks.md). Callers that tune pass their own; nothing changes globally."""
+
+    bt: int = 32  # tokens per tile
+    warps_a: int = 4  # pass A (60.1 s per layer with 4, 61.8 with 8)
+    warps_b: int = 8
+    unroll: int = 4  # columns per step of pass A's row walk
+    tiles_per_prog_b: int = 128  # pass B: the range of tiles of a program (one row A each)
+    streams: int = 2  # CUDA streams blocks alternate between (3-6% faster per E-step than one)
+    split_k: int = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
+    split: bool = True  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
+    block: int = 1 << 20  # vectors per block of work (8 heads x 1M: one head at a time, 0.5 GiB of terms)
 
 
-def _sum_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+TUNING = EStepTuning()
+
+
+def _sum_products(a: torch.Tensor, b: torch.Tensor, split_k: int) -> torch.Tensor:
     """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` contiguous -> ``[H, M, D]``, float64), split
     over T, on TF32 tensor cores: EM's marginal sums need no more (10-bit weights and vectors, errors
     of either sign over a million terms; the distances, which do, use :mod:`split16`)."""
     h, t, m = a.shape
-    full = t // SPLIT_K * SPLIT_K
+    full = t // split_k * split_k
     out = torch.zeros(h, m, b.shape[-1], dtype=torch.float64, device=a.device)
     with tf32_products():
         if full:
-            pa = a[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, m)
-            pb = b[:, :full].reshape(h * (full // SPLIT_K), SPLIT_K, -1)
+            pa = a[:, :full].reshape(h * (full // split_k), split_k, m)
+            pb = b[:, :full].reshape(h * (full // split_k), split_k, -1)
             out += torch.bmm(pa.transpose(1, 2), pb).view(h, -1, m, b.shape[-1]).sum(1, dtype=torch.float64)
         if full < t:
             out += torch.bmm(a[:, full:].transpose(1, 2), b[:, full:]).double()
@@ -183,7 +194,7 @@ def _distance_terms(xc: torch.Tensor, w: torch.Tensor, split: tuple | None) -> t
 
 def _block_stats(xc: torch.Tensor, split: tuple | None, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor,
                  n: torch.Tensor, g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
-                 stats: EStats) -> tuple[torch.Tensor, torch.Tensor]:
+                 stats: EStats, tuning: EStepTuning) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
     (views of those heads); ``split``: the block's split halves, see :func:`_distance_terms`."""
     h, t, d = xc.shape
@@ -195,10 +206,11 @@ def _block_stats(xc: torch.Tensor, split: tuple | None, xx: torch.Tensor, sc: to
     else:  # codes below 2^15 sort as int16: a two-pass radix sort
         key = hint.to(torch.int16) if e * e <= 1 << 15 else hint
         order = torch.argsort(key, dim=-1, stable=True).to(torch.int32)
-    n_tiles = triton.cdiv(t, BT)
+    bt = tuning.bt
+    n_tiles = triton.cdiv(t, bt)
     xx = xx.contiguous()
-    scratch = torch.empty(h, n_tiles, 2 * e, BT, **f32)
-    tok = torch.empty(h, n_tiles, 3, BT, **f32)  # |x|^2, d_min, 1/Z in tile order
+    scratch = torch.empty(h, n_tiles, 2 * e, bt, **f32)
+    tok = torch.empty(h, n_tiles, 3, bt, **f32)  # |x|^2, d_min, 1/Z in tile order
     marg = torch.empty(h, t, 2 * e, **f32)
     hard = torch.empty(h, t, device=xc.device, dtype=torch.int32)
     flags = torch.empty(h, n_tiles, e, device=xc.device, dtype=torch.int8)
@@ -207,16 +219,16 @@ def _block_stats(xc: torch.Tensor, split: tuple | None, xx: torch.Tensor, sc: to
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
     _pass_a[(n_tiles, h)](uv, xr, wc, xx, sc.float().contiguous(), n, g, gt, order, scratch, tok, marg, hard, flags,
-                          tile_err, t, c, cut, E=e, BT=BT, UNROLL=UNROLL, num_warps=WARPS_A)
+                          tile_err, t, c, cut, E=e, BT=bt, UNROLL=tuning.unroll, num_warps=tuning.warps_a)
     # pass B visits only the needed (row, tile) pairs: a program takes one row within a fixed range of
     # tiles, lists the tiles that need it from their flags, in order (the same sums as walking all)
-    n_prog = triton.cdiv(n_tiles, TILES_PER_PROG_B)
-    lists = torch.empty(h, e, n_prog, TILES_PER_PROG_B, device=xc.device, dtype=torch.int32)
+    n_prog = triton.cdiv(n_tiles, tuning.tiles_per_prog_b)
+    lists = torch.empty(h, e, n_prog, tuning.tiles_per_prog_b, device=xc.device, dtype=torch.int32)
     cnt = torch.empty(h, n_prog, e, e, **f32)
-    _pass_b[(e, n_prog, h)](n, g, scratch, tok, flags, lists, cnt, n_tiles, c, E=e, BT=BT, RANGE=TILES_PER_PROG_B,
-                            num_warps=WARPS_B)
+    _pass_b[(e, n_prog, h)](n, g, scratch, tok, flags, lists, cnt, n_tiles, c, E=e, BT=bt,
+                            RANGE=tuning.tiles_per_prog_b, num_warps=tuning.warps_b)
     stats.count += cnt.sum(1, dtype=torch.float64)
-    sums = _sum_products(marg, xc)  # the marginals are already divided by Z
+    sums = _sum_products(marg, xc, tuning.split_k)  # the marginals are already divided by Z
     stats.sum_a += sums[:, :e]
     stats.sum_b += sums[:, e:]
     stats.sum_xx += xx.sum(-1, dtype=torch.float64)
@@ -236,27 +248,28 @@ def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
 _side_streams: dict = {}  # device -> the extra streams of the E-step (created once)
 
 
-def _streams(device: torch.device) -> list:
+def _streams(device: torch.device, count: int) -> list:
     made = _side_streams.setdefault(device, [])
-    made += [torch.cuda.Stream(device) for _ in range(STREAMS - 1 - len(made))]
-    return [torch.cuda.current_stream(device)] + _side_streams[device][: STREAMS - 1]
+    made += [torch.cuda.Stream(device) for _ in range(count - 1 - len(made))]
+    return [torch.cuda.current_stream(device)] + _side_streams[device][: count - 1]
 
 
-def stage_cache(x: torch.Tensor, cache: dict | None) -> dict:
+def stage_cache(x: torch.Tensor, cache: dict | None, split: bool = True) -> dict:
     """What the E-steps of one stage share for vectors ``x [H, N, D]`` that stay fixed: ``|x|^2``
-    and, with ``SPLIT`` (where torch supports it), the split halves of ``x`` and their unscaling
+    and, with ``split`` (where torch supports it), the split halves of ``x`` and their unscaling
     (``x3 [H, N, 3D]`` float16: 1.5x the bytes of ``x``). Filled into ``cache`` on first use when
     one is given."""
     cache = {} if cache is None else cache
     if "xx" not in cache:
         cache["xx"] = torch.linalg.vector_norm(x, dim=-1).square_()
-    if SPLIT and "x3" not in cache and split16.supported(x.device):
+    if split and "x3" not in cache and split16.supported(x.device):
         cache["x3"], cache["xr"] = split16.split_rows(x)
     return cache
 
 
 def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-                  hint: torch.Tensor | None = None, prune: bool = True, cache: dict | None = None) -> EStats:
+                  hint: torch.Tensor | None = None, prune: bool = True, cache: dict | None = None,
+                  tuning: EStepTuning = TUNING) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
@@ -264,7 +277,7 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     ``prune=False`` walks every row (same results bit for bit). ``cache``: a dict kept by a caller
     whose ``x`` stays fixed over many calls (EM, within a stage), holding what :func:`stage_cache`
     derives from ``x`` once (``|x|^2`` as ``"xx"``, which a caller may also put there). Work goes in blocks
-    of about ``BLOCK`` vectors, each contiguous (whole heads, or part of one head): no copies.
+    of about ``tuning.block`` vectors, each contiguous (whole heads, or part of one head): no copies.
     ``chunk`` is accepted for the common signature (the kernels need no smaller blocks).
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -275,24 +288,24 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     h, big_n, d = x.shape
     stats = empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
-    cache = stage_cache(x, cache)
-    xx, x3, xr = cache["xx"], cache.get("x3") if SPLIT else None, cache.get("xr")
+    cache = stage_cache(x, cache, tuning.split)
+    xx, x3, xr = cache["xx"], cache.get("x3") if tuning.split else None, cache.get("xr")
     w3, wc = split16.split_cols(w) if x3 is not None else (None, None)
     needed, total = [], 0
-    # blocks alternate between STREAMS streams: one block's matmuls can overlap another's kernels
-    streams = _streams(x.device) if x.is_cuda else [None]
+    # blocks alternate between streams: one block's matmuls can overlap another's kernels
+    streams = _streams(x.device, tuning.streams) if x.is_cuda else [None]
     for st in streams[1:]:
         st.wait_stream(streams[0])
-    for k, (hs, ts) in enumerate(_blocks(h, big_n, BLOCK)):
+    for k, (hs, ts) in enumerate(_blocks(h, big_n, tuning.block)):
         st = streams[k % len(streams)]
         with torch.cuda.stream(st) if st is not None else contextlib.nullcontext():
             part = EStats(*(getattr(stats, f)[hs] for f in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
             part_hint = None if hint is None else hint[hs, ts]
             split = None if x3 is None else (x3[hs, ts], xr[hs, ts], w3[hs], wc[hs])
             hard[hs, ts], rows = _block_stats(x[hs, ts], split, xx[hs, ts], s[ts], w[hs], n[hs], g[hs], part_hint,
-                                              tau, prune, part)
+                                              tau, prune, part, tuning)
         needed.append(rows)
-        total += (hs.stop - hs.start) * triton.cdiv(ts.stop - ts.start, BT) * n.shape[-1]
+        total += (hs.stop - hs.start) * triton.cdiv(ts.stop - ts.start, tuning.bt) * n.shape[-1]
     for st in streams[1:]:
         streams[0].wait_stream(st)
     stats.hard = hard
