@@ -166,14 +166,12 @@ def tune_encode(x, residuals: int, batch: int) -> dict:
     thetas = e2e.init_random(x, residuals, 64, torch.Generator().manual_seed(0))
     xb = x[:, :batch].contiguous()
     out = {}
-    keep = enc.BT, enc.WARPS, enc.UNROLL
     for bt, warps, unroll in itertools.product((16, 32), (4, 8), (1, 2, 4, 8)):
-        enc.BT, enc.WARPS, enc.UNROLL = bt, warps, unroll
-        table = kernel_table(lambda: enc.encode_triton_with_residuals(xb, thetas), 20, "encode", top=0)
+        tuning = enc.EncodeTuning(bt=bt, warps=warps, unroll=unroll)
+        table = kernel_table(lambda t=tuning: enc.encode_triton_with_residuals(xb, thetas, t), 20, "encode", top=0)
         us = table["by_kernel"].get("_encode_kernel", float("nan"))
         out[f"BT{bt}_W{warps}_U{unroll}"] = us
         print(f"encode kernel, batch {batch}: BT {bt:3d} warps {warps} unroll {unroll}: {us:8.1f} us", flush=True)
-    enc.BT, enc.WARPS, enc.UNROLL = keep
     return out
 
 

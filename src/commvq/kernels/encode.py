@@ -9,6 +9,7 @@ Per block of tokens of one head the residual stays on chip: for each stage, ``uv
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -56,24 +57,33 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr
         tl.debug_barrier()
 
 
-BT = 16
-WARPS = 4
-UNROLL = 8  # rows per step of the search loop (H100, batch 256 x 8 heads x 21 stages: 242 us; 302 with 1 or 4)
+@dataclass(frozen=True)
+class EncodeTuning:
+    """Block sizes of the greedy encoder kernel (a tuning benchmark passes its own)."""
+
+    bt: int = 16  # tokens per program
+    warps: int = 4
+    unroll: int = 8  # rows per step of the search loop (H100, batch 256 x 8 heads x 21 stages: 242 us; 1 or 4: 302)
 
 
-def encode_triton(x: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+TUNING = EncodeTuning()
+
+
+def encode_triton(x: torch.Tensor, thetas: torch.Tensor, tuning: EncodeTuning = TUNING) -> torch.Tensor:
     """Greedy codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` with ``thetas [H, R, 2E, P]``."""
-    return _launch(x, thetas, residuals=False)[0]
+    return _launch(x, thetas, False, tuning)[0]
 
 
-def encode_triton_with_residuals(x: torch.Tensor, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_triton_with_residuals(x: torch.Tensor, thetas: torch.Tensor,
+                                 tuning: EncodeTuning = TUNING) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy codes and what each stage leaves, ``[R, H, N, D]``, as
     :func:`commvq.quant.residual.encode_with_residuals` (stored head-major, so ``.transpose(0, 1)``
     is a contiguous ``[H, R, N, D]``)."""
-    return _launch(x, thetas, residuals=True)
+    return _launch(x, thetas, True, tuning)
 
 
-def _launch(x: torch.Tensor, thetas: torch.Tensor, residuals: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(x: torch.Tensor, thetas: torch.Tensor, residuals: bool,
+            tuning: EncodeTuning) -> tuple[torch.Tensor, torch.Tensor]:
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("encode_triton needs CUDA tensors")
     h, t, d = x.shape
@@ -82,10 +92,11 @@ def _launch(x: torch.Tensor, thetas: torch.Tensor, residuals: bool) -> tuple[tor
     w, n, g = (v.contiguous() for v in search_tables(th.flatten(0, 1)))  # [H*R, D, 2E], [H*R, E], [H*R, E, E]
     table = decode_table(th.flatten(0, 1)).contiguous()  # [H*R, 2E, D]
     xs = x.detach().float().contiguous()
-    blocks = triton.cdiv(t, BT)
-    uv = torch.empty(h * blocks * BT, 2 * e, device=x.device, dtype=torch.float32)
+    bt = tuning.bt
+    blocks = triton.cdiv(t, bt)
+    uv = torch.empty(h * blocks * bt, 2 * e, device=x.device, dtype=torch.float32)
     codes = torch.empty(h, t, r, device=x.device, dtype=torch.int32)
     res = torch.empty(h, r if residuals else 1, t, d, device=x.device, dtype=torch.float32)
-    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=BT, UNROLL=UNROLL,
-                                STORE_RES=residuals, num_warps=WARPS)
+    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=bt, UNROLL=tuning.unroll,
+                                STORE_RES=residuals, num_warps=tuning.warps)
     return codes.long(), res.transpose(0, 1)
