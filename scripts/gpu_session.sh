@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
-# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests key_training profile profile_enc profile_stage decode_tests breakdown floor probe decode decode8 decodemax host generate em_* e2e_* collect
+# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests key_training profile profile_enc profile_stage decode_tests breakdown decode decode8 decodemax host generate em_* e2e_* collect
 set -uo pipefail
 . scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -18,9 +18,6 @@ for what in "$@"; do
     decode) python3 benchmarks/decode_attention.py 2>&1 | tee "$OUT/decode.log" | tail -12 ;;
     decode8) python3 benchmarks/decode_attention.py --batch 8 2>&1 | tee "$OUT/decode8.log" | tail -12 ;;
     decodemax) python3 benchmarks/decode_attention.py --batch max 2>&1 | tee "$OUT/decodemax.log" | tail -18 ;;
-    floor) python3 benchmarks/decode_floor.py 2>&1 | tee "$OUT/floor.log" | grep -v "^{" | tail -14
-           python3 benchmarks/decode_floor.py --bits 1 2>&1 | tee "$OUT/floor1.log" | grep -v "^{" | tail -12 ;;
-    probe) python3 benchmarks/scores_probe.py 2>&1 | tee "$OUT/probe.log" | grep -v "^{" | tail -60 ;;
     host) python3 benchmarks/decode_host.py 2>&1 | tee "$OUT/host.log" | grep -v "^{" | tail -64 ;;
     generate_small) timeout 200 python3 benchmarks/generate_speed.py --shape smollm2-135m --prompt 4096 --new 64 2>&1 | grep -v "it/s\]" | tee "$OUT/generate_small.log" | tail -6 ;;
     generate32k) timeout 300 python3 benchmarks/generate_speed.py --prompt 32768 --new 16 2>&1 | grep -v "it/s\]" | tee "$OUT/generate32k.log" | tail -6 ;;

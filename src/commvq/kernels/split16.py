@@ -7,7 +7,7 @@ precision) is one float16 product with float32 accumulation and output, of ``[a_
 (``K`` tripled) by ``[b_hi; b_lo; b_hi]``, followed by the exact power-of-two unscaling
 ``out[i, j] * row_scale[i] * col_scale[j]``, which callers fuse into the kernel that reads the product.
 The small terms come first: the tensor cores' accumulator rounds toward zero, so every step added
-to the large ``hi @ hi`` sum biases it (H100, ``benchmarks/split_precision.py``: a mean error of
+to the large ``hi @ hi`` sum biases it (H100, a probe, docs/benchmarks.md: a mean error of
 4.6e-8 of ``|a| |b|`` toward zero with ``hi @ hi`` first, more than the whole RMS error of float32
 on the CUDA cores, 1.7e-8; small terms first: 9e-9, as with the three products apart).
 
