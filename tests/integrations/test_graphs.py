@@ -1,66 +1,87 @@
-"""When a layer's decode step is captured, replayed, dropped (no GPU: capture and replay are faked)."""
+"""A layer's decode graph on a CPU: when it is captured, replayed and dropped, and that what it
+replays (the layer's attention on the fixed buffers it fills) gives the eager step's output. Only
+the CUDA recording is stood in for: its replay runs the recorded step again, as a graph does."""
 
 import types
 
+import pytest
 import torch
 
-from commvq.integrations.hf import graphs
+from commvq.codecs import cache_parts as parts
+from commvq.integrations.hf import graphs, use_commvq
+from commvq.integrations.hf.attention import cache_kwargs
+from commvq.integrations.hf.cache import CommVQCache
+from commvq.integrations.hf.loader import load_model
 
 
-class _FakeGraph:
-    def __init__(self, owner):
-        self.owner = owner
-
-    def replay(self):
-        self.owner.out.copy_(self.owner.q * 2)
-
-
-def _layer(version=0, window=4, w=2):
-    return types.SimpleNamespace(store_version=version, num_sink=0, num_compressed=8, window=window,
-                                 num_window=w, layer_idx=0, win_k=torch.zeros(1, 1, w, 2),
-                                 win_v=torch.zeros(1, 1, w, 2))
+@pytest.fixture(scope="module")
+def model(tiny_models):
+    m = load_model(str(tiny_models["llama"]), model_dtype="float32", device="cpu").model
+    use_commvq(m)
+    return m
 
 
-def test_capture_on_the_second_step_and_drop_on_a_new_store(monkeypatch):
+def _feed(model, cache, ids):
+    with torch.no_grad():
+        model(ids, use_cache=True, **cache_kwargs(model, cache))
+
+
+def _graph(monkeypatch):
     handles = iter(range(100))
     monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: next(handles))
-    pool = graphs.GraphPool()
-    g = graphs.DecodeGraph(pool)
-    captured = []
+    g = graphs.DecodeGraph(graphs.GraphPool())
+    recorded = []
 
-    def capture(layer, query, scaling, mask):
-        g.q, g.out = torch.empty_like(query), torch.empty_like(query)
-        g.k = g.v = torch.zeros(1, 1, layer.window + 1, 2)
-        g.length = torch.zeros((), dtype=torch.long)
-        if mask is not None:
-            g.mask = torch.ones(1, 1, 1, layer.num_compressed + layer.window + 1, dtype=torch.bool)
-        g.graph = _FakeGraph(g)
-        captured.append(pool.handle())
-        pool.live += 1
+    def record(step, device):
+        g.out = step()
+        recorded.append(g.pool.handle())
+        return types.SimpleNamespace(replay=lambda: g.out.copy_(step()))
 
-    monkeypatch.setattr(g, "_capture", capture)
-    q = torch.ones(1, 2, 1, 2)
-    layer = _layer()
-    assert g.run(layer, q, 0.5) is None and not captured  # first step with this store: eager
-    out = g.run(layer, q, 0.5)
-    assert torch.equal(out, q * 2) and captured == [0] and pool.live == 1 and g.replays == 1
-    layer.num_window, layer.win_k, layer.win_v = 3, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2)
-    assert torch.equal(g.run(layer, q * 3, 0.5), q * 6) and g.length == 3 and len(captured) == 1
-    assert g.k[0, 0, :3].eq(1).all()  # the window copied into the fixed slots
-    layer.store_version = 1  # a flush replaced the store: dropped, eager once, then captured again
-    assert g.run(layer, q, 0.5) is None and pool.live == 0
-    assert g.run(layer, q, 0.5) is not None and captured == [0, 1]  # a new pool: the old one died with its graph
-    for version in range(2, 6):  # a store replaced every step (beam search) never captures
-        layer.store_version = version
-        assert g.run(layer, q, 0.5) is None
-    assert len(captured) == 2
-    # a padded batch's mask: a new graph, the mask's last row copied into the fixed buffer
-    mask = torch.ones(1, 1, 1, 8 + layer.num_window, dtype=torch.bool)
-    mask[..., :3] = False
-    assert g.run(layer, q, 0.5, mask) is None  # first step with a mask
-    assert g.run(layer, q, 0.5, mask) is not None and len(captured) == 3
-    assert torch.equal(g.mask[..., :11], mask[..., -1:, :11]) and g.mask[..., 11:].all()
-    layer.num_window = layer.window + 2  # more than the buffers hold: eager
-    assert g.run(layer, q, 0.5) is None
+    monkeypatch.setattr(g, "_record", record)
+    return g, recorded
+
+
+def test_replays_give_the_eager_step_and_are_dropped_when_the_store_changes(model, monkeypatch):
+    ids = torch.randint(1, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+    cache = CommVQCache(2, parts.DenseKeys(), parts.DenseValues(), window=8, sink=2, graphs=False)
+    _feed(model, cache, ids[:, :27])
+    layer = cache.layers[1]
+    assert layer.num_compressed > 0 and layer.num_window <= 4
+    g, recorded = _graph(monkeypatch)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    assert g.run(layer, q, 0.25) is None and not recorded  # the first step with this store: eager
+    for step in range(3):  # captured once, then replayed as the window grows
+        q = torch.randn(2, 4, 1, 16, generator=gen)
+        torch.testing.assert_close(g.run(layer, q, 0.25), layer._mixed(q, None, 0.25))
+        _feed(model, cache, ids[:, 27 + step:28 + step])
+    assert len(recorded) == 1 and g.replays == 3 and g.pool.live == 1
+    version = layer.store_version
+    _feed(model, cache, ids[:, 30:38])  # a flush replaces the store: dropped, eager once, captured again
+    assert layer.store_version > version
+    assert g.run(layer, q, 0.25) is None and g.pool.live == 0
+    torch.testing.assert_close(g.run(layer, q, 0.25), layer._mixed(q, None, 0.25))
+    assert recorded == [0, 1]  # a new pool: the old one died with its graph
+    for _ in range(3):  # a store replaced every step (beam search) never captures
+        layer.store_version += 1
+        assert g.run(layer, q, 0.25) is None
+    assert len(recorded) == 2
     g.release()
-    assert g.graph is None and pool.live == 0
+    assert g.graph is None and g.pool.live == 0
+
+
+def test_a_padded_batch_replays_with_its_mask_and_an_overfull_window_stays_eager(model, monkeypatch):
+    ids = torch.randint(1, 100, (2, 30), generator=torch.Generator().manual_seed(2))
+    cache = CommVQCache(2, parts.DenseKeys(), parts.DenseValues(), window=8, sink=2, graphs=False)
+    _feed(model, cache, ids[:, :27])
+    layer = cache.layers[0]
+    g, recorded = _graph(monkeypatch)
+    total = layer.get_seq_length()
+    mask = torch.ones(2, 1, 1, total, dtype=torch.bool)
+    mask[1, ..., :5] = False  # the second row left-padded
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
+    assert g.run(layer, q, 0.25, mask) is None
+    torch.testing.assert_close(g.run(layer, q, 0.25, mask), layer._mixed(q, mask, 0.25))
+    assert len(recorded) == 1 and g.mask.shape[-1] == layer.num_sink + layer.num_compressed + layer.window + 1
+    monkeypatch.setattr(type(layer), "num_window", property(lambda self: self.window + 2))
+    assert g.run(layer, q, 0.25, mask) is None  # more tokens than the buffers hold: eager

@@ -93,6 +93,7 @@ class DecodeGraph:
             self.mask[..., :total].copy_(mask[..., -1:, :total])
 
     def _capture(self, layer: Any, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> None:
+        """Fixed buffers for the step's inputs, filled, and the step on them recorded as a graph."""
         slots = layer.window + 1
         device = query.device
         self.q = torch.empty(query.shape, device=device, dtype=torch.float32)
@@ -104,13 +105,17 @@ class DecodeGraph:
             self.mask = torch.ones(mask.shape[0], mask.shape[1], 1, total, device=device, dtype=torch.bool)
         self._fill(layer, query, mask)
         window = (self.k, self.v, self.length)
+        self.graph = self._record(lambda: layer._mixed(self.q, self.mask, scaling, window), device)
+        self.pool.live += 1
+
+    def _record(self, step, device: torch.device) -> torch.cuda.CUDAGraph:
+        """``step`` (the layer's attention on the fixed buffers) captured; its output buffer is ``out``."""
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up outside the capture (compilation, workspaces, tables)
-            layer._mixed(self.q, self.mask, scaling, window)
+            step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool.handle()):
-            self.out = layer._mixed(self.q, self.mask, scaling, window)
-        self.graph = graph
-        self.pool.live += 1
+            self.out = step()
+        return graph
