@@ -83,9 +83,24 @@ def test_eval_values_rebuilds_the_training_start(prepared, tiny_llama, corpus_di
         assert torch.equal(a.encode(v)[0], b.encode(v)[0])
     out = eval_values.run(eval_values.EvalValuesConfig(
         codec_dirs=[cfg.output_dir], model=str(tiny_llama), dataset=str(corpus_dir), max_seq_length=32,
-        num_sequences=2, scale_file=cfg.scale_file, output=tmp_path / "eval", device="cpu"))
+        num_sequences=2, scale_file=cfg.scale_file, output=tmp_path / "eval", device="cpu", rounded="bfloat16"))
     rows = json.loads((out / "values.json").read_text())["rows"]
-    assert {"codec", "start_codec", "untrained_2bit", "kivi2"} <= set(rows[0])
+    assert {"codec", "codec@bfloat16", "start_codec", "untrained_2bit", "kivi2"} <= set(rows[0])
+    with pytest.raises(ValueError, match="--rounded int8: use bfloat16, float16"):
+        eval_values.EvalValuesConfig(codec_dirs=[cfg.output_dir], rounded="int8")
+
+
+def test_a_rounded_codec_holds_only_what_its_dtype_holds(prepared, tiny_llama, corpus_dir):
+    from commvq.pipeline import eval_values
+
+    lm, tmp_path = prepared
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, steps=2)
+    train_values.run(cfg, loaded=lm)
+    codec = ValueCodec.load(cfg.output_dir, 2, 32)
+    half = eval_values.rounded(codec, torch.bfloat16)
+    pairs = list(zip(codec.parameters(), half.parameters(), strict=True))
+    assert pairs and all(torch.equal(b, a.bfloat16().float()) for a, b in pairs)
+    assert any(not torch.equal(a, b) for a, b in pairs)  # the original is untouched, the copy rounded
 
 
 def test_bad_scale_files_are_refused(prepared, tiny_llama, corpus_dir):

@@ -3,6 +3,7 @@ scalar quantization at the same bits, on held-out text. Writes JSON and a Markdo
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -20,6 +21,22 @@ from commvq.integrations.hf.loader import load_model
 from commvq.pipeline.scale import load_scales
 from commvq.pipeline.train_values import TrainValuesConfig, start_codec
 
+ROUNDABLE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def rounded(codec: ValueCodec, dtype: torch.dtype) -> ValueCodec:
+    """A copy of ``codec`` whose float weights hold only what ``dtype`` holds (computed in float32)."""
+    out = copy.deepcopy(codec)
+    with torch.no_grad():
+        for t in itertools.chain(out.parameters(), out.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.to(dtype).to(t.dtype))
+    return out
+
 
 @dataclass(frozen=True)
 class EvalValuesConfig:
@@ -30,6 +47,8 @@ class EvalValuesConfig:
     num_sequences: int = option(4, "held-out sequences")
     scale_file: Path | None = option(None, "also evaluate, with these scales, each codec's training start "
                                      "(rebuilt from its recorded settings) and a random-rotation codec")
+    rounded: str = option("", "also each codec with its weights rounded to these dtypes (e.g. bfloat16,float16): "
+                          "what holding the codec in that dtype would cost")
     output: Path = option(Path("eval_values"), "folder for values.json and values.md")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
 
@@ -37,6 +56,9 @@ class EvalValuesConfig:
         object.__setattr__(self, "codec_dirs", [Path(d) for d in self.codec_dirs])
         if not self.codec_dirs:
             raise ValueError("give at least one value codec folder")
+        bad = [d for d in _names(self.rounded) if d not in ROUNDABLE]
+        if bad:
+            raise ValueError(f"--rounded {','.join(bad)}: use {', '.join(ROUNDABLE)}")
 
 
 def run(cfg: EvalValuesConfig) -> Path:
@@ -47,6 +69,8 @@ def run(cfg: EvalValuesConfig) -> Path:
     for d in cfg.codec_dirs:
         c = ValueCodec.load(d, spec.num_layers, spec.kv_dim).to(loaded.model.device)
         codecs[f"{d.name}"] = c
+        for name in _names(cfg.rounded):
+            codecs[f"{d.name}@{name}"] = rounded(c, ROUNDABLE[name])
         bits.add(c.quant_bits)
     if cfg.scale_file is not None:
         values = load_scales(cfg.scale_file)["value"]
