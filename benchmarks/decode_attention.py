@@ -215,8 +215,6 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    capacity = {name: int((total - WEIGHTS) / (bpt * LAYERS)) if total else 0
-                for name, bpt in (("fp16", fp16_token), ("commvq2", per_token[2]), ("commvq1", per_token[1]))}
     commit = commit_id()
     print(f"card {card}; commit {commit}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, "
           f"window {window}")
@@ -233,11 +231,11 @@ def main() -> None:
         for r_ in rows:
             print(f"{r_['bits']:>4} {r_['context']:>8}  CommVQ batch {r_['batch']}: {r_['seq_per_ms_commvq']:.2f}; "
                   f"FP16 batch {r_['fp16_max_batch']} ({r_['fp16_at_max_ms']:.3f} ms): {r_['seq_per_ms_fp16']:.2f}")
-    print(f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f}; "
-          f"tokens (batch x context) that fit beside bf16 weights: {capacity}")
+    print(f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f} "
+          "(tokens that fit, every part counted: benchmarks/cache_memory.py)")
     print(json.dumps({"bench": "decode_attention", "card": card, "rows": rows, "bytes_per_token_layer":
                       {"fp16": fp16_token, **{f"commvq{k}": v for k, v in per_token.items()}},
-                      "capacity_tokens": capacity, "commit": commit}))
+                      "commit": commit}))
 
 
 if __name__ == "__main__":
