@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from commvq.quant import commutative
+
 
 @triton.jit
 def _load_code(row, off, row_bytes, tmask, CODE_BITS: tl.constexpr):
@@ -152,19 +154,15 @@ def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_p
     tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
 
 
-def score_table(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None) -> torch.Tensor:
+def trick_tables(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None) -> torch.Tensor:
     """``u [B, Hkv, R, E, GP*D]`` (fp32): per KV head, stage and entry, the two components
     ``[q_re R + q_im I | -q_re I + q_im R]`` of each of its ``G`` query heads (zero-padded to GP)."""
     b, hq, d = q.shape
     hkv, r, e2, p = thetas.shape
     g = hq // hkv
-    re, im = thetas[:, :, 0::2].float(), thetas[:, :, 1::2].float()  # [Hkv, R, E, P]
-    qh = q.float().reshape(b, hkv, g, d)
-    q_re, q_im = qh[..., :p], qh[..., p:]  # [B, Hkv, G, P]
-    # einsum over nothing but broadcasting: [B, Hkv, 1, 1, G, P] x [1, Hkv, R, E, 1, P]
-    q_re, q_im = q_re[:, :, None, None], q_im[:, :, None, None]
-    re, im = re[None, :, :, :, None], im[None, :, :, :, None]
-    u = torch.cat((q_re * re + q_im * im, -q_re * im + q_im * re), dim=-1)  # [B, Hkv, R, E, G, D]
+    # [B, Hkv, 1, G, D] against [1, Hkv, R, 1, 2E, P]: [B, Hkv, R, G, E, P, 2]
+    u = commutative.score_table(q.float().reshape(b, hkv, 1, g, d), thetas.float()[None, :, :, None])
+    u = u.permute(0, 1, 2, 4, 3, 6, 5).reshape(b, hkv, r, e2 // 2, g, d)  # [B, Hkv, R, E, G, (2, P)]
     gp = heads_padded or g
     if gp > g:
         u = torch.nn.functional.pad(u, (0, 0, 0, gp - g))
@@ -214,7 +212,7 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
     args = (packed.contiguous(), prescale.contiguous(), positions.contiguous(), inv_freq.float().contiguous())
     if style == "trick":
         gp = triton.next_power_of_2(g)
-        _scores_kernel[grid](score_table(q, thetas, gp), *args, out, n, packed.shape[2], scale, GP=gp, BN=block,
+        _scores_kernel[grid](trick_tables(q, thetas, gp), *args, out, n, packed.shape[2], scale, GP=gp, BN=block,
                              **common)
     else:
         _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from commvq.quant.binary import bits_from_index
+from commvq.quant.commutative import score_table
 
 
 def kv_head_of(num_q_heads: int, num_kv_heads: int, device=None) -> torch.Tensor:
@@ -19,14 +20,11 @@ def kv_head_of(num_q_heads: int, num_kv_heads: int, device=None) -> torch.Tensor
 
 
 def score_tables(q: torch.Tensor, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u0, u1)`` of shape ``[B, Hq, Tq, R, E, P]``: the two components of ``q_f^T M(a_e[f])``."""
-    b, hq, tq, d = q.shape
-    p = d // 2
-    heads = kv_head_of(hq, thetas.shape[0], q.device)
-    re, im = thetas[heads, :, 0::2, :].float(), thetas[heads, :, 1::2, :].float()  # [Hq, R, E, P]
-    q_re = q[..., :p].float()[:, :, :, None, None, :]
-    q_im = q[..., p:].float()[:, :, :, None, None, :]
-    return q_re * re[None, :, None] + q_im * im[None, :, None], -q_re * im[None, :, None] + q_im * re[None, :, None]
+    """``(u0, u1)`` of shape ``[B, Hq, Tq, R, E, P]``: the two components of ``q_f^T M(a_e[f])``
+    (:func:`commvq.quant.commutative.score_table` per query head, stage and entry)."""
+    heads = kv_head_of(q.shape[1], thetas.shape[0], q.device)
+    u = score_table(q.float()[:, :, :, None], thetas[heads].float()[None, :, None])  # [B, Hq, Tq, R, E, P, 2]
+    return u[..., 0], u[..., 1]
 
 
 def commvq_scores(q: torch.Tensor, codes: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
