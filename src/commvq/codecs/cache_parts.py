@@ -57,7 +57,41 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3)
 
 
-class DenseKeys:
+class KeysPart:
+    """The key side of a cache: ``compress`` a block of post-RoPE keys ``[B, H, n, D]`` (with their
+    positions) into stored tensors, and ``scores`` queries ``[B, Hq, Tq, D]`` against stored blocks."""
+
+    name = "keys"
+
+    def compress(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def graphable(self, q: torch.Tensor) -> bool:
+        """Whether single-token work for ``q`` runs on kernels a CUDA graph can capture (default: no)."""
+        return False
+
+
+class ValuesPart:
+    """The value side of a cache: ``compress`` a block of values ``[B, H, n, D]``, and mix stored
+    blocks by attention probabilities ``[B, Hq, Tq, N]`` (``values``)."""
+
+    name = "values"
+
+    def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def graphable(self, q: torch.Tensor) -> bool:
+        """Whether single-token mixing for ``q`` runs on kernels a CUDA graph can capture (default: no)."""
+        return False
+
+
+class DenseKeys(KeysPart):
     """Keys as the model computed them (after RoPE), in the model's dtype."""
 
     name = "dense"
@@ -70,7 +104,7 @@ class DenseKeys:
         return grouped(q.float(), _heads_first(block["k"]).float().transpose(-1, -2))
 
 
-class DenseValues:
+class DenseValues(ValuesPart):
     name = "dense"
 
 
@@ -96,7 +130,7 @@ def _kivi_load(store: dict, bits: int, group: int, dim: int) -> torch.Tensor:
     return kivi.dequantize(codes, store["lo"], store["step"], group, dim)
 
 
-class KiviKeys:
+class KiviKeys(KeysPart):
     """KIVI: keys quantized per channel, in groups of ``group`` tokens (blocks are multiples of it)."""
 
     def __init__(self, bits: int, group: int = 32) -> None:
@@ -114,7 +148,7 @@ class KiviKeys:
         return grouped(q.float(), _heads_first(k).float().transpose(-1, -2))
 
 
-class KiviValues:
+class KiviValues(ValuesPart):
     """KIVI: values quantized per token, in groups of ``group`` channels."""
 
     def __init__(self, bits: int, group: int = 32) -> None:
@@ -131,7 +165,7 @@ class KiviValues:
         return grouped(probs.float(), _heads_first(v).float())
 
 
-class CommVQKeys:
+class CommVQKeys(KeysPart):
     """12-bit residual codes of the pre-RoPE keys (un-rotated with the model's own angles), one
     prescale and one position per token. Scores come from the codes: in torch by the commutative trick
     (per-query tables) or a transient decode, whichever costs less; on a GPU by the decode kernel,
@@ -205,7 +239,7 @@ class CommVQKeys:
         return grouped(q.float(), _heads_first(k).float().transpose(-1, -2))
 
 
-class CommVQValues:
+class CommVQValues(ValuesPart):
     """Learned binary codes (2 bits per group of patterns, packed) and one factor per token."""
 
     name = "commvq"

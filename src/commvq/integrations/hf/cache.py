@@ -38,8 +38,8 @@ class CommVQLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, layer_idx: int, keys: Any, values: Any, window: int = 128, sink: int = 0,
-                 quantize_prefill: bool = False, graphs: GraphPool | None = None) -> None:
+    def __init__(self, layer_idx: int, keys: parts.KeysPart, values: parts.ValuesPart, window: int = 128,
+                 sink: int = 0, quantize_prefill: bool = False, graphs: GraphPool | None = None) -> None:
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window={window} must be >= 1 and sink={sink} >= 0")
@@ -215,7 +215,7 @@ class CommVQLayer(CacheLayerMixin):
                                            or attention_mask.shape[-1] < self.get_seq_length()):
             return False
         return (self.graph is not None and query.shape[2] == 1 and query.is_cuda
-                and self.num_compressed > 0 and all(getattr(part, "graphable", lambda q: False)(query)
+                and self.num_compressed > 0 and all(part.graphable(query)
                                                     for part in (self.keys_part, self.values_part))
                 and not torch.cuda.is_current_stream_capturing())
 
@@ -276,8 +276,8 @@ class CommVQLayer(CacheLayerMixin):
 class CommVQCache(Cache):
     """A compressed KV cache for ``model.generate(past_key_values=...)`` and forward passes."""
 
-    def __init__(self, num_layers: int, keys: Any, values: Any, window: int = 128, sink: int = 0,
-                 quantize_prefill: bool = False, graphs: bool = True) -> None:
+    def __init__(self, num_layers: int, keys: parts.KeysPart, values: parts.ValuesPart, window: int = 128,
+                 sink: int = 0, quantize_prefill: bool = False, graphs: bool = True) -> None:
         """``graphs``: on a GPU, run single-token decode steps as captured CUDA graphs where they
         can be (:mod:`commvq.integrations.hf.graphs`; same results, less host time)."""
         pool = GraphPool() if graphs else None
@@ -300,13 +300,13 @@ class CommVQCache(Cache):
         check_supported(model)
         use_commvq(model)
         device = next(model.parameters()).device
-        keys: Any = parts.DenseKeys()
+        keys: parts.KeysPart = parts.DenseKeys()
         if key_dir is not None:
             rotary = model.base_model.rotary_emb
             books = [io.load_key_codebook(key_dir, i, spec, beam).to(device, kernels) for i in range(spec.num_layers)]
             keys = parts.CommVQKeys(books, rotary.inv_freq.to(device), float(getattr(rotary, "attention_scaling", 1.0)),
                                     kernels=kernels)
-        values: Any = parts.DenseValues()
+        values: parts.ValuesPart = parts.DenseValues()
         if value_dir is not None:
             codec = ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim).to(device)
             values = parts.CommVQValues(codec, spec.num_kv_heads, kernels)
