@@ -26,12 +26,12 @@ def test_memo_rebuilds_only_when_a_source_changes():
         builds.append(1)
         return w.detach() * 2
 
-    first = parts.memo(store, 0, (w,), build)
-    assert parts.memo(store, 0, (w,), build) is first and len(builds) == 1
+    first = parts.rebuilt_on_change(store, 0, (w,), build)
+    assert parts.rebuilt_on_change(store, 0, (w,), build) is first and len(builds) == 1
     with torch.no_grad():
         w.add_(1.0)  # trained or reloaded in place
-    torch.testing.assert_close(parts.memo(store, 0, (w,), build), torch.full((3,), 4.0))
+    torch.testing.assert_close(parts.rebuilt_on_change(store, 0, (w,), build), torch.full((3,), 4.0))
     assert len(builds) == 2
     w2 = torch.nn.Parameter(torch.zeros(3))  # replaced (e.g. moved to another device)
-    assert parts.memo(store, 0, (w2,), lambda: w2.detach() + 1).sum() == 3
-    assert parts.memo(store, 1, (w2,), lambda: w2.detach()).sum() == 0  # one entry per key
+    assert parts.rebuilt_on_change(store, 0, (w2,), lambda: w2.detach() + 1).sum() == 3
+    assert parts.rebuilt_on_change(store, 1, (w2,), lambda: w2.detach()).sum() == 0  # one entry per key

@@ -5,7 +5,7 @@ from commvq import rope
 from commvq.codecs import cache_parts as parts
 from commvq.codecs.key_codebook import KeyCodebook
 from commvq.codecs.value_codec import ValueCodec
-from commvq.integrations.hf.attention import take
+from commvq.integrations.hf.attention import layer_for_attention
 from commvq.integrations.hf.cache import CommVQCache, CommVQLayer
 from commvq.integrations.hf.loader import load_model
 
@@ -81,7 +81,7 @@ def test_attention_over_codes_matches_attention_over_decoded_keys_and_values(sco
     cos, sin = keys.angles(pos)
     k_rot = rope.apply_rope(k_pre, cos[:, None], sin[:, None])
     layer.update(k_rot, v)
-    take()
+    layer_for_attention()
     layer.set_positions(pos, t)
     layer.flush()  # 32 tokens to codes, 13 stay exact
     assert layer.num_compressed == 32 and layer.num_window == 13
@@ -105,7 +105,7 @@ def test_nbytes_equals_the_bits_formula():
     layer = CommVQLayer(0, keys, values, window=16)
     k, v = torch.randn(b, h, t, d), torch.randn(b, h, t, d)
     layer.update(k, v)
-    take()
+    layer_for_attention()
     layer.set_positions(None, t)
     layer.flush()
     n, w = layer.num_compressed, layer.num_window

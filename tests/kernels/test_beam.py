@@ -13,7 +13,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def _compare(device, cases):
     from commvq.kernels.beam import beam_encode_triton
-    from commvq.quant import residual as rs
+    from commvq.quant import residual
     from commvq.quant.beam import beam_encode
 
     for h, n, d, e, r, beam in cases:
@@ -27,10 +27,11 @@ def _compare(device, cases):
         # float32 sums against a float64 reference flip near-ties, more of them the more stages and slots
         agree = (got == want).all(-1).float().mean()
         assert agree > 0.9, f"{agree} for {(h, n, d, e, r, beam)}"
-        err_got = ((x.double() - rs.decode(got, thetas.double())) ** 2).sum(-1)
-        err_want = ((x.double() - rs.decode(want, thetas.double())) ** 2).sum(-1)
+        err_got = ((x.double() - residual.decode(got, thetas.double())) ** 2).sum(-1)
+        err_want = ((x.double() - residual.decode(want, thetas.double())) ** 2).sum(-1)
         assert abs(float(err_got.sum() / err_want.sum()) - 1) < 1e-3
-        greedy = ((x.double() - rs.decode(rs.encode(x.double(), thetas.double()), thetas.double())) ** 2).sum(-1)
+        xd, td = x.double(), thetas.double()
+        greedy = ((xd - residual.decode(residual.encode(xd, td), td)) ** 2).sum(-1)
         assert bool((err_got <= greedy + 1e-4).all())  # the greedy path is kept
 
 

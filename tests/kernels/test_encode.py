@@ -13,7 +13,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def _compare(device, cases):
     from commvq.kernels.encode import encode_triton, encode_triton_with_residuals
-    from commvq.quant import residual as rs
+    from commvq.quant import residual
 
     for h, n, d, e, r in cases:
         g = torch.Generator().manual_seed(n)
@@ -21,16 +21,16 @@ def _compare(device, cases):
         thetas = (torch.randn(h, r, 2 * e, d // 2, generator=g) * 0.3 * 0.6 ** torch.arange(r)[None, :, None, None])
         thetas = thetas.to(device)
         got = encode_triton(x, thetas)
-        want = rs.encode(x.double(), thetas.double())
+        want = residual.encode(x.double(), thetas.double())
         assert got.shape == want.shape == (h, n, r)
         agree = (got == want).all(-1).float().mean()
         assert agree > 0.98, f"{agree} for {(h, n, d, e, r)}"
-        err_got = ((x.double() - rs.decode(got, thetas.double())) ** 2).sum()
-        err_want = ((x.double() - rs.decode(want, thetas.double())) ** 2).sum()
+        err_got = ((x.double() - residual.decode(got, thetas.double())) ** 2).sum()
+        err_want = ((x.double() - residual.decode(want, thetas.double())) ** 2).sum()
         assert abs(float(err_got / err_want) - 1) < 1e-4
         codes, res = encode_triton_with_residuals(x, thetas)
         assert torch.equal(codes, got) and res.shape == (r, h, n, d)
-        want_res = x.double() - torch.cumsum(rs.stage_decodes(codes, thetas.double()), 0)
+        want_res = x.double() - torch.cumsum(residual.stage_decodes(codes, thetas.double()), 0)
         assert float((res.double() - want_res).abs().max()) < 1e-4
 
 

@@ -4,8 +4,7 @@ import torch
 
 from commvq import rope
 from commvq.kernels import reference as ref
-from commvq.quant import binary
-from commvq.quant import residual as rs
+from commvq.quant import binary, residual
 
 
 def test_scores_from_codes_equal_scores_of_decoded_rotated_keys():
@@ -18,7 +17,7 @@ def test_scores_from_codes_equal_scores_of_decoded_rotated_keys():
     freqs = rope.inv_freq(d, 1e4).double()
     q = torch.randn(b, hkv * g, tq, d, dtype=torch.float64)
     got = ref.commvq_scores(q, codes, s, pos, thetas, freqs, rope_scale=0.9, chunk=10)
-    keys = rs.decode(codes.permute(2, 0, 1, 3).reshape(hkv, b * n, r), thetas).reshape(hkv, b, n, d)
+    keys = residual.decode(codes.permute(2, 0, 1, 3).reshape(hkv, b * n, r), thetas).reshape(hkv, b, n, d)
     keys = keys.permute(1, 0, 2, 3) * s[:, None, :, None]  # [B, Hkv, N, D]
     # angles as the model computes them (float32 product), then exact trigonometry
     ang = (pos.float()[..., None] * freqs.float()).double()

@@ -4,26 +4,24 @@ import pytest
 import torch
 
 from commvq import rope
-from commvq.quant import commutative as cm
-from commvq.quant import e2e
-from commvq.quant import residual as rs
+from commvq.quant import commutative, e2e, residual
 
 
 def _data(n=600, h=2, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(3, h * d, generator=g)
     k = torch.randn(n, 3, generator=g) @ basis + 0.1 * torch.randn(n, h * d, generator=g)
-    return rs.normalize(k, h)
+    return residual.normalize(k, h)
 
 
 def test_losses_definition():
     x, _ = _data(50)
     thetas = torch.randn(2, 3, 8, 4) * 0.1
-    codes = rs.encode(x, thetas)
+    codes = residual.encode(x, thetas)
     recon, commit = e2e.losses(x, thetas, codes, torch.ones(2, 1, 8))
-    full = rs.decode(codes, thetas)
+    full = residual.decode(codes, thetas)
     assert torch.allclose(recon, ((x - full) ** 2).sum() / (x**2).sum())
-    stages = rs.stage_decodes(codes, thetas)
+    stages = residual.stage_decodes(codes, thetas)
     want = sum(((x - stages[:r].sum(0) - stages[r]) ** 2).sum() for r in range(3)) / (3 * (x**2).sum())
     assert torch.allclose(commit, want)
 
@@ -33,9 +31,9 @@ def test_closed_form_gradient_equals_autograd():
     x = torch.randn(3, 50, 16, generator=g, dtype=torch.float64)
     thetas = torch.randn(3, 4, 16, 8, generator=g, dtype=torch.float64) * 0.3
     w = torch.rand(3, 1, 16, generator=g, dtype=torch.float64) + 0.5
-    codes, res = rs.encode_with_residuals(x, thetas)
-    assert torch.allclose(res[-1], x - rs.decode(codes, thetas))
-    assert torch.allclose(res, x - torch.cumsum(rs.stage_decodes(codes, thetas), 0))
+    codes, res = residual.encode_with_residuals(x, thetas)
+    assert torch.allclose(res[-1], x - residual.decode(codes, thetas))
+    assert torch.allclose(res, x - torch.cumsum(residual.stage_decodes(codes, thetas), 0))
     p = thetas.clone().requires_grad_(True)
     recon, commit = e2e.losses(x, p, codes, w)
     (recon + 0.3 * commit).backward()
@@ -49,13 +47,13 @@ def test_gradient_steps_keep_the_commutative_structure():
     thetas0 = e2e.init_random(x, 3, 4, torch.Generator().manual_seed(0))
     res = e2e.train(x[:, :500], x[:, 500:], thetas0, e2e.E2ESettings(epochs=3, batch_size=64, lr=5e-3))
     th = res.thetas.double()[0]  # head 0, [R, 2E, P]
-    codes = rs.encode(x.double()[:1, :20], res.thetas.double()[:1])[0]  # [T, R]
+    codes = residual.encode(x.double()[:1, :20], res.thetas.double()[:1])[0]  # [T, R]
     q = torch.randn(8, dtype=torch.float64)
     pos = torch.randint(0, 50_000, (20,))
     cos, sin = rope.cos_sin(rope.inv_freq(8, 1e4).double(), pos)
-    keys = rs.decode(codes[None], th[None])[0] * s[:20, None].double()
+    keys = residual.decode(codes[None], th[None])[0] * s[:20, None].double()
     want = rope.apply_rope(keys, cos, sin) @ q
-    got = cm.scores_from_codes(q, th, codes, s[:20].double(), cos[:, :4], sin[:, :4])
+    got = commutative.scores_from_codes(q, th, codes, s[:20].double(), cos[:, :4], sin[:, :4])
     assert torch.allclose(got, want, atol=1e-9)
 
 

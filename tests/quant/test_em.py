@@ -2,8 +2,7 @@ import math
 
 import torch
 
-from commvq.quant import commutative as cm
-from commvq.quant import em
+from commvq.quant import commutative, em
 
 
 def _data(h=2, n=500, d=8, seed=0):
@@ -25,13 +24,13 @@ def test_e_step_statistics_equal_materialized_soft_assignment():
     theta = torch.randn(2, 8, 4, dtype=torch.float64) * 0.3
     tau = 0.05
     stats = em.e_step(x, s, theta, tau, chunk=37)
-    d = torch.cdist(x, cm.codewords(theta))
+    d = torch.cdist(x, commutative.codewords(theta))
     gamma = torch.softmax(-d / tau, -1)  # [H, N, 16]
     g4 = gamma.view(2, -1, 4, 4)
     assert torch.allclose(stats.count, g4.sum(1), atol=1e-9)
     assert torch.allclose(stats.sum_a, torch.einsum("hte,htd->hed", g4.sum(-1), x), atol=1e-9)
     assert torch.allclose(stats.sum_b, torch.einsum("hte,htd->hed", g4.sum(-2), x), atol=1e-9)
-    hard = cm.codewords(theta)[torch.arange(2)[:, None], d.argmin(-1)]
+    hard = commutative.codewords(theta)[torch.arange(2)[:, None], d.argmin(-1)]
     assert torch.allclose(stats.hard_sqerr, (((x - hard) * s[:, None]) ** 2).sum((1, 2)))
 
 
@@ -43,7 +42,7 @@ def test_m_step_equals_least_squares_reference():
     got = em.m_step(em.e_step(x, s, theta0, tau), eps=0.0)[0]
     # reference: materialize the soft assignment and the soft means, then solve
     # min_theta sum_k N_k |c_k(theta) - m_k|^2 with torch.linalg.lstsq, pair by pair
-    gamma = torch.softmax(-torch.cdist(x, cm.codewords(theta0))[0] / tau, -1)  # [N, E*E]
+    gamma = torch.softmax(-torch.cdist(x, commutative.codewords(theta0))[0] / tau, -1)  # [N, E*E]
     counts = gamma.sum(0)
     means = (gamma.T @ x[0]) / counts[:, None]  # [E*E, D]
     design = torch.zeros(2, e * e, 2 * e, dtype=torch.float64)  # re rows, im rows
@@ -77,7 +76,7 @@ def test_soft_objective_matches_its_definition():
     x, s = _data(h=1, n=80)
     theta = torch.randn(1, 8, 4, dtype=torch.float64) * 0.3
     stats = em.e_step(x, s, theta, 0.05)
-    d2 = torch.cdist(x, cm.codewords(theta)) ** 2
+    d2 = torch.cdist(x, commutative.codewords(theta)) ** 2
     gamma = torch.softmax(-d2.sqrt() / 0.05, -1)
     assert torch.allclose(em.soft_objective(stats, theta), (gamma * d2).sum((1, 2)))
 
@@ -97,8 +96,8 @@ def test_fit_stage_is_deterministic_and_chunk_independent():
 def test_fit_stage_beats_its_initialization_and_stopping_rule_holds():
     x, s = _data(n=600)
     res = em.fit_stage(x, s, 4, 0, em.EMSettings(max_iters=30), torch.Generator().manual_seed(0))
-    best_possible = ((x - cm.codewords(res.theta)[torch.arange(2)[:, None],
-                                                    cm.nearest(x, res.theta)]) * s[:, None]) ** 2
+    best_possible = ((x - commutative.codewords(res.theta)[torch.arange(2)[:, None],
+                                                    commutative.nearest(x, res.theta)]) * s[:, None]) ** 2
     assert torch.allclose(best_possible.sum((1, 2)) / x[0].numel(), res.mse.double(), rtol=1e-5)
     assert torch.all(res.iters <= 30)
 

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from commvq.quant import e2e, refine
-from commvq.quant import residual as rs
+from commvq.quant import e2e, refine, residual
 from commvq.quant.beam import beam_encode
 
 
@@ -10,7 +9,7 @@ def _data(h=2, n=400, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     basis = torch.randn(3, h * d, generator=g)
     k = torch.randn(n, 3, generator=g) @ basis + 0.2 * torch.randn(n, h * d, generator=g)
-    return rs.normalize(k, h)[0].double()
+    return residual.normalize(k, h)[0].double()
 
 
 def _design(codes, shape):
@@ -20,7 +19,7 @@ def _design(codes, shape):
     for j in range(n_par):
         unit = torch.zeros(n_par, dtype=torch.float64)
         unit[j] = 1
-        cols.append(rs.decode(codes[None], unit.view(shape)[None])[0].reshape(-1))
+        cols.append(residual.decode(codes[None], unit.view(shape)[None])[0].reshape(-1))
     return torch.stack(cols, 1)
 
 
@@ -28,7 +27,7 @@ def test_joint_solve_equals_a_dense_least_squares_fit():
     x = _data(n=150)
     g = torch.Generator().manual_seed(1)
     thetas = torch.randn(2, 3, 8, 4, generator=g, dtype=torch.float64) * 0.3
-    codes = rs.encode(x, thetas)
+    codes = residual.encode(x, thetas)
     normal = refine.Normal.zeros(2, 3, 4, 4, x.device)
     for i in range(0, 150, 40):  # gathered in chunks
         normal.add(x[:, i:i + 40], codes[:, i:i + 40], thetas)
@@ -37,7 +36,7 @@ def test_joint_solve_equals_a_dense_least_squares_fit():
         a = _design(codes[h], thetas.shape[1:])
         want = torch.linalg.lstsq(a, x[h].reshape(-1, 1), driver="gelsd").solution
         fit_want = (a @ want).view(150, 8)
-        fit_got = rs.decode(codes[h:h + 1], got[h:h + 1])[0]
+        fit_got = residual.decode(codes[h:h + 1], got[h:h + 1])[0]
         assert torch.allclose(fit_got, fit_want, atol=1e-9)  # same fit (entries no code uses may differ)
 
 
@@ -45,19 +44,19 @@ def test_solve_with_commitment_minimizes_the_e2e_loss_for_fixed_codes_and_target
     x = _data()
     g = torch.Generator().manual_seed(2)
     thetas0 = torch.randn(2, 3, 8, 4, generator=g, dtype=torch.float64) * 0.3
-    codes = rs.encode(x, thetas0)
+    codes = residual.encode(x, thetas0)
     normal = refine.Normal.zeros(2, 3, 4, 4, x.device)
     normal.add(x, codes, thetas0)
     got = refine.solve(normal, thetas0, commit_weight=0.7, ridge=0.0)
-    targets = x - (torch.cumsum(rs.stage_decodes(codes, thetas0), 0) - rs.stage_decodes(codes, thetas0))
+    targets = x - (torch.cumsum(residual.stage_decodes(codes, thetas0), 0) - residual.stage_decodes(codes, thetas0))
 
     def loss(th):
-        stages = rs.stage_decodes(codes, th)
+        stages = residual.stage_decodes(codes, th)
         return ((x - stages.sum(0)) ** 2).sum() + 0.7 / 3 * ((targets - stages) ** 2).sum()
 
     p = got.clone().requires_grad_(True)
     loss(p).backward()
-    used = rs.code_onehot(codes, 4, torch.float64, by_head=True).sum(-1) > 0  # [H, R, 2E] rows in use
+    used = residual.code_onehot(codes, 4, torch.float64, by_head=True).sum(-1) > 0  # [H, R, 2E] rows in use
     grad_rows = p.grad.view(2, 3, 4, 2, 4).abs().amax((-1, -2))  # per table entry
     assert float(grad_rows[used[..., :4] | used[..., 4:]].max()) < 1e-8
     assert float(loss(got)) < float(loss(thetas0))
@@ -77,7 +76,7 @@ def test_refinement_never_ends_worse_than_its_start_on_heldout(beam):
         assert torch.equal(res.thetas, thetas0)
     # on the training split the solve lowers what the round's codes leave
     codes = beam_encode(x[:, :500], thetas0, beam)
-    before = float(((x[:, :500] - rs.decode(codes, thetas0)) ** 2).sum())
+    before = float(((x[:, :500] - residual.decode(codes, thetas0)) ** 2).sum())
     assert seen[0].train == pytest.approx(before / float((x[:, :500] ** 2).sum()))
 
 

@@ -34,7 +34,7 @@ def _use_kernels(kernels: str, x: torch.Tensor, tq: int, head_dim: int) -> bool:
     return True
 
 
-def memo(store: dict, key, sources: tuple[torch.Tensor, ...], build):
+def rebuilt_on_change(store: dict, key, sources: tuple[torch.Tensor, ...], build):
     """``build()``, kept in ``store[key]`` and rebuilt only when one of the ``sources`` tensors is
     replaced or changed in place (its version counter moves): tables derived from parameters."""
     versions = tuple(t._version for t in sources)
@@ -219,7 +219,8 @@ class CommVQKeys(KeysPart):
             from commvq.kernels.decode import commvq_scores_triton, prepare_tables
 
             thetas = self.codebooks[layer].thetas
-            tables = memo(self._tables, layer, (thetas,), lambda: prepare_tables(thetas, self.kernel_style))
+            tables = rebuilt_on_change(self._tables, layer, (thetas,),
+                                       lambda: prepare_tables(thetas, self.kernel_style))
             s = commvq_scores_triton(q[:, :, 0], block["codes"], block["prescale"], block["pos"], thetas,
                                      self.inv_freq.to(q.device), self.code_bits, self.rope_scale,
                                      style=self.kernel_style, tables=tables)
@@ -263,7 +264,7 @@ class CommVQValues(ValuesPart):
         if _use_kernels(self.kernels, probs, probs.shape[2], lc.width // self.num_kv_heads):
             from commvq.kernels.decode import commvq_values_triton, value_table
 
-            table = memo(self._tables, layer, (lc.codebook, lc.scale),
+            table = rebuilt_on_change(self._tables, layer, (lc.codebook, lc.scale),
                          lambda: value_table(lc.codebook.detach(), lc.scale.detach(), self.num_kv_heads))
             out = commvq_values_triton(probs[:, :, 0], block["codes"], block["factor"], lc.codebook.detach(),
                                        lc.scale, self.num_kv_heads, table=table)

@@ -216,7 +216,7 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
         new_theta = m_step(stats, settings.eps, x.dtype)
         if pending is not None:
             track.add(*pending)  # waits for the previous iteration only: this one is queued
-        pending = (active, theta if len(active) == h else theta[active], _Later(stats.hard_sqerr / (big_n * d)))
+        pending = (active, theta if len(active) == h else theta[active], _HostCopy(stats.hard_sqerr / (big_n * d)))
         if len(active) == h:
             theta = new_theta
         else:
@@ -234,7 +234,7 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-class _Later:
+class _HostCopy:
     """A device tensor copied to the host without waiting; :meth:`get` waits for that copy only
     (not for work queued after it)."""
 
@@ -265,7 +265,7 @@ class _Best:
         self.stopped = torch.zeros(h, dtype=torch.bool)
         self.tol = tol
 
-    def add(self, heads: torch.Tensor, theta: torch.Tensor, mse: _Later) -> None:
+    def add(self, heads: torch.Tensor, theta: torch.Tensor, mse: _HostCopy) -> None:
         """One iteration's results for ``heads`` (``theta``, ``mse`` row by row); heads stopped
         meanwhile are ignored."""
         err = mse.get().double()

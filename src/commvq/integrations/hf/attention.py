@@ -17,7 +17,7 @@ NAME = "commvq"
 _slot = threading.local()
 
 
-def hand_over(layer: Any) -> None:
+def pass_to_attention(layer: Any) -> None:
     """Called by a cache layer's ``update``: the next attention call on this thread is its own."""
     if getattr(_slot, "layer", None) is not None:
         _slot.layer = None
@@ -28,7 +28,8 @@ def hand_over(layer: Any) -> None:
     _slot.layer = layer
 
 
-def take() -> Any:
+def layer_for_attention() -> Any:
+    """The cache layer handed over by its ``update`` for this attention call (then forgotten), or None."""
     layer = getattr(_slot, "layer", None)
     _slot.layer = None
     return layer
@@ -39,7 +40,7 @@ def commvq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Attention over a CommVQ cache layer (codes + full-precision window) or, for any other
     cache, transformers' SDPA attention."""
-    layer = take()
+    layer = layer_for_attention()
     if layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from commvq import io
 from commvq.codecs import cache_parts as parts
 from commvq.codecs.value_codec import ValueCodec
-from commvq.integrations.hf.attention import hand_over, use_commvq
+from commvq.integrations.hf.attention import pass_to_attention, use_commvq
 from commvq.integrations.hf.graphs import DecodeGraph, GraphPool
 from commvq.integrations.hf.loader import check_supported
 from commvq.spec import ModelSpec
@@ -65,7 +65,7 @@ class CommVQLayer(CacheLayerMixin):
         self.win_v = _cat(self.win_v, value_states, 2)
         unknown = torch.full((b, t), -1, dtype=torch.long, device=key_states.device)
         self.win_pos = _cat(self.win_pos, unknown, 1)
-        hand_over(self)
+        pass_to_attention(self)
         return self.win_k, self.win_v
 
     @property
