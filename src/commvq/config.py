@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
                                 type=typing.get_args(tp)[0] if many else tp, help=meta.get("help", ""))
             continue
         names = [f"--{f.name}", *meta.get("aliases", ())]
-        help_text = f"{meta.get('help', '')} (default: {f.default})"
+        text = meta.get("help", "")
+        help_text = text if "(default" in text else f"{text} (default: {f.default})"  # a help may say it better
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from commvq.pipeline.evaluate import pooled
+from commvq.pipeline.evaluate import cell, pooled
 
 
 def test_pooled_weighs_documents_by_their_tokens_and_keeps_each_documents_kl():
@@ -13,3 +13,8 @@ def test_pooled_weighs_documents_by_their_tokens_and_keeps_each_documents_kl():
     assert r["ppl"] == pytest.approx(math.exp(90.0 / 40))
     assert r["kl_docs"] == pytest.approx([0.03, 0.2 / 30])
     assert min(r["kl_docs"]) <= r["kl"] <= max(r["kl_docs"])
+
+
+def test_cells_show_no_negative_zero():
+    assert cell("{:.4f}", -1e-7) == "0.0000" and cell("{:.4f}", -0.002) == "-0.0020"
+    assert cell("{:.0%}", -1e-9) == "0%" and cell("{:.3f}", 31.09133) == "31.091"

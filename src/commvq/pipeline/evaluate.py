@@ -175,6 +175,12 @@ def run(cfg: EvalConfig) -> Path:
     return report(cfg, lm, results, grids)
 
 
+def cell(fmt: str, value: float) -> str:
+    """``value`` in ``fmt``, with float noise below the last digit shown as 0 (no ``-0.0000``)."""
+    text = fmt.format(value)
+    return fmt.format(0.0) if text.startswith("-") and float(text.rstrip("%")) == 0 else text
+
+
 def report(cfg: EvalConfig, lm, results: dict[str, dict], grids: dict) -> Path:
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +194,7 @@ def report(cfg: EvalConfig, lm, results: dict[str, dict], grids: dict) -> Path:
              f"retrieval at lengths {cfg.lengths}, depths {cfg.depths}.", "",
              "| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(fmt.format(r[key]) if key in r else "-" for _, key, fmt in cols)
+        lines.append(f"| {name} | " + " | ".join(cell(fmt, r[key]) if key in r else "-" for _, key, fmt in cols)
                      + " |")
     text = "\n".join(lines)
     print(text)
