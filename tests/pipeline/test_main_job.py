@@ -1,5 +1,6 @@
 """The whole pipeline (the README's main job) on a tiny model: every stage, then the comparison."""
 
+import dataclasses
 import json
 
 import pytest
@@ -30,5 +31,23 @@ def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, c
     assert (w / "compare_keys" / "compare.md").is_file()
     out = capsys.readouterr().out
     assert "| commvq-em2 |" in out and "results" in out
-    # a second run finds everything done and only evaluates again
-    main_job.run(cfg)
+    first = (w / "eval" / "compare.md").read_text()
+    # a second run finds everything done, results included: not one forward pass of the model
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    real = modeling_llama.LlamaModel.forward
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modeling_llama.LlamaModel, "forward", counted)
+        main_job.run(cfg)
+        assert not calls and (w / "eval" / "compare.md").read_text() == first
+        # a changed retrieval setting reruns retrieval only, for every method; perplexity stays
+        main_job.run(dataclasses.replace(cfg, lengths="230"))
+    assert calls
+    again = json.loads((w / "eval" / "compare.json").read_text())["results"]
+    assert all(again[m]["ppl"] == results[m]["ppl"] for m in results)

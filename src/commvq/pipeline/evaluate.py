@@ -20,6 +20,7 @@ from commvq.evals.ppl import ppl_kl
 from commvq.fsutil import atomic_path, write_json
 from commvq.integrations.hf.attention import use_commvq
 from commvq.integrations.hf.loader import load_model
+from commvq.pipeline import eval_cache
 from commvq.pipeline import methods as meth
 
 log = logging.getLogger("commvq")
@@ -157,22 +158,54 @@ def bytes_per_token(lm, method: meth.Method, window: int, sink: int = 0) -> dict
 
 
 def run(cfg: EvalConfig) -> Path:
-    lm = load_model(cfg.model, device=cfg.device)
-    use_commvq(lm.model)
+    """Every method's results, each part (bytes, perplexity, each retrieval suite) taken from the
+    results folder's cache where nothing that decides it changed (:mod:`eval_cache`); the model is
+    loaded only when something is left to compute."""
     methods = meth.resolve([m.strip() for m in cfg.methods.split(",") if m.strip()], cfg.workdir, cfg.key_dir,
                            cfg.value_dir)
     suites = ("ppl", "passkey", "needle") if cfg.suite == "compare" else (cfg.suite,)
-    results: dict[str, dict] = {m.name: bytes_per_token(lm, m, cfg.window, cfg.sink) for m in methods}
-    grids = {}
+    settings = to_dict(cfg)
+    kept = {m.name: eval_cache.load(cfg.output, m.name) for m in methods}
+    common = {m.name: eval_cache.common_key(m, cfg.model, cfg.device, cfg.window, cfg.sink) for m in methods}
+    fps = {(m.name, part): eval_cache.fingerprint(common[m.name], part, settings)
+           for m in methods for part in ("bytes", *suites)}
+    todo = {part: [m for m in methods if eval_cache.hit(kept[m.name], part, fps[m.name, part]) is None]
+            for part in ("bytes", *suites)}
+    lm = None
+    if any(todo.values()):
+        lm = load_model(cfg.model, device=cfg.device)
+        use_commvq(lm.model)
+
+    def keep(m: meth.Method, part: str, result: dict, grid: dict | None = None) -> None:
+        payload = {"model": lm.name, "result": result}
+        if grid is not None:
+            payload["grid"] = {f"{length}@{depth}": v for (length, depth), v in grid.items()}
+        eval_cache.store(cfg.output, m.name, kept[m.name], part, fps[m.name, part], payload)
+
+    for m in todo["bytes"]:
+        keep(m, "bytes", bytes_per_token(lm, m, cfg.window, cfg.sink))
     for suite in suites:
+        if not todo[suite]:
+            continue
         if suite == "ppl":
-            for name, r in run_ppl(cfg, lm, methods).items():
-                results[name].update(r)
+            out = run_ppl(cfg, lm, todo[suite])
+            for m in todo[suite]:
+                keep(m, suite, out[m.name])
         else:
-            summary, grids[suite] = run_retrieval(cfg, lm, methods, suite)
-            for name, acc in summary.items():
-                results[name][suite] = acc
-    return report(cfg, lm, results, grids)
+            summary, acc = run_retrieval(cfg, lm, todo[suite], suite)
+            for m in todo[suite]:
+                keep(m, suite, {suite: summary[m.name]}, acc[m.name])
+    results = {m.name: {k: v for part in ("bytes", *suites) for k, v in kept[m.name][part]["result"].items()}
+               for m in methods}
+    grids = {s: {m.name: {_cell_key(k): v for k, v in kept[m.name][s]["grid"].items()} for m in methods}
+             for s in suites if s != "ppl"}
+    model_name = lm.name if lm is not None else kept[methods[0].name]["bytes"]["model"]
+    return report(cfg, model_name, results, grids)
+
+
+def _cell_key(text: str) -> tuple[int, float]:
+    length, depth = text.split("@")
+    return int(length), float(depth)
 
 
 def cell(fmt: str, value: float) -> str:
@@ -181,7 +214,7 @@ def cell(fmt: str, value: float) -> str:
     return fmt.format(0.0) if text.startswith("-") and float(text.rstrip("%")) == 0 else text
 
 
-def report(cfg: EvalConfig, lm, results: dict[str, dict], grids: dict) -> Path:
+def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: dict) -> Path:
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
     cols = [("key bits", "key_bits", "{:.2f}"), ("value bits", "value_bits", "{:.2f}"),
@@ -189,7 +222,7 @@ def report(cfg: EvalConfig, lm, results: dict[str, dict], grids: dict) -> Path:
             ("KL vs exact", "kl", "{:.4f}"), ("passkey", "passkey", "{:.0%}"), ("needle", "needle", "{:.0%}")]
     cols = [c for c in cols if any(c[1] in r for r in results.values())]
     sink = f"; sink {cfg.sink} (CommVQ and KIVI caches)" if cfg.sink else ""
-    lines = [f"Model {lm.name}; window {cfg.window}{sink}; perplexity over {cfg.ppl_docs} held-out speeches x "
+    lines = [f"Model {model_name}; window {cfg.window}{sink}; perplexity over {cfg.ppl_docs} held-out speeches x "
              f"{cfg.ppl_tokens} tokens fed {cfg.ppl_chunk} at a time (tokens after the first window); "
              f"retrieval at lengths {cfg.lengths}, depths {cfg.depths}.", "",
              "| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -203,9 +236,9 @@ def report(cfg: EvalConfig, lm, results: dict[str, dict], grids: dict) -> Path:
         tmp.write_text(text + "\n")
     serial_grids = {s: {m: {f"{k[0]}@{k[1]}": v for k, v in g.items()} for m, g in gm.items()}
                     for s, gm in grids.items()}
-    write_json(out / f"{name}.json", {"model": lm.name, "results": results, "grids": serial_grids,
+    write_json(out / f"{name}.json", {"model": model_name, "results": results, "grids": serial_grids,
                                       "config": to_dict(cfg)})
     for suite, grid in grids.items():
         synthetic.heatmap(out / f"{suite}.png", grid, [x for x in _ints(cfg.lengths)], _floats(cfg.depths),
-                          f"{suite} accuracy ({lm.name})")
+                          f"{suite} accuracy ({model_name})")
     return out
