@@ -242,12 +242,11 @@ def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...
     if "query" in kinds:
         key_man = kvstore.read_manifest(dirs["key"])
         key_tokens = key_man["num_tokens"] if key_man else 0
-        if rank_world()[0] == 0:
-            align_queries(dirs["query"], cfg, key_tokens)
+        stride = align_queries(dirs["query"], cfg, key_tokens) if rank_world()[0] == 0 else None
         barrier()
-        q_man = kvstore.read_manifest(dirs["query"])
-        stride = (q_man or {}).get("settings", {}).get("query_stride") or query_stride(cfg.num_samples,
-                                                                                         cfg.num_queries)
+        if stride is None:  # the other ranks: what the first recorded (a fresh store: the new stride)
+            q_man = kvstore.read_manifest(dirs["query"]) or {}
+            stride = q_man.get("settings", {}).get("query_stride", query_stride(cfg.num_samples, cfg.num_queries))
         per_kind["query"] = {**settings, "query_stride": stride}
     writers = {
         k: kvstore.KVStoreWriter(dirs[k], k, spec.num_layers, width[k], dtype, per_kind[k], to_dict(cfg))

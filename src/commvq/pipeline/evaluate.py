@@ -140,21 +140,17 @@ def bytes_per_token(lm, method: meth.Method, window: int, sink: int = 0) -> dict
 
     with torch.no_grad():
         lm.model(ids, use_cache=True, **cache_kwargs(lm.model, cache))
-    spec = lm.spec
-    fp16 = {"fp16_bytes_per_token_layer": 4.0 * spec.kv_dim}
+    kv_dim = lm.spec.kv_dim
     if method.name in meth.HF_QUANTIZED:
         from commvq.integrations.hf.quantized import quantized_part
 
         kbytes, vbytes, tokens = quantized_part(cache.layers[0])
-        return {"bytes_per_token_layer": (kbytes + vbytes) / tokens, "key_bits": 8 * kbytes / (tokens * spec.kv_dim),
-                "value_bits": 8 * vbytes / (tokens * spec.kv_dim), **fp16}
-    layer = cache.layers[0]
-    kbytes, vbytes = (sum(t.numel() * t.element_size() for t in layer.store[part].values()) for part in ("k", "v"))
-    tokens = max(1, layer.num_compressed)
-    # every stored byte of a compressed token counts: codes and bits, and the per-token scalars
-    # (key prescale and position, value factor) as KIVI's bits count its scales
-    return {"bytes_per_token_layer": (kbytes + vbytes) / tokens, "key_bits": 8 * kbytes / (tokens * spec.kv_dim),
-            "value_bits": 8 * vbytes / (tokens * spec.kv_dim), **fp16}
+    else:  # every stored byte of a compressed token counts: codes and bits, and the per-token scalars
+        layer = cache.layers[0]  # (key prescale and position, value factor), as KIVI's bits count its scales
+        kbytes, vbytes = (sum(t.numel() * t.element_size() for t in layer.store[part].values()) for part in "kv")
+        tokens = max(1, layer.num_compressed)
+    return {"bytes_per_token_layer": (kbytes + vbytes) / tokens, "key_bits": 8 * kbytes / (tokens * kv_dim),
+            "value_bits": 8 * vbytes / (tokens * kv_dim), "fp16_bytes_per_token_layer": 4.0 * kv_dim}
 
 
 def run(cfg: EvalConfig) -> Path:
@@ -179,7 +175,7 @@ def run(cfg: EvalConfig) -> Path:
     def keep(m: meth.Method, part: str, result: dict, grid: dict | None = None) -> None:
         payload = {"model": lm.name, "result": result}
         if grid is not None:
-            payload["grid"] = {f"{length}@{depth}": v for (length, depth), v in grid.items()}
+            payload["grid"] = _serial(grid)
         eval_cache.store(cfg.output, m.name, kept[m.name], part, fps[m.name, part], payload)
 
     for m in todo["bytes"]:
@@ -201,6 +197,11 @@ def run(cfg: EvalConfig) -> Path:
              for s in suites if s != "ppl"}
     model_name = lm.name if lm is not None else kept[methods[0].name]["bytes"]["model"]
     return report(cfg, model_name, results, grids)
+
+
+def _serial(grid: dict[tuple[int, float], float]) -> dict[str, float]:
+    """A retrieval grid with JSON keys ``"length@depth"``; :func:`_cell_key` reads one back."""
+    return {f"{length}@{depth}": v for (length, depth), v in grid.items()}
 
 
 def _cell_key(text: str) -> tuple[int, float]:
@@ -234,8 +235,7 @@ def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: di
     name = cfg.suite
     with atomic_path(out / f"{name}.md") as tmp:
         tmp.write_text(text + "\n")
-    serial_grids = {s: {m: {f"{k[0]}@{k[1]}": v for k, v in g.items()} for m, g in gm.items()}
-                    for s, gm in grids.items()}
+    serial_grids = {s: {m: _serial(g) for m, g in gm.items()} for s, gm in grids.items()}
     write_json(out / f"{name}.json", {"model": model_name, "results": results, "grids": serial_grids,
                                       "config": to_dict(cfg)})
     for suite, grid in grids.items():
