@@ -35,6 +35,47 @@ def test_identity_codec_generates_the_same_tokens(tiny, window, sink):
     assert layer.num_sink == min(sink, 89) and layer.num_compressed % window == 0
 
 
+def test_generate_takes_the_cache_by_either_argument_name(tiny):
+    """transformers >= 5.24 takes ``cache=`` (``past_key_values=`` warns it goes away); before, only
+    ``past_key_values=``. ``cache_kwargs`` picks what the installed version takes, without a warning,
+    and both names give the same tokens where both exist."""
+    import inspect
+    import warnings
+
+    from commvq.integrations.hf import use_commvq
+    from commvq.integrations.hf.attention import cache_kwargs
+
+    use_commvq(tiny)
+    ids = _ids(1, 20)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    has_new = "cache" in inspect.signature(tiny.forward).parameters
+    picked = cache_kwargs(tiny, CommVQCache.baseline(tiny, "fp16", window=8))
+    assert list(picked) == (["cache"] if has_new else ["past_key_values"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = tiny.generate(ids, **kw, **picked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = tiny.generate(ids, **kw, past_key_values=CommVQCache.baseline(tiny, "fp16", window=8))
+    assert torch.equal(out, old)
+    assert picked[next(iter(picked))].layers[0].get_seq_length() == 31
+
+
+def test_cache_kwargs_follows_the_forward_signature():
+    from commvq.integrations.hf.attention import cache_kwargs
+
+    class New:
+        def forward(self, input_ids, cache=None, past_key_values=None):
+            pass
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None):
+            pass
+
+    assert cache_kwargs(New(), 1) == {"cache": 1}
+    assert cache_kwargs(Old(), 1) == {"past_key_values": 1}
+
+
 def test_unequal_lengths_and_masks_across_flushes(tiny):
     """Left-padded batch == each row alone, with flushes every 8 tokens."""
     rows = [_ids(1, 37, seed=1)[0], _ids(1, 22, seed=2)[0]]

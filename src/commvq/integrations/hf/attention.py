@@ -78,8 +78,9 @@ def exact_cache() -> Any:
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
-    """``{"cache": cache}`` where the model's forward takes ``cache`` (transformers >= 5.2x),
-    else ``{"past_key_values": cache}``."""
+    """``{"cache": cache}`` where the model's forward (and ``generate``) take ``cache``
+    (transformers >= 5.24, where ``past_key_values`` warns that it goes away), else
+    ``{"past_key_values": cache}``."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
