@@ -6,9 +6,10 @@
 
 Per token and layer: the compressed state's bytes (codes, prescale, position, value bits and
 factor; from a real state, as the decode benchmark builds it). Fixed: the value codec's weights
-(held in float32 as loaded, or float16: see docs/results.md for what each costs in quality), the
-key codebooks (float32) and the decode kernel's float16 tables, for all 32 layers. A table and a
-last JSON line.
+(held in float16, the cache's default, or float32 as trained: docs/benchmarks.md says what each
+costs in quality), the values kernel's float32 table (the value codebook with its scale folded in),
+the key codebooks (float32) and the decode kernel's float16 tables, for all 32 layers. A table and
+a last JSON line.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ HKV, D = 8, 128
 
 
 def fixed_bytes(bits: int, codec_bytes_per_weight: int) -> dict[str, int]:
-    """The parts every token shares, all layers: value codec, key codebooks, decode tables."""
+    """The parts every token shares, all layers: value codec and its kernel table, key codebooks,
+    decode tables."""
     codec = ValueCodec(LAYERS, HKV * D, bits)
     weights = sum(t.numel() for t in codec.parameters()) + sum(t.numel() for t in codec.buffers())
+    value_table = codec.layers[0].codebook.numel()  # [Hkv, F*q, D] float32, per layer
     stages = round(bits * D / 12)
     theta = HKV * stages * 128 * (D // 2)  # [Hkv, R, 2E, P] of 12-bit codes, per layer
-    return {"value_codec": weights * codec_bytes_per_weight, "key_codebooks": LAYERS * theta * 4,
-            "decode_tables": LAYERS * theta * 2}
+    return {"value_codec": weights * codec_bytes_per_weight, "value_tables": LAYERS * value_table * 4,
+            "key_codebooks": LAYERS * theta * 4, "decode_tables": LAYERS * theta * 2}
 
 
 def main() -> None:
@@ -52,7 +55,7 @@ def main() -> None:
     rows = [{"method": "fp16", "bytes_per_token_layer": fp16, "fixed": {}, "tokens": int(free // (fp16 * LAYERS))}]
     for bits in (2, 1):
         per = bytes_per_token(HKV, D, round(bits * D / 12), bits)
-        for held, size in (("float32", 4), ("float16", 2)):
+        for held, size in (("float16", 2), ("float32", 4)):
             fixed = fixed_bytes(bits, size)
             tokens = int((free - sum(fixed.values())) // (per * LAYERS))
             rows.append({"method": f"commvq{bits}", "codec_held_in": held, "bytes_per_token_layer": per,

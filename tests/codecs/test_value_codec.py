@@ -90,3 +90,35 @@ def test_projection_init_is_a_sign_quantizer(bits):
     fresh = ValueCodec.from_scales({0: torch.ones(64)}, bits, seed=3)
     again = ValueCodec.from_scales({0: torch.ones(64)}, bits, seed=3)
     assert torch.equal(fresh.layers[0].codebook, again.layers[0].codebook)
+
+
+def test_codec_held_in_float16_computes_what_its_rounded_float32_copy_does(tmp_path):
+    """Holding the weights in float16 changes only their storage: codes, factors and decodes equal
+    those of a float32 codec whose weights were rounded to float16 (what ``eval-values --rounded``
+    measures), at half the bytes; bfloat16 is refused."""
+    import copy
+
+    from commvq.pipeline.eval_values import rounded
+
+    torch.manual_seed(0)
+    v = torch.randn(3000, 64) * torch.linspace(0.5, 2, 64)
+    codec = ValueCodec(2, 64, 2)
+    codec.layers[0].init_from_values(v)  # step units and all: the widest range of weights
+    codec.layers[1].init_projection(torch.Generator().manual_seed(1))
+    codec.eval()
+    ref = rounded(codec, torch.float16)
+    held = copy.deepcopy(codec).held_in(torch.float16)
+    assert all(p.dtype == torch.float16 for p in held.parameters())
+    assert int(held.layers[0].step_units) == int(codec.layers[0].step_units) > 0
+    size = sum(p.numel() * p.element_size() for p in codec.parameters())
+    assert sum(p.numel() * p.element_size() for p in held.parameters()) * 2 == size
+    for i in range(2):
+        codes, factor = held.layers[i].encode(v[:500])
+        want_codes, want_factor = ref.layers[i].encode(v[:500])
+        assert torch.equal(codes, want_codes) and torch.equal(factor, want_factor)
+        assert torch.equal(held.layers[i].decode(codes, factor), ref.layers[i].decode(codes, factor))
+        with torch.no_grad():
+            assert torch.equal(held.layers[i](v[:500]), ref.layers[i](v[:500]))
+    assert not torch.equal(codec.layers[1].codebook, ref.layers[1].codebook)  # the rounding is real
+    with pytest.raises(ValueError, match="bfloat16"):
+        copy.deepcopy(codec).held_in(torch.bfloat16)

@@ -144,19 +144,25 @@ class LayerValueCodec(nn.Module):
 
     def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [N, n, 4], p [N])``."""
-        u, p = binary.normalize(v, self.scale)
-        # float32 even under autocast: a step unit reaches hundreds, and bf16's rounding there would move
-        # the difference of a pair of them (one step) by a sizable part of the step
+        u, p = binary.normalize(v, self.scale.float())
+        # float32 even under autocast or with the weights held in float16 (:meth:`ValueCodec.held_in`):
+        # a step unit reaches hundreds, and a 16-bit rounding there would move the difference of a
+        # pair of them (one step) by a sizable part of the step
+        f32 = nn.functional
         with torch.autocast(u.device.type, enabled=False):
-            h = self.fc2(nn.functional.gelu(self.fc1(self.norm(u.to(self.fc1.weight.dtype)))))
+            h = f32.layer_norm(u.float(), (self.width,), self.norm.weight.float(), self.norm.bias.float(),
+                               self.norm.eps)
+            h = f32.linear(f32.gelu(f32.linear(h, self.fc1.weight.float(), self.fc1.bias.float())),
+                           self.fc2.weight.float(), self.fc2.bias.float())
         return h.reshape(*h.shape[:-1], self.groups, 4), p
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize ``v [..., F]``: Gumbel straight-through when training, argmax otherwise."""
         logits, p = self.logits(v)
         bits = binary.bits_from_onehot(binary.choose(logits, self.training))
-        y = bits.to(self.codebook.dtype) @ self.codebook
-        return y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12) * p[..., None] * self.scale
+        codebook = self.codebook.float()
+        y = bits.to(codebook.dtype) @ codebook
+        return y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12) * p[..., None] * self.scale.float()
 
     @torch.no_grad()
     def encode(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +175,7 @@ class LayerValueCodec(nn.Module):
     @torch.no_grad()
     def decode(self, packed: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
         bits = binary.bits_from_index(unpack_2bit(packed, self.groups))
-        return binary.decode(bits, self.codebook.float(), factor.float(), self.scale)
+        return binary.decode(bits, self.codebook.float(), factor.float(), self.scale.float())
 
     def code_size(self) -> int:
         """Bits per token: ``F * q`` code bits plus a 16-bit factor."""
@@ -185,6 +191,17 @@ class ValueCodec(nn.Module):
         self.num_layers, self.width, self.quant_bits = num_layers, width, quant_bits
         self.layers = nn.ModuleList(
             LayerValueCodec(width, quant_bits, None if scales is None else scales[i]) for i in range(num_layers))
+
+    def held_in(self, dtype: torch.dtype) -> ValueCodec:
+        """Hold the weights in ``dtype`` (``torch.float16`` halves the codec's memory; its
+        arithmetic stays float32). float16 rounding leaves SmolLM2's 2-bit codec's errors unchanged
+        to 4 digits, bfloat16 breaks it (docs/benchmarks.md), so only float32 and float16 are taken."""
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"codec dtype {dtype}: use torch.float32 or torch.float16 (bfloat16 breaks the codec)")
+        self.to(dtype)
+        for layer in self.layers:  # a count, not a weight
+            layer._buffers["step_units"] = layer.step_units.float()
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What training updates: everything but ``fc1`` of layers with fixed features (whose ``fc2``

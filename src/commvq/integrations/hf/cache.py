@@ -288,11 +288,14 @@ class CommVQCache(Cache):
     @classmethod
     def from_pretrained(cls, model: Any, key_dir: str | Path | None = None, value_dir: str | Path | None = None,
                         window: int = 128, sink: int = 0, quantize_prefill: bool = False,
-                        kernels: str = "auto", graphs: bool = True, beam: int | None = None) -> CommVQCache:
+                        kernels: str = "auto", graphs: bool = True, beam: int | None = None,
+                        codec_dtype: torch.dtype = torch.float16) -> CommVQCache:
         """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense);
         ``graphs``: decode steps as CUDA graphs on a GPU (see ``__init__``); ``beam``: the key
         encoder's beam width at prefill and at every flush (None: the width the codebooks were
         trained for, from their config.json; 1: greedy). The codes' format is the same for every width.
+        ``codec_dtype``: what the value codec's weights are held in (float16, half the memory of
+        float32 at the same quality, measured; its arithmetic is float32 either way).
 
         Switches ``model`` to the ``commvq`` attention (other caches keep working with it).
         """
@@ -308,7 +311,7 @@ class CommVQCache(Cache):
                                     kernels=kernels)
         values: parts.ValuesPart = parts.DenseValues()
         if value_dir is not None:
-            codec = ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim).to(device)
+            codec = ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim).to(device).held_in(codec_dtype)
             values = parts.CommVQValues(codec, spec.num_kv_heads, kernels)
         return cls(spec.num_layers, keys, values, window, sink, quantize_prefill, graphs)
 
