@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
-# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests key_training profile profile_enc profile_stage decode_tests breakdown decode decode8 decodemax host generate em_* e2e_* collect
+# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests key_training profile profile_enc profile_stage decode_tests breakdown decode decode8 decodemax host generate generate_spread em_* e2e_* collect
 set -uo pipefail
 . scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -21,6 +21,7 @@ for what in "$@"; do
     host) python3 benchmarks/decode_host.py 2>&1 | tee "$OUT/host.log" | grep -v "^{" | tail -64 ;;
     generate_small) timeout 200 python3 benchmarks/generate_speed.py --shape smollm2-135m --prompt 4096 --new 64 2>&1 | grep -v "it/s\]" | tee "$OUT/generate_small.log" | tail -6 ;;
     generate32k) timeout 300 python3 benchmarks/generate_speed.py --prompt 32768 --new 16 2>&1 | grep -v "it/s\]" | tee "$OUT/generate32k.log" | tail -6 ;;
+    generate_spread) timeout 500 python3 benchmarks/generate_speed.py --prompt 4096 --new 64 --repeats 9 2>&1 | grep -v "it/s\]" | tee "$OUT/generate_spread.log" | tail -7 ;;
     generate) timeout 200 python3 benchmarks/generate_speed.py --prompt 4096 --new 32 2>&1 | grep -v "it/s\]" | tee "$OUT/generate.log" | tail -6 ;;
     key_training) python3 benchmarks/key_training.py --num_samples 1100000 --lstsq_beams 8 --adam_budget_s 0 --plot "$OUT/key_training.png" 2>&1 | tee "$OUT/key_training.log" | grep -v "^{" | tail -22 ;;
     e2e_quick) python3 benchmarks/e2e_layer.py --epochs 2 2>&1 | tee "$OUT/e2e_quick.log" | tail -12 ;;
