@@ -11,4 +11,6 @@ def commit_id() -> str:
     ``.git``), else ``git rev-parse --short HEAD``."""
     if os.environ.get("COMMVQ_COMMIT"):
         return os.environ["COMMVQ_COMMIT"]
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()

@@ -28,7 +28,12 @@ except ImportError:
 from commvq.codecs.key_codebook import encoder_for
 
 # name: (KV heads, head_dim, stages of 12-bit codes)
-SHAPES = {"smollm2-2": (3, 64, 11), "smollm2-1": (3, 64, 5), "llama-2": (8, 128, 21), "llama-1": (8, 128, 11)}
+SHAPES = {
+    "smollm2-2": (3, 64, 11),
+    "smollm2-1": (3, 64, 5),
+    "llama-2": (8, 128, 21),
+    "llama-1": (8, 128, 11),
+}
 
 
 def sync() -> None:
@@ -63,23 +68,48 @@ def main() -> None:
     rows = []
     for name in args.shapes.split(","):
         h, d, r = SHAPES[name]
-        x = torch.nn.functional.normalize(torch.randn(h, args.tokens, d, device=device, generator=gen), dim=-1)
+        x = torch.nn.functional.normalize(
+            torch.randn(h, args.tokens, d, device=device, generator=gen), dim=-1
+        )
         x = x / h**0.5
         thetas = torch.randn(h, r, 128, d // 2, device=device, generator=gen) * 0.05
         for b in beams:
-            rows.append({"shape": name, "heads": h, "head_dim": d, "stages": r, "beam": b,
-                         "ms": time_encode(enc, x, thetas, b, args.repeats)})
+            rows.append(
+                {
+                    "shape": name,
+                    "heads": h,
+                    "head_dim": d,
+                    "stages": r,
+                    "beam": b,
+                    "ms": time_encode(enc, x, thetas, b, args.repeats),
+                }
+            )
         del x, thetas
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"card {card}  {args.tokens} tokens per layer  commit {commit_id()}")
     print(f"{'shape':<11}{'heads x dim':>12}{'stages':>8}{'beam':>6}{'ms':>10}{'x greedy':>10}")
     for row in rows:
-        base = next(r["ms"] for r in rows if r["shape"] == row["shape"] and r["beam"] == 1) if 1 in beams else None
+        base = (
+            next(r["ms"] for r in rows if r["shape"] == row["shape"] and r["beam"] == 1)
+            if 1 in beams
+            else None
+        )
         ratio = f"{row['ms'] / base:>10.1f}" if base else f"{'-':>10}"
-        print(f"{row['shape']:<11}{row['heads']:>7} x {row['head_dim']:<3}{row['stages']:>8}{row['beam']:>6}"
-              f"{row['ms']:>10.1f}{ratio}")
-    print(json.dumps({"bench": "beam_encode", "card": card, "tokens": args.tokens, "rows": rows,
-                      "commit": commit_id()}))
+        print(
+            f"{row['shape']:<11}{row['heads']:>7} x {row['head_dim']:<3}{row['stages']:>8}{row['beam']:>6}"
+            f"{row['ms']:>10.1f}{ratio}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "beam_encode",
+                "card": card,
+                "tokens": args.tokens,
+                "rows": rows,
+                "commit": commit_id(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def main() -> None:
     store = KVStore(args.key_dir)
     start, end = (int(v) for v in args.rows.split(":"))
     spec = ModelSpec.from_dict(store.settings["spec"])
-    x, _ = residual.normalize(store.layer(args.layer).read(start, end).float().to(device), spec.num_kv_heads)
+    x, _ = residual.normalize(
+        store.layer(args.layer).read(start, end).float().to(device), spec.num_kv_heads
+    )
     x = x.contiguous()
     rows = []
     for folder in args.dirs:
@@ -74,20 +76,44 @@ def main() -> None:
             t0 = time.perf_counter()
             codes = enc(x, thetas, b)
             seconds = time.perf_counter() - t0
-            row = {"dir": Path(folder).name, "beam": b, "error": relative_error(x, codes, thetas), "seconds": seconds}
+            row = {
+                "dir": Path(folder).name,
+                "beam": b,
+                "error": relative_error(x, codes, thetas),
+                "seconds": seconds,
+            }
             if args.icm:
                 row["error_icm"] = relative_error(x, icm(x, codes, thetas, args.icm), thetas)
             rows.append(row)
-            print(f"{row['dir']:<44}{b:>5}{row['error']:>11.5f}{row.get('error_icm', float('nan')):>11.5f}"
-                  f"{seconds:>9.1f}", flush=True)
-    print(f"\n{device}  layer {args.layer}  rows {start}:{end} of {args.key_dir}  commit {commit_id()}")
+            print(
+                f"{row['dir']:<44}{b:>5}{row['error']:>11.5f}{row.get('error_icm', float('nan')):>11.5f}"
+                f"{seconds:>9.1f}",
+                flush=True,
+            )
+    print(
+        f"\n{device}  layer {args.layer}  rows {start}:{end} of {args.key_dir}  commit {commit_id()}"
+    )
     print(f"{'codebooks':<44}{'beam':>5}{'rel. MSE':>11}{'+ICM':>11}{'x greedy':>10}")
     for r in rows:
         base = next((q["error"] for q in rows if q["dir"] == r["dir"] and q["beam"] == 1), None)
         ratio = f"{r['error'] / base:>10.3f}" if base else f"{'-':>10}"
-        print(f"{r['dir']:<44}{r['beam']:>5}{r['error']:>11.5f}{r.get('error_icm', float('nan')):>11.5f}{ratio}")
-    print(json.dumps({"bench": "beam_width", "device": device, "layer": args.layer, "rows": [start, end],
-                      "key_dir": args.key_dir, "results": rows, "icm_sweeps": args.icm, "commit": commit_id()}))
+        print(
+            f"{r['dir']:<44}{r['beam']:>5}{r['error']:>11.5f}{r.get('error_icm', float('nan')):>11.5f}{ratio}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "beam_width",
+                "device": device,
+                "layer": args.layer,
+                "rows": [start, end],
+                "key_dir": args.key_dir,
+                "results": rows,
+                "icm_sweeps": args.icm,
+                "commit": commit_id(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,9 +53,16 @@ def bare_forward(lm, batch_list) -> float:
 
 
 def collect_run(lm, args, out: Path, tokens: int) -> float:
-    cfg = collect.CollectConfig(model=lm.name, dataset=args.dataset, output_dir=out / "key",
-                                num_samples=tokens, max_seq_length=args.seq, batch_size=args.batch,
-                                device=args.device, shard_tokens=args.shard_tokens)
+    cfg = collect.CollectConfig(
+        model=lm.name,
+        dataset=args.dataset,
+        output_dir=out / "key",
+        num_samples=tokens,
+        max_seq_length=args.seq,
+        batch_size=args.batch,
+        device=args.device,
+        shard_tokens=args.shard_tokens,
+    )
     t0 = time.perf_counter()
     collect.run(cfg, loaded=lm)
     return time.perf_counter() - t0
@@ -71,7 +78,11 @@ def main() -> None:
     ap.add_argument("--shard_tokens", type=int, default=65536)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--random_shape", choices=sorted(SHAPES), help="random weights of this shape instead of --model")
+    ap.add_argument(
+        "--random_shape",
+        choices=sorted(SHAPES),
+        help="random weights of this shape instead of --model",
+    )
     ap.add_argument("--out_dir", default=None, help="where shards go (default: a temporary folder)")
     args = ap.parse_args()
 
@@ -80,9 +91,14 @@ def main() -> None:
     else:
         lm = load_model(args.model, device=args.device)
     tok = lm.tokenizer
-    docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(CorpusSource(args.dataset)))
+    docs = (
+        tok(d, add_special_tokens=False)["input_ids"]
+        for d in iter_documents(CorpusSource(args.dataset))
+    )
     n_seq = args.tokens // args.seq
-    batch_list = list(batches(itertools.islice(pack(docs, args.seq, tok.eos_token_id), n_seq), args.batch))
+    batch_list = list(
+        batches(itertools.islice(pack(docs, args.seq, tok.eos_token_id), n_seq), args.batch)
+    )
     tokens = sum(b.numel() for b in batch_list)
 
     bare_forward(lm, batch_list[:1])  # warm-up
@@ -102,16 +118,31 @@ def main() -> None:
     else:
         card = f"CPU {platform.machine()} x{torch.get_num_threads()} threads"
     commit = commit_id()
-    print(f"model {lm.name}  device {card}  seq {args.seq}  batch {args.batch}  tokens {tokens}  "
-          f"shards in {args.out_dir or tempfile.gettempdir()}")
+    print(
+        f"model {lm.name}  device {card}  seq {args.seq}  batch {args.batch}  tokens {tokens}  "
+        f"shards in {args.out_dir or tempfile.gettempdir()}"
+    )
     print(f"{'run':<14}{'seconds':>10}{'tokens/s':>12}")
     print(f"{'bare forward':<14}{t_bare:>10.3f}{tokens / t_bare:>12.0f}")
     print(f"{'collect':<14}{t_coll:>10.3f}{tokens / t_coll:>12.0f}")
     print(f"ratio collect/bare: {ratio:.3f} (target <= 1.2)")
-    print(json.dumps({"bench": "collect_throughput", "model": lm.name, "device": card, "seq": args.seq,
-                      "batch": args.batch, "tokens": tokens, "bare_s": round(t_bare, 4),
-                      "collect_s": round(t_coll, 4), "ratio": round(ratio, 4), "out_dir": args.out_dir,
-                      "commit": commit}))
+    print(
+        json.dumps(
+            {
+                "bench": "collect_throughput",
+                "model": lm.name,
+                "device": card,
+                "seq": args.seq,
+                "batch": args.batch,
+                "tokens": tokens,
+                "bare_s": round(t_bare, 4),
+                "collect_s": round(t_coll, 4),
+                "ratio": round(ratio, 4),
+                "out_dir": args.out_dir,
+                "commit": commit,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,12 +60,16 @@ def make_state(b, n, hkv, d, r, qbits, device, gen):
     12-bit pattern is a code, every 2-bit pattern a value pattern), drawn on ``device``."""
     e = 64
     f = hkv * d
-    dev_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    dev_gen = torch.Generator(device=device).manual_seed(
+        int(torch.randint(0, 2**31, (1,), generator=gen))
+    )
     kbytes = pack_codes(torch.zeros(1, hkv * r, dtype=torch.long), 12).shape[-1]
     vbytes = pack_2bit(torch.zeros(1, f * qbits // 2, dtype=torch.long)).shape[-1]
 
     def rand_bytes(width):
-        return torch.randint(0, 256, (b, n, width), generator=dev_gen, device=device, dtype=torch.uint8)
+        return torch.randint(
+            0, 256, (b, n, width), generator=dev_gen, device=device, dtype=torch.uint8
+        )
 
     st = {
         "thetas": (torch.randn(hkv, r, 2 * e, d // 2, generator=gen) * 0.1).to(device),
@@ -82,12 +86,17 @@ def make_state(b, n, hkv, d, r, qbits, device, gen):
 
 def state_bytes(st) -> int:
     """What the compressed cache holds for ``st`` (codes and per-token scalars; not the codebooks)."""
-    return sum(st[k].numel() * st[k].element_size() for k in ("kcodes", "prescale", "pos", "vcodes", "factor"))
+    return sum(
+        st[k].numel() * st[k].element_size()
+        for k in ("kcodes", "prescale", "pos", "vcodes", "factor")
+    )
 
 
 def bytes_per_token(hkv, d, r, qbits) -> int:
     """What the compressed cache holds per token per layer."""
-    return state_bytes(make_state(1, 1, hkv, d, r, qbits, torch.device("cpu"), torch.Generator().manual_seed(0)))
+    return state_bytes(
+        make_state(1, 1, hkv, d, r, qbits, torch.device("cpu"), torch.Generator().manual_seed(0))
+    )
 
 
 def graphed(fn, device):
@@ -110,14 +119,25 @@ def graphed(fn, device):
 def ours(q, st, win_k, win_v, freqs, hkv, scaling, style="regdecode16"):
     """The cache's decode step: scores kernel (tables built once per layer, as the cache does),
     one softmax over compressed and window scores, values kernel, window values."""
-    s_c = decode.commvq_scores_triton(q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs, 12, scaling,
-                                      style=style, tables=st["tables"][style])
+    s_c = decode.commvq_scores_triton(
+        q,
+        st["kcodes"],
+        st["prescale"],
+        st["pos"],
+        st["thetas"],
+        freqs,
+        12,
+        scaling,
+        style=style,
+        tables=st["tables"][style],
+    )
     s_w = parts.grouped(q.float()[:, :, None] * scaling, win_k.float().transpose(-1, -2))[:, :, 0]
     p = torch.softmax(torch.cat((s_c, s_w), -1), -1)
     n = s_c.shape[-1]
     out = parts.grouped(p[:, :, None, n:], win_v.float())[:, :, 0]
-    return out + decode.commvq_values_triton(p[..., :n], st["vcodes"], st["factor"], st["codebook"], st["scale"],
-                                             hkv, table=st["vtable"])
+    return out + decode.commvq_values_triton(
+        p[..., :n], st["vcodes"], st["factor"], st["codebook"], st["scale"], hkv, table=st["vtable"]
+    )
 
 
 def naive(q, st, win_k, win_v, freqs, hkv, r, qbits, dtype):
@@ -132,7 +152,9 @@ def naive(q, st, win_k, win_v, freqs, hkv, r, qbits, dtype):
     k = rope.apply_rope(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2).to(dtype)
     groups = st["codebook"].shape[1] * qbits // 2
     bits = bits_from_index(unpack_2bit(st["vcodes"], groups)).to(dtype)
-    v = (bits @ st["codebook"].to(dtype)) * (st["factor"].to(dtype)[..., None] * st["scale"].to(dtype))
+    v = (bits @ st["codebook"].to(dtype)) * (
+        st["factor"].to(dtype)[..., None] * st["scale"].to(dtype)
+    )
     v = v.reshape(b, n, hkv, d).transpose(1, 2)
     kk, vv = torch.cat((k, win_k.to(dtype)), 2), torch.cat((v, win_v.to(dtype)), 2)
     return F.scaled_dot_product_attention(q[:, :, None].to(dtype), kk, vv, enable_gqa=True)
@@ -147,7 +169,9 @@ def dense_kv(st, table16, cb16, win_k, win_v, freqs, hkv, r, qbits, dtype):
     codes = unpack_codes(st["kcodes"], hkv * r, 12).reshape(b, n, hkv, r)
     heads = torch.arange(hkv, device=codes.device)[:, None]
     stages = torch.arange(r, device=codes.device)
-    k = (table16[heads, stages, codes // e].float() + table16[heads, stages, e + codes % e].float()).sum(-2)
+    k = (
+        table16[heads, stages, codes // e].float() + table16[heads, stages, e + codes % e].float()
+    ).sum(-2)
     k = k * st["prescale"].float()[..., None, None]
     ang = st["pos"].float()[..., None] * freqs
     cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
@@ -171,34 +195,64 @@ def naive_fused(q, st, win_k, win_v, freqs, hkv, r, qbits, dtype, compiled=True)
     return F.scaled_dot_product_attention(q[:, :, None].to(dtype), kk, vv, enable_gqa=True)
 
 
-def measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen, extras=True) -> dict:
+def measure(
+    b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen, extras=True
+) -> dict:
     """One (bits, context) row: the three attentions timed on the same card (``extras=False``: not
     the fp32-table variant nor naive, whose dense keys and values do not fit at the largest batches)."""
     st = make_state(b, n, hkv, d, r, bits, device, gen)
     q = torch.randn(b, hq, d, generator=gen).to(device)
     win_k = torch.randn(b, hkv, window, d, generator=gen).to(device, dtype)
     win_v = torch.randn(b, hkv, window, d, generator=gen).to(device, dtype)
-    k16, v16 = (torch.randn(b, hkv, n + window, d, device=device, dtype=dtype) for _ in range(2))  # drawn there
+    k16, v16 = (
+        torch.randn(b, hkv, n + window, d, device=device, dtype=dtype) for _ in range(2)
+    )  # drawn there
     q16 = q[:, :, None].to(dtype)
-    st["tables"] = {style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")}
+    st["tables"] = {
+        style: decode.prepare_tables(st["thetas"], style) for style in ("regdecode16", "regdecode")
+    }
     st["vtable"] = decode.value_table(st["codebook"], st["scale"], hkv)
     t_ours = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
     replay = graphed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling), device)
     t_graph = timed(replay, device) if replay else nan
-    t_fp32 = timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device) if extras else nan
-    t_naive = timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device) if extras else nan
+    t_fp32 = (
+        timed(lambda: ours(q, st, win_k, win_v, freqs, hkv, scaling, "regdecode"), device)
+        if extras
+        else nan
+    )
+    t_naive = (
+        timed(lambda: naive(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device)
+        if extras
+        else nan
+    )
     st["table16"] = decode_table(st["thetas"]).to(torch.float16)
     st["codebook16"] = st["codebook"].to(dtype)
-    t_fused = timed(lambda: naive_fused(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device) if extras else nan
+    t_fused = (
+        timed(lambda: naive_fused(q, st, win_k, win_v, freqs, hkv, r, bits, dtype), device)
+        if extras
+        else nan
+    )
     t_fp16 = timed(lambda: F.scaled_dot_product_attention(q16, k16, v16, enable_gqa=True), device)
     bytes_ours = state_bytes(st)
     bytes_fp16 = (k16.numel() + v16.numel()) * k16.element_size()
-    return {"bits": bits, "context": n, "batch": b, "commvq_ms": t_ours, "commvq_graph_ms": t_graph,
-            "commvq_fp32_tables_ms": t_fp32,
-            "naive_ms": t_naive, "naive_fused_ms": t_fused, "fp16_sdpa_ms": t_fp16,
-            "commvq_bytes": bytes_ours, "fp16_bytes": bytes_fp16, "commvq_GBps": bytes_ours / t_ours / 1e6,
-            "fp16_GBps": bytes_fp16 / t_fp16 / 1e6, "ratio_vs_fp16": t_ours / t_fp16,
-            "speedup_vs_naive": t_naive / t_ours, "speedup_vs_naive_fused": t_fused / t_ours}
+    return {
+        "bits": bits,
+        "context": n,
+        "batch": b,
+        "commvq_ms": t_ours,
+        "commvq_graph_ms": t_graph,
+        "commvq_fp32_tables_ms": t_fp32,
+        "naive_ms": t_naive,
+        "naive_fused_ms": t_fused,
+        "fp16_sdpa_ms": t_fp16,
+        "commvq_bytes": bytes_ours,
+        "fp16_bytes": bytes_fp16,
+        "commvq_GBps": bytes_ours / t_ours / 1e6,
+        "fp16_GBps": bytes_fp16 / t_fp16 / 1e6,
+        "ratio_vs_fp16": t_ours / t_fp16,
+        "speedup_vs_naive": t_naive / t_ours,
+        "speedup_vs_naive_fused": t_fused / t_ours,
+    }
 
 
 def parse_args(doc: str, contexts: str) -> tuple[argparse.Namespace, torch.device]:
@@ -243,41 +297,80 @@ def main() -> None:
         r = round(bits * d / 12)
         for n in contexts:
             b = largest_batch(total, n, per_token[bits]) if args.batch == "max" else int(args.batch)
-            row = measure(b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen,
-                          extras=args.batch != "max")
+            row = measure(
+                b,
+                n,
+                hq,
+                hkv,
+                d,
+                r,
+                bits,
+                window,
+                device,
+                dtype,
+                freqs,
+                scaling,
+                gen,
+                extras=args.batch != "max",
+            )
             if args.batch == "max":
                 b16 = max(1, largest_batch(total, n, fp16_token))
                 t16 = fp16_sdpa_ms(b16, n + window, hq, hkv, d, device, dtype)
-                row.update(fp16_max_batch=b16, fp16_at_max_ms=t16,
-                           seq_per_ms_commvq=b / row["commvq_ms"], seq_per_ms_fp16=b16 / t16)
+                row.update(
+                    fp16_max_batch=b16,
+                    fp16_at_max_ms=t16,
+                    seq_per_ms_commvq=b / row["commvq_ms"],
+                    seq_per_ms_fp16=b16 / t16,
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)  # progress, in case a long run is cut short
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     commit = commit_id()
-    print(f"card {card}; commit {commit}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, "
-          f"window {window}")
-    print(f"{'bits':>4} {'context':>8} {'batch':>5} {'commvq ms':>10} {'graph ms':>9} {'fp32tab ms':>10} "
-          f"{'naive ms':>9} {'fused ms':>9} {'fp16 ms':>8} {'vs fp16':>8} {'vs naive':>9} {'vs fused':>9} "
-          f"{'commvq GB/s':>12} {'fp16 GB/s':>10}")
+    print(
+        f"card {card}; commit {commit}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, "
+        f"window {window}"
+    )
+    print(
+        f"{'bits':>4} {'context':>8} {'batch':>5} {'commvq ms':>10} {'graph ms':>9} {'fp32tab ms':>10} "
+        f"{'naive ms':>9} {'fused ms':>9} {'fp16 ms':>8} {'vs fp16':>8} {'vs naive':>9} {'vs fused':>9} "
+        f"{'commvq GB/s':>12} {'fp16 GB/s':>10}"
+    )
     for r_ in rows:
-        print(f"{r_['bits']:>4} {r_['context']:>8} {r_['batch']:>5} {r_['commvq_ms']:>10.3f} "
-              f"{r_['commvq_graph_ms']:>9.3f} "
-              f"{r_['commvq_fp32_tables_ms']:>10.3f} {r_['naive_ms']:>9.3f} {r_['naive_fused_ms']:>9.3f} "
-              f"{r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} {r_['speedup_vs_naive']:>9.1f} "
-              f"{r_['speedup_vs_naive_fused']:>9.1f} "
-              f"{r_['commvq_GBps']:>12.0f} {r_['fp16_GBps']:>10.0f}")
+        print(
+            f"{r_['bits']:>4} {r_['context']:>8} {r_['batch']:>5} {r_['commvq_ms']:>10.3f} "
+            f"{r_['commvq_graph_ms']:>9.3f} "
+            f"{r_['commvq_fp32_tables_ms']:>10.3f} {r_['naive_ms']:>9.3f} {r_['naive_fused_ms']:>9.3f} "
+            f"{r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} {r_['speedup_vs_naive']:>9.1f} "
+            f"{r_['speedup_vs_naive_fused']:>9.1f} "
+            f"{r_['commvq_GBps']:>12.0f} {r_['fp16_GBps']:>10.0f}"
+        )
     if args.batch == "max":
         print("at each one's largest batch (whole model on this card): sequences per ms per layer")
         for r_ in rows:
-            print(f"{r_['bits']:>4} {r_['context']:>8}  CommVQ batch {r_['batch']}: {r_['seq_per_ms_commvq']:.2f}; "
-                  f"FP16 batch {r_['fp16_max_batch']} ({r_['fp16_at_max_ms']:.3f} ms): {r_['seq_per_ms_fp16']:.2f}")
-    print(f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f} "
-          "(tokens that fit, every part counted: benchmarks/cache_memory.py)")
-    print(json.dumps({"bench": "decode_attention", "card": card, "rows": rows, "bytes_per_token_layer":
-                      {"fp16": fp16_token, **{f"commvq{k}": v for k, v in per_token.items()}},
-                      "commit": commit}))
+            print(
+                f"{r_['bits']:>4} {r_['context']:>8}  CommVQ batch {r_['batch']}: {r_['seq_per_ms_commvq']:.2f}; "
+                f"FP16 batch {r_['fp16_max_batch']} ({r_['fp16_at_max_ms']:.3f} ms): {r_['seq_per_ms_fp16']:.2f}"
+            )
+    print(
+        f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f} "
+        "(tokens that fit, every part counted: benchmarks/cache_memory.py)"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "decode_attention",
+                "card": card,
+                "rows": rows,
+                "bytes_per_token_layer": {
+                    "fp16": fp16_token,
+                    **{f"commvq{k}": v for k, v in per_token.items()},
+                },
+                "commit": commit,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,11 @@ def main() -> None:
     lm = random_model(args.shape, num_layers=args.layers)
     use_commvq(lm.model)
     ids = torch.randint(0, 1000, (1, args.prompt), device=lm.model.device)
-    makers = {"default (bf16)": DynamicCache, "commvq-2": lambda: random_commvq_cache(lm, 2),
-              "commvq-2 eager": lambda: random_commvq_cache(lm, 2, graphs=False)}
+    makers = {
+        "default (bf16)": DynamicCache,
+        "commvq-2": lambda: random_commvq_cache(lm, 2),
+        "commvq-2 eager": lambda: random_commvq_cache(lm, 2, graphs=False),
+    }
     for make in makers.values():
         steps(lm, make(), ids, 4, None)  # warm-up at the prompt's shapes (compilation, workspaces)
     per_layer = {}
@@ -56,37 +59,70 @@ def main() -> None:
     for name, make in makers.items():
         first = steps(lm, make(), ids, args.steps, None)
         second = steps(lm, make(), ids, args.steps, prof if name == "commvq-2 eager" else None)
-        per_layer[name] = {"ms_per_step_layer": first * 1e3 / args.layers,
-                           "ms_per_step_layer_second": second * 1e3 / args.layers,
-                           "second_profiled": name == "commvq-2 eager"}
+        per_layer[name] = {
+            "ms_per_step_layer": first * 1e3 / args.layers,
+            "ms_per_step_layer_second": second * 1e3 / args.layers,
+            "second_profiled": name == "commvq-2 eager",
+        }
     stats = pstats.Stats(prof)
     calls = args.steps * args.layers
-    top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:args.top]
+    top = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.top]
     card = torch.cuda.get_device_name()
     commit = commit_id()
-    print(f"card {card}; commit {commit}; random {args.shape} with {args.layers} layers; prompt {args.prompt}; "
-          f"{args.steps} decode steps, batch 1")
+    print(
+        f"card {card}; commit {commit}; random {args.shape} with {args.layers} layers; prompt {args.prompt}; "
+        f"{args.steps} decode steps, batch 1"
+    )
     for name, row in per_layer.items():
         how = "under cProfile" if row["second_profiled"] else "second run"
-        print(f"{name:<16} {row['ms_per_step_layer']:.3f} ms per step and layer "
-              f"({row['ms_per_step_layer_second']:.3f} {how})")
-    print("commvq-2 eager, own time per step and layer (us) and calls per step and layer, under the profiler:")
+        print(
+            f"{name:<16} {row['ms_per_step_layer']:.3f} ms per step and layer "
+            f"({row['ms_per_step_layer_second']:.3f} {how})"
+        )
+    print(
+        "commvq-2 eager, own time per step and layer (us) and calls per step and layer, under the profiler:"
+    )
     print(f"{'us':>8} {'cum us':>8} {'calls':>6}  function")
     rows = []
     for (path, line, func), (_, ncalls, tottime, cumtime, _) in top:
         where = f"{path.split('site-packages/')[-1].split('/src/')[-1]}:{line} {func}"
-        rows.append({"function": where, "us": tottime / calls * 1e6, "cum_us": cumtime / calls * 1e6,
-                     "calls": ncalls / calls})
-        print(f"{rows[-1]['us']:>8.1f} {rows[-1]['cum_us']:>8.1f} {rows[-1]['calls']:>6.1f}  {where}")
-    ours = sorted(((k, v) for k, v in stats.stats.items() if "commvq" in k[0]), key=lambda kv: kv[1][3],
-                  reverse=True)[:args.top]
+        rows.append(
+            {
+                "function": where,
+                "us": tottime / calls * 1e6,
+                "cum_us": cumtime / calls * 1e6,
+                "calls": ncalls / calls,
+            }
+        )
+        print(
+            f"{rows[-1]['us']:>8.1f} {rows[-1]['cum_us']:>8.1f} {rows[-1]['calls']:>6.1f}  {where}"
+        )
+    ours = sorted(
+        ((k, v) for k, v in stats.stats.items() if "commvq" in k[0]),
+        key=lambda kv: kv[1][3],
+        reverse=True,
+    )[: args.top]
     print("commvq-2 eager, the package's own functions by cumulative time per step and layer (us):")
     for (path, line, func), (_, ncalls, tottime, cumtime, _) in ours:
         where = f"{path.split('/src/')[-1]}:{line} {func}"
-        print(f"{tottime / calls * 1e6:>8.1f} {cumtime / calls * 1e6:>8.1f} {ncalls / calls:>6.1f}  {where}")
-    print(json.dumps({"bench": "decode_host", "card": card, "commit": commit, "shape": args.shape,
-                      "layers": args.layers, "prompt": args.prompt, "steps": args.steps, "per_layer": per_layer,
-                      "top": rows}))
+        print(
+            f"{tottime / calls * 1e6:>8.1f} {cumtime / calls * 1e6:>8.1f} {ncalls / calls:>6.1f}  {where}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "decode_host",
+                "card": card,
+                "commit": commit,
+                "shape": args.shape,
+                "layers": args.layers,
+                "prompt": args.prompt,
+                "steps": args.steps,
+                "per_layer": per_layer,
+                "top": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

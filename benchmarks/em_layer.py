@@ -29,7 +29,15 @@ from commvq.quant import em
 from commvq.quant.commutative import codewords
 from commvq.quant.residual import normalize
 
-KNOBS = ("bt", "warps_a", "warps_b", "unroll", "tiles_per_prog_b", "streams", "block")  # EStepTuning's sizes
+KNOBS = (
+    "bt",
+    "warps_a",
+    "warps_b",
+    "unroll",
+    "tiles_per_prog_b",
+    "streams",
+    "block",
+)  # EStepTuning's sizes
 
 
 def synthetic_keys(n: int, heads: int, head_dim: int, seed: int = 0, device="cuda") -> torch.Tensor:
@@ -51,13 +59,19 @@ def add_layer_args(ap: argparse.ArgumentParser, residuals: bool = True) -> None:
         ap.add_argument("--residuals", type=int, default=21)
 
 
-def layer_keys(args: argparse.Namespace, seed: int = 0, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+def layer_keys(
+    args: argparse.Namespace, seed: int = 0, device: str = "cuda"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized synthetic keys ``x [H, N, D]`` (contiguous, as EM trains on) and prescales ``s``."""
-    x, s = normalize(synthetic_keys(args.num_samples, args.heads, args.head_dim, seed, device), args.heads)
+    x, s = normalize(
+        synthetic_keys(args.num_samples, args.heads, args.head_dim, seed, device), args.heads
+    )
     return x.contiguous(), s
 
 
-def reference_style_stage0(x: torch.Tensor, s: torch.Tensor, iters: int, seed: int) -> tuple[float, float]:
+def reference_style_stage0(
+    x: torch.Tensor, s: torch.Tensor, iters: int, seed: int
+) -> tuple[float, float]:
     """The paper code's loop on one head: dense cdist, softmax, argmin, dense M-step.
 
     Returns (seconds per iteration, best hard MSE).
@@ -75,8 +89,13 @@ def reference_style_stage0(x: torch.Tensor, s: torch.Tensor, iters: int, seed: i
         hard = dist.argmin(1)
         mse = (((x - c[hard]) * s[:, None]) ** 2).mean()
         g4 = gamma.view(n, e, e)
-        stats = em.EStats(g4.sum(0)[None].double(), (g4.sum(2).T @ x)[None].double(), (g4.sum(1).T @ x)[None].double(),
-                          (x * x).sum()[None].double(), torch.zeros(1, dtype=torch.float64, device=x.device))
+        stats = em.EStats(
+            g4.sum(0)[None].double(),
+            (g4.sum(2).T @ x)[None].double(),
+            (g4.sum(1).T @ x)[None].double(),
+            (x * x).sum()[None].double(),
+            torch.zeros(1, dtype=torch.float64, device=x.device),
+        )
         return stats, float(mse)
 
     stats, _ = dense_stats(centers, 1.0, True)
@@ -112,7 +131,10 @@ def tune(x: torch.Tensor, s: torch.Tensor, base) -> tuple[dict, object]:
             e_step_triton(x, s, theta, 1e-3, prune=False, tuning=tuning)
         torch.cuda.synchronize()
         results.append(((time.perf_counter() - t0) / 3, (bt, warps, unroll), tuning))
-        print(f"tune BT {bt:3d} warps {warps} unroll {unroll}: {results[-1][0] * 1e3:8.1f} ms", flush=True)
+        print(
+            f"tune BT {bt:3d} warps {warps} unroll {unroll}: {results[-1][0] * 1e3:8.1f} ms",
+            flush=True,
+        )
     best = min(results, key=lambda r: r[0])
     return {"best_ms": best[0] * 1e3, "config": best[1]}, best[2]
 
@@ -121,15 +143,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_layer_args(ap)
     ap.add_argument("--max_iters", type=int, default=100)
-    ap.add_argument("--ref_iters", type=int, default=5, help="reference-style iterations to time (0: skip)")
+    ap.add_argument(
+        "--ref_iters", type=int, default=5, help="reference-style iterations to time (0: skip)"
+    )
     ap.add_argument("--estep", choices=("triton", "torch"), default="triton")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tune", action="store_true", help="try kernel block sizes first and use the fastest")
-    ap.add_argument("--no_prune", action="store_true", help="evaluate every row of the distance table")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help=f"an integer setting of commvq.kernels.em_estep ({', '.join(KNOBS)}); repeatable")
-    ap.add_argument("--float32_products", action="store_true",
-                    help="x @ W in float32 on the CUDA cores instead of split float16 halves on tensor cores")
+    ap.add_argument(
+        "--tune", action="store_true", help="try kernel block sizes first and use the fastest"
+    )
+    ap.add_argument(
+        "--no_prune", action="store_true", help="evaluate every row of the distance table"
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"an integer setting of commvq.kernels.em_estep ({', '.join(KNOBS)}); repeatable",
+    )
+    ap.add_argument(
+        "--float32_products",
+        action="store_true",
+        help="x @ W in float32 on the CUDA cores instead of split float16 halves on tensor cores",
+    )
     args = ap.parse_args()
 
     from commvq.kernels.em_estep import EStepTuning, e_step_triton
@@ -138,7 +174,9 @@ def main() -> None:
     for item in args.set:
         name, _, value = item.partition("=")
         if name not in KNOBS or not value.isdigit():
-            raise SystemExit(f"--set {item}: expected NAME=INTEGER with NAME one of {', '.join(KNOBS)}")
+            raise SystemExit(
+                f"--set {item}: expected NAME=INTEGER with NAME one of {', '.join(KNOBS)}"
+            )
         knobs[name] = int(value)
     tuning = EStepTuning(split=not args.float32_products, **knobs)
 
@@ -164,16 +202,27 @@ def main() -> None:
     def on_stage(r, res, err):
         torch.cuda.synchronize()
         stage_times.append((r, time.perf_counter() - t0, res.iters.tolist(), float(err.mean())))
-        print(f"stage {r + 1:2d}: {stage_times[-1][1]:7.1f} s  iters {res.iters.tolist()}  residual MSE "
-              f"{float(err.mean()):.6f}", flush=True)
+        print(
+            f"stage {r + 1:2d}: {stage_times[-1][1]:7.1f} s  iters {res.iters.tolist()}  residual MSE "
+            f"{float(err.mean()):.6f}",
+            flush=True,
+        )
 
     from commvq.kernels.em_init import e_step_centers_triton
     from commvq.kernels.nearest import nearest_triton
 
-    fitted = em.fit(x, s, args.residuals, 64, em.EMSettings(max_iters=args.max_iters), seed=args.seed,
-                    estep=estep, on_stage=on_stage,
-                    init_estep=em.e_step_centers if args.estep == "torch" else e_step_centers_triton,
-                    nearest_fn=None if args.estep == "torch" else nearest_triton)
+    fitted = em.fit(
+        x,
+        s,
+        args.residuals,
+        64,
+        em.EMSettings(max_iters=args.max_iters),
+        seed=args.seed,
+        estep=estep,
+        on_stage=on_stage,
+        init_estep=em.e_step_centers if args.estep == "torch" else e_step_centers_triton,
+        nearest_fn=None if args.estep == "torch" else nearest_triton,
+    )
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
@@ -189,8 +238,10 @@ def main() -> None:
     ours_iter_s = seconds / max(1, int(fitted.iters.max(1).values.sum()))
     card = torch.cuda.get_device_name()
     commit = commit_id()
-    print(f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
-          f"E-step {args.estep}  products {'split float16' if tuning.split else 'float32'}")
+    print(
+        f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
+        f"E-step {args.estep}  products {'split float16' if tuning.split else 'float32'}"
+    )
     print(f"{'what':<44}{'value':>14}")
     print(f"{'seconds per layer (all heads, all stages)':<44}{seconds:>14.1f}")
     print(f"{'EM iterations run (sum over heads, stages)':<44}{total_iters:>14d}")
@@ -203,16 +254,40 @@ def main() -> None:
     print(f"{'ours: seconds per batched iteration':<44}{ours_iter_s:>14.4f}")
     print(f"{'reference-style: seconds per iteration/head':<44}{ref_iter_s:>14.4f}")
     print(f"{'stage-0 MSE head 0: ours (full run)':<44}{ours_stage0:>14.6f}")
-    print(f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)")
-    print(json.dumps({"bench": "em_layer", "card": card, "num_samples": args.num_samples, "heads": args.heads,
-                      "head_dim": args.head_dim, "residuals": args.residuals, "estep": args.estep,
-                      "pruned": not args.no_prune, "split_products": tuning.split, "settings": knobs,
-                      "rows_evaluated": mean_work,
-                      "seconds_per_layer": round(seconds, 2), "total_iters": total_iters,
-                      "peak_gib": round(peak, 3), "peak_total_gib": round(peak_total, 3), "final_mse": final,
-                      "relative_mse": rel, "ours_iter_s": ours_iter_s, "ref_iter_s_per_head": ref_iter_s,
-                      "stage0_mse_ours": ours_stage0, "stage0_mse_ref": ref_stage0, "ref_iters": args.ref_iters,
-                      "stages": stage_times, "tuned": tuned, "commit": commit}))
+    print(
+        f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "em_layer",
+                "card": card,
+                "num_samples": args.num_samples,
+                "heads": args.heads,
+                "head_dim": args.head_dim,
+                "residuals": args.residuals,
+                "estep": args.estep,
+                "pruned": not args.no_prune,
+                "split_products": tuning.split,
+                "settings": knobs,
+                "rows_evaluated": mean_work,
+                "seconds_per_layer": round(seconds, 2),
+                "total_iters": total_iters,
+                "peak_gib": round(peak, 3),
+                "peak_total_gib": round(peak_total, 3),
+                "final_mse": final,
+                "relative_mse": rel,
+                "ours_iter_s": ours_iter_s,
+                "ref_iter_s_per_head": ref_iter_s,
+                "stage0_mse_ours": ours_stage0,
+                "stage0_mse_ref": ref_stage0,
+                "ref_iters": args.ref_iters,
+                "stages": stage_times,
+                "tuned": tuned,
+                "commit": commit,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -70,12 +70,21 @@ def load_rows(args) -> tuple[torch.Tensor, ...]:
         what = f"{Path(args.key_dir).parent.parent.name or args.key_dir} keys, layer {args.layer}"
     else:
         n = args.num_samples
-        x, s = layer_keys(argparse.Namespace(**{**vars(args), "num_samples": n + EVAL_SAMPLES}), 0,
-                          "cuda" if CUDA else "cpu")
+        x, s = layer_keys(
+            argparse.Namespace(**{**vars(args), "num_samples": n + EVAL_SAMPLES}),
+            0,
+            "cuda" if CUDA else "cpu",
+        )
         what = f"synthetic {args.heads} x {args.head_dim}"
     n_val = int(n * 0.05)
-    return (x[:, :n - n_val].contiguous(), s[:n - n_val], x[:, n - n_val:n].contiguous(),
-            x[:, n:n + EVAL_SAMPLES].contiguous(), s[n:n + EVAL_SAMPLES], what)
+    return (
+        x[:, : n - n_val].contiguous(),
+        s[: n - n_val],
+        x[:, n - n_val : n].contiguous(),
+        x[:, n : n + EVAL_SAMPLES].contiguous(),
+        s[n : n + EVAL_SAMPLES],
+        what,
+    )
 
 
 def rel(x: torch.Tensor, thetas: torch.Tensor, beam: int, enc) -> float:
@@ -97,8 +106,12 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=14)
     ap.add_argument("--code_bits", type=int, default=12)
     ap.add_argument("--max_iters", type=int, default=100)
-    ap.add_argument("--beams", default="1,2,4,8,16", help="beam widths for EM's codebooks and the encode timing")
-    ap.add_argument("--lstsq_beams", default="", help="beam widths to train E2E lstsq with (default: --beams)")
+    ap.add_argument(
+        "--beams", default="1,2,4,8,16", help="beam widths for EM's codebooks and the encode timing"
+    )
+    ap.add_argument(
+        "--lstsq_beams", default="", help="beam widths to train E2E lstsq with (default: --beams)"
+    )
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--adam_budget_s", type=float, default=90.0, help="0: no Adam run")
     ap.add_argument("--encode_tokens", type=int, default=131072)
@@ -116,16 +129,31 @@ def main() -> None:
     reset_peak()
     sync()
     t0 = time.perf_counter()
-    fitted = em.fit(x, s, args.residuals, e, em.EMSettings(max_iters=args.max_iters),
-                    estep=estep, init_estep=init_estep, nearest_fn=nearest_fn)
+    fitted = em.fit(
+        x,
+        s,
+        args.residuals,
+        e,
+        em.EMSettings(max_iters=args.max_iters),
+        estep=estep,
+        init_estep=init_estep,
+        nearest_fn=nearest_fn,
+    )
     sync()
     t_em = time.perf_counter() - t0
     em_peak = peak_gib()
     em_thetas = fitted.thetas
     curves["EM (greedy)"] = [(t_em, rel(xv, em_thetas, 1, enc))]
     for b in beams:
-        rows.append({"method": "em", "beam": b, "seconds": t_em, "heldout": heldout(xh, sh, em_thetas, b, enc),
-                     "peak_gib": em_peak})
+        rows.append(
+            {
+                "method": "em",
+                "beam": b,
+                "seconds": t_em,
+                "heldout": heldout(xh, sh, em_thetas, b, enc),
+                "peak_gib": em_peak,
+            }
+        )
 
     for b in lstsq_beams:
         reset_peak()
@@ -137,14 +165,27 @@ def main() -> None:
             sync()
             points.append((t_em + time.perf_counter() - t1, log.heldout))
 
-        res = refine.refine(x, xv, em_thetas, refine.RefineSettings(rounds=args.rounds, beam=b, encode_fn=enc),
-                            on_round=on_round)
+        res = refine.refine(
+            x,
+            xv,
+            em_thetas,
+            refine.RefineSettings(rounds=args.rounds, beam=b, encode_fn=enc),
+            on_round=on_round,
+        )
         sync()
         seconds = t_em + time.perf_counter() - t1
         curves[f"E2E lstsq, beam {b}"] = points
         peak = max(em_peak, peak_gib())
-        rows.append({"method": "e2e-lstsq", "beam": b, "seconds": seconds, "best_round": res.best_round,
-                     "heldout": heldout(xh, sh, res.thetas, b, enc), "peak_gib": peak})
+        rows.append(
+            {
+                "method": "e2e-lstsq",
+                "beam": b,
+                "seconds": seconds,
+                "best_round": res.best_round,
+                "heldout": heldout(xh, sh, res.thetas, b, enc),
+                "peak_gib": peak,
+            }
+        )
 
     if args.adam_budget_s > 0:
         reset_peak()
@@ -166,18 +207,34 @@ def main() -> None:
             if points[-1][0] > args.adam_budget_s:
                 raise OutOfTime
 
-        settings = e2e.E2ESettings(epochs=100, lr=1e-3, batch_size=256, encode_fn=resolve_encoder("auto", x.device))
+        settings = e2e.E2ESettings(
+            epochs=100, lr=1e-3, batch_size=256, encode_fn=resolve_encoder("auto", x.device)
+        )
         with contextlib.suppress(OutOfTime):
             e2e.train(x, xv, start, settings, on_epoch=on_epoch)
         curves["E2E Adam (k-means++ start)"] = points
-        rows.append({"method": "e2e-adam", "beam": 1, "seconds": points[-1][0], "epochs": len(points) - 1,
-                     "heldout": heldout(xh, sh, kept["thetas"], 1, enc),
-                     "peak_gib": peak_gib()})
+        rows.append(
+            {
+                "method": "e2e-adam",
+                "beam": 1,
+                "seconds": points[-1][0],
+                "epochs": len(points) - 1,
+                "heldout": heldout(xh, sh, kept["thetas"], 1, enc),
+                "peak_gib": peak_gib(),
+            }
+        )
 
     enc_rows = []
-    xe = torch.nn.functional.normalize(torch.randn(h, args.encode_tokens, d, device=x.device), dim=-1) / h**0.5
+    xe = (
+        torch.nn.functional.normalize(
+            torch.randn(h, args.encode_tokens, d, device=x.device), dim=-1
+        )
+        / h**0.5
+    )
     for b in beams:
-        enc(xe, em_thetas, b)  # compiles: the same sizes as the timed call (triton specializes on them)
+        enc(
+            xe, em_thetas, b
+        )  # compiles: the same sizes as the timed call (triton specializes on them)
         sync()
         t3 = time.perf_counter()
         enc(xe, em_thetas, b)
@@ -186,21 +243,42 @@ def main() -> None:
 
     card, commit = torch.cuda.get_device_name() if CUDA else "cpu", commit_id()
     base = next(r["heldout"] for r in rows if r["method"] == "em" and r["beam"] == 1)
-    print(f"\ncard {card}  {what}  train {n}  heads {h} x {d}  R {args.residuals}  {args.code_bits}-bit codes  "
-          f"held-out rows {xh.shape[1]}  commit {commit}")
-    print(f"{'method':<12}{'beam':>5}{'seconds':>10}{'held-out rel. MSE':>19}{'x EM':>8}{'peak GiB':>10}")
+    print(
+        f"\ncard {card}  {what}  train {n}  heads {h} x {d}  R {args.residuals}  {args.code_bits}-bit codes  "
+        f"held-out rows {xh.shape[1]}  commit {commit}"
+    )
+    print(
+        f"{'method':<12}{'beam':>5}{'seconds':>10}{'held-out rel. MSE':>19}{'x EM':>8}{'peak GiB':>10}"
+    )
     for r in rows:
-        print(f"{r['method']:<12}{r['beam']:>5}{r['seconds']:>10.1f}{r['heldout']:>19.5f}{r['heldout'] / base:>8.3f}"
-              f"{r['peak_gib']:>10.2f}")
+        print(
+            f"{r['method']:<12}{r['beam']:>5}{r['seconds']:>10.1f}{r['heldout']:>19.5f}{r['heldout'] / base:>8.3f}"
+            f"{r['peak_gib']:>10.2f}"
+        )
     print(f"\nencode {args.encode_tokens} tokens x {h} heads x {args.residuals} stages")
     print(f"{'beam':>5}{'ms':>10}")
     for r in enc_rows:
         print(f"{r['beam']:>5}{r['ms']:>10.1f}")
     if args.plot:
         plot(args.plot, curves, f"{what}, R={args.residuals}, {card}")
-    print(json.dumps({"bench": "key_training", "card": card, "data": what, "train_rows": n, "heads": h, "head_dim": d,
-                      "residuals": args.residuals, "code_bits": args.code_bits, "rows": rows, "encode": enc_rows,
-                      "curves": curves, "commit": commit}))
+    print(
+        json.dumps(
+            {
+                "bench": "key_training",
+                "card": card,
+                "data": what,
+                "train_rows": n,
+                "heads": h,
+                "head_dim": d,
+                "residuals": args.residuals,
+                "code_bits": args.code_bits,
+                "rows": rows,
+                "encode": enc_rows,
+                "curves": curves,
+                "commit": commit,
+            }
+        )
+    )
 
 
 def plot(path: str, curves: dict, title: str) -> None:

@@ -49,12 +49,17 @@ def kernel_table(fn, steps: int, title: str, top: int = 25) -> dict[str, float]:
             calls[ev.name] += 1
     total = sum(per.values())
     if top:
-        print(f"\n{title}: {total:.1f} us of kernels per step, {sum(calls.values()) / steps:.0f} kernels per step")
+        print(
+            f"\n{title}: {total:.1f} us of kernels per step, {sum(calls.values()) / steps:.0f} kernels per step"
+        )
         print(f"{'kernel':<70}{'calls':>7}{'us/step':>10}")
         for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
             print(f"{name[:69]:<70}{calls[name] / steps:>7.1f}{us:>10.1f}")
-    return {"total_us": round(total, 1), "kernels_per_step": sum(calls.values()) / steps,
-            "by_kernel": {k: round(v, 1) for k, v in per.items()}}
+    return {
+        "total_us": round(total, 1),
+        "kernels_per_step": sum(calls.values()) / steps,
+        "by_kernel": {k: round(v, 1) for k, v in per.items()},
+    }
 
 
 def wall(fn, steps: int) -> float:
@@ -79,7 +84,9 @@ def profile_em(x, s, steps: int) -> dict:
         def one(theta=theta, tau=tau):
             em.m_step(e_step_triton(x, s, theta, tau, cache=cache))
 
-        out[f"tau{tau:g}"] = kernel_table(one, steps, f"EM iteration (E-step + M-step), tau {tau:g}")
+        out[f"tau{tau:g}"] = kernel_table(
+            one, steps, f"EM iteration (E-step + M-step), tau {tau:g}"
+        )
         out[f"tau{tau:g}"]["wall_us"] = round(wall(one, steps), 1)
         print(f"wall time per iteration: {out[f'tau{tau:g}']['wall_us']:.0f} us")
     return out
@@ -108,7 +115,9 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
         print(f"wall {table['wall_us']:.0f} us, rows evaluated {kept['stats'].work:.3f}")
         for streams in (1, 2, 3):
             tuned = dataclasses.replace(k.TUNING, streams=streams)
-            table[f"wall_us_{streams}_streams"] = round(wall(lambda t=tuned: k.e_step_triton(*a, **kw, tuning=t), 3), 1)
+            table[f"wall_us_{streams}_streams"] = round(
+                wall(lambda t=tuned: k.e_step_triton(*a, **kw, tuning=t), 3), 1
+            )
             print(f"  wall with {streams} stream(s): {table[f'wall_us_{streams}_streams']:.0f} us")
         out[f"iter{calls[0]}"] = table
         return kept["stats"]
@@ -127,11 +136,15 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
     torch.cuda.synchronize()
     out["init_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    em.fit_stage(x, s, 64, 0, settings, torch.Generator().manual_seed(0), estep, e_step_centers_triton)
+    em.fit_stage(
+        x, s, 64, 0, settings, torch.Generator().manual_seed(0), estep, e_step_centers_triton
+    )
     torch.cuda.synchronize()
     out["stage_s"] = time.perf_counter() - t0
-    print(f"init E-step + M-step {out['init_s']:.2f} s (torch {out['init_torch_s']:.2f} s); stage 0 (init, "
-          f"100 iterations, profiled ones twice more) {out['stage_s']:.2f} s")
+    print(
+        f"init E-step + M-step {out['init_s']:.2f} s (torch {out['init_torch_s']:.2f} s); stage 0 (init, "
+        f"100 iterations, profiled ones twice more) {out['stage_s']:.2f} s"
+    )
     return out
 
 
@@ -142,7 +155,9 @@ def profile_e2e(x, steps: int, residuals: int, batch: int) -> dict:
     out = {}
     for graphs in (False, True):
         params = torch.nn.Parameter(thetas.clone())
-        settings = e2e.E2ESettings(batch_size=batch, cuda_graphs=graphs, encode_fn=encode_triton_with_residuals)
+        settings = e2e.E2ESettings(
+            batch_size=batch, cuda_graphs=graphs, encode_fn=encode_triton_with_residuals
+        )
         opt, _ = e2e.make_optimizer(params, settings)  # as e2e.train
         w = e2e.pair_weight_vector(None, x.shape[0], x.shape[2], x.device, x.dtype)
         step = e2e._Step(params, opt, w, settings, (x.shape[0], batch, x.shape[2]))
@@ -168,10 +183,15 @@ def tune_encode(x, residuals: int, batch: int) -> dict:
     out = {}
     for bt, warps, unroll in itertools.product((16, 32), (4, 8), (1, 2, 4, 8)):
         tuning = enc.EncodeTuning(bt=bt, warps=warps, unroll=unroll)
-        table = kernel_table(lambda t=tuning: enc.encode_triton_with_residuals(xb, thetas, t), 20, "encode", top=0)
+        table = kernel_table(
+            lambda t=tuning: enc.encode_triton_with_residuals(xb, thetas, t), 20, "encode", top=0
+        )
         us = table["by_kernel"].get("_encode_kernel", float("nan"))
         out[f"BT{bt}_W{warps}_U{unroll}"] = us
-        print(f"encode kernel, batch {batch}: BT {bt:3d} warps {warps} unroll {unroll}: {us:8.1f} us", flush=True)
+        print(
+            f"encode kernel, batch {batch}: BT {bt:3d} warps {warps} unroll {unroll}: {us:8.1f} us",
+            flush=True,
+        )
     return out
 
 

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 . .venv/bin/activate
 ruff check src tests benchmarks training
+ruff format --check src tests benchmarks training
 python -m pytest "$@"

@@ -10,9 +10,30 @@ from pathlib import Path
 import torch
 
 WORDS = [
-    "the", "nation", "congress", "people", "law", "war", "peace", "trade", "union", "states", "treasury",
-    "army", "navy", "commerce", "year", "report", "public", "debt", "revenue", "citizens", "government",
-    "duty", "freedom", "labor",
+    "the",
+    "nation",
+    "congress",
+    "people",
+    "law",
+    "war",
+    "peace",
+    "trade",
+    "union",
+    "states",
+    "treasury",
+    "army",
+    "navy",
+    "commerce",
+    "year",
+    "report",
+    "public",
+    "debt",
+    "revenue",
+    "citizens",
+    "government",
+    "duty",
+    "freedom",
+    "labor",
 ]
 
 
@@ -32,8 +53,11 @@ def make_tokenizer(folder: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(TEXTS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
     fast.save_pretrained(folder)
@@ -43,13 +67,27 @@ def make_tokenizer(folder: Path):
 def tiny_config(arch: str, **overrides):
     import transformers
 
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  eos_token_id=0, pad_token_id=0, bos_token_id=0, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=0,
+        tie_word_embeddings=False,
+    )
     common.update(overrides)
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-           "phi3": transformers.Phi3Config}[arch]
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "phi3": transformers.Phi3Config,
+    }[arch]
     if arch in ("qwen2", "qwen3"):
         common.setdefault("use_sliding_window", False)
     return cls(**common)
@@ -86,15 +124,21 @@ def check_collected_against_model(lm, key_dir: Path, value_dir: Path, batch: tor
         normed = layer.input_layernorm(out.hidden_states[i])
         k = keys.layer(i).read(0, b * t)
         assert torch.equal(k, layer.self_attn.k_proj(normed).reshape(-1, width)), f"layer {i} keys"
-        assert torch.equal(values.layer(i).read(0, b * t), layer.self_attn.v_proj(normed).reshape(-1, width))
+        assert torch.equal(
+            values.layer(i).read(0, b * t), layer.self_attn.v_proj(normed).reshape(-1, width)
+        )
         heads = k.reshape(b, t, hkv, hd).transpose(1, 2)
         rotated, _ = modeling.apply_rotary_pos_emb(heads, heads, cos, sin)
-        assert torch.allclose(rotated, out.past_key_values.layers[i].keys, atol=1e-6), f"layer {i} RoPE"
+        assert torch.allclose(rotated, out.past_key_values.layers[i].keys, atol=1e-6), (
+            f"layer {i} RoPE"
+        )
 
 
 def run_in_triton_interpreter(code: str, timeout: int = 600) -> None:
     """Run ``code`` in a fresh Python with Triton's interpreter on (it must be set before triton is
     imported, hence the subprocess); fail with its stderr if it fails."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert out.returncode == 0, out.stderr[-3000:]

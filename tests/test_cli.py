@@ -24,9 +24,13 @@ def test_every_subcommand_help_lists_every_option_with_default(stage, capsys):
             continue
         assert f"--{f.name}" in text
         shown = "".join(str(f.default).split())
-        said = "(default" in f.metadata.get("help", "")  # the help states the effective default itself
+        said = "(default" in f.metadata.get(
+            "help", ""
+        )  # the help states the effective default itself
         assert said or f"(default:{shown})" in dense, f"{stage} --{f.name}"
-    assert not re.search(r"\(default:[^()]*\)\s*\(default", text), f"{stage}: an option shows two defaults"
+    assert not re.search(r"\(default:[^()]*\)\s*\(default", text), (
+        f"{stage}: an option shows two defaults"
+    )
 
 
 def test_top_level_help_lists_stages(capsys):
@@ -52,8 +56,15 @@ def test_quiet_silences_progress_bars_and_depths_are_fractions(tmp_path, capsys)
     _small_store(tmp_path)
     env = {**os.environ, "TQDM_MININTERVAL": "0"}  # every bar update printed where bars are on
     for quiet, bars in ((False, True), (True, False)):
-        args = [sys.executable, "-m", "commvq", *(["-q"] if quiet else []), "scale", "--key_dir",
-                str(tmp_path / "data" / "key")]
+        args = [
+            sys.executable,
+            "-m",
+            "commvq",
+            *(["-q"] if quiet else []),
+            "scale",
+            "--key_dir",
+            str(tmp_path / "data" / "key"),
+        ]
         out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
         assert out.returncode == 0, out.stderr
         assert ("layer/s" in out.stderr) == bars, out.stderr
@@ -69,7 +80,9 @@ def _small_store(root):
     from tests.pipeline.conftest import SPEC
 
     for kind in ("key", "value"):
-        w = KVStoreWriter(root / "data" / kind, kind, 3, 16, torch.float32, settings={"spec": SPEC.to_dict()})
+        w = KVStoreWriter(
+            root / "data" / kind, kind, 3, 16, torch.float32, settings={"spec": SPEC.to_dict()}
+        )
         w.write_shard([{"x": torch.randn(20, 16)} for _ in range(3)])
         w.finish(False)
     return root / "data" / "key"
@@ -91,13 +104,40 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, capsy
     assert cli.main(["-q", "scale", "--key_dir", str(key_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0] and "free some space" in err[0]
-    assert not list((tmp_path / "data").glob("learnable_scale*")) and not list((tmp_path / "data").glob(".*tmp"))
-    out = tmp_path / "codebook_6bits_8group_1residuals"  # train-keys: the codebook files hit the full disk
-    assert cli.main(["-q", "train-keys", "--key_dir", str(key_dir), "--output_dir", str(out), "--code_bits", "6",
-                     "--max_iters", "1", "--num_samples", "16", "--device", "cpu"]) == 2
+    assert not list((tmp_path / "data").glob("learnable_scale*")) and not list(
+        (tmp_path / "data").glob(".*tmp")
+    )
+    out = (
+        tmp_path / "codebook_6bits_8group_1residuals"
+    )  # train-keys: the codebook files hit the full disk
+    assert (
+        cli.main(
+            [
+                "-q",
+                "train-keys",
+                "--key_dir",
+                str(key_dir),
+                "--output_dir",
+                str(out),
+                "--code_bits",
+                "6",
+                "--max_iters",
+                "1",
+                "--num_samples",
+                "16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0]
-    assert not list(out.rglob("*.pt")) and not list(out.rglob(".*tmp")) and not list(out.glob("metrics/*.json"))
+    assert (
+        not list(out.rglob("*.pt"))
+        and not list(out.rglob(".*tmp"))
+        and not list(out.glob("metrics/*.json"))
+    )
 
 
 def test_bugs_keep_their_traceback_and_debug_shows_every_one(tmp_path, capsys, monkeypatch):
@@ -127,9 +167,15 @@ def test_bad_devices_damaged_manifests_and_poisoned_scales_are_one_line(tmp_path
         assert len(err) == 1 and all(w in err[0] for w in words), err
 
     key_dir = _small_store(tmp_path)
-    one_line(["train-keys", "--key_dir", str(key_dir), "--device", "gpu"], "--device gpu: not a device")
+    one_line(
+        ["train-keys", "--key_dir", str(key_dir), "--device", "gpu"], "--device gpu: not a device"
+    )
     if not torch.cuda.is_available():
-        one_line(["train-keys", "--key_dir", str(key_dir), "--device", "cuda"], "--device cuda", "no CUDA GPU")
+        one_line(
+            ["train-keys", "--key_dir", str(key_dir), "--device", "cuda"],
+            "--device cuda",
+            "no CUDA GPU",
+        )
     man = json.loads((key_dir / "manifest.json").read_text())
     del man["kind"]
     (key_dir / "manifest.json").write_text(json.dumps(man))
@@ -147,15 +193,22 @@ def test_bad_devices_damaged_manifests_and_poisoned_scales_are_one_line(tmp_path
 
 
 def test_console_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "commvq", "--version"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "commvq", "--version"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout.startswith("commvq ")
 
 
 def test_collect_from_cli_with_yaml(tiny_llama, corpus_dir, tmp_path):
     y = tmp_path / "c.yaml"
-    y.write_text(f"model: {tiny_llama}\ndataset: {corpus_dir}\nnum_samples: 48\nmax_seq_length: 16\n")
+    y.write_text(
+        f"model: {tiny_llama}\ndataset: {corpus_dir}\nnum_samples: 48\nmax_seq_length: 16\n"
+    )
     out = tmp_path / "d" / "key"
-    assert cli.main(["-q", "collect", "--config", str(y), "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert (
+        cli.main(["-q", "collect", "--config", str(y), "--output_dir", str(out), "--device", "cpu"])
+        == 0
+    )
     assert cli.main(["-q", "scale", "--key_dir", str(out)]) == 0
     from commvq.data.kvstore import KVStore
 

@@ -42,16 +42,19 @@ def test_unknown_yaml_key_and_missing_file(tmp_path):
         _parse(["--config", str(tmp_path / "none.yaml")])
 
 
-@pytest.mark.parametrize("text,match", [
-    ('flag: "false"', "flag: 'false' is not a boolean; write true or false"),
-    ("flag: 1", "flag: 1 is not a boolean"),
-    ("alpha: 2.5", "alpha: 2.5 is not a whole number"),
-    ('alpha: "abc"', "alpha: 'abc' is not a whole number"),
-    ("alpha: true", "alpha: True is not a whole number"),
-    ("maybe: [1]", "maybe: \\[1\\] is not a number"),
-    ("name: w", "name: 'w' is not one of"),
-    ("alpha: null", "alpha: null is not allowed"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('flag: "false"', "flag: 'false' is not a boolean; write true or false"),
+        ("flag: 1", "flag: 1 is not a boolean"),
+        ("alpha: 2.5", "alpha: 2.5 is not a whole number"),
+        ('alpha: "abc"', "alpha: 'abc' is not a whole number"),
+        ("alpha: true", "alpha: True is not a whole number"),
+        ("maybe: [1]", "maybe: \\[1\\] is not a number"),
+        ("name: w", "name: 'w' is not one of"),
+        ("alpha: null", "alpha: null is not allowed"),
+    ],
+)
 def test_yaml_values_are_checked_against_their_types_before_anything_runs(tmp_path, text, match):
     y = tmp_path / "c.yaml"
     y.write_text(text + "\n")
@@ -71,8 +74,21 @@ def test_a_string_false_never_overwrites_a_store(tiny_llama, corpus_dir, tmp_pat
     from commvq.cli import main
     from commvq.data.kvstore import KVStore
 
-    args = ["collect", "--model", str(tiny_llama), "--dataset", str(corpus_dir), "--output_dir",
-            str(tmp_path / "data" / "key"), "--num_samples", "40", "--max_seq_length", "16", "--device", "cpu"]
+    args = [
+        "collect",
+        "--model",
+        str(tiny_llama),
+        "--dataset",
+        str(corpus_dir),
+        "--output_dir",
+        str(tmp_path / "data" / "key"),
+        "--num_samples",
+        "40",
+        "--max_seq_length",
+        "16",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     before = KVStore(tmp_path / "data" / "key").layer(0).read()
     y = tmp_path / "c.yaml"
@@ -84,7 +100,13 @@ def test_a_string_false_never_overwrites_a_store(tiny_llama, corpus_dir, tmp_pat
 def test_help_shows_every_option_with_its_default():
     _, p = _parse([])
     text = p.format_help()
-    for name, default in [("alpha", 3), ("name", "x"), ("path", "out"), ("flag", False), ("maybe", None)]:
+    for name, default in [
+        ("alpha", 3),
+        ("name", "x"),
+        ("path", "out"),
+        ("flag", False),
+        ("maybe", None),
+    ]:
         assert f"--{name}" in text
         assert f"(default: {default})" in text
 

@@ -24,7 +24,10 @@ def test_fused_baseline_matches_float32_decode():
         st["table16"] = decode_table(st["thetas"]).to(torch.float16)
         st["codebook16"] = st["codebook"]
         q = torch.randn(b, hq, d, generator=gen)
-        win_k, win_v = torch.randn(b, hkv, window, d, generator=gen), torch.randn(b, hkv, window, d, generator=gen)
+        win_k, win_v = (
+            torch.randn(b, hkv, window, d, generator=gen),
+            torch.randn(b, hkv, window, d, generator=gen),
+        )
         freqs = rope.inv_freq(d, 1e4)
         args = (q, st, win_k, win_v, freqs, hkv, r, bits, torch.float32)
         ref = bench.naive(*args)

@@ -19,19 +19,60 @@ def _cli(args, nproc, cwd):
     if nproc == 1:
         cmd = [sys.executable, "-m", "commvq.cli", "-q", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "commvq.cli", "-q", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "commvq.cli",
+            "-q",
+            *args,
+        ]
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
 
 
 @pytest.mark.slow
 def test_two_processes_collect_and_train_the_same_files_as_one(tiny_llama, corpus_dir, tmp_path):
-    collect = ["collect", "--model", str(tiny_llama), "--dataset", str(corpus_dir), "--num_samples", "330",
-               "--max_seq_length", "32", "--batch_size", "2", "--shard_tokens", "64", "--dtype", "float32",
-               "--device", "cpu", "--with_queries", "--num_queries", "40"]
-    train = ["train-keys", "--key_dir", "data/key", "--code_bits", "6", "--residuals", "2", "--max_iters", "3",
-             "--device", "cpu", "--output_dir", "cb"]
+    collect = [
+        "collect",
+        "--model",
+        str(tiny_llama),
+        "--dataset",
+        str(corpus_dir),
+        "--num_samples",
+        "330",
+        "--max_seq_length",
+        "32",
+        "--batch_size",
+        "2",
+        "--shard_tokens",
+        "64",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--with_queries",
+        "--num_queries",
+        "40",
+    ]
+    train = [
+        "train-keys",
+        "--key_dir",
+        "data/key",
+        "--code_bits",
+        "6",
+        "--residuals",
+        "2",
+        "--max_iters",
+        "3",
+        "--device",
+        "cpu",
+        "--output_dir",
+        "cb",
+    ]
     for name, nproc in (("one", 1), ("two", 2)):
         (tmp_path / name).mkdir()
         _cli([*collect, "--output_dir", "data/key"], nproc, tmp_path / name)
@@ -54,12 +95,42 @@ def test_two_processes_collect_and_train_the_same_files_as_one(tiny_llama, corpu
 
 @pytest.mark.slow
 def test_two_processes_train_the_value_codec(tiny_llama, corpus_dir, tmp_path):
-    collect = ["collect", "--model", str(tiny_llama), "--dataset", str(corpus_dir), "--num_samples", "128",
-               "--max_seq_length", "32", "--device", "cpu", "--output_dir", "data/key"]
+    collect = [
+        "collect",
+        "--model",
+        str(tiny_llama),
+        "--dataset",
+        str(corpus_dir),
+        "--num_samples",
+        "128",
+        "--max_seq_length",
+        "32",
+        "--device",
+        "cpu",
+        "--output_dir",
+        "data/key",
+    ]
     _cli(collect, 1, tmp_path)
     _cli(["scale", "--key_dir", "data/key"], 1, tmp_path)
-    train = ["train-values", "--model", str(tiny_llama), "--dataset", str(corpus_dir), "--max_seq_length", "32",
-             "--steps", "4", "--warmup_steps", "1", "--save_every", "2", "--device", "cpu", "--quant_bits", "1"]
+    train = [
+        "train-values",
+        "--model",
+        str(tiny_llama),
+        "--dataset",
+        str(corpus_dir),
+        "--max_seq_length",
+        "32",
+        "--steps",
+        "4",
+        "--warmup_steps",
+        "1",
+        "--save_every",
+        "2",
+        "--device",
+        "cpu",
+        "--quant_bits",
+        "1",
+    ]
     _cli(train, 2, tmp_path)
     conf = json.loads((tmp_path / "value_codec_1bit" / "config.json").read_text())
     assert conf["steps_done"] == 4 and len(conf["loss_history"]) == 4

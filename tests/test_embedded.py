@@ -26,12 +26,23 @@ def test_embedded_spec(smol):
 
 
 def test_embedded_collect_is_exact_and_scale_matches(smol, tmp_path):
-    cfg = collect.CollectConfig(model="embedded", dataset="embedded", output_dir=tmp_path / "data" / "key",
-                                num_samples=320, max_seq_length=160, batch_size=1, dtype="float32",
-                                device="cpu", shard_tokens=100)
+    cfg = collect.CollectConfig(
+        model="embedded",
+        dataset="embedded",
+        output_dir=tmp_path / "data" / "key",
+        num_samples=320,
+        max_seq_length=160,
+        batch_size=1,
+        dtype="float32",
+        device="cpu",
+        shard_tokens=100,
+    )
     collect.run(cfg, loaded=smol)
     tok = smol.tokenizer
-    docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(CorpusSource("embedded")))
+    docs = (
+        tok(d, add_special_tokens=False)["input_ids"]
+        for d in iter_documents(CorpusSource("embedded"))
+    )
     first = torch.tensor(list(itertools.islice(pack(docs, 160, tok.eos_token_id), 1)))
     check_collected_against_model(smol, cfg.output_dir, tmp_path / "data" / "value", first)
 

@@ -12,16 +12,44 @@ TRAINING = Path(__file__).resolve().parents[1] / "training"
 
 def _bash(script, *args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(["bash", str(TRAINING / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        ["bash", str(TRAINING / script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow
 def test_train_e2e_key_codebook_sh_every_option_and_resume(tiny_llama, corpus_dir, tmp_path):
-    args = ["--model", str(tiny_llama), "--dataset", str(corpus_dir), "--output_dir", "my_codebook",
-            "--quant_bits", "1", "--solver", "adam", "--epochs", "2", "--lr", "0.002", "--batch_size", "16",
-            "--num_samples", "300",
-            "--layer", "1", "--max_seq_length", "32", "--gpus", "1"]
+    args = [
+        "--model",
+        str(tiny_llama),
+        "--dataset",
+        str(corpus_dir),
+        "--output_dir",
+        "my_codebook",
+        "--quant_bits",
+        "1",
+        "--solver",
+        "adam",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.002",
+        "--batch_size",
+        "16",
+        "--num_samples",
+        "300",
+        "--layer",
+        "1",
+        "--max_seq_length",
+        "32",
+        "--gpus",
+        "1",
+    ]
     out = _bash("train_e2e_key_codebook.sh", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Epoch 2/2 - Loss:" in out.stdout and "E2E codebooks:" in out.stdout
@@ -36,9 +64,28 @@ def test_train_e2e_key_codebook_sh_every_option_and_resume(tiny_llama, corpus_di
     assert again.returncode == 0 and "Epoch" not in again.stdout
     assert "nothing to do" in again.stderr
     # the default solver: least-squares rounds with a beam, recorded for the cache
-    lstsq = ["--model", str(tiny_llama), "--dataset", str(corpus_dir), "--output_dir", "my_lstsq", "--quant_bits", "1",
-             "--rounds", "1", "--beam", "2", "--num_samples", "300", "--layer", "1", "--max_seq_length", "32",
-             "--gpus", "1"]
+    lstsq = [
+        "--model",
+        str(tiny_llama),
+        "--dataset",
+        str(corpus_dir),
+        "--output_dir",
+        "my_lstsq",
+        "--quant_bits",
+        "1",
+        "--rounds",
+        "1",
+        "--beam",
+        "2",
+        "--num_samples",
+        "300",
+        "--layer",
+        "1",
+        "--max_seq_length",
+        "32",
+        "--gpus",
+        "1",
+    ]
     out = _bash("train_e2e_key_codebook.sh", *lstsq, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Round 1/1 - Recon:" in out.stdout
@@ -51,8 +98,21 @@ def test_train_e2e_key_codebook_sh_every_option_and_resume(tiny_llama, corpus_di
 def test_guide_scripts_help_and_bad_options(tmp_path):
     out = _bash("train_e2e_key_codebook.sh", "--help", cwd=tmp_path)
     assert out.returncode == 0
-    for opt in ("--model", "--dataset", "--output_dir", "--quant_bits", "--solver", "--rounds", "--beam", "--epochs",
-                "--lr", "--batch_size", "--num_samples", "--layer", "--help"):
+    for opt in (
+        "--model",
+        "--dataset",
+        "--output_dir",
+        "--quant_bits",
+        "--solver",
+        "--rounds",
+        "--beam",
+        "--epochs",
+        "--lr",
+        "--batch_size",
+        "--num_samples",
+        "--layer",
+        "--help",
+    ):
         assert opt in out.stdout
     bad = _bash("train_e2e_key_codebook.sh", "--epoch", "3", cwd=tmp_path)
     assert bad.returncode == 2 and "unknown option --epoch" in bad.stderr
@@ -64,17 +124,62 @@ def test_guide_scripts_help_and_bad_options(tmp_path):
 @pytest.mark.slow
 def test_quantize_key_cache_scripts_from_existing_data(tiny_llama, corpus_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run(["python", str(TRAINING / "collect_kv_for_e2e.py"), "--model_path", str(tiny_llama),
-                    "--dataset", str(corpus_dir), "--num_samples", "200", "--max_seq_length", "32"],
-                   cwd=tmp_path, env=env, check=True, capture_output=True)
-    out = _bash("quantize_key_cache_e2e.sh", "--epochs", "1", "--lr", "0.001", "--code_bits", "6",
-                "--residuals", "1", "--batch_size", "32", cwd=tmp_path)
+    subprocess.run(
+        [
+            "python",
+            str(TRAINING / "collect_kv_for_e2e.py"),
+            "--model_path",
+            str(tiny_llama),
+            "--dataset",
+            str(corpus_dir),
+            "--num_samples",
+            "200",
+            "--max_seq_length",
+            "32",
+        ],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    out = _bash(
+        "quantize_key_cache_e2e.sh",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.001",
+        "--code_bits",
+        "6",
+        "--residuals",
+        "1",
+        "--batch_size",
+        "32",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "codebook_e2e_6bits_16group_1residuals").glob("*.pt")) == [
-        "000_0.pt", "000_1.pt", "001_0.pt", "001_1.pt"]
-    one = subprocess.run(["python", str(TRAINING / "quantize_key_cache.py"), "0", "--training_method", "em",
-                          "--code_bits", "6", "--residuals", "1", "--max_iters", "2"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
+    assert sorted(
+        p.name for p in (tmp_path / "codebook_e2e_6bits_16group_1residuals").glob("*.pt")
+    ) == ["000_0.pt", "000_1.pt", "001_0.pt", "001_1.pt"]
+    one = subprocess.run(
+        [
+            "python",
+            str(TRAINING / "quantize_key_cache.py"),
+            "0",
+            "--training_method",
+            "em",
+            "--code_bits",
+            "6",
+            "--residuals",
+            "1",
+            "--max_iters",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "codebook_6bits_16group_1residuals").glob("*.pt")) == [
-        "000_0.pt", "000_1.pt"]
+    assert sorted(
+        p.name for p in (tmp_path / "codebook_6bits_16group_1residuals").glob("*.pt")
+    ) == ["000_0.pt", "000_1.pt"]

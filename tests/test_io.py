@@ -6,8 +6,16 @@ from commvq.codecs.key_codebook import KeyCodebook
 from commvq.quant.commutative import codewords, interleave_pairs
 from commvq.spec import ModelSpec
 
-SPEC = ModelSpec("llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32,
-                 max_position=128, rope_theta=1e4)
+SPEC = ModelSpec(
+    "llama",
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    hidden_size=32,
+    max_position=128,
+    rope_theta=1e4,
+)
 
 
 def test_dir_names_round_trip():
@@ -15,7 +23,9 @@ def test_dir_names_round_trip():
     assert lay.dir_name == "codebook_12bits_128group_21residuals"
     assert io.parse_dir_name(lay.dir_name) == lay
     e2e = io.parse_dir_name("codebook_e2e_6bits_128group_21residuals")
-    assert e2e == io.CodebookLayout(6, 128, 21, e2e=True) and e2e.bits_per_channel == pytest.approx(0.984, abs=1e-3)
+    assert e2e == io.CodebookLayout(6, 128, 21, e2e=True) and e2e.bits_per_channel == pytest.approx(
+        0.984, abs=1e-3
+    )
     assert io.parse_dir_name("my_codebooks") is None
     assert io.head_file("d", 3, 7).name == "003_7.pt"
 
@@ -25,7 +35,9 @@ def _write_dir(folder, r=3, e=4, with_centers=False):
     thetas = torch.randn(2, 2, r, 2 * e, 4)
     for layer in range(2):
         for h in range(2):
-            io.save_head(io.head_file(folder, layer, h), thetas[layer, h], torch.rand(r), 0.5, with_centers)
+            io.save_head(
+                io.head_file(folder, layer, h), thetas[layer, h], torch.rand(r), 0.5, with_centers
+            )
     io.write_config(folder, lay, "em", SPEC, {})
     return thetas
 
@@ -36,7 +48,9 @@ def test_save_load_reference_layout_weights_only(tmp_path):
     assert set(data) == {"final_error", "steps"} and len(data["steps"]) == 3
     step = data["steps"][2]
     assert step["mse_loss"].dim() == 0 and step["theta"].dtype == torch.float32
-    assert torch.equal(step["clustering_centers"], interleave_pairs(codewords(thetas[1, 0, 2][None])[0]))
+    assert torch.equal(
+        step["clustering_centers"], interleave_pairs(codewords(thetas[1, 0, 2][None])[0])
+    )
     loaded = io.load_layer(tmp_path, 1, SPEC)
     assert torch.equal(loaded, thetas[1])
 

@@ -19,7 +19,9 @@ def test_metrics_on_known_cases():
     assert metrics.qa_f1("a red car", "blue car") == pytest.approx(0.5)
     assert metrics.qa_f1("nothing", "else") == 0.0
     assert metrics.rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
-    assert metrics.rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(2 * 1 * 0.5 / 1.5)
+    assert metrics.rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(
+        2 * 1 * 0.5 / 1.5
+    )
     classes = ["Location", "Number", "Human being", "Description"]
     assert metrics.classification("Type: Location", "Location", classes) == 1.0
     assert metrics.classification("Location or Number", "Number", classes) == 0.5
@@ -31,7 +33,16 @@ def test_metrics_on_known_cases():
 def test_truncate_middle_and_task_table():
     ids = list(range(10))
     assert lb.truncate_middle(ids, 4) == [0, 1, 8, 9] and lb.truncate_middle(ids, 20) == ids
-    assert set(lb.TASKS) == {"qasper", "qmsum", "multi_news", "trec", "triviaqa", "samsum", "lcc", "repobench-p"}
+    assert set(lb.TASKS) == {
+        "qasper",
+        "qmsum",
+        "multi_news",
+        "trec",
+        "triviaqa",
+        "samsum",
+        "lcc",
+        "repobench-p",
+    }
     assert {t.metric for t in lb.TASKS.values()} == {"qa_f1", "rouge", "classification", "code_sim"}
     assert lb.TASKS["triviaqa"].max_new_tokens == 32 and lb.TASKS["qmsum"].max_new_tokens == 512
 
@@ -43,8 +54,11 @@ def _fixture(folder: Path):
         "qasper": {"input": "Is the union strong?", "answers": ["yes"]},
         "qmsum": {"input": "Summarize.", "answers": ["The union is strong."]},
         "multi_news": {"input": "", "answers": ["Trade grows."]},
-        "trec": {"input": "Question: Who wrote it?\nType:", "answers": ["Human being"],
-                 "all_classes": ["Human being", "Location", "Number"]},
+        "trec": {
+            "input": "Question: Who wrote it?\nType:",
+            "answers": ["Human being"],
+            "all_classes": ["Human being", "Location", "Number"],
+        },
         "triviaqa": {"input": "Question: what grows?\nAnswer:", "answers": ["trade"]},
         "samsum": {"input": "Dialogue: A: hi\nB: hello\nSummary:", "answers": ["A and B greet."]},
         "lcc": {"input": "", "answers": ["return x"]},
@@ -59,12 +73,36 @@ def test_pred_then_eval_scripts_on_a_tiny_fixture(tiny_llama, tmp_path):
     _fixture(tmp_path / "data")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for method in ("fp16", "kivi2"):
-        out = subprocess.run([sys.executable, str(ROOT / "evaluation" / "longbench" / "pred.py"), "--model",
-                              str(tiny_llama), "--method", method, "--max_length", "64", "--window", "32",
-                              "--tasks", "all", "--limit", "1"], cwd=tmp_path, env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "evaluation" / "longbench" / "pred.py"),
+                "--model",
+                str(tiny_llama),
+                "--method",
+                method,
+                "--max_length",
+                "64",
+                "--window",
+                "32",
+                "--tasks",
+                "all",
+                "--limit",
+                "1",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
-    out = subprocess.run([sys.executable, str(ROOT / "evaluation" / "longbench" / "eval.py")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "evaluation" / "longbench" / "eval.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "pred" / "results.json").read_text())
     assert set(results) == {"llama-fp16", "llama-kivi2"}
@@ -79,8 +117,16 @@ def test_pred_resumes_over_a_torn_last_line(tiny_llama, tmp_path):
     from commvq.pipeline.longbench import PredConfig, run_pred
 
     _fixture(tmp_path / "data")
-    cfg = dict(model=str(tiny_llama), method="fp16", max_length=64, window=32, tasks="trec",
-               data_dir=tmp_path / "data", out_dir=tmp_path / "pred", device="cpu")
+    cfg = dict(
+        model=str(tiny_llama),
+        method="fp16",
+        max_length=64,
+        window=32,
+        tasks="trec",
+        data_dir=tmp_path / "data",
+        out_dir=tmp_path / "pred",
+        device="cpu",
+    )
     out = run_pred(PredConfig(**cfg, limit=1))
     path = out / "trec.jsonl"
     first = path.read_text()
@@ -94,9 +140,11 @@ def test_pred_resumes_over_a_torn_last_line(tiny_llama, tmp_path):
 
 def test_bad_task_rows_name_the_file_and_line(tmp_path):
     good = json.dumps({"context": "c", "input": "i", "answers": ["a"]})
-    for bad, match in ((good + "\n{torn", ":2: not a JSON line"),
-                       (good + "\n" + json.dumps({"context": 5, "answers": ["a"]}), ":2: .*context is int"),
-                       ("\n" + json.dumps({"context": "c"}), ":2: .*answers")):
+    for bad, match in (
+        (good + "\n{torn", ":2: not a JSON line"),
+        (good + "\n" + json.dumps({"context": 5, "answers": ["a"]}), ":2: .*context is int"),
+        ("\n" + json.dumps({"context": "c"}), ":2: .*answers"),
+    ):
         (tmp_path / "trec.jsonl").write_text(bad + "\n")
         with pytest.raises(ValueError, match=match):
             lb.load_task(tmp_path, "trec")

@@ -16,8 +16,9 @@ def test_apply_rope_is_complex_multiplication_of_pairs():
     freqs = rope.inv_freq(16, 1e4).double()
     cos, sin = rope.cos_sin(freqs, pos)
     re, im = rope.split_pairs(rope.apply_rope(x, cos, sin))
-    z = torch.complex(*rope.split_pairs(x)) * torch.polar(torch.ones(10, 8, dtype=torch.float64),
-                                                          pos[:, None].double() * freqs)
+    z = torch.complex(*rope.split_pairs(x)) * torch.polar(
+        torch.ones(10, 8, dtype=torch.float64), pos[:, None].double() * freqs
+    )
     assert torch.allclose(re, z.real) and torch.allclose(im, z.imag)
 
 

@@ -16,7 +16,9 @@ def test_spec_from_config_reads_shapes(arch):
 
 
 def test_spec_explicit_head_dim_and_rope_theta():
-    cfg = tiny_config("llama", head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    cfg = tiny_config(
+        "llama", head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 5e5}
+    )
     spec = ModelSpec.from_config(cfg)
     assert spec.head_dim == 32 and spec.kv_dim == 64
     assert spec.rope_theta == 5e5 and spec.rope_type == "default"
@@ -29,7 +31,15 @@ def test_spec_round_trips_through_dict():
 
 @pytest.mark.parametrize("bad", [dict(head_dim=7), dict(num_kv_heads=3), dict(num_layers=0)])
 def test_spec_rejects_inconsistent_shapes(bad):
-    base = dict(model_type="llama", num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                hidden_size=64, max_position=128, rope_theta=1e4)
+    base = dict(
+        model_type="llama",
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        hidden_size=64,
+        max_position=128,
+        rope_theta=1e4,
+    )
     with pytest.raises(ValueError):
         ModelSpec(**{**base, **bad})

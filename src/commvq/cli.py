@@ -43,7 +43,11 @@ def describe(e: BaseException) -> str:
     if not (isinstance(e, OSError) and e.errno in SYSTEM_REFUSALS):
         return str(e)
     where = f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""
-    hint = "; free some space or write elsewhere, then run again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    hint = (
+        "; free some space or write elsewhere, then run again"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT)
+        else ""
+    )
     return f"{e}{where}{hint}"
 
 
@@ -69,34 +73,78 @@ def stages() -> list[Stage]:
     )
 
     return [
-        Stage("pipeline", "the main job: every stage on the embedded defaults",
-              main_job.PipelineConfig, main_job.run),
-        Stage("collect", "collect pre-RoPE keys and values (and queries) per layer",
-              collect.CollectConfig, collect.run),
-        Stage("scale", "per-channel mean |x| of the collected keys and values",
-              scale.ScaleConfig, scale.run),
-        Stage("train-keys", "train RoPE-commutative key codebooks (EM or E2E)",
-              train_keys.TrainKeysConfig, train_keys.run),
-        Stage("train-values", "train the binary value codec against the frozen model",
-              train_values.TrainValuesConfig, train_values.run),
-        Stage("eval-values", "per-layer value / attention-output error of value codecs vs KIVI",
-              eval_values.EvalValuesConfig, eval_values.run),
-        Stage("eval", "evaluate cache methods: ppl, passkey, needle, or compare (all)",
-              evaluate.EvalConfig, evaluate.run),
-        Stage("longbench-pred", "LongBench predictions with a compressed cache (evaluation/longbench/pred.py)",
-              longbench.PredConfig, longbench.run_pred),
-        Stage("longbench-eval", "score LongBench predictions (evaluation/longbench/eval.py)",
-              longbench.EvalConfig, longbench.run_eval),
-        Stage("compare-codebooks", "per-layer held-out key errors of codebook directories, side by side",
-              compare.CompareConfig, compare.run),
+        Stage(
+            "pipeline",
+            "the main job: every stage on the embedded defaults",
+            main_job.PipelineConfig,
+            main_job.run,
+        ),
+        Stage(
+            "collect",
+            "collect pre-RoPE keys and values (and queries) per layer",
+            collect.CollectConfig,
+            collect.run,
+        ),
+        Stage(
+            "scale",
+            "per-channel mean |x| of the collected keys and values",
+            scale.ScaleConfig,
+            scale.run,
+        ),
+        Stage(
+            "train-keys",
+            "train RoPE-commutative key codebooks (EM or E2E)",
+            train_keys.TrainKeysConfig,
+            train_keys.run,
+        ),
+        Stage(
+            "train-values",
+            "train the binary value codec against the frozen model",
+            train_values.TrainValuesConfig,
+            train_values.run,
+        ),
+        Stage(
+            "eval-values",
+            "per-layer value / attention-output error of value codecs vs KIVI",
+            eval_values.EvalValuesConfig,
+            eval_values.run,
+        ),
+        Stage(
+            "eval",
+            "evaluate cache methods: ppl, passkey, needle, or compare (all)",
+            evaluate.EvalConfig,
+            evaluate.run,
+        ),
+        Stage(
+            "longbench-pred",
+            "LongBench predictions with a compressed cache (evaluation/longbench/pred.py)",
+            longbench.PredConfig,
+            longbench.run_pred,
+        ),
+        Stage(
+            "longbench-eval",
+            "score LongBench predictions (evaluation/longbench/eval.py)",
+            longbench.EvalConfig,
+            longbench.run_eval,
+        ),
+        Stage(
+            "compare-codebooks",
+            "per-layer held-out key errors of codebook directories, side by side",
+            compare.CompareConfig,
+            compare.run,
+        ),
     ]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
     parser = argparse.ArgumentParser(prog="commvq", description="CommVQ KV-cache compression.")
     parser.add_argument("--version", action="version", version=f"commvq {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (default: False)")
-    parser.add_argument("--debug", action="store_true", help="a traceback for every error (default: False)")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="only warnings and errors (default: False)"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="a traceback for every error (default: False)"
+    )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     table = {}
     for st in stages():
@@ -126,8 +174,11 @@ def no_progress_bars() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, table = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     stage = table[args.stage]
     try:
         cfg = from_namespace(stage.config, args)
@@ -139,7 +190,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"commvq {stage.name}: error: {describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"commvq {stage.name}: interrupted; run the same command again to resume", file=sys.stderr)
+        print(
+            f"commvq {stage.name}: interrupted; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

@@ -19,8 +19,14 @@ import yaml
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, aliases: tuple = (),
-           positional: bool = False):
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    aliases: tuple = (),
+    positional: bool = False,
+):
     """A config field with its help text, optional choices and extra flag spellings.
 
     ``positional=True`` makes it a positional argument (a list field takes one or more values).
@@ -49,12 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         tp = _base_type(hints[f.name])
         if meta.get("positional"):
             many = typing.get_origin(tp) is list
-            parser.add_argument(f.name, nargs="+" if many else None, metavar=f.name.upper(),
-                                type=typing.get_args(tp)[0] if many else tp, help=meta.get("help", ""))
+            parser.add_argument(
+                f.name,
+                nargs="+" if many else None,
+                metavar=f.name.upper(),
+                type=typing.get_args(tp)[0] if many else tp,
+                help=meta.get("help", ""),
+            )
             continue
         names = [f"--{f.name}", *meta.get("aliases", ())]
         text = meta.get("help", "")
-        help_text = text if "(default" in text else f"{text} (default: {f.default})"  # a help may say it better
+        help_text = (
+            text if "(default" in text else f"{text} (default: {f.default})"
+        )  # a help may say it better
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -64,7 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
                 kwargs["choices"] = meta["choices"]
         parser.add_argument(*names, **kwargs)
     parser.add_argument(
-        "--config", dest="_yaml", default=None, metavar="YAML",
+        "--config",
+        dest="_yaml",
+        default=None,
+        metavar="YAML",
         help="YAML file of options; flags given on the command line win (default: None)",
     )
 
@@ -85,7 +101,10 @@ def load_yaml(path: str | None, cls: type) -> dict[str, Any]:
         raise ValueError(f"--config {path}: unknown option(s) {unknown}; valid: {sorted(names)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    return {k: coerce(v, hints[k], f"--config {path}: {k}", fields[k].metadata.get("choices")) for k, v in data.items()}
+    return {
+        k: coerce(v, hints[k], f"--config {path}: {k}", fields[k].metadata.get("choices"))
+        for k, v in data.items()
+    }
 
 
 def coerce(value: Any, tp: Any, where: str, choices: tuple | None = None) -> Any:
@@ -136,6 +155,7 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, **fixed: Any) -> T:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config dataclass (paths as strings)."""
+
     def plain(v: Any) -> Any:
         if isinstance(v, Path):
             return str(v)

@@ -54,9 +54,15 @@ def device_for_rank(name: str) -> torch.device:
     except RuntimeError:
         raise ValueError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch sees no CUDA GPU (a CPU build, or no driver); "
-                         "use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name}: this torch sees no CUDA GPU (a CPU build, or no driver); "
+            "use --device cpu or auto"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
         raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} GPUs (cuda:0..)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")

@@ -67,11 +67,16 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            raise LockedError(f"{what} is being written by {holder} (lock {path}); wait for it to end or "
-                              "stop it, then run again") from None
+            raise LockedError(
+                f"{what} is being written by {holder} (lock {path}); wait for it to end or "
+                "stop it, then run again"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                  .encode(), 0)
+        os.pwrite(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+            0,
+        )
         yield
     finally:
         os.close(fd)

@@ -67,15 +67,22 @@ def head_file(folder: Path, layer: int, head: int) -> Path:
     return Path(folder) / f"{layer:03d}_{head}.pt"
 
 
-def save_head(path: Path, thetas: torch.Tensor, stage_mse: torch.Tensor, final_error: float,
-              with_centers: bool = False) -> None:
+def save_head(
+    path: Path,
+    thetas: torch.Tensor,
+    stage_mse: torch.Tensor,
+    final_error: float,
+    with_centers: bool = False,
+) -> None:
     """Write one (layer, head) file atomically; ``thetas [R, 2E, P]``, ``stage_mse [R]``. Codebooks
     holding NaN or Inf are never written."""
     if not bool(torch.isfinite(thetas).all()):
         raise FloatingPointError(f"{path}: the codebooks hold NaN or Inf; not saved")
     steps = []
     for r in range(thetas.shape[0]):
-        th = thetas[r].detach().float().cpu().clone()  # its own storage: a view would save all of thetas
+        th = (
+            thetas[r].detach().float().cpu().clone()
+        )  # its own storage: a view would save all of thetas
         step: dict[str, Any] = {"mse_loss": torch.tensor(float(stage_mse[r])), "theta": th}
         if with_centers:
             step["clustering_centers"] = interleave_pairs(codewords(th[None])[0]).contiguous()
@@ -92,11 +99,15 @@ def load_head(path: Path) -> tuple[torch.Tensor, float]:
         data = torch.load(path, map_location="cpu", weights_only=True)
         thetas = torch.stack([s["theta"].float() for s in data["steps"]])
     except Exception as e:
-        raise ValueError(f"{path}: not a readable codebook file ({str(e) or type(e).__name__}); retrain its layer "
-                         "(`commvq train-keys --layers L --overwrite`)") from e
+        raise ValueError(
+            f"{path}: not a readable codebook file ({str(e) or type(e).__name__}); retrain its layer "
+            "(`commvq train-keys --layers L --overwrite`)"
+        ) from e
     if not bool(torch.isfinite(thetas).all()):
-        raise ValueError(f"{path}: the codebooks hold NaN or Inf; retrain its layer "
-                         "(`commvq train-keys --layers L --overwrite`)")
+        raise ValueError(
+            f"{path}: the codebooks hold NaN or Inf; retrain its layer "
+            "(`commvq train-keys --layers L --overwrite`)"
+        )
     return thetas, float(data["final_error"])
 
 
@@ -112,12 +123,24 @@ def read_config(folder: Path) -> dict[str, Any] | None:
     return cfg
 
 
-def write_config(folder: Path, layout: CodebookLayout, method: str, spec: ModelSpec, extra: dict[str, Any]) -> None:
-    write_json(Path(folder) / CONFIG, {
-        "format": CODEBOOK_FORMAT, "version": CODEBOOK_VERSION, "commvq": __version__,
-        "method": method, **asdict(layout), "bits_per_channel": layout.bits_per_channel,
-        "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "spec": spec.to_dict(), **extra,
-    })
+def write_config(
+    folder: Path, layout: CodebookLayout, method: str, spec: ModelSpec, extra: dict[str, Any]
+) -> None:
+    write_json(
+        Path(folder) / CONFIG,
+        {
+            "format": CODEBOOK_FORMAT,
+            "version": CODEBOOK_VERSION,
+            "commvq": __version__,
+            "method": method,
+            **asdict(layout),
+            "bits_per_channel": layout.bits_per_channel,
+            "num_layers": spec.num_layers,
+            "num_kv_heads": spec.num_kv_heads,
+            "spec": spec.to_dict(),
+            **extra,
+        },
+    )
 
 
 def encode_beam(folder: Path) -> int:
@@ -134,10 +157,14 @@ def layout_of(folder: Path) -> tuple[CodebookLayout, dict[str, Any] | None]:
     folder = Path(folder)
     cfg = read_config(folder)
     if cfg is not None:
-        return CodebookLayout(cfg["code_bits"], cfg["head_dim"], cfg["residuals"], cfg["method"] == "e2e"), cfg
+        return CodebookLayout(
+            cfg["code_bits"], cfg["head_dim"], cfg["residuals"], cfg["method"] == "e2e"
+        ), cfg
     parsed = parse_dir_name(folder.name)
     if parsed is None:
-        raise ValueError(f"{folder}: no {CONFIG} and the name is not codebook[_e2e]_<b>bits_<D>group_<R>residuals")
+        raise ValueError(
+            f"{folder}: no {CONFIG} and the name is not codebook[_e2e]_<b>bits_<D>group_<R>residuals"
+        )
     return parsed, None
 
 
@@ -148,11 +175,15 @@ def check_fits(folder: Path, spec: ModelSpec) -> CodebookLayout:
         raise FileNotFoundError(f"{folder}: no such codebook directory")
     layout, cfg = layout_of(folder)
     if layout.head_dim != spec.head_dim:
-        raise ValueError(f"{folder}: codebooks for head_dim {layout.head_dim}, the model has {spec.head_dim}")
+        raise ValueError(
+            f"{folder}: codebooks for head_dim {layout.head_dim}, the model has {spec.head_dim}"
+        )
     if cfg is not None:
         for key, have in (("num_kv_heads", spec.num_kv_heads), ("num_layers", spec.num_layers)):
             if cfg.get(key) != have:
-                raise ValueError(f"{folder}: codebooks for {key}={cfg.get(key)}, the model has {have}")
+                raise ValueError(
+                    f"{folder}: codebooks for {key}={cfg.get(key)}, the model has {have}"
+                )
     return layout
 
 
@@ -172,7 +203,9 @@ def load_layer(folder: Path, layer: int, spec: ModelSpec) -> torch.Tensor:
     return torch.stack(out)
 
 
-def load_key_codebook(folder: str | Path, layer: int, spec: ModelSpec, beam: int | None = None) -> KeyCodebook:
+def load_key_codebook(
+    folder: str | Path, layer: int, spec: ModelSpec, beam: int | None = None
+) -> KeyCodebook:
     """One layer's :class:`KeyCodebook` from a codebook folder; ``beam`` None takes the width the
     folder's config.json records."""
     layout = check_fits(Path(folder), spec)

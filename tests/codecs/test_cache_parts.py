@@ -15,7 +15,9 @@ def test_grouped_equals_repeated_kv_heads():
     # a slice of a wider row (the softmax's window part) works in place
     p = torch.randn(2, 8, 1, 20, generator=gen)
     v = torch.randn(2, 2, 6, 3, generator=gen)
-    torch.testing.assert_close(parts.grouped(p[..., 14:], v), p[..., 14:] @ v.repeat_interleave(4, dim=1))
+    torch.testing.assert_close(
+        parts.grouped(p[..., 14:], v), p[..., 14:] @ v.repeat_interleave(4, dim=1)
+    )
 
 
 def test_memo_rebuilds_only_when_a_source_changes():
@@ -30,8 +32,12 @@ def test_memo_rebuilds_only_when_a_source_changes():
     assert parts.rebuilt_on_change(store, 0, (w,), build) is first and len(builds) == 1
     with torch.no_grad():
         w.add_(1.0)  # trained or reloaded in place
-    torch.testing.assert_close(parts.rebuilt_on_change(store, 0, (w,), build), torch.full((3,), 4.0))
+    torch.testing.assert_close(
+        parts.rebuilt_on_change(store, 0, (w,), build), torch.full((3,), 4.0)
+    )
     assert len(builds) == 2
     w2 = torch.nn.Parameter(torch.zeros(3))  # replaced (e.g. moved to another device)
     assert parts.rebuilt_on_change(store, 0, (w2,), lambda: w2.detach() + 1).sum() == 3
-    assert parts.rebuilt_on_change(store, 1, (w2,), lambda: w2.detach()).sum() == 0  # one entry per key
+    assert (
+        parts.rebuilt_on_change(store, 1, (w2,), lambda: w2.detach()).sum() == 0
+    )  # one entry per key

@@ -13,7 +13,9 @@ def test_shapes_and_code_size(bits):
     assert c.fc1.out_features == min(4096, 4 * c.groups) and c.fc2.out_features == 4 * c.groups
     assert c.codebook.shape == (48 * bits, 48)
     packed, factor = c.encode(torch.randn(5, 48))
-    assert packed.dtype == torch.uint8 and packed.shape == (5, 48 * bits // 8) and factor.shape == (5,)
+    assert (
+        packed.dtype == torch.uint8 and packed.shape == (5, 48 * bits // 8) and factor.shape == (5,)
+    )
     assert c.code_size() == 48 * bits + 16
 
 
@@ -72,7 +74,9 @@ def test_kivi_fake_quant_levels_and_error():
         q = kivi.quantize_values(x, bits, group=32)
         for row in q.reshape(-1, 32):
             assert len(torch.unique(row)) <= 2**bits
-    assert ((kivi.quantize_values(x, 2) - x) ** 2).mean() < ((kivi.quantize_values(x, 1) - x) ** 2).mean()
+    assert ((kivi.quantize_values(x, 2) - x) ** 2).mean() < (
+        (kivi.quantize_values(x, 1) - x) ** 2
+    ).mean()
     assert kivi.quantize_keys(x, 2, group=32).shape == x.shape
 
 
@@ -116,7 +120,9 @@ def test_codec_held_in_float16_computes_what_its_rounded_float32_copy_does(tmp_p
         codes, factor = held.layers[i].encode(v[:500])
         want_codes, want_factor = ref.layers[i].encode(v[:500])
         assert torch.equal(codes, want_codes) and torch.equal(factor, want_factor)
-        assert torch.equal(held.layers[i].decode(codes, factor), ref.layers[i].decode(codes, factor))
+        assert torch.equal(
+            held.layers[i].decode(codes, factor), ref.layers[i].decode(codes, factor)
+        )
         with torch.no_grad():
             assert torch.equal(held.layers[i](v[:500]), ref.layers[i](v[:500]))
     assert not torch.equal(codec.layers[1].codebook, ref.layers[1].codebook)  # the rounding is real

@@ -36,7 +36,9 @@ def test_local_txt_jsonl_parquet_and_folder(tmp_path):
     import pyarrow.parquet as pq
 
     (tmp_path / "a.txt").write_text("alpha text")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "beta"}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"text": "beta"}) + "\n\n" + json.dumps({"text": "gamma"}) + "\n"
+    )
     pq.write_table(pa.table({"text": ["delta", "", "epsilon"]}), tmp_path / "c.parquet")
     (tmp_path / "ignored.csv").write_text("x")
     docs = sorted(iter_documents(CorpusSource(str(tmp_path))))
@@ -92,7 +94,9 @@ def _folder_corpus(tmp_path, n=60):
     (tmp_path / "docs").mkdir()
     for i in range(n - 20):
         (tmp_path / "docs" / f"d{i:02d}.txt").write_text(f"document number {i}")
-    (tmp_path / "docs" / "more.jsonl").write_text("".join(json.dumps({"text": f"row {j}"}) + "\n" for j in range(20)))
+    (tmp_path / "docs" / "more.jsonl").write_text(
+        "".join(json.dumps({"text": f"row {j}"}) + "\n" for j in range(20))
+    )
     return tmp_path / "docs"
 
 
@@ -102,11 +106,15 @@ def test_local_corpora_have_a_fixed_heldout_split_by_document(tmp_path):
     held = list(iter_documents(CorpusSource(str(root), split="heldout")))
     assert not set(train) & set(held) and len(train) + len(held) == 60 and 1 <= len(held) <= 15
     for seed in (1, 2):  # the split is the same whatever the seed (which only orders the files)
-        assert sorted(iter_documents(CorpusSource(str(root), split="heldout", seed=seed))) == sorted(held)
+        assert sorted(
+            iter_documents(CorpusSource(str(root), split="heldout", seed=seed))
+        ) == sorted(held)
     # a corpus too small to hold one held-out document refuses the held-out split
     (tmp_path / "one.txt").write_text("a single document")
     split = "train" if corpus.in_split("one.txt#0", "train") else "heldout"
-    assert list(iter_documents(CorpusSource(str(tmp_path / "one.txt"), split=split))) == ["a single document"]
+    assert list(iter_documents(CorpusSource(str(tmp_path / "one.txt"), split=split))) == [
+        "a single document"
+    ]
     if split == "train":
         with pytest.raises(ValueError, match="no held-out document"):
             list(iter_documents(CorpusSource(str(tmp_path / "one.txt"), split="heldout")))
@@ -136,7 +144,9 @@ def test_files_that_are_not_text_are_refused_naming_the_file_and_line(tmp_path):
     (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     with pytest.raises(ValueError, match="latin.txt: not UTF-8 text \\(byte 3\\)"):
         list(iter_documents(CorpusSource(str(tmp_path / "latin.txt"))))
-    (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": 12}\n')
+    (tmp_path / "rows.jsonl").write_text(
+        '{"text": "fine"}\n\n{"text": "also fine"}\n{"text": 12}\n'
+    )
     with pytest.raises(ValueError, match="rows.jsonl:4: field 'text' is int, not text"):
         list(iter_documents(CorpusSource(str(tmp_path / "rows.jsonl"))))
     (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": "torn\n')

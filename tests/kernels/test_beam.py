@@ -19,7 +19,11 @@ def _compare(device, cases):
     for h, n, d, e, r, beam in cases:
         g = torch.Generator().manual_seed(n + beam)
         x = torch.randn(h, n, d, generator=g).to(device)
-        thetas = torch.randn(h, r, 2 * e, d // 2, generator=g) * 0.3 * 0.6 ** torch.arange(r)[None, :, None, None]
+        thetas = (
+            torch.randn(h, r, 2 * e, d // 2, generator=g)
+            * 0.3
+            * 0.6 ** torch.arange(r)[None, :, None, None]
+        )
         thetas = thetas.to(device)
         got = beam_encode_triton(x, thetas, beam, chunk=max(1, n // 2))  # two chunks
         want = beam_encode(x.double(), thetas.double(), beam)
@@ -38,14 +42,26 @@ def _compare(device, cases):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_beam_kernel_matches_torch_on_gpu():
-    _compare("cuda", [(8, 1000, 128, 64, 21, 8), (3, 333, 64, 64, 11, 4), (2, 50, 16, 8, 3, 2), (3, 70, 64, 64, 5, 16),
-                      (2, 41, 32, 16, 4, 1)])
+    _compare(
+        "cuda",
+        [
+            (8, 1000, 128, 64, 21, 8),
+            (3, 333, 64, 64, 11, 4),
+            (2, 50, 16, 8, 3, 2),
+            (3, 70, 64, 64, 5, 16),
+            (2, 41, 32, 16, 4, 1),
+        ],
+    )
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)")
+@pytest.mark.skipif(
+    not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
+)
 def test_beam_kernel_matches_torch_in_interpreter():
-    code = ("from tests.kernels.test_beam import _compare\n"
-            "_compare('cpu', [(2, 37, 16, 8, 3, 2), (1, 20, 32, 16, 4, 8), (2, 9, 16, 8, 2, 1)])\n")
+    code = (
+        "from tests.kernels.test_beam import _compare\n"
+        "_compare('cpu', [(2, 37, 16, 8, 3, 2), (1, 20, 32, 16, 4, 8), (2, 9, 16, 8, 2, 1)])\n"
+    )
     run_in_triton_interpreter(code, timeout=600)
 
 

@@ -36,10 +36,22 @@ def _compare(device, cases):
         pos = torch.randint(0, 1_000_000, (b, n), generator=gen).to(torch.int32).to(device)
         freqs = rope.inv_freq(d, 5e5).to(device)
         q = torch.randn(b, hkv * g, d, generator=gen).to(device)
-        want = ref.commvq_scores(q[:, :, None], codes, prescale.float(), pos, thetas.float(), freqs, 0.7)[:, :, 0]
+        want = ref.commvq_scores(
+            q[:, :, None], codes, prescale.float(), pos, thetas.float(), freqs, 0.7
+        )[:, :, 0]
         for style in decode.STYLES:
-            got = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, style=style)
-            assert _db(got, want) > (50 if style == "regdecode16" else 60), (style, b, hkv, g, d, r, n)
+            got = decode.commvq_scores_triton(
+                q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, style=style
+            )
+            assert _db(got, want) > (50 if style == "regdecode16" else 60), (
+                style,
+                b,
+                hkv,
+                g,
+                d,
+                r,
+                n,
+            )
         f = hkv * d
         groups = f * qbits // 2
         idx = torch.randint(0, 4, (b, n, groups), generator=gen).to(device)
@@ -48,16 +60,29 @@ def _compare(device, cases):
         codebook = torch.randn(f * qbits, f, generator=gen).to(device)
         scale = (torch.rand(f, generator=gen) + 0.5).to(device)
         # the weights as the cache passes them: a slice of the softmax over compressed and window tokens
-        probs = torch.softmax(torch.randn(b, hkv * g, n + 9, generator=gen).to(device), -1)[..., 4:n + 4]
+        probs = torch.softmax(torch.randn(b, hkv * g, n + 9, generator=gen).to(device), -1)[
+            ..., 4 : n + 4
+        ]
         got_v = decode.commvq_values_triton(probs, vpacked, factor, codebook, scale, hkv)
-        want_v = ref.commvq_values(probs[:, :, None], idx, factor.float(), codebook, scale, hkv)[:, :, 0]
+        want_v = ref.commvq_values(probs[:, :, None], idx, factor.float(), codebook, scale, hkv)[
+            :, :, 0
+        ]
         assert _db(got_v, want_v) > 40, ("values", b, hkv, g, d, n, qbits)
-        dense = decode.commvq_values_triton(probs.contiguous(), vpacked, factor, codebook, scale, hkv)
-        assert torch.equal(got_v, dense), "a strided slice and its contiguous copy give the same values"
+        dense = decode.commvq_values_triton(
+            probs.contiguous(), vpacked, factor, codebook, scale, hkv
+        )
+        assert torch.equal(got_v, dense), (
+            "a strided slice and its contiguous copy give the same values"
+        )
 
 
-GRID = [(1, 8, 4, 128, 21, 1000, 2), (2, 3, 3, 64, 11, 777, 2), (1, 2, 1, 64, 5, 130, 1), (2, 8, 8, 128, 11, 333, 1),
-        (1, 4, 4, 128, 21, 4096 + 17, 2)]
+GRID = [
+    (1, 8, 4, 128, 21, 1000, 2),
+    (2, 3, 3, 64, 11, 777, 2),
+    (1, 2, 1, 64, 5, 130, 1),
+    (2, 8, 8, 128, 11, 333, 1),
+    (1, 4, 4, 128, 21, 4096 + 17, 2),
+]
 
 
 @pytest.mark.gpu
@@ -66,8 +91,12 @@ def test_decode_kernels_match_reference_on_gpu():
     _compare("cuda", GRID)
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)")
+@pytest.mark.skipif(
+    not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
+)
 def test_decode_kernels_match_reference_in_interpreter():
-    code = ("from tests.kernels.test_decode import _compare\n"
-            "_compare('cpu', [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1)])\n")
+    code = (
+        "from tests.kernels.test_decode import _compare\n"
+        "_compare('cpu', [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1)])\n"
+    )
     run_in_triton_interpreter(code, timeout=900)

@@ -43,13 +43,20 @@ def _centers(device, cases):
 @pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_init_e_step_matches_torch_on_gpu():
-    _centers("cuda", [(8, 5000, 128, 64, 1.0, 2048), (2, 999, 64, 64, 0.01, 8192), (1, 300, 16, 8, 1.0, 100)])
+    _centers(
+        "cuda",
+        [(8, 5000, 128, 64, 1.0, 2048), (2, 999, 64, 64, 0.01, 8192), (1, 300, 16, 8, 1.0, 100)],
+    )
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)")
+@pytest.mark.skipif(
+    not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
+)
 def test_init_e_step_matches_torch_in_interpreter():
-    code = ("from tests.kernels.test_em_init import _centers\n"
-            "_centers('cpu', [(2, 150, 16, 8, 1.0, 64), (1, 90, 8, 16, 0.05, 1000)])\n"
-            "import commvq.kernels.split16 as s16; s16.supported = lambda device: False  # an older torch\n"
-            "_centers('cpu', [(2, 150, 16, 8, 1.0, 64)])\n")
+    code = (
+        "from tests.kernels.test_em_init import _centers\n"
+        "_centers('cpu', [(2, 150, 16, 8, 1.0, 64), (1, 90, 8, 16, 0.05, 1000)])\n"
+        "import commvq.kernels.split16 as s16; s16.supported = lambda device: False  # an older torch\n"
+        "_centers('cpu', [(2, 150, 16, 8, 1.0, 64)])\n"
+    )
     run_in_triton_interpreter(code, timeout=600)

@@ -18,7 +18,11 @@ def _compare(device, cases):
     for h, n, d, e, r in cases:
         g = torch.Generator().manual_seed(n)
         x = torch.randn(h, n, d, generator=g).to(device)
-        thetas = (torch.randn(h, r, 2 * e, d // 2, generator=g) * 0.3 * 0.6 ** torch.arange(r)[None, :, None, None])
+        thetas = (
+            torch.randn(h, r, 2 * e, d // 2, generator=g)
+            * 0.3
+            * 0.6 ** torch.arange(r)[None, :, None, None]
+        )
         thetas = thetas.to(device)
         got = encode_triton(x, thetas)
         want = residual.encode(x.double(), thetas.double())
@@ -40,7 +44,9 @@ def test_encode_kernel_matches_torch_on_gpu():
     _compare("cuda", [(8, 1000, 128, 64, 21), (3, 333, 64, 64, 11), (2, 50, 16, 8, 3)])
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)")
+@pytest.mark.skipif(
+    not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
+)
 def test_encode_kernel_matches_torch_in_interpreter():
     code = "from tests.kernels.test_encode import _compare\n_compare('cpu', [(2, 40, 16, 8, 3), (1, 20, 32, 16, 2)])\n"
     run_in_triton_interpreter(code, timeout=600)

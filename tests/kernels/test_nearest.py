@@ -48,7 +48,9 @@ def _fit_with_kernel(device):
     got = em.fit(x, s, 3, 4, settings, seed=1, nearest_fn=counted)
     want = em.fit(x, s, 3, 4, settings, seed=1)
     assert len(calls) == 3 * 3  # three stages, three chunks each
-    assert torch.allclose(got.thetas, want.thetas, atol=1e-5) and torch.allclose(got.residual_mse, want.residual_mse)
+    assert torch.allclose(got.thetas, want.thetas, atol=1e-5) and torch.allclose(
+        got.residual_mse, want.residual_mse
+    )
 
 
 @pytest.mark.gpu
@@ -58,8 +60,12 @@ def test_nearest_kernel_matches_torch_on_gpu():
     _fit_with_kernel("cuda")
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)")
+@pytest.mark.skipif(
+    not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
+)
 def test_nearest_kernel_matches_torch_in_interpreter():
-    code = ("from tests.kernels.test_nearest import _compare, _fit_with_kernel\n"
-            "_compare('cpu', [(2, 70, 16, 8), (1, 40, 8, 16)])\n_fit_with_kernel('cpu')\n")
+    code = (
+        "from tests.kernels.test_nearest import _compare, _fit_with_kernel\n"
+        "_compare('cpu', [(2, 70, 16, 8), (1, 40, 8, 16)])\n_fit_with_kernel('cpu')\n"
+    )
     run_in_triton_interpreter(code, timeout=600)

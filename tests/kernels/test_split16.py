@@ -30,11 +30,13 @@ def test_halves_keep_22_bits_per_row():
     a3, unscale = split16.split_rows(a, rows_per_pass=333)  # passes that cut heads apart
     k = a.shape[-1]
     assert a3.dtype == torch.float16 and a3.shape == (3, 500, 3 * k)
-    assert torch.equal(a3[..., k:2 * k], a3[..., 2 * k:])  # [lo | hi | hi]
-    back = (a3[..., :k].double() + a3[..., k:2 * k].double()) * unscale.double()[..., None]
+    assert torch.equal(a3[..., k : 2 * k], a3[..., 2 * k :])  # [lo | hi | hi]
+    back = (a3[..., :k].double() + a3[..., k : 2 * k].double()) * unscale.double()[..., None]
     top = a.double().abs().amax(-1, keepdim=True)
     assert float(((back - a.double()).abs() / top.clamp_min(1e-300)).max()) < 2.0**-21
-    assert torch.equal(torch.log2(unscale), torch.log2(unscale).round())  # powers of two: exact unscaling
+    assert torch.equal(
+        torch.log2(unscale), torch.log2(unscale).round()
+    )  # powers of two: exact unscaling
     assert float(back[0, 7].abs().max()) == 0.0
 
 
@@ -56,6 +58,9 @@ def test_split_product_is_float32_accurate_on_gpu():
     err32 = _relative_errors(torch.bmm(a, b), a, b)
     with split16.tf32_products():
         err_tf32 = _relative_errors(torch.bmm(a, b), a, b)
-    assert (m.fp32_precision, m.allow_fp16_reduced_precision_reduction) == before  # the contexts restore them
+    assert (
+        m.fp32_precision,
+        m.allow_fp16_reduced_precision_reduction,
+    ) == before  # the contexts restore them
     assert err < 4 * err32 + 2.0**-22, (err, err32)
     assert err_tf32 > 30 * err  # the split is what makes tensor cores precise enough

@@ -39,10 +39,26 @@ def test_key_errors_of_exact_and_zero_codebooks():
 
 def test_compare_two_directories_on_held_out_keys(key_dir, tmp_path):
     for r in (1, 3):
-        train_keys.run(TrainKeysConfig(key_dir=key_dir, output_dir=tmp_path / f"r{r}", code_bits=6, residuals=r,
-                                       max_iters=4, num_samples=200, device="cpu", layers="0-1"))
-    out = compare.run(CompareConfig(dirs=[tmp_path / "r1", tmp_path / "r3"], key_dir=key_dir,
-                                    output=tmp_path / "cmp", device="cpu"))
+        train_keys.run(
+            TrainKeysConfig(
+                key_dir=key_dir,
+                output_dir=tmp_path / f"r{r}",
+                code_bits=6,
+                residuals=r,
+                max_iters=4,
+                num_samples=200,
+                device="cpu",
+                layers="0-1",
+            )
+        )
+    out = compare.run(
+        CompareConfig(
+            dirs=[tmp_path / "r1", tmp_path / "r3"],
+            key_dir=key_dir,
+            output=tmp_path / "cmp",
+            device="cpu",
+        )
+    )
     report = json.loads((out / "compare.json").read_text())
     assert report["eval_rows"] == [200, 300] and report["query_weighted"]
     assert [r["layer"] for r in report["rows"]] == [0, 1]
@@ -56,14 +72,35 @@ def test_compare_two_directories_on_held_out_keys(key_dir, tmp_path):
 def test_layers_of_mixed_runs_are_scored_on_rows_they_never_saw(key_dir, tmp_path):
     out = tmp_path / "cb"
     for layer, n in (("0", 256), ("1", 200)):  # a later run with fewer --num_samples, same folder
-        train_keys.run(TrainKeysConfig(key_dir=key_dir, output_dir=out, code_bits=6, residuals=2, max_iters=2,
-                                       num_samples=n, device="cpu", layers=layer))
+        train_keys.run(
+            TrainKeysConfig(
+                key_dir=key_dir,
+                output_dir=out,
+                code_bits=6,
+                residuals=2,
+                max_iters=2,
+                num_samples=n,
+                device="cpu",
+                layers=layer,
+            )
+        )
     conf = json.loads((out / "config.json").read_text())
-    assert conf["samples"] == 200 and conf["layers"]["0"]["samples"] == 256  # each layer keeps its own record
-    report = json.loads((compare.run(CompareConfig(dirs=[out], key_dir=key_dir, output=tmp_path / "cmp",
-                                                   device="cpu")) / "compare.json").read_text())
+    assert (
+        conf["samples"] == 200 and conf["layers"]["0"]["samples"] == 256
+    )  # each layer keeps its own record
+    report = json.loads(
+        (
+            compare.run(
+                CompareConfig(dirs=[out], key_dir=key_dir, output=tmp_path / "cmp", device="cpu")
+            )
+            / "compare.json"
+        ).read_text()
+    )
     assert report["eval_rows"] == "per layer"
-    assert [r["eval_rows"] for r in report["rows"]] == [[256, 300], [200, 300]]  # never a row a layer trained on
+    assert [r["eval_rows"] for r in report["rows"]] == [
+        [256, 300],
+        [200, 300],
+    ]  # never a row a layer trained on
     from commvq.data.kvstore import KVStore
     from commvq.spec import ModelSpec
 
@@ -74,7 +111,11 @@ def test_layers_of_mixed_runs_are_scored_on_rows_they_never_saw(key_dir, tmp_pat
 
 
 def test_column_names_tell_same_named_directories_apart(tmp_path):
-    a, b, c = tmp_path / "x" / "codebook_8bits", tmp_path / "y" / "codebook_8bits", tmp_path / "y" / "other"
+    a, b, c = (
+        tmp_path / "x" / "codebook_8bits",
+        tmp_path / "y" / "codebook_8bits",
+        tmp_path / "y" / "other",
+    )
     assert compare.column_names([a, c]) == ["codebook_8bits", "other"]
     assert compare.column_names([a, b, c]) == ["x/codebook_8bits", "y/codebook_8bits", "y/other"]
 

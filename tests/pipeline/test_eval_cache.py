@@ -5,7 +5,9 @@ from commvq.pipeline.methods import Method
 
 
 def _common(tmp_path, beam=None):
-    return eval_cache.common_key(Method("commvq", tmp_path / "keys", None, beam), "embedded", "cpu", 128, 0)
+    return eval_cache.common_key(
+        Method("commvq", tmp_path / "keys", None, beam), "embedded", "cpu", 128, 0
+    )
 
 
 def test_a_part_is_keyed_by_its_own_settings_and_the_files_that_decide_it(tmp_path):
@@ -13,12 +15,21 @@ def test_a_part_is_keyed_by_its_own_settings_and_the_files_that_decide_it(tmp_pa
     keys.mkdir()
     (keys / "000_0.pt").write_bytes(b"codebook")
     (keys / "curve.png").write_bytes(b"plot")
-    settings = {"ppl_tokens": 2048, "ppl_docs": 2, "ppl_chunk": 64, "lengths": "512", "depths": "0,1",
-                "samples": 2, "seed": 0}
+    settings = {
+        "ppl_tokens": 2048,
+        "ppl_docs": 2,
+        "ppl_chunk": 64,
+        "lengths": "512",
+        "depths": "0,1",
+        "samples": 2,
+        "seed": 0,
+    }
     ppl = eval_cache.fingerprint(_common(tmp_path), "ppl", settings)
     needle = eval_cache.fingerprint(_common(tmp_path), "needle", settings)
     longer = {**settings, "lengths": "512,1024"}
-    assert eval_cache.fingerprint(_common(tmp_path), "ppl", longer) == ppl  # retrieval settings: not perplexity's
+    assert (
+        eval_cache.fingerprint(_common(tmp_path), "ppl", longer) == ppl
+    )  # retrieval settings: not perplexity's
     assert eval_cache.fingerprint(_common(tmp_path), "needle", longer) != needle
     assert eval_cache.fingerprint(_common(tmp_path, beam=8), "ppl", settings) != ppl
     (keys / "curve.png").write_bytes(b"another plot")  # plots do not decide results
@@ -31,9 +42,14 @@ def test_kept_parts_round_trip_and_a_damaged_file_is_recomputed(tmp_path):
     kept = eval_cache.load(tmp_path, "kivi2")
     assert kept == {}
     eval_cache.store(tmp_path, "kivi2", kept, "ppl", "abc", {"model": "m", "result": {"ppl": 30.0}})
-    eval_cache.store(tmp_path, "kivi2", kept, "bytes", "def", {"model": "m", "result": {"key_bits": 3.0}})
+    eval_cache.store(
+        tmp_path, "kivi2", kept, "bytes", "def", {"model": "m", "result": {"key_bits": 3.0}}
+    )
     again = eval_cache.load(tmp_path, "kivi2")
     assert eval_cache.hit(again, "ppl", "abc")["result"] == {"ppl": 30.0}
-    assert eval_cache.hit(again, "ppl", "other") is None and eval_cache.hit(again, "needle", "abc") is None
+    assert (
+        eval_cache.hit(again, "ppl", "other") is None
+        and eval_cache.hit(again, "needle", "abc") is None
+    )
     Path(eval_cache.cache_file(tmp_path, "kivi2")).write_text('{"ppl": {"finger')  # torn
     assert eval_cache.load(tmp_path, "kivi2") == {}

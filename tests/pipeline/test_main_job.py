@@ -11,20 +11,48 @@ from commvq.pipeline.main_job import PipelineConfig
 
 @pytest.mark.slow
 def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, capsys):
-    cfg = PipelineConfig(workdir=tmp_path / "run", model=str(tiny_llama), dataset=str(corpus_dir), num_samples=600,
-                         max_seq_length=64, code_bits=6, key_samples=300, em_iters=2, e2e_rounds=1, beam=2,
-                         value_steps=3, value_seq_length=32, ppl_tokens=200, lengths="230,250", device="cpu")
+    cfg = PipelineConfig(
+        workdir=tmp_path / "run",
+        model=str(tiny_llama),
+        dataset=str(corpus_dir),
+        num_samples=600,
+        max_seq_length=64,
+        code_bits=6,
+        key_samples=300,
+        em_iters=2,
+        e2e_rounds=1,
+        beam=2,
+        value_steps=3,
+        value_seq_length=32,
+        ppl_tokens=200,
+        lengths="230,250",
+        device="cpu",
+    )
     main_job.run(cfg)
     w = tmp_path / "run"
     results = json.loads((w / "eval" / "compare.json").read_text())["results"]
-    assert set(results) == {"fp16", "kivi2", "kivi1", "commvq-em2", "commvq-e2e2", "commvq-em1", "commvq-e2e1"}
+    assert set(results) == {
+        "fp16",
+        "kivi2",
+        "kivi1",
+        "commvq-em2",
+        "commvq-e2e2",
+        "commvq-em1",
+        "commvq-e2e1",
+    }
     for r in results.values():
-        assert r["ppl"] > 1 and r["kl"] >= -1e-6 and 0 <= r["passkey"] <= 1 and 0 <= r["needle"] <= 1
+        assert (
+            r["ppl"] > 1 and r["kl"] >= -1e-6 and 0 <= r["passkey"] <= 1 and 0 <= r["needle"] <= 1
+        )
     assert results["fp16"]["kl"] < 1e-4
-    assert results["commvq-em2"]["bytes_per_token_layer"] < results["kivi2"]["bytes_per_token_layer"]
+    assert (
+        results["commvq-em2"]["bytes_per_token_layer"] < results["kivi2"]["bytes_per_token_layer"]
+    )
     kv_dim = results["fp16"]["fp16_bytes_per_token_layer"] / 4
     for r in results.values():  # the bits columns count every stored byte, as the bytes column does
-        assert (r["key_bits"] + r["value_bits"]) * kv_dim / 8 == pytest.approx(r["bytes_per_token_layer"])
+        assert (r["key_bits"] + r["value_bits"]) * kv_dim / 8 == pytest.approx(
+            r["bytes_per_token_layer"]
+        )
     # CommVQ-2's values: 2 bits per channel plus one fp16 factor per token
     assert results["commvq-em2"]["value_bits"] == pytest.approx(2 + 16 / kv_dim)
     assert (w / "eval" / "needle.png").read_bytes()[:4] == b"\x89PNG"

@@ -14,7 +14,9 @@ def _store(root, kind, shards, width=5, layers=3):
 
 
 def _random_shards(n_shards, rows, width=5, layers=3):
-    return [[torch.randn(rows, width) * (layer + 1) for layer in range(layers)] for _ in range(n_shards)]
+    return [
+        [torch.randn(rows, width) * (layer + 1) for layer in range(layers)] for _ in range(n_shards)
+    ]
 
 
 def test_scale_matches_direct_computation(tmp_path):
@@ -37,8 +39,12 @@ def test_first_n_tokens_only(tmp_path):
     keys = _random_shards(3, 4)
     _store(tmp_path / "data" / "key", "key", keys)
     _store(tmp_path / "data" / "value", "value", keys)
-    got = scale.load_scales(scale.run(ScaleConfig(key_dir=tmp_path / "data" / "key", num_samples=6)))
-    assert torch.allclose(got["key"][1], torch.cat([s[1] for s in keys])[:6].abs().mean(0), atol=1e-6)
+    got = scale.load_scales(
+        scale.run(ScaleConfig(key_dir=tmp_path / "data" / "key", num_samples=6))
+    )
+    assert torch.allclose(
+        got["key"][1], torch.cat([s[1] for s in keys])[:6].abs().mean(0), atol=1e-6
+    )
 
 
 def test_nan_shard_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
@@ -46,7 +52,9 @@ def test_nan_shard_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     keys[1][2][0, 3] = float("nan")
     _store(tmp_path / "data" / "key", "key", keys)
     _store(tmp_path / "data" / "value", "value", _random_shards(1, 4))
-    got = scale.load_scales(scale.run(ScaleConfig(key_dir=tmp_path / "data" / "key", chunk_tokens=2)))
+    got = scale.load_scales(
+        scale.run(ScaleConfig(key_dir=tmp_path / "data" / "key", chunk_tokens=2))
+    )
     bad = shard_file(tmp_path / "data" / "key", 2, 1)
     assert str(bad) in caplog.text
     direct = torch.cat([keys[0][2], keys[2][2]]).abs().mean(0)

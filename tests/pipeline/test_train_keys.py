@@ -16,8 +16,16 @@ from tests.pipeline.conftest import SPEC
 
 
 def _cfg(key_dir, out, **kw):
-    args = dict(key_dir=key_dir, output_dir=out, code_bits=6, residuals=3, max_iters=4, num_samples=256,
-                device="cpu", chunk=100)
+    args = dict(
+        key_dir=key_dir,
+        output_dir=out,
+        code_bits=6,
+        residuals=3,
+        max_iters=4,
+        num_samples=256,
+        device="cpu",
+        chunk=100,
+    )
     args.update(kw)
     return TrainKeysConfig(**args)
 
@@ -34,26 +42,50 @@ def test_parse_layers():
 def test_layout_from_flags_and_directory_names(tmp_path):
     cfg = TrainKeysConfig()
     lay, out = resolve_layout(cfg, SPEC)
-    assert (lay.code_bits, lay.residuals) == (12, 1) and out.name == "codebook_12bits_8group_1residuals"
+    assert (lay.code_bits, lay.residuals) == (
+        12,
+        1,
+    ) and out.name == "codebook_12bits_8group_1residuals"
     spec128 = ModelSpec("llama", 2, 32, 8, 128, 4096, 8192, 5e5)
     assert resolve_layout(TrainKeysConfig(), spec128)[0].residuals == 21
     assert resolve_layout(TrainKeysConfig(quant_bits=1), spec128)[0].residuals == 11
-    e2e = TrainKeysConfig(method="e2e", quant_bits=1, output_dir=tmp_path / "codebook_e2e_6bits_128group_21residuals")
+    e2e = TrainKeysConfig(
+        method="e2e", quant_bits=1, output_dir=tmp_path / "codebook_e2e_6bits_128group_21residuals"
+    )
     lay, _ = resolve_layout(e2e, spec128)
     assert (lay.code_bits, lay.residuals, lay.e2e) == (6, 21, True)
     with pytest.raises(ValueError, match="head_dim 64"):
-        resolve_layout(TrainKeysConfig(output_dir=tmp_path / "codebook_12bits_64group_11residuals"), spec128)
+        resolve_layout(
+            TrainKeysConfig(output_dir=tmp_path / "codebook_12bits_64group_11residuals"), spec128
+        )
     with pytest.raises(ValueError, match="--residuals 5 contradicts"):
-        resolve_layout(TrainKeysConfig(residuals=5, output_dir=tmp_path / "codebook_12bits_128group_21residuals"),
-                       spec128)
+        resolve_layout(
+            TrainKeysConfig(
+                residuals=5, output_dir=tmp_path / "codebook_12bits_128group_21residuals"
+            ),
+            spec128,
+        )
     with pytest.raises(ValueError, match="quant_bits 1 gives 11"):
-        resolve_layout(TrainKeysConfig(quant_bits=1, output_dir=tmp_path / "codebook_12bits_128group_21residuals"),
-                       spec128)
+        resolve_layout(
+            TrainKeysConfig(
+                quant_bits=1, output_dir=tmp_path / "codebook_12bits_128group_21residuals"
+            ),
+            spec128,
+        )
     with pytest.raises(ValueError, match="E2E directory"):
-        resolve_layout(TrainKeysConfig(output_dir=tmp_path / "codebook_e2e_12bits_128group_21residuals"), spec128)
-    with pytest.raises(ValueError, match="named for EM codebooks; use codebook_e2e_12bits_128group_21residuals"):
-        resolve_layout(TrainKeysConfig(method="e2e", output_dir=tmp_path / "codebook_12bits_128group_21residuals"),
-                       spec128)
+        resolve_layout(
+            TrainKeysConfig(output_dir=tmp_path / "codebook_e2e_12bits_128group_21residuals"),
+            spec128,
+        )
+    with pytest.raises(
+        ValueError, match="named for EM codebooks; use codebook_e2e_12bits_128group_21residuals"
+    ):
+        resolve_layout(
+            TrainKeysConfig(
+                method="e2e", output_dir=tmp_path / "codebook_12bits_128group_21residuals"
+            ),
+            spec128,
+        )
     with pytest.raises(ValueError, match="code_bits 7"):
         TrainKeysConfig(code_bits=7)
 
@@ -62,14 +94,21 @@ def test_em_training_writes_loadable_files_and_skips_finished(key_dir, tmp_path,
     caplog.set_level(logging.INFO, logger="commvq")
     out = tmp_path / "cb"
     train_keys.run(_cfg(key_dir, out, layers="0-1"))
-    assert sorted(p.name for p in out.glob("*.pt")) == ["000_0.pt", "000_1.pt", "001_0.pt", "001_1.pt"]
+    assert sorted(p.name for p in out.glob("*.pt")) == [
+        "000_0.pt",
+        "000_1.pt",
+        "001_0.pt",
+        "001_1.pt",
+    ]
     conf = json.loads((out / "config.json").read_text())
     assert conf["method"] == "em" and conf["residuals"] == 3 and conf["samples"] == 256
     assert set(conf["layers"]) == {"0", "1"} and conf["layers"]["0"]["relative_mse"] < 1
     assert "stage 3/3: hard MSE (original scale)" in caplog.text
     spec = ModelSpec.from_dict(KVStore(key_dir).settings["spec"])
     cb = io.load_key_codebook(out, 1, spec)
-    assert cb.beam == 1 and conf["beam"] == 1  # EM: the paper's greedy encoder unless --beam says otherwise
+    assert (
+        cb.beam == 1 and conf["beam"] == 1
+    )  # EM: the paper's greedy encoder unless --beam says otherwise
     rows = conf["layers"]["1"]["rows"]
     # both methods train on the same first rows; the error is measured on the rows after the samples
     assert rows == {"train": [0, 244], "validation": [244, 256], "eval": [256, 300]}
@@ -104,13 +143,28 @@ def test_other_settings_in_directory_are_refused(key_dir, tmp_path):
     assert json.loads((out / "config.json").read_text())["residuals"] == 2
 
 
-LOG_LINE = re.compile(r"^Epoch (\d+)/(\d+) - Loss: (\d+\.\d{4}), Recon: (\d+\.\d{4}), Commit: (\d+\.\d{4})$")
+LOG_LINE = re.compile(
+    r"^Epoch (\d+)/(\d+) - Loss: (\d+\.\d{4}), Recon: (\d+\.\d{4}), Commit: (\d+\.\d{4})$"
+)
 
 
-def test_e2e_writes_its_own_directory_logs_the_guide_format_and_curves(key_dir, tmp_path, capsys, monkeypatch):
+def test_e2e_writes_its_own_directory_logs_the_guide_format_and_curves(
+    key_dir, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    cfg = TrainKeysConfig(key_dir=key_dir, method="e2e", solver="adam", code_bits=6, residuals=2, epochs=3,
-                          batch_size=32, num_samples=300, device="cpu", layers="1", init="kmeans")
+    cfg = TrainKeysConfig(
+        key_dir=key_dir,
+        method="e2e",
+        solver="adam",
+        code_bits=6,
+        residuals=2,
+        epochs=3,
+        batch_size=32,
+        num_samples=300,
+        device="cpu",
+        layers="1",
+        init="kmeans",
+    )
     out = train_keys.run(cfg)
     assert out == Path("codebook_e2e_6bits_8group_2residuals")
     lines = capsys.readouterr().out.splitlines()
@@ -124,31 +178,80 @@ def test_e2e_writes_its_own_directory_logs_the_guide_format_and_curves(key_dir, 
     assert conf["method"] == "e2e" and conf["layers"]["1"]["best_epoch"] >= 0
     assert (out / "curves" / "001.png").read_bytes()[:4] == b"\x89PNG"
     # EM's default directory is another one, and neither may write into the other's
-    em_out = train_keys.run(TrainKeysConfig(key_dir=key_dir, code_bits=6, residuals=2, max_iters=2, num_samples=300,
-                                            device="cpu", layers="1"))
+    em_out = train_keys.run(
+        TrainKeysConfig(
+            key_dir=key_dir,
+            code_bits=6,
+            residuals=2,
+            max_iters=2,
+            num_samples=300,
+            device="cpu",
+            layers="1",
+        )
+    )
     assert em_out == Path("codebook_6bits_8group_2residuals") and (em_out / "001_0.pt").is_file()
     with pytest.raises(ValueError, match="named for EM codebooks"):
-        train_keys.run(TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=em_out, code_bits=6, residuals=2,
-                                       solver="adam", epochs=1, device="cpu", layers="1"))
-    renamed = tmp_path / "em_folder"  # a name outside the pattern: the folder's config.json refuses it
+        train_keys.run(
+            TrainKeysConfig(
+                key_dir=key_dir,
+                method="e2e",
+                output_dir=em_out,
+                code_bits=6,
+                residuals=2,
+                solver="adam",
+                epochs=1,
+                device="cpu",
+                layers="1",
+            )
+        )
+    renamed = (
+        tmp_path / "em_folder"
+    )  # a name outside the pattern: the folder's config.json refuses it
     em_out.rename(renamed)
     with pytest.raises(ValueError, match="never overwrite each other"):
-        train_keys.run(TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=renamed, code_bits=6, residuals=2,
-                                       solver="adam", epochs=1, device="cpu", layers="1"))
+        train_keys.run(
+            TrainKeysConfig(
+                key_dir=key_dir,
+                method="e2e",
+                output_dir=renamed,
+                code_bits=6,
+                residuals=2,
+                solver="adam",
+                epochs=1,
+                device="cpu",
+                layers="1",
+            )
+        )
     with pytest.raises(ValueError, match="never overwrite each other"):
         train_keys.prepare_output(out, io.CodebookLayout(6, 8, 2), "em", False)
 
 
 def test_e2e_from_em_never_ends_worse_on_heldout_and_attention_objective(key_dir, tmp_path):
-    cfg = TrainKeysConfig(key_dir=key_dir, method="e2e", solver="adam", output_dir=tmp_path / "a", code_bits=6,
-                          residuals=2, epochs=2, lr=0.5, batch_size=32, num_samples=300, device="cpu", layers="0",
-                          init="em", max_iters=3, objective="attention")
+    cfg = TrainKeysConfig(
+        key_dir=key_dir,
+        method="e2e",
+        solver="adam",
+        output_dir=tmp_path / "a",
+        code_bits=6,
+        residuals=2,
+        epochs=2,
+        lr=0.5,
+        batch_size=32,
+        num_samples=300,
+        device="cpu",
+        layers="0",
+        init="em",
+        max_iters=3,
+        objective="attention",
+    )
     train_keys.run(cfg)
     layer = json.loads((tmp_path / "a" / "config.json").read_text())["layers"]["0"]
     assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
 
 
-LSTSQ_LINE = re.compile(r"^Round (\d+)/(\d+) - Recon: ([\d.e-]+), held-out: ([\d.e-]+) \(\d+\.\d s\)$")
+LSTSQ_LINE = re.compile(
+    r"^Round (\d+)/(\d+) - Recon: ([\d.e-]+), held-out: ([\d.e-]+) \(\d+\.\d s\)$"
+)
 
 
 def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, capsys):
@@ -163,7 +266,12 @@ def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, caps
     assert len(rounds) == 3 and all(rounds)
     conf = json.loads((out / "config.json").read_text())
     layer = conf["layers"]["0"]
-    assert conf["method"] == "e2e" and conf["beam"] == 4 and layer["solver"] == "lstsq" and layer["beam"] == 4
+    assert (
+        conf["method"] == "e2e"
+        and conf["beam"] == 4
+        and layer["solver"] == "lstsq"
+        and layer["beam"] == 4
+    )
     assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
     # the start is the EM folder's codebooks: round 0 is EM under the beam on the same validation rows
     em_thetas = io.load_layer(em_dir, 0, SPEC)
@@ -172,7 +280,9 @@ def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, caps
     from commvq.quant.residual import normalize
 
     x_val = normalize(val, SPEC.num_kv_heads)[0]
-    assert layer["init_heldout_relative_error"] == pytest.approx(refine.relative_error(x_val, em_thetas, 4))
+    assert layer["init_heldout_relative_error"] == pytest.approx(
+        refine.relative_error(x_val, em_thetas, 4)
+    )
     cb = io.load_key_codebook(out, 0, SPEC)  # loaded with the beam it was trained for
     assert cb.beam == 4 and io.load_key_codebook(out, 0, SPEC, beam=1).beam == 1
     # the error in config.json is the one of the codebooks as loaded, on the rows after the samples
@@ -183,12 +293,25 @@ def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, caps
     assert layer["relative_mse"] <= layer["relative_mse_greedy"] + 1e-9
     # another beam width is another setting: refused in the same folder
     with pytest.raises(ValueError, match="never overwrite each other"):
-        train_keys.run(_cfg(key_dir, out, method="e2e", layers="1", init_dir=em_dir, rounds=1, beam=2))
+        train_keys.run(
+            _cfg(key_dir, out, method="e2e", layers="1", init_dir=em_dir, rounds=1, beam=2)
+        )
 
 
 def test_adam_flags_without_the_adam_solver_are_named(key_dir, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="commvq")
-    train_keys.run(_cfg(key_dir, tmp_path / "x", method="e2e", layers="0", rounds=1, epochs=5, lr=0.01, max_iters=2))
+    train_keys.run(
+        _cfg(
+            key_dir,
+            tmp_path / "x",
+            method="e2e",
+            layers="0",
+            rounds=1,
+            epochs=5,
+            lr=0.01,
+            max_iters=2,
+        )
+    )
     assert "--epochs, --lr set the adam solver" in caplog.text
     with pytest.raises(ValueError, match="--beam 4 needs --solver lstsq"):
         TrainKeysConfig(method="e2e", solver="adam", beam=4)
@@ -214,7 +337,10 @@ def test_nan_keys_are_dropped_and_counted_never_trained_on(key_dir, tmp_path, ca
         layer = json.loads((out / "config.json").read_text())["layers"]["0"]
         assert layer["dropped_nonfinite"] == 11 and math.isfinite(layer["relative_mse"])
         assert torch.isfinite(io.load_layer(out, 0, SPEC)).all()
-    assert "layer 0: dropping 11 of 256 training and validation key vectors that hold NaN or Inf" in caplog.text
+    assert (
+        "layer 0: dropping 11 of 256 training and validation key vectors that hold NaN or Inf"
+        in caplog.text
+    )
     # a layer with no finite key is refused and not marked done
     _poison(key_dir, 1, slice(None), shards=2)
     with pytest.raises(ValueError, match="layer 1 has no finite key"):
@@ -228,8 +354,10 @@ def test_non_finite_codebooks_are_neither_saved_nor_loaded(tmp_path):
     with pytest.raises(FloatingPointError, match="not saved"):
         io.save_head(tmp_path / "000_0.pt", bad, torch.ones(2), 1.0)
     assert not (tmp_path / "000_0.pt").exists()
-    torch.save({"final_error": 1.0, "steps": [{"mse_loss": torch.tensor(1.0), "theta": t} for t in bad]},
-               tmp_path / "000_1.pt")
+    torch.save(
+        {"final_error": 1.0, "steps": [{"mse_loss": torch.tensor(1.0), "theta": t} for t in bad]},
+        tmp_path / "000_1.pt",
+    )
     with pytest.raises(ValueError, match="hold NaN or Inf; retrain its layer"):
         io.load_head(tmp_path / "000_1.pt")
     (tmp_path / "000_2.pt").write_bytes(b"")
@@ -240,8 +368,14 @@ def test_non_finite_codebooks_are_neither_saved_nor_loaded(tmp_path):
 def test_values_are_not_keys(key_dir, tmp_path):
     from commvq.data.kvstore import KVStoreWriter
 
-    w = KVStoreWriter(key_dir.parent / "value", "value", 3, 16, torch.float32,
-                      settings={"model": "toy", "spec": SPEC.to_dict()})
+    w = KVStoreWriter(
+        key_dir.parent / "value",
+        "value",
+        3,
+        16,
+        torch.float32,
+        settings={"model": "toy", "spec": SPEC.to_dict()},
+    )
     w.write_shard([{"x": torch.randn(10, 16)} for _ in range(3)])
     w.finish(False)
     with pytest.raises(ValueError, match="holds value vectors, not keys: give the keys folder"):
@@ -254,5 +388,16 @@ def test_attention_objective_needs_queries(key_dir, tmp_path):
 
     shutil.rmtree(key_dir.parent / "query")
     with pytest.raises(FileNotFoundError, match="--with_queries"):
-        train_keys.run(TrainKeysConfig(key_dir=key_dir, method="e2e", output_dir=tmp_path / "b", code_bits=6,
-                                       residuals=1, epochs=1, device="cpu", layers="0", objective="attention"))
+        train_keys.run(
+            TrainKeysConfig(
+                key_dir=key_dir,
+                method="e2e",
+                output_dir=tmp_path / "b",
+                code_bits=6,
+                residuals=1,
+                epochs=1,
+                device="cpu",
+                layers="0",
+                objective="attention",
+            )
+        )

@@ -15,16 +15,36 @@ from commvq.pipeline.train_values import TrainValuesConfig
 def prepared(tiny_llama, corpus_dir, tmp_path):
     lm = load_model(str(tiny_llama), device="cpu")
     key_dir = tmp_path / "data" / "key"
-    collect.run(collect.CollectConfig(model=str(tiny_llama), dataset=str(corpus_dir), output_dir=key_dir,
-                                      num_samples=256, max_seq_length=32, device="cpu"), loaded=lm)
+    collect.run(
+        collect.CollectConfig(
+            model=str(tiny_llama),
+            dataset=str(corpus_dir),
+            output_dir=key_dir,
+            num_samples=256,
+            max_seq_length=32,
+            device="cpu",
+        ),
+        loaded=lm,
+    )
     scale.run(scale.ScaleConfig(key_dir=tmp_path / "data" / "key"))
     return lm, tmp_path
 
 
 def _cfg(tiny_llama, corpus_dir, tmp_path, **kw):
-    args = dict(model=str(tiny_llama), dataset=str(corpus_dir), scale_file=tmp_path / "data" / "learnable_scale.pt",
-                output_dir=tmp_path / "codec", quant_bits=2, max_seq_length=32, batch_size=2, steps=40,
-                warmup_steps=5, lr=3e-3, save_every=20, device="cpu")
+    args = dict(
+        model=str(tiny_llama),
+        dataset=str(corpus_dir),
+        scale_file=tmp_path / "data" / "learnable_scale.pt",
+        output_dir=tmp_path / "codec",
+        quant_bits=2,
+        max_seq_length=32,
+        batch_size=2,
+        steps=40,
+        warmup_steps=5,
+        lr=3e-3,
+        save_every=20,
+        device="cpu",
+    )
     args.update(kw)
     return TrainValuesConfig(**args)
 
@@ -37,7 +57,9 @@ def test_probe_reproduces_the_models_attention(prepared):
     with torch.no_grad():
         pos = torch.arange(16)[None].expand(2, -1)
         pe = lm.model.model.rotary_emb(hidden[1], pos)
-        want, _ = block.self_attn(block.input_layernorm(hidden[1]), position_embeddings=pe, attention_mask=None)
+        want, _ = block.self_attn(
+            block.input_layernorm(hidden[1]), position_embeddings=pe, attention_mask=None
+        )
     probe = LayerAttention(lm.model, 1, hidden[1])
     assert torch.allclose(probe.exact, want, atol=1e-5)
 
@@ -57,15 +79,22 @@ def test_training_lowers_attention_error_and_resumes(prepared, tiny_llama, corpu
     conf = json.loads((cfg.output_dir / "config.json").read_text())
     assert conf["steps_done"] == 40 and len(conf["loss_history"]) == 40
     assert sum(conf["loss_history"][-5:]) < sum(conf["loss_history"][:5])
-    assert set(p.name for p in cfg.output_dir.iterdir()) == {"config.json", "value_codec.safetensors",
-                                                             "trainer_state.pt"}
+    assert set(p.name for p in cfg.output_dir.iterdir()) == {
+        "config.json",
+        "value_codec.safetensors",
+        "trainer_state.pt",
+    }
     # resume: 10 more steps continue the history
     first = conf["loss_history"]
     with pytest.raises(ValueError, match="--resume"):
         train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, steps=50), loaded=lm)
     train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, steps=50, resume=True), loaded=lm)
     conf = json.loads((cfg.output_dir / "config.json").read_text())
-    assert conf["steps_done"] == 50 and conf["loss_history"][:40] == first and len(conf["loss_history"]) == 50
+    assert (
+        conf["steps_done"] == 50
+        and conf["loss_history"][:40] == first
+        and len(conf["loss_history"]) == 50
+    )
 
 
 def test_eval_values_rebuilds_the_training_start(prepared, tiny_llama, corpus_dir):
@@ -81,9 +110,19 @@ def test_eval_values_rebuilds_the_training_start(prepared, tiny_llama, corpus_di
     v = torch.randn(64, 32)
     for a, b in zip(rebuilt.layers, fresh.layers, strict=True):
         assert torch.equal(a.encode(v)[0], b.encode(v)[0])
-    out = eval_values.run(eval_values.EvalValuesConfig(
-        codec_dirs=[cfg.output_dir], model=str(tiny_llama), dataset=str(corpus_dir), max_seq_length=32,
-        num_sequences=2, scale_file=cfg.scale_file, output=tmp_path / "eval", device="cpu", rounded="bfloat16"))
+    out = eval_values.run(
+        eval_values.EvalValuesConfig(
+            codec_dirs=[cfg.output_dir],
+            model=str(tiny_llama),
+            dataset=str(corpus_dir),
+            max_seq_length=32,
+            num_sequences=2,
+            scale_file=cfg.scale_file,
+            output=tmp_path / "eval",
+            device="cpu",
+            rounded="bfloat16",
+        )
+    )
     rows = json.loads((out / "values.json").read_text())["rows"]
     assert {"codec", "codec@bfloat16", "start_codec", "untrained_2bit", "kivi2"} <= set(rows[0])
     with pytest.raises(ValueError, match="--rounded int8: use bfloat16, float16"):
@@ -100,7 +139,9 @@ def test_a_rounded_codec_holds_only_what_its_dtype_holds(prepared, tiny_llama, c
     half = eval_values.rounded(codec, torch.bfloat16)
     pairs = list(zip(codec.parameters(), half.parameters(), strict=True))
     assert pairs and all(torch.equal(b, a.bfloat16().float()) for a, b in pairs)
-    assert any(not torch.equal(a, b) for a, b in pairs)  # the original is untouched, the copy rounded
+    assert any(
+        not torch.equal(a, b) for a, b in pairs
+    )  # the original is untouched, the copy rounded
 
 
 def test_bad_scale_files_are_refused(prepared, tiny_llama, corpus_dir):
@@ -109,13 +150,19 @@ def test_bad_scale_files_are_refused(prepared, tiny_llama, corpus_dir):
     scales["value"] = {0: scales["value"][0]}
     torch.save(scales, tmp_path / "short.pt")
     with pytest.raises(ValueError, match="for 1 layers, the model has 2"):
-        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "short.pt"), loaded=lm)
+        train_values.run(
+            _cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "short.pt"), loaded=lm
+        )
     scales["value"] = {0: torch.ones(16), 1: torch.ones(16)}
     torch.save(scales, tmp_path / "narrow.pt")
     with pytest.raises(ValueError, match="16 channels"):
-        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "narrow.pt"), loaded=lm)
+        train_values.run(
+            _cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "narrow.pt"), loaded=lm
+        )
     with pytest.raises(FileNotFoundError, match="commvq scale"):
-        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "none.pt"), loaded=lm)
+        train_values.run(
+            _cfg(tiny_llama, corpus_dir, tmp_path, scale_file=tmp_path / "none.pt"), loaded=lm
+        )
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(prepared, tiny_llama, corpus_dir):
@@ -123,5 +170,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(prepared, tiny_llama, corp
     train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, steps=20), loaded=lm)
     good = (tmp_path / "codec" / "value_codec.safetensors").read_bytes()
     with pytest.raises(FloatingPointError, match="last checkpoint is kept"):
-        train_values.run(_cfg(tiny_llama, corpus_dir, tmp_path, steps=40, resume=True, lr=1e30), loaded=lm)
+        train_values.run(
+            _cfg(tiny_llama, corpus_dir, tmp_path, steps=40, resume=True, lr=1e30), loaded=lm
+        )
     assert (tmp_path / "codec" / "value_codec.safetensors").read_bytes() == good

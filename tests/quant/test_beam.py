@@ -8,8 +8,11 @@ from commvq.quant import residual
 def _case(h=2, n=120, d=16, e=8, r=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(h, n, d, generator=g, dtype=torch.float64)
-    thetas = torch.randn(h, r, 2 * e, d // 2, generator=g, dtype=torch.float64) * 0.4 * 0.6 ** torch.arange(r)[
-        None, :, None, None]
+    thetas = (
+        torch.randn(h, r, 2 * e, d // 2, generator=g, dtype=torch.float64)
+        * 0.4
+        * 0.6 ** torch.arange(r)[None, :, None, None]
+    )
     return x, thetas
 
 
@@ -36,7 +39,10 @@ def test_a_beam_is_never_worse_than_greedy_on_any_vector(beam):
 
 def test_wider_beams_leave_less_error_on_these_vectors():
     x, thetas = _case(n=400, seed=5)
-    errs = [float(_per_vector_error(x, beam_search.beam_encode(x, thetas, b), thetas).sum()) for b in (1, 2, 4, 8, 16)]
+    errs = [
+        float(_per_vector_error(x, beam_search.beam_encode(x, thetas, b), thetas).sum())
+        for b in (1, 2, 4, 8, 16)
+    ]
     assert errs == sorted(errs, reverse=True) and errs[-1] < 0.97 * errs[0]
 
 

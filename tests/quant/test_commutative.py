@@ -47,7 +47,9 @@ def test_commutativity_identity_float64_large_positions():
     thetas = torch.randn(r, 2 * e, p, dtype=torch.float64)
     codes = torch.randint(0, e * e, (t, r))
     s = torch.rand(t, dtype=torch.float64) + 0.5
-    pos = torch.cat([torch.randint(0, 1000, (t // 2,)), torch.randint(100_000, 2_000_000, (t - t // 2,))])
+    pos = torch.cat(
+        [torch.randint(0, 1000, (t // 2,)), torch.randint(100_000, 2_000_000, (t - t // 2,))]
+    )
     freqs = rope.inv_freq(2 * p, 5e5).double()
     cos, sin = rope.cos_sin(freqs, pos)
     q = torch.randn(2 * p, dtype=torch.float64)

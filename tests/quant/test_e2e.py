@@ -22,7 +22,9 @@ def test_losses_definition():
     full = residual.decode(codes, thetas)
     assert torch.allclose(recon, ((x - full) ** 2).sum() / (x**2).sum())
     stages = residual.stage_decodes(codes, thetas)
-    want = sum(((x - stages[:r].sum(0) - stages[r]) ** 2).sum() for r in range(3)) / (3 * (x**2).sum())
+    want = sum(((x - stages[:r].sum(0) - stages[r]) ** 2).sum() for r in range(3)) / (
+        3 * (x**2).sum()
+    )
     assert torch.allclose(commit, want)
 
 
@@ -45,7 +47,9 @@ def test_closed_form_gradient_equals_autograd():
 def test_gradient_steps_keep_the_commutative_structure():
     x, s = _data()
     thetas0 = e2e.init_random(x, 3, 4, torch.Generator().manual_seed(0))
-    res = e2e.train(x[:, :500], x[:, 500:], thetas0, e2e.E2ESettings(epochs=3, batch_size=64, lr=5e-3))
+    res = e2e.train(
+        x[:, :500], x[:, 500:], thetas0, e2e.E2ESettings(epochs=3, batch_size=64, lr=5e-3)
+    )
     th = res.thetas.double()[0]  # head 0, [R, 2E, P]
     codes = residual.encode(x.double()[:1, :20], res.thetas.double()[:1])[0]  # [T, R]
     q = torch.randn(8, dtype=torch.float64)
@@ -61,15 +65,22 @@ def test_training_lowers_heldout_error_and_best_epoch_never_worse_than_start():
     x, _ = _data(800)
     thetas0 = e2e.init_kmeans(x[:, :700], 3, 4, torch.Generator().manual_seed(1), subsample=300)
     logs = []
-    res = e2e.train(x[:, :700], x[:, 700:], thetas0, e2e.E2ESettings(epochs=4, batch_size=32, lr=3e-3),
-                    on_epoch=lambda entry, best: logs.append((entry, best is not None)))
+    res = e2e.train(
+        x[:, :700],
+        x[:, 700:],
+        thetas0,
+        e2e.E2ESettings(epochs=4, batch_size=32, lr=3e-3),
+        on_epoch=lambda entry, best: logs.append((entry, best is not None)),
+    )
     assert len(res.history) == 4 and [e.epoch for e, _ in logs] == [1, 2, 3, 4]
     assert res.best_heldout <= res.init_heldout
     assert res.best_heldout < res.init_heldout  # it does learn here
     for entry, _ in logs:
         assert math.isclose(entry.loss, entry.recon + 0.25 * entry.commit, rel_tol=1e-6)
     # a learning rate far too large: the chosen epoch is still never worse than the start
-    wild = e2e.train(x[:, :700], x[:, 700:], thetas0, e2e.E2ESettings(epochs=2, batch_size=32, lr=5.0))
+    wild = e2e.train(
+        x[:, :700], x[:, 700:], thetas0, e2e.E2ESettings(epochs=2, batch_size=32, lr=5.0)
+    )
     assert wild.best_heldout <= wild.init_heldout
     if wild.best_epoch == 0:
         assert torch.equal(wild.thetas, thetas0)
@@ -82,7 +93,9 @@ def test_kmeanspp_seeds_are_data_points_and_spread_out():
     assert c.shape == (2, 16, 8)
     for h in range(2):
         d = ((c[h][:, None] - x[h][None]) ** 2).sum(-1)
-        assert torch.allclose(d.min(1).values, torch.zeros(16), atol=1e-6)  # every seed is a data point
+        assert torch.allclose(
+            d.min(1).values, torch.zeros(16), atol=1e-6
+        )  # every seed is a data point
         assert len(torch.unique(d.argmin(1))) == 16
 
 
@@ -91,7 +104,9 @@ def test_kmeanspp_puts_one_seed_in_each_far_cluster():
     g = torch.Generator().manual_seed(1)
     centers = torch.randn(2, 5, 8, generator=g) * 100
     label = torch.randint(0, 5, (2, 400), generator=g)
-    x = torch.gather(centers, 1, label[..., None].expand(-1, -1, 8)) + 0.01 * torch.randn(2, 400, 8, generator=g)
+    x = torch.gather(centers, 1, label[..., None].expand(-1, -1, 8)) + 0.01 * torch.randn(
+        2, 400, 8, generator=g
+    )
     for seed in range(5):
         c = e2e.kmeanspp_centers(x, 5, torch.Generator().manual_seed(seed))
         nearest_cluster = torch.cdist(c, centers).argmin(-1)  # [2, 5]
@@ -122,4 +137,6 @@ def test_cuda_graph_training_equals_eager_training():
         settings = e2e.E2ESettings(epochs=2, batch_size=64, lr=3e-3, cuda_graphs=graphs)
         runs.append(e2e.train(x[:, :600], x[:, 600:], thetas0, settings, seed=4))
     assert torch.allclose(runs[0].thetas, runs[1].thetas, atol=1e-5)
-    assert [round(h.loss, 5) for h in runs[0].history] == [round(h.loss, 5) for h in runs[1].history]
+    assert [round(h.loss, 5) for h in runs[0].history] == [
+        round(h.loss, 5) for h in runs[1].history
+    ]

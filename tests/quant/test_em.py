@@ -54,7 +54,7 @@ def test_m_step_equals_least_squares_reference():
     w = counts.sqrt()[:, None]
     lhs = torch.cat((design[0] * w, design[1] * w))  # [2 E*E, 2E]
     for f in range(p):
-        rhs = torch.cat((means[:, f:f + 1] * w, means[:, p + f:p + f + 1] * w))
+        rhs = torch.cat((means[:, f : f + 1] * w, means[:, p + f : p + f + 1] * w))
         want = torch.linalg.lstsq(lhs, rhs).solution[:, 0]
         assert torch.allclose(got[:, f], want, atol=1e-8)
 
@@ -69,7 +69,9 @@ def test_m_step_never_increases_the_soft_objective():
         before, after = em.soft_objective(stats, theta), em.soft_objective(stats, new)
         assert torch.all(after <= before + 1e-9)
         for _ in range(3):  # and the new theta is a minimum: perturbations only make it worse
-            assert torch.all(em.soft_objective(stats, new + 1e-3 * torch.randn_like(new)) >= after - 1e-12)
+            assert torch.all(
+                em.soft_objective(stats, new + 1e-3 * torch.randn_like(new)) >= after - 1e-12
+            )
 
 
 def test_soft_objective_matches_its_definition():
@@ -96,8 +98,15 @@ def test_fit_stage_is_deterministic_and_chunk_independent():
 def test_fit_stage_beats_its_initialization_and_stopping_rule_holds():
     x, s = _data(n=600)
     res = em.fit_stage(x, s, 4, 0, em.EMSettings(max_iters=30), torch.Generator().manual_seed(0))
-    best_possible = ((x - commutative.codewords(res.theta)[torch.arange(2)[:, None],
-                                                    commutative.nearest(x, res.theta)]) * s[:, None]) ** 2
+    best_possible = (
+        (
+            x
+            - commutative.codewords(res.theta)[
+                torch.arange(2)[:, None], commutative.nearest(x, res.theta)
+            ]
+        )
+        * s[:, None]
+    ) ** 2
     assert torch.allclose(best_possible.sum((1, 2)) / x[0].numel(), res.mse.double(), rtol=1e-5)
     assert torch.all(res.iters <= 30)
 
@@ -116,16 +125,32 @@ def test_heads_stop_on_their_own_and_keep_their_best_iterate():
         seen.append((heads, theta.clone(), stats.hard_sqerr.cpu() / (x.shape[1] * x.shape[2])))
         return stats
 
-    res = em.fit_stage(x, s, 4, 0, em.EMSettings(max_iters=40, tol=1.0), torch.Generator().manual_seed(0), recording)
-    assert len(set(res.iters.tolist())) > 1 and int(res.iters.max()) < 40  # heads stopped at different steps
+    res = em.fit_stage(
+        x,
+        s,
+        4,
+        0,
+        em.EMSettings(max_iters=40, tol=1.0),
+        torch.Generator().manual_seed(0),
+        recording,
+    )
+    assert (
+        len(set(res.iters.tolist())) > 1 and int(res.iters.max()) < 40
+    )  # heads stopped at different steps
     for i in range(len(x)):
-        runs = [(theta[heads.index(i)], float(err[heads.index(i)])) for heads, theta, err in seen if i in heads]
+        runs = [
+            (theta[heads.index(i)], float(err[heads.index(i)]))
+            for heads, theta, err in seen
+            if i in heads
+        ]
         assert len(runs) - int(res.iters[i]) in ((0,) if res.iters[i] == 40 else (1,))
         runs = runs[: int(res.iters[i])]
         best = min(range(len(runs)), key=lambda k: runs[k][1])
         assert math.isclose(float(res.mse[i]), runs[best][1], rel_tol=1e-6)
         assert torch.equal(res.theta[i], runs[best][0])
-        assert runs[-1][1] >= min(r[1] for r in runs[:-1])  # it stopped on an iterate that did not improve
+        assert runs[-1][1] >= min(
+            r[1] for r in runs[:-1]
+        )  # it stopped on an iterate that did not improve
 
 
 def test_more_stages_lower_residual_error():

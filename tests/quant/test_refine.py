@@ -30,14 +30,16 @@ def test_joint_solve_equals_a_dense_least_squares_fit():
     codes = residual.encode(x, thetas)
     normal = refine.Normal.zeros(2, 3, 4, 4, x.device)
     for i in range(0, 150, 40):  # gathered in chunks
-        normal.add(x[:, i:i + 40], codes[:, i:i + 40], thetas)
+        normal.add(x[:, i : i + 40], codes[:, i : i + 40], thetas)
     got = refine.solve(normal, thetas, commit_weight=0.0, ridge=0.0)
     for h in range(2):
         a = _design(codes[h], thetas.shape[1:])
         want = torch.linalg.lstsq(a, x[h].reshape(-1, 1), driver="gelsd").solution
         fit_want = (a @ want).view(150, 8)
-        fit_got = residual.decode(codes[h:h + 1], got[h:h + 1])[0]
-        assert torch.allclose(fit_got, fit_want, atol=1e-9)  # same fit (entries no code uses may differ)
+        fit_got = residual.decode(codes[h : h + 1], got[h : h + 1])[0]
+        assert torch.allclose(
+            fit_got, fit_want, atol=1e-9
+        )  # same fit (entries no code uses may differ)
 
 
 def test_solve_with_commitment_minimizes_the_e2e_loss_for_fixed_codes_and_targets():
@@ -48,7 +50,10 @@ def test_solve_with_commitment_minimizes_the_e2e_loss_for_fixed_codes_and_target
     normal = refine.Normal.zeros(2, 3, 4, 4, x.device)
     normal.add(x, codes, thetas0)
     got = refine.solve(normal, thetas0, commit_weight=0.7, ridge=0.0)
-    targets = x - (torch.cumsum(residual.stage_decodes(codes, thetas0), 0) - residual.stage_decodes(codes, thetas0))
+    targets = x - (
+        torch.cumsum(residual.stage_decodes(codes, thetas0), 0)
+        - residual.stage_decodes(codes, thetas0)
+    )
 
     def loss(th):
         stages = residual.stage_decodes(codes, th)
@@ -56,7 +61,9 @@ def test_solve_with_commitment_minimizes_the_e2e_loss_for_fixed_codes_and_target
 
     p = got.clone().requires_grad_(True)
     loss(p).backward()
-    used = residual.code_onehot(codes, 4, torch.float64, by_head=True).sum(-1) > 0  # [H, R, 2E] rows in use
+    used = (
+        residual.code_onehot(codes, 4, torch.float64, by_head=True).sum(-1) > 0
+    )  # [H, R, 2E] rows in use
     grad_rows = p.grad.view(2, 3, 4, 2, 4).abs().amax((-1, -2))  # per table entry
     assert float(grad_rows[used[..., :4] | used[..., 4:]].max()) < 1e-8
     assert float(loss(got)) < float(loss(thetas0))
@@ -68,7 +75,9 @@ def test_refinement_never_ends_worse_than_its_start_on_heldout(beam):
     thetas0 = e2e.init_kmeans(x[:, :500], 3, 4, torch.Generator().manual_seed(0))
     settings = refine.RefineSettings(rounds=3, beam=beam, chunk=128)
     seen = []
-    res = refine.refine(x[:, :500], x[:, 500:], thetas0, settings, on_round=lambda log, best: seen.append(log))
+    res = refine.refine(
+        x[:, :500], x[:, 500:], thetas0, settings, on_round=lambda log, best: seen.append(log)
+    )
     assert [log.round for log in seen] == [1, 2, 3] and len(res.history) == 3
     assert res.best_heldout <= res.init_heldout
     assert res.best_heldout == pytest.approx(refine.relative_error(x[:, 500:], res.thetas, beam))

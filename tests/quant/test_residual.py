@@ -20,7 +20,9 @@ def test_normalize_prescale_round_trip():
 def test_greedy_encode_decode_and_more_stages_lower_error():
     torch.manual_seed(0)
     x, s = residual.normalize(torch.randn(400, 2 * 8), 2)
-    fitted = em.fit(x, s, num_stages=4, num_entries=4, settings=em.EMSettings(max_iters=8, chunk=128), seed=1)
+    fitted = em.fit(
+        x, s, num_stages=4, num_entries=4, settings=em.EMSettings(max_iters=8, chunk=128), seed=1
+    )
     errs = []
     for r in range(1, 5):
         codes = residual.encode(x, fitted.thetas[:, :r], chunk=97)
@@ -28,7 +30,9 @@ def test_greedy_encode_decode_and_more_stages_lower_error():
         errs.append(((x - residual.decode(codes, fitted.thetas[:, :r])) ** 2).sum())
     assert all(b < a for a, b in zip(errs, errs[1:], strict=False))
     # the encoder reproduces the residual the trainer left
-    final = ((x - residual.decode(residual.encode(x, fitted.thetas), fitted.thetas)) * s[:, None]) ** 2
+    final = (
+        (x - residual.decode(residual.encode(x, fitted.thetas), fitted.thetas)) * s[:, None]
+    ) ** 2
     assert torch.allclose(final.sum((1, 2)) / (400 * 8), fitted.residual_mse[-1], rtol=1e-4)
 
 

@@ -34,8 +34,14 @@ def test_deep_allocation_stays_within_the_spare_units():
         bits = value_init.allocate_bits(power, 16, max_deep)
         assert int(bits.sum()) == 16 and int(bits.max()) <= value_init.MAX_BITS
         assert int((bits > 2).sum()) <= max_deep and torch.all(bits[:-1] >= bits[1:]), bits
-    assert value_init.allocate_bits(power, 16, 2)[:2].tolist() == [4, 4]  # uneven power: the strong axes go deep
-    assert len(value_init.steps(value_init.allocate_bits(power, 16, 2))) == 2 * value_init.STEPS_PER_DEEP_AXIS
+    assert value_init.allocate_bits(power, 16, 2)[:2].tolist() == [
+        4,
+        4,
+    ]  # uneven power: the strong axes go deep
+    assert (
+        len(value_init.steps(value_init.allocate_bits(power, 16, 2)))
+        == 2 * value_init.STEPS_PER_DEEP_AXIS
+    )
 
 
 def _nearest_levels(z: torch.Tensor, bits: int, rms: float) -> torch.Tensor:
@@ -49,7 +55,9 @@ def _nearest_levels(z: torch.Tensor, bits: int, rms: float) -> torch.Tensor:
     return levels[(z[:, None] - levels).abs().argmin(-1)]
 
 
-@pytest.mark.parametrize(("total", "max_deep"), [(8, 0), (12, 0), (16, 0), (12, 2), (16, 3), (20, 4)])
+@pytest.mark.parametrize(
+    ("total", "max_deep"), [(8, 0), (12, 0), (16, 0), (12, 2), (16, 3), (20, 4)]
+)
 def test_argmax_of_the_logits_is_each_axis_quantizer(total, max_deep):
     """With exact step indicators, argmax of the logits, group by group, decodes every axis to its own
     quantizer's nearest level (Lloyd-Max at 1-2 bits, uniform at 3-4: coarse bits from z, fine bits
@@ -113,8 +121,13 @@ def test_the_ramps_follow_the_exact_staircase():
     assert int((bits > 2).sum()) > 0
     uh, p = binary.normalize(held, scale)
     z = uh.double() @ axes
-    zq = torch.stack([_nearest_levels(z[:, i], int(nb), float(power[i].sqrt())) if nb else 0 * z[:, i]
-                      for i, nb in enumerate(bits.tolist())], -1)
+    zq = torch.stack(
+        [
+            _nearest_levels(z[:, i], int(nb), float(power[i].sqrt())) if nb else 0 * z[:, i]
+            for i, nb in enumerate(bits.tolist())
+        ],
+        -1,
+    )
     y = (zq @ axes.T).float()
     ideal = y / y.norm(dim=-1, keepdim=True) * p[:, None] * scale
     err_ideal = float(((ideal - held) ** 2).sum(-1).mean() / (held**2).sum(-1).mean())
@@ -130,7 +143,10 @@ def test_training_leaves_a_deep_start_s_features_fixed(tmp_path):
     codec.layers[0].init_from_values(v)
     codec.layers[1].init_projection(torch.Generator().manual_seed(0))
     trainable = {id(p) for p in codec.trainable_parameters()}
-    assert id(codec.layers[0].fc1.weight) not in trainable and id(codec.layers[0].fc2.weight) in trainable
+    assert (
+        id(codec.layers[0].fc1.weight) not in trainable
+        and id(codec.layers[0].fc2.weight) in trainable
+    )
     assert id(codec.layers[1].fc1.weight) in trainable
     back = ValueCodec.load(codec.save(tmp_path / "c"))
     assert back.layers[0].fixed_features and not back.layers[1].fixed_features
@@ -146,7 +162,9 @@ def test_training_leaves_a_deep_start_s_features_fixed(tmp_path):
         ((layer(v[:256]) - v[:256]) ** 2).mean().backward()
         opt.step()
         codec.restore_fixed()
-    assert torch.equal(layer.fc1.weight, fc1) and torch.equal(layer.fc2.weight[:, steps], fc2[:, steps])
+    assert torch.equal(layer.fc1.weight, fc1) and torch.equal(
+        layer.fc2.weight[:, steps], fc2[:, steps]
+    )
     assert not torch.equal(layer.fc2.weight[:, : 2 * f], fc2[:, : 2 * f])
 
 
@@ -157,7 +175,10 @@ def test_values_of_low_rank_give_a_finite_start():
     v = torch.randn(4000, 6, generator=g) @ torch.randn(6, 32, generator=g)
     codec = LayerValueCodec(32, 2, torch.ones(32)).init_from_values(v).eval()
     assert codec.fixed_features
-    assert float(codec.codebook.detach().abs().max()) < 1e4 and float(codec.fc1.weight.detach().abs().max()) < 1e6
+    assert (
+        float(codec.codebook.detach().abs().max()) < 1e4
+        and float(codec.fc1.weight.detach().abs().max()) < 1e6
+    )
     assert _rel_err(codec, v) < value_init.DISTORTION[3]
 
 

@@ -39,7 +39,11 @@ def rebuilt_on_change(store: dict, key, sources: tuple[torch.Tensor, ...], build
     replaced or changed in place (its version counter moves): tables derived from parameters."""
     versions = tuple(t._version for t in sources)
     hit = store.get(key)
-    if hit is None or hit[1] != versions or any(a is not b for a, b in zip(hit[0], sources, strict=True)):
+    if (
+        hit is None
+        or hit[1] != versions
+        or any(a is not b for a, b in zip(hit[0], sources, strict=True))
+    ):
         hit = store[key] = (sources, versions, build())
     return hit[2]
 
@@ -49,7 +53,9 @@ def grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     (grouped-query attention), without repeating ``y``: ``[B, Hq, T, M]``."""
     b, hq, t, k = x.shape
     hkv, m = y.shape[1], y.shape[-1]
-    return torch.bmm(x.reshape(b * hkv, hq // hkv * t, k), y.reshape(b * hkv, k, m)).reshape(b, hq, t, m)
+    return torch.bmm(x.reshape(b * hkv, hq // hkv * t, k), y.reshape(b * hkv, k, m)).reshape(
+        b, hq, t, m
+    )
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +102,6 @@ class DenseKeys(KeysPart):
 
     name = "dense"
 
-
     def compress(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"k": k.transpose(1, 2).contiguous()}
 
@@ -106,7 +111,6 @@ class DenseKeys(KeysPart):
 
 class DenseValues(ValuesPart):
     name = "dense"
-
 
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"v": v.transpose(1, 2).contiguous()}
@@ -136,11 +140,12 @@ class KiviKeys(KeysPart):
     def __init__(self, bits: int, group: int = 32) -> None:
         self.bits_, self.group, self.name = bits, group, f"kivi{bits}"
 
-
     def compress(self, layer: int, k: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
         x = k.transpose(1, 2)  # [B, n, H, D]
         if x.shape[1] % self.group:
-            raise ValueError(f"KIVI keys need blocks of a multiple of {self.group} tokens (got {x.shape[1]})")
+            raise ValueError(
+                f"KIVI keys need blocks of a multiple of {self.group} tokens (got {x.shape[1]})"
+            )
         return _kivi_store(x, self.bits_, self.group, dim=1)
 
     def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
@@ -153,7 +158,6 @@ class KiviValues(ValuesPart):
 
     def __init__(self, bits: int, group: int = 32) -> None:
         self.bits_, self.group, self.name = bits, group, f"kivi{bits}"
-
 
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         x = v.transpose(1, 2)
@@ -173,8 +177,15 @@ class CommVQKeys(KeysPart):
 
     name = "commvq"
 
-    def __init__(self, codebooks: list[KeyCodebook], inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                 scoring: str = "auto", kernels: str = "auto", kernel_style: str = "regdecode16") -> None:
+    def __init__(
+        self,
+        codebooks: list[KeyCodebook],
+        inv_freq: torch.Tensor,
+        rope_scale: float = 1.0,
+        scoring: str = "auto",
+        kernels: str = "auto",
+        kernel_style: str = "regdecode16",
+    ) -> None:
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
         self.kernels, self.kernel_style = kernels, kernel_style
@@ -183,7 +194,6 @@ class CommVQKeys(KeysPart):
         self.scoring = scoring
         cb = codebooks[0]
         self.code_bits, self.num_heads, self.stages = cb.code_bits, cb.num_heads, cb.num_stages
-
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a graph)."""
@@ -198,10 +208,15 @@ class CommVQKeys(KeysPart):
         cos, sin = self.angles(pos)  # [B, n, D]
         pre = rope.unapply_rope(k.float(), cos[:, None], sin[:, None]) / self.rope_scale
         flat = pre.transpose(1, 2).reshape(b * n, h * d)
-        codes, s = self.codebooks[layer].encode(flat)  # greedy or beam, torch or Triton: the codebook's
+        codes, s = self.codebooks[layer].encode(
+            flat
+        )  # greedy or beam, torch or Triton: the codebook's
         packed = pack_codes(codes.reshape(b * n, h * self.stages), self.code_bits)
-        return {"codes": packed.reshape(b, n, -1), "prescale": s.reshape(b, n).half(),
-                "pos": pos.to(torch.int32)}
+        return {
+            "codes": packed.reshape(b, n, -1),
+            "prescale": s.reshape(b, n).half(),
+            "pos": pos.to(torch.int32),
+        }
 
     def use_trick(self, q: torch.Tensor) -> bool:
         """The commutative trick costs ``Hq*Tq*R*P`` per token (plus a table per query); decoding
@@ -219,21 +234,40 @@ class CommVQKeys(KeysPart):
             from commvq.kernels.decode import commvq_scores_triton, prepare_tables
 
             thetas = self.codebooks[layer].thetas
-            tables = rebuilt_on_change(self._tables, layer, (thetas,),
-                                       lambda: prepare_tables(thetas, self.kernel_style))
-            s = commvq_scores_triton(q[:, :, 0], block["codes"], block["prescale"], block["pos"], thetas,
-                                     self.inv_freq.to(q.device), self.code_bits, self.rope_scale,
-                                     style=self.kernel_style, tables=tables)
+            tables = rebuilt_on_change(
+                self._tables, layer, (thetas,), lambda: prepare_tables(thetas, self.kernel_style)
+            )
+            s = commvq_scores_triton(
+                q[:, :, 0],
+                block["codes"],
+                block["prescale"],
+                block["pos"],
+                thetas,
+                self.inv_freq.to(q.device),
+                self.code_bits,
+                self.rope_scale,
+                style=self.kernel_style,
+                tables=tables,
+            )
             return s[:, :, None]
         b, n = block["codes"].shape[:2]
         codes = unpack_codes(block["codes"], self.num_heads * self.stages, self.code_bits)
         codes = codes.reshape(b, n, self.num_heads, self.stages)
         if self.use_trick(q):
-            return ref.commvq_scores(q, codes, block["prescale"], block["pos"], self.codebooks[layer].thetas,
-                                     self.inv_freq.to(q.device), self.rope_scale)
+            return ref.commvq_scores(
+                q,
+                codes,
+                block["prescale"],
+                block["pos"],
+                self.codebooks[layer].thetas,
+                self.inv_freq.to(q.device),
+                self.rope_scale,
+            )
         # transient decode for this call only: the cache keeps holding codes
         cb = self.codebooks[layer]
-        k = cb.decode(codes.reshape(b * n, self.num_heads, self.stages), block["prescale"].reshape(-1))
+        k = cb.decode(
+            codes.reshape(b * n, self.num_heads, self.stages), block["prescale"].reshape(-1)
+        )
         k = k.reshape(b, n, self.num_heads, -1)
         cos, sin = self.angles(block["pos"])
         k = rope.apply_rope(k.float(), cos[:, :, None], sin[:, :, None]) * self.rope_scale
@@ -247,8 +281,9 @@ class CommVQValues(ValuesPart):
 
     def __init__(self, codec: ValueCodec, num_kv_heads: int, kernels: str = "auto") -> None:
         self.codec, self.num_kv_heads, self.kernels = codec.eval(), num_kv_heads, kernels
-        self._tables: dict[int, tuple] = {}  # per layer: the kernel's value table, built on first use
-
+        self._tables: dict[
+            int, tuple
+        ] = {}  # per layer: the kernel's value table, built on first use
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token mixing for ``q`` runs on the kernels (capturable in a graph)."""
@@ -256,7 +291,9 @@ class CommVQValues(ValuesPart):
 
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         b, h, n, d = v.shape
-        packed, factor = self.codec.layers[layer].encode(v.transpose(1, 2).reshape(b * n, h * d).float())
+        packed, factor = self.codec.layers[layer].encode(
+            v.transpose(1, 2).reshape(b * n, h * d).float()
+        )
         return {"codes": packed.reshape(b, n, -1), "factor": factor.reshape(b, n).half()}
 
     def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
@@ -264,10 +301,23 @@ class CommVQValues(ValuesPart):
         if _use_kernels(self.kernels, probs, probs.shape[2], lc.width // self.num_kv_heads):
             from commvq.kernels.decode import commvq_values_triton, value_table
 
-            table = rebuilt_on_change(self._tables, layer, (lc.codebook, lc.scale),
-                         lambda: value_table(lc.codebook.detach(), lc.scale.detach(), self.num_kv_heads))
-            out = commvq_values_triton(probs[:, :, 0], block["codes"], block["factor"], lc.codebook.detach(),
-                                       lc.scale, self.num_kv_heads, table=table)
+            table = rebuilt_on_change(
+                self._tables,
+                layer,
+                (lc.codebook, lc.scale),
+                lambda: value_table(lc.codebook.detach(), lc.scale.detach(), self.num_kv_heads),
+            )
+            out = commvq_values_triton(
+                probs[:, :, 0],
+                block["codes"],
+                block["factor"],
+                lc.codebook.detach(),
+                lc.scale,
+                self.num_kv_heads,
+                table=table,
+            )
             return out[:, :, None]
         idx = unpack_2bit(block["codes"], lc.groups)
-        return ref.commvq_values(probs, idx, block["factor"], lc.codebook.detach(), lc.scale, self.num_kv_heads)
+        return ref.commvq_values(
+            probs, idx, block["factor"], lc.codebook.detach(), lc.scale, self.num_kv_heads
+        )

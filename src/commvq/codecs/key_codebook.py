@@ -11,7 +11,9 @@ from commvq.quant import residual
 from commvq.quant.beam import encode as torch_encode
 from commvq.quant.commutative import num_entries
 
-Encoder = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (x [H, N, D], thetas, beam) -> codes [H, N, R]
+Encoder = Callable[
+    [torch.Tensor, torch.Tensor, int], torch.Tensor
+]  # (x [H, N, D], thetas, beam) -> codes [H, N, R]
 
 
 def encoder_for(kernels: str, device: torch.device | str) -> Encoder:
@@ -40,13 +42,20 @@ class KeyCodebook:
     beam record it in their config.json and are loaded with it.
     """
 
-    def __init__(self, thetas: torch.Tensor, code_bits: int = 12, beam: int = 1,
-                 encoder: Encoder | None = None) -> None:
+    def __init__(
+        self,
+        thetas: torch.Tensor,
+        code_bits: int = 12,
+        beam: int = 1,
+        encoder: Encoder | None = None,
+    ) -> None:
         if thetas.dim() != 4:
             raise ValueError(f"thetas must be [H, R, 2E, P], got {tuple(thetas.shape)}")
         if thetas.shape[2] != 2 * num_entries(code_bits):
-            raise ValueError(f"thetas have {thetas.shape[2] // 2} entries, code_bits={code_bits} needs "
-                             f"{num_entries(code_bits)}")
+            raise ValueError(
+                f"thetas have {thetas.shape[2] // 2} entries, code_bits={code_bits} needs "
+                f"{num_entries(code_bits)}"
+            )
         if beam < 1:
             raise ValueError(f"beam={beam}: must be at least 1 (1 is greedy coding)")
         self.thetas = thetas
@@ -68,7 +77,9 @@ class KeyCodebook:
 
     def to(self, device, kernels: str = "auto") -> KeyCodebook:
         """On ``device``, encoding with the kernels ``kernels`` names there (auto, torch or triton)."""
-        return KeyCodebook(self.thetas.to(device), self.code_bits, self.beam, encoder_for(kernels, device))
+        return KeyCodebook(
+            self.thetas.to(device), self.code_bits, self.beam, encoder_for(kernels, device)
+        )
 
     def with_beam(self, beam: int) -> KeyCodebook:
         return KeyCodebook(self.thetas, self.code_bits, beam, self.encoder)

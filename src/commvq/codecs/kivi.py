@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def quantize(x: torch.Tensor, bits: int, group: int,
-             dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    x: torch.Tensor, bits: int, group: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes (uint8, shaped like ``x``), minima and steps of ``x`` in groups of ``group`` along
     ``dim`` (its size must divide); minima and steps are shaped like ``x`` with ``dim`` shrunk to
     the number of groups."""
@@ -23,10 +24,16 @@ def quantize(x: torch.Tensor, bits: int, group: int,
     levels = 2**bits - 1
     step = ((hi - lo) / levels).clamp_min(1e-8)
     codes = ((g - lo) / step).round().clamp(0, levels).to(torch.uint8)
-    return codes.flatten(-2).movedim(-1, dim), lo[..., 0].movedim(-1, dim), step[..., 0].movedim(-1, dim)
+    return (
+        codes.flatten(-2).movedim(-1, dim),
+        lo[..., 0].movedim(-1, dim),
+        step[..., 0].movedim(-1, dim),
+    )
 
 
-def dequantize(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, group: int, dim: int) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, group: int, dim: int
+) -> torch.Tensor:
     """Inverse of :func:`quantize` (float32)."""
     g = codes.float().movedim(dim, -1).unflatten(-1, (-1, group))
     lo, step = lo.float().movedim(dim, -1)[..., None], step.float().movedim(dim, -1)[..., None]

@@ -59,7 +59,9 @@ class LayerValueCodec(nn.Module):
     @torch.no_grad()
     def remember_fixed(self) -> None:
         """Remember ``fc2``'s weights on the step units (on the codec's device), for :meth:`restore_fixed`."""
-        self._fixed_fc2 = self.fc2.weight[:, self._step_columns()].clone() if self.fixed_features else None
+        self._fixed_fc2 = (
+            self.fc2.weight[:, self._step_columns()].clone() if self.fixed_features else None
+        )
 
     @torch.no_grad()
     def restore_fixed(self) -> None:
@@ -76,13 +78,18 @@ class LayerValueCodec(nn.Module):
         of each pair of bits. Training starts from this instead of from noise.
         """
         f = self.width
-        blocks = [torch.linalg.qr(torch.randn(f, f, generator=generator))[0] for _ in range(self.quant_bits)]
+        blocks = [
+            torch.linalg.qr(torch.randn(f, f, generator=generator))[0]
+            for _ in range(self.quant_bits)
+        ]
         rot = torch.cat(blocks)  # [F*q, F], orthonormal blocks
         self.codebook.copy_(rot)
         if self.fc1.out_features < 2 * f:  # too narrow to carry x and -x: keep the random encoder
             return self
         patterns = binary.PATTERNS  # [4, 2]
-        w = torch.einsum("ps,gsf->gpf", patterns, rot.reshape(self.groups, 2, f)).reshape(4 * self.groups, f)
+        w = torch.einsum("ps,gsf->gpf", patterns, rot.reshape(self.groups, 2, f)).reshape(
+            4 * self.groups, f
+        )
         return self._linear_encoder(w, torch.zeros(4 * self.groups))
 
     @torch.no_grad()
@@ -93,10 +100,10 @@ class LayerValueCodec(nn.Module):
         self.fc1.weight.zero_()
         self.fc1.bias.zero_()
         self.fc1.weight[:f] = torch.eye(f)
-        self.fc1.weight[f:2 * f] = -torch.eye(f)
+        self.fc1.weight[f : 2 * f] = -torch.eye(f)
         self.fc2.weight.zero_()
         self.fc2.weight[:, :f] = w
-        self.fc2.weight[:, f:2 * f] = -w
+        self.fc2.weight[:, f : 2 * f] = -w
         self.fc2.bias.copy_(b)
         return self
 
@@ -111,14 +118,18 @@ class LayerValueCodec(nn.Module):
         direction is lost."""
         f = self.width
         if self.fc1.out_features < 2 * f:
-            raise ValueError(f"width {f}: the encoder's hidden size {self.fc1.out_features} cannot carry "
-                             "x and -x; train with --init rotation")
+            raise ValueError(
+                f"width {f}: the encoder's hidden size {self.fc1.out_features} cannot carry "
+                "x and -x; train with --init rotation"
+            )
         if len(v) < f:
             raise ValueError(f"{len(v)} sample values for width {f}: need at least {f}")
         u, _ = binary.normalize(v.float(), self.scale.to(v.device))
         power, axes = value_init.principal_axes(u)
         spare = (self.fc1.out_features - 2 * f) // 2  # steps the spare hidden units can carry
-        bits = value_init.allocate_bits(power, f * self.quant_bits, spare // value_init.STEPS_PER_DEEP_AXIS)
+        bits = value_init.allocate_bits(
+            power, f * self.quant_bits, spare // value_init.STEPS_PER_DEEP_AXIS
+        )
         deep = bool((bits > 2).any())
         if sharpness is None:
             sharpness = DEEP_SHARPNESS if deep else SHARPNESS
@@ -150,10 +161,18 @@ class LayerValueCodec(nn.Module):
         # pair of them (one step) by a sizable part of the step
         f32 = nn.functional
         with torch.autocast(u.device.type, enabled=False):
-            h = f32.layer_norm(u.float(), (self.width,), self.norm.weight.float(), self.norm.bias.float(),
-                               self.norm.eps)
-            h = f32.linear(f32.gelu(f32.linear(h, self.fc1.weight.float(), self.fc1.bias.float())),
-                           self.fc2.weight.float(), self.fc2.bias.float())
+            h = f32.layer_norm(
+                u.float(),
+                (self.width,),
+                self.norm.weight.float(),
+                self.norm.bias.float(),
+                self.norm.eps,
+            )
+            h = f32.linear(
+                f32.gelu(f32.linear(h, self.fc1.weight.float(), self.fc1.bias.float())),
+                self.fc2.weight.float(),
+                self.fc2.bias.float(),
+            )
         return h.reshape(*h.shape[:-1], self.groups, 4), p
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
@@ -185,19 +204,28 @@ class LayerValueCodec(nn.Module):
 class ValueCodec(nn.Module):
     """One :class:`LayerValueCodec` per layer."""
 
-    def __init__(self, num_layers: int, width: int, quant_bits: int,
-                 scales: dict[int, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        width: int,
+        quant_bits: int,
+        scales: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.num_layers, self.width, self.quant_bits = num_layers, width, quant_bits
         self.layers = nn.ModuleList(
-            LayerValueCodec(width, quant_bits, None if scales is None else scales[i]) for i in range(num_layers))
+            LayerValueCodec(width, quant_bits, None if scales is None else scales[i])
+            for i in range(num_layers)
+        )
 
     def held_in(self, dtype: torch.dtype) -> ValueCodec:
         """Hold the weights in ``dtype`` (``torch.float16`` halves the codec's memory; its
         arithmetic stays float32). float16 rounding leaves SmolLM2's 2-bit codec's errors unchanged
         to 4 digits, bfloat16 breaks it (docs/benchmarks.md), so only float32 and float16 are taken."""
         if dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"codec dtype {dtype}: use torch.float32 or torch.float16 (bfloat16 breaks the codec)")
+            raise ValueError(
+                f"codec dtype {dtype}: use torch.float32 or torch.float16 (bfloat16 breaks the codec)"
+            )
         self.to(dtype)
         for layer in self.layers:  # a count, not a weight
             layer._buffers["step_units"] = layer.step_units.float()
@@ -206,7 +234,9 @@ class ValueCodec(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """What training updates: everything but ``fc1`` of layers with fixed features (whose ``fc2``
         columns on the step units :meth:`remember_fixed` and :meth:`restore_fixed` keep)."""
-        fixed = {id(p) for layer in self.layers if layer.fixed_features for p in layer.fc1.parameters()}
+        fixed = {
+            id(p) for layer in self.layers if layer.fixed_features for p in layer.fc1.parameters()
+        }
         return [p for p in self.parameters() if id(p) not in fixed]
 
     def remember_fixed(self) -> None:
@@ -218,7 +248,9 @@ class ValueCodec(nn.Module):
             layer.restore_fixed()
 
     @classmethod
-    def from_scales(cls, scales: dict[int, torch.Tensor], quant_bits: int, seed: int = 0) -> ValueCodec:
+    def from_scales(
+        cls, scales: dict[int, torch.Tensor], quant_bits: int, seed: int = 0
+    ) -> ValueCodec:
         """A fresh codec, every layer started as a random-rotation sign quantizer."""
         layers = sorted(scales)
         if layers != list(range(len(layers))):
@@ -236,18 +268,31 @@ class ValueCodec(nn.Module):
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(folder / WEIGHTS) as tmp:
             save_file(state, str(tmp))
-        write_json(folder / CONFIG, {"format": FORMAT, "version": VERSION, "commvq": __version__,
-                                      "num_layers": self.num_layers, "width": self.width,
-                                      "quant_bits": self.quant_bits, **(extra or {})})
+        write_json(
+            folder / CONFIG,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "commvq": __version__,
+                "num_layers": self.num_layers,
+                "width": self.width,
+                "quant_bits": self.quant_bits,
+                **(extra or {}),
+            },
+        )
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, num_layers: int | None = None, width: int | None = None) -> ValueCodec:
+    def load(
+        cls, folder: str | Path, num_layers: int | None = None, width: int | None = None
+    ) -> ValueCodec:
         """Load, checking the layer count and width against the model when given."""
         folder = Path(folder)
         path = folder / CONFIG
         if not path.is_file():
-            raise FileNotFoundError(f"{folder}: no value codec here ({CONFIG} missing); run `commvq train-values`")
+            raise FileNotFoundError(
+                f"{folder}: no value codec here ({CONFIG} missing); run `commvq train-values`"
+            )
         cfg = json.loads(path.read_text())
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{path} is not a commvq value codec config")
@@ -255,10 +300,14 @@ class ValueCodec(nn.Module):
             raise ValueError(f"{path} has version {cfg['version']}; upgrade commvq to read it")
         for key, want in (("num_layers", num_layers), ("width", width)):
             if want is not None and cfg[key] != want:
-                raise ValueError(f"{folder}: value codec for {key}={cfg[key]}, the model has {want}")
+                raise ValueError(
+                    f"{folder}: value codec for {key}={cfg[key]}, the model has {want}"
+                )
         codec = cls(cfg["num_layers"], cfg["width"], cfg["quant_bits"])
         state = load_file(str(folder / WEIGHTS))
-        for i in range(codec.num_layers):  # files written before the staircase start have no step_units
+        for i in range(
+            codec.num_layers
+        ):  # files written before the staircase start have no step_units
             state.setdefault(f"layers.{i}.step_units", torch.zeros(()))
         codec.load_state_dict(state)
         return codec.eval()

@@ -123,11 +123,15 @@ def _json_text(line: str, path: Path, n: int, text_field: str) -> str:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not a JSON line ({e.msg}); fix or remove that line") from None
+        raise ValueError(
+            f"{path}:{n}: not a JSON line ({e.msg}); fix or remove that line"
+        ) from None
     if not isinstance(row, dict) or text_field not in row:
         raise ValueError(f"{path}:{n}: no field {text_field!r}; set --text_field")
     if not isinstance(row[text_field], str):
-        raise ValueError(f"{path}:{n}: field {text_field!r} is {type(row[text_field]).__name__}, not text")
+        raise ValueError(
+            f"{path}:{n}: field {text_field!r} is {type(row[text_field]).__name__}, not text"
+        )
     return row[text_field]
 
 
@@ -138,8 +142,10 @@ def _text(data: bytes, path: Path) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8 or remove it "
-                         "from the corpus") from None
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {e.start}); convert it to UTF-8 or remove it "
+            "from the corpus"
+        ) from None
 
 
 def _looks_like_path(name: str) -> bool:
@@ -205,8 +211,10 @@ def iter_documents(src: CorpusSource) -> Iterator[str]:
         if i % src.world == src.rank:
             yield doc
     if not seen and src.split == "heldout":
-        raise ValueError(f"--dataset {src.dataset} has no held-out document (1 in {HELDOUT_EVERY}, fixed by file "
-                         "and position): give a corpus of more documents, or leave --split at train")
+        raise ValueError(
+            f"--dataset {src.dataset} has no held-out document (1 in {HELDOUT_EVERY}, fixed by file "
+            "and position): give a corpus of more documents, or leave --split at train"
+        )
 
 
 def pack(token_docs: Iterable[list[int]], seq_len: int, sep_id: int) -> Iterator[list[int]]:

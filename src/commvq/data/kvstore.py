@@ -61,15 +61,19 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     try:
         man = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete the folder or pass --overwrite") from e
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); delete the folder or pass --overwrite"
+        ) from e
     if man.get("format") != FORMAT:
         raise ValueError(f"{path} is not a commvq KV store manifest")
     if man.get("version", 0) > VERSION:
         raise ValueError(f"{path} has format version {man['version']}; upgrade commvq to read it")
     missing = [k for k in ("kind", "num_layers", "width", "dtype", "shards") if k not in man]
     if missing or man.get("kind") not in KINDS:
-        raise ValueError(f"{path}: a damaged manifest (missing or unknown {missing or ['kind']}); "
-                         "collect again with --overwrite")
+        raise ValueError(
+            f"{path}: a damaged manifest (missing or unknown {missing or ['kind']}); "
+            "collect again with --overwrite"
+        )
     return man
 
 
@@ -79,8 +83,11 @@ def foreign_files(root: Path) -> list[Path]:
     out = []
     for p in Path(root).iterdir():
         if p.is_dir() and re.fullmatch(r"L\d{3}", p.name):
-            out += [q for q in p.iterdir()
-                    if not (re.fullmatch(r"\d{5}\.safetensors", q.name) or q.name.endswith(TMP_SUFFIX))]
+            out += [
+                q
+                for q in p.iterdir()
+                if not (re.fullmatch(r"\d{5}\.safetensors", q.name) or q.name.endswith(TMP_SUFFIX))
+            ]
         elif not (p.name.startswith(".") and p.name.endswith(TMP_SUFFIX)):
             out.append(p)
     return out
@@ -111,8 +118,16 @@ class ShardInfo:
 class KVStoreWriter:
     """Append shards to a store; resumes from what the manifest lists."""
 
-    def __init__(self, root: Path, kind: str, num_layers: int, width: int, dtype: torch.dtype,
-                 settings: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        kind: str,
+        num_layers: int,
+        width: int,
+        dtype: torch.dtype,
+        settings: dict[str, Any],
+        config: dict[str, Any] | None = None,
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} must be one of {KINDS}")
         self.root = Path(root)
@@ -131,15 +146,27 @@ class KVStoreWriter:
                     f"{self.root} exists, is not empty and holds no {MANIFEST}: "
                     "choose another --output_dir"
                 )
-            shutil.rmtree(self.root)  # only unlisted shard files of a run stopped before its first manifest
+            shutil.rmtree(
+                self.root
+            )  # only unlisted shard files of a run stopped before its first manifest
         self.root.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.root)
 
     def _check_compatible(self, man: dict[str, Any]) -> None:
-        want = {"kind": self.kind, "num_layers": self.num_layers, "width": self.width,
-                "dtype": dtype_name(self.dtype), **self.settings}
-        have = {"kind": man["kind"], "num_layers": man["num_layers"], "width": man["width"],
-                "dtype": man["dtype"], **man.get("settings", {})}
+        want = {
+            "kind": self.kind,
+            "num_layers": self.num_layers,
+            "width": self.width,
+            "dtype": dtype_name(self.dtype),
+            **self.settings,
+        }
+        have = {
+            "kind": man["kind"],
+            "num_layers": man["num_layers"],
+            "width": man["width"],
+            "dtype": man["dtype"],
+            **man.get("settings", {}),
+        }
         for k, v in want.items():
             if have.get(k) != v:
                 raise ValueError(
@@ -155,8 +182,10 @@ class KVStoreWriter:
         """How many of the listed shards, from the first, have every layer's file whole (opens and
         holds the listed rows): a resume starts again at the first that does not."""
         for i, s in enumerate(self.shards):
-            if not all(shard_ok(shard_file(self.root, layer, i), s.tokens, self.width)
-                       for layer in range(self.num_layers)):
+            if not all(
+                shard_ok(shard_file(self.root, layer, i), s.tokens, self.width)
+                for layer in range(self.num_layers)
+            ):
                 return i
         return len(self.shards)
 
@@ -181,7 +210,9 @@ class KVStoreWriter:
         for layer, tensors in enumerate(per_layer):
             x = tensors["x"]
             if x.shape != (n, self.width):
-                raise ValueError(f"layer {layer}: shard shape {tuple(x.shape)} != ({n}, {self.width})")
+                raise ValueError(
+                    f"layer {layer}: shard shape {tuple(x.shape)} != ({n}, {self.width})"
+                )
             out = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
             out["x"] = out["x"].to(self.dtype)
             with atomic_path(shard_file(self.root, layer, index)) as tmp:
@@ -198,13 +229,22 @@ class KVStoreWriter:
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        write_json(self.root / MANIFEST, {
-            "format": FORMAT, "version": VERSION, "kind": self.kind,
-            "num_layers": self.num_layers, "width": self.width, "dtype": dtype_name(self.dtype),
-            "num_tokens": self.num_tokens, "exhausted": self.exhausted,
-            "shards": [s.to_dict() for s in self.shards],
-            "settings": self.settings, "config": self.config,
-        })
+        write_json(
+            self.root / MANIFEST,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "kind": self.kind,
+                "num_layers": self.num_layers,
+                "width": self.width,
+                "dtype": dtype_name(self.dtype),
+                "num_tokens": self.num_tokens,
+                "exhausted": self.exhausted,
+                "shards": [s.to_dict() for s in self.shards],
+                "settings": self.settings,
+                "config": self.config,
+            },
+        )
 
 
 def _sibling(root: Path, what: str) -> Path:
@@ -222,8 +262,15 @@ def thin(root: Path, every: int, settings: dict[str, Any]) -> None:
         raise ValueError(f"{root} is not a commvq KV store (no {MANIFEST})")
     new, old = _sibling(root, "thin"), _sibling(root, "old")
     shutil.rmtree(new, ignore_errors=True)
-    writer = KVStoreWriter(new, man["kind"], man["num_layers"], man["width"], DTYPES[man["dtype"]],
-                           {**man.get("settings", {}), **settings}, man.get("config"))
+    writer = KVStoreWriter(
+        new,
+        man["kind"],
+        man["num_layers"],
+        man["width"],
+        DTYPES[man["dtype"]],
+        {**man.get("settings", {}), **settings},
+        man.get("config"),
+    )
     offset = 0
     for index, info in enumerate(man["shards"]):
         keep = torch.arange(info["tokens"])
@@ -315,10 +362,14 @@ class LayerData:
                     raise ValueError(f"shape {shape}, manifest says ({want}, {self.store.width})")
                 return sl[lo:hi]
         except FileNotFoundError:
-            raise FileNotFoundError(f"shard {path} is missing; re-run `commvq collect` to redo it") from None
+            raise FileNotFoundError(
+                f"shard {path} is missing; re-run `commvq collect` to redo it"
+            ) from None
         except Exception as e:
-            raise ValueError(f"corrupt shard {path} ({e}); re-run `commvq collect` with the same options: it "
-                             "redoes this shard and the ones after it") from e
+            raise ValueError(
+                f"corrupt shard {path} ({e}); re-run `commvq collect` with the same options: it "
+                "redoes this shard and the ones after it"
+            ) from e
 
     def read(self, start: int = 0, stop: int | None = None, name: str = "x") -> torch.Tensor:
         """Rows ``[start, stop)`` across shards as one tensor."""
@@ -332,7 +383,9 @@ class LayerData:
             return torch.empty(0, self.store.width, dtype=self.store.dtype)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def shard_chunks(self, chunk: int = 65536, limit: int | None = None) -> Iterator[tuple[Path, torch.Tensor]]:
+    def shard_chunks(
+        self, chunk: int = 65536, limit: int | None = None
+    ) -> Iterator[tuple[Path, torch.Tensor]]:
         """``(shard path, rows)`` pieces of at most ``chunk`` rows, in order, up to ``limit`` rows."""
         limit = len(self) if limit is None else min(limit, len(self))
         for i in range(len(self.store.shards)):

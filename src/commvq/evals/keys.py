@@ -28,13 +28,17 @@ def pair_energy(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return re * re + im * im
 
 
-def key_errors(keys: torch.Tensor, codebook: KeyCodebook, weights: torch.Tensor | None = None,
-               chunk: int = 16384) -> dict[str, float]:
+def key_errors(
+    keys: torch.Tensor,
+    codebook: KeyCodebook,
+    weights: torch.Tensor | None = None,
+    chunk: int = 16384,
+) -> dict[str, float]:
     """``relative_mse`` (and ``relative_logit_error`` with pair weights) of ``keys [N, H*D]``."""
     h = codebook.num_heads
     err = ref = werr = wref = 0.0
     for i in range(0, keys.shape[0], chunk):
-        k = keys[i:i + chunk].float()
+        k = keys[i : i + chunk].float()
         codes, s = codebook.encode(k)
         e = k - codebook.decode(codes, s)
         err += float((e.double() ** 2).sum())

@@ -10,8 +10,9 @@ import torch
 
 
 @torch.no_grad()
-def ppl_kl(model: Any, ids: torch.Tensor, make_caches: dict[str, Callable[[], Any]], chunk: int,
-           skip: int) -> dict[str, dict[str, float]]:
+def ppl_kl(
+    model: Any, ids: torch.Tensor, make_caches: dict[str, Callable[[], Any]], chunk: int, skip: int
+) -> dict[str, dict[str, float]]:
     """Per method: ``nll`` (sum), ``kl`` (sum), ``tokens`` over positions ``>= skip`` of ``ids [1, L]``.
 
     ``make_caches`` maps a method name to a factory of its cache; the reference is a plain
@@ -24,12 +25,16 @@ def ppl_kl(model: Any, ids: torch.Tensor, make_caches: dict[str, Callable[[], An
     stats = {name: {"nll": 0.0, "kl": 0.0, "tokens": 0} for name in caches}
     length = ids.shape[1]
     for start in range(0, length - 1, chunk):
-        part = ids[:, start:min(start + chunk, length - 1)]
-        targets = ids[:, start + 1:start + 1 + part.shape[1]]
+        part = ids[:, start : min(start + chunk, length - 1)]
+        targets = ids[:, start + 1 : start + 1 + part.shape[1]]
         keep = torch.arange(start, start + part.shape[1], device=ids.device) >= skip
-        ref = torch.log_softmax(model(part, **cache_kwargs(model, ref_cache), use_cache=True).logits.float(), -1)
+        ref = torch.log_softmax(
+            model(part, **cache_kwargs(model, ref_cache), use_cache=True).logits.float(), -1
+        )
         for name, cache in caches.items():
-            logp = torch.log_softmax(model(part, **cache_kwargs(model, cache), use_cache=True).logits.float(), -1)
+            logp = torch.log_softmax(
+                model(part, **cache_kwargs(model, cache), use_cache=True).logits.float(), -1
+            )
             nll = -logp.gather(-1, targets[..., None]).squeeze(-1)[0]
             kl = (ref.exp() * (ref - logp)).sum(-1)[0]
             stats[name]["nll"] += float(nll[keep].sum())

@@ -13,8 +13,13 @@ from commvq.integrations.hf.probe import LayerAttention, layer_inputs
 
 
 @torch.no_grad()
-def value_errors(model, codecs: dict[str, ValueCodec], batches: Iterable[torch.Tensor], kivi_bits: list[int],
-                 kivi_group: int = 32) -> list[dict[str, dict[str, float]]]:
+def value_errors(
+    model,
+    codecs: dict[str, ValueCodec],
+    batches: Iterable[torch.Tensor],
+    kivi_bits: list[int],
+    kivi_group: int = 32,
+) -> list[dict[str, dict[str, float]]]:
     """Per layer: ``{method: {"value_mse", "attn_mse"}}`` summed over the batches, averaged per element."""
     rows: list[dict[str, dict[str, float]]] = []
     count = 0
@@ -31,7 +36,9 @@ def value_errors(model, codecs: dict[str, ValueCodec], batches: Iterable[torch.T
             for name, v_hat in candidates.items():
                 acc = rows[layer].setdefault(name, {"value_mse": 0.0, "attn_mse": 0.0})
                 acc["value_mse"] += float(((v_hat - v) ** 2).mean())
-                acc["attn_mse"] += float(((probe.output(v_hat).float() - probe.exact.float()) ** 2).mean())
+                acc["attn_mse"] += float(
+                    ((probe.output(v_hat).float() - probe.exact.float()) ** 2).mean()
+                )
     for row in rows:
         for acc in row.values():
             for k in acc:

@@ -22,9 +22,27 @@ from commvq.quant.commutative import decode_table, search_tables
 
 
 @triton.jit
-def _beam_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, scr_ptr, iscr_ptr, codes_ptr, parent_ptr, err_ptr,
-                 T, R, NPROG, ITERS, D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, B: tl.constexpr,
-                 UNROLL: tl.constexpr):
+def _beam_kernel(
+    x_ptr,
+    w_ptr,
+    n_ptr,
+    g_ptr,
+    m_ptr,
+    scr_ptr,
+    iscr_ptr,
+    codes_ptr,
+    parent_ptr,
+    err_ptr,
+    T,
+    R,
+    NPROG,
+    ITERS,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    BT: tl.constexpr,
+    B: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
     h = tl.program_id(1)
     pid = tl.program_id(0)
     ROWS: tl.constexpr = BT * B
@@ -37,14 +55,20 @@ def _beam_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, scr_ptr, iscr_ptr, codes_ptr
     c2 = tl.arange(0, 2 * E)
     col = tl.arange(0, B * C)
     tok = tl.arange(0, BT)
-    uv_s = scr_ptr + (h * NPROG + pid) * (ROWS * (2 * E + D))  # this program's scratch: uv, residuals
+    uv_s = scr_ptr + (h * NPROG + pid) * (
+        ROWS * (2 * E + D)
+    )  # this program's scratch: uv, residuals
     res_s = uv_s + ROWS * 2 * E
-    am_s = iscr_ptr + (h * NPROG + pid) * (ROWS * C + ROWS)  # candidates' first indices, picks (int32)
+    am_s = iscr_ptr + (h * NPROG + pid) * (
+        ROWS * C + ROWS
+    )  # candidates' first indices, picks (int32)
     pick_s = am_s + ROWS * C
     for it in range(ITERS):  # blocks pid, pid + NPROG, ...; a block past the end is all masked
         t = (pid + it * NPROG) * BT + tloc
         tmask = t < T
-        res = tl.load(x_ptr + (h * T + t[:, None]) * D + dcol[None, :], mask=tmask[:, None], other=0.0)
+        res = tl.load(
+            x_ptr + (h * T + t[:, None]) * D + dcol[None, :], mask=tmask[:, None], other=0.0
+        )
         alive = slot == 0  # before the first stage every slot holds the same (empty) sequence
         for r in range(R):
             hr = h * R + r
@@ -53,7 +77,9 @@ def _beam_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, scr_ptr, iscr_ptr, codes_ptr
             tl.store(uv_s + row[:, None] * (2 * E) + c2[None, :], uv)
             tl.store(res_s + row[:, None] * D + dcol[None, :], res)
             tl.debug_barrier()
-            vb = tl.load(n_ptr + hr * E + b)[None, :] - 2.0 * tl.load(uv_s + row[:, None] * (2 * E) + E + b[None, :])
+            vb = tl.load(n_ptr + hr * E + b)[None, :] - 2.0 * tl.load(
+                uv_s + row[:, None] * (2 * E) + E + b[None, :]
+            )
             m1 = tl.full([ROWS, E], float("inf"), tl.float32)
             m2 = tl.full([ROWS, E], float("inf"), tl.float32)
             a1 = tl.zeros([ROWS, E], tl.int32)
@@ -71,7 +97,9 @@ def _beam_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, scr_ptr, iscr_ptr, codes_ptr
             left = tl.sum(res * res, axis=1)
             cand = tl.reshape(tl.join(m1, m2), [ROWS, C]) + left[:, None]  # candidate 2b + k
             cand = tl.where(alive[:, None], cand, float("inf"))
-            cand = tl.reshape(cand, [BT, B * C])  # token-major: candidate j*C + c is slot j's candidate c
+            cand = tl.reshape(
+                cand, [BT, B * C]
+            )  # token-major: candidate j*C + c is slot j's candidate c
             greedy = tl.argmin(tl.where(col[None, :] < C, cand, float("inf")), axis=1)
             tl.store(pick_s + tok * B, greedy)
             cand = tl.where(col[None, :] == greedy[:, None], float("inf"), cand)
@@ -112,7 +140,9 @@ def trace_back(codes: torch.Tensor, parent: torch.Tensor, err: torch.Tensor) -> 
     return out
 
 
-def beam_encode_triton(x: torch.Tensor, thetas: torch.Tensor, beam: int, chunk: int = 131072) -> torch.Tensor:
+def beam_encode_triton(
+    x: torch.Tensor, thetas: torch.Tensor, beam: int, chunk: int = 131072
+) -> torch.Tensor:
     """Codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` by a beam of width ``beam`` (a power of two,
     at most 16), like :func:`commvq.quant.beam.beam_encode`."""
     h, n, d = x.shape
@@ -129,7 +159,7 @@ def beam_encode_triton(x: torch.Tensor, thetas: torch.Tensor, beam: int, chunk: 
     bt = ROWS // beam
     out = []
     for i in range(0, n, chunk):
-        xs = x[:, i:i + chunk].detach().float().contiguous()
+        xs = x[:, i : i + chunk].detach().float().contiguous()
         t = xs.shape[1]
         nblk = triton.cdiv(t, bt)
         nprog = min(nblk, 2048 // h + 1)
@@ -138,8 +168,27 @@ def beam_encode_triton(x: torch.Tensor, thetas: torch.Tensor, beam: int, chunk: 
         codes = torch.empty(h, t, r, beam, device=x.device, dtype=torch.int32)
         parent = torch.empty(h, t, r, beam, device=x.device, dtype=torch.int8)
         err = torch.empty(h, t, beam, device=x.device, dtype=torch.float32)
-        _beam_kernel[(nprog, h)](xs, w, nrm, g, table, scratch, iscratch, codes, parent, err, t, r, nprog,
-                                 triton.cdiv(nblk, nprog),
-                                 D=d, E=e, BT=bt, B=beam, UNROLL=UNROLL, num_warps=WARPS)
+        _beam_kernel[(nprog, h)](
+            xs,
+            w,
+            nrm,
+            g,
+            table,
+            scratch,
+            iscratch,
+            codes,
+            parent,
+            err,
+            t,
+            r,
+            nprog,
+            triton.cdiv(nblk, nprog),
+            D=d,
+            E=e,
+            BT=bt,
+            B=beam,
+            UNROLL=UNROLL,
+            num_warps=WARPS,
+        )
         out.append(trace_back(codes, parent, err))
     return torch.cat(out, 1) if out else torch.empty(h, 0, r, dtype=torch.long, device=x.device)

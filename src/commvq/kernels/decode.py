@@ -35,9 +35,26 @@ def _load_code(row, off, row_bytes, tmask, CODE_BITS: tl.constexpr):
 
 
 @triton.jit
-def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N, row_bytes, scale,
-                   R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                   P: tl.constexpr, HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr):
+def _scores_kernel(
+    u_ptr,
+    codes_ptr,
+    prescale_ptr,
+    pos_ptr,
+    freq_ptr,
+    out_ptr,
+    N,
+    row_bytes,
+    scale,
+    R: tl.constexpr,
+    E: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    P: tl.constexpr,
+    HKV: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    BN: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -52,8 +69,12 @@ def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N
         a_idx = code // E
         b_idx = code % E
         base = u_ptr + (((b * HKV + h) * R + r) * E) * (GP * D)
-        ua += tl.load(base + a_idx[:, None] * (GP * D) + gd[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
-        ub += tl.load(base + b_idx[:, None] * (GP * D) + gd[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        ua += tl.load(
+            base + a_idx[:, None] * (GP * D) + gd[None, :], mask=tmask[:, None], other=0.0
+        ).to(tl.float32)
+        ub += tl.load(
+            base + b_idx[:, None] * (GP * D) + gd[None, :], mask=tmask[:, None], other=0.0
+        ).to(tl.float32)
     # rotation of each pair by the token's angle, as the model computes it (float32 product)
     d = gd % D
     f = d % P
@@ -69,8 +90,11 @@ def _scores_kernel(u_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, out_ptr, N
     pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32)
     score = score * pre[:, None] * scale
     j = tl.arange(0, GP)
-    tl.store(out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None], score,
-             mask=tmask[:, None] & (j[None, :] < G))
+    tl.store(
+        out_ptr + ((b * HKV + h) * G + j[None, :]) * N + t[:, None],
+        score,
+        mask=tmask[:, None] & (j[None, :] < G),
+    )
 
 
 @triton.jit
@@ -89,9 +113,27 @@ def _rotation(pos, freq, FAST: tl.constexpr):
 
 
 @triton.jit
-def _scores_regdecode_kernel(a_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, q_ptr, out_ptr, N, row_bytes, scale,
-                             R: tl.constexpr, E: tl.constexpr, G: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-                             HKV: tl.constexpr, CODE_BITS: tl.constexpr, BN: tl.constexpr, FAST: tl.constexpr):
+def _scores_regdecode_kernel(
+    a_ptr,
+    codes_ptr,
+    prescale_ptr,
+    pos_ptr,
+    freq_ptr,
+    q_ptr,
+    out_ptr,
+    N,
+    row_bytes,
+    scale,
+    R: tl.constexpr,
+    E: tl.constexpr,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    P: tl.constexpr,
+    HKV: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    BN: tl.constexpr,
+    FAST: tl.constexpr,
+):
     """The scores with each token's key assembled in registers from the codebook ``a [Hkv, R, E, D]``
     (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword ``a_A + i a_B`` is formed in the
     table's dtype and summed over stages in fp32; 2R gathered half-rows per token and KV head, the key
@@ -118,14 +160,30 @@ def _scores_regdecode_kernel(a_ptr, codes_ptr, prescale_ptr, pos_ptr, freq_ptr, 
     rim = kre * s + kim * c
     for j in tl.static_range(G):
         qh = q_ptr + ((b * HKV + h) * G + j) * D
-        score = tl.sum(rre * tl.load(qh + f)[None, :] + rim * tl.load(qh + P + f)[None, :], axis=1) * pre
+        score = (
+            tl.sum(rre * tl.load(qh + f)[None, :] + rim * tl.load(qh + P + f)[None, :], axis=1)
+            * pre
+        )
         tl.store(out_ptr + ((b * HKV + h) * G + j) * N + t, score, mask=tmask)
 
 
 @triton.jit
-def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_per_prog, p_sb, p_sh,
-                   HQ: tl.constexpr, HQP: tl.constexpr, NBITS: tl.constexpr, BK: tl.constexpr,
-                   BF: tl.constexpr):
+def _values_kernel(
+    p_ptr,
+    factor_ptr,
+    codes_ptr,
+    out_ptr,
+    N,
+    row_bytes,
+    tokens_per_prog,
+    p_sb,
+    p_sh,
+    HQ: tl.constexpr,
+    HQP: tl.constexpr,
+    NBITS: tl.constexpr,
+    BK: tl.constexpr,
+    BF: tl.constexpr,
+):
     """``out[b, split, hq, k] = sum_n p[b, hq, n] f[b, n] bits[b, n, k]`` over this split's tokens."""
     split = tl.program_id(0)
     kb = tl.program_id(1)
@@ -141,28 +199,46 @@ def _values_kernel(p_ptr, factor_ptr, codes_ptr, out_ptr, N, row_bytes, tokens_p
     for n0 in range(start, start + tokens_per_prog, BK):
         n = n0 + tl.arange(0, BK)
         nmask = n < N
-        packed = tl.load(codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :], mask=nmask[:, None],
-                         other=0).to(tl.int32)  # [BK, BF // 8]
+        packed = tl.load(
+            codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :],
+            mask=nmask[:, None],
+            other=0,
+        ).to(tl.int32)  # [BK, BF // 8]
         wide = tl.reshape(tl.broadcast_to(packed[:, :, None], [BK, BF // 8, 8]), [BK, BF])
         # +-1.0 as float16 bit patterns: 0x3C00, with the sign bit where the bit is 0
-        signs = (((((wide >> shift[None, :]) & 1) ^ 1) << 15) | 0x3C00).to(tl.int16).to(tl.float16, bitcast=True)
+        signs = (
+            (((((wide >> shift[None, :]) & 1) ^ 1) << 15) | 0x3C00)
+            .to(tl.int16)
+            .to(tl.float16, bitcast=True)
+        )
         f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
-        p = tl.load(p_ptr + b * p_sb + hq[:, None] * p_sh + n[None, :], mask=(hq[:, None] < HQ) & nmask[None, :],
-                    other=0.0)
+        p = tl.load(
+            p_ptr + b * p_sb + hq[:, None] * p_sh + n[None, :],
+            mask=(hq[:, None] < HQ) & nmask[None, :],
+            other=0.0,
+        )
         w = (p * f[None, :]).to(tl.float16)  # [HQP, BK]
         acc += tl.dot(w, signs)
-    tl.store(out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc)
+    tl.store(
+        out_ptr + ((b * tl.num_programs(0) + split) * HQP + hq[:, None]) * NBITS + k[None, :], acc
+    )
 
 
-def trick_tables(q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None) -> torch.Tensor:
+def trick_tables(
+    q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None
+) -> torch.Tensor:
     """``u [B, Hkv, R, E, GP*D]`` (fp32): per KV head, stage and entry, the two components
     ``[q_re R + q_im I | -q_re I + q_im R]`` of each of its ``G`` query heads (zero-padded to GP)."""
     b, hq, d = q.shape
     hkv, r, e2, p = thetas.shape
     g = hq // hkv
     # [B, Hkv, 1, G, D] against [1, Hkv, R, 1, 2E, P]: [B, Hkv, R, G, E, P, 2]
-    u = commutative.score_table(q.float().reshape(b, hkv, 1, g, d), thetas.float()[None, :, :, None])
-    u = u.permute(0, 1, 2, 4, 3, 6, 5).reshape(b, hkv, r, e2 // 2, g, d)  # [B, Hkv, R, E, G, (2, P)]
+    u = commutative.score_table(
+        q.float().reshape(b, hkv, 1, g, d), thetas.float()[None, :, :, None]
+    )
+    u = u.permute(0, 1, 2, 4, 3, 6, 5).reshape(
+        b, hkv, r, e2 // 2, g, d
+    )  # [B, Hkv, R, E, G, (2, P)]
     gp = heads_padded or g
     if gp > g:
         u = torch.nn.functional.pad(u, (0, 0, 0, gp - g))
@@ -186,10 +262,20 @@ def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]
     return ((a.half() if style == "regdecode16" else a).contiguous(),)
 
 
-def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
-                         thetas: torch.Tensor, inv_freq: torch.Tensor, code_bits: int, scale: float = 1.0,
-                         block: int | None = None, style: str = "regdecode16", tables: tuple | None = None,
-                         num_warps: int = 4) -> torch.Tensor:
+def commvq_scores_triton(
+    q: torch.Tensor,
+    packed: torch.Tensor,
+    prescale: torch.Tensor,
+    positions: torch.Tensor,
+    thetas: torch.Tensor,
+    inv_freq: torch.Tensor,
+    code_bits: int,
+    scale: float = 1.0,
+    block: int | None = None,
+    style: str = "regdecode16",
+    tables: tuple | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
     assembled in registers from the fp16 codebook, stage codewords summed in fp32), ``regdecode``
@@ -208,20 +294,47 @@ def commvq_scores_triton(q: torch.Tensor, packed: torch.Tensor, prescale: torch.
     if n == 0:
         return out
     grid = (triton.cdiv(n, block), hkv, b)
-    common = dict(R=r, E=e2 // 2, G=g, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, num_warps=num_warps)
-    args = (packed.contiguous(), prescale.contiguous(), positions.contiguous(), inv_freq.float().contiguous())
+    common = dict(
+        R=r, E=e2 // 2, G=g, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, num_warps=num_warps
+    )
+    args = (
+        packed.contiguous(),
+        prescale.contiguous(),
+        positions.contiguous(),
+        inv_freq.float().contiguous(),
+    )
     if style == "trick":
         gp = triton.next_power_of_2(g)
-        _scores_kernel[grid](trick_tables(q, thetas, gp), *args, out, n, packed.shape[2], scale, GP=gp, BN=block,
-                             **common)
+        _scores_kernel[grid](
+            trick_tables(q, thetas, gp),
+            *args,
+            out,
+            n,
+            packed.shape[2],
+            scale,
+            GP=gp,
+            BN=block,
+            **common,
+        )
     else:
-        _scores_regdecode_kernel[grid](tables[0], *args, q.float().contiguous(), out, n, packed.shape[2], scale,
-                                       BN=block, FAST=q.is_cuda, **common)
+        _scores_regdecode_kernel[grid](
+            tables[0],
+            *args,
+            q.float().contiguous(),
+            out,
+            n,
+            packed.shape[2],
+            scale,
+            BN=block,
+            FAST=q.is_cuda,
+            **common,
+        )
     return out
 
 
-def values_split(n: int, nbits: int, batch: int, block_bits: int, block_tokens: int,
-                 programs: int = 512) -> tuple[int, int]:
+def values_split(
+    n: int, nbits: int, batch: int, block_bits: int, block_tokens: int, programs: int = 512
+) -> tuple[int, int]:
     """``(bits per block, tokens per program)`` of the values kernel's split-K: about ``programs``
     programs in all (splits x bit blocks x batch; 512 was the fastest measured on an H100)."""
     bf = block_bits
@@ -249,10 +362,19 @@ def mix_values(part: torch.Tensor, table: torch.Tensor, num_q_heads: int) -> tor
     return (mixed @ table).reshape(b, num_q_heads, d)
 
 
-def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torch.Tensor, codebook: torch.Tensor,
-                         scale: torch.Tensor, num_kv_heads: int, tokens_per_prog: int | None = None,
-                         block_bits: int = 256, block_tokens: int = 64, num_warps: int = 4,
-                         table: torch.Tensor | None = None) -> torch.Tensor:
+def commvq_values_triton(
+    probs: torch.Tensor,
+    packed: torch.Tensor,
+    factor: torch.Tensor,
+    codebook: torch.Tensor,
+    scale: torch.Tensor,
+    num_kv_heads: int,
+    tokens_per_prog: int | None = None,
+    block_bits: int = 256,
+    block_tokens: int = 64,
+    num_warps: int = 4,
+    table: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``sum_n p_n v_hat_n`` per query head: ``probs [B, Hq, N]`` -> ``[B, Hq, D]`` (fp32).
 
     Split-K over tokens: ``tokens_per_prog`` (default: :func:`values_split`) tokens per program,
@@ -268,8 +390,26 @@ def commvq_values_triton(probs: torch.Tensor, packed: torch.Tensor, factor: torc
     grid = (splits, nbits // bf, b)
     p = probs.float()
     if p.stride(2) != 1:
-        p = p.contiguous()  # a slice of a wider row (the softmax over compressed and window) is read in place
-    _values_kernel[grid](p, factor.contiguous(), packed.contiguous(), part, n, packed.shape[2], tokens_per_prog,
-                         p.stride(0), p.stride(1), HQ=hq, HQP=hqp, NBITS=nbits, BK=block_tokens, BF=bf,
-                         num_warps=num_warps)
-    return mix_values(part, value_table(codebook, scale, num_kv_heads) if table is None else table, hq)
+        p = (
+            p.contiguous()
+        )  # a slice of a wider row (the softmax over compressed and window) is read in place
+    _values_kernel[grid](
+        p,
+        factor.contiguous(),
+        packed.contiguous(),
+        part,
+        n,
+        packed.shape[2],
+        tokens_per_prog,
+        p.stride(0),
+        p.stride(1),
+        HQ=hq,
+        HQP=hqp,
+        NBITS=nbits,
+        BK=block_tokens,
+        BF=bf,
+        num_warps=num_warps,
+    )
+    return mix_values(
+        part, value_table(codebook, scale, num_kv_heads) if table is None else table, hq
+    )

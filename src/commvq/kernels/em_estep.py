@@ -40,8 +40,29 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 
 @triton.jit
-def _pass_a(uv_ptr, xr_ptr, wc_ptr, xx_ptr, s_ptr, n_ptr, g_ptr, gt_ptr, order_ptr, scr_ptr, tok_ptr, marg_ptr,
-            hard_ptr, flag_ptr, err_ptr, T, c, cut, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr):
+def _pass_a(
+    uv_ptr,
+    xr_ptr,
+    wc_ptr,
+    xx_ptr,
+    s_ptr,
+    n_ptr,
+    g_ptr,
+    gt_ptr,
+    order_ptr,
+    scr_ptr,
+    tok_ptr,
+    marg_ptr,
+    hard_ptr,
+    flag_ptr,
+    err_ptr,
+    T,
+    c,
+    cut,
+    E: tl.constexpr,
+    BT: tl.constexpr,
+    UNROLL: tl.constexpr,
+):
     """One tile of ``BT`` (sorted) tokens: hard code, ``d_min``, ``Z``, both marginals divided by
     ``Z``, which rows ``A`` the tile needs (``flag``) and the tile's hard error ``sum (s d_min)^2``;
     rows no token needs are skipped.
@@ -65,8 +86,16 @@ def _pass_a(uv_ptr, xr_ptr, wc_ptr, xx_ptr, s_ptr, n_ptr, g_ptr, gt_ptr, order_p
     ne = tl.load(n_ptr + h * E + e)
     xr = tl.load(xr_ptr + h * T + t, mask=imask, other=0.0)[:, None]
     wc = wc_ptr + h * 2 * E + e
-    u = tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0) * xr * tl.load(wc)[None, :]
-    v = tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0) * xr * tl.load(wc + E)[None, :]
+    u = (
+        tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
+        * xr
+        * tl.load(wc)[None, :]
+    )
+    v = (
+        tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+        * xr
+        * tl.load(wc + E)[None, :]
+    )
     tl.store(scr + e[None, :] * BT + bt[:, None], u)
     tl.store(scr + (E + e[None, :]) * BT + bt[:, None], v)
     tl.debug_barrier()
@@ -74,14 +103,20 @@ def _pass_a(uv_ptr, xr_ptr, wc_ptr, xx_ptr, s_ptr, n_ptr, g_ptr, gt_ptr, order_p
     # form (u_A + v_B) + G_AB measured faster on the H100 than u_A + min_B (v_B + G_AB), one add less)
     ua = xx[:, None] + ne[None, :] - 2.0 * u
     m = tl.full([BT, E], float("inf"), tl.float32)
-    for b in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several columns in flight
+    for b in tl.range(
+        0, E, loop_unroll_factor=UNROLL
+    ):  # unrolled: loads of several columns in flight
         vcol = tl.load(n_ptr + h * E + b) - 2.0 * tl.load(scr + (E + b) * BT + bt)
         m = tl.minimum(m, (ua + vcol[:, None]) + tl.load(gt_ptr + (h * E + b) * E + e)[None, :])
     best = tl.min(m, axis=1)
-    astar = tl.argmin(m, axis=1)  # first row reaching the minimum, then its first column: torch's flat argmin
+    astar = tl.argmin(
+        m, axis=1
+    )  # first row reaching the minimum, then its first column: torch's flat argmin
     ua_star = xx + tl.load(n_ptr + h * E + astar) - 2.0 * tl.load(scr + astar * BT + bt)
     vb = ne[None, :] - 2.0 * v
-    row = (ua_star[:, None] + vb) + tl.load(g_ptr + (h * E + astar[:, None]) * E + e[None, :])  # same sums
+    row = (ua_star[:, None] + vb) + tl.load(
+        g_ptr + (h * E + astar[:, None]) * E + e[None, :]
+    )  # same sums
     bstar = tl.argmin(row, axis=1)
     dmin = tl.sqrt(tl.maximum(best, 0.0))
     lim = dmin + cut
@@ -111,8 +146,20 @@ def _pass_a(uv_ptr, xr_ptr, wc_ptr, xx_ptr, s_ptr, n_ptr, g_ptr, gt_ptr, order_p
 
 
 @triton.jit
-def _pass_b(n_ptr, g_ptr, scr_ptr, tok_ptr, flag_ptr, list_ptr, cnt_ptr, n_tiles, c,
-            E: tl.constexpr, BT: tl.constexpr, RANGE: tl.constexpr):
+def _pass_b(
+    n_ptr,
+    g_ptr,
+    scr_ptr,
+    tok_ptr,
+    flag_ptr,
+    list_ptr,
+    cnt_ptr,
+    n_tiles,
+    c,
+    E: tl.constexpr,
+    BT: tl.constexpr,
+    RANGE: tl.constexpr,
+):
     """Soft counts of one row ``A`` over the tiles of the ``r``-th range of ``RANGE`` tiles that need
     it (their flags, compacted in order into the program's ``list``): acc[t, B] += w / Z, from the
     tiles' scratch that pass A left."""
@@ -157,9 +204,13 @@ class EStepTuning:
     unroll: int = 4  # columns per step of pass A's row walk
     tiles_per_prog_b: int = 128  # pass B: the range of tiles of a program (one row A each)
     streams: int = 2  # CUDA streams blocks alternate between (3-6% faster per E-step than one)
-    split_k: int = 4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
+    split_k: int = (
+        4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
+    )
     split: bool = True  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
-    block: int = 1 << 20  # vectors per block of work (8 heads x 1M: one head at a time, 0.5 GiB of terms)
+    block: int = (
+        1 << 20
+    )  # vectors per block of work (8 heads x 1M: one head at a time, 0.5 GiB of terms)
 
 
 TUNING = EStepTuning()
@@ -176,25 +227,45 @@ def _sum_products(a: torch.Tensor, b: torch.Tensor, split_k: int) -> torch.Tenso
         if full:
             pa = a[:, :full].reshape(h * (full // split_k), split_k, m)
             pb = b[:, :full].reshape(h * (full // split_k), split_k, -1)
-            out += torch.bmm(pa.transpose(1, 2), pb).view(h, -1, m, b.shape[-1]).sum(1, dtype=torch.float64)
+            out += (
+                torch.bmm(pa.transpose(1, 2), pb)
+                .view(h, -1, m, b.shape[-1])
+                .sum(1, dtype=torch.float64)
+            )
         if full < t:
             out += torch.bmm(a[:, full:].transpose(1, 2), b[:, full:]).double()
     return out
 
 
-def _distance_terms(xc: torch.Tensor, w: torch.Tensor, split: tuple | None) -> tuple[torch.Tensor, ...]:
+def _distance_terms(
+    xc: torch.Tensor, w: torch.Tensor, split: tuple | None
+) -> tuple[torch.Tensor, ...]:
     """``x @ W`` for the block, still scaled, with its unscaling per token and per column: through
     the split halves ``split = (x3, xr, w3, wc)`` when given, else in float32 (unit scales)."""
     if split is None:
-        return torch.bmm(xc, w), torch.ones(xc.shape[:2], device=xc.device), torch.ones(w.shape[0], w.shape[-1],
-                                                                                       device=w.device)
+        return (
+            torch.bmm(xc, w),
+            torch.ones(xc.shape[:2], device=xc.device),
+            torch.ones(w.shape[0], w.shape[-1], device=w.device),
+        )
     x3, xr, w3, wc = split
     return split16.product(x3, w3), xr.contiguous(), wc.contiguous()
 
 
-def _block_stats(xc: torch.Tensor, split: tuple | None, xx: torch.Tensor, sc: torch.Tensor, w: torch.Tensor,
-                 n: torch.Tensor, g: torch.Tensor, hint: torch.Tensor | None, tau: float, prune: bool,
-                 stats: EStats, tuning: EStepTuning) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_stats(
+    xc: torch.Tensor,
+    split: tuple | None,
+    xx: torch.Tensor,
+    sc: torch.Tensor,
+    w: torch.Tensor,
+    n: torch.Tensor,
+    g: torch.Tensor,
+    hint: torch.Tensor | None,
+    tau: float,
+    prune: bool,
+    stats: EStats,
+    tuning: EStepTuning,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
     (views of those heads); ``split``: the block's split halves, see :func:`_distance_terms`."""
     h, t, d = xc.shape
@@ -218,15 +289,50 @@ def _block_stats(xc: torch.Tensor, split: tuple | None, xx: torch.Tensor, sc: to
     cut = PRUNE_CUT * tau if prune else float("inf")
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
-    _pass_a[(n_tiles, h)](uv, xr, wc, xx, sc.float().contiguous(), n, g, gt, order, scratch, tok, marg, hard, flags,
-                          tile_err, t, c, cut, E=e, BT=bt, UNROLL=tuning.unroll, num_warps=tuning.warps_a)
+    _pass_a[(n_tiles, h)](
+        uv,
+        xr,
+        wc,
+        xx,
+        sc.float().contiguous(),
+        n,
+        g,
+        gt,
+        order,
+        scratch,
+        tok,
+        marg,
+        hard,
+        flags,
+        tile_err,
+        t,
+        c,
+        cut,
+        E=e,
+        BT=bt,
+        UNROLL=tuning.unroll,
+        num_warps=tuning.warps_a,
+    )
     # pass B visits only the needed (row, tile) pairs: a program takes one row within a fixed range of
     # tiles, lists the tiles that need it from their flags, in order (the same sums as walking all)
     n_prog = triton.cdiv(n_tiles, tuning.tiles_per_prog_b)
     lists = torch.empty(h, e, n_prog, tuning.tiles_per_prog_b, device=xc.device, dtype=torch.int32)
     cnt = torch.empty(h, n_prog, e, e, **f32)
-    _pass_b[(e, n_prog, h)](n, g, scratch, tok, flags, lists, cnt, n_tiles, c, E=e, BT=bt,
-                            RANGE=tuning.tiles_per_prog_b, num_warps=tuning.warps_b)
+    _pass_b[(e, n_prog, h)](
+        n,
+        g,
+        scratch,
+        tok,
+        flags,
+        lists,
+        cnt,
+        n_tiles,
+        c,
+        E=e,
+        BT=bt,
+        RANGE=tuning.tiles_per_prog_b,
+        num_warps=tuning.warps_b,
+    )
     stats.count += cnt.sum(1, dtype=torch.float64)
     sums = _sum_products(marg, xc, tuning.split_k)  # the marginals are already divided by Z
     stats.sum_a += sums[:, :e]
@@ -242,7 +348,11 @@ def _blocks(h: int, n: int, budget: int) -> list[tuple[slice, slice]]:
     if n <= budget:
         per = max(1, budget // max(n, 1))
         return [(slice(i, min(i + per, h)), slice(0, n)) for i in range(0, h, per)]
-    return [(slice(i, i + 1), slice(j, min(j + budget, n))) for i in range(h) for j in range(0, n, budget)]
+    return [
+        (slice(i, i + 1), slice(j, min(j + budget, n)))
+        for i in range(h)
+        for j in range(0, n, budget)
+    ]
 
 
 _side_streams: dict = {}  # device -> the extra streams of the E-step (created once)
@@ -267,9 +377,17 @@ def stage_cache(x: torch.Tensor, cache: dict | None, split: bool = True) -> dict
     return cache
 
 
-def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-                  hint: torch.Tensor | None = None, prune: bool = True, cache: dict | None = None,
-                  tuning: EStepTuning = TUNING) -> EStats:
+def e_step_triton(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    theta: torch.Tensor,
+    tau: float,
+    chunk: int = 8192,
+    hint: torch.Tensor | None = None,
+    prune: bool = True,
+    cache: dict | None = None,
+    tuning: EStepTuning = TUNING,
+) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step`, fused on the GPU (float32 inputs).
 
     ``hint [H, N]``: codes to sort tokens by (the previous iteration's hard codes), which lets
@@ -299,15 +417,34 @@ def e_step_triton(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: fl
     for k, (hs, ts) in enumerate(_blocks(h, big_n, tuning.block)):
         st = streams[k % len(streams)]
         with torch.cuda.stream(st) if st is not None else contextlib.nullcontext():
-            part = EStats(*(getattr(stats, f)[hs] for f in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")))
+            part = EStats(
+                *(
+                    getattr(stats, f)[hs]
+                    for f in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr")
+                )
+            )
             part_hint = None if hint is None else hint[hs, ts]
             split = None if x3 is None else (x3[hs, ts], xr[hs, ts], w3[hs], wc[hs])
-            hard[hs, ts], rows = _block_stats(x[hs, ts], split, xx[hs, ts], s[ts], w[hs], n[hs], g[hs], part_hint,
-                                              tau, prune, part, tuning)
+            hard[hs, ts], rows = _block_stats(
+                x[hs, ts],
+                split,
+                xx[hs, ts],
+                s[ts],
+                w[hs],
+                n[hs],
+                g[hs],
+                part_hint,
+                tau,
+                prune,
+                part,
+                tuning,
+            )
         needed.append(rows)
         total += (hs.stop - hs.start) * triton.cdiv(ts.stop - ts.start, tuning.bt) * n.shape[-1]
     for st in streams[1:]:
         streams[0].wait_stream(st)
     stats.hard = hard
-    stats.work = torch.stack(needed).sum() / max(total, 1)  # a device scalar: no wait for the GPU here
+    stats.work = torch.stack(needed).sum() / max(
+        total, 1
+    )  # a device scalar: no wait for the GPU here
     return stats

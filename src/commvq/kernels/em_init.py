@@ -31,8 +31,21 @@ def _block_d2(row_ptr, imask, xx, xr, cc_ptr, cs_ptr, col):
 
 
 @triton.jit
-def _centers_kernel(xc_ptr, xr_ptr, cs_ptr, cc_ptr, xx_ptr, dmin_ptr, hard_ptr, marg_ptr, cnt_ptr, T, c,
-                    E: tl.constexpr, BT: tl.constexpr):
+def _centers_kernel(
+    xc_ptr,
+    xr_ptr,
+    cs_ptr,
+    cc_ptr,
+    xx_ptr,
+    dmin_ptr,
+    hard_ptr,
+    marg_ptr,
+    cnt_ptr,
+    T,
+    c,
+    E: tl.constexpr,
+    BT: tl.constexpr,
+):
     """One tile of ``BT`` tokens against ``E*E`` free centers in code order, from the scaled products
     ``x.c`` (``[H, T, E*E]``, unscaled by ``xr`` per token and ``cs`` per center) and ``|c|^2``
     (``cc``): walk 1 gives the hard code, ``d_min`` and ``Z`` (online); walk 2 the weights ``w / Z``,
@@ -76,8 +89,14 @@ def _centers_kernel(xc_ptr, xr_ptr, cs_ptr, cc_ptr, xx_ptr, dmin_ptr, hard_ptr, 
 BT_CENTERS = 32
 
 
-def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau: float,
-                          chunk: int = 8192, cache: dict | None = None) -> EStats:
+def e_step_centers_triton(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    centers: torch.Tensor,
+    tau: float,
+    chunk: int = 8192,
+    cache: dict | None = None,
+) -> EStats:
     """Same statistics as :func:`commvq.quant.em.e_step_centers` (the initialization against free
     centers ``[H, E*E, D]``): per chunk, one product writes ``x.c`` and one kernel reads it twice,
     instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: as for
@@ -85,7 +104,9 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     stage's E-steps (without them, each chunk is split on its own; where torch cannot give float16
     products a float32 output, the products are float32)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU")
+        raise ValueError(
+            "e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU"
+        )
     x, centers = x.float(), centers.float()
     h, big_n, d = x.shape
     e = math.isqrt(centers.shape[1])
@@ -102,13 +123,13 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
     if cache is not None:
         stage_cache(x.contiguous(), cache)
     for i in range(0, big_n, chunk):
-        xc = x[:, i:i + chunk]
+        xc = x[:, i : i + chunk]
         t = xc.shape[1]
         if not split:
             prod, xr = torch.bmm(xc, ct), torch.ones(h, t, **f32)
         else:
             if cache is not None and "x3" in cache:
-                x3, xr = cache["x3"][:, i:i + chunk], cache["xr"][:, i:i + chunk].contiguous()
+                x3, xr = cache["x3"][:, i : i + chunk], cache["xr"][:, i : i + chunk].contiguous()
             else:
                 x3, xr = split16.split_rows(xc)
             prod = split16.product(x3, c3)  # [H, t, E*E], scaled
@@ -117,14 +138,28 @@ def e_step_centers_triton(x: torch.Tensor, s: torch.Tensor, centers: torch.Tenso
         dmin, marg = torch.empty(h, t, **f32), torch.empty(h, t, 2 * e, **f32)
         cnt = torch.empty(h, n_tiles, e * e, **f32)
         hard_c = torch.empty(h, t, device=x.device, dtype=torch.int32)
-        _centers_kernel[(n_tiles, h)](prod, xr, cs.contiguous(), cc, xx, dmin, hard_c, marg, cnt, t, c, E=e,
-                                      BT=BT_CENTERS, num_warps=4)
-        hard[:, i:i + chunk] = hard_c
+        _centers_kernel[(n_tiles, h)](
+            prod,
+            xr,
+            cs.contiguous(),
+            cc,
+            xx,
+            dmin,
+            hard_c,
+            marg,
+            cnt,
+            t,
+            c,
+            E=e,
+            BT=BT_CENTERS,
+            num_warps=4,
+        )
+        hard[:, i : i + chunk] = hard_c
         stats.count += cnt.sum(1, dtype=torch.float64).view(h, e, e)
         sums = torch.bmm(marg.transpose(1, 2), xc).double()
         stats.sum_a += sums[:, :e]
         stats.sum_b += sums[:, e:]
         stats.sum_xx += xx.sum(-1, dtype=torch.float64)
-        stats.hard_sqerr += ((dmin.double() * s[i:i + chunk].double()) ** 2).sum(-1)
+        stats.hard_sqerr += ((dmin.double() * s[i : i + chunk].double()) ** 2).sum(-1)
     stats.hard = hard
     return stats

@@ -19,8 +19,23 @@ from commvq.quant.commutative import decode_table, search_tables
 
 
 @triton.jit
-def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr, T, R,
-                   D: tl.constexpr, E: tl.constexpr, BT: tl.constexpr, UNROLL: tl.constexpr, STORE_RES: tl.constexpr):
+def _encode_kernel(
+    x_ptr,
+    w_ptr,
+    n_ptr,
+    g_ptr,
+    m_ptr,
+    uv_ptr,
+    codes_ptr,
+    res_ptr,
+    T,
+    R,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    BT: tl.constexpr,
+    UNROLL: tl.constexpr,
+    STORE_RES: tl.constexpr,
+):
     h = tl.program_id(1)
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
@@ -39,7 +54,9 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr
         vb = tl.load(n_ptr + hr * E + b)[None, :] - 2.0 * tl.load(scratch[:, None] + E + b[None, :])
         m = tl.full([BT, E], float("inf"), tl.float32)
         am = tl.zeros([BT, E], tl.int32)
-        for a in tl.range(0, E, loop_unroll_factor=UNROLL):  # unrolled: loads of several rows in flight
+        for a in tl.range(
+            0, E, loop_unroll_factor=UNROLL
+        ):  # unrolled: loads of several rows in flight
             ua = tl.load(n_ptr + hr * E + a) - 2.0 * tl.load(scratch + a)
             d2 = ua[:, None] + vb + tl.load(g_ptr + (hr * E + a) * E + b)[None, :]
             better = d2 < m
@@ -52,8 +69,11 @@ def _encode_kernel(x_ptr, w_ptr, n_ptr, g_ptr, m_ptr, uv_ptr, codes_ptr, res_ptr
         res = res - rows_a - rows_b
         tl.store(codes_ptr + (h * T + t) * R + r, astar * E + bstar, mask=tmask)
         if STORE_RES:
-            tl.store(res_ptr + ((h * R + r) * T + t[:, None]) * D + dcol[None, :], res,
-                     mask=tmask[:, None])
+            tl.store(
+                res_ptr + ((h * R + r) * T + t[:, None]) * D + dcol[None, :],
+                res,
+                mask=tmask[:, None],
+            )
         tl.debug_barrier()
 
 
@@ -69,27 +89,33 @@ class EncodeTuning:
 TUNING = EncodeTuning()
 
 
-def encode_triton(x: torch.Tensor, thetas: torch.Tensor, tuning: EncodeTuning = TUNING) -> torch.Tensor:
+def encode_triton(
+    x: torch.Tensor, thetas: torch.Tensor, tuning: EncodeTuning = TUNING
+) -> torch.Tensor:
     """Greedy codes ``[H, N, R]`` (int64) of ``x [H, N, D]`` with ``thetas [H, R, 2E, P]``."""
     return _launch(x, thetas, False, tuning)[0]
 
 
-def encode_triton_with_residuals(x: torch.Tensor, thetas: torch.Tensor,
-                                 tuning: EncodeTuning = TUNING) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_triton_with_residuals(
+    x: torch.Tensor, thetas: torch.Tensor, tuning: EncodeTuning = TUNING
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy codes and what each stage leaves, ``[R, H, N, D]``, as
     :func:`commvq.quant.residual.encode_with_residuals` (stored head-major, so ``.transpose(0, 1)``
     is a contiguous ``[H, R, N, D]``)."""
     return _launch(x, thetas, True, tuning)
 
 
-def _launch(x: torch.Tensor, thetas: torch.Tensor, residuals: bool,
-            tuning: EncodeTuning) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch(
+    x: torch.Tensor, thetas: torch.Tensor, residuals: bool, tuning: EncodeTuning
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("encode_triton needs CUDA tensors")
     h, t, d = x.shape
     r, e = thetas.shape[1], thetas.shape[2] // 2
     th = thetas.detach().float()
-    w, n, g = (v.contiguous() for v in search_tables(th.flatten(0, 1)))  # [H*R, D, 2E], [H*R, E], [H*R, E, E]
+    w, n, g = (
+        v.contiguous() for v in search_tables(th.flatten(0, 1))
+    )  # [H*R, D, 2E], [H*R, E], [H*R, E, E]
     table = decode_table(th.flatten(0, 1)).contiguous()  # [H*R, 2E, D]
     xs = x.detach().float().contiguous()
     bt = tuning.bt
@@ -97,6 +123,22 @@ def _launch(x: torch.Tensor, thetas: torch.Tensor, residuals: bool,
     uv = torch.empty(h * blocks * bt, 2 * e, device=x.device, dtype=torch.float32)
     codes = torch.empty(h, t, r, device=x.device, dtype=torch.int32)
     res = torch.empty(h, r if residuals else 1, t, d, device=x.device, dtype=torch.float32)
-    _encode_kernel[(blocks, h)](xs, w, n, g, table, uv, codes, res, t, r, D=d, E=e, BT=bt, UNROLL=tuning.unroll,
-                                STORE_RES=residuals, num_warps=tuning.warps)
+    _encode_kernel[(blocks, h)](
+        xs,
+        w,
+        n,
+        g,
+        table,
+        uv,
+        codes,
+        res,
+        t,
+        r,
+        D=d,
+        E=e,
+        BT=bt,
+        UNROLL=tuning.unroll,
+        STORE_RES=residuals,
+        num_warps=tuning.warps,
+    )
     return codes.long(), res.transpose(0, 1)

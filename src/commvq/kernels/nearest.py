@@ -13,8 +13,9 @@ from commvq.quant.commutative import search_tables
 
 
 @triton.jit
-def _nearest_kernel(uv_ptr, n_ptr, g_ptr, out_ptr, T, stride_uv_h, stride_uv_t,
-                    E: tl.constexpr, BT: tl.constexpr):
+def _nearest_kernel(
+    uv_ptr, n_ptr, g_ptr, out_ptr, T, stride_uv_h, stride_uv_t, E: tl.constexpr, BT: tl.constexpr
+):
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = t < T
@@ -52,6 +53,7 @@ def nearest_triton(x: torch.Tensor, theta: torch.Tensor, chunk: int = 0) -> torc
     out = torch.empty(h, t, dtype=torch.int32, device=x.device)
     e = n.shape[-1]
     bt, warps = _block(t, h)
-    _nearest_kernel[(triton.cdiv(t, bt), h)](uv, n, g, out, t, uv.stride(0), uv.stride(1), E=e, BT=bt,
-                                             num_warps=warps)
+    _nearest_kernel[(triton.cdiv(t, bt), h)](
+        uv, n, g, out, t, uv.stride(0), uv.stride(1), E=e, BT=bt, num_warps=warps
+    )
     return out.long()

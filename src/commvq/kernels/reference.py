@@ -23,13 +23,22 @@ def score_tables(q: torch.Tensor, thetas: torch.Tensor) -> tuple[torch.Tensor, t
     """``(u0, u1)`` of shape ``[B, Hq, Tq, R, E, P]``: the two components of ``q_f^T M(a_e[f])``
     (:func:`commvq.quant.commutative.score_table` per query head, stage and entry)."""
     heads = kv_head_of(q.shape[1], thetas.shape[0], q.device)
-    u = score_table(q.float()[:, :, :, None], thetas[heads].float()[None, :, None])  # [B, Hq, Tq, R, E, P, 2]
+    u = score_table(
+        q.float()[:, :, :, None], thetas[heads].float()[None, :, None]
+    )  # [B, Hq, Tq, R, E, P, 2]
     return u[..., 0], u[..., 1]
 
 
-def commvq_scores(q: torch.Tensor, codes: torch.Tensor, prescale: torch.Tensor, positions: torch.Tensor,
-                  thetas: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float = 1.0,
-                  chunk: int = 1024) -> torch.Tensor:
+def commvq_scores(
+    q: torch.Tensor,
+    codes: torch.Tensor,
+    prescale: torch.Tensor,
+    positions: torch.Tensor,
+    thetas: torch.Tensor,
+    inv_freq: torch.Tensor,
+    rope_scale: float = 1.0,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """``q . RoPE(decode(codes))`` for every cached token: ``[B, Hq, Tq, N]`` (float32).
 
     ``codes [B, N, Hkv, R]`` (12-bit ``A*E + B``), ``prescale [B, N]``, ``positions [B, N]``,
@@ -42,13 +51,17 @@ def commvq_scores(q: torch.Tensor, codes: torch.Tensor, prescale: torch.Tensor, 
     heads = kv_head_of(hq, thetas.shape[0], q.device)
     out = torch.empty(b, hq, tq, n, device=q.device, dtype=torch.float32)
     for s in range(0, n, chunk):
-        c = codes[:, s:s + chunk].long()[:, :, heads, :].permute(0, 2, 1, 3)  # [B, Hq, n, R]
+        c = codes[:, s : s + chunk].long()[:, :, heads, :].permute(0, 2, 1, 3)  # [B, Hq, n, R]
         a_idx, b_idx = c // e, c % e
-        ua0, ua1, ub0, ub1 = (_gather(u, idx, tq) for u, idx in ((u0, a_idx), (u1, a_idx), (u0, b_idx), (u1, b_idx)))
-        ang = positions[:, s:s + chunk].float()[..., None] * inv_freq.float()  # [B, n, P]
+        ua0, ua1, ub0, ub1 = (
+            _gather(u, idx, tq) for u, idx in ((u0, a_idx), (u1, a_idx), (u0, b_idx), (u1, b_idx))
+        )
+        ang = positions[:, s : s + chunk].float()[..., None] * inv_freq.float()  # [B, n, P]
         cos, sin = ang.cos()[:, None, None], ang.sin()[:, None, None]
         per_pair = ua0 * cos + ua1 * sin - ub0 * sin + ub1 * cos  # [B, Hq, Tq, n, P]
-        out[..., s:s + chunk] = per_pair.sum(-1) * prescale[:, s:s + chunk].float()[:, None, None] * rope_scale
+        out[..., s : s + chunk] = (
+            per_pair.sum(-1) * prescale[:, s : s + chunk].float()[:, None, None] * rope_scale
+        )
     return out
 
 
@@ -57,12 +70,22 @@ def _gather(u: torch.Tensor, idx: torch.Tensor, tq: int) -> torch.Tensor:
     b, hq, _, r, e, p = u.shape
     n = idx.shape[2]
     flat = u.reshape(b, hq, tq, r * e, p)
-    lin = (idx + torch.arange(r, device=idx.device) * e).reshape(b, hq, 1, n * r, 1).expand(-1, -1, tq, -1, p)
+    lin = (
+        (idx + torch.arange(r, device=idx.device) * e)
+        .reshape(b, hq, 1, n * r, 1)
+        .expand(-1, -1, tq, -1, p)
+    )
     return torch.gather(flat, 3, lin).reshape(b, hq, tq, n, r, p).sum(4)
 
 
-def commvq_values(probs: torch.Tensor, value_idx: torch.Tensor, factor: torch.Tensor, codebook: torch.Tensor,
-                  scale: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def commvq_values(
+    probs: torch.Tensor,
+    value_idx: torch.Tensor,
+    factor: torch.Tensor,
+    codebook: torch.Tensor,
+    scale: torch.Tensor,
+    num_kv_heads: int,
+) -> torch.Tensor:
     """``sum_n p_n v_hat_n`` per query head without decoding values: ``[B, Hq, Tq, D]``.
 
     ``probs [B, Hq, Tq, N]``, ``value_idx [B, N, n]`` (2-bit pattern indices), ``factor [B, N]``,

@@ -48,14 +48,14 @@ def split_rows(a: torch.Tensor, rows_per_pass: int = 1 << 20) -> tuple[torch.Ten
     out = torch.empty(flat.shape[0], 3 * k, dtype=torch.float16, device=a.device)
     unscale = torch.empty(flat.shape[0], dtype=torch.float32, device=a.device)
     for i in range(0, flat.shape[0], rows_per_pass):
-        v = flat[i:i + rows_per_pass].float()
+        v = flat[i : i + rows_per_pass].float()
         scale = _unit_scale(v, -1)
         v = v * scale
-        rows = out[i:i + rows_per_pass]
-        rows[:, k:2 * k] = v  # hi, rounded to nearest
-        rows[:, 2 * k:] = rows[:, k:2 * k]
-        rows[:, :k] = v.sub_(rows[:, k:2 * k])  # lo = v - hi, exact in float32
-        unscale[i:i + rows_per_pass] = 1.0 / scale.squeeze(-1)
+        rows = out[i : i + rows_per_pass]
+        rows[:, k : 2 * k] = v  # hi, rounded to nearest
+        rows[:, 2 * k :] = rows[:, k : 2 * k]
+        rows[:, :k] = v.sub_(rows[:, k : 2 * k])  # lo = v - hi, exact in float32
+        unscale[i : i + rows_per_pass] = 1.0 / scale.squeeze(-1)
     return out.view(*a.shape[:-1], 3 * k), unscale.view(a.shape[:-1])
 
 

@@ -36,17 +36,27 @@ GiB = 1024**3
 
 @dataclass(frozen=True)
 class CollectConfig:
-    model: str = option("embedded", "model: HF hub id, local folder, .gguf file, 'embedded' "
-                        "(SmolLM2-135M-Instruct) or 'auto' (Llama-3.1-8B-Instruct where the hub is reachable, "
-                        "else embedded)", aliases=("--model_path",))
-    dataset: str = option("auto", "corpus: HF dataset name, local .txt/.jsonl/.parquet file or "
-                          "folder, 'embedded' (State of the Union speeches) or 'auto' "
-                          "(HuggingFaceFW/fineweb-edu where the hub is reachable, else embedded)")
+    model: str = option(
+        "embedded",
+        "model: HF hub id, local folder, .gguf file, 'embedded' "
+        "(SmolLM2-135M-Instruct) or 'auto' (Llama-3.1-8B-Instruct where the hub is reachable, "
+        "else embedded)",
+        aliases=("--model_path",),
+    )
+    dataset: str = option(
+        "auto",
+        "corpus: HF dataset name, local .txt/.jsonl/.parquet file or "
+        "folder, 'embedded' (State of the Union speeches) or 'auto' "
+        "(HuggingFaceFW/fineweb-edu where the hub is reachable, else embedded)",
+    )
     dataset_config: str | None = option(None, "HF dataset configuration name")
     text_field: str = option("text", "text field of .jsonl/.parquet/HF rows")
-    split: str = option("train", "corpus split: train, or heldout (1 document in 10, fixed)", choices=SPLITS)
-    output_dir: Path = option(Path("data/key"), "where keys go; values go to its sibling 'value', "
-                              "queries to 'query'")
+    split: str = option(
+        "train", "corpus split: train, or heldout (1 document in 10, fixed)", choices=SPLITS
+    )
+    output_dir: Path = option(
+        Path("data/key"), "where keys go; values go to its sibling 'value', queries to 'query'"
+    )
     num_samples: int = option(1_000_000, "key/value vectors (tokens) to collect per layer")
     max_seq_length: int = option(8192, "tokens per packed sequence")
     batch_size: int = option(1, "sequences per forward pass")
@@ -54,8 +64,9 @@ class CollectConfig:
     with_queries: bool = option(False, "also store a strided subsample of q_proj outputs")
     num_queries: int = option(65536, "query vectors to keep per layer with --with_queries")
     dtype: str = option("bfloat16", "storage dtype of the vectors", choices=tuple(kvstore.DTYPES))
-    model_dtype: str = option("auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)",
-                              choices=MODEL_DTYPES)
+    model_dtype: str = option(
+        "auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)", choices=MODEL_DTYPES
+    )
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     shard_tokens: int = option(65536, "tokens per shard file")
     seed: int = option(0, "seed of the document order")
@@ -63,8 +74,14 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))
-        for name in ("num_samples", "max_seq_length", "batch_size", "num_queries", "shard_tokens",
-                     "quant_bits"):
+        for name in (
+            "num_samples",
+            "max_seq_length",
+            "batch_size",
+            "num_queries",
+            "shard_tokens",
+            "quant_bits",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.split not in SPLITS:
@@ -74,6 +91,7 @@ class CollectConfig:
 
 
 LOCK_NAME = ".collect.lock"  # in the data folder: key, value and query stores are written together
+
 
 def store_dirs(output_dir: Path) -> dict[str, Path]:
     """Where each kind of vector goes, given the key folder."""
@@ -101,22 +119,34 @@ def align_queries(root: Path, cfg: CollectConfig, key_tokens: int) -> int:
         if "num_samples" in old and "num_queries" in old:
             have = query_stride(old["num_samples"], old["num_queries"])
         if have is None or sum(s["tokens"] for s in man["shards"]) != math.ceil(key_tokens / have):
-            raise ValueError(f"{root}: queries collected by an older version with an unknown stride; collect them "
-                             "again (--overwrite, or another --output_dir)")
+            raise ValueError(
+                f"{root}: queries collected by an older version with an unknown stride; collect them "
+                "again (--overwrite, or another --output_dir)"
+            )
     if key_tokens >= cfg.num_samples or have == stride:
         stride = have  # nothing to collect, or nothing to change
     elif stride % have:
         raise ValueError(
             f"{root} keeps the query of one token in {have}; --num_samples {cfg.num_samples} --num_queries "
             f"{cfg.num_queries} keep one in {stride}, which is not a subsample of it: pass --num_queries "
-            f"{math.ceil(cfg.num_samples / have)} (one in {have}), or collect into another --output_dir")
+            f"{math.ceil(cfg.num_samples / have)} (one in {have}), or collect into another --output_dir"
+        )
     else:
-        log.info("collect: %s kept the query of one token in %d; thinning it to one in %d, as a fresh run "
-                 "with --num_samples %d keeps", root, have, stride, cfg.num_samples)
+        log.info(
+            "collect: %s kept the query of one token in %d; thinning it to one in %d, as a fresh run "
+            "with --num_samples %d keeps",
+            root,
+            have,
+            stride,
+            cfg.num_samples,
+        )
         kvstore.thin(root, stride // have, {"query_stride": stride})
         return stride
     if man.get("settings", {}).get("query_stride") != stride:  # record it
-        write_json(root / kvstore.MANIFEST, {**man, "settings": {**man.get("settings", {}), "query_stride": stride}})
+        write_json(
+            root / kvstore.MANIFEST,
+            {**man, "settings": {**man.get("settings", {}), "query_stride": stride}},
+        )
     return stride
 
 
@@ -135,7 +165,9 @@ def check_disk(folder: Path, need: int) -> None:
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    log.info("collect: will write %.2f GiB under %s (%.1f GiB free)", need / GiB, folder, free / GiB)
+    log.info(
+        "collect: will write %.2f GiB under %s (%.1f GiB free)", need / GiB, folder, free / GiB
+    )
     if need > free:
         raise OSError(
             f"collecting needs {need / GiB:.2f} GiB in {folder} but only {free / GiB:.2f} GiB is "
@@ -202,8 +234,15 @@ class _Shard:
         return out
 
 
-def _batch_rows(captured: dict, start: int, n_tok: int, t_len: int, first_token: int, stride: int,
-                dtype: torch.dtype) -> dict[tuple[str, int], torch.Tensor]:
+def _batch_rows(
+    captured: dict,
+    start: int,
+    n_tok: int,
+    t_len: int,
+    first_token: int,
+    stride: int,
+    dtype: torch.dtype,
+) -> dict[tuple[str, int], torch.Tensor]:
     """Flatten captured ``[B, T, F]`` outputs to rows ``[start, start + n_tok)``, subsample queries.
 
     ``first_token`` is the stream index of row ``start``: queries at multiples of ``stride`` are kept.
@@ -211,7 +250,7 @@ def _batch_rows(captured: dict, start: int, n_tok: int, t_len: int, first_token:
     rows = {}
     keep = None
     for (kind, layer), out in captured.items():
-        flat = out.reshape(-1, out.shape[-1])[start:start + n_tok].to(dtype)
+        flat = out.reshape(-1, out.shape[-1])[start : start + n_tok].to(dtype)
         if kind == "query":
             if keep is None:
                 g = torch.arange(first_token, first_token + n_tok, device=flat.device)
@@ -227,8 +266,9 @@ def batches_per_shard(cfg: CollectConfig) -> int:
     return max(1, math.ceil(cfg.shard_tokens / (cfg.batch_size * cfg.max_seq_length)))
 
 
-def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...],
-                  settings: dict) -> dict[str, kvstore.KVStoreWriter]:
+def _open_writers(
+    cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...], settings: dict
+) -> dict[str, kvstore.KVStoreWriter]:
     """Writers for every kind, realigned on the shards all of them hold in full."""
     dirs = store_dirs(cfg.output_dir)
     if cfg.overwrite and rank_world()[0] == 0:
@@ -244,26 +284,40 @@ def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...
         key_tokens = key_man["num_tokens"] if key_man else 0
         stride = align_queries(dirs["query"], cfg, key_tokens) if rank_world()[0] == 0 else None
         barrier()
-        if stride is None:  # the other ranks: what the first recorded (a fresh store: the new stride)
+        if (
+            stride is None
+        ):  # the other ranks: what the first recorded (a fresh store: the new stride)
             q_man = kvstore.read_manifest(dirs["query"]) or {}
-            stride = q_man.get("settings", {}).get("query_stride", query_stride(cfg.num_samples, cfg.num_queries))
+            stride = q_man.get("settings", {}).get(
+                "query_stride", query_stride(cfg.num_samples, cfg.num_queries)
+            )
         per_kind["query"] = {**settings, "query_stride": stride}
     writers = {
-        k: kvstore.KVStoreWriter(dirs[k], k, spec.num_layers, width[k], dtype, per_kind[k], to_dict(cfg))
+        k: kvstore.KVStoreWriter(
+            dirs[k], k, spec.num_layers, width[k], dtype, per_kind[k], to_dict(cfg)
+        )
         for k in kinds
     }
     barrier()  # nobody writes before every process has opened (and cleaned) the stores
     key_w = writers["key"]
-    readable = min(w.readable_shards() for w in writers.values())  # a damaged shard is redone, and all after it
+    readable = min(
+        w.readable_shards() for w in writers.values()
+    )  # a damaged shard is redone, and all after it
     damaged = readable < max(len(w.shards) for w in writers.values())
     if damaged:
-        log.warning("collect: shard %d of the stores in %s is missing or damaged; collecting again from there",
-                    readable, cfg.output_dir.parent)
+        log.warning(
+            "collect: shard %d of the stores in %s is missing or damaged; collecting again from there",
+            readable,
+            cfg.output_dir.parent,
+        )
     if not damaged and (key_w.num_tokens >= cfg.num_samples or key_w.exhausted):
         return writers
     full = batches_per_shard(cfg) * cfg.batch_size * cfg.max_seq_length
     done = 0  # shards every store holds in full (a trailing partial shard is redone)
-    while done < min(readable, *(len(w.shards) for w in writers.values())) and key_w.shards[done].tokens == full:
+    while (
+        done < min(readable, *(len(w.shards) for w in writers.values()))
+        and key_w.shards[done].tokens == full
+    ):
         done += 1
     if rank_world()[0] == 0:
         for w in writers.values():
@@ -274,11 +328,18 @@ def _open_writers(cfg: CollectConfig, loaded: LoadedModel, kinds: tuple[str, ...
     return writers
 
 
-def _sequences(cfg: CollectConfig, loaded: LoadedModel, dataset: str, skip: int) -> Iterator[list[int]]:
+def _sequences(
+    cfg: CollectConfig, loaded: LoadedModel, dataset: str, skip: int
+) -> Iterator[list[int]]:
     tok = loaded.tokenizer
     sep = tok.eos_token_id if tok.eos_token_id is not None else 0
-    src = CorpusSource(dataset=dataset, split=cfg.split, text_field=cfg.text_field,
-                       dataset_config=cfg.dataset_config, seed=cfg.seed)
+    src = CorpusSource(
+        dataset=dataset,
+        split=cfg.split,
+        text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
+        seed=cfg.seed,
+    )
     docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(src))
     return itertools.islice(pack(docs, cfg.max_seq_length, sep), skip, None)
 
@@ -288,7 +349,11 @@ def run(cfg: CollectConfig, loaded: LoadedModel | None = None) -> Path:
     time writes a data folder: the first process of a run holds its lock (the others of a torchrun
     run share it), and a second run fails at once, naming the holder."""
     lock = Path(cfg.output_dir).parent / LOCK_NAME
-    held = exclusive_lock(lock, f"{Path(cfg.output_dir).parent}") if rank_world()[0] == 0 else nullcontext()
+    held = (
+        exclusive_lock(lock, f"{Path(cfg.output_dir).parent}")
+        if rank_world()[0] == 0
+        else nullcontext()
+    )
     with held:
         return _run(cfg, loaded)
 
@@ -297,15 +362,26 @@ def _run(cfg: CollectConfig, loaded: LoadedModel | None) -> Path:
     loaded = loaded or load_model(cfg.model, cfg.model_dtype, cfg.device)
     check_limits(cfg, loaded)
     dataset = resolve_dataset(cfg.dataset)
-    settings = {"model": loaded.name, "dataset": dataset, "dataset_config": cfg.dataset_config,
-                "split": cfg.split, "max_seq_length": cfg.max_seq_length, "seed": cfg.seed,
-                "batch_size": cfg.batch_size, "shard_tokens": cfg.shard_tokens, "spec": loaded.spec.to_dict()}
+    settings = {
+        "model": loaded.name,
+        "dataset": dataset,
+        "dataset_config": cfg.dataset_config,
+        "split": cfg.split,
+        "max_seq_length": cfg.max_seq_length,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "shard_tokens": cfg.shard_tokens,
+        "spec": loaded.spec.to_dict(),
+    }
     kinds = ("key", "value") + (("query",) if cfg.with_queries else ())
     writers = _open_writers(cfg, loaded, kinds, settings)
     key_w = writers["key"]
     if key_w.num_tokens >= cfg.num_samples or key_w.exhausted:
-        log.info("collect: %s already holds %d tokens per layer; nothing to do",
-                 cfg.output_dir, key_w.num_tokens)
+        log.info(
+            "collect: %s already holds %d tokens per layer; nothing to do",
+            cfg.output_dir,
+            key_w.num_tokens,
+        )
         return cfg.output_dir
     check_disk(cfg.output_dir, bytes_needed(cfg, loaded, cfg.num_samples - key_w.num_tokens))
     log.info("collect: model %s, dataset %s -> %s", loaded.name, dataset, cfg.output_dir)
@@ -314,19 +390,29 @@ def _run(cfg: CollectConfig, loaded: LoadedModel | None) -> Path:
         if rank_world()[0] == 0:
             for w in writers.values():
                 kvstore.remove_store(w.root)
-        raise ValueError(f"--dataset {cfg.dataset}: the corpus has no text; give a corpus with documents")
+        raise ValueError(
+            f"--dataset {cfg.dataset}: the corpus has no text; give a corpus with documents"
+        )
     if rank_world()[0] == 0:
         for w in writers.values():
             w.finish(exhausted)
     barrier()
     if exhausted:
-        log.warning("collect: the corpus ran out after %d tokens per layer (asked for %d)",
-                    key_w.num_tokens, cfg.num_samples)
+        log.warning(
+            "collect: the corpus ran out after %d tokens per layer (asked for %d)",
+            key_w.num_tokens,
+            cfg.num_samples,
+        )
     return cfg.output_dir
 
 
-def _collect_loop(cfg: CollectConfig, loaded: LoadedModel, dataset: str,
-                  writers: dict[str, kvstore.KVStoreWriter], kinds: tuple[str, ...]) -> bool:
+def _collect_loop(
+    cfg: CollectConfig,
+    loaded: LoadedModel,
+    dataset: str,
+    writers: dict[str, kvstore.KVStoreWriter],
+    kinds: tuple[str, ...],
+) -> bool:
     """The forward passes; returns True when the corpus ran out first.
 
     Shard ``j`` holds batches ``[jK, (j+1)K)`` and is computed by rank ``j % world``: every rank
@@ -346,17 +432,27 @@ def _collect_loop(cfg: CollectConfig, loaded: LoadedModel, dataset: str,
     def sink(kind: str, layer: int, out: torch.Tensor) -> None:
         captured[(kind, layer)] = out.detach()
 
-    with ThreadPoolExecutor(max_workers=1) as pool, capture_projections(base, sink, kinds), \
-            torch.inference_mode(), \
-            tqdm(total=cfg.num_samples, initial=tok, unit="tok", desc=f"collect[{rank}]" if world > 1 else "collect",
-                 disable=None) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=1) as pool,
+        capture_projections(base, sink, kinds),
+        torch.inference_mode(),
+        tqdm(
+            total=cfg.num_samples,
+            initial=tok,
+            unit="tok",
+            desc=f"collect[{rank}]" if world > 1 else "collect",
+            disable=None,
+        ) as bar,
+    ):
         for batch in batches(_sequences(cfg, loaded, dataset, g * cfg.batch_size), cfg.batch_size):
             j = g // k
             n_tok = min(batch.numel(), cfg.num_samples - tok)
             if j % world == rank:
                 captured.clear()
                 base(input_ids=batch.to(loaded.model.device), use_cache=False)
-                shard.add(_batch_rows(captured, 0, n_tok, batch.shape[1], tok, stride, store_dtype), n_tok)
+                shard.add(
+                    _batch_rows(captured, 0, n_tok, batch.shape[1], tok, stride, store_dtype), n_tok
+                )
             tok, g = tok + n_tok, g + 1
             bar.update(n_tok)
             last = tok >= cfg.num_samples
@@ -375,7 +471,9 @@ def _collect_loop(cfg: CollectConfig, loaded: LoadedModel, dataset: str,
     return exhausted
 
 
-def _write_shard(writers: dict[str, kvstore.KVStoreWriter], shard: _Shard, index: int, written: dict) -> None:
+def _write_shard(
+    writers: dict[str, kvstore.KVStoreWriter], shard: _Shard, index: int, written: dict
+) -> None:
     """Write shard ``index`` of every kind; one process lists it at once, several record it."""
     single = rank_world()[1] == 1
     for kind, w in writers.items():
@@ -411,8 +509,14 @@ def _merge_ranks(writers: dict[str, kvstore.KVStoreWriter], first: int, written:
         w.shards = [kvstore.ShardInfo(**sh) for sh in kvstore.read_manifest(w.root)["shards"]]
 
 
-def _flush(pool: ThreadPoolExecutor, pending: Future | None, writers, shard: _Shard, index: int,
-           written: dict) -> Future:
+def _flush(
+    pool: ThreadPoolExecutor,
+    pending: Future | None,
+    writers,
+    shard: _Shard,
+    index: int,
+    written: dict,
+) -> Future:
     """Wait for the previous shard's write, then write this one in the background."""
     if pending is not None:
         pending.result()

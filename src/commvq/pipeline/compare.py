@@ -28,10 +28,14 @@ log = logging.getLogger("commvq")
 @dataclass(frozen=True)
 class CompareConfig:
     dirs: list[Path] = option([], "codebook directories to compare", positional=True)
-    key_dir: Path = option(Path("data/key"), "keys to evaluate on (queries from its sibling 'query' if present)")
+    key_dir: Path = option(
+        Path("data/key"), "keys to evaluate on (queries from its sibling 'query' if present)"
+    )
     eval_samples: int = option(16384, "held-out key vectors per layer")
     output: Path = option(Path("compare"), "folder for compare.json / .md / .png")
-    beam: int = option(0, "key encoder's beam width for every folder (0: each folder's own, from its config.json)")
+    beam: int = option(
+        0, "key encoder's beam width for every folder (0: each folder's own, from its config.json)"
+    )
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
 
     def __post_init__(self) -> None:
@@ -76,8 +80,11 @@ def eval_range(store: KVStore, trained: int, want: int) -> tuple[int, int]:
         return 0, min(store.num_tokens, want)
     if store.num_tokens > trained:
         return trained, min(store.num_tokens, trained + want)
-    log.warning("compare: %s has no keys beyond the %d used for training; evaluating on training keys",
-                store.root, trained)
+    log.warning(
+        "compare: %s has no keys beyond the %d used for training; evaluating on training keys",
+        store.root,
+        trained,
+    )
     return max(0, store.num_tokens - want), store.num_tokens
 
 
@@ -94,15 +101,20 @@ def run(cfg: CompareConfig) -> Path:
     names = column_names(cfg.dirs)
     rows = []
     for layer in range(spec.num_layers):
-        present = [d for d in cfg.dirs
-                   if all(io.head_file(d, layer, h).is_file() for h in range(spec.num_kv_heads))]
+        present = [
+            d
+            for d in cfg.dirs
+            if all(io.head_file(d, layer, h).is_file() for h in range(spec.num_kv_heads))
+        ]
         if not present:
             continue
         start, stop = eval_range(store, rows_trained(configs, layer), cfg.eval_samples)
         keys = store.layer(layer).read(start, stop).to(device)
         w = None
         if queries is not None:
-            w = pair_weights(queries.layer(layer).read().to(device), spec.num_kv_heads, spec.head_dim)
+            w = pair_weights(
+                queries.layer(layer).read().to(device), spec.num_kv_heads, spec.head_dim
+            )
         row = {"layer": layer, "eval_rows": [start, stop]}
         for name, d in zip(names, cfg.dirs, strict=True):
             if d not in present:
@@ -112,9 +124,17 @@ def run(cfg: CompareConfig) -> Path:
         rows.append(row)
     beams = {name: cfg.beam or io.encode_beam(d) for name, d in zip(names, cfg.dirs, strict=True)}
     spans = sorted({tuple(r["eval_rows"]) for r in rows})
-    return write_report(cfg, names, rows, {"eval_rows": list(spans[0]) if len(spans) == 1 else "per layer",
-                                           "key_dir": str(cfg.key_dir),
-                                           "query_weighted": queries is not None, "beams": beams})
+    return write_report(
+        cfg,
+        names,
+        rows,
+        {
+            "eval_rows": list(spans[0]) if len(spans) == 1 else "per layer",
+            "key_dir": str(cfg.key_dir),
+            "query_weighted": queries is not None,
+            "beams": beams,
+        },
+    )
 
 
 def _table(names: list[str], rows: list[dict], metric: str) -> list[str]:
@@ -134,10 +154,16 @@ def write_report(cfg: CompareConfig, names: list[str], rows: list[dict], meta: d
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     metrics = ["relative_mse"] + (["relative_logit_error"] if meta["query_weighted"] else [])
-    where = (f"rows {meta['eval_rows'][0]}..{meta['eval_rows'][1]}" if meta["eval_rows"] != "per layer" else
-             "per layer, the rows after those its codebooks trained on (compare.json)")
-    md = [f"Held-out keys: {where} of {meta['key_dir']}; key encoder's "
-          "beam width: " + ", ".join(f"{n} {b}" for n, b in meta["beams"].items()) + ".", ""]
+    where = (
+        f"rows {meta['eval_rows'][0]}..{meta['eval_rows'][1]}"
+        if meta["eval_rows"] != "per layer"
+        else "per layer, the rows after those its codebooks trained on (compare.json)"
+    )
+    md = [
+        f"Held-out keys: {where} of {meta['key_dir']}; key encoder's "
+        "beam width: " + ", ".join(f"{n} {b}" for n, b in meta["beams"].items()) + ".",
+        "",
+    ]
     for metric in metrics:
         md += [f"### {metric}", "", *_table(names, rows, metric), ""]
     text = "\n".join(md)

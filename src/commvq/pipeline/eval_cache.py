@@ -19,7 +19,12 @@ from commvq import __version__
 from commvq.fsutil import write_json
 
 RETRIEVAL = ("lengths", "depths", "samples", "seed")
-PART_SETTINGS = {"bytes": (), "ppl": ("ppl_tokens", "ppl_docs", "ppl_chunk"), "passkey": RETRIEVAL, "needle": RETRIEVAL}
+PART_SETTINGS = {
+    "bytes": (),
+    "ppl": ("ppl_tokens", "ppl_docs", "ppl_chunk"),
+    "passkey": RETRIEVAL,
+    "needle": RETRIEVAL,
+}
 
 
 def folder_digest(folder: Path | None) -> str | None:
@@ -49,9 +54,17 @@ def fingerprint(common: dict, part: str, settings: dict) -> str:
 
 
 def common_key(method: Any, model: str, device: str, window: int, sink: int) -> dict:
-    return {"method": method.name, "beam": method.beam, "keys": folder_digest(method.key_dir),
-            "values": folder_digest(method.value_dir), "model": model_identity(model), "device": device,
-            "window": window, "sink": sink, "commvq": __version__}
+    return {
+        "method": method.name,
+        "beam": method.beam,
+        "keys": folder_digest(method.key_dir),
+        "values": folder_digest(method.value_dir),
+        "model": model_identity(model),
+        "device": device,
+        "window": window,
+        "sink": sink,
+        "commvq": __version__,
+    }
 
 
 def cache_file(output: Path, method: str) -> Path:

@@ -45,10 +45,16 @@ class EvalValuesConfig:
     dataset: str = option("embedded", "corpus (the embedded corpus uses its held-out split)")
     max_seq_length: int = option(1024, "tokens per sequence")
     num_sequences: int = option(4, "held-out sequences")
-    scale_file: Path | None = option(None, "also evaluate, with these scales, each codec's training start "
-                                     "(rebuilt from its recorded settings) and a random-rotation codec")
-    rounded: str = option("", "also each codec with its weights rounded to these dtypes (e.g. bfloat16,float16): "
-                          "what holding the codec in that dtype would cost")
+    scale_file: Path | None = option(
+        None,
+        "also evaluate, with these scales, each codec's training start "
+        "(rebuilt from its recorded settings) and a random-rotation codec",
+    )
+    rounded: str = option(
+        "",
+        "also each codec with its weights rounded to these dtypes (e.g. bfloat16,float16): "
+        "what holding the codec in that dtype would cost",
+    )
     output: Path = option(Path("eval_values"), "folder for values.json and values.md")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
 
@@ -82,13 +88,23 @@ def run(cfg: EvalValuesConfig) -> Path:
             torch.manual_seed(0)
             codecs[f"untrained_{b}bit"] = ValueCodec.from_scales(values, b).to(loaded.model.device)
     tok = loaded.tokenizer
-    src = CorpusSource(resolve_dataset(cfg.dataset), split="heldout" if cfg.dataset == "embedded" else "train")
+    src = CorpusSource(
+        resolve_dataset(cfg.dataset), split="heldout" if cfg.dataset == "embedded" else "train"
+    )
     docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(src))
-    seqs = itertools.islice((s for s in pack(docs, cfg.max_seq_length, tok.eos_token_id or 0)
-                             if len(s) == cfg.max_seq_length), cfg.num_sequences)
+    seqs = itertools.islice(
+        (
+            s
+            for s in pack(docs, cfg.max_seq_length, tok.eos_token_id or 0)
+            if len(s) == cfg.max_seq_length
+        ),
+        cfg.num_sequences,
+    )
     data = [b.to(loaded.model.device) for b in batches(seqs, 1)]
     rows = value_errors(loaded.model, codecs, data, sorted(bits))
-    return report(cfg, rows, {"model": loaded.name, "tokens": cfg.num_sequences * cfg.max_seq_length})
+    return report(
+        cfg, rows, {"model": loaded.name, "tokens": cfg.num_sequences * cfg.max_seq_length}
+    )
 
 
 def _training_start(folder: Path, loaded, values: dict[int, torch.Tensor]) -> ValueCodec | None:
@@ -107,14 +123,27 @@ def report(cfg: EvalValuesConfig, rows: list[dict], meta: dict) -> Path:
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     names = list(rows[0])
-    lines = [f"Held-out tokens: {meta['tokens']} ({meta['model']}). Per layer: value MSE / attention-output MSE.",
-             "", "| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = [
+        f"Held-out tokens: {meta['tokens']} ({meta['model']}). Per layer: value MSE / attention-output MSE.",
+        "",
+        "| layer | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for i, row in enumerate(rows):
-        lines.append(f"| {i} | " + " | ".join(f"{row[n]['value_mse']:.4g} / {row[n]['attn_mse']:.4g}" for n in names)
-                     + " |")
-    means = {n: {k: sum(r[n][k] for r in rows) / len(rows) for k in ("value_mse", "attn_mse")} for n in names}
-    lines.append("| mean | " + " | ".join(f"**{means[n]['value_mse']:.4g} / {means[n]['attn_mse']:.4g}**"
-                                         for n in names) + " |")
+        lines.append(
+            f"| {i} | "
+            + " | ".join(f"{row[n]['value_mse']:.4g} / {row[n]['attn_mse']:.4g}" for n in names)
+            + " |"
+        )
+    means = {
+        n: {k: sum(r[n][k] for r in rows) / len(rows) for k in ("value_mse", "attn_mse")}
+        for n in names
+    }
+    lines.append(
+        "| mean | "
+        + " | ".join(f"**{means[n]['value_mse']:.4g} / {means[n]['attn_mse']:.4g}**" for n in names)
+        + " |"
+    )
     text = "\n".join(lines)
     print(text)
     with atomic_path(out / "values.md") as tmp:

@@ -38,9 +38,12 @@ def _floats(text: str) -> list[float]:
 @dataclass(frozen=True)
 class EvalConfig:
     suite: str = option("compare", "ppl, passkey, needle or compare (all three)", positional=True)
-    methods: str = option(meth.ALL, "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq, "
-                                    "hf-quanto2, hf-quanto4 (transformers' QuantizedCache; needs optimum-quanto); "
-                                    "a CommVQ method + @B encodes keys with a beam of width B (commvq-em2@8)")
+    methods: str = option(
+        meth.ALL,
+        "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq, "
+        "hf-quanto2, hf-quanto4 (transformers' QuantizedCache; needs optimum-quanto); "
+        "a CommVQ method + @B encodes keys with a beam of width B (commvq-em2@8)",
+    )
     workdir: Path = option(Path("runs/embedded"), "folder holding codebook_*/ and value_codec_*/")
     key_dir: Path | None = option(None, "codebooks for method 'commvq'")
     value_dir: Path | None = option(None, "value codec for method 'commvq'")
@@ -52,7 +55,9 @@ class EvalConfig:
     ppl_chunk: int = option(64, "tokens fed per step (each attends to the compressed past)")
     lengths: str = option("512,1024,2048", "context lengths for passkey and needle (comma list)")
     depths: str = option("0,0.5,1", "needle / pass key depths (comma list of fractions)")
-    samples: int = option(2, "pass keys and needles per (length, depth); each needle reads other haystack text")
+    samples: int = option(
+        2, "pass keys and needles per (length, depth); each needle reads other haystack text"
+    )
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "seed of the pass keys and of the needles' haystack offsets")
@@ -69,9 +74,13 @@ class EvalConfig:
             raise ValueError(f"--sink {self.sink}: must be 0 or more")
         bad = [d for d in _floats(self.depths) if not 0 <= d <= 1]
         if bad or not _floats(self.depths):
-            raise ValueError(f"--depths {self.depths}: give fractions of the context between 0 and 1 (e.g. 0,0.5,1)")
+            raise ValueError(
+                f"--depths {self.depths}: give fractions of the context between 0 and 1 (e.g. 0,0.5,1)"
+            )
         if not _ints(self.lengths) or min(_ints(self.lengths)) < 1:
-            raise ValueError(f"--lengths {self.lengths}: give positive token counts (e.g. 512,1024)")
+            raise ValueError(
+                f"--lengths {self.lengths}: give positive token counts (e.g. 512,1024)"
+            )
 
 
 def heldout_docs(tokenizer: Any, n: int, tokens: int) -> list[list[int]]:
@@ -95,7 +104,9 @@ def run_ppl(cfg: EvalConfig, lm, methods: list[meth.Method]) -> dict[str, dict]:
     per_doc: dict[str, list[dict]] = {}
     for ids in tqdm(docs, desc="ppl", unit="doc"):
         t = torch.tensor([ids], device=lm.model.device)
-        makers = {m.name: (lambda m=m: m.make_cache(lm.model, cfg.window, cfg.sink)) for m in methods}
+        makers = {
+            m.name: (lambda m=m: m.make_cache(lm.model, cfg.window, cfg.sink)) for m in methods
+        }
         for name, s in ppl_kl(lm.model, t, makers, cfg.ppl_chunk, skip=cfg.window).items():
             per_doc.setdefault(name, []).append(s)
     return {name: pooled(stats) for name, stats in per_doc.items()}
@@ -105,8 +116,12 @@ def pooled(per_doc: list[dict]) -> dict:
     """Perplexity and KL over every scored token of the documents, and each document's KL
     (``kl_docs``: the spread a comparison between methods must beat)."""
     tokens = sum(s["tokens"] for s in per_doc)
-    return {"ppl": math.exp(sum(s["nll"] for s in per_doc) / tokens), "kl": sum(s["kl"] for s in per_doc) / tokens,
-            "tokens": tokens, "kl_docs": [s["kl"] / s["tokens"] for s in per_doc]}
+    return {
+        "ppl": math.exp(sum(s["nll"] for s in per_doc) / tokens),
+        "kl": sum(s["kl"] for s in per_doc) / tokens,
+        "tokens": tokens,
+        "kl_docs": [s["kl"] / s["tokens"] for s in per_doc],
+    }
 
 
 def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) -> tuple[dict, dict]:
@@ -117,12 +132,16 @@ def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) ->
     if kind == "passkey":
         probes = synthetic.passkey_probes(encode, lengths, depths, cfg.samples, cfg.seed)
     else:
-        hay = " ".join(itertools.islice(iter_documents(CorpusSource("embedded", split="heldout")), 6))
+        hay = " ".join(
+            itertools.islice(iter_documents(CorpusSource("embedded", split="heldout")), 6)
+        )
         probes = synthetic.needle_probes(encode, hay, lengths, depths, cfg.samples, cfg.seed)
     grid: dict[str, dict[tuple[int, float], list[bool]]] = {m.name: {} for m in methods}
     for m in methods:
         for probe in tqdm(probes, desc=f"{kind} {m.name}", unit="probe", leave=False):
-            ok, _ = synthetic.answer(lm.model, lm.tokenizer, probe, m.make_cache(lm.model, cfg.window, cfg.sink))
+            ok, _ = synthetic.answer(
+                lm.model, lm.tokenizer, probe, m.make_cache(lm.model, cfg.window, cfg.sink)
+            )
             grid[m.name].setdefault((probe.length, probe.depth), []).append(ok)
     acc = {name: {key: sum(v) / len(v) for key, v in cells.items()} for name, cells in grid.items()}
     summary = {name: sum(a.values()) / len(a) for name, a in acc.items()}
@@ -146,27 +165,47 @@ def bytes_per_token(lm, method: meth.Method, window: int, sink: int = 0) -> dict
 
         kbytes, vbytes, tokens = quantized_part(cache.layers[0])
     else:  # every stored byte of a compressed token counts: codes and bits, and the per-token scalars
-        layer = cache.layers[0]  # (key prescale and position, value factor), as KIVI's bits count its scales
-        kbytes, vbytes = (sum(t.numel() * t.element_size() for t in layer.store[part].values()) for part in "kv")
+        layer = cache.layers[
+            0
+        ]  # (key prescale and position, value factor), as KIVI's bits count its scales
+        kbytes, vbytes = (
+            sum(t.numel() * t.element_size() for t in layer.store[part].values()) for part in "kv"
+        )
         tokens = max(1, layer.num_compressed)
-    return {"bytes_per_token_layer": (kbytes + vbytes) / tokens, "key_bits": 8 * kbytes / (tokens * kv_dim),
-            "value_bits": 8 * vbytes / (tokens * kv_dim), "fp16_bytes_per_token_layer": 4.0 * kv_dim}
+    return {
+        "bytes_per_token_layer": (kbytes + vbytes) / tokens,
+        "key_bits": 8 * kbytes / (tokens * kv_dim),
+        "value_bits": 8 * vbytes / (tokens * kv_dim),
+        "fp16_bytes_per_token_layer": 4.0 * kv_dim,
+    }
 
 
 def run(cfg: EvalConfig) -> Path:
     """Every method's results, each part (bytes, perplexity, each retrieval suite) taken from the
     results folder's cache where nothing that decides it changed (:mod:`eval_cache`); the model is
     loaded only when something is left to compute."""
-    methods = meth.resolve([m.strip() for m in cfg.methods.split(",") if m.strip()], cfg.workdir, cfg.key_dir,
-                           cfg.value_dir)
+    methods = meth.resolve(
+        [m.strip() for m in cfg.methods.split(",") if m.strip()],
+        cfg.workdir,
+        cfg.key_dir,
+        cfg.value_dir,
+    )
     suites = ("ppl", "passkey", "needle") if cfg.suite == "compare" else (cfg.suite,)
     settings = to_dict(cfg)
     kept = {m.name: eval_cache.load(cfg.output, m.name) for m in methods}
-    common = {m.name: eval_cache.common_key(m, cfg.model, cfg.device, cfg.window, cfg.sink) for m in methods}
-    fps = {(m.name, part): eval_cache.fingerprint(common[m.name], part, settings)
-           for m in methods for part in ("bytes", *suites)}
-    todo = {part: [m for m in methods if eval_cache.hit(kept[m.name], part, fps[m.name, part]) is None]
-            for part in ("bytes", *suites)}
+    common = {
+        m.name: eval_cache.common_key(m, cfg.model, cfg.device, cfg.window, cfg.sink)
+        for m in methods
+    }
+    fps = {
+        (m.name, part): eval_cache.fingerprint(common[m.name], part, settings)
+        for m in methods
+        for part in ("bytes", *suites)
+    }
+    todo = {
+        part: [m for m in methods if eval_cache.hit(kept[m.name], part, fps[m.name, part]) is None]
+        for part in ("bytes", *suites)
+    }
     lm = None
     if any(todo.values()):
         lm = load_model(cfg.model, device=cfg.device)
@@ -191,10 +230,17 @@ def run(cfg: EvalConfig) -> Path:
             summary, acc = run_retrieval(cfg, lm, todo[suite], suite)
             for m in todo[suite]:
                 keep(m, suite, {suite: summary[m.name]}, acc[m.name])
-    results = {m.name: {k: v for part in ("bytes", *suites) for k, v in kept[m.name][part]["result"].items()}
-               for m in methods}
-    grids = {s: {m.name: {_cell_key(k): v for k, v in kept[m.name][s]["grid"].items()} for m in methods}
-             for s in suites if s != "ppl"}
+    results = {
+        m.name: {
+            k: v for part in ("bytes", *suites) for k, v in kept[m.name][part]["result"].items()
+        }
+        for m in methods
+    }
+    grids = {
+        s: {m.name: {_cell_key(k): v for k, v in kept[m.name][s]["grid"].items()} for m in methods}
+        for s in suites
+        if s != "ppl"
+    }
     model_name = lm.name if lm is not None else kept[methods[0].name]["bytes"]["model"]
     return report(cfg, model_name, results, grids)
 
@@ -218,27 +264,47 @@ def cell(fmt: str, value: float) -> str:
 def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: dict) -> Path:
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
-    cols = [("key bits", "key_bits", "{:.2f}"), ("value bits", "value_bits", "{:.2f}"),
-            ("bytes/token/layer", "bytes_per_token_layer", "{:.1f}"), ("perplexity", "ppl", "{:.3f}"),
-            ("KL vs exact", "kl", "{:.4f}"), ("passkey", "passkey", "{:.0%}"), ("needle", "needle", "{:.0%}")]
+    cols = [
+        ("key bits", "key_bits", "{:.2f}"),
+        ("value bits", "value_bits", "{:.2f}"),
+        ("bytes/token/layer", "bytes_per_token_layer", "{:.1f}"),
+        ("perplexity", "ppl", "{:.3f}"),
+        ("KL vs exact", "kl", "{:.4f}"),
+        ("passkey", "passkey", "{:.0%}"),
+        ("needle", "needle", "{:.0%}"),
+    ]
     cols = [c for c in cols if any(c[1] in r for r in results.values())]
     sink = f"; sink {cfg.sink} (CommVQ and KIVI caches)" if cfg.sink else ""
-    lines = [f"Model {model_name}; window {cfg.window}{sink}; perplexity over {cfg.ppl_docs} held-out speeches x "
-             f"{cfg.ppl_tokens} tokens fed {cfg.ppl_chunk} at a time (tokens after the first window); "
-             f"retrieval at lengths {cfg.lengths}, depths {cfg.depths}.", "",
-             "| method | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = [
+        f"Model {model_name}; window {cfg.window}{sink}; perplexity over {cfg.ppl_docs} held-out speeches x "
+        f"{cfg.ppl_tokens} tokens fed {cfg.ppl_chunk} at a time (tokens after the first window); "
+        f"retrieval at lengths {cfg.lengths}, depths {cfg.depths}.",
+        "",
+        "| method | " + " | ".join(c[0] for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(cell(fmt, r[key]) if key in r else "-" for _, key, fmt in cols)
-                     + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cell(fmt, r[key]) if key in r else "-" for _, key, fmt in cols)
+            + " |"
+        )
     text = "\n".join(lines)
     print(text)
     name = cfg.suite
     with atomic_path(out / f"{name}.md") as tmp:
         tmp.write_text(text + "\n")
     serial_grids = {s: {m: _serial(g) for m, g in gm.items()} for s, gm in grids.items()}
-    write_json(out / f"{name}.json", {"model": model_name, "results": results, "grids": serial_grids,
-                                      "config": to_dict(cfg)})
+    write_json(
+        out / f"{name}.json",
+        {"model": model_name, "results": results, "grids": serial_grids, "config": to_dict(cfg)},
+    )
     for suite, grid in grids.items():
-        synthetic.heatmap(out / f"{suite}.png", grid, [x for x in _ints(cfg.lengths)], _floats(cfg.depths),
-                          f"{suite} accuracy ({model_name})")
+        synthetic.heatmap(
+            out / f"{suite}.png",
+            grid,
+            [x for x in _ints(cfg.lengths)],
+            _floats(cfg.depths),
+            f"{suite} accuracy ({model_name})",
+        )
     return out

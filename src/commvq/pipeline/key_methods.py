@@ -62,8 +62,13 @@ def validation_stage_mse(job: LayerJob, thetas: torch.Tensor) -> torch.Tensor:
 
 def save_heads(job: LayerJob, thetas: torch.Tensor, stage_mse: torch.Tensor) -> None:
     for i, h in enumerate(job.heads):
-        io.save_head(io.head_file(job.out, job.layer, h), thetas[i], stage_mse[:, i], float(stage_mse[-1, i]),
-                     job.with_centers)
+        io.save_head(
+            io.head_file(job.out, job.layer, h),
+            thetas[i],
+            stage_mse[:, i],
+            float(stage_mse[-1, i]),
+            job.with_centers,
+        )
 
 
 def run_em(job: LayerJob, max_iters: int, chunk: int) -> LayerResult:
@@ -72,20 +77,41 @@ def run_em(job: LayerJob, max_iters: int, chunk: int) -> LayerResult:
     def on_stage(r: int, res: em.StageResult, err: torch.Tensor) -> None:
         bar.update(1)
         bar.set_postfix(mse=f"{float(err.mean()):.4g}")
-        log.info("layer %d stage %d/%d: hard MSE (original scale) %s, iterations %s", job.layer, r + 1,
-                 job.layout.residuals, " ".join(f"{v:.5g}" for v in res.mse.tolist()), res.iters.tolist())
+        log.info(
+            "layer %d stage %d/%d: hard MSE (original scale) %s, iterations %s",
+            job.layer,
+            r + 1,
+            job.layout.residuals,
+            " ".join(f"{v:.5g}" for v in res.mse.tolist()),
+            res.iters.tolist(),
+        )
 
-    fitted = em.fit(job.x, job.s, job.layout.residuals, num_entries(job.layout.code_bits),
-                    em.EMSettings(max_iters=max_iters, chunk=chunk), seed=job.seed, estep=job.estep,
-                    on_stage=on_stage, init_estep=job.init_estep, nearest_fn=job.nearest)
+    fitted = em.fit(
+        job.x,
+        job.s,
+        job.layout.residuals,
+        num_entries(job.layout.code_bits),
+        em.EMSettings(max_iters=max_iters, chunk=chunk),
+        seed=job.seed,
+        estep=job.estep,
+        on_stage=on_stage,
+        init_estep=job.init_estep,
+        nearest_fn=job.nearest,
+    )
     bar.close()
     stage_mse = fitted.residual_mse if job.beam == 1 else validation_stage_mse(job, fitted.thetas)
     save_heads(job, fitted.thetas, stage_mse)
     return LayerResult(fitted.thetas, stage_mse, {"iterations": fitted.iters.T.tolist()})
 
 
-def initial_thetas(job: LayerJob, init: str, max_iters: int, chunk: int, init_dir: Path | None = None,
-                   spec: ModelSpec | None = None) -> torch.Tensor:
+def initial_thetas(
+    job: LayerJob,
+    init: str,
+    max_iters: int,
+    chunk: int,
+    init_dir: Path | None = None,
+    spec: ModelSpec | None = None,
+) -> torch.Tensor:
     """E2E's start: codebooks from ``init_dir`` (same layout), else trained on the job's keys."""
     if init_dir is not None:
         if spec is None:
@@ -95,15 +121,25 @@ def initial_thetas(job: LayerJob, init: str, max_iters: int, chunk: int, init_di
     e = num_entries(job.layout.code_bits)
     if init == "em":
         settings = em.EMSettings(max_iters=max_iters, chunk=chunk)
-        return em.fit(job.x, job.s, job.layout.residuals, e, settings, seed=job.seed,
-                      estep=job.estep, init_estep=job.init_estep, nearest_fn=job.nearest).thetas
+        return em.fit(
+            job.x,
+            job.s,
+            job.layout.residuals,
+            e,
+            settings,
+            seed=job.seed,
+            estep=job.estep,
+            init_estep=job.init_estep,
+            nearest_fn=job.nearest,
+        ).thetas
     if init == "random":
         return e2e.init_random(job.x, job.layout.residuals, e, generator)
     return e2e.init_kmeans(job.x, job.layout.residuals, e, generator)
 
 
-def _progress(job: LayerJob, echo: Callable[[str], None], total: int, unit: str,
-              line: Callable[[Any], str]) -> tuple[Callable[[Any, torch.Tensor | None], None], Any]:
+def _progress(
+    job: LayerJob, echo: Callable[[str], None], total: int, unit: str, line: Callable[[Any], str]
+) -> tuple[Callable[[Any, torch.Tensor | None], None], Any]:
     """A solver's step callback (a progress bar, the step's log line, the best codebooks saved as
     soon as they are reached) and its bar."""
     bar = tqdm(total=total, desc=f"layer {job.layer:3d}", unit=unit, leave=False)
@@ -114,30 +150,57 @@ def _progress(job: LayerJob, echo: Callable[[str], None], total: int, unit: str,
         if best is not None:
             save_heads(job, best, validation_stage_mse(job, best))
             loss = entry.heldout
-            echo(f"✓ Saved best model with loss {loss:.4f}" if loss >= 1e-3 else
-                 f"✓ Saved best model with loss {loss:.4g}")
+            echo(
+                f"✓ Saved best model with loss {loss:.4f}"
+                if loss >= 1e-3
+                else f"✓ Saved best model with loss {loss:.4g}"
+            )
 
     return on_step, bar
 
 
-def run_e2e_adam(job: LayerJob, settings: e2e.E2ESettings, thetas0: torch.Tensor,
-                 echo: Callable[[str], None] = print) -> LayerResult:
+def run_e2e_adam(
+    job: LayerJob,
+    settings: e2e.E2ESettings,
+    thetas0: torch.Tensor,
+    echo: Callable[[str], None] = print,
+) -> LayerResult:
     """Adam on the training keys (greedy codes); the validation keys pick the best epoch."""
-    on_epoch, bar = _progress(job, echo, settings.epochs, "epoch", lambda entry: (
-        f"Epoch {entry.epoch}/{settings.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
-        f"Commit: {entry.commit:.4f}"))
-    result = e2e.train(job.x, job.val_x, thetas0, settings, job.pair_weights, seed=job.seed, on_epoch=on_epoch)
+    on_epoch, bar = _progress(
+        job,
+        echo,
+        settings.epochs,
+        "epoch",
+        lambda entry: (
+            f"Epoch {entry.epoch}/{settings.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
+            f"Commit: {entry.commit:.4f}"
+        ),
+    )
+    result = e2e.train(
+        job.x, job.val_x, thetas0, settings, job.pair_weights, seed=job.seed, on_epoch=on_epoch
+    )
     bar.close()
     return _finish(job, "adam", "epoch", result.best_epoch, result)
 
 
-def run_e2e_lstsq(job: LayerJob, settings: refine.RefineSettings, thetas0: torch.Tensor,
-                  echo: Callable[[str], None] = print) -> LayerResult:
+def run_e2e_lstsq(
+    job: LayerJob,
+    settings: refine.RefineSettings,
+    thetas0: torch.Tensor,
+    echo: Callable[[str], None] = print,
+) -> LayerResult:
     """Alternate encoding (the job's beam) and the joint least-squares solve of all stages; the
     validation keys pick the best round (round 0: the start)."""
-    on_round, bar = _progress(job, echo, settings.rounds, "round", lambda entry: (
-        f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4g}, held-out: {entry.heldout:.4g} "
-        f"({entry.seconds:.1f} s)"))
+    on_round, bar = _progress(
+        job,
+        echo,
+        settings.rounds,
+        "round",
+        lambda entry: (
+            f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4g}, held-out: {entry.heldout:.4g} "
+            f"({entry.seconds:.1f} s)"
+        ),
+    )
     result = refine.refine(job.x, job.val_x, thetas0, settings, on_round=on_round)
     bar.close()
     return _finish(job, "lstsq", "round", result.best_round, result)
@@ -150,9 +213,17 @@ def _finish(job: LayerJob, solver: str, unit: str, best: int, result: Any) -> La
         save_heads(job, result.thetas, stage_mse)
     history = [vars(h) for h in result.history]
     plot_curves(job.out / "curves" / f"{job.layer:03d}.png", history, job.layer)
-    return LayerResult(result.thetas, stage_mse, {
-        "solver": solver, f"best_{unit}": best, "heldout_relative_error": result.best_heldout,
-        "init_heldout_relative_error": result.init_heldout, "history": history})
+    return LayerResult(
+        result.thetas,
+        stage_mse,
+        {
+            "solver": solver,
+            f"best_{unit}": best,
+            "heldout_relative_error": result.best_heldout,
+            "init_heldout_relative_error": result.init_heldout,
+            "history": history,
+        },
+    )
 
 
 def plot_curves(path: Path, history: list[dict], layer: int) -> None:
@@ -168,8 +239,12 @@ def plot_curves(path: Path, history: list[dict], layer: int) -> None:
     step = "epoch" if history and "epoch" in history[0] else "round"
     keys = ("loss", "recon", "commit", "heldout") if step == "epoch" else ("train", "heldout")
     for key in keys:
-        ax.plot([h[step] for h in history], [h[key] for h in history],
-                label={"heldout": "held-out recon", "train": "recon (the round's codes)"}.get(key, key), marker=".")
+        ax.plot(
+            [h[step] for h in history],
+            [h[key] for h in history],
+            label={"heldout": "held-out recon", "train": "recon (the round's codes)"}.get(key, key),
+            marker=".",
+        )
     ax.set_xlabel(step)
     ax.set_yscale("log")
     ax.set_title(f"E2E key codebooks, layer {layer}")

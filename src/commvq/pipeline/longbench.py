@@ -27,16 +27,25 @@ METHODS = ("auto", *BASELINES, "commvq")
 @dataclass(frozen=True)
 class PredConfig:
     model: str = option("embedded", "model folder, hub id, .gguf or 'embedded'")
-    codebook_dir: Path | None = option(None, "key codebooks (default: <model>/*-CommVQ-*bit-codebook if present)")
-    value_dir: Path | None = option(None, "value codec (default: <model>/*-CommVQ-*bit-values if present)")
-    method: str = option("auto", "auto (commvq when codebooks are found, else fp16), fp16, kivi2, kivi1, commvq",
-                         choices=METHODS)
+    codebook_dir: Path | None = option(
+        None, "key codebooks (default: <model>/*-CommVQ-*bit-codebook if present)"
+    )
+    value_dir: Path | None = option(
+        None, "value codec (default: <model>/*-CommVQ-*bit-values if present)"
+    )
+    method: str = option(
+        "auto",
+        "auto (commvq when codebooks are found, else fp16), fp16, kivi2, kivi1, commvq",
+        choices=METHODS,
+    )
     data_dir: Path = option(Path("data"), "folder of LongBench-format <task>.jsonl files")
     tasks: str = option("all", f"comma list of {', '.join(lb.TASKS)} or all")
     max_length: int = option(7500, "prompt tokens kept (middle truncation)")
     limit: int | None = option(None, "samples per task (default: all)")
     window: int = option(128, "full-precision window of the compressed cache")
-    out_dir: Path = option(Path("pred"), "predictions go to <out_dir>/<model>-<method>/<task>.jsonl")
+    out_dir: Path = option(
+        Path("pred"), "predictions go to <out_dir>/<model>-<method>/<task>.jsonl"
+    )
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
 
     def __post_init__(self) -> None:
@@ -48,7 +57,11 @@ class PredConfig:
 
     @property
     def task_list(self) -> list[str]:
-        return list(lb.TASKS) if self.tasks == "all" else [t.strip() for t in self.tasks.split(",") if t.strip()]
+        return (
+            list(lb.TASKS)
+            if self.tasks == "all"
+            else [t.strip() for t in self.tasks.split(",") if t.strip()]
+        )
 
 
 def _found(model: str, suffix: str) -> Path | None:
@@ -66,8 +79,12 @@ def resolve_method(cfg: PredConfig) -> Method:
     if method == "auto":
         method = "commvq" if keys or values else "fp16"
     if method == "commvq" and not (keys or values):
-        raise FileNotFoundError(f"--method commvq: no codebooks given and none in {cfg.model}/*-CommVQ-*bit-codebook")
-    return Method(method, keys if method == "commvq" else None, values if method == "commvq" else None)
+        raise FileNotFoundError(
+            f"--method commvq: no codebooks given and none in {cfg.model}/*-CommVQ-*bit-codebook"
+        )
+    return Method(
+        method, keys if method == "commvq" else None, values if method == "commvq" else None
+    )
 
 
 def run_pred(cfg: PredConfig) -> Path:
@@ -77,22 +94,52 @@ def run_pred(cfg: PredConfig) -> Path:
     name = f"{Path(lm.name).name}-{method.name}"
     out = Path(cfg.out_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    log.info("longbench: %s with %s (keys %s, values %s) -> %s", lm.name, method.name, method.key_dir,
-             method.value_dir, out)
+    log.info(
+        "longbench: %s with %s (keys %s, values %s) -> %s",
+        lm.name,
+        method.name,
+        method.key_dir,
+        method.value_dir,
+        out,
+    )
     for task in cfg.task_list:
         rows = lb.load_task(cfg.data_dir, task, cfg.limit)
         path = out / f"{task}.jsonl"
-        done = complete_lines(path)  # a torn last line (an interrupted write) is dropped, then redone
+        done = complete_lines(
+            path
+        )  # a torn last line (an interrupted write) is dropped, then redone
         with path.open("a", encoding="utf-8") as fh:
             for sample in tqdm(rows[done:], desc=task, unit="sample"):
-                pred = lb.predict(lm.model, lm.tokenizer, task, sample, cfg.max_length,
-                                  lambda: method.make_cache(lm.model, cfg.window))
-                fh.write(json.dumps({"pred": pred, "answers": sample["answers"],
-                                     "all_classes": sample.get("all_classes"), "length": sample.get("length")},
-                                    ensure_ascii=False) + "\n")
+                pred = lb.predict(
+                    lm.model,
+                    lm.tokenizer,
+                    task,
+                    sample,
+                    cfg.max_length,
+                    lambda: method.make_cache(lm.model, cfg.window),
+                )
+                fh.write(
+                    json.dumps(
+                        {
+                            "pred": pred,
+                            "answers": sample["answers"],
+                            "all_classes": sample.get("all_classes"),
+                            "length": sample.get("length"),
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
                 fh.flush()
-    write_json(out / "pred_config.json", {**to_dict(cfg), "method": method.name, "key_dir": str(method.key_dir),
-                                          "value_dir": str(method.value_dir)})
+    write_json(
+        out / "pred_config.json",
+        {
+            **to_dict(cfg),
+            "method": method.name,
+            "key_dir": str(method.key_dir),
+            "value_dir": str(method.value_dir),
+        },
+    )
     return out
 
 
@@ -108,16 +155,26 @@ class EvalConfig:
 def run_eval(cfg: EvalConfig) -> Path:
     if not cfg.pred_dir.is_dir():
         raise FileNotFoundError(f"--pred_dir {cfg.pred_dir}: no predictions; run pred.py first")
-    folders = sorted(p for p in cfg.pred_dir.iterdir() if p.is_dir() and (cfg.model is None or p.name == cfg.model))
+    folders = sorted(
+        p
+        for p in cfg.pred_dir.iterdir()
+        if p.is_dir() and (cfg.model is None or p.name == cfg.model)
+    )
     if not folders:
-        raise FileNotFoundError(f"{cfg.pred_dir}: no prediction folders{f' named {cfg.model}' if cfg.model else ''}")
+        raise FileNotFoundError(
+            f"{cfg.pred_dir}: no prediction folders{f' named {cfg.model}' if cfg.model else ''}"
+        )
     table = {}
     for folder in folders:
         scores = {}
         for task in lb.TASKS:
             path = folder / f"{task}.jsonl"
             if path.is_file():
-                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+                rows = [
+                    json.loads(line)
+                    for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()
+                ]
                 scores[task] = round(lb.task_score(task, rows), 2)
         if scores:
             scores["average"] = round(sum(scores.values()) / len(scores), 2)
@@ -126,7 +183,11 @@ def run_eval(cfg: EvalConfig) -> Path:
     tasks = [t for t in lb.TASKS if any(t in s for s in table.values())] + ["average"]
     lines = ["| method | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for name, scores in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[t]:.2f}" if t in scores else "-" for t in tasks) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{scores[t]:.2f}" if t in scores else "-" for t in tasks)
+            + " |"
+        )
     text = "\n".join(lines)
     print(text)
     with atomic_path(cfg.pred_dir / "results.md") as tmp:

@@ -33,7 +33,9 @@ class PipelineConfig:
     code_bits: int = option(8, "bits per key code and stage (the paper: 12)")
     key_samples: int = option(4096, "key vectors per layer for key training")
     em_iters: int = option(3, "EM iterations per stage")
-    e2e_rounds: int = option(train_keys.DEFAULT_ROUNDS, "E2E least-squares rounds, from the EM codebooks")
+    e2e_rounds: int = option(
+        train_keys.DEFAULT_ROUNDS, "E2E least-squares rounds, from the EM codebooks"
+    )
     beam: int = option(train_keys.DEFAULT_BEAM, "beam width of the E2E codebooks' key encoder")
     value_steps: int = option(60, "value codec training steps")
     value_seq_length: int = option(512, "tokens per sequence for value training")
@@ -55,10 +57,20 @@ def run(cfg: PipelineConfig) -> Path:
     data = w / "data"
     loaded = load_model(cfg.model, device=cfg.device)
     spec = loaded.spec
-    key_dir = collect.run(collect.CollectConfig(
-        model=cfg.model, dataset=cfg.dataset, output_dir=data / "key", num_samples=cfg.num_samples,
-        max_seq_length=cfg.max_seq_length, device=cfg.device, seed=cfg.seed, with_queries=True,
-        num_queries=min(8192, cfg.num_samples)), loaded=loaded)
+    key_dir = collect.run(
+        collect.CollectConfig(
+            model=cfg.model,
+            dataset=cfg.dataset,
+            output_dir=data / "key",
+            num_samples=cfg.num_samples,
+            max_seq_length=cfg.max_seq_length,
+            device=cfg.device,
+            seed=cfg.seed,
+            with_queries=True,
+            num_queries=min(8192, cfg.num_samples),
+        ),
+        loaded=loaded,
+    )
     scale_file = scale.run(scale.ScaleConfig(key_dir=key_dir))
     bits = [int(b) for b in cfg.bits.split(",")]
     key_dirs = []
@@ -66,24 +78,74 @@ def run(cfg: PipelineConfig) -> Path:
         r = residuals_for_bits(b, spec.head_dim, cfg.code_bits)
         em_dir = None
         for method in ("em", "e2e"):  # E2E refines the EM codebooks just trained
-            out = w / io.CodebookLayout(cfg.code_bits, spec.head_dim, r, e2e=method == "e2e").dir_name
-            key_dirs.append(train_keys.run(train_keys.TrainKeysConfig(
-                key_dir=key_dir, output_dir=out, method=method, code_bits=cfg.code_bits, residuals=r,
-                num_samples=cfg.key_samples, max_iters=cfg.em_iters, rounds=cfg.e2e_rounds, init_dir=em_dir,
-                beam=cfg.beam if method == "e2e" else None, device=cfg.device, seed=cfg.seed)))
+            out = (
+                w / io.CodebookLayout(cfg.code_bits, spec.head_dim, r, e2e=method == "e2e").dir_name
+            )
+            key_dirs.append(
+                train_keys.run(
+                    train_keys.TrainKeysConfig(
+                        key_dir=key_dir,
+                        output_dir=out,
+                        method=method,
+                        code_bits=cfg.code_bits,
+                        residuals=r,
+                        num_samples=cfg.key_samples,
+                        max_iters=cfg.em_iters,
+                        rounds=cfg.e2e_rounds,
+                        init_dir=em_dir,
+                        beam=cfg.beam if method == "e2e" else None,
+                        device=cfg.device,
+                        seed=cfg.seed,
+                    )
+                )
+            )
             em_dir = key_dirs[-1]
-        train_values.run(train_values.TrainValuesConfig(
-            model=cfg.model, dataset=cfg.dataset, scale_file=scale_file, output_dir=w / f"value_codec_{b}bit",
-            quant_bits=b, max_seq_length=cfg.value_seq_length, steps=cfg.value_steps,
-            warmup_steps=max(1, cfg.value_steps // 10), save_every=cfg.value_steps, resume=True,
-            device=cfg.device, seed=cfg.seed), loaded=loaded)
-    compare.run(compare.CompareConfig(dirs=key_dirs, key_dir=key_dir, eval_samples=4096,
-                                      output=w / "compare_keys", device=cfg.device))
-    wanted = [m for m in cfg.eval_methods.split(",") if not m.startswith("commvq-") or int(m[-1]) in bits]
-    evaluate.run(evaluate.EvalConfig(suite="compare", methods=",".join(wanted), workdir=w, model=cfg.model,
-                                     ppl_tokens=cfg.ppl_tokens, ppl_docs=1, lengths=cfg.lengths, samples=1,
-                                     device=cfg.device, seed=cfg.seed))
-    print(f"\nmodel      {loaded.name} ({spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim})")
+        train_values.run(
+            train_values.TrainValuesConfig(
+                model=cfg.model,
+                dataset=cfg.dataset,
+                scale_file=scale_file,
+                output_dir=w / f"value_codec_{b}bit",
+                quant_bits=b,
+                max_seq_length=cfg.value_seq_length,
+                steps=cfg.value_steps,
+                warmup_steps=max(1, cfg.value_steps // 10),
+                save_every=cfg.value_steps,
+                resume=True,
+                device=cfg.device,
+                seed=cfg.seed,
+            ),
+            loaded=loaded,
+        )
+    compare.run(
+        compare.CompareConfig(
+            dirs=key_dirs,
+            key_dir=key_dir,
+            eval_samples=4096,
+            output=w / "compare_keys",
+            device=cfg.device,
+        )
+    )
+    wanted = [
+        m for m in cfg.eval_methods.split(",") if not m.startswith("commvq-") or int(m[-1]) in bits
+    ]
+    evaluate.run(
+        evaluate.EvalConfig(
+            suite="compare",
+            methods=",".join(wanted),
+            workdir=w,
+            model=cfg.model,
+            ppl_tokens=cfg.ppl_tokens,
+            ppl_docs=1,
+            lengths=cfg.lengths,
+            samples=1,
+            device=cfg.device,
+            seed=cfg.seed,
+        )
+    )
+    print(
+        f"\nmodel      {loaded.name} ({spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim})"
+    )
     print(f"data       {data}  (keys, values, queries, learnable_scale.pt)")
     print(f"keys       {', '.join(str(d) for d in key_dirs)}")
     print(f"values     {', '.join(str(w / f'value_codec_{b}bit') for b in bits)}")

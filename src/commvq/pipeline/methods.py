@@ -14,7 +14,10 @@ from typing import Any
 from commvq import io
 
 BASELINES = ("fp16", "kivi2", "kivi1")
-HF_QUANTIZED = {"hf-quanto2": ("quanto", 2), "hf-quanto4": ("quanto", 4)}  # transformers' QuantizedCache
+HF_QUANTIZED = {
+    "hf-quanto2": ("quanto", 2),
+    "hf-quanto4": ("quanto", 4),
+}  # transformers' QuantizedCache
 ALL = "fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1"  # the default comparison, in table order
 
 
@@ -34,18 +37,26 @@ class Method:
             from commvq.integrations.hf.quantized import make_cache
 
             return make_cache(model, *HF_QUANTIZED[self.name], window)
-        return CommVQCache.from_pretrained(model, self.key_dir, self.value_dir, window=window, sink=sink,
-                                           beam=self.beam)
+        return CommVQCache.from_pretrained(
+            model, self.key_dir, self.value_dir, window=window, sink=sink, beam=self.beam
+        )
 
 
 def find_key_dir(workdir: Path, method: str, bits: int) -> Path:
     """The codebook folder under ``workdir`` trained by ``method`` at about ``bits`` per channel."""
     for cfg_path in sorted(workdir.glob("codebook*/config.json")):
         cfg = io.read_config(cfg_path.parent)
-        if cfg and cfg["method"] == method and round(cfg["bits_per_channel"]) == bits and cfg.get("layers"):
+        if (
+            cfg
+            and cfg["method"] == method
+            and round(cfg["bits_per_channel"]) == bits
+            and cfg.get("layers")
+        ):
             return cfg_path.parent
-    raise FileNotFoundError(f"no {method} key codebooks of {bits} bit(s) in {workdir}: run "
-                            f"`commvq train-keys --method {method} --quant_bits {bits}` there")
+    raise FileNotFoundError(
+        f"no {method} key codebooks of {bits} bit(s) in {workdir}: run "
+        f"`commvq train-keys --method {method} --quant_bits {bits}` there"
+    )
 
 
 def find_value_dir(workdir: Path, bits: int) -> Path:
@@ -53,7 +64,9 @@ def find_value_dir(workdir: Path, bits: int) -> Path:
         cfg = json.loads(cfg_path.read_text())
         if cfg.get("quant_bits") == bits:
             return cfg_path.parent
-    raise FileNotFoundError(f"no {bits}-bit value codec in {workdir}: run `commvq train-values --quant_bits {bits}`")
+    raise FileNotFoundError(
+        f"no {bits}-bit value codec in {workdir}: run `commvq train-values --quant_bits {bits}`"
+    )
 
 
 def split_beam(name: str) -> tuple[str, int | None]:
@@ -62,12 +75,15 @@ def split_beam(name: str) -> tuple[str, int | None]:
         return name, None
     base, _, width = name.partition("@")
     if not width.isdigit() or int(width) < 1:
-        raise ValueError(f"method {name!r}: the beam width after @ must be a whole number of 1 or more")
+        raise ValueError(
+            f"method {name!r}: the beam width after @ must be a whole number of 1 or more"
+        )
     return base, int(width)
 
 
-def resolve(names: list[str], workdir: Path, key_dir: Path | None = None,
-            value_dir: Path | None = None) -> list[Method]:
+def resolve(
+    names: list[str], workdir: Path, key_dir: Path | None = None, value_dir: Path | None = None
+) -> list[Method]:
     out = []
     for full in names:
         name, beam = split_beam(full)
@@ -81,8 +97,17 @@ def resolve(names: list[str], workdir: Path, key_dir: Path | None = None,
             out.append(Method(full, key_dir, value_dir, beam))
         elif name.startswith("commvq-") and name[7:-1] in ("em", "e2e") and name[-1] in "12":
             bits = int(name[-1])
-            out.append(Method(full, find_key_dir(workdir, name[7:-1], bits), find_value_dir(workdir, bits), beam))
+            out.append(
+                Method(
+                    full,
+                    find_key_dir(workdir, name[7:-1], bits),
+                    find_value_dir(workdir, bits),
+                    beam,
+                )
+            )
         else:
-            raise ValueError(f"unknown method {name!r}: use {', '.join(BASELINES + tuple(HF_QUANTIZED))}, commvq-em2, "
-                             "commvq-e2e2, commvq-em1, commvq-e2e1 or commvq (with --key_dir/--value_dir)")
+            raise ValueError(
+                f"unknown method {name!r}: use {', '.join(BASELINES + tuple(HF_QUANTIZED))}, commvq-em2, "
+                "commvq-e2e2, commvq-em1, commvq-e2e1 or commvq (with --key_dir/--value_dir)"
+            )
     return out

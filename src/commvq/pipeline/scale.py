@@ -35,14 +35,18 @@ class ScaleConfig:
         key_dir = Path(self.key_dir)
         object.__setattr__(self, "key_dir", key_dir)
         object.__setattr__(self, "value_dir", Path(self.value_dir or key_dir.parent / "value"))
-        object.__setattr__(self, "output", Path(self.output or key_dir.parent / "learnable_scale.pt"))
+        object.__setattr__(
+            self, "output", Path(self.output or key_dir.parent / "learnable_scale.pt")
+        )
         if self.num_samples is not None and self.num_samples < 1:
             raise ValueError(f"--num_samples {self.num_samples}: must be at least 1")
         if self.chunk_tokens < 1:
             raise ValueError(f"--chunk_tokens {self.chunk_tokens}: must be at least 1")
 
 
-def mean_abs(layer: LayerData, chunk: int, limit: int | None, skipped: list[str]) -> tuple[torch.Tensor, int]:
+def mean_abs(
+    layer: LayerData, chunk: int, limit: int | None, skipped: list[str]
+) -> tuple[torch.Tensor, int]:
     """Per-channel mean |x| over finite shards (float64 sums); appends skipped shard paths."""
     total = torch.zeros(layer.store.width, dtype=torch.float64)
     count = 0
@@ -95,10 +99,17 @@ def run(cfg: ScaleConfig) -> Path:
                 bar.update(1)
     with atomic_path(cfg.output) as tmp:
         torch.save(scales, tmp)
-    write_json(cfg.output.with_suffix(".json"), {
-        "format": "commvq-scale", "version": FORMAT_VERSION, "commvq": __version__,
-        "tokens": meta, "skipped_shards": skipped, "config": to_dict(cfg),
-    })
+    write_json(
+        cfg.output.with_suffix(".json"),
+        {
+            "format": "commvq-scale",
+            "version": FORMAT_VERSION,
+            "commvq": __version__,
+            "tokens": meta,
+            "skipped_shards": skipped,
+            "config": to_dict(cfg),
+        },
+    )
     log.info("scale: wrote %s", cfg.output)
     return cfg.output
 
@@ -110,12 +121,23 @@ def load_scales(path: str | Path) -> dict[str, dict[int, torch.Tensor]]:
         raise FileNotFoundError(f"{path}: no scale file; run `commvq scale` first")
     try:
         data = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as e:  # a pickle of other objects is refused by weights_only, a torn file fails to read
-        raise ValueError(f"{path}: not a readable scale file ({type(e).__name__}); run `commvq scale` "
-                         "again") from None
-    if not isinstance(data, dict) or set(data) != {"key", "value"} or not all(
-            isinstance(d, dict) and all(torch.is_tensor(t) and bool(torch.isfinite(t).all()) for t in d.values())
-            for d in data.values()):
-        raise ValueError(f"{path}: not a scale file (per kind, a layer -> finite tensor mapping); run "
-                         "`commvq scale` again")
+    except (
+        Exception
+    ) as e:  # a pickle of other objects is refused by weights_only, a torn file fails to read
+        raise ValueError(
+            f"{path}: not a readable scale file ({type(e).__name__}); run `commvq scale` again"
+        ) from None
+    if (
+        not isinstance(data, dict)
+        or set(data) != {"key", "value"}
+        or not all(
+            isinstance(d, dict)
+            and all(torch.is_tensor(t) and bool(torch.isfinite(t).all()) for t in d.values())
+            for d in data.values()
+        )
+    ):
+        raise ValueError(
+            f"{path}: not a scale file (per kind, a layer -> finite tensor mapping); run "
+            "`commvq scale` again"
+        )
     return data

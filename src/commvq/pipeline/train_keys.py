@@ -44,38 +44,77 @@ ADAM_DEFAULTS = {"epochs": 100, "lr": 1e-3, "batch_size": 256}
 @dataclass(frozen=True)
 class TrainKeysConfig:
     key_dir: Path = option(Path("data/key"), "collected keys (from `commvq collect`)")
-    output_dir: Path | None = option(None, "codebook directory (default: codebook[_e2e]_<b>bits_<D>group_<R>"
-                                     "residuals in the current folder)")
-    method: str = option("em", "training method", choices=io.METHODS, aliases=("--training_method",))
+    output_dir: Path | None = option(
+        None,
+        "codebook directory (default: codebook[_e2e]_<b>bits_<D>group_<R>"
+        "residuals in the current folder)",
+    )
+    method: str = option(
+        "em", "training method", choices=io.METHODS, aliases=("--training_method",)
+    )
     layers: str = option("all", "layers: all, L, A-B or a comma list", aliases=("--layer",))
-    quant_bits: float | None = option(None, f"bits per channel, sets R (default: {DEFAULT_QUANT_BITS:g})")
-    code_bits: int | None = option(None, f"bits per code and stage, even, 6..12 (default: {DEFAULT_CODE_BITS})")
-    residuals: int | None = option(None, "residual stages R (default: round(quant_bits*head_dim/code_bits))")
-    num_samples: int = option(1_048_576, "key vectors per layer to train on (the first N collected)")
+    quant_bits: float | None = option(
+        None, f"bits per channel, sets R (default: {DEFAULT_QUANT_BITS:g})"
+    )
+    code_bits: int | None = option(
+        None, f"bits per code and stage, even, 6..12 (default: {DEFAULT_CODE_BITS})"
+    )
+    residuals: int | None = option(
+        None, "residual stages R (default: round(quant_bits*head_dim/code_bits))"
+    )
+    num_samples: int = option(
+        1_048_576, "key vectors per layer to train on (the first N collected)"
+    )
     max_iters: int = option(100, "EM: iterations per stage at most")
-    solver: str = option("lstsq", "E2E: lstsq (alternate encoding with the beam and one joint least-squares "
-                         "solve of all stages) or adam (gradient steps on greedy codes)", choices=SOLVERS)
+    solver: str = option(
+        "lstsq",
+        "E2E: lstsq (alternate encoding with the beam and one joint least-squares "
+        "solve of all stages) or adam (gradient steps on greedy codes)",
+        choices=SOLVERS,
+    )
     rounds: int = option(DEFAULT_ROUNDS, "E2E lstsq: rounds of encode + solve")
-    beam: int | None = option(None, "beam width of the key encoder the codebooks are trained for and used with "
-                              f"(1: greedy; default {DEFAULT_BEAM} for e2e, 1 for em); recorded in config.json")
+    beam: int | None = option(
+        None,
+        "beam width of the key encoder the codebooks are trained for and used with "
+        f"(1: greedy; default {DEFAULT_BEAM} for e2e, 1 for em); recorded in config.json",
+    )
     epochs: int | None = option(None, f"E2E adam: epochs (default {ADAM_DEFAULTS['epochs']})")
-    lr: float | None = option(None, f"E2E adam: learning rate, cosine schedule (default {ADAM_DEFAULTS['lr']:g})")
-    batch_size: int | None = option(None, f"E2E adam: key vectors per step (default {ADAM_DEFAULTS['batch_size']})")
+    lr: float | None = option(
+        None, f"E2E adam: learning rate, cosine schedule (default {ADAM_DEFAULTS['lr']:g})"
+    )
+    batch_size: int | None = option(
+        None, f"E2E adam: key vectors per step (default {ADAM_DEFAULTS['batch_size']})"
+    )
     commit_weight: float = option(0.25, "E2E: weight of the commitment loss")
-    init: str = option("em", "E2E: initial codebooks: em (the paper's EM on the same keys), kmeans "
-                       "(k-means++ per stage) or random", choices=("em", "kmeans", "random"))
-    init_dir: Path | None = option(None, "E2E: start from the codebooks in this folder (e.g. an EM run on the "
-                                   "same keys) instead of training a start")
-    objective: str = option("mse", "E2E: mse, or attention (weights key errors by the collected queries)",
-                            choices=("mse", "attention"))
+    init: str = option(
+        "em",
+        "E2E: initial codebooks: em (the paper's EM on the same keys), kmeans "
+        "(k-means++ per stage) or random",
+        choices=("em", "kmeans", "random"),
+    )
+    init_dir: Path | None = option(
+        None,
+        "E2E: start from the codebooks in this folder (e.g. an EM run on the "
+        "same keys) instead of training a start",
+    )
+    objective: str = option(
+        "mse",
+        "E2E: mse, or attention (weights key errors by the collected queries)",
+        choices=("mse", "attention"),
+    )
     holdout: float = option(0.05, "E2E: fraction of the vectors held out to pick the best epoch")
     chunk: int = option(8192, "vectors per E-step chunk")
-    kernels: str = option("auto", "EM E-step and E2E codeword search: auto (Triton on GPU), torch or triton",
-                          choices=("auto", "torch", "triton"))
+    kernels: str = option(
+        "auto",
+        "EM E-step and E2E codeword search: auto (Triton on GPU), torch or triton",
+        choices=("auto", "torch", "triton"),
+    )
     with_centers: bool = option(False, "also store the materialized centers (about 2 MB per stage)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "random seed")
-    overwrite: bool = option(False, "retrain finished layers; empty a directory of another method/layout")
+    overwrite: bool = option(
+        False, "retrain finished layers; empty a directory of another method/layout"
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_dir", Path(self.key_dir))
@@ -93,7 +132,9 @@ class TrainKeysConfig:
         if self.init_dir is not None:
             object.__setattr__(self, "init_dir", Path(self.init_dir))
         if self.method == "e2e" and self.solver == "adam" and self.beam not in (None, 1):
-            raise ValueError(f"--beam {self.beam} needs --solver lstsq: adam trains on greedy codes (--beam 1)")
+            raise ValueError(
+                f"--beam {self.beam} needs --solver lstsq: adam trains on greedy codes (--beam 1)"
+            )
         if self.residuals is not None and self.residuals < 1:
             raise ValueError(f"--residuals {self.residuals}: must be at least 1")
         if self.quant_bits is not None and self.quant_bits <= 0:
@@ -101,7 +142,9 @@ class TrainKeysConfig:
         if not 0 < self.holdout < 0.5:
             raise ValueError(f"--holdout {self.holdout}: use a fraction between 0 and 0.5")
         if (self.lr is not None and self.lr <= 0) or self.commit_weight < 0:
-            raise ValueError(f"--lr {self.lr} must be positive and --commit_weight {self.commit_weight} >= 0")
+            raise ValueError(
+                f"--lr {self.lr} must be positive and --commit_weight {self.commit_weight} >= 0"
+            )
 
     @property
     def encode_beam(self) -> int:
@@ -147,17 +190,25 @@ def resolve_layout(cfg: TrainKeysConfig, spec: ModelSpec) -> tuple[io.CodebookLa
     named = io.parse_dir_name(cfg.output_dir.name) if cfg.output_dir is not None else None
     if named is not None:
         if named.head_dim != spec.head_dim:
-            raise ValueError(f"--output_dir {cfg.output_dir.name} says head_dim {named.head_dim}; "
-                             f"the model's is {spec.head_dim}")
+            raise ValueError(
+                f"--output_dir {cfg.output_dir.name} says head_dim {named.head_dim}; "
+                f"the model's is {spec.head_dim}"
+            )
         if named.e2e and cfg.method != "e2e":
-            raise ValueError(f"--output_dir {cfg.output_dir.name} is an E2E directory; "
-                             "use --method e2e or another name")
+            raise ValueError(
+                f"--output_dir {cfg.output_dir.name} is an E2E directory; "
+                "use --method e2e or another name"
+            )
         if cfg.method == "e2e" and not named.e2e:
-            raise ValueError(f"--output_dir {cfg.output_dir.name} is named for EM codebooks; use "
-                             f"codebook_e2e_{named.code_bits}bits_{named.head_dim}group_{named.residuals}residuals "
-                             "or another name")
-        for flag, given, said in (("code_bits", cfg.code_bits, named.code_bits),
-                                  ("residuals", cfg.residuals, named.residuals)):
+            raise ValueError(
+                f"--output_dir {cfg.output_dir.name} is named for EM codebooks; use "
+                f"codebook_e2e_{named.code_bits}bits_{named.head_dim}group_{named.residuals}residuals "
+                "or another name"
+            )
+        for flag, given, said in (
+            ("code_bits", cfg.code_bits, named.code_bits),
+            ("residuals", cfg.residuals, named.residuals),
+        ):
             if given is not None and given != said:
                 raise ValueError(f"--{flag} {given} contradicts --output_dir {cfg.output_dir.name}")
     code_bits = cfg.code_bits or (named.code_bits if named else DEFAULT_CODE_BITS)
@@ -166,18 +217,29 @@ def resolve_layout(cfg: TrainKeysConfig, spec: ModelSpec) -> tuple[io.CodebookLa
         r = cfg.residuals
     elif named is not None:
         r = named.residuals
-        if cfg.quant_bits is not None and residuals_for_bits(cfg.quant_bits, spec.head_dim, code_bits) != r:
-            raise ValueError(f"--quant_bits {cfg.quant_bits:g} gives "
-                             f"{residuals_for_bits(cfg.quant_bits, spec.head_dim, code_bits)} stages, "
-                             f"--output_dir {cfg.output_dir.name} says {r}")
+        if (
+            cfg.quant_bits is not None
+            and residuals_for_bits(cfg.quant_bits, spec.head_dim, code_bits) != r
+        ):
+            raise ValueError(
+                f"--quant_bits {cfg.quant_bits:g} gives "
+                f"{residuals_for_bits(cfg.quant_bits, spec.head_dim, code_bits)} stages, "
+                f"--output_dir {cfg.output_dir.name} says {r}"
+            )
     else:
         r = residuals_for_bits(quant_bits, spec.head_dim, code_bits)
     layout = io.CodebookLayout(code_bits, spec.head_dim, r, e2e=cfg.method == "e2e")
     return layout, cfg.output_dir or Path(layout.dir_name)
 
 
-def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite: bool, empty: bool = True,
-                   beam: int = 1) -> None:
+def prepare_output(
+    out: Path,
+    layout: io.CodebookLayout,
+    method: str,
+    overwrite: bool,
+    empty: bool = True,
+    beam: int = 1,
+) -> None:
     """Refuse to mix methods or layouts in one directory, unless ``overwrite`` empties it (the
     emptying only where ``empty``: one process of several)."""
     if not out.exists():
@@ -188,13 +250,19 @@ def prepare_output(out: Path, layout: io.CodebookLayout, method: str, overwrite:
     if cfg is None and not files:
         return
     have_method = cfg["method"] if cfg else "unknown"
-    same = cfg is not None and cfg["method"] == method and (cfg["code_bits"], cfg["residuals"], cfg.get("beam", 1)) == (
-        layout.code_bits, layout.residuals, beam)
+    same = (
+        cfg is not None
+        and cfg["method"] == method
+        and (cfg["code_bits"], cfg["residuals"], cfg.get("beam", 1))
+        == (layout.code_bits, layout.residuals, beam)
+    )
     if same:
         return
     if not overwrite:
-        raise ValueError(f"{out} holds {have_method} codebooks of other settings; EM and E2E results never "
-                         "overwrite each other: choose another --output_dir or pass --overwrite")
+        raise ValueError(
+            f"{out} holds {have_method} codebooks of other settings; EM and E2E results never "
+            "overwrite each other: choose another --output_dir or pass --overwrite"
+        )
     if not empty:
         return
     log.warning("train-keys: emptying %s (%s codebooks) as --overwrite asks", out, have_method)
@@ -217,7 +285,9 @@ def use_triton(name: str, device: torch.device) -> bool:
     return True
 
 
-def resolve_estep(name: str, device: torch.device) -> tuple[em.EStep, em.CentersEStep, em.Nearest | None]:
+def resolve_estep(
+    name: str, device: torch.device
+) -> tuple[em.EStep, em.CentersEStep, em.Nearest | None]:
     """The EM E-steps (against codebooks, and the initialization's against free centers) and the
     nearest-codeword search that encodes the residual between stages (None: pure torch)."""
     if not use_triton(name, device):
@@ -237,26 +307,46 @@ def resolve_encoder(name: str, device: torch.device):
     return encode_triton_with_residuals
 
 
-def update_config(out: Path, layout: io.CodebookLayout, cfg: TrainKeysConfig, spec: ModelSpec, store: KVStore,
-                  samples: int) -> None:
+def update_config(
+    out: Path,
+    layout: io.CodebookLayout,
+    cfg: TrainKeysConfig,
+    spec: ModelSpec,
+    store: KVStore,
+    samples: int,
+) -> None:
     """Rebuild config.json from the per-layer metrics files (safe with several processes)."""
     layers = {}
     for f in sorted((out / "metrics").glob("*.json")):
         layers[str(int(f.stem))] = json.loads(f.read_text())
-    io.write_config(out, layout, cfg.method, spec, {
-        "model": store.settings.get("model"), "key_dir": str(cfg.key_dir), "samples": samples,
-        "seed": cfg.seed, "beam": cfg.encode_beam, "train_config": to_dict(cfg), "layers": layers,
-    })
+    io.write_config(
+        out,
+        layout,
+        cfg.method,
+        spec,
+        {
+            "model": store.settings.get("model"),
+            "key_dir": str(cfg.key_dir),
+            "samples": samples,
+            "seed": cfg.seed,
+            "beam": cfg.encode_beam,
+            "train_config": to_dict(cfg),
+            "layers": layers,
+        },
+    )
 
 
-def pair_weights_for(cfg: TrainKeysConfig, spec: ModelSpec, layer: int, heads: list[int],
-                     device: torch.device) -> torch.Tensor | None:
+def pair_weights_for(
+    cfg: TrainKeysConfig, spec: ModelSpec, layer: int, heads: list[int], device: torch.device
+) -> torch.Tensor | None:
     """Query energy per pair for ``--objective attention`` (needs collected queries)."""
     if cfg.objective != "attention":
         return None
     qdir = store_dirs(cfg.key_dir)["query"]
     if not (qdir / "manifest.json").is_file():
-        raise FileNotFoundError(f"--objective attention needs queries in {qdir}: collect with --with_queries")
+        raise FileNotFoundError(
+            f"--objective attention needs queries in {qdir}: collect with --with_queries"
+        )
     q = KVStore(qdir).layer(layer).read().to(device)
     return pair_weights(q, spec.num_kv_heads, spec.head_dim)[heads]
 
@@ -264,11 +354,20 @@ def pair_weights_for(cfg: TrainKeysConfig, spec: ModelSpec, layer: int, heads: l
 def layer_done(out: Path, layer: int, num_heads: int) -> bool:
     """A layer is finished once its metrics are written (after all its head files)."""
     return (out / "metrics" / f"{layer:03d}.json").is_file() and all(
-        io.head_file(out, layer, h).is_file() for h in range(num_heads))
+        io.head_file(out, layer, h).is_file() for h in range(num_heads)
+    )
 
 
-def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout, out: Path, store: KVStore,
-                layer: int, samples: int, device: torch.device) -> dict:
+def train_layer(
+    cfg: TrainKeysConfig,
+    spec: ModelSpec,
+    layout: io.CodebookLayout,
+    out: Path,
+    store: KVStore,
+    layer: int,
+    samples: int,
+    device: torch.device,
+) -> dict:
     """Train (and save) every KV head of one layer; return its metrics."""
     t0 = time.perf_counter()
     heads = list(range(spec.num_kv_heads))
@@ -278,51 +377,91 @@ def train_layer(cfg: TrainKeysConfig, spec: ModelSpec, layout: io.CodebookLayout
     x, s = normalize(keys, spec.num_kv_heads)
     n_train = rows["train"][1]
     if not bool(finite[:n_train].any()) or not bool(finite[n_train:].any()):
-        raise ValueError(f"{cfg.key_dir}: layer {layer} has no finite key in its training or validation rows; "
-                         "re-collect the keys (`commvq collect --overwrite`)")
+        raise ValueError(
+            f"{cfg.key_dir}: layer {layer} has no finite key in its training or validation rows; "
+            "re-collect the keys (`commvq collect --overwrite`)"
+        )
     estep, init_estep, nearest_fn = resolve_estep(cfg.kernels, device)
     encoder = encoder_for(cfg.kernels, device)
     if not bool(finite.all()):  # (a copy only when rows are dropped)
         x, s, n_train = x[:, finite], s[finite], int(finite[:n_train].sum())
-    job = key_methods.LayerJob(layer=layer, heads=heads, x=x[:, :n_train], s=s[:n_train], val_x=x[:, n_train:],
-                               val_s=s[n_train:], layout=layout, out=out, with_centers=cfg.with_centers,
-                               seed=cfg.seed * 1000 + layer, estep=estep, init_estep=init_estep, nearest=nearest_fn,
-                               pair_weights=pair_weights_for(cfg, spec, layer, heads, device), encoder=encoder,
-                               beam=cfg.encode_beam)
+    job = key_methods.LayerJob(
+        layer=layer,
+        heads=heads,
+        x=x[:, :n_train],
+        s=s[:n_train],
+        val_x=x[:, n_train:],
+        val_s=s[n_train:],
+        layout=layout,
+        out=out,
+        with_centers=cfg.with_centers,
+        seed=cfg.seed * 1000 + layer,
+        estep=estep,
+        init_estep=init_estep,
+        nearest=nearest_fn,
+        pair_weights=pair_weights_for(cfg, spec, layer, heads, device),
+        encoder=encoder,
+        beam=cfg.encode_beam,
+    )
     echo = tqdm.write
     if cfg.method == "em":
         res = key_methods.run_em(job, cfg.max_iters, cfg.chunk)
     else:
-        thetas0 = key_methods.initial_thetas(job, cfg.init, cfg.max_iters, cfg.chunk, cfg.init_dir, spec)
+        thetas0 = key_methods.initial_thetas(
+            job, cfg.init, cfg.max_iters, cfg.chunk, cfg.init_dir, spec
+        )
         if cfg.solver == "adam":
-            settings = e2e.E2ESettings(epochs=cfg.adam("epochs"), lr=cfg.adam("lr"), batch_size=cfg.adam("batch_size"),
-                                       commit_weight=cfg.commit_weight, encode_fn=resolve_encoder(cfg.kernels, device))
+            settings = e2e.E2ESettings(
+                epochs=cfg.adam("epochs"),
+                lr=cfg.adam("lr"),
+                batch_size=cfg.adam("batch_size"),
+                commit_weight=cfg.commit_weight,
+                encode_fn=resolve_encoder(cfg.kernels, device),
+            )
             res = key_methods.run_e2e_adam(job, settings, thetas0, echo)
         else:
-            settings = refine.RefineSettings(rounds=cfg.rounds, beam=job.beam, commit_weight=cfg.commit_weight,
-                                             encode_fn=encoder)
+            settings = refine.RefineSettings(
+                rounds=cfg.rounds, beam=job.beam, commit_weight=cfg.commit_weight, encode_fn=encoder
+            )
             res = key_methods.run_e2e_lstsq(job, settings, thetas0, echo)
     seconds = time.perf_counter() - t0
     del keys, x, s, job
     err = heldout_errors(store, layer, rows["eval"], out, layout, spec, cfg.encode_beam, device)
-    return {"seconds": round(seconds, 3), "samples": samples, "rows": rows, "heads": heads, "beam": cfg.encode_beam,
-            "dropped_nonfinite": int((~finite).sum()),
-            **err, "final_error": res.stage_mse[-1].tolist(), "stage_mse": res.stage_mse.T.tolist(), **res.extra}
+    return {
+        "seconds": round(seconds, 3),
+        "samples": samples,
+        "rows": rows,
+        "heads": heads,
+        "beam": cfg.encode_beam,
+        "dropped_nonfinite": int((~finite).sum()),
+        **err,
+        "final_error": res.stage_mse[-1].tolist(),
+        "stage_mse": res.stage_mse.T.tolist(),
+        **res.extra,
+    }
 
 
 def run(cfg: TrainKeysConfig) -> Path:
     store = KVStore(cfg.key_dir)
     if store.kind != "key":
-        raise ValueError(f"--key_dir {cfg.key_dir} holds {store.kind} vectors, not keys: give the keys folder "
-                         f"(`commvq collect` writes it beside this one, as {Path(cfg.key_dir).parent / 'key'})")
+        raise ValueError(
+            f"--key_dir {cfg.key_dir} holds {store.kind} vectors, not keys: give the keys folder "
+            f"(`commvq collect` writes it beside this one, as {Path(cfg.key_dir).parent / 'key'})"
+        )
     if "spec" not in store.settings:
-        raise ValueError(f"{cfg.key_dir}: the manifest records no model shape; re-collect with this commvq")
+        raise ValueError(
+            f"{cfg.key_dir}: the manifest records no model shape; re-collect with this commvq"
+        )
     spec = ModelSpec.from_dict(store.settings["spec"])
     layout, out = resolve_layout(cfg, spec)
     if cfg.ignored_flags():
-        log.warning("train-keys: %s set the adam solver; this run (--method %s%s) does not use them: pass "
-                    "--method e2e --solver adam to train by gradient steps", ", ".join(cfg.ignored_flags()),
-                    cfg.method, " --solver lstsq" if cfg.method == "e2e" else "")
+        log.warning(
+            "train-keys: %s set the adam solver; this run (--method %s%s) does not use them: pass "
+            "--method e2e --solver adam to train by gradient steps",
+            ", ".join(cfg.ignored_flags()),
+            cfg.method,
+            " --solver lstsq" if cfg.method == "e2e" else "",
+        )
     rank, world = rank_world()
     prepare_output(out, layout, cfg.method, cfg.overwrite, empty=rank == 0, beam=cfg.encode_beam)
     (out / "metrics").mkdir(exist_ok=True)
@@ -330,16 +469,34 @@ def run(cfg: TrainKeysConfig) -> Path:
     layers = parse_layers(cfg.layers, spec.num_layers)
     device = device_for_rank(cfg.device)
     samples = min(cfg.num_samples, store.num_tokens)
-    mine = [layer for layer in layers[rank::world]
-            if cfg.overwrite or not layer_done(out, layer, spec.num_kv_heads)]
-    log.info("train-keys: %s, %s -> %s (%d layers to train on rank %d/%d, %d vectors each, %s)", cfg.method,
-             layout.dir_name, out, len(mine), rank, world, samples, device)
+    mine = [
+        layer
+        for layer in layers[rank::world]
+        if cfg.overwrite or not layer_done(out, layer, spec.num_kv_heads)
+    ]
+    log.info(
+        "train-keys: %s, %s -> %s (%d layers to train on rank %d/%d, %d vectors each, %s)",
+        cfg.method,
+        layout.dir_name,
+        out,
+        len(mine),
+        rank,
+        world,
+        samples,
+        device,
+    )
     for layer in tqdm(mine, desc="train-keys", unit="layer", disable=len(mine) < 2):
         metrics = train_layer(cfg, spec, layout, out, store, layer, samples, device)
         write_json(out / "metrics" / f"{layer:03d}.json", metrics)
         update_config(out, layout, cfg, spec, store, samples)
-        log.info("layer %d: held-out relative key MSE %.5f (rows %d..%d, beam %d) in %.1f s", layer,
-                 metrics["relative_mse"], *metrics["rows"]["eval"], metrics["beam"], metrics["seconds"])
+        log.info(
+            "layer %d: held-out relative key MSE %.5f (rows %d..%d, beam %d) in %.1f s",
+            layer,
+            metrics["relative_mse"],
+            *metrics["rows"]["eval"],
+            metrics["beam"],
+            metrics["seconds"],
+        )
     barrier()
     if rank == 0:
         update_config(out, layout, cfg, spec, store, samples)

@@ -37,11 +37,15 @@ STATE = "trainer_state.pt"
 
 @dataclass(frozen=True)
 class TrainValuesConfig:
-    model: str = option("embedded", "model (see `commvq collect --help`)", aliases=("--model_path",))
+    model: str = option(
+        "embedded", "model (see `commvq collect --help`)", aliases=("--model_path",)
+    )
     dataset: str = option("auto", "corpus (see `commvq collect --help`)")
     dataset_config: str | None = option(None, "HF dataset configuration name")
     text_field: str = option("text", "text field of .jsonl/.parquet/HF rows")
-    split: str = option("train", "corpus split: train, or heldout (1 document in 10, fixed)", choices=SPLITS)
+    split: str = option(
+        "train", "corpus split: train, or heldout (1 document in 10, fixed)", choices=SPLITS
+    )
     scale_file: Path = option(Path("data/learnable_scale.pt"), "scales from `commvq scale`")
     output_dir: Path | None = option(None, "codec folder (default: value_codec_<q>bit)")
     quant_bits: int = option(2, "bits per value channel", choices=(1, 2))
@@ -53,10 +57,16 @@ class TrainValuesConfig:
     weight_decay: float = option(0.1, "AdamW weight decay")
     save_every: int = option(200, "steps between checkpoints")
     resume: bool = option(False, "continue from the checkpoint in output_dir")
-    model_dtype: str = option("auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)", choices=MODEL_DTYPES)
+    model_dtype: str = option(
+        "auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)", choices=MODEL_DTYPES
+    )
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
-    init: str = option("pca", "codec start: pca (transform coding on the principal axes of the first "
-                       "batches' values) or rotation (random-rotation sign quantizer)", choices=("pca", "rotation"))
+    init: str = option(
+        "pca",
+        "codec start: pca (transform coding on the principal axes of the first "
+        "batches' values) or rotation (random-rotation sign quantizer)",
+        choices=("pca", "rotation"),
+    )
     init_tokens: int = option(16384, "value vectors per layer for --init pca")
     seed: int = option(0, "seed")
     overwrite: bool = option(False, "start over even if output_dir holds a codec")
@@ -70,7 +80,9 @@ class TrainValuesConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.warmup_steps < 0 or self.lr <= 0:
-            raise ValueError(f"--warmup_steps {self.warmup_steps} must be >= 0 and --lr {self.lr} positive")
+            raise ValueError(
+                f"--warmup_steps {self.warmup_steps} must be >= 0 and --lr {self.lr} positive"
+            )
         if self.quant_bits not in (1, 2):
             raise ValueError(f"--quant_bits {self.quant_bits}: use 1 or 2")
 
@@ -87,21 +99,34 @@ def check_scales(scales: dict, loaded: LoadedModel, path: Path) -> dict[int, tor
     values = scales["value"]
     spec = loaded.spec
     if sorted(values) != list(range(spec.num_layers)):
-        raise ValueError(f"{path}: value scales for {len(values)} layers, the model has {spec.num_layers}; "
-                         "re-run `commvq scale` on data collected with this model")
+        raise ValueError(
+            f"{path}: value scales for {len(values)} layers, the model has {spec.num_layers}; "
+            "re-run `commvq scale` on data collected with this model"
+        )
     for layer, s in values.items():
         if s.numel() != spec.kv_dim:
-            raise ValueError(f"{path}: layer {layer} scale has {s.numel()} channels, the model's values have "
-                             f"{spec.kv_dim}; re-run `commvq scale` on data collected with this model")
+            raise ValueError(
+                f"{path}: layer {layer} scale has {s.numel()} channels, the model's values have "
+                f"{spec.kv_dim}; re-run `commvq scale` on data collected with this model"
+            )
     return values
 
 
-def batch_stream(cfg: TrainValuesConfig, loaded: LoadedModel, rank: int, world: int) -> Iterator[torch.Tensor]:
+def batch_stream(
+    cfg: TrainValuesConfig, loaded: LoadedModel, rank: int, world: int
+) -> Iterator[torch.Tensor]:
     """Packed token batches of this process's slice of the corpus, cycling through epochs."""
     tok = loaded.tokenizer
     sep = tok.eos_token_id if tok.eos_token_id is not None else 0
-    src = CorpusSource(dataset=resolve_dataset(cfg.dataset), split=cfg.split, text_field=cfg.text_field,
-                       dataset_config=cfg.dataset_config, seed=cfg.seed, rank=rank, world=world)
+    src = CorpusSource(
+        dataset=resolve_dataset(cfg.dataset),
+        split=cfg.split,
+        text_field=cfg.text_field,
+        dataset_config=cfg.dataset_config,
+        seed=cfg.seed,
+        rank=rank,
+        world=world,
+    )
     for epoch in itertools.count():
         docs = (tok(d, add_special_tokens=False)["input_ids"] for d in iter_documents(src))
         seqs = (s for s in pack(docs, cfg.max_seq_length, sep) if len(s) == cfg.max_seq_length)
@@ -110,13 +135,17 @@ def batch_stream(cfg: TrainValuesConfig, loaded: LoadedModel, rank: int, world: 
             n += 1
             yield batch
         if n == 0:
-            raise ValueError(f"--dataset {cfg.dataset}: not one full sequence of {cfg.max_seq_length} tokens; "
-                             "lower --max_seq_length or give a larger corpus")
+            raise ValueError(
+                f"--dataset {cfg.dataset}: not one full sequence of {cfg.max_seq_length} tokens; "
+                "lower --max_seq_length or give a larger corpus"
+            )
         log.info("train-values: epoch %d of the corpus done", epoch + 1)
 
 
 @torch.no_grad()
-def sample_values(model, stream: Iterator[torch.Tensor], tokens: int, device) -> dict[int, torch.Tensor]:
+def sample_values(
+    model, stream: Iterator[torch.Tensor], tokens: int, device
+) -> dict[int, torch.Tensor]:
     """``[>= tokens, F]`` value vectors per layer from the first batches of ``stream``."""
     parts: dict[int, list[torch.Tensor]] = {}
     have = 0
@@ -129,19 +158,32 @@ def sample_values(model, stream: Iterator[torch.Tensor], tokens: int, device) ->
     return {layer: torch.cat(p) for layer, p in parts.items()}
 
 
-def start_codec(cfg: TrainValuesConfig, loaded: LoadedModel, values: dict[int, torch.Tensor], rank: int = 0,
-                world: int = 1) -> ValueCodec:
+def start_codec(
+    cfg: TrainValuesConfig,
+    loaded: LoadedModel,
+    values: dict[int, torch.Tensor],
+    rank: int = 0,
+    world: int = 1,
+) -> ValueCodec:
     """The codec training starts from (``--init``): ``--init pca`` samples the first batches of the
     ``rank``-th of ``world`` corpus slices; under torchrun every process then takes rank 0's codec."""
     codec = ValueCodec.from_scales(values, cfg.quant_bits, cfg.seed).to(loaded.model.device)
     if cfg.init == "pca":
-        samples = sample_values(loaded.model, batch_stream(cfg, loaded, rank, world), cfg.init_tokens,
-                                loaded.model.device)
+        samples = sample_values(
+            loaded.model,
+            batch_stream(cfg, loaded, rank, world),
+            cfg.init_tokens,
+            loaded.model.device,
+        )
         for layer, codec_layer in enumerate(codec.layers):
             codec_layer.init_from_values(samples[layer])
-        if rank_world()[1] > 1:  # a running process group, not the recorded ``world`` eval-values rebuilds
+        if (
+            rank_world()[1] > 1
+        ):  # a running process group, not the recorded ``world`` eval-values rebuilds
             _broadcast_params(codec)
-        log.info("train-values: started from the principal axes of %d values per layer", len(samples[0]))
+        log.info(
+            "train-values: started from the principal axes of %d values per layer", len(samples[0])
+        )
     return codec
 
 
@@ -155,11 +197,15 @@ def step_loss(model, codec, batch: torch.Tensor, autocast) -> float:
         with autocast:
             v_hat = codec.layers[layer](probe.v.float())
             out_hat = probe.output(v_hat)
-            loss = (torch.nn.functional.mse_loss(v_hat.float(), probe.v.float()) / 2
-                    + torch.nn.functional.mse_loss(out_hat.float(), probe.exact.float())) / n
+            loss = (
+                torch.nn.functional.mse_loss(v_hat.float(), probe.v.float()) / 2
+                + torch.nn.functional.mse_loss(out_hat.float(), probe.exact.float())
+            ) / n
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"train-values: loss is {float(loss.detach())} at layer {layer}; lower --lr; "
-                                     "the last checkpoint is kept")
+            raise FloatingPointError(
+                f"train-values: loss is {float(loss.detach())} at layer {layer}; lower --lr; "
+                "the last checkpoint is kept"
+            )
         loss.backward()
         total += float(loss.detach())
     return total
@@ -174,25 +220,36 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
     start, history, state = 0, [], None
     if (out / STATE).is_file() and not cfg.overwrite:
         if not cfg.resume:
-            raise ValueError(f"{out} holds a value codec checkpoint: pass --resume to continue or --overwrite")
-        codec = ValueCodec.load(out, loaded.spec.num_layers, loaded.spec.kv_dim).to(loaded.model.device)
+            raise ValueError(
+                f"{out} holds a value codec checkpoint: pass --resume to continue or --overwrite"
+            )
+        codec = ValueCodec.load(out, loaded.spec.num_layers, loaded.spec.kv_dim).to(
+            loaded.model.device
+        )
         state = torch.load(out / STATE, map_location=loaded.model.device, weights_only=True)
         start, history = int(state["step"]), list(state["history"])
         log.info("train-values: resuming %s at step %d", out, start)
     else:
         codec = start_codec(cfg, loaded, values, rank, world)
     codec.train().remember_fixed()
-    opt = torch.optim.AdamW(codec.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        codec.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     barrier()
     device = loaded.model.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     stream = batch_stream(cfg, loaded, rank, world)
     for _ in range(start):  # same data order after a resume
         next(stream)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train-values", unit="step", disable=rank != 0 or None)
+    bar = tqdm(
+        total=cfg.steps, initial=start, desc="train-values", unit="step", disable=rank != 0 or None
+    )
     for step in range(start, cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps)
@@ -232,10 +289,26 @@ def _broadcast_params(codec: torch.nn.Module) -> None:
         dist.broadcast(t.data, 0)
 
 
-def save_checkpoint(cfg: TrainValuesConfig, loaded: LoadedModel, codec: ValueCodec, opt, step: int,
-                    history: list[float], world: int = 1) -> None:
-    codec.save(cfg.output_dir, {"model": loaded.name, "spec": loaded.spec.to_dict(), "steps_done": step,
-                                "train_config": to_dict(cfg), "world": world, "loss_history": history})
+def save_checkpoint(
+    cfg: TrainValuesConfig,
+    loaded: LoadedModel,
+    codec: ValueCodec,
+    opt,
+    step: int,
+    history: list[float],
+    world: int = 1,
+) -> None:
+    codec.save(
+        cfg.output_dir,
+        {
+            "model": loaded.name,
+            "spec": loaded.spec.to_dict(),
+            "steps_done": step,
+            "train_config": to_dict(cfg),
+            "world": world,
+            "loss_history": history,
+        },
+    )
     with atomic_path(cfg.output_dir / STATE) as tmp:
         torch.save({"optimizer": opt.state_dict(), "step": step, "history": history}, tmp)
     log.info("train-values: checkpoint at step %d in %s", step, cfg.output_dir)

@@ -29,7 +29,9 @@ def _stage_candidates(res: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, t
     left = (res * res).sum(-1, keepdim=True)[..., None]  # [H, n, B, 1, 1]
     ua = (nrm[:, None, None] - 2 * uv[..., :e])[..., None, :]
     vb = (nrm[:, None, None] - 2 * uv[..., e:])[..., :, None]
-    d2 = vb + ua + g.transpose(-1, -2)[:, None, None]  # [H, n, B, b, a]: a last, reduced contiguously
+    d2 = (
+        vb + ua + g.transpose(-1, -2)[:, None, None]
+    )  # [H, n, B, b, a]: a last, reduced contiguously
     best, a = d2.min(-1)
     if e > 1:  # the runner-up: two passes of min are faster than topk here
         d2.scatter_(-1, a[..., None], torch.inf)
@@ -41,7 +43,9 @@ def _stage_candidates(res: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, t
     return (best + left).flatten(-2), code.flatten(-2)
 
 
-def encode_chunk(x: torch.Tensor, thetas: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_chunk(
+    x: torch.Tensor, thetas: torch.Tensor, beam: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[H, n, R]`` and what they leave ``[H, n, D]`` for ``x [H, n, D]`` (one chunk)."""
     h, n, _ = x.shape
     e = thetas.shape[2] // 2
@@ -53,11 +57,15 @@ def encode_chunk(x: torch.Tensor, thetas: torch.Tensor, beam: int) -> tuple[torc
         th = thetas[:, r]
         err, cand = _stage_candidates(res, search_tables(th))  # [H, n, kept, 2E]
         flat = err.flatten(2)
-        pick = err[:, :, 0].argmin(-1, keepdim=True)  # slot 0: the nearest extension of slot 0 (greedy)
+        pick = err[:, :, 0].argmin(
+            -1, keepdim=True
+        )  # slot 0: the nearest extension of slot 0 (greedy)
         width = min(beam, flat.shape[-1])
         if width > 1:  # the other slots: the best of all other extensions
             others = flat.scatter(2, pick, torch.inf)
-            pick = torch.cat((pick, torch.topk(others, width - 1, dim=-1, largest=False).indices), -1)
+            pick = torch.cat(
+                (pick, torch.topk(others, width - 1, dim=-1, largest=False).indices), -1
+            )
         parent, code = pick // cand.shape[-1], cand.flatten(2).gather(2, pick)  # [H, n, width]
         table = decode_table(th)  # [H, 2E, D]
         res = res[rows_h, rows_n, parent] - table[rows_h, code // e] - table[rows_h, e + code % e]
@@ -67,16 +75,21 @@ def encode_chunk(x: torch.Tensor, thetas: torch.Tensor, beam: int) -> tuple[torc
     return codes[idx_h, idx_n, best], res[idx_h, idx_n, best]
 
 
-def beam_encode(x: torch.Tensor, thetas: torch.Tensor, beam: int = 1, chunk: int = 1024) -> torch.Tensor:
+def beam_encode(
+    x: torch.Tensor, thetas: torch.Tensor, beam: int = 1, chunk: int = 1024
+) -> torch.Tensor:
     """Codes ``[H, N, R]`` of ``x [H, N, D]`` by a beam of width ``beam`` (1: greedy); what they
     leave after each stage: :func:`stage_residuals`."""
     if beam < 1:
         raise ValueError(f"beam={beam}: must be at least 1")
     out = []
     for i in range(0, x.shape[1], chunk):
-        out.append(encode_chunk(x[:, i:i + chunk], thetas, beam)[0])
-    return torch.cat(out, 1) if out else torch.empty(*x.shape[:2], thetas.shape[1], dtype=torch.long,
-                                                     device=x.device)
+        out.append(encode_chunk(x[:, i : i + chunk], thetas, beam)[0])
+    return (
+        torch.cat(out, 1)
+        if out
+        else torch.empty(*x.shape[:2], thetas.shape[1], dtype=torch.long, device=x.device)
+    )
 
 
 def encode(x: torch.Tensor, thetas: torch.Tensor, beam: int = 1) -> torch.Tensor:

@@ -18,7 +18,9 @@ PATTERNS = torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])
 
 def num_groups(width: int, quant_bits: int) -> int:
     if quant_bits not in (1, 2):
-        raise ValueError(f"quant_bits={quant_bits}: the value codec supports 1 or 2 bits per channel")
+        raise ValueError(
+            f"quant_bits={quant_bits}: the value codec supports 1 or 2 bits per channel"
+        )
     if (width * quant_bits) % 2:
         raise ValueError(f"width={width} x quant_bits={quant_bits} must be even")
     return width * quant_bits // 2
@@ -58,6 +60,12 @@ def decode_factor(bits: torch.Tensor, codebook: torch.Tensor, p: torch.Tensor) -
     return p / (bits.float() @ codebook.float()).norm(dim=-1).clamp_min(1e-12)
 
 
-def decode(bits: torch.Tensor, codebook: torch.Tensor, factor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def decode(
+    bits: torch.Tensor, codebook: torch.Tensor, factor: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """``v_hat = (bits @ E) * f * scale`` -- linear in the bits."""
-    return (bits.to(codebook.dtype) @ codebook) * factor[..., None].to(codebook.dtype) * scale.to(codebook.dtype)
+    return (
+        (bits.to(codebook.dtype) @ codebook)
+        * factor[..., None].to(codebook.dtype)
+        * scale.to(codebook.dtype)
+    )

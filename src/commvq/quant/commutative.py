@@ -99,10 +99,14 @@ def nearest(x: torch.Tensor, theta: torch.Tensor, chunk: int = 8192) -> torch.Te
     n = n[:, None]
     out = []
     for i in range(0, x.shape[1], chunk):
-        uv = x[:, i:i + chunk] @ w
+        uv = x[:, i : i + chunk] @ w
         s = (n - 2 * uv[..., :e])[..., :, None] + (n - 2 * uv[..., e:])[..., None, :] + g[:, None]
         out.append(s.flatten(-2).argmin(-1))
-    return torch.cat(out, dim=1) if out else torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
+    return (
+        torch.cat(out, dim=1)
+        if out
+        else torch.empty(x.shape[:2], dtype=torch.long, device=x.device)
+    )
 
 
 def score_table(q: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -111,14 +115,20 @@ def score_table(q: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     ``q [..., D]`` (rotate_half layout), ``theta [2E, P]`` (one codebook, broadcast over q's batch).
     """
     re, im = split_theta(theta)
-    q_re, q_im = q[..., None, : re.shape[-1]], q[..., None, re.shape[-1]:]
+    q_re, q_im = q[..., None, : re.shape[-1]], q[..., None, re.shape[-1] :]
     first = q_re * re + q_im * im
     second = -q_re * im + q_im * re
     return torch.stack((first, second), dim=-1)
 
 
-def scores_from_codes(q: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, prescale: torch.Tensor,
-                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def scores_from_codes(
+    q: torch.Tensor,
+    thetas: torch.Tensor,
+    codes: torch.Tensor,
+    prescale: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
     """``q . RoPE(decode(codes)) * prescale`` for every cached token, without decoding keys.
 
     ``q [D]`` (one query head, already rotated), ``thetas [R, 2E, P]`` (its KV head's stages),

@@ -43,11 +43,15 @@ class E2ESettings:
     max_bad_fraction: float = 0.5  # an epoch with more non-finite batches than this stops training
     cuda_graphs: bool = True
     eval_chunk: int = 8192
-    encode_fn: Callable | None = None  # a fused greedy encoder of codes and residuals (default: pure torch)
+    encode_fn: Callable | None = (
+        None  # a fused greedy encoder of codes and residuals (default: pure torch)
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr} must be positive")
+            raise ValueError(
+                f"epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr} must be positive"
+            )
         if self.commit_weight < 0:
             raise ValueError(f"commit_weight={self.commit_weight} must be >= 0")
 
@@ -60,8 +64,9 @@ def pair_weight_vector(weights: torch.Tensor | None, h: int, d: int, device, dty
     return torch.cat((w, w), dim=-1)[:, None, :]
 
 
-def losses(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor,
-           w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def losses(
+    x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(recon, commit)`` of ``x [H, B, D]`` coded as ``codes [H, B, R]``; ``w [H, 1, D]``."""
     stages = stage_decodes(codes, thetas)  # [R, H, B, D], differentiable in thetas
     before = torch.cumsum(stages, 0) - stages  # sum_{j<r} c_j
@@ -72,8 +77,14 @@ def losses(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor,
     return recon, commit
 
 
-def loss_and_grad(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, residuals: torch.Tensor,
-                  w: torch.Tensor, commit_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def loss_and_grad(
+    x: torch.Tensor,
+    thetas: torch.Tensor,
+    codes: torch.Tensor,
+    residuals: torch.Tensor,
+    w: torch.Tensor,
+    commit_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(recon, commit, d(recon + commit_weight * commit)/d thetas)`` without autograd.
 
     ``residuals [R, H, B, D]`` are what the greedy encoder left after each stage of ``codes``;
@@ -89,7 +100,11 @@ def loss_and_grad(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, re
     # by one-hot products: [R*2E, B] @ e_R per head, plus [2E, B] @ e_r per (head, stage)
     onehot = code_onehot(codes, e, x.dtype, by_head=True)  # [H, R, 2E, B]
     dm = torch.bmm(onehot.view(h, r * 2 * e, b), last).view(h * r, 2 * e, d)
-    dm.baddbmm_(onehot.view(h * r, 2 * e, b), residuals.transpose(0, 1).reshape(h * r, b, d), alpha=commit_weight / r)
+    dm.baddbmm_(
+        onehot.view(h * r, 2 * e, b),
+        residuals.transpose(0, 1).reshape(h * r, b, d),
+        alpha=commit_weight / r,
+    )
     dm = dm.view(h, r, 2 * e, d) * (w[:, None] * (-2.0 / energy))  # d/d decode_table, [H, R, 2E, D]
     # decode_table rows A: [R_A | I_A], rows E + B: [-I_B | R_B]
     d_re = dm[..., :e, :p] + dm[..., e:, p:]
@@ -97,8 +112,9 @@ def loss_and_grad(x: torch.Tensor, thetas: torch.Tensor, codes: torch.Tensor, re
     return recon, commit, join_theta(d_re, d_im)
 
 
-def encode_with_residuals(x: torch.Tensor, thetas: torch.Tensor,
-                          encode_fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_with_residuals(
+    x: torch.Tensor, thetas: torch.Tensor, encode_fn: Callable | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy codes and what each stage leaves (``encode_fn``: a fused encoder of both, e.g.
     ``kernels.encode.encode_triton_with_residuals``; else pure torch)."""
     if encode_fn:
@@ -106,21 +122,23 @@ def encode_with_residuals(x: torch.Tensor, thetas: torch.Tensor,
     return residual_encode(x, thetas, x.shape[1])
 
 
-def relative_error(x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192,
-                   encode_fn=None) -> float:
+def relative_error(
+    x: torch.Tensor, thetas: torch.Tensor, w: torch.Tensor, chunk: int = 8192, encode_fn=None
+) -> float:
     """Weighted relative error of the greedy code of ``x`` (what inference gets)."""
     err = ref = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
-            xc = x[:, i:i + chunk]
+            xc = x[:, i : i + chunk]
             left = encode_with_residuals(xc, thetas, encode_fn)[1][-1]
             err += float((left * left * w).sum())
             ref += float((xc * xc * w).sum())
     return err / ref
 
 
-def make_optimizer(params: torch.nn.Parameter, settings: E2ESettings) -> tuple[torch.optim.Optimizer,
-                                                                               torch.Tensor | float]:
+def make_optimizer(
+    params: torch.nn.Parameter, settings: E2ESettings
+) -> tuple[torch.optim.Optimizer, torch.Tensor | float]:
     """Adam (fused on CUDA: one kernel per step) and its learning rate: a device tensor when the
     step is captured in a CUDA graph (the schedule then writes it in place), else a float."""
     capturable = bool(settings.cuda_graphs and params.is_cuda)
@@ -137,20 +155,32 @@ def kmeanspp_centers(x: torch.Tensor, k: int, generator: torch.Generator) -> tor
     if n <= k:
         pick = torch.randint(0, n, (h, k), generator=generator).to(x.device)
         return torch.gather(x, 1, pick[..., None].expand(-1, -1, d))
-    idx = torch.empty(h, k, dtype=torch.long, device=x.device)  # on the device: no host sync per pick
+    idx = torch.empty(
+        h, k, dtype=torch.long, device=x.device
+    )  # on the device: no host sync per pick
     idx[:, 0] = torch.randint(0, n, (h,), generator=generator).to(x.device)
     rows = torch.arange(h, device=x.device)
     xx = (x * x).sum(-1)
-    xt = x.transpose(1, 2).contiguous()  # [H, D, N]: the row-vector product below is 9x faster on a CPU
+    xt = x.transpose(
+        1, 2
+    ).contiguous()  # [H, D, N]: the row-vector product below is 9x faster on a CPU
 
-    def dist2(c: torch.Tensor) -> torch.Tensor:  # |x - c|^2 per point, c [H, D]: one vector-matrix product
-        return (xx - 2 * torch.bmm(c[:, None], xt).squeeze(1) + (c * c).sum(-1, keepdim=True)).clamp_min_(0)
+    def dist2(
+        c: torch.Tensor,
+    ) -> torch.Tensor:  # |x - c|^2 per point, c [H, D]: one vector-matrix product
+        return (
+            xx - 2 * torch.bmm(c[:, None], xt).squeeze(1) + (c * c).sum(-1, keepdim=True)
+        ).clamp_min_(0)
 
     d2 = dist2(x[rows, idx[:, 0]])
     uniform = torch.rand(h, k, generator=generator, dtype=torch.float64).to(x.device)
     for j in range(1, k):
         cdf = torch.cumsum(d2, 1, dtype=torch.float64)
-        pick = torch.searchsorted(cdf, (uniform[:, j] * cdf[:, -1])[:, None]).squeeze(1).clamp_max_(n - 1)
+        pick = (
+            torch.searchsorted(cdf, (uniform[:, j] * cdf[:, -1])[:, None])
+            .squeeze(1)
+            .clamp_max_(n - 1)
+        )
         idx[:, j] = pick
         d2 = torch.minimum(d2, dist2(x[rows, pick]))
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, d))
@@ -168,12 +198,23 @@ def fit_to_centers(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     sums.scatter_add_(1, hard[..., None].expand(-1, -1, d), x.double())
     counts = onehot_counts.view(h, e, e)
     s4 = sums.view(h, e, e, d)
-    stats = EStats(counts, s4.sum(2), s4.sum(1), (x.double() ** 2).sum((1, 2)), torch.zeros(h, dtype=torch.float64))
+    stats = EStats(
+        counts,
+        s4.sum(2),
+        s4.sum(1),
+        (x.double() ** 2).sum((1, 2)),
+        torch.zeros(h, dtype=torch.float64),
+    )
     return m_step(stats, dtype=x.dtype)
 
 
-def init_kmeans(x: torch.Tensor, num_stages: int, num_entries: int, generator: torch.Generator,
-                subsample: int = 8192) -> torch.Tensor:
+def init_kmeans(
+    x: torch.Tensor,
+    num_stages: int,
+    num_entries: int,
+    generator: torch.Generator,
+    subsample: int = 8192,
+) -> torch.Tensor:
     """Greedy residual init: per stage, k-means++ seeds on a subsample, fitted structurally."""
     n = x.shape[1]
     pick = torch.randperm(n, generator=generator)[: min(n, subsample)].to(x.device)
@@ -186,12 +227,20 @@ def init_kmeans(x: torch.Tensor, num_stages: int, num_entries: int, generator: t
     return torch.stack(thetas, 1)
 
 
-def init_random(x: torch.Tensor, num_stages: int, num_entries: int, generator: torch.Generator) -> torch.Tensor:
+def init_random(
+    x: torch.Tensor, num_stages: int, num_entries: int, generator: torch.Generator
+) -> torch.Tensor:
     """Small random tables, shrinking with the stage like the residuals do."""
     h, _, d = x.shape
     scale = float(x.std()) / 2
-    th = torch.randn(h, num_stages, 2 * num_entries, d // 2, generator=generator).to(x.device, x.dtype)
-    return th * scale * (0.5 ** torch.arange(num_stages, device=x.device, dtype=x.dtype))[None, :, None, None]
+    th = torch.randn(h, num_stages, 2 * num_entries, d // 2, generator=generator).to(
+        x.device, x.dtype
+    )
+    return (
+        th
+        * scale
+        * (0.5 ** torch.arange(num_stages, device=x.device, dtype=x.dtype))[None, :, None, None]
+    )
 
 
 @dataclass
@@ -216,11 +265,19 @@ class E2EResult:
 class _Step:
     """One optimizer step on a batch; captured as a CUDA graph when possible."""
 
-    def __init__(self, params: torch.nn.Parameter, opt: torch.optim.Optimizer, w: torch.Tensor,
-                 settings: E2ESettings, shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        params: torch.nn.Parameter,
+        opt: torch.optim.Optimizer,
+        w: torch.Tensor,
+        settings: E2ESettings,
+        shape: tuple[int, int, int],
+    ) -> None:
         self.params, self.opt, self.w, self.settings = params, opt, w, settings
         self.xb = torch.zeros(shape, device=params.device, dtype=params.dtype)
-        self.sums = torch.zeros(4, device=params.device, dtype=torch.float64)  # loss, recon, commit, bad
+        self.sums = torch.zeros(
+            4, device=params.device, dtype=torch.float64
+        )  # loss, recon, commit, bad
         params.grad = torch.zeros_like(params)
         self.graph = None
         if settings.cuda_graphs and params.is_cuda:
@@ -231,7 +288,9 @@ class _Step:
         with torch.no_grad():
             thetas = self.params.detach()
             codes, res = encode_with_residuals(self.xb, thetas, settings.encode_fn)
-            recon, commit, grad = loss_and_grad(self.xb, thetas, codes, res, self.w, settings.commit_weight)
+            recon, commit, grad = loss_and_grad(
+                self.xb, thetas, codes, res, self.w, settings.commit_weight
+            )
             loss = recon + settings.commit_weight * commit
             finite = torch.isfinite(loss)
             # a non-finite batch moves nothing but the moments
@@ -274,9 +333,15 @@ class _Step:
         return out
 
 
-def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, settings: E2ESettings,
-          weights: torch.Tensor | None = None, seed: int = 0,
-          on_epoch: Callable[[EpochLog, torch.Tensor | None], None] | None = None) -> E2EResult:
+def train(
+    x: torch.Tensor,
+    heldout: torch.Tensor,
+    thetas0: torch.Tensor,
+    settings: E2ESettings,
+    weights: torch.Tensor | None = None,
+    seed: int = 0,
+    on_epoch: Callable[[EpochLog, torch.Tensor | None], None] | None = None,
+) -> E2EResult:
     """Train ``thetas0 [H, R, 2E, P]`` on ``x [H, N, D]``; pick the best epoch on ``heldout``.
 
     ``on_epoch(log, best)`` is called after every epoch; ``best`` is the new best thetas when the
@@ -293,7 +358,9 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
     generator = torch.Generator().manual_seed(seed)
     search = settings.encode_fn
     start_err = relative_error(heldout, params, w, encode_fn=search)
-    best = E2EResult(thetas=params.detach().clone(), best_epoch=0, best_heldout=start_err, init_heldout=start_err)
+    best = E2EResult(
+        thetas=params.detach().clone(), best_epoch=0, best_heldout=start_err, init_heldout=start_err
+    )
     step = 0
     for epoch in range(1, settings.epochs + 1):
         perm = torch.randperm(n, generator=generator).to(x.device)
@@ -303,7 +370,7 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
                 lr.fill_(settings.lr * factor)
             else:
                 opt.param_groups[0]["lr"] = settings.lr * factor
-            step_fn(x[:, perm[i * bs:(i + 1) * bs]])
+            step_fn(x[:, perm[i * bs : (i + 1) * bs]])
             step += 1
         loss, recon, commit, bad = (v / steps_per_epoch for v in step_fn.take_sums())
         bad_batches = int(round(bad * steps_per_epoch))
@@ -312,7 +379,8 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
             raise FloatingPointError(
                 f"E2E training diverged in epoch {epoch} ({bad_batches} of {steps_per_epoch} batches "
                 "non-finite); lower --lr. The layer is not marked done; its files hold the best epoch saved "
-                "before, if any")
+                "before, if any"
+            )
         good = steps_per_epoch - bad_batches
         scale = steps_per_epoch / max(good, 1)
         heldout_err = relative_error(heldout, params, w, encode_fn=search)
@@ -320,7 +388,11 @@ def train(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, setting
         best.history.append(log)
         improved = heldout_err < best.best_heldout
         if improved:
-            best.thetas, best.best_epoch, best.best_heldout = params.detach().clone(), epoch, heldout_err
+            best.thetas, best.best_epoch, best.best_heldout = (
+                params.detach().clone(),
+                epoch,
+                heldout_err,
+            )
         if on_epoch is not None:
             on_epoch(log, best.thetas if improved else None)
     return best

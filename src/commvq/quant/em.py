@@ -49,7 +49,9 @@ class EStats:
     sum_xx: torch.Tensor  # [H] sum_t |x_t|^2
     hard_sqerr: torch.Tensor  # [H] sum_t s_t^2 |x_t - c_hard(t)|^2 (original scale)
     hard: torch.Tensor | None = None  # [H, N] hard codes, a sorting hint for the next E-step
-    work: torch.Tensor | float | None = None  # share of the distance table a pruned E-step evaluated
+    work: torch.Tensor | float | None = (
+        None  # share of the distance table a pruned E-step evaluated
+    )
 
 
 def stage_factor(stage: int, every: int = 4) -> float:
@@ -79,7 +81,9 @@ def soft_objective(stats: EStats, theta: torch.Tensor) -> torch.Tensor:
     sa, sb = stats.sum_a.double(), stats.sum_b.double()
     # sum_AB c_AB . S_AB with c = (R_A - I_B, I_A + R_B), through the marginals only
     r_e, i_e = th[..., 0::2, :], th[..., 1::2, :]
-    lin = (r_e * sa[..., :p] + i_e * sa[..., p:]).sum((-2, -1)) + (-i_e * sb[..., :p] + r_e * sb[..., p:]).sum((-2, -1))
+    lin = (r_e * sa[..., :p] + i_e * sa[..., p:]).sum((-2, -1)) + (
+        -i_e * sb[..., :p] + r_e * sb[..., p:]
+    ).sum((-2, -1))
     return stats.sum_xx.double() - 2 * lin + quad
 
 
@@ -104,16 +108,29 @@ def m_step(stats: EStats, eps: float = 1e-8, dtype: torch.dtype = torch.float64)
 
 def empty_stats(h: int, e: int, d: int, device) -> EStats:
     z = dict(dtype=torch.float64, device=device)
-    return EStats(torch.zeros(h, e, e, **z), torch.zeros(h, e, d, **z), torch.zeros(h, e, d, **z),
-                  torch.zeros(h, **z), torch.zeros(h, **z))
+    return EStats(
+        torch.zeros(h, e, e, **z),
+        torch.zeros(h, e, d, **z),
+        torch.zeros(h, e, d, **z),
+        torch.zeros(h, **z),
+        torch.zeros(h, **z),
+    )
 
 
-def _accumulate(stats: EStats, d2: torch.Tensor, x: torch.Tensor, s: torch.Tensor, tau: float,
-                hard_err: torch.Tensor) -> None:
+def _accumulate(
+    stats: EStats,
+    d2: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    tau: float,
+    hard_err: torch.Tensor,
+) -> None:
     """Add one chunk: ``d2 [H, T, E*E]`` squared distances of ``x [H, T, D]``."""
     h, t, _ = d2.shape
     e = stats.count.shape[-1]
-    gamma = torch.softmax(d2.clamp_min(0).sqrt_().mul_(-1.0 / tau), dim=-1).view(h, t, e, e)  # few full passes
+    gamma = torch.softmax(d2.clamp_min(0).sqrt_().mul_(-1.0 / tau), dim=-1).view(
+        h, t, e, e
+    )  # few full passes
     stats.count += gamma.sum(1).double()
     xd = x.double()
     stats.sum_a += torch.einsum("hte,htd->hed", gamma.sum(-1).double(), xd)
@@ -122,8 +139,15 @@ def _accumulate(stats: EStats, d2: torch.Tensor, x: torch.Tensor, s: torch.Tenso
     stats.hard_sqerr += (hard_err.double() * s.double() ** 2).sum(-1)
 
 
-def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, chunk: int = 8192,
-           hint: torch.Tensor | None = None, cache: dict | None = None) -> EStats:
+def e_step(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    theta: torch.Tensor,
+    tau: float,
+    chunk: int = 8192,
+    hint: torch.Tensor | None = None,
+    cache: dict | None = None,
+) -> EStats:
     """E-step against the structured codebooks ``theta [H, 2E, P]`` (pure torch, chunked).
 
     ``hint`` (a token order) and ``cache`` (what a fused kernel derives once from vectors that stay
@@ -136,10 +160,12 @@ def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, ch
     stats = empty_stats(h, e, d, x.device)
     hards = []
     for i in range(0, big_n, chunk):
-        xc, sc = x[:, i:i + chunk], s[i:i + chunk]
+        xc, sc = x[:, i : i + chunk], s[i : i + chunk]
         uv = xc @ w
         xx = (xc * xc).sum(-1)
-        d2 = ((n - 2 * uv[..., :e])[..., :, None] + (n - 2 * uv[..., e:])[..., None, :] + g[:, None]).flatten(-2)
+        d2 = (
+            (n - 2 * uv[..., :e])[..., :, None] + (n - 2 * uv[..., e:])[..., None, :] + g[:, None]
+        ).flatten(-2)
         d2 = d2 + xx[..., None]
         hard = d2.argmin(-1)
         hards.append(hard)
@@ -149,8 +175,14 @@ def e_step(x: torch.Tensor, s: torch.Tensor, theta: torch.Tensor, tau: float, ch
     return stats
 
 
-def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau: float,
-                   chunk: int = 8192, cache: dict | None = None) -> EStats:
+def e_step_centers(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    centers: torch.Tensor,
+    tau: float,
+    chunk: int = 8192,
+    cache: dict | None = None,
+) -> EStats:
     """E-step against free centers ``[H, E*E, D]`` (the initialization from data points); ``cache``
     as for :func:`e_step`, not needed here."""
     h, big_n, d = x.shape
@@ -159,8 +191,10 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
     cc = (centers * centers).sum(-1)
     hards = []
     for i in range(0, big_n, chunk):
-        xc, sc = x[:, i:i + chunk], s[i:i + chunk]
-        d2 = torch.baddbmm(cc[:, None], xc, centers.transpose(-1, -2), alpha=-2).add_((xc * xc).sum(-1, keepdim=True))
+        xc, sc = x[:, i : i + chunk], s[i : i + chunk]
+        d2 = torch.baddbmm(cc[:, None], xc, centers.transpose(-1, -2), alpha=-2).add_(
+            (xc * xc).sum(-1, keepdim=True)
+        )
         hard = d2.argmin(-1)
         hards.append(hard)
         err = ((xc - torch.gather(centers, 1, hard[..., None].expand(-1, -1, d))) ** 2).sum(-1)
@@ -170,7 +204,9 @@ def e_step_centers(x: torch.Tensor, s: torch.Tensor, centers: torch.Tensor, tau:
 
 
 EStep = Callable[..., EStats]  # (x, s, theta, tau, chunk, hint, cache=) -> EStats, as e_step
-CentersEStep = Callable[..., EStats]  # (x, s, centers, tau, chunk, cache=) -> EStats, as e_step_centers
+CentersEStep = Callable[
+    ..., EStats
+]  # (x, s, centers, tau, chunk, cache=) -> EStats, as e_step_centers
 Nearest = Callable[..., torch.Tensor]  # (x, theta, chunk) -> codes [H, N], as commutative.nearest
 
 
@@ -181,9 +217,16 @@ class StageResult:
     iters: torch.Tensor  # [H] iterations run
 
 
-def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, settings: EMSettings,
-              generator: torch.Generator, estep: EStep = e_step,
-              init_estep: CentersEStep = e_step_centers) -> StageResult:
+def fit_stage(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    num_entries: int,
+    stage: int,
+    settings: EMSettings,
+    generator: torch.Generator,
+    estep: EStep = e_step,
+    init_estep: CentersEStep = e_step_centers,
+) -> StageResult:
     """Train one stage for every head of ``x [H, N, D]`` (prescales ``s [N]``).
 
     The host reads an iteration's error only after the next iteration is queued, so the GPU never
@@ -199,7 +242,9 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
     c = stage_factor(stage, settings.decay_every)
     track = _Best(h, theta, settings.tol)
     active = torch.arange(h)
-    pending = None  # (heads, theta evaluated, their hard MSE on the device) of the last iteration queued
+    pending = (
+        None  # (heads, theta evaluated, their hard MSE on the device) of the last iteration queued
+    )
     for step in range(settings.max_iters):
         active = active[~track.stopped[active]]
         if len(active) == 0:
@@ -209,14 +254,25 @@ def fit_stage(x: torch.Tensor, s: torch.Tensor, num_entries: int, stage: int, se
             stats = estep(x, s, theta, tau, settings.chunk, hint, cache=cache)
             hint = stats.hard.to(torch.int32) if stats.hard is not None else hint
         else:
-            stats = estep(x[active], s, theta[active], tau, settings.chunk, hint[active],
-                          cache={k: v[active] for k, v in cache.items()})
+            stats = estep(
+                x[active],
+                s,
+                theta[active],
+                tau,
+                settings.chunk,
+                hint[active],
+                cache={k: v[active] for k, v in cache.items()},
+            )
             if stats.hard is not None:
                 hint[active] = stats.hard.to(torch.int32)
         new_theta = m_step(stats, settings.eps, x.dtype)
         if pending is not None:
             track.add(*pending)  # waits for the previous iteration only: this one is queued
-        pending = (active, theta if len(active) == h else theta[active], _HostCopy(stats.hard_sqerr / (big_n * d)))
+        pending = (
+            active,
+            theta if len(active) == h else theta[active],
+            _HostCopy(stats.hard_sqerr / (big_n * d)),
+        )
         if len(active) == h:
             theta = new_theta
         else:
@@ -280,7 +336,9 @@ class _Best:
                 candidate = theta
             else:
                 candidate = self.theta.clone()
-                candidate[_to_device(heads, dev)] = theta.index_select(0, _to_device(keep.nonzero()[:, 0], dev))
+                candidate[_to_device(heads, dev)] = theta.index_select(
+                    0, _to_device(keep.nonzero()[:, 0], dev)
+                )
             upd = torch.zeros(len(self.mse), dtype=torch.bool)
             upd[heads[better]] = True
             self.theta = torch.where(_to_device(upd, dev)[:, None, None], candidate, self.theta)
@@ -295,10 +353,18 @@ class FitResult:
     iters: torch.Tensor  # [R, H]
 
 
-def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, settings: EMSettings,
-        seed: int = 0, estep: EStep = e_step,
-        on_stage: Callable[[int, StageResult, torch.Tensor], None] | None = None,
-        init_estep: CentersEStep = e_step_centers, nearest_fn: Nearest | None = None) -> FitResult:
+def fit(
+    x: torch.Tensor,
+    s: torch.Tensor,
+    num_stages: int,
+    num_entries: int,
+    settings: EMSettings,
+    seed: int = 0,
+    estep: EStep = e_step,
+    on_stage: Callable[[int, StageResult, torch.Tensor], None] | None = None,
+    init_estep: CentersEStep = e_step_centers,
+    nearest_fn: Nearest | None = None,
+) -> FitResult:
     """Greedy residual EM: train stage r on what stages < r left. ``x [H, N, D]`` is not modified.
     ``nearest_fn`` (as :func:`commvq.quant.commutative.nearest`, the default) encodes the residual
     with a trained stage."""
@@ -312,13 +378,17 @@ def fit(x: torch.Tensor, s: torch.Tensor, num_stages: int, num_entries: int, set
     for r in range(num_stages):
         res = fit_stage(residual, s, num_entries, r, settings, generator, estep, init_estep)
         for i in range(0, big_n, settings.chunk):
-            part = residual[:, i:i + settings.chunk]
+            part = residual[:, i : i + settings.chunk]
             part -= decode(res.theta, nearest_fn(part, res.theta, settings.chunk))
-        err = (torch.linalg.vector_norm(residual, dim=-1).square() * (s * s)).sum(-1).cpu() / (big_n * d)
+        err = (torch.linalg.vector_norm(residual, dim=-1).square() * (s * s)).sum(-1).cpu() / (
+            big_n * d
+        )
         thetas.append(res.theta)
         stage_mse.append(res.mse)
         res_mse.append(err.float())
         iters.append(res.iters)
         if on_stage is not None:
             on_stage(r, res, err)
-    return FitResult(torch.stack(thetas, 1), torch.stack(stage_mse), torch.stack(res_mse), torch.stack(iters))
+    return FitResult(
+        torch.stack(thetas, 1), torch.stack(stage_mse), torch.stack(res_mse), torch.stack(iters)
+    )

@@ -38,11 +38,17 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
         x = (packed[..., None] >> shifts) & ((1 << bits) - 1)
         return x.reshape(*lead, -1)[..., :n].long()
     if 24 % bits == 0:
-        b = torch.nn.functional.pad(packed, (0, (-packed.shape[-1]) % 3)).long().reshape(*lead, -1, 3)
+        b = (
+            torch.nn.functional.pad(packed, (0, (-packed.shape[-1]) % 3))
+            .long()
+            .reshape(*lead, -1, 3)
+        )
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)  # 24 little-endian bits
         shifts = torch.arange(0, 24, bits, device=packed.device)
         x = (word[..., None] >> shifts) & ((1 << bits) - 1)
         return x.reshape(*lead, -1)[..., :n]
     stream = (packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1
-    stream = stream.reshape(*packed.shape[:-1], -1)[..., : n * bits].reshape(*packed.shape[:-1], n, bits)
+    stream = stream.reshape(*packed.shape[:-1], -1)[..., : n * bits].reshape(
+        *packed.shape[:-1], n, bits
+    )
     return (stream << torch.arange(bits, device=packed.device)).sum(-1)

@@ -39,14 +39,25 @@ class RefineSettings:
     commit_weight: float = 0.25
     ridge: float = 1e-6  # relative to the mean diagonal of the normal matrix
     chunk: int = 16384
-    encode_fn: Callable = torch_encode  # (x [H, n, D], thetas, beam) -> codes [H, n, R], e.g. a fused kernel
+    encode_fn: Callable = (
+        torch_encode  # (x [H, n, D], thetas, beam) -> codes [H, n, R], e.g. a fused kernel
+    )
+    # stochastic relaxation: each round's solve sees its targets plus Gaussian noise of variance
+    # noise * (1 - round / rounds)**0.5 times each channel's residual variance (0 in the last round)
+    noise: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.beam < 1 or self.chunk < 1:
-            raise ValueError(f"rounds={self.rounds}, beam={self.beam}, chunk={self.chunk}: rounds >= 0, "
-                             "beam and chunk >= 1")
-        if self.commit_weight < 0 or self.ridge < 0:
-            raise ValueError(f"commit_weight={self.commit_weight} and ridge={self.ridge} must be >= 0")
+            raise ValueError(
+                f"rounds={self.rounds}, beam={self.beam}, chunk={self.chunk}: rounds >= 0, "
+                "beam and chunk >= 1"
+            )
+        if self.commit_weight < 0 or self.ridge < 0 or self.noise < 0:
+            raise ValueError(
+                f"commit_weight={self.commit_weight}, ridge={self.ridge} and noise={self.noise} "
+                "must be >= 0"
+            )
 
 
 def _onehots(codes: torch.Tensor, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +101,21 @@ class Normal:
     @classmethod
     def zeros(cls, h: int, r: int, e: int, p: int, device) -> Normal:
         z = dict(dtype=torch.complex128, device=device)
-        return cls(torch.zeros(h, r * e, r * e, **z), torch.zeros(h, r * e, p, **z), torch.zeros(h, r * e, p, **z))
+        return cls(
+            torch.zeros(h, r * e, r * e, **z),
+            torch.zeros(h, r * e, p, **z),
+            torch.zeros(h, r * e, p, **z),
+        )
 
-    def add(self, x: torch.Tensor, codes: torch.Tensor, thetas: torch.Tensor) -> None:
-        """Add vectors ``x [H, n, D]`` coded as ``codes [H, n, R]`` (targets from ``thetas``)."""
+    def add(
+        self,
+        x: torch.Tensor,
+        codes: torch.Tensor,
+        thetas: torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> None:
+        """Add vectors ``x [H, n, D]`` coded as ``codes [H, n, R]`` (targets from ``thetas``);
+        ``noise [H, n, D]``, if given, is added to the reconstruction targets (not the commit's)."""
         h, n, r = codes.shape
         e = thetas.shape[2] // 2
         oa, ob = _onehots(codes, e, x.dtype)
@@ -101,7 +123,7 @@ class Normal:
             real = oa.transpose(1, 2) @ oa + ob.transpose(1, 2) @ ob
             cross = oa.transpose(1, 2) @ ob
         self.gram += torch.complex(real.double(), (cross - cross.transpose(1, 2)).double())
-        self.rhs += _complex_rhs(oa, ob, x)
+        self.rhs += _complex_rhs(oa, ob, x if noise is None else x + noise)
         target = x.clone()  # what the stages before s leave
         table = decode_table(thetas)  # [H, R, 2E, D]
         heads = torch.arange(h, device=x.device)[:, None]
@@ -112,7 +134,9 @@ class Normal:
             target -= table[heads, s, code // e] + table[heads, s, e + code % e]
 
 
-def solve(normal: Normal, thetas0: torch.Tensor, commit_weight: float, ridge: float) -> torch.Tensor:
+def solve(
+    normal: Normal, thetas0: torch.Tensor, commit_weight: float, ridge: float
+) -> torch.Tensor:
     """Theta ``[H, R, 2E, P]`` minimizing ``Recon + commit_weight * Commit`` for the gathered codes
     (plus ``ridge`` times the mean diagonal, pulling toward ``thetas0``)."""
     h, r, e2, p = thetas0.shape
@@ -132,18 +156,27 @@ def solve(normal: Normal, thetas0: torch.Tensor, commit_weight: float, ridge: fl
     rhs += lam[:, None, None] * z0
     chol, info = torch.linalg.cholesky_ex(gram)
     singular = bool((info != 0).any())  # no ridge and unused entries: take the least-norm solution
-    z = torch.linalg.pinv(gram, hermitian=True) @ rhs if singular else torch.cholesky_solve(rhs, chol)
+    z = (
+        torch.linalg.pinv(gram, hermitian=True) @ rhs
+        if singular
+        else torch.cholesky_solve(rhs, chol)
+    )
     z = z.reshape(h, r, e, p)
     return join_theta(z.real, z.imag).to(thetas0.dtype)
 
 
-def relative_error(x: torch.Tensor, thetas: torch.Tensor, beam: int, chunk: int = 16384,
-                   encode_fn: Callable = torch_encode) -> float:
+def relative_error(
+    x: torch.Tensor,
+    thetas: torch.Tensor,
+    beam: int,
+    chunk: int = 16384,
+    encode_fn: Callable = torch_encode,
+) -> float:
     """``sum |x - decode(encode(x))|^2 / sum |x|^2`` with the beam's codes."""
     err = ref = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
-            xc = x[:, i:i + chunk]
+            xc = x[:, i : i + chunk]
             left = xc - decode(encode_fn(xc, thetas, beam), thetas)
             err += float((left.double() ** 2).sum())
             ref += float((xc.double() ** 2).sum())
@@ -167,8 +200,13 @@ class RefineResult:
     history: list[RoundLog] = field(default_factory=list)
 
 
-def refine(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, settings: RefineSettings,
-           on_round: Callable[[RoundLog, torch.Tensor | None], None] | None = None) -> RefineResult:
+def refine(
+    x: torch.Tensor,
+    heldout: torch.Tensor,
+    thetas0: torch.Tensor,
+    settings: RefineSettings,
+    on_round: Callable[[RoundLog, torch.Tensor | None], None] | None = None,
+) -> RefineResult:
     """Alternate encode / joint solve on ``x [H, N, D]`` from ``thetas0 [H, R, 2E, P]``; the round
     best on ``heldout`` is kept (never worse than the start there)."""
     import time
@@ -180,16 +218,22 @@ def refine(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, settin
     best = RefineResult(thetas0.clone(), 0, start, start)
     thetas = thetas0
     energy = float((x.double() ** 2).sum())
+    gen = torch.Generator(device=x.device).manual_seed(s.seed)
     for rnd in range(1, s.rounds + 1):
         t0 = time.perf_counter()
         normal = Normal.zeros(h, r, e, d // 2, x.device)
         err = 0.0
+        temp = s.noise * max(0.0, 1 - rnd / s.rounds) ** 0.5
         with torch.no_grad():
             for i in range(0, n, s.chunk):
-                xc = x[:, i:i + s.chunk]
+                xc = x[:, i : i + s.chunk]
                 codes = s.encode_fn(xc, thetas, s.beam)
-                normal.add(xc, codes, thetas)
                 left = xc - decode(codes, thetas)
+                noise = None
+                if temp > 0:
+                    spread = left.std(dim=1, keepdim=True) * math.sqrt(temp)
+                    noise = torch.randn(xc.shape, generator=gen, device=x.device) * spread
+                normal.add(xc, codes, thetas, noise)
                 err += float((left.double() ** 2).sum())
             thetas = solve(normal, thetas, s.commit_weight, s.ridge)
         held = relative_error(heldout, thetas, s.beam, s.chunk, s.encode_fn)
@@ -203,4 +247,3 @@ def refine(x: torch.Tensor, heldout: torch.Tensor, thetas0: torch.Tensor, settin
         if on_round is not None:
             on_round(log, best.thetas if improved else None)
     return best
-

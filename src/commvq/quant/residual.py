@@ -17,7 +17,9 @@ def residuals_for_bits(quant_bits: float, head_dim: int, code_bits: int = 12) ->
     """Stages R giving about ``quant_bits`` per channel: ``round(quant_bits * head_dim / code_bits)``."""
     r = round(quant_bits * head_dim / code_bits)
     if r < 1:
-        raise ValueError(f"quant_bits={quant_bits} with head_dim={head_dim}, code_bits={code_bits} gives 0 stages")
+        raise ValueError(
+            f"quant_bits={quant_bits} with head_dim={head_dim}, code_bits={code_bits} gives 0 stages"
+        )
     return r
 
 
@@ -43,19 +45,24 @@ def normalize(k: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tens
     return to_heads(k.float() / s[:, None], num_heads), s
 
 
-def encode(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest) -> torch.Tensor:
+def encode(
+    x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest
+) -> torch.Tensor:
     """Greedy residual codes ``[H, N, R]`` of ``x [H, N, D]`` (``nearest_fn``: a fused kernel)."""
     return _greedy(x, thetas, chunk, nearest_fn, keep=False)[0]
 
 
-def encode_with_residuals(x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192,
-                          nearest_fn=nearest) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_with_residuals(
+    x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy codes ``[H, N, R]`` and what each stage leaves, ``[R, H, N, D]``: ``x - sum_{j <= r} c_j``."""
     codes, left = _greedy(x, thetas, chunk, nearest_fn, keep=True)
     return codes, torch.stack(left)
 
 
-def _greedy(x: torch.Tensor, thetas: torch.Tensor, chunk: int, nearest_fn, keep: bool) -> tuple[torch.Tensor, list]:
+def _greedy(
+    x: torch.Tensor, thetas: torch.Tensor, chunk: int, nearest_fn, keep: bool
+) -> tuple[torch.Tensor, list]:
     residual = x.clone()
     codes, left = [], []
     for r in range(thetas.shape[1]):
@@ -75,7 +82,9 @@ def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def code_onehot(codes: torch.Tensor, num_entries: int, dtype: torch.dtype, by_head: bool = False) -> torch.Tensor:
+def code_onehot(
+    codes: torch.Tensor, num_entries: int, dtype: torch.dtype, by_head: bool = False
+) -> torch.Tensor:
     """``[R, H, N, 2E]``: ones at ``A`` and ``E + B`` of each code ``A*E + B`` of ``codes [H, N, R]``;
     ``by_head=True``: the same ones laid out ``[H, R, 2E, N]`` (for sums over tokens per table row)."""
     if by_head:
@@ -96,12 +105,14 @@ def stage_decodes(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
     return onehot @ decode_table(thetas).transpose(0, 1)  # [R, H, N, 2E] @ [R, H, 2E, D]
 
 
-def stage_errors(x: torch.Tensor, s: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+def stage_errors(
+    x: torch.Tensor, s: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192
+) -> torch.Tensor:
     """``[R, H]`` MSE in original scale (times the prescale) left after each greedy stage."""
     out = torch.zeros(thetas.shape[1], x.shape[0], dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
-            xc, sc = x[:, i:i + chunk], s[i:i + chunk]
+            xc, sc = x[:, i : i + chunk], s[i : i + chunk]
             left = encode_with_residuals(xc, thetas, chunk)[1]  # [R, H, n, D]
             out += ((left * sc[:, None]) ** 2).sum((2, 3)).double().cpu()
     return (out / (x.shape[1] * x.shape[2])).float()

@@ -59,15 +59,21 @@ def allocate_bits(power: torch.Tensor, total: int, max_deep: int = 0) -> torch.T
     2 bits per axis, except that up to ``max_deep`` axes of non-negligible power may take 3 or 4."""
     cap = MAX_BITS if max_deep > 0 else 2
     if not 0 <= total <= cap * len(power) or total % 2:
-        raise ValueError(f"total={total} bits for {len(power)} axes: an even number, at most {cap} each")
+        raise ValueError(
+            f"total={total} bits for {len(power)} axes: an even number, at most {cap} each"
+        )
     bits = torch.zeros(len(power), dtype=torch.long)
     dist = torch.tensor(DISTORTION, dtype=torch.float64)
     p = power.double().cpu()
-    strong = p > 1e-9 * p.max().clamp_min(1e-300)  # a staircase on a (numerically) empty axis has no scale
+    strong = p > 1e-9 * p.max().clamp_min(
+        1e-300
+    )  # a staircase on a (numerically) empty axis has no scale
     for _ in range(total):
         can_deepen = int((bits > 2).sum()) < max_deep
         limit = torch.where((bits > 2) | (strong & can_deepen), MAX_BITS, 2)
-        gain = torch.where(bits < limit, p * (dist[bits] - dist[(bits + 1).clamp_max(MAX_BITS)]), -1.0)
+        gain = torch.where(
+            bits < limit, p * (dist[bits] - dist[(bits + 1).clamp_max(MAX_BITS)]), -1.0
+        )
         bits[int(gain.argmax())] += 1
     return bits
 
@@ -109,15 +115,22 @@ def steps(bits: torch.Tensor) -> list[tuple[int, float]]:
     return [(i, t) for i, b in enumerate(bits.tolist()) if b > 2 for t in staircase(int(b))[2]]
 
 
-def decoder_rows(power: torch.Tensor, axes: torch.Tensor, groups: list[tuple[Half, Half]]) -> torch.Tensor:
+def decoder_rows(
+    power: torch.Tensor, axes: torch.Tensor, groups: list[tuple[Half, Half]]
+) -> torch.Tensor:
     """The codebook ``E [2 * len(groups), F]``: bit ``k`` adds ``+-weight * rms * axis``."""
     rms = power.sqrt()
     rows = [h.weight * rms[h.axis] * axes[:, h.axis] for group in groups for h in group]
     return torch.stack(rows).float()
 
 
-def pattern_weights(power: torch.Tensor, bits: torch.Tensor, groups: list[tuple[Half, Half]],
-                    patterns: torch.Tensor, sharpness: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pattern_weights(
+    power: torch.Tensor,
+    bits: torch.Tensor,
+    groups: list[tuple[Half, Half]],
+    patterns: torch.Tensor,
+    sharpness: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(a [n, 4, F], c [n, 4, S], b [n, 4])``: the logits ``z @ a^T + H @ c^T + b`` of each
     group's patterns, with ``z = u @ axes`` and ``H [S]`` the step indicators of :func:`steps`
     (``H_s = 1`` when ``z_axis > threshold * rms``), are ``2 <c_p, x> - |c_p|^2`` (argmax = the nearest
@@ -136,7 +149,7 @@ def pattern_weights(power: torch.Tensor, bits: torch.Tensor, groups: list[tuple[
     for g, halves in enumerate(groups):
         levels = [pat[:, k] * h.weight * rms[h.axis] for k, h in enumerate(halves)]  # [4] each
         one_axis = halves[0].axis == halves[1].axis
-        b[g] = -(levels[0] + levels[1]) ** 2 if one_axis else -(levels[0] ** 2 + levels[1] ** 2)
+        b[g] = -((levels[0] + levels[1]) ** 2) if one_axis else -(levels[0] ** 2 + levels[1] ** 2)
         for h, lv in zip(halves, levels, strict=True):
             a[g, :, h.axis] += 2 * lv
             if h.fine:  # 2 l (z - c(z)), c(z) = (base + height * sum_s H_s) * rms
@@ -147,8 +160,9 @@ def pattern_weights(power: torch.Tensor, bits: torch.Tensor, groups: list[tuple[
     return a * k, c * k, b * k
 
 
-def step_units(power: torch.Tensor, axes: torch.Tensor, bits: torch.Tensor,
-               scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def step_units(
+    power: torch.Tensor, axes: torch.Tensor, bits: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight [2S, F], bias [2S])`` of the hidden units of the steps of :func:`steps`, two per
     step over inputs ``u / scale`` (``z = u @ axes``): with ``t = k (z_axis - threshold * rms)``,
     units ``2s`` and ``2s + 1`` are ``gelu(t + A)`` and ``gelu(t - A)``, so that
@@ -157,8 +171,11 @@ def step_units(power: torch.Tensor, axes: torch.Tensor, bits: torch.Tensor,
     rms = power.sqrt()
     listed = steps(bits)
     axis = torch.tensor([i for i, _ in listed], dtype=torch.long, device=axes.device)
-    k = torch.tensor([2 * RAMP_A / (RAMP_WIDTH * STEP[int(bits[i])] * float(rms[i])) for i, _ in listed],
-                     dtype=axes.dtype, device=axes.device)
+    k = torch.tensor(
+        [2 * RAMP_A / (RAMP_WIDTH * STEP[int(bits[i])] * float(rms[i])) for i, _ in listed],
+        dtype=axes.dtype,
+        device=axes.device,
+    )
     thresholds = torch.tensor([t for _, t in listed], dtype=axes.dtype, device=axes.device)
     weight = (k[:, None] * axes[:, axis].T * scale).repeat_interleave(2, 0)
     ramp = torch.tensor([RAMP_A, -RAMP_A], dtype=axes.dtype, device=axes.device)

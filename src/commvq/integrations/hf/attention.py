@@ -35,17 +35,25 @@ def layer_for_attention() -> Any:
     return layer
 
 
-def commvq_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+def commvq_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
     """Attention over a CommVQ cache layer (codes + full-precision window) or, for any other
     cache, transformers' SDPA attention."""
     layer = layer_for_attention()
     if layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = layer.attend(module, query, attention_mask, scaling, kwargs.get("position_ids"))
     return out.transpose(1, 2).contiguous().to(query.dtype), None

@@ -38,8 +38,16 @@ class CommVQLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = False
 
-    def __init__(self, layer_idx: int, keys: parts.KeysPart, values: parts.ValuesPart, window: int = 128,
-                 sink: int = 0, quantize_prefill: bool = False, graphs: GraphPool | None = None) -> None:
+    def __init__(
+        self,
+        layer_idx: int,
+        keys: parts.KeysPart,
+        values: parts.ValuesPart,
+        window: int = 128,
+        sink: int = 0,
+        quantize_prefill: bool = False,
+        graphs: GraphPool | None = None,
+    ) -> None:
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window={window} must be >= 1 and sink={sink} >= 0")
@@ -47,8 +55,12 @@ class CommVQLayer(CacheLayerMixin):
         self.window, self.sink, self.quantize_prefill = window, sink, quantize_prefill
         self.win_k = self.win_v = self.win_pos = None  # [B, H, w, D], [B, w]
         self.sink_k = self.sink_v = None
-        self.store: dict[str, dict[str, torch.Tensor]] | None = None  # compressed tokens, oldest first
-        self.store_version = 0  # moves whenever ``store`` is replaced (a captured step reads its tensors)
+        self.store: dict[str, dict[str, torch.Tensor]] | None = (
+            None  # compressed tokens, oldest first
+        )
+        self.store_version = (
+            0  # moves whenever ``store`` is replaced (a captured step reads its tensors)
+        )
         self.num_compressed = 0
         self.graph = DecodeGraph(graphs) if graphs is not None else None
 
@@ -98,9 +110,14 @@ class CommVQLayer(CacheLayerMixin):
         if tokens_to_remove > 0 or n >= self.num_window:
             raise NotImplementedError(
                 f"CommVQCache can drop at most the {self.num_window - 1} most recent full-precision tokens "
-                f"(asked to crop {tokens_to_remove}); compressed blocks cannot be cropped")
+                f"(asked to crop {tokens_to_remove}); compressed blocks cannot be cropped"
+            )
         if n:
-            self.win_k, self.win_v, self.win_pos = self.win_k[:, :, :-n], self.win_v[:, :, :-n], self.win_pos[:, :-n]
+            self.win_k, self.win_v, self.win_pos = (
+                self.win_k[:, :, :-n],
+                self.win_v[:, :, :-n],
+                self.win_pos[:, :-n],
+            )
 
     def _select(self, fn) -> None:
         for name in ("win_k", "win_v", "win_pos", "sink_k", "sink_v"):
@@ -145,20 +162,34 @@ class CommVQLayer(CacheLayerMixin):
             return
         k, v, pos = self.win_k[:, :, :n], self.win_v[:, :, :n], self.win_pos[:, :n]
         if k.shape[2]:
-            block = {"k": self.keys_part.compress(self.layer_idx, k, pos),
-                     "v": self.values_part.compress(self.layer_idx, v)}
+            block = {
+                "k": self.keys_part.compress(self.layer_idx, k, pos),
+                "v": self.values_part.compress(self.layer_idx, v),
+            }
             if self.store is None:
                 self.store = block
             else:
-                self.store = {part: {name: torch.cat((self.store[part][name], t), 1) for name, t in d.items()}
-                              for part, d in block.items()}
+                self.store = {
+                    part: {name: torch.cat((self.store[part][name], t), 1) for name, t in d.items()}
+                    for part, d in block.items()
+                }
             self.store_version += 1
             self.num_compressed += k.shape[2]
-        self.win_k, self.win_v, self.win_pos = self.win_k[:, :, n:], self.win_v[:, :, n:], self.win_pos[:, n:]
+        self.win_k, self.win_v, self.win_pos = (
+            self.win_k[:, :, n:],
+            self.win_v[:, :, n:],
+            self.win_pos[:, n:],
+        )
 
     # --- attention --------------------------------------------------------------------------
-    def attend(self, module: torch.nn.Module, query: torch.Tensor, attention_mask: torch.Tensor | None,
-               scaling: float, position_ids: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        position_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Attention output ``[B, Hq, Tq, D]`` over sink + codes + window, then flush."""
         tq = query.shape[2]
         self.set_positions(position_ids, tq)
@@ -183,9 +214,11 @@ class CommVQLayer(CacheLayerMixin):
         ns0, nc0, k, v = self.num_sink, self.num_compressed, self.win_k, self.win_v
         self.flush()
         taken, n = self.num_sink - ns0, self.num_compressed - nc0
-        return (k[:, :, taken:taken + n], v[:, :, taken:taken + n], nc0) if n else None
+        return (k[:, :, taken : taken + n], v[:, :, taken : taken + n], nc0) if n else None
 
-    def _visible(self, tq: int, w: int, copies: tuple | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _visible(
+        self, tq: int, w: int, copies: tuple | None, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``([tq, keys], [keys])``: which of sink, codes, exact copies and window each query of this step may
         see. Keys in the order they arrived; the step's queries are the last ``tq`` to arrive."""
         ns, nc, win = self.num_sink, self.num_compressed, self.window
@@ -198,29 +231,44 @@ class CommVQLayer(CacheLayerMixin):
         seen = arrival[None, :] <= q
         block_end = lambda i: ns + (i // win + 1) * win - 1  # noqa: E731  last arrival of a code's block
         coded_now = c >= nc0
-        seen[:, ns:ns + nc] &= ~coded_now | (block_end(c)[None, :] < q)
-        seen[:, ns + nc:ns + nc + nx] &= block_end(cx)[None, :] >= q
+        seen[:, ns : ns + nc] &= ~coded_now | (block_end(c)[None, :] < q)
+        seen[:, ns + nc : ns + nc + nx] &= block_end(cx)[None, :] >= q
         return seen, arrival
 
     def _dense(self, module, query, attention_mask, scaling) -> torch.Tensor:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        out, _ = sdpa_attention_forward(module, query, self.win_k, self.win_v, attention_mask, scaling=scaling)
+        out, _ = sdpa_attention_forward(
+            module, query, self.win_k, self.win_v, attention_mask, scaling=scaling
+        )
         return out.transpose(1, 2)
 
     def _graphable(self, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
         """Whether this step may run as a captured graph: one query token on a GPU, no mask or a
         boolean one, CommVQ parts on their Triton kernels, and no capture of the caller's own in progress."""
-        if attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.dim() != 4
-                                           or attention_mask.shape[-1] < self.get_seq_length()):
+        if attention_mask is not None and (
+            attention_mask.dtype != torch.bool
+            or attention_mask.dim() != 4
+            or attention_mask.shape[-1] < self.get_seq_length()
+        ):
             return False
-        return (self.graph is not None and query.shape[2] == 1 and query.is_cuda
-                and self.num_compressed > 0 and all(part.graphable(query)
-                                                    for part in (self.keys_part, self.values_part))
-                and not torch.cuda.is_current_stream_capturing())
+        return (
+            self.graph is not None
+            and query.shape[2] == 1
+            and query.is_cuda
+            and self.num_compressed > 0
+            and all(part.graphable(query) for part in (self.keys_part, self.values_part))
+            and not torch.cuda.is_current_stream_capturing()
+        )
 
-    def _mixed(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-               window: tuple | None = None, copies: tuple | None = None) -> torch.Tensor:
+    def _mixed(
+        self,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        window: tuple | None = None,
+        copies: tuple | None = None,
+    ) -> torch.Tensor:
         """Attention over sink, codes and window. ``window``: ``(keys, values, length)``, fixed
         buffers of ``window + 1`` slots whose first ``length`` (a GPU scalar) hold the window, in
         place of the window itself (the step a :class:`DecodeGraph` captures). ``copies``: the exact
@@ -247,27 +295,40 @@ class CommVQLayer(CacheLayerMixin):
         if attention_mask is not None:
             mask = attention_mask[..., -tq:, :]
             mask = mask[..., arrival] if seen is not None else mask[..., :total]
-            s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+            s = (
+                s.masked_fill(~mask, float("-inf"))
+                if mask.dtype == torch.bool
+                else s + mask.float()
+            )
         if seen is not None:
             s = s.masked_fill(~seen, float("-inf"))
         if length is not None:  # the buffers' slots past the window
-            s[..., total - w:] = s[..., total - w:].masked_fill(torch.arange(w, device=s.device) >= length,
-                                                                float("-inf"))
+            s[..., total - w :] = s[..., total - w :].masked_fill(
+                torch.arange(w, device=s.device) >= length, float("-inf")
+            )
         p = torch.softmax(s, -1)
-        if attention_mask is not None:  # a row the mask hides entirely (padding) gives NaN: no weight
+        if (
+            attention_mask is not None
+        ):  # a row the mask hides entirely (padding) gives NaN: no weight
             p = p.nan_to_num(0.0)
-        out = parts.grouped(p[..., total - w:], win_v.float())
+        out = parts.grouped(p[..., total - w :], win_v.float())
         if ns:
             out = out + parts.grouped(p[..., :ns], self.sink_v.float())
         if nc:
-            out = out + self.values_part.values(self.layer_idx, p[..., ns:ns + nc], self.store["v"])
+            out = out + self.values_part.values(
+                self.layer_idx, p[..., ns : ns + nc], self.store["v"]
+            )
         if nx:
-            out = out + parts.grouped(p[..., ns + nc:ns + nc + nx], copies[1].float())
+            out = out + parts.grouped(p[..., ns + nc : ns + nc + nx], copies[1].float())
         return out
 
     def nbytes(self) -> int:
         """Bytes actually held: window, sink, and every stored block tensor."""
-        tensors = [t for t in (self.win_k, self.win_v, self.win_pos, self.sink_k, self.sink_v) if t is not None]
+        tensors = [
+            t
+            for t in (self.win_k, self.win_v, self.win_pos, self.sink_k, self.sink_v)
+            if t is not None
+        ]
         if self.store is not None:
             tensors += [t for d in self.store.values() for t in d.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -276,20 +337,41 @@ class CommVQLayer(CacheLayerMixin):
 class CommVQCache(Cache):
     """A compressed KV cache for ``model.generate(past_key_values=...)`` and forward passes."""
 
-    def __init__(self, num_layers: int, keys: parts.KeysPart, values: parts.ValuesPart, window: int = 128,
-                 sink: int = 0, quantize_prefill: bool = False, graphs: bool = True) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        keys: parts.KeysPart,
+        values: parts.ValuesPart,
+        window: int = 128,
+        sink: int = 0,
+        quantize_prefill: bool = False,
+        graphs: bool = True,
+    ) -> None:
         """``graphs``: on a GPU, run single-token decode steps as captured CUDA graphs where they
         can be (:mod:`commvq.integrations.hf.graphs`; same results, less host time)."""
         pool = GraphPool() if graphs else None
-        super().__init__(layers=[CommVQLayer(i, keys, values, window, sink, quantize_prefill, pool)
-                                 for i in range(num_layers)])
+        super().__init__(
+            layers=[
+                CommVQLayer(i, keys, values, window, sink, quantize_prefill, pool)
+                for i in range(num_layers)
+            ]
+        )
         self.keys_part, self.values_part = keys, values
 
     @classmethod
-    def from_pretrained(cls, model: Any, key_dir: str | Path | None = None, value_dir: str | Path | None = None,
-                        window: int = 128, sink: int = 0, quantize_prefill: bool = False,
-                        kernels: str = "auto", graphs: bool = True, beam: int | None = None,
-                        codec_dtype: torch.dtype = torch.float16) -> CommVQCache:
+    def from_pretrained(
+        cls,
+        model: Any,
+        key_dir: str | Path | None = None,
+        value_dir: str | Path | None = None,
+        window: int = 128,
+        sink: int = 0,
+        quantize_prefill: bool = False,
+        kernels: str = "auto",
+        graphs: bool = True,
+        beam: int | None = None,
+        codec_dtype: torch.dtype = torch.float16,
+    ) -> CommVQCache:
         """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense);
         ``graphs``: decode steps as CUDA graphs on a GPU (see ``__init__``); ``beam``: the key
         encoder's beam width at prefill and at every flush (None: the width the codebooks were
@@ -306,17 +388,30 @@ class CommVQCache(Cache):
         keys: parts.KeysPart = parts.DenseKeys()
         if key_dir is not None:
             rotary = model.base_model.rotary_emb
-            books = [io.load_key_codebook(key_dir, i, spec, beam).to(device, kernels) for i in range(spec.num_layers)]
-            keys = parts.CommVQKeys(books, rotary.inv_freq.to(device), float(getattr(rotary, "attention_scaling", 1.0)),
-                                    kernels=kernels)
+            books = [
+                io.load_key_codebook(key_dir, i, spec, beam).to(device, kernels)
+                for i in range(spec.num_layers)
+            ]
+            keys = parts.CommVQKeys(
+                books,
+                rotary.inv_freq.to(device),
+                float(getattr(rotary, "attention_scaling", 1.0)),
+                kernels=kernels,
+            )
         values: parts.ValuesPart = parts.DenseValues()
         if value_dir is not None:
-            codec = ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim).to(device).held_in(codec_dtype)
+            codec = (
+                ValueCodec.load(value_dir, spec.num_layers, spec.kv_dim)
+                .to(device)
+                .held_in(codec_dtype)
+            )
             values = parts.CommVQValues(codec, spec.num_kv_heads, kernels)
         return cls(spec.num_layers, keys, values, window, sink, quantize_prefill, graphs)
 
     @classmethod
-    def baseline(cls, model: Any, method: str, window: int = 128, group: int = 32, sink: int = 0) -> CommVQCache:
+    def baseline(
+        cls, model: Any, method: str, window: int = 128, group: int = 32, sink: int = 0
+    ) -> CommVQCache:
         """``fp16`` (the identity codec) or ``kivi2`` / ``kivi1`` through the same cache (same window
         and sink as the CommVQ cache it is compared with)."""
         if method not in ("fp16", "kivi2", "kivi1"):
@@ -329,8 +424,13 @@ class CommVQCache(Cache):
         bits = int(method[-1])
         if window % group:
             raise ValueError(f"KIVI needs window={window} to be a multiple of group={group}")
-        return cls(spec.num_layers, parts.KiviKeys(bits, group), parts.KiviValues(bits, group), window, sink)
+        return cls(
+            spec.num_layers,
+            parts.KiviKeys(bits, group),
+            parts.KiviValues(bits, group),
+            window,
+            sink,
+        )
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
-

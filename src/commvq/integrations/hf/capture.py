@@ -15,7 +15,9 @@ Sink = Callable[[str, int, torch.Tensor], None]
 
 
 @contextlib.contextmanager
-def capture_projections(model: Any, sink: Sink, kinds: tuple[str, ...] = ("key", "value")) -> Iterator[None]:
+def capture_projections(
+    model: Any, sink: Sink, kinds: tuple[str, ...] = ("key", "value")
+) -> Iterator[None]:
     """Within the block, every forward calls ``sink(kind, layer, output [B, T, width])``.
 
     Hooks are removed on exit, also after an error.

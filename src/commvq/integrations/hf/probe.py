@@ -48,6 +48,7 @@ class LayerAttention:
         """Attention-module output ``[B, T, hidden]`` (after o_proj) with values ``v [B, T, F]``."""
         b, t, _ = v.shape
         vh = v.view(b, t, -1, self.head_dim).transpose(1, 2).to(self.q.dtype)
-        o = F.scaled_dot_product_attention(self.q, self.k, vh, is_causal=True,
-                                           enable_gqa=self.q.shape[1] != vh.shape[1])
+        o = F.scaled_dot_product_attention(
+            self.q, self.k, vh, is_causal=True, enable_gqa=self.q.shape[1] != vh.shape[1]
+        )
         return self.attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))

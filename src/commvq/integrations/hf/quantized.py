@@ -26,13 +26,20 @@ def has_quanto() -> bool:
 def make_cache(model: Any, backend: str, nbits: int, window: int) -> Any:
     """A fresh ``transformers.QuantizedCache`` of ``nbits`` with transformers' ``backend``."""
     if backend == "quanto" and not has_quanto():
-        raise ImportError("the quanto backend needs optimum-quanto: pip install optimum-quanto==0.2.7")
+        raise ImportError(
+            "the quanto backend needs optimum-quanto: pip install optimum-quanto==0.2.7"
+        )
     from transformers import QuantizedCache
 
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return QuantizedCache(backend=backend, config=cfg, nbits=nbits, residual_length=window,
-                          q_group_size=min(64, head_dim))
+    return QuantizedCache(
+        backend=backend,
+        config=cfg,
+        nbits=nbits,
+        residual_length=window,
+        q_group_size=min(64, head_dim),
+    )
 
 
 def held_bytes(t: Any) -> int:

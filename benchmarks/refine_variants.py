@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Settings of the least-squares refinement side by side on one layer: held-out key error per
+round for each variant (commit weight, stochastic-relaxation noise, beam, rounds), as a ratio to
+the starting codebooks' greedy error on the same rows.
+
+    python benchmarks/refine_variants.py --keys KEYS.pt --codebooks DIR --layer 14
+        [--variants "cw=0.25;cw=0;cw=0,noise=0.5"] [--rounds 10] [--beam 8]
+    python benchmarks/refine_variants.py --key_dir runs/dev/data/key --train 0:131072 \\
+        --heldout 245760:262144 --codebooks DIR --layer 14 --save KEYS.pt   (writes the rows once)
+
+``KEYS.pt``: ``{"train": [n, Hkv*D], "heldout": [m, Hkv*D], "num_heads": Hkv, "head_dim": D}``,
+one layer's keys before RoPE (small enough to carry to a lent GPU). Every variant starts from the
+same codebooks and runs the same number of rounds; the fused encoders on a GPU, torch on a CPU.
+A table and a last JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from math import nan
+from pathlib import Path
+
+import torch
+
+try:
+    from _meta import commit_id
+except ImportError:
+    from benchmarks._meta import commit_id
+
+from commvq import io
+from commvq.codecs.key_codebook import encoder_for
+from commvq.quant import refine, residual
+from commvq.spec import ModelSpec
+
+
+def rows(text: str) -> tuple[int, int]:
+    a, b = (int(t) for t in text.split(":"))
+    return a, b
+
+
+def parse_variants(text: str) -> list[dict[str, float]]:
+    """``"cw=0.25;cw=0,noise=0.5"`` -> ``[{"cw": 0.25}, {"cw": 0.0, "noise": 0.5}]``."""
+    out = []
+    for part in text.split(";"):
+        kv = dict(item.split("=") for item in part.split(",") if item)
+        bad = set(kv) - {"cw", "noise", "beam"}
+        if bad:
+            raise SystemExit(f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam")
+        out.append({k: float(v) for k, v in kv.items()})
+    return out
+
+
+def load_keys(args) -> dict:
+    if args.keys and Path(args.keys).is_file() and not args.key_dir:
+        return torch.load(args.keys, weights_only=True)
+    from commvq.data.kvstore import KVStore
+
+    store = KVStore(args.key_dir)
+    spec = ModelSpec.from_dict(store.settings["spec"])
+    layer = store.layer(args.layer)
+    keys = {
+        "train": layer.read(*rows(args.train)).clone(),  # not views of the shards' storage
+        "heldout": layer.read(*rows(args.heldout)).clone(),
+        "num_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+    }
+    if args.save:
+        torch.save(keys, args.save)
+    return keys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--keys", default="", help="one layer's rows, as --save writes them")
+    ap.add_argument("--key_dir", default="", help="a collected key store (instead of --keys)")
+    ap.add_argument("--train", default="0:131072")
+    ap.add_argument("--heldout", default="245760:262144")
+    ap.add_argument("--save", default="", help="write the rows read from --key_dir here")
+    ap.add_argument("--codebooks", required=True, help="the starting codebook folder (e.g. EM's)")
+    ap.add_argument("--layer", type=int, default=14)
+    ap.add_argument("--variants", default="cw=0.25;cw=0;cw=0,noise=0.5;cw=0.25,noise=0.5")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--beam", type=int, default=8)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keys = load_keys(args)
+    h = keys["num_heads"]
+    x, _ = residual.normalize(keys["train"].float().to(device), h)
+    held, _ = residual.normalize(keys["heldout"].float().to(device), h)
+    x, held = x.contiguous(), held.contiguous()
+    spec = ModelSpec.from_dict(json.loads((Path(args.codebooks) / "config.json").read_text())["spec"])
+    start = io.load_layer(Path(args.codebooks), args.layer, spec).to(device)
+    encode = encoder_for("auto", device)
+    base = refine.relative_error(held, start, 1, encode_fn=encode)
+    results = []
+    for v in parse_variants(args.variants):
+        beam = int(v.get("beam", args.beam))
+        settings = refine.RefineSettings(
+            rounds=args.rounds,
+            beam=beam,
+            commit_weight=v.get("cw", 0.25),
+            noise=v.get("noise", 0.0),
+            encode_fn=encode,
+        )
+        t0 = time.perf_counter()
+        res = refine.refine(x, held, start, settings)
+        results.append(
+            {
+                "variant": v,
+                "beam": beam,
+                "start_ratio": res.init_heldout / base,
+                "per_round": [r.heldout / base for r in res.history],
+                "best_round": res.best_round,
+                "best_ratio": res.best_heldout / base,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        print(json.dumps(results[-1]), flush=True)
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(
+        f"card {card}; commit {commit_id()}; layer {args.layer}; {x.shape[1]:,} training rows, "
+        f"{held.shape[1]:,} held out; start's greedy held-out error {base:.5f} (= 1)"
+    )
+    print(f"{'variant':<24}{'beam':>5}{'start':>8}{'round 1':>9}{'last':>8}{'best':>8}{'s':>7}")
+    for r in results:
+        name = ",".join(f"{k}={v:g}" for k, v in r["variant"].items()) or "defaults"
+        print(
+            f"{name:<24}{r['beam']:>5}{r['start_ratio']:>8.4f}{(r['per_round'] or [nan])[0]:>9.4f}"
+            f"{(r['per_round'] or [nan])[-1]:>8.4f}{r['best_ratio']:>8.4f}{r['seconds']:>7.1f}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "refine_variants",
+                "card": card,
+                "layer": args.layer,
+                "base_greedy": base,
+                "results": results,
+                "commit": commit_id(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
