@@ -96,8 +96,8 @@ def main() -> None:
         )
         ratio = f"{row['ms'] / base:>10.1f}" if base else f"{'-':>10}"
         print(
-            f"{row['shape']:<11}{row['heads']:>7} x {row['head_dim']:<3}{row['stages']:>8}{row['beam']:>6}"
-            f"{row['ms']:>10.1f}{ratio}"
+            f"{row['shape']:<11}{row['heads']:>7} x {row['head_dim']:<3}"
+            f"{row['stages']:>8}{row['beam']:>6}{row['ms']:>10.1f}{ratio}"
         )
     print(
         json.dumps(

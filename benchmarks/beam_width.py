@@ -86,19 +86,21 @@ def main() -> None:
                 row["error_icm"] = relative_error(x, icm(x, codes, thetas, args.icm), thetas)
             rows.append(row)
             print(
-                f"{row['dir']:<44}{b:>5}{row['error']:>11.5f}{row.get('error_icm', float('nan')):>11.5f}"
-                f"{seconds:>9.1f}",
+                f"{row['dir']:<44}{b:>5}{row['error']:>11.5f}"
+                f"{row.get('error_icm', float('nan')):>11.5f}{seconds:>9.1f}",
                 flush=True,
             )
     print(
-        f"\n{device}  layer {args.layer}  rows {start}:{end} of {args.key_dir}  commit {commit_id()}"
+        f"\n{device}  layer {args.layer}  rows {start}:{end} of {args.key_dir}  "
+        f"commit {commit_id()}"
     )
     print(f"{'codebooks':<44}{'beam':>5}{'rel. MSE':>11}{'+ICM':>11}{'x greedy':>10}")
     for r in rows:
         base = next((q["error"] for q in rows if q["dir"] == r["dir"] and q["beam"] == 1), None)
         ratio = f"{r['error'] / base:>10.3f}" if base else f"{'-':>10}"
         print(
-            f"{r['dir']:<44}{r['beam']:>5}{r['error']:>11.5f}{r.get('error_icm', float('nan')):>11.5f}{ratio}"
+            f"{r['dir']:<44}{r['beam']:>5}{r['error']:>11.5f}"
+            f"{r.get('error_icm', float('nan')):>11.5f}{ratio}"
         )
     print(
         json.dumps(

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Collection throughput against a bare forward pass over the same tokens.
 
-    python benchmarks/collect_throughput.py [--model embedded] [--seq 1024] [--batch 1] [--tokens 8192]
-    python benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 --out_dir /dev/shm
+    python benchmarks/collect_throughput.py [--model embedded] [--seq 1024] [--batch 1] \
+        [--tokens 8192]
+    python benchmarks/collect_throughput.py --random_shape llama-3.1-8b --seq 8192 \
+        --out_dir /dev/shm
 
 (a) bare forward: the base model (no LM head) over the packed batches, no hooks, no storage;
 (b) `commvq collect` over the same batches (hooks, device->host copies, shard writes).

@@ -5,7 +5,8 @@ kernels, with and without its decode steps as CUDA graphs). Prints the wall time
 for each (also under cProfile) and the functions with the most own time in CommVQ's eager steps;
 last line JSON.
 
-    python benchmarks/decode_host.py [--shape llama-3.1-8b] [--layers 4] [--prompt 4096] [--steps 32]
+    python benchmarks/decode_host.py [--shape llama-3.1-8b] [--layers 4] [--prompt 4096] \
+        [--steps 32]
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     commit = commit_id()
     print(
-        f"card {card}; commit {commit}; random {args.shape} with {args.layers} layers; prompt {args.prompt}; "
-        f"{args.steps} decode steps, batch 1"
+        f"card {card}; commit {commit}; random {args.shape} with {args.layers} layers; "
+        f"prompt {args.prompt}; {args.steps} decode steps, batch 1"
     )
     for name, row in per_layer.items():
         how = "under cProfile" if row["second_profiled"] else "second run"
@@ -80,7 +81,8 @@ def main() -> None:
             f"({row['ms_per_step_layer_second']:.3f} {how})"
         )
     print(
-        "commvq-2 eager, own time per step and layer (us) and calls per step and layer, under the profiler:"
+        "commvq-2 eager, own time per step and layer (us) and calls per step and layer, "
+        "under the profiler:"
     )
     print(f"{'us':>8} {'cum us':>8} {'calls':>6}  function")
     rows = []
@@ -106,7 +108,8 @@ def main() -> None:
     for (path, line, func), (_, ncalls, tottime, cumtime, _) in ours:
         where = f"{path.split('/src/')[-1]}:{line} {func}"
         print(
-            f"{tottime / calls * 1e6:>8.1f} {cumtime / calls * 1e6:>8.1f} {ncalls / calls:>6.1f}  {where}"
+            f"{tottime / calls * 1e6:>8.1f} {cumtime / calls * 1e6:>8.1f} "
+            f"{ncalls / calls:>6.1f}  {where}"
         )
     print(
         json.dumps(

@@ -47,7 +47,10 @@ def main() -> None:
         "--budget_s",
         type=float,
         default=0.0,
-        help="stop after the epoch that passes this many seconds and project the full run (0: no limit)",
+        help=(
+            "stop after the epoch that passes this many seconds and project the full run "
+            "(0: no limit)"
+        ),
     )
     args = ap.parse_args()
 
@@ -72,8 +75,9 @@ def main() -> None:
         if best is not None:
             kept["thetas"], kept["epoch"] = best, entry.epoch
         print(
-            f"Epoch {entry.epoch}/{args.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
-            f"Commit: {entry.commit:.4f}  held-out {entry.heldout:.5f}  {epoch_times[-1]:.1f} s",
+            f"Epoch {entry.epoch}/{args.epochs} - Loss: {entry.loss:.4f}, "
+            f"Recon: {entry.recon:.4f}, Commit: {entry.commit:.4f}  "
+            f"held-out {entry.heldout:.5f}  {epoch_times[-1]:.1f} s",
             flush=True,
         )
         if args.budget_s and epoch_times[-1] > args.budget_s and entry.epoch < args.epochs:
@@ -109,8 +113,8 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     commit = commit_id()
     print(
-        f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
-        f"epochs {args.epochs}  batch {args.batch_size}"
+        f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  "
+        f"R {args.residuals}  epochs {args.epochs}  batch {args.batch_size}"
     )
     print(f"{'what':<46}{'value':>12}")
     print(f"{'k-means++ init (s)':<46}{t_init:>12.1f}")
@@ -118,7 +122,8 @@ def main() -> None:
     print(f"{'epochs run':<46}{epochs_run:>12d}")
     print(f"{'seconds (init + epochs run)':<46}{seconds:>12.1f}")
     print(
-        f"{'seconds per layer (' + ('measured' if complete else 'projected') + ')':<46}{projected:>12.1f}"
+        f"{'seconds per layer (' + ('measured' if complete else 'projected') + ')':<46}"
+        f"{projected:>12.1f}"
     )
     print(f"{'peak GPU memory (GiB)':<46}{peak:>12.2f}")
     print(f"{'held-out relative key MSE, init':<46}{float(init_err):>12.5f}")

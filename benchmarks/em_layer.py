@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """EM key-codebook training of one layer at Llama-3.1-8B shapes on a GPU.
 
-    python benchmarks/em_layer.py [--num_samples 1000000] [--heads 8] [--head_dim 128] [--residuals 21]
+    python benchmarks/em_layer.py [--num_samples 1000000] [--heads 8] [--head_dim 128] \
+        [--residuals 21]
 
 Data: synthetic key-like vectors (a decaying channel spectrum with a few outlier channels, per-token
 norms over all heads), or ``--key_dir`` collected keys. Reports seconds per layer, peak GPU memory
@@ -62,7 +63,8 @@ def add_layer_args(ap: argparse.ArgumentParser, residuals: bool = True) -> None:
 def layer_keys(
     args: argparse.Namespace, seed: int = 0, device: str = "cuda"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalized synthetic keys ``x [H, N, D]`` (contiguous, as EM trains on) and prescales ``s``."""
+    """Normalized synthetic keys ``x [H, N, D]`` (contiguous, as EM trains on) and prescales
+    ``s``."""
     x, s = normalize(
         synthetic_keys(args.num_samples, args.heads, args.head_dim, seed, device), args.heads
     )
@@ -203,8 +205,8 @@ def main() -> None:
         torch.cuda.synchronize()
         stage_times.append((r, time.perf_counter() - t0, res.iters.tolist(), float(err.mean())))
         print(
-            f"stage {r + 1:2d}: {stage_times[-1][1]:7.1f} s  iters {res.iters.tolist()}  residual MSE "
-            f"{float(err.mean()):.6f}",
+            f"stage {r + 1:2d}: {stage_times[-1][1]:7.1f} s  iters {res.iters.tolist()}  "
+            f"residual MSE {float(err.mean()):.6f}",
             flush=True,
         )
 
@@ -239,8 +241,9 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     commit = commit_id()
     print(
-        f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  R {args.residuals}  "
-        f"E-step {args.estep}  products {'split float16' if tuning.split else 'float32'}"
+        f"\ncard {card}  N {args.num_samples}  heads {args.heads} x {args.head_dim}  "
+        f"R {args.residuals}  E-step {args.estep}  "
+        f"products {'split float16' if tuning.split else 'float32'}"
     )
     print(f"{'what':<44}{'value':>14}")
     print(f"{'seconds per layer (all heads, all stages)':<44}{seconds:>14.1f}")
@@ -255,7 +258,8 @@ def main() -> None:
     print(f"{'reference-style: seconds per iteration/head':<44}{ref_iter_s:>14.4f}")
     print(f"{'stage-0 MSE head 0: ours (full run)':<44}{ours_stage0:>14.6f}")
     print(
-        f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  (after {args.ref_iters} iterations)"
+        f"{'stage-0 MSE head 0: reference-style':<44}{ref_stage0:>14.6f}  "
+        f"(after {args.ref_iters} iterations)"
     )
     print(
         json.dumps(

@@ -57,8 +57,8 @@ def peak_gib() -> float:
 
 
 def load_rows(args) -> tuple[torch.Tensor, ...]:
-    """``(train x, train prescales, validation x, held-out x, held-out prescales, what)``, normalized,
-    on the GPU."""
+    """``(train x, train prescales, validation x, held-out x, held-out prescales, what)``,
+    normalized, on the GPU."""
     if args.key_dir:
         from commvq.data.kvstore import KVStore
 
@@ -93,7 +93,8 @@ def rel(x: torch.Tensor, thetas: torch.Tensor, beam: int, enc) -> float:
 
 
 def heldout(x: torch.Tensor, s: torch.Tensor, thetas: torch.Tensor, beam: int, enc) -> float:
-    """``sum |k - k_hat|^2 / sum |k|^2`` in the keys' own scale (as config.json and compare-codebooks)."""
+    """``sum |k - k_hat|^2 / sum |k|^2`` in the keys' own scale (as config.json and
+    compare-codebooks)."""
     left = x - decode(enc(x, thetas, beam), thetas)
     w = (s.double() ** 2)[None, :, None]
     return float((left.double() ** 2 * w).sum() / (x.double() ** 2 * w).sum())
@@ -244,16 +245,17 @@ def main() -> None:
     card, commit = torch.cuda.get_device_name() if CUDA else "cpu", commit_id()
     base = next(r["heldout"] for r in rows if r["method"] == "em" and r["beam"] == 1)
     print(
-        f"\ncard {card}  {what}  train {n}  heads {h} x {d}  R {args.residuals}  {args.code_bits}-bit codes  "
-        f"held-out rows {xh.shape[1]}  commit {commit}"
+        f"\ncard {card}  {what}  train {n}  heads {h} x {d}  R {args.residuals}  "
+        f"{args.code_bits}-bit codes  held-out rows {xh.shape[1]}  commit {commit}"
     )
     print(
-        f"{'method':<12}{'beam':>5}{'seconds':>10}{'held-out rel. MSE':>19}{'x EM':>8}{'peak GiB':>10}"
+        f"{'method':<12}{'beam':>5}{'seconds':>10}{'held-out rel. MSE':>19}{'x EM':>8}"
+        f"{'peak GiB':>10}"
     )
     for r in rows:
         print(
-            f"{r['method']:<12}{r['beam']:>5}{r['seconds']:>10.1f}{r['heldout']:>19.5f}{r['heldout'] / base:>8.3f}"
-            f"{r['peak_gib']:>10.2f}"
+            f"{r['method']:<12}{r['beam']:>5}{r['seconds']:>10.1f}{r['heldout']:>19.5f}"
+            f"{r['heldout'] / base:>8.3f}{r['peak_gib']:>10.2f}"
         )
     print(f"\nencode {args.encode_tokens} tokens x {h} heads x {args.residuals} stages")
     print(f"{'beam':>5}{'ms':>10}")

@@ -90,7 +90,9 @@ def main() -> None:
     x, _ = residual.normalize(keys["train"].float().to(device), h)
     held, _ = residual.normalize(keys["heldout"].float().to(device), h)
     x, held = x.contiguous(), held.contiguous()
-    spec = ModelSpec.from_dict(json.loads((Path(args.codebooks) / "config.json").read_text())["spec"])
+    spec = ModelSpec.from_dict(
+        json.loads((Path(args.codebooks) / "config.json").read_text())["spec"]
+    )
     start = io.load_layer(Path(args.codebooks), args.layer, spec).to(device)
     encode = encoder_for("auto", device)
     base = refine.relative_error(held, start, 1, encode_fn=encode)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where the time of one key-codebook training step goes, per GPU kernel (torch profiler).
 
-    python benchmarks/train_profile.py [--what em,em_stage,e2e,encode] [--num_samples 1000000] [--steps 20]
+    python benchmarks/train_profile.py [--what em,em_stage,e2e,encode] [--num_samples 1000000] \
+        [--steps 20]
 
 ``em``: one fused E-step (all heads) at Llama-3.1-8B shapes on synthetic key-like data, plus the
 rest of an iteration (M-step), random codebooks, tokens unsorted. ``em_stage``: a real stage-0
@@ -32,7 +33,8 @@ from commvq.quant import e2e, em
 
 
 def kernel_table(fn, steps: int, title: str, top: int = 25) -> dict[str, float]:
-    """Run ``fn`` ``steps`` times under the profiler; print and return microseconds per step by kernel."""
+    """Run ``fn`` ``steps`` times under the profiler; print and return microseconds per step by
+    kernel."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -50,7 +52,8 @@ def kernel_table(fn, steps: int, title: str, top: int = 25) -> dict[str, float]:
     total = sum(per.values())
     if top:
         print(
-            f"\n{title}: {total:.1f} us of kernels per step, {sum(calls.values()) / steps:.0f} kernels per step"
+            f"\n{title}: {total:.1f} us of kernels per step, "
+            f"{sum(calls.values()) / steps:.0f} kernels per step"
         )
         print(f"{'kernel':<70}{'calls':>7}{'us/step':>10}")
         for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
@@ -142,8 +145,8 @@ def profile_em_stage(x, s, iters=(2, 50, 98)) -> dict:
     torch.cuda.synchronize()
     out["stage_s"] = time.perf_counter() - t0
     print(
-        f"init E-step + M-step {out['init_s']:.2f} s (torch {out['init_torch_s']:.2f} s); stage 0 (init, "
-        f"100 iterations, profiled ones twice more) {out['stage_s']:.2f} s"
+        f"init E-step + M-step {out['init_s']:.2f} s (torch {out['init_torch_s']:.2f} s); "
+        f"stage 0 (init, 100 iterations, profiled ones twice more) {out['stage_s']:.2f} s"
     )
     return out
 
@@ -173,7 +176,8 @@ def profile_e2e(x, steps: int, residuals: int, batch: int) -> dict:
 
 
 def tune_encode(x, residuals: int, batch: int) -> dict:
-    """Greedy-encode time of one batch for a few block sizes of the encoder kernel (microseconds)."""
+    """Greedy-encode time of one batch for a few block sizes of the encoder kernel
+    (microseconds)."""
     import itertools
 
     from commvq.kernels import encode as enc

@@ -1,5 +1,5 @@
-"""The decode-then-attend baselines of ``benchmarks/decode_attention.py`` compute the same attention:
-the half-precision path the benchmark compiles against the float32 one."""
+"""The decode-then-attend baselines of ``benchmarks/decode_attention.py`` compute the same
+attention: the half-precision path the benchmark compiles against the float32 one."""
 
 import sys
 from pathlib import Path

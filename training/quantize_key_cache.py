@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Step 3 of the guide: train the key codebooks of one layer (or all).
 
-    python quantize_key_cache.py LAYER [--training_method em|e2e] [--epochs 100 --lr 0.001 --batch_size 256]
+    python quantize_key_cache.py LAYER [--training_method em|e2e] \
+        [--epochs 100 --lr 0.001 --batch_size 256]
 
 LAYER is a layer index, a range A-B or `all`. A thin wrapper over `commvq train-keys`:
 `--help` lists every option with its default. Outputs go to codebook_<b>bits_<D>group_<R>residuals

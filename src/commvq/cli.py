@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache notice, mid-bar
     stage = table[args.stage]
     try:
         cfg = from_namespace(stage.config, args)

@@ -74,7 +74,10 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(
             fd,
-            f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+            (
+                f"pid {os.getpid()} on {socket.gethostname()} "
+                f"since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            ).encode(),
             0,
         )
         yield

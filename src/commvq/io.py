@@ -100,8 +100,8 @@ def load_head(path: Path) -> tuple[torch.Tensor, float]:
         thetas = torch.stack([s["theta"].float() for s in data["steps"]])
     except Exception as e:
         raise ValueError(
-            f"{path}: not a readable codebook file ({str(e) or type(e).__name__}); retrain its layer "
-            "(`commvq train-keys --layers L --overwrite`)"
+            f"{path}: not a readable codebook file ({str(e) or type(e).__name__}); "
+            "retrain its layer (`commvq train-keys --layers L --overwrite`)"
         ) from e
     if not bool(torch.isfinite(thetas).all()):
         raise ValueError(
@@ -163,7 +163,8 @@ def layout_of(folder: Path) -> tuple[CodebookLayout, dict[str, Any] | None]:
     parsed = parse_dir_name(folder.name)
     if parsed is None:
         raise ValueError(
-            f"{folder}: no {CONFIG} and the name is not codebook[_e2e]_<b>bits_<D>group_<R>residuals"
+            f"{folder}: no {CONFIG} and the name is not "
+            "codebook[_e2e]_<b>bits_<D>group_<R>residuals"
         )
     return parsed, None
 

@@ -44,8 +44,8 @@ def test_identity_codec_generates_the_same_tokens(tiny, window, sink):
 
 def test_generate_takes_the_cache_by_either_argument_name(tiny):
     """transformers >= 5.24 takes ``cache=`` (``past_key_values=`` warns it goes away); before, only
-    ``past_key_values=``. ``cache_kwargs`` picks what the installed version takes, without a warning,
-    and both names give the same tokens where both exist."""
+    ``past_key_values=``. ``cache_kwargs`` picks what the installed version takes, without a
+    warning, and both names give the same tokens where both exist."""
     import inspect
     import warnings
 
@@ -204,8 +204,9 @@ def test_unsupported_uses_raise_clear_errors(tiny):
 
 
 def test_step_on_fixed_window_buffers_equals_the_eager_step(tiny):
-    """The step a CUDA graph captures (window copied into ``window + 1`` fixed slots, the rest masked
-    by a length tensor) gives the eager step's output, whatever the unused slots hold; CPU, no graph."""
+    """The step a CUDA graph captures (window copied into ``window + 1`` fixed slots, the rest
+    masked by a length tensor) gives the eager step's output, whatever the unused slots hold; CPU,
+    no graph."""
     from commvq.integrations.hf.attention import cache_kwargs
 
     cache = CommVQCache(2, parts.DenseKeys(), parts.DenseValues(), window=8, sink=2, graphs=False)
@@ -228,7 +229,8 @@ def test_step_on_fixed_window_buffers_equals_the_eager_step(tiny):
     want = layer._mixed(q, None, 0.25)
     got = layer._mixed(q, None, 0.25, (kbuf, vbuf, torch.tensor(w)))
     torch.testing.assert_close(got, want)
-    # with a padded batch's boolean mask: the fixed mask buffer's slots past the window hold anything
+    # with a padded batch's boolean mask: the fixed mask buffer's slots past the window hold
+    # anything
     total = layer.get_seq_length()
     mask = torch.ones(2, 1, 1, total, dtype=torch.bool)
     mask[1, ..., :5] = False
@@ -341,7 +343,8 @@ def test_decode_kernels_in_the_cache_match_the_torch_path(tiny_models):
 
 
 def test_baselines_take_the_sink_too(tiny):
-    """A KIVI cache whose sink covers the whole sequence never quantizes: same tokens as the default cache."""
+    """A KIVI cache whose sink covers the whole sequence never quantizes: same tokens as the default
+    cache."""
     ids = _ids(1, 30, seed=5)
     ref = tiny.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False

@@ -28,7 +28,8 @@ def _compare(device, cases):
         got = beam_encode_triton(x, thetas, beam, chunk=max(1, n // 2))  # two chunks
         want = beam_encode(x.double(), thetas.double(), beam)
         assert got.shape == want.shape == (h, n, r) and got.dtype == torch.long
-        # float32 sums against a float64 reference flip near-ties, more of them the more stages and slots
+        # float32 sums against a float64 reference flip near-ties, more of them the more stages and
+        # slots
         agree = (got == want).all(-1).float().mean()
         assert agree > 0.9, f"{agree} for {(h, n, d, e, r, beam)}"
         err_got = ((x.double() - residual.decode(got, thetas.double())) ** 2).sum(-1)

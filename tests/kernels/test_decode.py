@@ -59,7 +59,8 @@ def _compare(device, cases):
         factor = torch.rand(b, n, generator=gen).half().to(device)
         codebook = torch.randn(f * qbits, f, generator=gen).to(device)
         scale = (torch.rand(f, generator=gen) + 0.5).to(device)
-        # the weights as the cache passes them: a slice of the softmax over compressed and window tokens
+        # the weights as the cache passes them: a slice of the softmax over compressed and window
+        # tokens
         probs = torch.softmax(torch.randn(b, hkv * g, n + 9, generator=gen).to(device), -1)[
             ..., 4 : n + 4
         ]

@@ -1,4 +1,5 @@
-"""The fused Triton E-step against the pure-torch reference (GPU; or Triton's interpreter on CPU)."""
+"""The fused Triton E-step against the pure-torch reference (GPU; or Triton's interpreter on
+CPU)."""
 
 import importlib.util
 
@@ -132,9 +133,9 @@ def _fit(device, tuning=None):
     want = em.fit(x.double(), s.double(), 2, 8, settings, seed=2)
     assert torch.equal(got.iters, want.iters)
     assert torch.allclose(got.residual_mse.double(), want.residual_mse.double(), rtol=1e-3)
-    # float32 against float64: the torch path in float32 differs by 1.5e-3 here, the kernels by 1.0e-3
-    # in the interpreter; on a GPU the marginal sums run on TF32 tensor cores (10-bit mantissa), and
-    # the kernels differ by 7.9e-3 (H100), the residual errors still within 1e-3
+    # float32 against float64: the torch path in float32 differs by 1.5e-3 here, the kernels by
+    # 1.0e-3 in the interpreter; on a GPU the marginal sums run on TF32 tensor cores (10-bit
+    # mantissa), and the kernels differ by 7.9e-3 (H100), the residual errors still within 1e-3
     tol = 2e-2 if x.is_cuda else 5e-3
     assert float((got.thetas.double() - want.thetas).norm() / want.thetas.norm()) < tol
 
@@ -158,10 +159,12 @@ def test_triton_e_step_matches_torch_in_interpreter():
     code = (
         "from tests.kernels.test_em_estep import _compare, _fit, _given_norms, _pruning\n"
         "from commvq.kernels.em_estep import EStepTuning\n"
-        "t = EStepTuning(split_k=64, tiles_per_prog_b=2, block=100)  # several blocks and programs\n"
-        "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), (1, 200, 16, 16, 1e-4)], t)\n"
-        "_compare('cpu', [(2, 150, 16, 8, 1e-3)], EStepTuning(split_k=64, tiles_per_prog_b=2, block=100, "
-        "split=False))\n"
+        "t = EStepTuning(split_k=64, tiles_per_prog_b=2, block=100)  "
+        "# several blocks and programs\n"
+        "_compare('cpu', [(2, 150, 16, 8, 1e-3), (1, 90, 8, 16, 0.05), "
+        "(1, 200, 16, 16, 1e-4)], t)\n"
+        "_compare('cpu', [(2, 150, 16, 8, 1e-3)], "
+        "EStepTuning(split_k=64, tiles_per_prog_b=2, block=100, split=False))\n"
         "_pruning('cpu', 1, 800, 16, 8, t)\n"
         "_given_norms('cpu', t)\n"
         "_fit('cpu', t)\n"

@@ -1,4 +1,5 @@
-"""The EM initialization's E-step kernel against the pure-torch reference (GPU; interpreter on CPU)."""
+"""The EM initialization's E-step kernel against the pure-torch reference (GPU; interpreter on
+CPU)."""
 
 import importlib.util
 
@@ -56,7 +57,8 @@ def test_init_e_step_matches_torch_in_interpreter():
     code = (
         "from tests.kernels.test_em_init import _centers\n"
         "_centers('cpu', [(2, 150, 16, 8, 1.0, 64), (1, 90, 8, 16, 0.05, 1000)])\n"
-        "import commvq.kernels.split16 as s16; s16.supported = lambda device: False  # an older torch\n"
+        "import commvq.kernels.split16 as s16; s16.supported = lambda device: False  "
+        "# an older torch\n"
         "_centers('cpu', [(2, 150, 16, 8, 1.0, 64)])\n"
     )
     run_in_triton_interpreter(code, timeout=600)

@@ -48,5 +48,8 @@ def test_encode_kernel_matches_torch_on_gpu():
     not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
 )
 def test_encode_kernel_matches_torch_in_interpreter():
-    code = "from tests.kernels.test_encode import _compare\n_compare('cpu', [(2, 40, 16, 8, 3), (1, 20, 32, 16, 2)])\n"
+    code = (
+        "from tests.kernels.test_encode import _compare\n"
+        "_compare('cpu', [(2, 40, 16, 8, 3), (1, 20, 32, 16, 2)])\n"
+    )
     run_in_triton_interpreter(code, timeout=600)

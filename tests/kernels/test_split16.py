@@ -1,4 +1,5 @@
-"""Products through float16 halves against float64: float32-like accuracy whatever the scale of a row."""
+"""Products through float16 halves against float64: float32-like accuracy whatever the scale of a
+row."""
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ def _operands(device):
 
 
 def _relative_errors(got, a, b):
-    """Per output entry, the error against float64 over the scale ``|a_i| |b_j|`` of its dot product."""
+    """Per output entry, the error against float64 over the scale ``|a_i| |b_j|`` of its dot
+    product."""
     want = a.double() @ b.double()
     scale = a.double().norm(dim=-1, keepdim=True) * b.double().norm(dim=-2, keepdim=True)
     return ((got.double() - want).abs() / scale.clamp_min(1e-300)).amax().item()

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 
 import pytest
 
@@ -10,7 +11,7 @@ from commvq.pipeline.main_job import PipelineConfig
 
 
 @pytest.mark.slow
-def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, capsys):
+def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, capsys, caplog):
     cfg = PipelineConfig(
         workdir=tmp_path / "run",
         model=str(tiny_llama),
@@ -28,7 +29,17 @@ def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, c
         lengths="230,250",
         device="cpu",
     )
+    caplog.set_level(logging.INFO)
     main_job.run(cfg)
+    # a log file (not a terminal) gets plain lines: each stage's start and end, no bars
+    log = [r.getMessage() for r in caplog.records]
+    stages = list(main_job.stage_weights([2, 1]))
+    assert len(stages) == 10
+    for i, name in enumerate(stages, 1):
+        assert sum(line.startswith(f"[{i}/10] {name}: ") for line in log) == 2, name
+    assert any("left)" in line for line in log)  # an estimate for the rest of the job
+    assert len(log) < 300 and not any("\r" in line or "\x1b" in line for line in log)
+    caplog.clear()
     w = tmp_path / "run"
     results = json.loads((w / "eval" / "compare.json").read_text())["results"]
     assert set(results) == {

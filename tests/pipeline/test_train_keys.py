@@ -273,7 +273,8 @@ def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, caps
         and layer["beam"] == 4
     )
     assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
-    # the start is the EM folder's codebooks: round 0 is EM under the beam on the same validation rows
+    # the start is the EM folder's codebooks: round 0 is EM under the beam on the same validation
+    # rows
     em_thetas = io.load_layer(em_dir, 0, SPEC)
     val = KVStore(key_dir).layer(0).read(*layer["rows"]["validation"]).float()
     from commvq.quant import refine

@@ -47,7 +47,8 @@ def test_wider_beams_leave_less_error_on_these_vectors():
 
 
 def test_beam_finds_the_best_sequence_when_it_holds_them_all():
-    # 2 stages of 4 codes (E = 2: both first indices are candidates): a beam of 16 keeps every sequence
+    # 2 stages of 4 codes (E = 2: both first indices are candidates): a beam of 16 keeps every
+    # sequence
     x, thetas = _case(h=1, n=40, d=4, e=2, r=2, seed=3)
     got = _per_vector_error(x, beam_search.beam_encode(x, thetas, 16), thetas)
     a, b = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")

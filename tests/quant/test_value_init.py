@@ -59,9 +59,9 @@ def _nearest_levels(z: torch.Tensor, bits: int, rms: float) -> torch.Tensor:
     ("total", "max_deep"), [(8, 0), (12, 0), (16, 0), (12, 2), (16, 3), (20, 4)]
 )
 def test_argmax_of_the_logits_is_each_axis_quantizer(total, max_deep):
-    """With exact step indicators, argmax of the logits, group by group, decodes every axis to its own
-    quantizer's nearest level (Lloyd-Max at 1-2 bits, uniform at 3-4: coarse bits from z, fine bits
-    from the remainder)."""
+    """With exact step indicators, argmax of the logits, group by group, decodes every axis to its
+    own quantizer's nearest level (Lloyd-Max at 1-2 bits, uniform at 3-4: coarse bits from z, fine
+    bits from the remainder)."""
     g = torch.Generator().manual_seed(1)
     power = torch.tensor([9.0, 4.0, 2.0, 1.0, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05], dtype=torch.float64)
     bits = value_init.allocate_bits(power, total, max_deep)

@@ -4,7 +4,8 @@ A cache block holds ``n`` tokens of one layer. A *key part* turns post-RoPE keys
 tensors and scores queries against them; a *value part* stores values and mixes them by
 attention probabilities. Parts: dense (the identity codec: FP16/BF16), KIVI-style scalar
 quantization, and CommVQ (codes only; nothing is decoded to dense keys or values).
-Stored tensors all have a leading ``[B, n]``; ``scores`` returns raw dot products ``[B, Hq, Tq, N]``.
+Stored tensors all have a leading ``[B, n]``; ``scores`` returns raw dot products
+``[B, Hq, Tq, N]``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from commvq.quant.packing import pack_codes, unpack_2bit, unpack_codes
 
 
 def _use_kernels(kernels: str, x: torch.Tensor, tq: int, head_dim: int) -> bool:
-    """Whether the Triton decode kernels serve this call (one query token, CUDA, power-of-2 head_dim)."""
+    """Whether the Triton decode kernels serve this call (one query token, CUDA, power-of-2
+    head_dim)."""
     if kernels == "torch" or tq != 1 or head_dim & (head_dim - 1):
         return False
     if not x.is_cuda:
@@ -65,7 +67,8 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
 
 class KeysPart:
     """The key side of a cache: ``compress`` a block of post-RoPE keys ``[B, H, n, D]`` (with their
-    positions) into stored tensors, and ``scores`` queries ``[B, Hq, Tq, D]`` against stored blocks."""
+    positions) into stored tensors, and ``scores`` queries ``[B, Hq, Tq, D]`` against stored
+    blocks."""
 
     name = "keys"
 
@@ -76,7 +79,8 @@ class KeysPart:
         raise NotImplementedError
 
     def graphable(self, q: torch.Tensor) -> bool:
-        """Whether single-token work for ``q`` runs on kernels a CUDA graph can capture (default: no)."""
+        """Whether single-token work for ``q`` runs on kernels a CUDA graph can capture
+        (default: no)."""
         return False
 
 
@@ -93,7 +97,8 @@ class ValuesPart:
         raise NotImplementedError
 
     def graphable(self, q: torch.Tensor) -> bool:
-        """Whether single-token mixing for ``q`` runs on kernels a CUDA graph can capture (default: no)."""
+        """Whether single-token mixing for ``q`` runs on kernels a CUDA graph can capture
+        (default: no)."""
         return False
 
 
@@ -135,7 +140,8 @@ def _kivi_load(store: dict, bits: int, group: int, dim: int) -> torch.Tensor:
 
 
 class KiviKeys(KeysPart):
-    """KIVI: keys quantized per channel, in groups of ``group`` tokens (blocks are multiples of it)."""
+    """KIVI: keys quantized per channel, in groups of ``group`` tokens (blocks are multiples of
+    it)."""
 
     def __init__(self, bits: int, group: int = 32) -> None:
         self.bits_, self.group, self.name = bits, group, f"kivi{bits}"
@@ -171,9 +177,9 @@ class KiviValues(ValuesPart):
 
 class CommVQKeys(KeysPart):
     """12-bit residual codes of the pre-RoPE keys (un-rotated with the model's own angles), one
-    prescale and one position per token. Scores come from the codes: in torch by the commutative trick
-    (per-query tables) or a transient decode, whichever costs less; on a GPU by the decode kernel,
-    which sums each key from its codewords in registers (``kernels/decode.py``)."""
+    prescale and one position per token. Scores come from the codes: in torch by the commutative
+    trick (per-query tables) or a transient decode, whichever costs less; on a GPU by the decode
+    kernel, which sums each key from its codewords in registers (``kernels/decode.py``)."""
 
     name = "commvq"
 
@@ -196,7 +202,8 @@ class CommVQKeys(KeysPart):
         self.code_bits, self.num_heads, self.stages = cb.code_bits, cb.num_heads, cb.num_stages
 
     def graphable(self, q: torch.Tensor) -> bool:
-        """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a graph)."""
+        """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a
+        graph)."""
         return _use_kernels(self.kernels, q, 1, q.shape[-1])
 
     def angles(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

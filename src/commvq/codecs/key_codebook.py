@@ -17,8 +17,8 @@ Encoder = Callable[
 
 
 def encoder_for(kernels: str, device: torch.device | str) -> Encoder:
-    """The encoder for ``device``: the fused Triton kernels on a GPU where ``kernels`` (auto, torch or
-    triton) allows and triton is installed (greedy for beam 1), else pure torch."""
+    """The encoder for ``device``: the fused Triton kernels on a GPU where ``kernels`` (auto, torch
+    or triton) allows and triton is installed (greedy for beam 1), else pure torch."""
     if kernels == "torch" or torch.device(device).type != "cuda":
         return torch_encode
     try:
@@ -76,7 +76,8 @@ class KeyCodebook:
         return self.thetas.shape[3] * 2
 
     def to(self, device, kernels: str = "auto") -> KeyCodebook:
-        """On ``device``, encoding with the kernels ``kernels`` names there (auto, torch or triton)."""
+        """On ``device``, encoding with the kernels ``kernels`` names there (auto, torch or
+        triton)."""
         return KeyCodebook(
             self.thetas.to(device), self.code_bits, self.beam, encoder_for(kernels, device)
         )

@@ -21,9 +21,9 @@ VERSION = 1
 WEIGHTS = "value_codec.safetensors"
 CONFIG = "config.json"
 SHARPNESS = 4.0  # logit scale of the data-driven start (training samples Gumbel noise of scale 1)
-# with axes of 3-4 bits: their fine bits' logit gaps are small, and at 4 the Gumbel noise of training
-# flips them (CPU, SmolLM2 layers 3 and 27, value MSE over KIVI-2 after 150 steps: 0.54 / 0.46 at 4,
-# 0.46 / 0.39 at 16)
+# with axes of 3-4 bits: their fine bits' logit gaps are small, and at 4 the Gumbel noise of
+# training flips them (CPU, SmolLM2 layers 3 and 27, value MSE over KIVI-2 after 150 steps:
+# 0.54 / 0.46 at 4, 0.46 / 0.39 at 16)
 DEEP_SHARPNESS = 16.0
 
 
@@ -48,9 +48,9 @@ class LayerValueCodec(nn.Module):
 
     @property
     def fixed_features(self) -> bool:
-        """Whether training must leave the step units as they are: all of ``fc1`` (AdamW steps of the
-        learning rate move the thresholds) and ``fc2``'s weights on the step units (they multiply
-        activations in the hundreds)."""
+        """Whether training must leave the step units as they are: all of ``fc1`` (AdamW steps of
+        the learning rate move the thresholds) and ``fc2``'s weights on the step units (they
+        multiply activations in the hundreds)."""
         return bool(self.step_units > 0)
 
     def _step_columns(self) -> slice:
@@ -58,7 +58,8 @@ class LayerValueCodec(nn.Module):
 
     @torch.no_grad()
     def remember_fixed(self) -> None:
-        """Remember ``fc2``'s weights on the step units (on the codec's device), for :meth:`restore_fixed`."""
+        """Remember ``fc2``'s weights on the step units (on the codec's device), for
+        :meth:`restore_fixed`."""
         self._fixed_fc2 = (
             self.fc2.weight[:, self._step_columns()].clone() if self.fixed_features else None
         )
@@ -135,7 +136,8 @@ class LayerValueCodec(nn.Module):
             sharpness = DEEP_SHARPNESS if deep else SHARPNESS
         groups = value_init.group_layout(bits)
         rows = value_init.decoder_rows(power, axes, groups)
-        if deep:  # decoding is scale-free (renormalized): the finest rows get entries AdamW steps cannot swamp
+        if deep:  # decoding is scale-free (renormalized): the finest rows get entries AdamW steps
+            # cannot swamp
             norms = rows.norm(dim=-1)
             rows = rows / norms[norms > 1e-6 * norms.max()].min()  # (rows of empty axes aside)
         self.codebook.copy_(rows)
@@ -156,9 +158,9 @@ class LayerValueCodec(nn.Module):
     def logits(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [N, n, 4], p [N])``."""
         u, p = binary.normalize(v, self.scale.float())
-        # float32 even under autocast or with the weights held in float16 (:meth:`ValueCodec.held_in`):
-        # a step unit reaches hundreds, and a 16-bit rounding there would move the difference of a
-        # pair of them (one step) by a sizable part of the step
+        # float32 even under autocast or with the weights held in float16
+        # (:meth:`ValueCodec.held_in`): a step unit reaches hundreds, and a 16-bit rounding there
+        # would move the difference of a pair of them (one step) by a sizable part of the step
         f32 = nn.functional
         with torch.autocast(u.device.type, enabled=False):
             h = f32.layer_norm(
@@ -176,7 +178,8 @@ class LayerValueCodec(nn.Module):
         return h.reshape(*h.shape[:-1], self.groups, 4), p
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize ``v [..., F]``: Gumbel straight-through when training, argmax otherwise."""
+        """Quantize-dequantize ``v [..., F]``: Gumbel straight-through when training, argmax
+        otherwise."""
         logits, p = self.logits(v)
         bits = binary.bits_from_onehot(binary.choose(logits, self.training))
         codebook = self.codebook.float()
@@ -221,10 +224,12 @@ class ValueCodec(nn.Module):
     def held_in(self, dtype: torch.dtype) -> ValueCodec:
         """Hold the weights in ``dtype`` (``torch.float16`` halves the codec's memory; its
         arithmetic stays float32). float16 rounding leaves SmolLM2's 2-bit codec's errors unchanged
-        to 4 digits, bfloat16 breaks it (docs/benchmarks.md), so only float32 and float16 are taken."""
+        to 4 digits, bfloat16 breaks it (docs/benchmarks.md), so only float32 and float16 are
+        taken."""
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(
-                f"codec dtype {dtype}: use torch.float32 or torch.float16 (bfloat16 breaks the codec)"
+                f"codec dtype {dtype}: use torch.float32 or torch.float16 "
+                "(bfloat16 breaks the codec)"
             )
         self.to(dtype)
         for layer in self.layers:  # a count, not a weight
@@ -232,8 +237,8 @@ class ValueCodec(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What training updates: everything but ``fc1`` of layers with fixed features (whose ``fc2``
-        columns on the step units :meth:`remember_fixed` and :meth:`restore_fixed` keep)."""
+        """What training updates: everything but ``fc1`` of layers with fixed features (whose
+        ``fc2`` columns on the step units :meth:`remember_fixed` and :meth:`restore_fixed` keep)."""
         fixed = {
             id(p) for layer in self.layers if layer.fixed_features for p in layer.fc1.parameters()
         }

@@ -212,8 +212,9 @@ def iter_documents(src: CorpusSource) -> Iterator[str]:
             yield doc
     if not seen and src.split == "heldout":
         raise ValueError(
-            f"--dataset {src.dataset} has no held-out document (1 in {HELDOUT_EVERY}, fixed by file "
-            "and position): give a corpus of more documents, or leave --split at train"
+            f"--dataset {src.dataset} has no held-out document (1 in {HELDOUT_EVERY}, "
+            "fixed by file and position): give a corpus of more documents, "
+            "or leave --split at train"
         )
 
 

@@ -386,7 +386,8 @@ class LayerData:
     def shard_chunks(
         self, chunk: int = 65536, limit: int | None = None
     ) -> Iterator[tuple[Path, torch.Tensor]]:
-        """``(shard path, rows)`` pieces of at most ``chunk`` rows, in order, up to ``limit`` rows."""
+        """``(shard path, rows)`` pieces of at most ``chunk`` rows, in order, up to ``limit``
+        rows."""
         limit = len(self) if limit is None else min(limit, len(self))
         for i in range(len(self.store.shards)):
             lo, hi = self.offsets[i], min(self.offsets[i + 1], limit)

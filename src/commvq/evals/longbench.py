@@ -29,20 +29,20 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "qasper": Task(
-        "You are given a scientific article and a question. Answer the question as concisely as you can, "
-        "using a single phrase or sentence if possible. If the question cannot be answered from the "
-        'article, write "unanswerable". If it is a yes/no question, answer "yes", "no", or '
-        '"unanswerable". Do not explain.\n\nArticle: {context}\n\n Answer the question based on the '
-        'article above as concisely as you can. If it cannot be answered, write "unanswerable"; for a '
-        'yes/no question, answer "yes", "no", or "unanswerable". Do not explain.\n\nQuestion: '
-        "{input}\n\nAnswer:",
+        "You are given a scientific article and a question. Answer the question as concisely as "
+        "you can, using a single phrase or sentence if possible. If the question cannot be "
+        'answered from the article, write "unanswerable". If it is a yes/no question, answer '
+        '"yes", "no", or "unanswerable". Do not explain.\n\nArticle: {context}\n\n Answer the '
+        "question based on the article above as concisely as you can. If it cannot be answered, "
+        'write "unanswerable"; for a yes/no question, answer "yes", "no", or "unanswerable". Do '
+        "not explain.\n\nQuestion: {input}\n\nAnswer:",
         128,
         "qa_f1",
     ),
     "qmsum": Task(
-        "You are given a meeting transcript and a query with a question or an instruction. Answer the "
-        "query in one or more sentences.\n\nTranscript:\n{context}\n\nNow answer the query in one or more "
-        "sentences, based on the transcript.\n\nQuery: {input}\nAnswer:",
+        "You are given a meeting transcript and a query with a question or an instruction. "
+        "Answer the query in one or more sentences.\n\nTranscript:\n{context}\n\nNow answer the "
+        "query in one or more sentences, based on the transcript.\n\nQuery: {input}\nAnswer:",
         512,
         "rouge",
     ),
@@ -53,7 +53,8 @@ TASKS: dict[str, Task] = {
         "rouge",
     ),
     "trec": Task(
-        "Classify the question into one of the types below, following the examples.\n\n{context}\n{input}",
+        "Classify the question into one of the types below, following the examples.\n\n"
+        "{context}\n{input}",
         64,
         "classification",
         chat=False,
@@ -68,8 +69,8 @@ TASKS: dict[str, Task] = {
         first_line=True,
     ),
     "samsum": Task(
-        "Summarize the dialogue into a few short sentences, following the examples.\n\n{context}\n\n"
-        "{input}",
+        "Summarize the dialogue into a few short sentences, following the examples.\n\n"
+        "{context}\n\n{input}",
         128,
         "rouge",
         chat=False,
@@ -111,7 +112,8 @@ def load_task(data_dir: Path, task: str, limit: int | None = None) -> list[dict[
         if bad or not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
             raise ValueError(
                 f"{path}:{n}: a LongBench row needs text 'context'/'input' and a list of text "
-                f"'answers' ({'; '.join(f'{k} is {type(row[k]).__name__}' for k in bad) or 'answers'})"
+                "'answers' "
+                f"({'; '.join(f'{k} is {type(row[k]).__name__}' for k in bad) or 'answers'})"
             )
         rows.append(row)
     return rows[:limit] if limit else rows
@@ -183,7 +185,8 @@ def score(
 
 
 def task_score(task: str, rows: list[dict]) -> float:
-    """Mean best-over-answers score x 100 of prediction rows (``pred``, ``answers``, ``all_classes``)."""
+    """Mean best-over-answers score x 100 of prediction rows (``pred``, ``answers``,
+    ``all_classes``)."""
     if not rows:
         return 0.0
     return (

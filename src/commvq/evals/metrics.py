@@ -1,4 +1,5 @@
-"""LongBench-style metrics: QA token F1, ROUGE-L F, classification accuracy, code edit similarity."""
+"""LongBench-style metrics: QA token F1, ROUGE-L F, classification accuracy, code edit
+similarity."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ import torch
 def ppl_kl(
     model: Any, ids: torch.Tensor, make_caches: dict[str, Callable[[], Any]], chunk: int, skip: int
 ) -> dict[str, dict[str, float]]:
-    """Per method: ``nll`` (sum), ``kl`` (sum), ``tokens`` over positions ``>= skip`` of ``ids [1, L]``.
+    """Per method: ``nll`` (sum), ``kl`` (sum), ``tokens`` over positions ``>= skip`` of
+    ``ids [1, L]``.
 
     ``make_caches`` maps a method name to a factory of its cache; the reference is a plain
     ``DynamicCache`` with exact attention.

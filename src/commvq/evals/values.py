@@ -20,7 +20,8 @@ def value_errors(
     kivi_bits: list[int],
     kivi_group: int = 32,
 ) -> list[dict[str, dict[str, float]]]:
-    """Per layer: ``{method: {"value_mse", "attn_mse"}}`` summed over the batches, averaged per element."""
+    """Per layer: ``{method: {"value_mse", "attn_mse"}}`` summed over the batches, averaged per
+    element."""
     rows: list[dict[str, dict[str, float]]] = []
     count = 0
     for batch in batches:

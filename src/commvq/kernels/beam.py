@@ -4,9 +4,10 @@
 A program holds ``BT`` tokens x ``B`` kept sequences of one head as ``BT*B`` rows of residuals on
 chip. Per stage: ``uv = res @ W`` (fp32), per row and second index ``b`` the two best first
 indices ``a`` (the greedy kernel's column minima, and the runners-up), then per token the ``B``
-best extensions among the ``B*2E`` candidates, slot 0 being slot 0's nearest (the greedy path). Parents' residuals and
-column arg-minima are re-read through a per-program scratch area. The kernel writes each stage's
-codes and parent slots; the chosen sequence is traced back on the host side in torch.
+best extensions among the ``B*2E`` candidates, slot 0 being slot 0's nearest (the greedy path).
+Parents' residuals and column arg-minima are re-read through a per-program scratch area. The kernel
+writes each stage's codes and parent slots; the chosen sequence is traced back on the host side in
+torch.
 Programs loop over blocks of tokens, so scratch memory does not grow with the number of tokens.
 """
 

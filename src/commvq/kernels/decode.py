@@ -1,12 +1,12 @@
 """Decode attention over a CommVQ-compressed cache (Triton), for one new query token per sequence.
 
-Keys (default ``regdecode16``): :func:`_scores_regdecode_kernel` reads each token's packed codes and,
-per KV head, sums in fp32 registers the stage codewords ``a_A + i a_B`` its codes select from the
-layer's codebook ``a [E, D]`` (fp16, laid out once per codebook by :func:`prepare_tables`), rotates
-each pair once by the token's angle, scales by its prescale and dots the result with the ``g`` query
-heads of that KV head: the key never reaches memory. ``trick``: :func:`_scores_kernel`, the
-commutative trick with per-step tables ``u[h, r, e] = q_j . M(a_{h,r,e})`` per query head (the same
-scores, gathering g times more; about 90x slower on an H100, kept as a cross-check). Values:
+Keys (default ``regdecode16``): :func:`_scores_regdecode_kernel` reads each token's packed codes
+and, per KV head, sums in fp32 registers the stage codewords ``a_A + i a_B`` its codes select from
+the layer's codebook ``a [E, D]`` (fp16, laid out once per codebook by :func:`prepare_tables`),
+rotates each pair once by the token's angle, scales by its prescale and dots the result with the
+``g`` query heads of that KV head: the key never reaches memory. ``trick``: :func:`_scores_kernel`,
+the commutative trick with per-step tables ``u[h, r, e] = q_j . M(a_{h,r,e})`` per query head (the
+same scores, gathering g times more; about 90x slower on an H100, kept as a cross-check). Values:
 :func:`_values_kernel` accumulates ``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with
 tensor-core dot products, split over tokens; the codebook product ``@ E`` happens once per step. The
 softmax runs over the compressed scores and the full-precision window together. References:
@@ -99,8 +99,8 @@ def _scores_kernel(
 
 @triton.jit
 def _rotation(pos, freq, FAST: tl.constexpr):
-    """``cos, sin`` of the float32 angles ``pos * freq`` (as the model computes them). ``FAST`` (on a
-    GPU): reduced to ``[-pi, pi]`` by ``2 pi`` in two float32 parts with fused multiply-adds (each
+    """``cos, sin`` of the float32 angles ``pos * freq`` (as the model computes them). ``FAST`` (on
+    a GPU): reduced to ``[-pi, pi]`` by ``2 pi`` in two float32 parts with fused multiply-adds (each
     product exact, each step rounded once: under 1e-6 off for angles up to 1e8), then the hardware's
     approximations; else the accurate library functions (the interpreter has only these)."""
     ang = pos[:, None] * freq[None, :]
@@ -134,10 +134,11 @@ def _scores_regdecode_kernel(
     BN: tl.constexpr,
     FAST: tl.constexpr,
 ):
-    """The scores with each token's key assembled in registers from the codebook ``a [Hkv, R, E, D]``
-    (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword ``a_A + i a_B`` is formed in the
-    table's dtype and summed over stages in fp32; 2R gathered half-rows per token and KV head, the key
-    never reaches memory; then one rotation per pair and a dot with each of the ``G`` query heads."""
+    """The scores with each token's key assembled in registers from the codebook
+    ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword
+    ``a_A + i a_B`` is formed in the table's dtype and summed over stages in fp32; 2R gathered
+    half-rows per token and KV head, the key never reaches memory; then one rotation per pair and a
+    dot with each of the ``G`` query heads."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -184,14 +185,16 @@ def _values_kernel(
     BK: tl.constexpr,
     BF: tl.constexpr,
 ):
-    """``out[b, split, hq, k] = sum_n p[b, hq, n] f[b, n] bits[b, n, k]`` over this split's tokens."""
+    """``out[b, split, hq, k] = sum_n p[b, hq, n] f[b, n] bits[b, n, k]`` over this split's
+    tokens."""
     split = tl.program_id(0)
     kb = tl.program_id(1)
     b = tl.program_id(2)
     k = kb * BF + tl.arange(0, BF)  # bit index
     byte = kb * (BF // 8) + tl.arange(0, BF // 8)
     # bit k is sign k % 2 of group k // 2, whose pattern i (signs (i >> 1, i & 1) as in
-    # quant.binary.PATTERNS) sits at bits 2 (k // 2 % 4) of byte k // 8: bit (k % 8) ^ 1 of that byte
+    # quant.binary.PATTERNS) sits at bits 2 (k // 2 % 4) of byte k // 8: bit (k % 8) ^ 1 of that
+    # byte
     shift = (tl.arange(0, BF) % 8) ^ 1
     hq = tl.arange(0, HQP)
     acc = tl.zeros([HQP, BF], tl.float32)
@@ -228,7 +231,8 @@ def trick_tables(
     q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None
 ) -> torch.Tensor:
     """``u [B, Hkv, R, E, GP*D]`` (fp32): per KV head, stage and entry, the two components
-    ``[q_re R + q_im I | -q_re I + q_im R]`` of each of its ``G`` query heads (zero-padded to GP)."""
+    ``[q_re R + q_im I | -q_re I + q_im R]`` of each of its ``G`` query heads (zero-padded to
+    GP)."""
     b, hq, d = q.shape
     hkv, r, e2, p = thetas.shape
     g = hq // hkv
@@ -280,7 +284,8 @@ def commvq_scores_triton(
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
     assembled in registers from the fp16 codebook, stage codewords summed in fp32), ``regdecode``
     (the same from the fp32 codebook) or ``trick`` (per-query tables, the commutative trick; slow,
-    kept as a check). ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already built."""
+    kept as a check). ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already
+    built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:

@@ -2,22 +2,22 @@
 reaches memory, and table rows whose weights all underflow are skipped.
 
 Work goes in contiguous blocks of vectors (whole heads, or a token range of one head), alternating
-between CUDA streams (``EStepTuning.streams``). Per block, ``uv = x @ W`` gives the separable distance terms:
-one float16 tensor-core product of split halves (:mod:`commvq.kernels.split16`, float32-accurate;
-the halves of ``x`` made once per EM stage), unscaled by the kernel that reads it. Tokens are
-taken in tiles of ``EStepTuning.bt``, sorted by a hint (the previous iteration's hard codes) so that a tile
-holds tokens of the same or nearby cells. Kernel A keeps the tile's terms transposed in a scratch
-and walks its ``E x E`` distance tables twice: column by column, elementwise, for the row minima
-(hence the hard code, ``d_min`` and which rows ``A`` the tile needs), then over the needed rows
-for the weights ``exp((d_min - d) / tau)``, their sum ``Z`` and the two marginals (left divided by
-``Z``: the marginal sums ``S_A``, ``S_B`` are split-K matmuls with the block, on TF32 tensor
-cores). Kernel B visits, per row ``A``, only the tiles that need it (it lists them from their
-flags) and accumulates the soft counts ``N_AB`` into per-program partials over fixed tile ranges,
-summed afterwards in a fixed order (deterministic). A row is skipped when, for every token of the
-tile, its nearest codeword in that row is farther than ``d_min + PRUNE_CUT * tau``: all its weights
-are below ``exp(-PRUNE_CUT)``, zero in float32 (or, at the last stages' tiny temperatures, a value
-that float32 rounding of the distance can lift to about ``exp(-80)``, still nothing beside
-``Z >= 1``). The reference is :func:`commvq.quant.em.e_step`.
+between CUDA streams (``EStepTuning.streams``). Per block, ``uv = x @ W`` gives the separable
+distance terms: one float16 tensor-core product of split halves (:mod:`commvq.kernels.split16`,
+float32-accurate; the halves of ``x`` made once per EM stage), unscaled by the kernel that reads it.
+Tokens are taken in tiles of ``EStepTuning.bt``, sorted by a hint (the previous iteration's hard
+codes) so that a tile holds tokens of the same or nearby cells. Kernel A keeps the tile's terms
+transposed in a scratch and walks its ``E x E`` distance tables twice: column by column,
+elementwise, for the row minima (hence the hard code, ``d_min`` and which rows ``A`` the tile
+needs), then over the needed rows for the weights ``exp((d_min - d) / tau)``, their sum ``Z`` and
+the two marginals (left divided by ``Z``: the marginal sums ``S_A``, ``S_B`` are split-K matmuls
+with the block, on TF32 tensor cores). Kernel B visits, per row ``A``, only the tiles that need it
+(it lists them from their flags) and accumulates the soft counts ``N_AB`` into per-program partials
+over fixed tile ranges, summed afterwards in a fixed order (deterministic). A row is skipped when,
+for every token of the tile, its nearest codeword in that row is farther than
+``d_min + PRUNE_CUT * tau``: all its weights are below ``exp(-PRUNE_CUT)``, zero in float32 (or, at
+the last stages' tiny temperatures, a value that float32 rounding of the distance can lift to about
+``exp(-80)``, still nothing beside ``Z >= 1``). The reference is :func:`commvq.quant.em.e_step`.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def _pass_a(
     tl.store(scr + (E + e[None, :]) * BT + bt[:, None], v)
     tl.debug_barrier()
     # walk 1, column by column (B), elementwise over A: the row minima (one min per table entry; the
-    # form (u_A + v_B) + G_AB measured faster on the H100 than u_A + min_B (v_B + G_AB), one add less)
+    # form (u_A + v_B) + G_AB measured faster on the H100 than u_A + min_B (v_B + G_AB), one add
+    # less)
     ua = xx[:, None] + ne[None, :] - 2.0 * u
     m = tl.full([BT, E], float("inf"), tl.float32)
     for b in tl.range(
@@ -160,9 +161,9 @@ def _pass_b(
     BT: tl.constexpr,
     RANGE: tl.constexpr,
 ):
-    """Soft counts of one row ``A`` over the tiles of the ``r``-th range of ``RANGE`` tiles that need
-    it (their flags, compacted in order into the program's ``list``): acc[t, B] += w / Z, from the
-    tiles' scratch that pass A left."""
+    """Soft counts of one row ``A`` over the tiles of the ``r``-th range of ``RANGE`` tiles that
+    need it (their flags, compacted in order into the program's ``list``): acc[t, B] += w / Z, from
+    the tiles' scratch that pass A left."""
     a = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
@@ -196,7 +197,8 @@ def _pass_b(
 @dataclass(frozen=True)
 class EStepTuning:
     """Block sizes and options of the fused E-step (measured on an H100, EM layer at 8 x 1M; the
-    figures are in docs/benchmarks.md). Callers that tune pass their own; nothing changes globally."""
+    figures are in docs/benchmarks.md). Callers that tune pass their own; nothing changes
+    globally."""
 
     bt: int = 32  # tokens per tile
     warps_a: int = 4  # pass A (60.1 s per layer with 4, 61.8 with 8)
@@ -207,7 +209,8 @@ class EStepTuning:
     split_k: int = (
         4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
     )
-    split: bool = True  # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
+    # x @ W through float16 halves on tensor cores (split16); False: float32 on the CUDA cores
+    split: bool = True
     block: int = (
         1 << 20
     )  # vectors per block of work (8 heads x 1M: one head at a time, 0.5 GiB of terms)
@@ -218,8 +221,8 @@ TUNING = EStepTuning()
 
 def _sum_products(a: torch.Tensor, b: torch.Tensor, split_k: int) -> torch.Tensor:
     """``a^T b`` per head (``[H, T, M]``, ``[H, T, D]`` contiguous -> ``[H, M, D]``, float64), split
-    over T, on TF32 tensor cores: EM's marginal sums need no more (10-bit weights and vectors, errors
-    of either sign over a million terms; the distances, which do, use :mod:`split16`)."""
+    over T, on TF32 tensor cores: EM's marginal sums need no more (10-bit weights and vectors,
+    errors of either sign over a million terms; the distances, which do, use :mod:`split16`)."""
     h, t, m = a.shape
     full = t // split_k * split_k
     out = torch.zeros(h, m, b.shape[-1], dtype=torch.float64, device=a.device)
@@ -266,8 +269,9 @@ def _block_stats(
     stats: EStats,
     tuning: EStepTuning,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to ``stats``
-    (views of those heads); ``split``: the block's split halves, see :func:`_distance_terms`."""
+    """Statistics of the contiguous block ``xc [h, t, D]`` (some heads, some tokens), added to
+    ``stats`` (views of those heads); ``split``: the block's split halves, see
+    :func:`_distance_terms`."""
     h, t, d = xc.shape
     e = n.shape[-1]
     f32 = dict(device=xc.device, dtype=torch.float32)
@@ -313,8 +317,9 @@ def _block_stats(
         UNROLL=tuning.unroll,
         num_warps=tuning.warps_a,
     )
-    # pass B visits only the needed (row, tile) pairs: a program takes one row within a fixed range of
-    # tiles, lists the tiles that need it from their flags, in order (the same sums as walking all)
+    # pass B visits only the needed (row, tile) pairs: a program takes one row within a fixed range
+    # of tiles, lists the tiles that need it from their flags, in order (the same sums as walking
+    # all)
     n_prog = triton.cdiv(n_tiles, tuning.tiles_per_prog_b)
     lists = torch.empty(h, e, n_prog, tuning.tiles_per_prog_b, device=xc.device, dtype=torch.int32)
     cnt = torch.empty(h, n_prog, e, e, **f32)
@@ -394,9 +399,9 @@ def e_step_triton(
     tiles skip more rows; it changes the statistics only by float rounding (the order of sums).
     ``prune=False`` walks every row (same results bit for bit). ``cache``: a dict kept by a caller
     whose ``x`` stays fixed over many calls (EM, within a stage), holding what :func:`stage_cache`
-    derives from ``x`` once (``|x|^2`` as ``"xx"``, which a caller may also put there). Work goes in blocks
-    of about ``tuning.block`` vectors, each contiguous (whole heads, or part of one head): no copies.
-    ``chunk`` is accepted for the common signature (the kernels need no smaller blocks).
+    derives from ``x`` once (``|x|^2`` as ``"xx"``, which a caller may also put there). Work goes in
+    blocks of about ``tuning.block`` vectors, each contiguous (whole heads, or part of one head): no
+    copies. ``chunk`` is accepted for the common signature (the kernels need no smaller blocks).
     """
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("e_step_triton needs CUDA tensors; use commvq.quant.em.e_step on CPU")

@@ -24,8 +24,8 @@ from commvq.quant.em import EStats, empty_stats
 
 @triton.jit
 def _block_d2(row_ptr, imask, xx, xr, cc_ptr, cs_ptr, col):
-    """Squared distances of a tile's tokens to the ``E`` centers of block ``A``: ``|x|^2 + |c|^2 - 2 x.c``
-    (``xr`` holds ``-2`` times the token's unscaling)."""
+    """Squared distances of a tile's tokens to the ``E`` centers of block ``A``:
+    ``|x|^2 + |c|^2 - 2 x.c`` (``xr`` holds ``-2`` times the token's unscaling)."""
     xc = tl.load(row_ptr, mask=imask[:, None], other=0.0) * xr * tl.load(cs_ptr + col)[None, :]
     return (xx + tl.load(cc_ptr + col)[None, :]) + xc
 
@@ -46,10 +46,10 @@ def _centers_kernel(
     E: tl.constexpr,
     BT: tl.constexpr,
 ):
-    """One tile of ``BT`` tokens against ``E*E`` free centers in code order, from the scaled products
-    ``x.c`` (``[H, T, E*E]``, unscaled by ``xr`` per token and ``cs`` per center) and ``|c|^2``
-    (``cc``): walk 1 gives the hard code, ``d_min`` and ``Z`` (online); walk 2 the weights ``w / Z``,
-    both marginals and the tile's soft counts (a row of ``E`` per block ``A``)."""
+    """One tile of ``BT`` tokens against ``E*E`` free centers in code order, from the scaled
+    products ``x.c`` (``[H, T, E*E]``, unscaled by ``xr`` per token and ``cs`` per center) and
+    ``|c|^2`` (``cc``): walk 1 gives the hard code, ``d_min`` and ``Z`` (online); walk 2 the weights
+    ``w / Z``, both marginals and the tile's soft counts (a row of ``E`` per block ``A``)."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     e = tl.arange(0, E)
@@ -100,9 +100,9 @@ def e_step_centers_triton(
     """Same statistics as :func:`commvq.quant.em.e_step_centers` (the initialization against free
     centers ``[H, E*E, D]``): per chunk, one product writes ``x.c`` and one kernel reads it twice,
     instead of a dozen full passes of elementwise torch ops over ``N x E^2``. ``cache``: as for
-    :func:`commvq.kernels.em_estep.e_step_triton`; the split halves of ``x`` made here then serve the
-    stage's E-steps (without them, each chunk is split on its own; where torch cannot give float16
-    products a float32 output, the products are float32)."""
+    :func:`commvq.kernels.em_estep.e_step_triton`; the split halves of ``x`` made here then serve
+    the stage's E-steps (without them, each chunk is split on its own; where torch cannot give
+    float16 products a float32 output, the products are float32)."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "e_step_centers_triton needs CUDA tensors; use commvq.quant.em.e_step_centers on CPU"

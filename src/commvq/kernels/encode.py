@@ -83,7 +83,8 @@ class EncodeTuning:
 
     bt: int = 16  # tokens per program
     warps: int = 4
-    unroll: int = 8  # rows per step of the search loop (H100, batch 256 x 8 heads x 21 stages: 242 us; 1 or 4: 302)
+    # rows per step of the search loop (H100, batch 256 x 8 heads x 21 stages: 242 us; 1 or 4: 302)
+    unroll: int = 8
 
 
 TUNING = EncodeTuning()

@@ -5,9 +5,9 @@ then split into ``hi = fp16(v)`` and ``lo = fp16(v - hi)``: ``hi + lo`` keeps 22
 bits. ``a @ b ~ a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi`` (the ``lo @ lo`` term is below that
 precision) is one float16 product with float32 accumulation and output, of ``[a_lo | a_hi | a_hi]``
 (``K`` tripled) by ``[b_hi; b_lo; b_hi]``, followed by the exact power-of-two unscaling
-``out[i, j] * row_scale[i] * col_scale[j]``, which callers fuse into the kernel that reads the product.
-The small terms come first: the tensor cores' accumulator rounds toward zero, so every step added
-to the large ``hi @ hi`` sum biases it (H100, a probe, docs/benchmarks.md: a mean error of
+``out[i, j] * row_scale[i] * col_scale[j]``, which callers fuse into the kernel that reads the
+product. The small terms come first: the tensor cores' accumulator rounds toward zero, so every step
+added to the large ``hi @ hi`` sum biases it (H100, a probe, docs/benchmarks.md: a mean error of
 4.6e-8 of ``|a| |b|`` toward zero with ``hi @ hi`` first, more than the whole RMS error of float32
 on the CUDA cores, 1.7e-8; small terms first: 9e-9, as with the three products apart).
 
@@ -24,11 +24,13 @@ import math
 
 import torch
 
-SCALE_EXP = 11  # the largest entry of a scaled row lies in [2^10, 2^11): float16's 11 bits, far from overflow
+# the largest entry of a scaled row lies in [2^10, 2^11): float16's 11 bits, far from overflow
+SCALE_EXP = 11
 
 
 def _unit_scale(v: torch.Tensor, dim: int) -> torch.Tensor:
-    """Powers of two ``2^(11 - e)`` with ``max |v| = m 2^e``, ``m`` in ``[0.5, 1)``, along ``dim`` (kept)."""
+    """Powers of two ``2^(11 - e)`` with ``max |v| = m 2^e``, ``m`` in ``[0.5, 1)``, along ``dim``
+    (kept)."""
     top = torch.linalg.vector_norm(v, ord=math.inf, dim=dim, keepdim=True)
     _, e = torch.frexp(top)
     return torch.ldexp(torch.ones_like(top), SCALE_EXP - e)
@@ -81,8 +83,8 @@ def supported(device: torch.device) -> bool:
 
 
 def product(a3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
-    """``a3 @ b3`` of split halves, float32 accumulation and output, still scaled (batched ``[B, M, 3K]``
-    by ``[B, 3K, N]``)."""
+    """``a3 @ b3`` of split halves, float32 accumulation and output, still scaled (batched
+    ``[B, M, 3K]`` by ``[B, 3K, N]``)."""
     if a3.is_cuda:
         with fp16_full_reduction():
             return torch.bmm(a3, b3, out_dtype=torch.float32)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from commvq.config import option, to_dict
 from commvq.data import kvstore
@@ -29,6 +28,7 @@ from commvq.distributed import barrier, rank_world
 from commvq.fsutil import exclusive_lock, write_json
 from commvq.integrations.hf.capture import capture_projections
 from commvq.integrations.hf.loader import MODEL_DTYPES, LoadedModel, load_model
+from commvq.pipeline import progress
 
 log = logging.getLogger("commvq")
 GiB = 1024**3
@@ -436,12 +436,11 @@ def _collect_loop(
         ThreadPoolExecutor(max_workers=1) as pool,
         capture_projections(base, sink, kinds),
         torch.inference_mode(),
-        tqdm(
+        progress.bar(
             total=cfg.num_samples,
             initial=tok,
             unit="tok",
             desc=f"collect[{rank}]" if world > 1 else "collect",
-            disable=None,
         ) as bar,
     ):
         for batch in batches(_sequences(cfg, loaded, dataset, g * cfg.batch_size), cfg.batch_size):

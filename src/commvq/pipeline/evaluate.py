@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from commvq.config import option, to_dict
 from commvq.data.corpus import CorpusSource, iter_documents
 from commvq.evals import synthetic
@@ -20,7 +18,7 @@ from commvq.evals.ppl import ppl_kl
 from commvq.fsutil import atomic_path, write_json
 from commvq.integrations.hf.attention import use_commvq
 from commvq.integrations.hf.loader import load_model
-from commvq.pipeline import eval_cache
+from commvq.pipeline import eval_cache, progress
 from commvq.pipeline import methods as meth
 
 log = logging.getLogger("commvq")
@@ -102,7 +100,7 @@ def run_ppl(cfg: EvalConfig, lm, methods: list[meth.Method]) -> dict[str, dict]:
 
     docs = heldout_docs(lm.tokenizer, cfg.ppl_docs, cfg.ppl_tokens)
     per_doc: dict[str, list[dict]] = {}
-    for ids in tqdm(docs, desc="ppl", unit="doc"):
+    for ids in progress.bar(docs, desc="ppl", unit="doc"):
         t = torch.tensor([ids], device=lm.model.device)
         makers = {
             m.name: (lambda m=m: m.make_cache(lm.model, cfg.window, cfg.sink)) for m in methods
@@ -138,7 +136,7 @@ def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) ->
         probes = synthetic.needle_probes(encode, hay, lengths, depths, cfg.samples, cfg.seed)
     grid: dict[str, dict[tuple[int, float], list[bool]]] = {m.name: {} for m in methods}
     for m in methods:
-        for probe in tqdm(probes, desc=f"{kind} {m.name}", unit="probe", leave=False):
+        for probe in progress.bar(probes, desc=f"{kind} {m.name}", unit="probe", leave=False):
             ok, _ = synthetic.answer(
                 lm.model, lm.tokenizer, probe, m.make_cache(lm.model, cfg.window, cfg.sink)
             )

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from commvq import io
 from commvq.codecs.key_codebook import Encoder
 from commvq.fsutil import atomic_path
+from commvq.pipeline import progress
 from commvq.quant import e2e, em, refine
 from commvq.quant.beam import encode as torch_encode
 from commvq.quant.beam import stage_residuals
@@ -72,7 +72,9 @@ def save_heads(job: LayerJob, thetas: torch.Tensor, stage_mse: torch.Tensor) -> 
 
 
 def run_em(job: LayerJob, max_iters: int, chunk: int) -> LayerResult:
-    bar = tqdm(total=job.layout.residuals, desc=f"layer {job.layer:3d}", unit="stage", leave=False)
+    bar = progress.bar(
+        total=job.layout.residuals, desc=f"layer {job.layer:3d}", unit="stage", leave=False
+    )
 
     def on_stage(r: int, res: em.StageResult, err: torch.Tensor) -> None:
         bar.update(1)
@@ -142,7 +144,7 @@ def _progress(
 ) -> tuple[Callable[[Any, torch.Tensor | None], None], Any]:
     """A solver's step callback (a progress bar, the step's log line, the best codebooks saved as
     soon as they are reached) and its bar."""
-    bar = tqdm(total=total, desc=f"layer {job.layer:3d}", unit=unit, leave=False)
+    bar = progress.bar(total=total, desc=f"layer {job.layer:3d}", unit=unit, leave=False)
 
     def on_step(entry: Any, best: torch.Tensor | None) -> None:
         bar.update(1)

@@ -11,13 +11,12 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from commvq.config import option, to_dict
 from commvq.evals import longbench as lb
 from commvq.fsutil import atomic_path, complete_lines, write_json
 from commvq.integrations.hf.attention import use_commvq
 from commvq.integrations.hf.loader import load_model
+from commvq.pipeline import progress
 from commvq.pipeline.methods import BASELINES, Method
 
 log = logging.getLogger("commvq")
@@ -109,7 +108,7 @@ def run_pred(cfg: PredConfig) -> Path:
             path
         )  # a torn last line (an interrupted write) is dropped, then redone
         with path.open("a", encoding="utf-8") as fh:
-            for sample in tqdm(rows[done:], desc=task, unit="sample"):
+            for sample in progress.bar(rows[done:], desc=task, unit="sample"):
                 pred = lb.predict(
                     lm.model,
                     lm.tokenizer,

@@ -17,7 +17,16 @@ from pathlib import Path
 from commvq import io
 from commvq.config import option
 from commvq.integrations.hf.loader import load_model
-from commvq.pipeline import collect, compare, evaluate, methods, scale, train_keys, train_values
+from commvq.pipeline import (
+    collect,
+    compare,
+    evaluate,
+    methods,
+    progress,
+    scale,
+    train_keys,
+    train_values,
+)
 from commvq.quant.residual import residuals_for_bits
 
 log = logging.getLogger("commvq")
@@ -52,12 +61,90 @@ class PipelineConfig:
             raise ValueError(f"--bits {self.bits!r}: a comma list of 1 and 2")
 
 
+# Each stage's share of the main job's time with the defaults on 2 CPU cores (measured: README);
+# the estimate scales these by the time the stages that ran took.
+STAGE_SHARE = {
+    "collect": 0.08,
+    "scale": 0.01,
+    "keys em": 0.04,
+    "keys e2e": 0.04,
+    "values": 0.22,
+    "compare keys": 0.03,
+    "evaluate": 0.30,
+}
+
+
+def stage_weights(bits: list[int]) -> dict[str, float]:
+    """The main job's stages in order, each with its expected share of the time."""
+    out = {"collect": STAGE_SHARE["collect"], "scale": STAGE_SHARE["scale"]}
+    for b in bits:
+        for part in ("keys em", "keys e2e", "values"):
+            out[f"{part} {b}-bit"] = STAGE_SHARE[part]
+    out["compare keys"] = STAGE_SHARE["compare keys"]
+    out["evaluate"] = STAGE_SHARE["evaluate"]
+    return out
+
+
 def run(cfg: PipelineConfig) -> Path:
     w = cfg.workdir
     data = w / "data"
+    bits = [int(b) for b in cfg.bits.split(",")]
+    clock = progress.StageClock(stage_weights(bits))
     loaded = load_model(cfg.model, device=cfg.device)
     spec = loaded.spec
-    key_dir = collect.run(
+    with clock.stage("collect"):
+        key_dir = _collect(cfg, loaded, data)
+    with clock.stage("scale"):
+        scale_file = scale.run(scale.ScaleConfig(key_dir=key_dir))
+    key_dirs = []
+    for b in bits:
+        r = residuals_for_bits(b, spec.head_dim, cfg.code_bits)
+        em_dir = None
+        for method in ("em", "e2e"):  # E2E refines the EM codebooks just trained
+            with clock.stage(f"keys {method} {b}-bit"):
+                key_dirs.append(_train_keys(cfg, spec, key_dir, method, r, em_dir))
+            em_dir = key_dirs[-1]
+        with clock.stage(f"values {b}-bit"):
+            _train_values(cfg, loaded, scale_file, b)
+    with clock.stage("compare keys"):
+        compare.run(
+            compare.CompareConfig(
+                dirs=key_dirs,
+                key_dir=key_dir,
+                eval_samples=4096,
+                output=w / "compare_keys",
+                device=cfg.device,
+            )
+        )
+    wanted = [
+        m for m in cfg.eval_methods.split(",") if not m.startswith("commvq-") or int(m[-1]) in bits
+    ]
+    with clock.stage("evaluate"):
+        evaluate.run(
+            evaluate.EvalConfig(
+                suite="compare",
+                methods=",".join(wanted),
+                workdir=w,
+                model=cfg.model,
+                ppl_tokens=cfg.ppl_tokens,
+                ppl_docs=1,
+                lengths=cfg.lengths,
+                samples=1,
+                device=cfg.device,
+                seed=cfg.seed,
+            )
+        )
+    layers = f"{spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim}"
+    print(f"\nmodel      {loaded.name} ({layers})")
+    print(f"data       {data}  (keys, values, queries, learnable_scale.pt)")
+    print(f"keys       {', '.join(str(d) for d in key_dirs)}")
+    print(f"values     {', '.join(str(w / f'value_codec_{b}bit') for b in bits)}")
+    print(f"results    {w / 'compare_keys'}/compare.md, {w / 'eval'}/compare.md (+ .json, .png)")
+    return w
+
+
+def _collect(cfg: PipelineConfig, loaded, data: Path) -> Path:
+    return collect.run(
         collect.CollectConfig(
             model=cfg.model,
             dataset=cfg.dataset,
@@ -71,83 +158,46 @@ def run(cfg: PipelineConfig) -> Path:
         ),
         loaded=loaded,
     )
-    scale_file = scale.run(scale.ScaleConfig(key_dir=key_dir))
-    bits = [int(b) for b in cfg.bits.split(",")]
-    key_dirs = []
-    for b in bits:
-        r = residuals_for_bits(b, spec.head_dim, cfg.code_bits)
-        em_dir = None
-        for method in ("em", "e2e"):  # E2E refines the EM codebooks just trained
-            out = (
-                w / io.CodebookLayout(cfg.code_bits, spec.head_dim, r, e2e=method == "e2e").dir_name
-            )
-            key_dirs.append(
-                train_keys.run(
-                    train_keys.TrainKeysConfig(
-                        key_dir=key_dir,
-                        output_dir=out,
-                        method=method,
-                        code_bits=cfg.code_bits,
-                        residuals=r,
-                        num_samples=cfg.key_samples,
-                        max_iters=cfg.em_iters,
-                        rounds=cfg.e2e_rounds,
-                        init_dir=em_dir,
-                        beam=cfg.beam if method == "e2e" else None,
-                        device=cfg.device,
-                        seed=cfg.seed,
-                    )
-                )
-            )
-            em_dir = key_dirs[-1]
-        train_values.run(
-            train_values.TrainValuesConfig(
-                model=cfg.model,
-                dataset=cfg.dataset,
-                scale_file=scale_file,
-                output_dir=w / f"value_codec_{b}bit",
-                quant_bits=b,
-                max_seq_length=cfg.value_seq_length,
-                steps=cfg.value_steps,
-                warmup_steps=max(1, cfg.value_steps // 10),
-                save_every=cfg.value_steps,
-                resume=True,
-                device=cfg.device,
-                seed=cfg.seed,
-            ),
-            loaded=loaded,
-        )
-    compare.run(
-        compare.CompareConfig(
-            dirs=key_dirs,
-            key_dir=key_dir,
-            eval_samples=4096,
-            output=w / "compare_keys",
-            device=cfg.device,
-        )
+
+
+def _train_keys(cfg: PipelineConfig, spec, key_dir: Path, method: str, r: int, em_dir) -> Path:
+    out = (
+        cfg.workdir
+        / io.CodebookLayout(cfg.code_bits, spec.head_dim, r, e2e=method == "e2e").dir_name
     )
-    wanted = [
-        m for m in cfg.eval_methods.split(",") if not m.startswith("commvq-") or int(m[-1]) in bits
-    ]
-    evaluate.run(
-        evaluate.EvalConfig(
-            suite="compare",
-            methods=",".join(wanted),
-            workdir=w,
-            model=cfg.model,
-            ppl_tokens=cfg.ppl_tokens,
-            ppl_docs=1,
-            lengths=cfg.lengths,
-            samples=1,
+    return train_keys.run(
+        train_keys.TrainKeysConfig(
+            key_dir=key_dir,
+            output_dir=out,
+            method=method,
+            code_bits=cfg.code_bits,
+            residuals=r,
+            num_samples=cfg.key_samples,
+            max_iters=cfg.em_iters,
+            rounds=cfg.e2e_rounds,
+            init_dir=em_dir,
+            beam=cfg.beam if method == "e2e" else None,
             device=cfg.device,
             seed=cfg.seed,
         )
     )
-    print(
-        f"\nmodel      {loaded.name} ({spec.num_layers} layers, {spec.num_kv_heads} KV heads x {spec.head_dim})"
+
+
+def _train_values(cfg: PipelineConfig, loaded, scale_file: Path, b: int) -> Path:
+    return train_values.run(
+        train_values.TrainValuesConfig(
+            model=cfg.model,
+            dataset=cfg.dataset,
+            scale_file=scale_file,
+            output_dir=cfg.workdir / f"value_codec_{b}bit",
+            quant_bits=b,
+            max_seq_length=cfg.value_seq_length,
+            steps=cfg.value_steps,
+            warmup_steps=max(1, cfg.value_steps // 10),
+            save_every=cfg.value_steps,
+            resume=True,
+            device=cfg.device,
+            seed=cfg.seed,
+        ),
+        loaded=loaded,
     )
-    print(f"data       {data}  (keys, values, queries, learnable_scale.pt)")
-    print(f"keys       {', '.join(str(d) for d in key_dirs)}")
-    print(f"values     {', '.join(str(w / f'value_codec_{b}bit') for b in bits)}")
-    print(f"results    {w / 'compare_keys'}/compare.md, {w / 'eval'}/compare.md (+ .json, .png)")
-    return w

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from commvq import __version__
 from commvq.config import option, to_dict
 from commvq.data.kvstore import KVStore, LayerData
 from commvq.fsutil import atomic_path, write_json
+from commvq.pipeline import progress
 
 log = logging.getLogger("commvq")
 FORMAT_VERSION = 1
@@ -90,7 +90,7 @@ def run(cfg: ScaleConfig) -> Path:
     meta: dict[str, dict] = {}
     skipped: list[str] = []
     total = sum(s.num_layers for s in stores.values())
-    with tqdm(total=total, desc="scale", unit="layer") as bar:
+    with progress.bar(total=total, desc="scale", unit="layer") as bar:
         for kind, store in stores.items():
             scales[kind], meta[kind] = {}, {}
             for layer in range(store.num_layers):

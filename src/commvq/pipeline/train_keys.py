@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from commvq import io
 from commvq.codecs.key_codebook import encoder_for
@@ -25,7 +24,7 @@ from commvq.data.kvstore import KVStore
 from commvq.distributed import barrier, device_for_rank, rank_world
 from commvq.evals.keys import pair_weights
 from commvq.fsutil import write_json
-from commvq.pipeline import key_methods
+from commvq.pipeline import key_methods, progress
 from commvq.pipeline.collect import store_dirs
 from commvq.pipeline.key_rows import EVAL_SAMPLES, finite_rows, heldout_errors, split_rows
 from commvq.quant import e2e, em, refine
@@ -403,7 +402,7 @@ def train_layer(
         encoder=encoder,
         beam=cfg.encode_beam,
     )
-    echo = tqdm.write
+    echo = progress.write
     if cfg.method == "em":
         res = key_methods.run_em(job, cfg.max_iters, cfg.chunk)
     else:
@@ -485,7 +484,7 @@ def run(cfg: TrainKeysConfig) -> Path:
         samples,
         device,
     )
-    for layer in tqdm(mine, desc="train-keys", unit="layer", disable=len(mine) < 2):
+    for layer in progress.bar(mine, desc="train-keys", unit="layer", disable=len(mine) < 2):
         metrics = train_layer(cfg, spec, layout, out, store, layer, samples, device)
         write_json(out / "metrics" / f"{layer:03d}.json", metrics)
         update_config(out, layout, cfg, spec, store, samples)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from commvq.codecs.value_codec import ValueCodec
 from commvq.config import option, to_dict
@@ -29,6 +28,7 @@ from commvq.distributed import barrier, rank_world
 from commvq.fsutil import atomic_path
 from commvq.integrations.hf.loader import MODEL_DTYPES, LoadedModel, load_model
 from commvq.integrations.hf.probe import LayerAttention, layer_inputs
+from commvq.pipeline import progress
 from commvq.pipeline.scale import load_scales
 
 log = logging.getLogger("commvq")
@@ -177,13 +177,10 @@ def start_codec(
         )
         for layer, codec_layer in enumerate(codec.layers):
             codec_layer.init_from_values(samples[layer])
-        if (
-            rank_world()[1] > 1
-        ):  # a running process group, not the recorded ``world`` eval-values rebuilds
+        # a running process group, not the recorded ``world`` eval-values rebuilds
+        if rank_world()[1] > 1:
             _broadcast_params(codec)
-        log.info(
-            "train-values: started from the principal axes of %d values per layer", len(samples[0])
-        )
+        log.info("value codec start: the principal axes of %d values per layer", len(samples[0]))
     return codec
 
 
@@ -247,8 +244,8 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
     stream = batch_stream(cfg, loaded, rank, world)
     for _ in range(start):  # same data order after a resume
         next(stream)
-    bar = tqdm(
-        total=cfg.steps, initial=start, desc="train-values", unit="step", disable=rank != 0 or None
+    bar = progress.bar(
+        total=cfg.steps, initial=start, desc="train-values", unit="step", disable=rank != 0
     )
     for step in range(start, cfg.steps):
         for g in opt.param_groups:

@@ -93,7 +93,8 @@ def beam_encode(
 
 
 def encode(x: torch.Tensor, thetas: torch.Tensor, beam: int = 1) -> torch.Tensor:
-    """Codes ``[H, N, R]``: greedy (:func:`commvq.quant.residual.encode`) for ``beam=1``, else the beam."""
+    """Codes ``[H, N, R]``: greedy (:func:`commvq.quant.residual.encode`) for ``beam=1``, else the
+    beam."""
     if beam == 1:
         return greedy_encode(x, thetas)
     return beam_encode(x, thetas, beam)

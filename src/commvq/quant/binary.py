@@ -39,7 +39,8 @@ def normalize(v: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def choose(logits: torch.Tensor, train: bool, tau: float = 1.0) -> torch.Tensor:
-    """One-hot ``[..., n, 4]``: hard Gumbel-softmax (straight-through) in training, argmax otherwise."""
+    """One-hot ``[..., n, 4]``: hard Gumbel-softmax (straight-through) in training, argmax
+    otherwise."""
     if train:
         return F.gumbel_softmax(logits.float(), tau=tau, hard=True)
     return F.one_hot(logits.argmax(-1), 4).to(logits.dtype)

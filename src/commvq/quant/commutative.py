@@ -110,7 +110,8 @@ def nearest(x: torch.Tensor, theta: torch.Tensor, chunk: int = 8192) -> torch.Te
 
 
 def score_table(q: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``u [..., E, P, 2]``: ``u_e[f] = q_f^T M(a_e[f])`` with ``M(z) = [[Re z, -Im z], [Im z, Re z]]``.
+    """``u [..., E, P, 2]``: ``u_e[f] = q_f^T M(a_e[f])`` with
+    ``M(z) = [[Re z, -Im z], [Im z, Re z]]``.
 
     ``q [..., D]`` (rotate_half layout), ``theta [2E, P]`` (one codebook, broadcast over q's batch).
     """

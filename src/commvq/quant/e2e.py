@@ -377,9 +377,9 @@ def train(
         diverged = not math.isfinite(float(params.detach().abs().max()))
         if diverged or bad_batches > settings.max_bad_fraction * steps_per_epoch:
             raise FloatingPointError(
-                f"E2E training diverged in epoch {epoch} ({bad_batches} of {steps_per_epoch} batches "
-                "non-finite); lower --lr. The layer is not marked done; its files hold the best epoch saved "
-                "before, if any"
+                f"E2E training diverged in epoch {epoch} ({bad_batches} of {steps_per_epoch} "
+                "batches non-finite); lower --lr. The layer is not marked done; its files hold the "
+                "best epoch saved before, if any"
             )
         good = steps_per_epoch - bad_batches
         scale = steps_per_epoch / max(good, 1)

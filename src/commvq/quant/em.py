@@ -102,7 +102,8 @@ def m_step(stats: EStats, eps: float = 1e-8, dtype: torch.dtype = torch.float64)
     normal[:, 1::2, 0::2] -= anti
     sa, sb = stats.sum_a.double(), stats.sum_b.double()
     rhs = join_theta(sa[..., :p] + sb[..., p:], sa[..., p:] - sb[..., :p])  # [H, 2E, P]
-    # positive definite (a weighted Gram matrix plus eps): no singularity check, so no wait for the GPU
+    # positive definite (a weighted Gram matrix plus eps): no singularity check, so no wait for the
+    # GPU
     return torch.linalg.solve_ex(normal, rhs)[0].to(dtype)
 
 

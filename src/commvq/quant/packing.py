@@ -6,7 +6,8 @@ import torch
 
 
 def pack_2bit(idx: torch.Tensor) -> torch.Tensor:
-    """``[..., n]`` integers in 0..3 -> ``[..., ceil(n/4)]`` uint8 (four per byte, first in the low bits)."""
+    """``[..., n]`` integers in 0..3 -> ``[..., ceil(n/4)]`` uint8 (four per byte, first in the low
+    bits)."""
     n = idx.shape[-1]
     pad = (-n) % 4
     x = torch.nn.functional.pad(idx.to(torch.uint8), (0, pad)).reshape(*idx.shape[:-1], -1, 4)
@@ -21,7 +22,8 @@ def unpack_2bit(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[..., n]`` integers below ``2**bits`` -> little-endian bit stream ``[..., ceil(n*bits/8)]`` uint8."""
+    """``[..., n]`` integers below ``2**bits`` -> little-endian bit stream ``[..., ceil(n*bits/8)]``
+    uint8."""
     n = codes.shape[-1]
     shifts = torch.arange(bits, device=codes.device)
     stream = ((codes.long()[..., None] >> shifts) & 1).reshape(*codes.shape[:-1], n * bits)
@@ -31,7 +33,8 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``[..., n]`` int64 (fast paths for 1, 2, 4, 8, 6 and 12 bits)."""
+    """Inverse of :func:`pack_codes`: ``[..., n]`` int64 (fast paths for 1, 2, 4, 8, 6 and 12
+    bits)."""
     lead = packed.shape[:-1]
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)

@@ -14,11 +14,13 @@ from commvq.quant.commutative import decode_table, nearest
 
 
 def residuals_for_bits(quant_bits: float, head_dim: int, code_bits: int = 12) -> int:
-    """Stages R giving about ``quant_bits`` per channel: ``round(quant_bits * head_dim / code_bits)``."""
+    """Stages R giving about ``quant_bits`` per channel:
+    ``round(quant_bits * head_dim / code_bits)``."""
     r = round(quant_bits * head_dim / code_bits)
     if r < 1:
         raise ValueError(
-            f"quant_bits={quant_bits} with head_dim={head_dim}, code_bits={code_bits} gives 0 stages"
+            f"quant_bits={quant_bits} with head_dim={head_dim}, code_bits={code_bits} "
+            "gives 0 stages"
         )
     return r
 
@@ -55,7 +57,8 @@ def encode(
 def encode_with_residuals(
     x: torch.Tensor, thetas: torch.Tensor, chunk: int = 8192, nearest_fn=nearest
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy codes ``[H, N, R]`` and what each stage leaves, ``[R, H, N, D]``: ``x - sum_{j <= r} c_j``."""
+    """Greedy codes ``[H, N, R]`` and what each stage leaves, ``[R, H, N, D]``:
+    ``x - sum_{j <= r} c_j``."""
     codes, left = _greedy(x, thetas, chunk, nearest_fn, keep=True)
     return codes, torch.stack(left)
 
@@ -85,8 +88,9 @@ def decode(codes: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
 def code_onehot(
     codes: torch.Tensor, num_entries: int, dtype: torch.dtype, by_head: bool = False
 ) -> torch.Tensor:
-    """``[R, H, N, 2E]``: ones at ``A`` and ``E + B`` of each code ``A*E + B`` of ``codes [H, N, R]``;
-    ``by_head=True``: the same ones laid out ``[H, R, 2E, N]`` (for sums over tokens per table row)."""
+    """``[R, H, N, 2E]``: ones at ``A`` and ``E + B`` of each code ``A*E + B`` of
+    ``codes [H, N, R]``; ``by_head=True``: the same ones laid out ``[H, R, 2E, N]`` (for sums over
+    tokens per table row)."""
     if by_head:
         c, dim = codes.long().transpose(1, 2)[:, :, None, :], 2  # [H, R, 1, N]
         shape = (codes.shape[0], codes.shape[2], 2 * num_entries, codes.shape[1])

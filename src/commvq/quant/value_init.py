@@ -133,9 +133,9 @@ def pattern_weights(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(a [n, 4, F], c [n, 4, S], b [n, 4])``: the logits ``z @ a^T + H @ c^T + b`` of each
     group's patterns, with ``z = u @ axes`` and ``H [S]`` the step indicators of :func:`steps`
-    (``H_s = 1`` when ``z_axis > threshold * rms``), are ``2 <c_p, x> - |c_p|^2`` (argmax = the nearest
-    pattern to the group's input ``x``), times ``sharpness`` over the mean power (one scale for all
-    groups: weak axes get small weights)."""
+    (``H_s = 1`` when ``z_axis > threshold * rms``), are ``2 <c_p, x> - |c_p|^2`` (argmax = the
+    nearest pattern to the group's input ``x``), times ``sharpness`` over the mean power (one scale
+    for all groups: weak axes get small weights)."""
     rms = power.sqrt()
     listed = steps(bits)
     index = {}

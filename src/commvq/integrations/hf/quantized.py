@@ -43,7 +43,8 @@ def make_cache(model: Any, backend: str, nbits: int, window: int) -> Any:
 
 
 def held_bytes(t: Any) -> int:
-    """Bytes of a tensor, or of the inner tensors of a tensor subclass (packed data, scales, shifts)."""
+    """Bytes of a tensor, or of the inner tensors of a tensor subclass (packed data, scales,
+    shifts)."""
     if type(t) is torch.Tensor or not hasattr(t, "__tensor_flatten__"):
         return t.numel() * t.element_size()
     names, _ = t.__tensor_flatten__()
