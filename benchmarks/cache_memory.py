@@ -91,11 +91,12 @@ def main() -> None:
         )
     base = rows[0]["tokens"]
     print(
-        f"card memory {total:,} B, bf16 weights {WEIGHTS:,.0f} B, {LAYERS} layers, {HKV} KV heads x {D}; "
-        f"commit {commit_id()}"
+        f"card memory {total:,} B, bf16 weights {WEIGHTS:,.0f} B, {LAYERS} layers, "
+        f"{HKV} KV heads x {D}; commit {commit_id()}"
     )
     print(
-        f"{'method':<9}{'codec held in':>15}{'B/token/layer':>15}{'fixed GB':>10}{'tokens':>12}{'x FP16':>8}"
+        f"{'method':<9}{'codec held in':>15}{'B/token/layer':>15}"
+        f"{'fixed GB':>10}{'tokens':>12}{'x FP16':>8}"
     )
     for r in rows:
         print(

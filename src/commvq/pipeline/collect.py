@@ -120,21 +120,22 @@ def align_queries(root: Path, cfg: CollectConfig, key_tokens: int) -> int:
             have = query_stride(old["num_samples"], old["num_queries"])
         if have is None or sum(s["tokens"] for s in man["shards"]) != math.ceil(key_tokens / have):
             raise ValueError(
-                f"{root}: queries collected by an older version with an unknown stride; collect them "
-                "again (--overwrite, or another --output_dir)"
+                f"{root}: queries collected by an older version with an unknown stride; "
+                "collect them again (--overwrite, or another --output_dir)"
             )
     if key_tokens >= cfg.num_samples or have == stride:
         stride = have  # nothing to collect, or nothing to change
     elif stride % have:
         raise ValueError(
-            f"{root} keeps the query of one token in {have}; --num_samples {cfg.num_samples} --num_queries "
-            f"{cfg.num_queries} keep one in {stride}, which is not a subsample of it: pass --num_queries "
-            f"{math.ceil(cfg.num_samples / have)} (one in {have}), or collect into another --output_dir"
+            f"{root} keeps the query of one token in {have}; --num_samples {cfg.num_samples} "
+            f"--num_queries {cfg.num_queries} keep one in {stride}, which is not a subsample of "
+            f"it: pass --num_queries {math.ceil(cfg.num_samples / have)} (one in {have}), or "
+            "collect into another --output_dir"
         )
     else:
         log.info(
-            "collect: %s kept the query of one token in %d; thinning it to one in %d, as a fresh run "
-            "with --num_samples %d keeps",
+            "collect: %s kept the query of one token in %d; thinning it to one in %d, as a fresh "
+            "run with --num_samples %d keeps",
             root,
             have,
             stride,
@@ -245,7 +246,8 @@ def _batch_rows(
 ) -> dict[tuple[str, int], torch.Tensor]:
     """Flatten captured ``[B, T, F]`` outputs to rows ``[start, start + n_tok)``, subsample queries.
 
-    ``first_token`` is the stream index of row ``start``: queries at multiples of ``stride`` are kept.
+    ``first_token`` is the stream index of row ``start``: queries at multiples of ``stride`` are
+    kept.
     """
     rows = {}
     keep = None
@@ -306,7 +308,8 @@ def _open_writers(
     damaged = readable < max(len(w.shards) for w in writers.values())
     if damaged:
         log.warning(
-            "collect: shard %d of the stores in %s is missing or damaged; collecting again from there",
+            "collect: shard %d of the stores in %s is missing or damaged; collecting again from "
+            "there",
             readable,
             cfg.output_dir.parent,
         )

@@ -29,7 +29,8 @@ def _names(text: str) -> list[str]:
 
 
 def rounded(codec: ValueCodec, dtype: torch.dtype) -> ValueCodec:
-    """A copy of ``codec`` whose float weights hold only what ``dtype`` holds (computed in float32)."""
+    """A copy of ``codec`` whose float weights hold only what ``dtype`` holds (computed in
+    float32)."""
     out = copy.deepcopy(codec)
     with torch.no_grad():
         for t in itertools.chain(out.parameters(), out.buffers()):
@@ -108,8 +109,8 @@ def run(cfg: EvalValuesConfig) -> Path:
 
 
 def _training_start(folder: Path, loaded, values: dict[int, torch.Tensor]) -> ValueCodec | None:
-    """The codec that training of ``folder`` started from, rebuilt from its recorded settings when it
-    was data-driven (``--init pca``: the same first batches give the same start); else None."""
+    """The codec that training of ``folder`` started from, rebuilt from its recorded settings when
+    it was data-driven (``--init pca``: the same first batches give the same start); else None."""
     config = json.loads((folder / "config.json").read_text())
     recorded = config.get("train_config") or {}
     if recorded.get("init") != "pca":
@@ -124,7 +125,8 @@ def report(cfg: EvalValuesConfig, rows: list[dict], meta: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     names = list(rows[0])
     lines = [
-        f"Held-out tokens: {meta['tokens']} ({meta['model']}). Per layer: value MSE / attention-output MSE.",
+        f"Held-out tokens: {meta['tokens']} ({meta['model']}). "
+        "Per layer: value MSE / attention-output MSE.",
         "",
         "| layer | " + " | ".join(names) + " |",
         "|---" * (len(names) + 1) + "|",

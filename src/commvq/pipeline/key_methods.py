@@ -174,8 +174,8 @@ def run_e2e_adam(
         settings.epochs,
         "epoch",
         lambda entry: (
-            f"Epoch {entry.epoch}/{settings.epochs} - Loss: {entry.loss:.4f}, Recon: {entry.recon:.4f}, "
-            f"Commit: {entry.commit:.4f}"
+            f"Epoch {entry.epoch}/{settings.epochs} - Loss: {entry.loss:.4f}, "
+            f"Recon: {entry.recon:.4f}, Commit: {entry.commit:.4f}"
         ),
     )
     result = e2e.train(
@@ -199,8 +199,8 @@ def run_e2e_lstsq(
         settings.rounds,
         "round",
         lambda entry: (
-            f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4g}, held-out: {entry.heldout:.4g} "
-            f"({entry.seconds:.1f} s)"
+            f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4g}, "
+            f"held-out: {entry.heldout:.4g} ({entry.seconds:.1f} s)"
         ),
     )
     result = refine.refine(job.x, job.val_x, thetas0, settings, on_round=on_round)

@@ -38,7 +38,8 @@ def split_rows(
 
 
 def finite_rows(keys: torch.Tensor, layer: int, what: str) -> torch.Tensor:
-    """``[N]`` mask of the rows without NaN/Inf; the others are dropped with a warning that counts them."""
+    """``[N]`` mask of the rows without NaN/Inf; the others are dropped with a warning that counts
+    them."""
     finite = torch.isfinite(keys).all(-1)
     bad = int((~finite).sum())
     if bad:

@@ -1,7 +1,8 @@
 """Stages `longbench-pred` and `longbench-eval` (the guide's evaluation/longbench/pred.py, eval.py).
 
-The guide's swap flow works: key codebooks copied into ``<model dir>/<name>-CommVQ-<b>bit-codebook/``
-(and a value codec in ``<model dir>/<name>-CommVQ-<b>bit-values/``) are found from ``--model`` alone.
+The guide's swap flow works: key codebooks copied into
+``<model dir>/<name>-CommVQ-<b>bit-codebook/`` (and a value codec in
+``<model dir>/<name>-CommVQ-<b>bit-values/``) are found from ``--model`` alone.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ HF_QUANTIZED = {
     "hf-quanto2": ("quanto", 2),
     "hf-quanto4": ("quanto", 4),
 }  # transformers' QuantizedCache
-ALL = "fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1"  # the default comparison, in table order
+# the default comparison, in table order
+ALL = "fp16,kivi2,kivi1,commvq-em2,commvq-e2e2,commvq-em1,commvq-e2e1"
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ def resolve(
             )
         else:
             raise ValueError(
-                f"unknown method {name!r}: use {', '.join(BASELINES + tuple(HF_QUANTIZED))}, commvq-em2, "
-                "commvq-e2e2, commvq-em1, commvq-e2e1 or commvq (with --key_dir/--value_dir)"
+                f"unknown method {name!r}: use {', '.join(BASELINES + tuple(HF_QUANTIZED))}, "
+                "commvq-em2, commvq-e2e2, commvq-em1, commvq-e2e1 or commvq (with "
+                "--key_dir/--value_dir)"
             )
     return out

@@ -110,7 +110,7 @@ class LogBar:
 
     @staticmethod
     def write(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        print(text, flush=True)  # stdout, as tqdm.write
 
 
 def bar(

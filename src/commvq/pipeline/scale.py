@@ -76,8 +76,8 @@ def mean_abs(
     commit()
     if count == 0:
         raise ValueError(
-            f"{layer.store.root}: layer {layer.layer} has no finite values to compute a scale from; "
-            "re-run `commvq collect --overwrite`"
+            f"{layer.store.root}: layer {layer.layer} has no finite values to compute a scale "
+            "from; re-run `commvq collect --overwrite`"
         )
     return (total / count).float(), count
 

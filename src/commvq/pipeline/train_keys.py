@@ -201,8 +201,8 @@ def resolve_layout(cfg: TrainKeysConfig, spec: ModelSpec) -> tuple[io.CodebookLa
         if cfg.method == "e2e" and not named.e2e:
             raise ValueError(
                 f"--output_dir {cfg.output_dir.name} is named for EM codebooks; use "
-                f"codebook_e2e_{named.code_bits}bits_{named.head_dim}group_{named.residuals}residuals "
-                "or another name"
+                f"codebook_e2e_{named.code_bits}bits_{named.head_dim}group_"
+                f"{named.residuals}residuals or another name"
             )
         for flag, given, said in (
             ("code_bits", cfg.code_bits, named.code_bits),
@@ -464,7 +464,8 @@ def run(cfg: TrainKeysConfig) -> Path:
     rank, world = rank_world()
     prepare_output(out, layout, cfg.method, cfg.overwrite, empty=rank == 0, beam=cfg.encode_beam)
     (out / "metrics").mkdir(exist_ok=True)
-    barrier()  # no process writes codebooks before every one has checked (and rank 0 emptied) the folder
+    # no process writes codebooks before every one has checked (and rank 0 emptied) the folder
+    barrier()
     layers = parse_layers(cfg.layers, spec.num_layers)
     device = device_for_rank(cfg.device)
     samples = min(cfg.num_samples, store.num_tokens)

@@ -166,7 +166,8 @@ def start_codec(
     world: int = 1,
 ) -> ValueCodec:
     """The codec training starts from (``--init``): ``--init pca`` samples the first batches of the
-    ``rank``-th of ``world`` corpus slices; under torchrun every process then takes rank 0's codec."""
+    ``rank``-th of ``world`` corpus slices; under torchrun every process then takes rank 0's
+    codec."""
     codec = ValueCodec.from_scales(values, cfg.quant_bits, cfg.seed).to(loaded.model.device)
     if cfg.init == "pca":
         samples = sample_values(

@@ -109,8 +109,9 @@ class CommVQLayer(CacheLayerMixin):
         n = abs(tokens_to_remove)
         if tokens_to_remove > 0 or n >= self.num_window:
             raise NotImplementedError(
-                f"CommVQCache can drop at most the {self.num_window - 1} most recent full-precision tokens "
-                f"(asked to crop {tokens_to_remove}); compressed blocks cannot be cropped"
+                f"CommVQCache can drop at most the {self.num_window - 1} most recent "
+                f"full-precision tokens (asked to crop {tokens_to_remove}); compressed blocks "
+                "cannot be cropped"
             )
         if n:
             self.win_k, self.win_v, self.win_pos = (
@@ -219,8 +220,9 @@ class CommVQLayer(CacheLayerMixin):
     def _visible(
         self, tq: int, w: int, copies: tuple | None, device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([tq, keys], [keys])``: which of sink, codes, exact copies and window each query of this step may
-        see. Keys in the order they arrived; the step's queries are the last ``tq`` to arrive."""
+        """``([tq, keys], [keys])``: which of sink, codes, exact copies and window each query of
+        this step may see. Keys in the order they arrived; the step's queries are the last ``tq``
+        to arrive."""
         ns, nc, win = self.num_sink, self.num_compressed, self.window
         arange = lambda n: torch.arange(n, device=device)  # noqa: E731
         nx, nc0 = (copies[0].shape[2], copies[2]) if copies is not None else (0, nc)
@@ -245,7 +247,8 @@ class CommVQLayer(CacheLayerMixin):
 
     def _graphable(self, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
         """Whether this step may run as a captured graph: one query token on a GPU, no mask or a
-        boolean one, CommVQ parts on their Triton kernels, and no capture of the caller's own in progress."""
+        boolean one, CommVQ parts on their Triton kernels, and no capture of the caller's own in
+        progress."""
         if attention_mask is not None and (
             attention_mask.dtype != torch.bool
             or attention_mask.dim() != 4
@@ -375,9 +378,9 @@ class CommVQCache(Cache):
         """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense);
         ``graphs``: decode steps as CUDA graphs on a GPU (see ``__init__``); ``beam``: the key
         encoder's beam width at prefill and at every flush (None: the width the codebooks were
-        trained for, from their config.json; 1: greedy). The codes' format is the same for every width.
-        ``codec_dtype``: what the value codec's weights are held in (float16, half the memory of
-        float32 at the same quality, measured; its arithmetic is float32 either way).
+        trained for, from their config.json; 1: greedy). The codes' format is the same for every
+        width. ``codec_dtype``: what the value codec's weights are held in (float16, half the
+        memory of float32 at the same quality, measured; its arithmetic is float32 either way).
 
         Switches ``model`` to the ``commvq`` attention (other caches keep working with it).
         """
@@ -412,8 +415,8 @@ class CommVQCache(Cache):
     def baseline(
         cls, model: Any, method: str, window: int = 128, group: int = 32, sink: int = 0
     ) -> CommVQCache:
-        """``fp16`` (the identity codec) or ``kivi2`` / ``kivi1`` through the same cache (same window
-        and sink as the CommVQ cache it is compared with)."""
+        """``fp16`` (the identity codec) or ``kivi2`` / ``kivi1`` through the same cache (same
+        window and sink as the CommVQ cache it is compared with)."""
         if method not in ("fp16", "kivi2", "kivi1"):
             raise ValueError(f"baseline {method!r}: use fp16, kivi2 or kivi1")
         spec = ModelSpec.from_config(model.config)
