@@ -458,3 +458,42 @@ def test_prompt_positions_never_see_later_tokens(tiny, quantize_prefill, sink):
                     name == "fp16"
                 ):  # the identity codec is the exact model, prefill quantized or not
                     assert torch.allclose(a, exact, atol=1e-4), p
+
+
+class _Tokens:
+    """A tokenizer stand-in: token ids as text."""
+
+    eos_token_id = 0
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(str(int(t)) for t in tokens)
+
+
+def test_one_exact_prefill_shared_by_every_cache_gives_each_cache_its_own_tokens(tiny):
+    """What a prefill through a cache leaves (window, sink, compressed blocks) and the tokens that
+    follow equal what ``load_prefill`` of one exact prefill gives, for dense, KIVI and CommVQ
+    parts, with blocks compressed and a sink."""
+    from commvq.evals import synthetic
+    from commvq.integrations.hf import use_commvq
+
+    use_commvq(tiny)
+    probe = synthetic.Probe(_ids(1, 45, seed=5)[0].tolist(), "no", 45, 0.5)
+    pre = synthetic.exact_prefill(tiny, probe)
+    keys, values, _, _ = _commvq_parts(layers=2)
+    makers = {
+        "fp16": lambda: CommVQCache.baseline(tiny, "fp16", window=8, sink=3),
+        "kivi2": lambda: CommVQCache.baseline(tiny, "kivi2", window=32),
+        "commvq": lambda: CommVQCache(2, keys, values, window=8, sink=2, graphs=False),
+    }
+    for name, make in makers.items():
+        through = make()
+        want = synthetic.answer(tiny, _Tokens(), probe, through, max_new_tokens=12)
+        shared = make()
+        got = synthetic.answer(tiny, _Tokens(), probe, shared, max_new_tokens=12, prefill=pre)
+        assert got == want, name
+        assert len(want[1].split()) == 12
+        assert shared.layers[1].num_compressed == through.layers[1].num_compressed > 0, name
+    with pytest.raises(RuntimeError, match="quantize_prefill"):
+        CommVQCache(2, keys, values, window=8, quantize_prefill=True).load_prefill(
+            pre.keys, pre.values
+        )

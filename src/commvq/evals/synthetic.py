@@ -109,23 +109,72 @@ def needle_probes(
     ]
 
 
+@dataclass(frozen=True)
+class Prefill:
+    """An exact prefill of a probe: every layer's keys (after RoPE) and values, and the greedy
+    first token its last position gives."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    first: int
+
+
+def takes_prefill(cache: Any) -> bool:
+    """Whether ``cache`` can hold a shared :func:`exact_prefill` (it attends exactly at prefill)."""
+    layers = getattr(cache, "layers", [])
+    return callable(getattr(cache, "load_prefill", None)) and not any(
+        getattr(layer, "quantize_prefill", True) for layer in layers
+    )
+
+
+@torch.no_grad()
+def exact_prefill(model: Any, probe: Probe) -> Prefill:
+    """One forward pass over the probe with transformers' exact cache."""
+    from commvq.integrations.hf.attention import cache_kwargs, exact_cache
+
+    ids = torch.tensor([probe.ids], device=model.device)
+    cache = exact_cache()
+    logits = model(ids, use_cache=True, **cache_kwargs(model, cache)).logits[0, -1]
+    keys = [layer.keys for layer in cache.layers]
+    return Prefill(keys, [layer.values for layer in cache.layers], int(logits.argmax()))
+
+
 @torch.no_grad()
 def answer(
-    model: Any, tokenizer: Any, probe: Probe, cache: Any, max_new_tokens: int = 8
+    model: Any,
+    tokenizer: Any,
+    probe: Probe,
+    cache: Any,
+    max_new_tokens: int = 8,
+    prefill: Prefill | None = None,
 ) -> tuple[bool, str]:
-    """Greedy continuation of the probe with ``cache``; correct if it contains the answer."""
+    """Greedy continuation of the probe with ``cache``; correct if it contains the answer.
+
+    ``prefill``: the probe's :func:`exact_prefill`, shared by every cache that attends exactly at
+    prefill (``cache.load_prefill``): the same tokens as prefilling through ``cache``, one forward
+    pass of the prompt for all of them."""
     from commvq.integrations.hf.attention import cache_kwargs
 
     ids = torch.tensor([probe.ids], device=model.device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.eos_token_id,
-        **cache_kwargs(model, cache),
-    )
-    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    first: list[int] = []
+    if prefill is not None:
+        cache.load_prefill(prefill.keys, prefill.values)
+        first = [prefill.first]
+        ids = torch.cat((ids, torch.tensor([first], device=model.device)), 1)
+        max_new_tokens -= 1
+    new = ids.new_zeros(1, 0)
+    if max_new_tokens > 0 and not (first and first[0] == tokenizer.eos_token_id):
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+            **cache_kwargs(model, cache),
+        )
+        new = out[:, ids.shape[1] :]
+    tokens = first + new[0].tolist()
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
     return probe.answer.lower() in text.lower(), text
 
 

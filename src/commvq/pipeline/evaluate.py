@@ -135,11 +135,12 @@ def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) ->
         )
         probes = synthetic.needle_probes(encode, hay, lengths, depths, cfg.samples, cfg.seed)
     grid: dict[str, dict[tuple[int, float], list[bool]]] = {m.name: {} for m in methods}
-    for m in methods:
-        for probe in progress.bar(probes, desc=f"{kind} {m.name}", unit="probe", leave=False):
-            ok, _ = synthetic.answer(
-                lm.model, lm.tokenizer, probe, m.make_cache(lm.model, cfg.window, cfg.sink)
-            )
+    for probe in progress.bar(probes, desc=kind, unit="probe"):
+        pre = synthetic.exact_prefill(lm.model, probe)  # one prompt pass serves every method
+        for m in methods:
+            cache = m.make_cache(lm.model, cfg.window, cfg.sink)
+            shared = pre if synthetic.takes_prefill(cache) else None
+            ok, _ = synthetic.answer(lm.model, lm.tokenizer, probe, cache, prefill=shared)
             grid[m.name].setdefault((probe.length, probe.depth), []).append(ok)
     acc = {name: {key: sum(v) / len(v) for key, v in cells.items()} for name, cells in grid.items()}
     summary = {name: sum(a.values()) / len(a) for name, a in acc.items()}

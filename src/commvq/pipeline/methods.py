@@ -7,7 +7,7 @@ width its codebooks were trained for (``commvq-em2@8``: the paper's EM codebooks
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ class Method:
     key_dir: Path | None = None
     value_dir: Path | None = None
     beam: int | None = None  # the key encoder's beam width (None: the codebooks' own)
+    # the loaded codebooks and codec, per model: read from disk once, shared by every cache made
+    loaded: dict = field(default_factory=dict, compare=False, repr=False)
 
     def make_cache(self, model: Any, window: int, sink: int = 0):
         from commvq.integrations.hf.cache import CommVQCache
@@ -38,9 +40,15 @@ class Method:
             from commvq.integrations.hf.quantized import make_cache
 
             return make_cache(model, *HF_QUANTIZED[self.name], window)
-        return CommVQCache.from_pretrained(
-            model, self.key_dir, self.value_dir, window=window, sink=sink, beam=self.beam
-        )
+        if self.loaded.get("model") is not model:
+            first = CommVQCache.from_pretrained(
+                model, self.key_dir, self.value_dir, window=window, sink=sink, beam=self.beam
+            )
+            parts = (len(first.layers), first.keys_part, first.values_part)
+            self.loaded.update(model=model, parts=parts)
+            return first
+        layers, keys, values = self.loaded["parts"]
+        return CommVQCache(layers, keys, values, window=window, sink=sink)
 
 
 def find_key_dir(workdir: Path, method: str, bits: int) -> Path:

@@ -80,6 +80,21 @@ class CommVQLayer(CacheLayerMixin):
         pass_to_attention(self)
         return self.win_k, self.win_v
 
+    def load_prefill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold an exact prefill's keys (after RoPE) and values ``[B, H, n, D]`` of positions
+        ``0..n-1``, as a prefill through this layer leaves them (window, sink, compressed blocks):
+        the prefill's attention is exact, so one forward pass can fill every kind of cache."""
+        if self.is_initialized or self.quantize_prefill:
+            raise RuntimeError(
+                "load_prefill needs an empty layer that attends exactly at prefill "
+                "(quantize_prefill=False)"
+            )
+        self.lazy_initialization(keys, values)
+        b, _, n, _ = keys.shape
+        self.win_k, self.win_v = keys, values
+        self.win_pos = torch.arange(n, device=keys.device).expand(b, n).clone()
+        self.flush()
+
     @property
     def num_sink(self) -> int:
         return 0 if self.sink_k is None else self.sink_k.shape[2]
@@ -360,6 +375,14 @@ class CommVQCache(Cache):
             ]
         )
         self.keys_part, self.values_part = keys, values
+
+    def load_prefill(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Every layer's :meth:`CommVQLayer.load_prefill` (e.g. from a ``DynamicCache`` that an
+        exact prefill filled)."""
+        if len(keys) != len(self.layers) or len(values) != len(self.layers):
+            raise ValueError(f"{len(keys)} layers of keys for a cache of {len(self.layers)}")
+        for layer, k, v in zip(self.layers, keys, values, strict=True):
+            layer.load_prefill(k, v)
 
     @classmethod
     def from_pretrained(
