@@ -143,6 +143,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Stage]]:
         "-q", "--quiet", action="store_true", help="only warnings and errors (default: False)"
     )
     parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="detail too, e.g. every EM stage (default: False)",
+    )
+    parser.add_argument(
         "--debug", action="store_true", help="a traceback for every error (default: False)"
     )
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
@@ -180,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache notice, mid-bar
+    if args.verbose and not args.quiet:
+        logging.getLogger("commvq").setLevel(logging.DEBUG)  # ours only, not every library's
     stage = table[args.stage]
     try:
         cfg = from_namespace(stage.config, args)

@@ -41,6 +41,7 @@ def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, c
     assert len(log) < 300 and not any("\r" in line or "\x1b" in line for line in log)
     caplog.clear()
     w = tmp_path / "run"
+    _readme_inference_snippet_runs(w, str(tiny_llama), cfg)
     results = json.loads((w / "eval" / "compare.json").read_text())["results"]
     assert set(results) == {
         "fp16",
@@ -90,3 +91,33 @@ def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, c
     assert calls
     again = json.loads((w / "eval" / "compare.json").read_text())["results"]
     assert all(again[m]["ppl"] == results[m]["ppl"] for m in results)
+
+
+def _readme_inference_snippet_runs(workdir, model, cfg):
+    """The README's inference snippet names what the main job's defaults write, and runs on this
+    job's output (its model, folder and code width swapped in)."""
+    import re
+    from pathlib import Path
+
+    from commvq import io
+    from commvq.quant.residual import residuals_for_bits
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Inference with a compressed cache", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    default = PipelineConfig()
+    name = io.CodebookLayout(
+        default.code_bits, 64, residuals_for_bits(2, 64, default.code_bits), e2e=True
+    ).dir_name
+    assert f"/{name}" in snippet and '"runs/embedded"' in snippet
+    mine = max(  # the 2-bit folder: the most stages
+        workdir.glob(f"codebook_e2e_{cfg.code_bits}bits_*"),
+        key=lambda d: int(d.name.split("_")[-1].removesuffix("residuals")),
+    )
+    for old, new in (
+        ('"embedded"', repr(model)),
+        ('"runs/embedded"', repr(str(workdir))),
+        (name, mine.name),
+    ):
+        snippet = snippet.replace(old, new)
+    exec(compile(snippet, "README inference", "exec"), {})

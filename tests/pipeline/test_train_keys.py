@@ -91,7 +91,7 @@ def test_layout_from_flags_and_directory_names(tmp_path):
 
 
 def test_em_training_writes_loadable_files_and_skips_finished(key_dir, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="commvq")
+    caplog.set_level(logging.DEBUG, logger="commvq")  # the per-stage lines are detail (-v)
     out = tmp_path / "cb"
     train_keys.run(_cfg(key_dir, out, layers="0-1"))
     assert sorted(p.name for p in out.glob("*.pt")) == [

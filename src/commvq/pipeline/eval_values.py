@@ -56,7 +56,7 @@ class EvalValuesConfig:
         "also each codec with its weights rounded to these dtypes (e.g. bfloat16,float16): "
         "what holding the codec in that dtype would cost",
     )
-    output: Path = option(Path("eval_values"), "folder for values.json and values.md")
+    output: Path = option(Path("runs/eval_values"), "folder for values.json and values.md")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
 
     def __post_init__(self) -> None:

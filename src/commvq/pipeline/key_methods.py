@@ -79,7 +79,7 @@ def run_em(job: LayerJob, max_iters: int, chunk: int) -> LayerResult:
     def on_stage(r: int, res: em.StageResult, err: torch.Tensor) -> None:
         bar.update(1)
         bar.set_postfix(mse=f"{float(err.mean()):.4g}")
-        log.info(
+        log.debug(  # one line per stage and layer: detail (-v), not the log of a whole run
             "layer %d stage %d/%d: hard MSE (original scale) %s, iterations %s",
             job.layer,
             r + 1,

@@ -15,9 +15,8 @@ from commvq.evals.keys import key_errors
 from commvq.spec import ModelSpec
 
 log = logging.getLogger("commvq")
-EVAL_SAMPLES = (
-    16384  # rows after the training samples on which config.json's key errors are measured
-)
+# rows after the training samples on which config.json's key errors are measured
+EVAL_SAMPLES = 16384
 
 
 def split_rows(

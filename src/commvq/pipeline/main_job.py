@@ -61,6 +61,8 @@ class PipelineConfig:
             raise ValueError(f"--bits {self.bits!r}: a comma list of 1 and 2")
 
 
+COMPARE_SAMPLES = 4096  # held-out key rows per layer for key errors (training's and compare's)
+
 # Each stage's share of the main job's time with the defaults on 2 CPU cores (measured: README);
 # the estimate scales these by the time the stages that ran took.
 STAGE_SHARE = {
@@ -111,7 +113,7 @@ def run(cfg: PipelineConfig) -> Path:
             compare.CompareConfig(
                 dirs=key_dirs,
                 key_dir=key_dir,
-                eval_samples=4096,
+                eval_samples=COMPARE_SAMPLES,
                 output=w / "compare_keys",
                 device=cfg.device,
             )
@@ -177,6 +179,7 @@ def _train_keys(cfg: PipelineConfig, spec, key_dir: Path, method: str, r: int, e
             rounds=cfg.e2e_rounds,
             init_dir=em_dir,
             beam=cfg.beam if method == "e2e" else None,
+            eval_samples=COMPARE_SAMPLES,
             device=cfg.device,
             seed=cfg.seed,
         )

@@ -102,6 +102,10 @@ class TrainKeysConfig:
         choices=("mse", "attention"),
     )
     holdout: float = option(0.05, "E2E: fraction of the vectors held out to pick the best epoch")
+    eval_samples: int = option(
+        EVAL_SAMPLES,
+        "rows after the training vectors on which config.json's key errors are measured",
+    )
     chunk: int = option(8192, "vectors per E-step chunk")
     kernels: str = option(
         "auto",
@@ -140,6 +144,8 @@ class TrainKeysConfig:
             raise ValueError(f"--quant_bits {self.quant_bits}: must be positive")
         if not 0 < self.holdout < 0.5:
             raise ValueError(f"--holdout {self.holdout}: use a fraction between 0 and 0.5")
+        if self.eval_samples < 1:
+            raise ValueError(f"--eval_samples {self.eval_samples}: use 1 or more")
         if (self.lr is not None and self.lr <= 0) or self.commit_weight < 0:
             raise ValueError(
                 f"--lr {self.lr} must be positive and --commit_weight {self.commit_weight} >= 0"
@@ -370,7 +376,7 @@ def train_layer(
     """Train (and save) every KV head of one layer; return its metrics."""
     t0 = time.perf_counter()
     heads = list(range(spec.num_kv_heads))
-    rows = split_rows(samples, store.num_tokens, cfg.holdout, EVAL_SAMPLES)
+    rows = split_rows(samples, store.num_tokens, cfg.holdout, cfg.eval_samples)
     keys = store.layer(layer).read(0, samples).float().to(device)
     finite = finite_rows(keys, layer, "training and validation")
     x, s = normalize(keys, spec.num_kv_heads)
