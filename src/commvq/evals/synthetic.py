@@ -184,8 +184,13 @@ def heatmap(
     lengths: list[int],
     depths: list[float],
     title: str,
+    count: int = 1,
+    what: str = "needle",
 ) -> None:
-    """Accuracy per (depth, length), one panel per method, as a PNG."""
+    """Accuracy per (depth, length) as a PNG: one panel per method in a grid of at most four
+    columns, each cell showing its correct probes out of ``count``, and one colour bar."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,17 +198,33 @@ def heatmap(
 
     from commvq.fsutil import atomic_path
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.2), squeeze=False)
-    for ax, (name, acc) in zip(axes[0], results.items(), strict=True):
+    cols = min(4, len(results))
+    rows = math.ceil(len(results) / cols)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.4 * cols + 1.2, 2.9 * rows + 0.8), squeeze=False
+    )
+    image = None
+    for ax in axes.flat[len(results) :]:
+        ax.axis("off")
+    for ax, (name, acc) in zip(axes.flat, results.items(), strict=False):
         grid = [[acc.get((length, depth), float("nan")) for length in lengths] for depth in depths]
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(v) for v in lengths], rotation=45, fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("context tokens", fontsize=8)
-    axes[0][0].set_ylabel("needle depth", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for y, row in enumerate(grid):
+            for x, v in enumerate(row):
+                if v == v:  # not NaN: a cell that was probed
+                    ax.text(
+                        x, y, f"{round(v * count)}/{count}", ha="center", va="center", fontsize=10
+                    )
+        ax.set_xticks(range(len(lengths)), [f"{v:,}" for v in lengths], fontsize=9)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=9)
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("context tokens", fontsize=9)
+        ax.set_ylabel(f"{what} depth", fontsize=9)
+    fig.suptitle(f"{title}: correct probes per cell", fontsize=12)
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes.flat), fraction=0.025, pad=0.02)
+        bar.set_label("accuracy", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

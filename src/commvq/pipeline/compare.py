@@ -171,27 +171,39 @@ def write_report(cfg: CompareConfig, names: list[str], rows: list[dict], meta: d
     with atomic_path(out / "compare.md") as tmp:
         tmp.write_text(text + "\n")
     write_json(out / "compare.json", {"names": names, "rows": rows, **meta, "config": to_dict(cfg)})
-    plot(out / "compare.png", names, rows, metrics)
+    labels = [legend_label(d, n) for d, n in zip(cfg.dirs, names, strict=True)]
+    plot(out / "compare.png", names, rows, metrics, labels)
     return out
 
 
-def plot(path: Path, names: list[str], rows: list[dict], metrics: list[str]) -> None:
+def legend_label(folder: Path, name: str) -> str:
+    """``EM 2-bit``, ``E2E 1-bit`` from a codebook folder's config.json; else its column name."""
+    conf = io.read_config(folder)
+    if not conf or "method" not in conf or "bits_per_channel" not in conf:
+        return name
+    return f"{conf['method'].upper()} {round(conf['bits_per_channel'])}-bit"
+
+
+def plot(
+    path: Path, names: list[str], rows: list[dict], metrics: list[str], labels: list[str]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics) + 1.5, 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for n in names:
+        for n, label in zip(names, labels, strict=True):
             pts = [(r["layer"], r[n][metric]) for r in rows if n in r]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=n)
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=label)
         ax.set_xlabel("layer")
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # off the points
+    fig.suptitle("Held-out key error per layer (lower is better)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

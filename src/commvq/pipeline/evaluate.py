@@ -304,6 +304,8 @@ def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: di
             grid,
             [x for x in _ints(cfg.lengths)],
             _floats(cfg.depths),
-            f"{suite} accuracy ({model_name})",
+            f"{'pass key' if suite == 'passkey' else 'needle'} accuracy ({model_name})",
+            count=cfg.samples,
+            what="pass key" if suite == "passkey" else "needle",
         )
     return out

@@ -214,7 +214,8 @@ def _finish(job: LayerJob, solver: str, unit: str, best: int, result: Any) -> La
     if best == 0:
         save_heads(job, result.thetas, stage_mse)
     history = [vars(h) for h in result.history]
-    plot_curves(job.out / "curves" / f"{job.layer:03d}.png", history, job.layer)
+    path = job.out / "curves" / f"{job.layer:03d}.png"
+    plot_curves(path, history, job.layer, job.layout.bits_per_channel)
     return LayerResult(
         result.thetas,
         stage_mse,
@@ -228,7 +229,7 @@ def _finish(job: LayerJob, solver: str, unit: str, best: int, result: Any) -> La
     )
 
 
-def plot_curves(path: Path, history: list[dict], layer: int) -> None:
+def plot_curves(path: Path, history: list[dict], layer: int, bits: float | None = None) -> None:
     """Training and held-out errors per epoch (Adam: Loss, Recon, Commit) or per round (lstsq: the
     round's training Recon), as a PNG."""
     import matplotlib
@@ -247,11 +248,16 @@ def plot_curves(path: Path, history: list[dict], layer: int) -> None:
             label={"heldout": "held-out recon", "train": "recon (the round's codes)"}.get(key, key),
             marker=".",
         )
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel(step)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("relative key MSE")
     ax.set_yscale("log")
-    ax.set_title(f"E2E key codebooks, layer {layer}")
+    width = f", {bits:.2g} bits per channel" if bits else ""
+    ax.set_title(f"E2E key codebooks, layer {layer}{width}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right", framealpha=0.8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
