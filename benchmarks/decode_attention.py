@@ -6,13 +6,14 @@ Decode-then-attend twice: "naive", an unfused float32 torch decode; "fused", the
 would write, the decode in half precision compiled by ``torch.compile`` into fused kernels (on a
 GPU), then SDPA.
 
-    python benchmarks/decode_attention.py [--contexts 8192,32768,131072] [--batch 1 | --batch max] [--bits 2,1]
+    python benchmarks/decode_attention.py [--contexts 8192,32768,131072] \\
+        [--batch 1 | --batch max] [--bits 2,1]
 
 Random codes and codebooks (speed does not depend on their values). ``--batch max``: per context and
-bit width, the largest batch whose cache fits beside Llama-3.1-8B's bf16 weights on this card (all 32
-layers), timed for one layer; FP16 SDPA at that batch (one layer) and at its own largest batch.
-Prints a table and a last JSON line. ``--small`` runs tiny shapes (also under TRITON_INTERPRET=1 on a
-CPU, as a smoke test).
+bit width, the largest batch whose cache fits beside Llama-3.1-8B's bf16 weights on this card (all
+32 layers), timed for one layer; FP16 SDPA at that batch (one layer) and at its own largest batch.
+Prints a table and a last JSON line. ``--small`` runs tiny shapes (also under TRITON_INTERPRET=1 on
+a CPU, as a smoke test).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def make_state(b, n, hkv, d, r, qbits, device, gen):
 
 
 def state_bytes(st) -> int:
-    """What the compressed cache holds for ``st`` (codes and per-token scalars; not the codebooks)."""
+    """What the compressed cache holds for ``st`` (codes and per-token scalars; not the
+    codebooks)."""
     return sum(
         st[k].numel() * st[k].element_size()
         for k in ("kcodes", "prescale", "pos", "vcodes", "factor")
@@ -199,7 +201,8 @@ def measure(
     b, n, hq, hkv, d, r, bits, window, device, dtype, freqs, scaling, gen, extras=True
 ) -> dict:
     """One (bits, context) row: the three attentions timed on the same card (``extras=False``: not
-    the fp32-table variant nor naive, whose dense keys and values do not fit at the largest batches)."""
+    the fp32-table variant nor naive, whose dense keys and values do not fit at the largest
+    batches)."""
     st = make_state(b, n, hkv, d, r, bits, device, gen)
     q = torch.randn(b, hq, d, generator=gen).to(device)
     win_k = torch.randn(b, hkv, window, d, generator=gen).to(device, dtype)
@@ -270,7 +273,8 @@ LAYERS = 32
 
 
 def largest_batch(total: int, n: int, per_token_layer: int) -> int:
-    """Sequences of ``n`` tokens whose cache (all layers) fits beside the weights in ``total`` bytes."""
+    """Sequences of ``n`` tokens whose cache (all layers) fits beside the weights in ``total``
+    bytes."""
     return int((total - WEIGHTS) // (per_token_layer * LAYERS * n)) if total else 1
 
 
@@ -329,20 +333,21 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     commit = commit_id()
     print(
-        f"card {card}; commit {commit}; per layer per decode step; Hq {hq}, Hkv {hkv}, head_dim {d}, "
-        f"window {window}"
+        f"card {card}; commit {commit}; per layer per decode step; "
+        f"Hq {hq}, Hkv {hkv}, head_dim {d}, window {window}"
     )
     print(
-        f"{'bits':>4} {'context':>8} {'batch':>5} {'commvq ms':>10} {'graph ms':>9} {'fp32tab ms':>10} "
-        f"{'naive ms':>9} {'fused ms':>9} {'fp16 ms':>8} {'vs fp16':>8} {'vs naive':>9} {'vs fused':>9} "
-        f"{'commvq GB/s':>12} {'fp16 GB/s':>10}"
+        f"{'bits':>4} {'context':>8} {'batch':>5} {'commvq ms':>10} {'graph ms':>9} "
+        f"{'fp32tab ms':>10} {'naive ms':>9} {'fused ms':>9} {'fp16 ms':>8} {'vs fp16':>8} "
+        f"{'vs naive':>9} {'vs fused':>9} {'commvq GB/s':>12} {'fp16 GB/s':>10}"
     )
     for r_ in rows:
         print(
             f"{r_['bits']:>4} {r_['context']:>8} {r_['batch']:>5} {r_['commvq_ms']:>10.3f} "
             f"{r_['commvq_graph_ms']:>9.3f} "
-            f"{r_['commvq_fp32_tables_ms']:>10.3f} {r_['naive_ms']:>9.3f} {r_['naive_fused_ms']:>9.3f} "
-            f"{r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} {r_['speedup_vs_naive']:>9.1f} "
+            f"{r_['commvq_fp32_tables_ms']:>10.3f} {r_['naive_ms']:>9.3f} "
+            f"{r_['naive_fused_ms']:>9.3f} {r_['fp16_sdpa_ms']:>8.3f} {r_['ratio_vs_fp16']:>8.2f} "
+            f"{r_['speedup_vs_naive']:>9.1f} "
             f"{r_['speedup_vs_naive_fused']:>9.1f} "
             f"{r_['commvq_GBps']:>12.0f} {r_['fp16_GBps']:>10.0f}"
         )
@@ -350,11 +355,14 @@ def main() -> None:
         print("at each one's largest batch (whole model on this card): sequences per ms per layer")
         for r_ in rows:
             print(
-                f"{r_['bits']:>4} {r_['context']:>8}  CommVQ batch {r_['batch']}: {r_['seq_per_ms_commvq']:.2f}; "
-                f"FP16 batch {r_['fp16_max_batch']} ({r_['fp16_at_max_ms']:.3f} ms): {r_['seq_per_ms_fp16']:.2f}"
+                f"{r_['bits']:>4} {r_['context']:>8}  "
+                f"CommVQ batch {r_['batch']}: {r_['seq_per_ms_commvq']:.2f}; "
+                f"FP16 batch {r_['fp16_max_batch']} ({r_['fp16_at_max_ms']:.3f} ms): "
+                f"{r_['seq_per_ms_fp16']:.2f}"
             )
     print(
-        f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, commvq-1 {per_token[1]:.0f} "
+        f"bytes per token per layer: fp16 {fp16_token}, commvq-2 {per_token[2]:.0f}, "
+        f"commvq-1 {per_token[1]:.0f} "
         "(tokens that fit, every part counted: benchmarks/cache_memory.py)"
     )
     print(

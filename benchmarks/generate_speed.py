@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""End-to-end greedy generation speed: the default cache vs CommVQCache (2- and 1-bit keys and values,
-Triton kernels, decode steps as CUDA graphs; "eager": without the graphs) on a randomly initialized
-model of real shapes (weights need not be real for speed).
+"""End-to-end greedy generation speed: the default cache vs CommVQCache (2- and 1-bit keys and
+values, Triton kernels, decode steps as CUDA graphs; "eager": without the graphs) on a randomly
+initialized model of real shapes (weights need not be real for speed).
 
-    python benchmarks/generate_speed.py [--shape llama-3.1-8b] [--prompt 4096] [--new 64] [--repeats 3]
+    python benchmarks/generate_speed.py [--shape llama-3.1-8b] [--prompt 4096] [--new 64] \\
+        [--repeats 3]
 
 Prints a table and a last JSON line.
 """
@@ -134,8 +135,8 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     commit = commit_id()
     print(
-        f"card {card}; model random {args.shape}; prompt {args.prompt}; {args.new} new tokens, batch 1; "
-        f"median of {args.repeats} interleaved runs"
+        f"card {card}; model random {args.shape}; prompt {args.prompt}; "
+        f"{args.new} new tokens, batch 1; median of {args.repeats} interleaved runs"
     )
     print(f"{'cache':<16}{'prefill s':>10}{'decode tok/s':>14}{'range':>14}{'cache MiB':>11}")
     for name, r in rows.items():

@@ -1,4 +1,5 @@
-"""The README's quickstart runs as written in a new shell (the bash block, then the Python block)."""
+"""The README's quickstart runs as written in a new shell (the bash block, then the Python
+block)."""
 
 import re
 import shlex

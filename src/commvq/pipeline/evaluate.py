@@ -73,7 +73,8 @@ class EvalConfig:
         bad = [d for d in _floats(self.depths) if not 0 <= d <= 1]
         if bad or not _floats(self.depths):
             raise ValueError(
-                f"--depths {self.depths}: give fractions of the context between 0 and 1 (e.g. 0,0.5,1)"
+                f"--depths {self.depths}: "
+                "give fractions of the context between 0 and 1 (e.g. 0,0.5,1)"
             )
         if not _ints(self.lengths) or min(_ints(self.lengths)) < 1:
             raise ValueError(
@@ -163,10 +164,10 @@ def bytes_per_token(lm, method: meth.Method, window: int, sink: int = 0) -> dict
         from commvq.integrations.hf.quantized import quantized_part
 
         kbytes, vbytes, tokens = quantized_part(cache.layers[0])
-    else:  # every stored byte of a compressed token counts: codes and bits, and the per-token scalars
-        layer = cache.layers[
-            0
-        ]  # (key prescale and position, value factor), as KIVI's bits count its scales
+    else:
+        # every stored byte of a compressed token counts: codes and bits, and the per-token scalars
+        # (key prescale and position, value factor), as KIVI's bits count its scales
+        layer = cache.layers[0]
         kbytes, vbytes = (
             sum(t.numel() * t.element_size() for t in layer.store[part].values()) for part in "kv"
         )
@@ -275,7 +276,8 @@ def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: di
     cols = [c for c in cols if any(c[1] in r for r in results.values())]
     sink = f"; sink {cfg.sink} (CommVQ and KIVI caches)" if cfg.sink else ""
     lines = [
-        f"Model {model_name}; window {cfg.window}{sink}; perplexity over {cfg.ppl_docs} held-out speeches x "
+        f"Model {model_name}; window {cfg.window}{sink}; "
+        f"perplexity over {cfg.ppl_docs} held-out speeches x "
         f"{cfg.ppl_tokens} tokens fed {cfg.ppl_chunk} at a time (tokens after the first window); "
         f"retrieval at lengths {cfg.lengths}, depths {cfg.depths}.",
         "",

@@ -4,8 +4,8 @@ collect -> scale -> key codebooks (EM and E2E, 2 and 1 bit) -> value codecs (2 a
 held-out key errors (EM vs E2E) -> evaluation of every cache method side by side.
 The defaults are sized to finish in about 15 minutes on 2 CPU cores (8-bit codes, 4096 key vectors
 per layer, a few EM iterations, E2E by least-squares rounds from the EM codebooks); the paper's
-settings are one flag away (``--code_bits 12 --key_samples 1100000 --em_iters 100``). Re-running resumes:
-finished stages and layers are skipped.
+settings are one flag away (``--code_bits 12 --key_samples 1100000 --em_iters 100``). Re-running
+resumes: finished stages and layers are skipped.
 """
 
 from __future__ import annotations
