@@ -148,18 +148,28 @@ def naive(q, st, win_k, win_v, freqs, hkv, r, qbits, dtype):
     d = q.shape[-1]
     codes = unpack_codes(st["kcodes"], hkv * r, 12).reshape(b * n, hkv, r).permute(1, 0, 2)
     k = residual.decode(codes, st["thetas"]).permute(1, 0, 2).reshape(b, n, hkv, d)
+    k = scaled_rotated(k, st, freqs, dtype)
+    v = dense_values(st, st["codebook"].to(dtype), qbits, hkv, dtype)
+    kk, vv = torch.cat((k, win_k.to(dtype)), 2), torch.cat((v, win_v.to(dtype)), 2)
+    return F.scaled_dot_product_attention(q[:, :, None].to(dtype), kk, vv, enable_gqa=True)
+
+
+def scaled_rotated(k, st, freqs, dtype):
+    """Decoded keys ``[B, n, Hkv, D]`` times their prescale, rotated to their positions:
+    ``[B, Hkv, n, D]`` in ``dtype``."""
     k = k * st["prescale"].float()[..., None, None]
     ang = st["pos"].float()[..., None] * freqs
     cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
-    k = rope.apply_rope(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2).to(dtype)
-    groups = st["codebook"].shape[1] * qbits // 2
+    return rope.apply_rope(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2).to(dtype)
+
+
+def dense_values(st, codebook, qbits, hkv, dtype):
+    """Every value decoded from its packed bits: ``[B, Hkv, n, D]`` in ``dtype``."""
+    b, n = st["vcodes"].shape[:2]
+    groups = codebook.shape[1] * qbits // 2
     bits = bits_from_index(unpack_2bit(st["vcodes"], groups)).to(dtype)
-    v = (bits @ st["codebook"].to(dtype)) * (
-        st["factor"].to(dtype)[..., None] * st["scale"].to(dtype)
-    )
-    v = v.reshape(b, n, hkv, d).transpose(1, 2)
-    kk, vv = torch.cat((k, win_k.to(dtype)), 2), torch.cat((v, win_v.to(dtype)), 2)
-    return F.scaled_dot_product_attention(q[:, :, None].to(dtype), kk, vv, enable_gqa=True)
+    v = (bits @ codebook) * (st["factor"].to(dtype)[..., None] * st["scale"].to(dtype))
+    return v.reshape(b, n, hkv, -1).transpose(1, 2)
 
 
 def dense_kv(st, table16, cb16, win_k, win_v, freqs, hkv, r, qbits, dtype):
@@ -167,21 +177,15 @@ def dense_kv(st, table16, cb16, win_k, win_v, freqs, hkv, r, qbits, dtype):
     from half-precision tables, rotated and scaled, the window appended; meant for ``torch.compile``
     (one fused kernel for the keys, the value bits expanded into one matrix product)."""
     b, n = st["kcodes"].shape[:2]
-    e, d = table16.shape[2] // 2, table16.shape[-1]
+    e = table16.shape[2] // 2
     codes = unpack_codes(st["kcodes"], hkv * r, 12).reshape(b, n, hkv, r)
     heads = torch.arange(hkv, device=codes.device)[:, None]
     stages = torch.arange(r, device=codes.device)
     k = (
         table16[heads, stages, codes // e].float() + table16[heads, stages, e + codes % e].float()
     ).sum(-2)
-    k = k * st["prescale"].float()[..., None, None]
-    ang = st["pos"].float()[..., None] * freqs
-    cos, sin = torch.cat((ang.cos(), ang.cos()), -1), torch.cat((ang.sin(), ang.sin()), -1)
-    k = rope.apply_rope(k, cos[:, :, None], sin[:, :, None]).transpose(1, 2).to(dtype)
-    groups = cb16.shape[1] * qbits // 2
-    bits = bits_from_index(unpack_2bit(st["vcodes"], groups)).to(dtype)
-    v = (bits @ cb16) * (st["factor"].to(dtype)[..., None] * st["scale"].to(dtype))
-    v = v.reshape(b, n, hkv, d).transpose(1, 2)
+    k = scaled_rotated(k, st, freqs, dtype)
+    v = dense_values(st, cb16, qbits, hkv, dtype)
     return torch.cat((k, win_k.to(dtype)), 2), torch.cat((v, win_v.to(dtype)), 2)
 
 

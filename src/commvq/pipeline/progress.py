@@ -113,22 +113,12 @@ class LogBar:
         print(text, flush=True)  # stdout, as tqdm.write
 
 
-def bar(
-    iterable: Iterable | None = None,
-    *,
-    total: int | None = None,
-    desc: str = "",
-    unit: str = "it",
-    initial: int = 0,
-    leave: bool = True,
-    disable: bool | None = False,
-) -> Any:
-    """A tqdm bar on a terminal, a :class:`LogBar` elsewhere (``disable=None``: tqdm's "only on a
-    terminal" becomes "not disabled")."""
-    kw = dict(total=total, desc=desc, unit=unit, initial=initial, leave=leave)
+def bar(iterable: Iterable | None = None, **kw: Any) -> Any:
+    """A tqdm bar on a terminal, a :class:`LogBar` elsewhere; ``kw`` as :class:`LogBar` takes them
+    (``disable=None``, tqdm's "only on a terminal", becomes "not disabled")."""
     if on_terminal():
-        return tqdm(iterable, disable=disable, **kw)
-    return LogBar(iterable, disable=bool(disable), **kw)
+        return tqdm(iterable, **kw)
+    return LogBar(iterable, **{**kw, "disable": bool(kw.get("disable"))})
 
 
 def write(text: str) -> None:
