@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from commvq import io, rope
@@ -67,6 +68,21 @@ def test_compare_two_directories_on_held_out_keys(key_dir, tmp_path):
         assert 0 < row["r3"]["relative_logit_error"] < 1
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "relative_logit_error" in (out / "compare.md").read_text()
+    # a rerun with nothing changed scores nothing and keeps the report; a retrained folder reruns
+    cfg = CompareConfig(
+        dirs=[tmp_path / "r1", tmp_path / "r3"], key_dir=key_dir, output=out, device="cpu"
+    )
+    scored = []
+    real = compare.key_errors
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compare, "key_errors", lambda *a, **k: scored.append(1) or real(*a, **k))
+        before = (out / "compare.json").read_bytes()
+        compare.run(cfg)
+        assert not scored and (out / "compare.json").read_bytes() == before
+        meta = tmp_path / "r1" / "config.json"
+        meta.write_text(meta.read_text().replace('"samples"', '"samples" ', 1))
+        compare.run(cfg)
+        assert scored
 
 
 def test_layers_of_mixed_runs_are_scored_on_rows_they_never_saw(key_dir, tmp_path):

@@ -9,6 +9,8 @@ Writes ``compare.json``, ``compare.md`` and ``compare.png`` to ``--output``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +90,40 @@ def eval_range(store: KVStore, trained: int, want: int) -> tuple[int, int]:
     return max(0, store.num_tokens - want), store.num_tokens
 
 
+def fingerprint(cfg: CompareConfig) -> str:
+    """What decides a comparison: its settings, the codebook folders' files and the key store's
+    manifests (keys and queries)."""
+    from commvq.pipeline.eval_cache import folder_digest
+
+    dirs = store_dirs(cfg.key_dir)
+    manifests = [
+        (d / "manifest.json").read_text() if (d / "manifest.json").is_file() else None
+        for d in (dirs["key"], dirs["query"])
+    ]
+    key = {
+        "config": to_dict(cfg),
+        "codebooks": [folder_digest(d) for d in cfg.dirs],
+        "stores": manifests,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def kept_report(out: Path, fp: str) -> str | None:
+    """The report a previous run with the same fingerprint wrote, or None."""
+    try:
+        same = json.loads((out / "compare.json").read_text()).get("fingerprint") == fp
+        return (out / "compare.md").read_text() if same else None
+    except (OSError, ValueError):
+        return None
+
+
 def run(cfg: CompareConfig) -> Path:
+    fp = fingerprint(cfg)
+    kept = kept_report(cfg.output, fp)
+    if kept is not None:  # nothing that decides it changed: a rerun prints what it wrote
+        log.info("compare-codebooks: nothing changed since %s was written; kept", cfg.output)
+        print(kept, end="")
+        return cfg.output
     store = KVStore(cfg.key_dir)
     spec = ModelSpec.from_dict(store.settings["spec"])
     configs = []
@@ -133,6 +168,7 @@ def run(cfg: CompareConfig) -> Path:
             "key_dir": str(cfg.key_dir),
             "query_weighted": queries is not None,
             "beams": beams,
+            "fingerprint": fp,
         },
     )
 
