@@ -102,6 +102,9 @@ class TrainKeysConfig:
         choices=("mse", "attention"),
     )
     holdout: float = option(0.05, "E2E: fraction of the vectors held out to pick the best epoch")
+    layer_lines: bool = option(
+        True, "print each layer's lines (its epochs or rounds, its held-out error)"
+    )
     eval_samples: int = option(
         EVAL_SAMPLES,
         "rows after the training vectors on which config.json's key errors are measured",
@@ -408,7 +411,7 @@ def train_layer(
         encoder=encoder,
         beam=cfg.encode_beam,
     )
-    echo = progress.write
+    echo = progress.write if cfg.layer_lines else (lambda text: None)
     if cfg.method == "em":
         res = key_methods.run_em(job, cfg.max_iters, cfg.chunk)
     else:
@@ -495,7 +498,8 @@ def run(cfg: TrainKeysConfig) -> Path:
         metrics = train_layer(cfg, spec, layout, out, store, layer, samples, device)
         write_json(out / "metrics" / f"{layer:03d}.json", metrics)
         update_config(out, layout, cfg, spec, store, samples)
-        log.info(
+        log.log(
+            logging.INFO if cfg.layer_lines else logging.DEBUG,
             "layer %d: held-out relative key MSE %.5f (rows %d..%d, beam %d) in %.1f s",
             layer,
             metrics["relative_mse"],
