@@ -127,3 +127,17 @@ def test_split_gguf_assembly_checks_order_and_sha(tmp_path, monkeypatch):
     assert "qwen2.5-coder-1.5b" in loader.OPTIONAL_MODELS
     assert len(loader.OPTIONAL_MODELS["qwen2.5-coder-1.5b"].packages) == 22
     sys.modules.pop("fakepart1", None)
+
+
+def test_gguf_conversion_bar_is_off_in_a_log_file():
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    before = gguf_utils.tqdm
+    with loader.quiet_gguf_bar(quiet=True):
+        assert gguf_utils.tqdm([1, 2], file=None).disable  # the bar the conversion draws
+    assert gguf_utils.tqdm is before
+    with loader.quiet_gguf_bar(quiet=False):
+        assert gguf_utils.tqdm is before
+    with pytest.raises(RuntimeError), loader.quiet_gguf_bar(quiet=True):
+        raise RuntimeError("a failed conversion")
+    assert gguf_utils.tqdm is before

@@ -165,6 +165,27 @@ def gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{digest}"
 
 
+@contextlib.contextmanager
+def quiet_gguf_bar(quiet: bool | None = None):
+    """transformers' GGUF conversion draws its own tqdm bar (not switched off by its logging
+    utilities): off for the duration when ``quiet`` (default: stderr is not a terminal)."""
+    import functools
+    import sys
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    quiet = not sys.stderr.isatty() if quiet is None else quiet
+    before = getattr(gguf_utils, "tqdm", None)
+    if not quiet or before is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(before, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = before
+
+
 def gguf_to_safetensors(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors folder in the cache; return the folder."""
     out = gguf_cache_path(gguf)
@@ -175,12 +196,13 @@ def gguf_to_safetensors(gguf: Path) -> Path:
     log.info("dequantizing %s once into %s (later loads take about a second)", gguf.name, out)
     folder, name = str(gguf.parent), gguf.name
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            gguf_file=name,
-            dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True),
-        )
+        with quiet_gguf_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                gguf_file=name,
+                dtype=torch.float32,
+                quantization_config=GgufConfig(dequantize=True),
+            )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except (struct.error, EOFError) as e:  # the reader ran past the end of the file
         raise ValueError(
