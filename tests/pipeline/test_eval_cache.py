@@ -53,3 +53,18 @@ def test_kept_parts_round_trip_and_a_damaged_file_is_recomputed(tmp_path):
     )
     Path(eval_cache.cache_file(tmp_path, "kivi2")).write_text('{"ppl": {"finger')  # torn
     assert eval_cache.load(tmp_path, "kivi2") == {}
+
+
+def test_table_cells_name_the_dtype_and_count_the_probes():
+    from commvq.pipeline.evaluate import bytes_cell, hits_cell, method_label
+
+    cpu = {"bytes_per_token_layer": 1536.0, "fp16_bytes_per_token_layer": 768.0, "dtype": "float32"}
+    assert method_label("fp16", cpu) == "fp16 (ran in float32)"
+    assert bytes_cell(cpu) == "1536.0 (FP16: 768.0)"
+    half = {**cpu, "bytes_per_token_layer": 768.0, "dtype": "float16"}
+    assert method_label("fp16", half) == "fp16" and bytes_cell(half) == "768.0"
+    small = {**cpu, "bytes_per_token_layer": 104.0}  # a compressed method on the same CPU
+    assert method_label("commvq-e2e2", small) == "commvq-e2e2" and bytes_cell(small) == "104.0"
+    grid = {(512, 0.0): 1.0, (512, 0.5): 0.5, (1024, 0.0): 0.0}
+    assert hits_cell(0.5, grid, per_cell=2) == "50% (3/6)"
+    assert hits_cell(0.5, None, per_cell=2) == "50%"

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import logging
+import re
 
 import pytest
 
@@ -70,6 +71,13 @@ def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, c
     assert (w / "compare_keys" / "compare.md").is_file()
     out = capsys.readouterr().out
     assert "| commvq-em2 |" in out and "results" in out
+    # the uncompressed row ran in float32 on the CPU: it says so, with FP16's bytes beside its own;
+    # each retrieval rate shows its count of probes (2 lengths x 3 depths x 1)
+    assert (
+        f"| fp16 (ran in float32) | 32.00 | 32.00 | {8 * kv_dim:.1f} (FP16: {4 * kv_dim:.1f}) |"
+        in out
+    )
+    assert re.search(r"\| commvq-e2e1 \|.* \d+% \(\d/6\) \| \d+% \(\d/6\) \|", out)
     first = (w / "eval" / "compare.md").read_text()
     # a second run finds everything done, results included: not one forward pass of the model
     from transformers.models.llama import modeling_llama

@@ -19,6 +19,8 @@ from commvq import __version__
 from commvq.fsutil import write_json
 
 RETRIEVAL = ("lengths", "depths", "samples", "seed")
+# what a part's result holds; raised when a part gains a field, so older results are recomputed
+PART_FORMAT = {"bytes": 2, "ppl": 1, "passkey": 1, "needle": 1}
 PART_SETTINGS = {
     "bytes": (),
     "ppl": ("ppl_tokens", "ppl_docs", "ppl_chunk"),
@@ -50,6 +52,8 @@ def model_identity(model: str) -> Any:
 def fingerprint(common: dict, part: str, settings: dict) -> str:
     """The key of one part of one method's results."""
     key = {**common, "part": part, **{name: settings[name] for name in PART_SETTINGS[part]}}
+    if PART_FORMAT[part] > 1:
+        key["format"] = PART_FORMAT[part]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 

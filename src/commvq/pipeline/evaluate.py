@@ -177,6 +177,7 @@ def bytes_per_token(lm, method: meth.Method, window: int, sink: int = 0) -> dict
         "key_bits": 8 * kbytes / (tokens * kv_dim),
         "value_bits": 8 * vbytes / (tokens * kv_dim),
         "fp16_bytes_per_token_layer": 4.0 * kv_dim,
+        "dtype": str(lm.model.dtype).removeprefix("torch."),  # what the uncompressed rows hold
     }
 
 
@@ -261,6 +262,31 @@ def cell(fmt: str, value: float) -> str:
     return fmt.format(0.0) if text.startswith("-") and float(text.rstrip("%")) == 0 else text
 
 
+def method_label(name: str, result: dict) -> str:
+    """The table's name of a method: the uncompressed "fp16" row says the dtype that ran when it
+    is not float16 (float32 on a CPU, bfloat16 on a GPU)."""
+    dtype = result.get("dtype")
+    return f"{name} (ran in {dtype})" if name == "fp16" and dtype not in (None, "float16") else name
+
+
+def bytes_cell(result: dict) -> str:
+    """Bytes per token and layer; where they differ from FP16's (a row that ran in another
+    dtype), FP16's beside them."""
+    got, fp16 = result["bytes_per_token_layer"], result.get("fp16_bytes_per_token_layer")
+    text = f"{got:.1f}"
+    if result.get("dtype") not in (None, "float16") and fp16 is not None and got > fp16:
+        text += f" (FP16: {fp16:.1f})"
+    return text
+
+
+def hits_cell(rate: float, grid: dict | None, per_cell: int) -> str:
+    """A retrieval rate with its count of probes: ``67% (4/6)``."""
+    if not grid:
+        return f"{rate:.0%}"
+    total = len(grid) * per_cell
+    return f"{rate:.0%} ({round(rate * total)}/{total})"
+
+
 def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: dict) -> Path:
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)
@@ -284,10 +310,20 @@ def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: di
         "| method | " + " | ".join(c[0] for c in cols) + " |",
         "|---" * (len(cols) + 1) + "|",
     ]
+
+    def text(name: str, r: dict, key: str, fmt: str) -> str:
+        if key not in r:
+            return "-"
+        if key == "bytes_per_token_layer":
+            return bytes_cell(r)
+        if key in grids:
+            return hits_cell(r[key], grids[key].get(name), cfg.samples)
+        return cell(fmt, r[key])
+
     for name, r in results.items():
         lines.append(
-            f"| {name} | "
-            + " | ".join(cell(fmt, r[key]) if key in r else "-" for _, key, fmt in cols)
+            f"| {method_label(name, r)} | "
+            + " | ".join(text(name, r, key, fmt) for _, key, fmt in cols)
             + " |"
         )
     text = "\n".join(lines)
