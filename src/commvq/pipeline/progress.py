@@ -52,7 +52,9 @@ class LogBar:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
         self.total, self.n, self.initial = total, initial, initial
-        self.disable, self.every, self.clock = bool(disable), every, clock
+        # a nested bar (``leave=False``) is a terminal's detail: in a log file the outer bar's lines
+        # say how far the work is, so it prints nothing
+        self.disable, self.every, self.clock = bool(disable) or not leave, every, clock
         self.start = self.last = clock()
         self.postfix = ""
         self.closed = False
@@ -97,7 +99,7 @@ class LogBar:
             return
         self.closed = True
         spent = self.clock() - self.start
-        if not self.disable and (self.leave or spent >= self.every):
+        if not self.disable:
             tail = f", {self.postfix}" if self.postfix else ""
             log.info(
                 "%s: done, %s %s in %s%s",
