@@ -32,10 +32,10 @@ from commvq.quant.residual import normalize
 
 KNOBS = (
     "bt",
-    "warps_a",
-    "warps_b",
+    "warps_marginals",
+    "warps_counts",
     "unroll",
-    "tiles_per_prog_b",
+    "tiles_per_prog_counts",
     "streams",
     "block",
 )  # EStepTuning's sizes
@@ -125,7 +125,9 @@ def tune(x: torch.Tensor, s: torch.Tensor, base) -> tuple[dict, object]:
     theta = torch.randn(x.shape[0], 128, x.shape[2] // 2, device=x.device) * 0.05
     results = []
     for bt, warps, unroll in itertools.product((32,), (4, 8), (1, 4)):
-        tuning = dataclasses.replace(base, bt=bt, warps_a=warps, warps_b=warps, unroll=unroll)
+        tuning = dataclasses.replace(
+            base, bt=bt, warps_marginals=warps, warps_counts=warps, unroll=unroll
+        )
         e_step_triton(x, s, theta, 1e-3, prune=False, tuning=tuning)  # compile
         torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -34,9 +34,10 @@ def _centers(device, cases):
         cache = {}  # as EM's stages pass it: the halves of x made once, kept for the E-steps
         kept = e_step_centers_triton(x, s, centers, tau, chunk=chunk, cache=cache)
         if split16.supported(x.device):
-            assert cache["x3"].shape == (h, n, 3 * d)
+            assert cache["x_split"].shape == (h, n, 3 * d)
+            assert cache["x_unscale"].shape == (h, n)
         else:  # no float16 products with a float32 output: float32 products, nothing to keep
-            assert "x3" not in cache
+            assert "x_split" not in cache and "x_unscale" not in cache
         for name in ("count", "sum_a", "sum_b", "sum_xx", "hard_sqerr", "hard"):
             assert torch.equal(getattr(kept, name), getattr(b, name)), name
 

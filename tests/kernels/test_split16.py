@@ -29,15 +29,16 @@ def _relative_errors(got, a, b):
 
 def test_halves_keep_22_bits_per_row():
     a, _ = _operands("cpu")
-    a3, unscale = split16.split_rows(a, rows_per_pass=333)  # passes that cut heads apart
+    a_split, a_unscale = split16.split_rows(a, rows_per_pass=333)  # passes that cut heads apart
     k = a.shape[-1]
-    assert a3.dtype == torch.float16 and a3.shape == (3, 500, 3 * k)
-    assert torch.equal(a3[..., k : 2 * k], a3[..., 2 * k :])  # [lo | hi | hi]
-    back = (a3[..., :k].double() + a3[..., k : 2 * k].double()) * unscale.double()[..., None]
+    assert a_split.dtype == torch.float16 and a_split.shape == (3, 500, 3 * k)
+    assert torch.equal(a_split[..., k : 2 * k], a_split[..., 2 * k :])  # [lo | hi | hi]
+    lo, hi = a_split[..., :k].double(), a_split[..., k : 2 * k].double()
+    back = (lo + hi) * a_unscale.double()[..., None]
     top = a.double().abs().amax(-1, keepdim=True)
     assert float(((back - a.double()).abs() / top.clamp_min(1e-300)).max()) < 2.0**-21
     assert torch.equal(
-        torch.log2(unscale), torch.log2(unscale).round()
+        torch.log2(a_unscale), torch.log2(a_unscale).round()
     )  # powers of two: exact unscaling
     assert float(back[0, 7].abs().max()) == 0.0
 

@@ -2,12 +2,13 @@
 :func:`commvq.quant.beam.beam_encode` (same candidates, same selection).
 
 A program holds ``BT`` tokens x ``B`` kept sequences of one head as ``BT*B`` rows of residuals on
-chip. Per stage: ``uv = res @ W`` (fp32), per row and second index ``b`` the two best first
-indices ``a`` (the greedy kernel's column minima, and the runners-up), then per token the ``B``
-best extensions among the ``B*2E`` candidates, slot 0 being slot 0's nearest (the greedy path).
-Parents' residuals and column arg-minima are re-read through a per-program scratch area. The kernel
-writes each stage's codes and parent slots; the chosen sequence is traced back on the host side in
-torch.
+chip. Per stage: ``proj = res @ W`` (fp32; the projections of the residuals on the columns of
+``W``, the separable distance terms ``U_A`` then ``V_B``), per row and second index ``b`` the two
+best first indices ``a`` (the greedy kernel's column minima, and the runners-up), then per token
+the ``B`` best extensions among the ``B*2E`` candidates, slot 0 being slot 0's nearest (the greedy
+path). Parents' residuals and column arg-minima are re-read through a per-program scratch area. The
+kernel writes each stage's codes and parent slots; the chosen sequence is traced back on the host
+side in torch.
 Programs loop over blocks of tokens, so scratch memory does not grow with the number of tokens.
 """
 
@@ -56,10 +57,9 @@ def _beam_kernel(
     c2 = tl.arange(0, 2 * E)
     col = tl.arange(0, B * C)
     tok = tl.arange(0, BT)
-    uv_s = scr_ptr + (h * NPROG + pid) * (
-        ROWS * (2 * E + D)
-    )  # this program's scratch: uv, residuals
-    res_s = uv_s + ROWS * 2 * E
+    # this program's scratch: projections, residuals
+    proj_s = scr_ptr + (h * NPROG + pid) * (ROWS * (2 * E + D))
+    res_s = proj_s + ROWS * 2 * E
     am_s = iscr_ptr + (h * NPROG + pid) * (
         ROWS * C + ROWS
     )  # candidates' first indices, picks (int32)
@@ -74,19 +74,19 @@ def _beam_kernel(
         for r in range(R):
             hr = h * R + r
             w = tl.load(w_ptr + (hr * D + dcol[:, None]) * (2 * E) + c2[None, :])  # [D, 2E]
-            uv = tl.dot(res, w, input_precision="ieee")  # [ROWS, 2E]
-            tl.store(uv_s + row[:, None] * (2 * E) + c2[None, :], uv)
+            proj = tl.dot(res, w, input_precision="ieee")  # [ROWS, 2E]
+            tl.store(proj_s + row[:, None] * (2 * E) + c2[None, :], proj)
             tl.store(res_s + row[:, None] * D + dcol[None, :], res)
             tl.debug_barrier()
             vb = tl.load(n_ptr + hr * E + b)[None, :] - 2.0 * tl.load(
-                uv_s + row[:, None] * (2 * E) + E + b[None, :]
+                proj_s + row[:, None] * (2 * E) + E + b[None, :]
             )
             m1 = tl.full([ROWS, E], float("inf"), tl.float32)
             m2 = tl.full([ROWS, E], float("inf"), tl.float32)
             a1 = tl.zeros([ROWS, E], tl.int32)
             a2 = tl.zeros([ROWS, E], tl.int32)
             for a in tl.range(0, E, loop_unroll_factor=UNROLL):
-                ua = tl.load(n_ptr + hr * E + a) - 2.0 * tl.load(uv_s + row * (2 * E) + a)
+                ua = tl.load(n_ptr + hr * E + a) - 2.0 * tl.load(proj_s + row * (2 * E) + a)
                 d2 = ua[:, None] + vb + tl.load(g_ptr + (hr * E + a) * E + b)[None, :]
                 first = d2 < m1
                 second = d2 < m2

@@ -1,16 +1,18 @@
 """Decode attention over a CommVQ-compressed cache (Triton), for one new query token per sequence.
 
-Keys (default ``regdecode16``): :func:`_scores_regdecode_kernel` reads each token's packed codes
+Keys, style ``regdecode16`` (the default; "register decode, fp16": each key is decoded in
+registers from an fp16 codebook): :func:`_scores_regdecode_kernel` reads each token's packed codes
 and, per KV head, sums in fp32 registers the stage codewords ``a_A + i a_B`` its codes select from
 the layer's codebook ``a [E, D]`` (fp16, laid out once per codebook by :func:`prepare_tables`),
 rotates each pair once by the token's angle, scales by its prescale and dots the result with the
-``g`` query heads of that KV head: the key never reaches memory. ``trick``: :func:`_scores_kernel`,
-the commutative trick with per-step tables ``u[h, r, e] = q_j . M(a_{h,r,e})`` per query head (the
-same scores, gathering g times more; about 90x slower on an H100, kept as a cross-check). Values:
-:func:`_values_kernel` accumulates ``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with
-tensor-core dot products, split over tokens; the codebook product ``@ E`` happens once per step. The
-softmax runs over the compressed scores and the full-precision window together. References:
-:mod:`commvq.kernels.reference`; timings: ``docs/benchmarks.md``.
+``g`` query heads of that KV head: the key never reaches memory (``regdecode``: the same from the
+fp32 codebook). ``trick``: :func:`_scores_kernel`, the commutative trick with per-step tables
+``u[h, r, e] = q_j . M(a_{h,r,e})`` per query head (the same scores, gathering g times more; about
+90x slower on an H100, kept as a cross-check). Values: :func:`_values_kernel` accumulates
+``sum_n p_n f_n bits_n`` from the packed 2-bit patterns with tensor-core dot products, split over
+tokens; the codebook product ``@ E`` happens once per step. The softmax runs over the compressed
+scores and the full-precision window together. References: :mod:`commvq.kernels.reference`;
+timings: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -249,14 +251,18 @@ def trick_tables(
     return u.reshape(b, hkv, r, e2 // 2, gp * d).contiguous()
 
 
+# the scores styles (values of the ``style`` arguments here and of ``CommVQKeys(kernel_style=)``):
+# "regdecode16": keys decoded in registers from the fp16 codebook (the default), "regdecode": the
+# same from the fp32 codebook, "trick": the commutative trick with per-query tables (a check)
 STYLES = ("regdecode16", "regdecode", "trick")
 BLOCKS = {"regdecode16": 64, "regdecode": 64, "trick": 32}  # tokens per program, fastest on an H100
 
 
 def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]:
     """The per-layer tables a scores ``style`` reads (build once per codebook, reuse every step):
-    ``regdecode``: the codebook ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``) in fp32;
-    ``regdecode16``: the same in fp16; ``trick``: none (its tables depend on the query)."""
+    ``regdecode`` (keys decoded in registers from the codebook): the codebook
+    ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``) in fp32; ``regdecode16`` (the default): the same in
+    fp16; ``trick``: none (its tables depend on the query)."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
     if style == "trick":
@@ -281,11 +287,11 @@ def commvq_scores_triton(
     num_warps: int = 4,
 ) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
-    against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` (each token's key
-    assembled in registers from the fp16 codebook, stage codewords summed in fp32), ``regdecode``
-    (the same from the fp32 codebook) or ``trick`` (per-query tables, the commutative trick; slow,
-    kept as a check). ``tables``: :func:`prepare_tables` of ``thetas`` for this style, if already
-    built."""
+    against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` ("register decode,
+    fp16": each token's key assembled in registers from the fp16 codebook, stage codewords summed
+    in fp32; the default), ``regdecode`` (the same from the fp32 codebook) or ``trick`` (per-query
+    tables, the commutative trick; slow, kept as a check). ``tables``: :func:`prepare_tables` of
+    ``thetas`` for this style, if already built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:

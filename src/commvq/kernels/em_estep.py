@@ -2,18 +2,20 @@
 reaches memory, and table rows whose weights all underflow are skipped.
 
 Work goes in contiguous blocks of vectors (whole heads, or a token range of one head), alternating
-between CUDA streams (``EStepTuning.streams``). Per block, ``uv = x @ W`` gives the separable
-distance terms: one float16 tensor-core product of split halves (:mod:`commvq.kernels.split16`,
-float32-accurate; the halves of ``x`` made once per EM stage), unscaled by the kernel that reads it.
-Tokens are taken in tiles of ``EStepTuning.bt``, sorted by a hint (the previous iteration's hard
-codes) so that a tile holds tokens of the same or nearby cells. Kernel A keeps the tile's terms
-transposed in a scratch and walks its ``E x E`` distance tables twice: column by column,
-elementwise, for the row minima (hence the hard code, ``d_min`` and which rows ``A`` the tile
-needs), then over the needed rows for the weights ``exp((d_min - d) / tau)``, their sum ``Z`` and
-the two marginals (left divided by ``Z``: the marginal sums ``S_A``, ``S_B`` are split-K matmuls
-with the block, on TF32 tensor cores). Kernel B visits, per row ``A``, only the tiles that need it
-(it lists them from their flags) and accumulates the soft counts ``N_AB`` into per-program partials
-over fixed tile ranges, summed afterwards in a fixed order (deterministic). A row is skipped when,
+between CUDA streams (``EStepTuning.streams``). Per block, ``proj = x @ W``, the projections of
+the vectors on the columns of ``W`` (the separable distance terms ``U_A`` then ``V_B``), is one
+float16 tensor-core product of split halves (:mod:`commvq.kernels.split16`, float32-accurate; the
+halves of ``x`` made once per EM stage), unscaled by the kernel that reads it. Tokens are taken in
+tiles of ``EStepTuning.bt``, sorted by a hint (the previous iteration's hard codes) so that a tile
+holds tokens of the same or nearby cells. The marginals pass (:func:`_marginals_pass`) keeps the
+tile's terms transposed in a scratch and walks its ``E x E`` distance tables twice: the row-minima
+walk, column by column, elementwise, for the row minima (hence the hard code, ``d_min`` and which
+rows ``A`` the tile needs), then the weights walk, over the needed rows, for the weights
+``exp((d_min - d) / tau)``, their sum ``Z`` and the two marginals (left divided by ``Z``: the
+marginal sums ``S_A``, ``S_B`` are split-K matmuls with the block, on TF32 tensor cores). The counts
+pass (:func:`_counts_pass`) visits, per row ``A``, only the tiles that need it (it lists them from
+their flags) and accumulates the soft counts ``N_AB`` into per-program partials over fixed tile
+ranges, summed afterwards in a fixed order (deterministic). A row is skipped when,
 for every token of the tile, its nearest codeword in that row is farther than
 ``d_min + PRUNE_CUT * tau``: all its weights are below ``exp(-PRUNE_CUT)``, zero in float32 (or, at
 the last stages' tiny temperatures, a value that float32 rounding of the distance can lift to about
@@ -40,10 +42,10 @@ PRUNE_CUT = 110.0  # in units of tau; exp(-110) = 1.7e-48 is below float32's sma
 
 
 @triton.jit
-def _pass_a(
-    uv_ptr,
-    xr_ptr,
-    wc_ptr,
+def _marginals_pass(
+    proj_ptr,
+    x_unscale_ptr,
+    w_unscale_ptr,
     xx_ptr,
     s_ptr,
     n_ptr,
@@ -67,10 +69,11 @@ def _pass_a(
     ``Z``, which rows ``A`` the tile needs (``flag``) and the tile's hard error ``sum (s d_min)^2``;
     rows no token needs are skipped.
 
-    ``uv`` is the product of the split halves (:mod:`commvq.kernels.split16`), unscaled here by
-    ``xr`` (per token) and ``wc`` (per column). The tile's ``uv`` goes to a scratch transposed
-    (``[2E, BT]``), so that a column of the table is one coalesced load; it stays there for pass B
-    with the tile's ``|x|^2``, ``d_min`` and ``1/Z`` (``tok [3, BT]``), in tile order."""
+    ``proj`` (``x @ W``) is the product of the split halves (:mod:`commvq.kernels.split16`),
+    unscaled here by ``x_unscale`` (per token) and ``w_unscale`` (per column). The tile's terms go
+    to a scratch transposed (``[2E, BT]``), so that a column of the table is one coalesced load;
+    they stay there for the counts pass with the tile's ``|x|^2``, ``d_min`` and ``1/Z``
+    (``tok [3, BT]``), in tile order."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     e = tl.arange(0, E)
@@ -78,30 +81,30 @@ def _pass_a(
     i = tile * BT + bt
     imask = i < T
     t = tl.load(order_ptr + h * T + i, mask=imask, other=0)
-    uv_t = uv_ptr + (h * T + t) * (2 * E)
+    proj_t = proj_ptr + (h * T + t) * (2 * E)
     slot = h * tl.num_programs(0) + tile
     scr = scr_ptr + slot * (2 * E * BT)  # [2E, BT]: u then v, column-major for the tile
     tok = tok_ptr + slot * (3 * BT)
     xx = tl.load(xx_ptr + h * T + t, mask=imask, other=0.0)
     ne = tl.load(n_ptr + h * E + e)
-    xr = tl.load(xr_ptr + h * T + t, mask=imask, other=0.0)[:, None]
-    wc = wc_ptr + h * 2 * E + e
+    x_unscale = tl.load(x_unscale_ptr + h * T + t, mask=imask, other=0.0)[:, None]
+    w_unscale_h = w_unscale_ptr + h * 2 * E + e
     u = (
-        tl.load(uv_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
-        * xr
-        * tl.load(wc)[None, :]
+        tl.load(proj_t[:, None] + e[None, :], mask=imask[:, None], other=0.0)
+        * x_unscale
+        * tl.load(w_unscale_h)[None, :]
     )
     v = (
-        tl.load(uv_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
-        * xr
-        * tl.load(wc + E)[None, :]
+        tl.load(proj_t[:, None] + E + e[None, :], mask=imask[:, None], other=0.0)
+        * x_unscale
+        * tl.load(w_unscale_h + E)[None, :]
     )
     tl.store(scr + e[None, :] * BT + bt[:, None], u)
     tl.store(scr + (E + e[None, :]) * BT + bt[:, None], v)
     tl.debug_barrier()
-    # walk 1, column by column (B), elementwise over A: the row minima (one min per table entry; the
-    # form (u_A + v_B) + G_AB measured faster on the H100 than u_A + min_B (v_B + G_AB), one add
-    # less)
+    # the row-minima walk, column by column (B), elementwise over A: the row minima (one min per
+    # table entry; the form (u_A + v_B) + G_AB measured faster on the H100 than
+    # u_A + min_B (v_B + G_AB), one add less)
     ua = xx[:, None] + ne[None, :] - 2.0 * u
     m = tl.full([BT, E], float("inf"), tl.float32)
     for b in tl.range(
@@ -124,7 +127,7 @@ def _pass_a(
     need = tl.max(((m <= (lim * lim)[:, None]) & imask[:, None]).to(tl.int32), axis=0)  # [E] rows
     tl.store(flag_ptr + slot * E + e, need.to(tl.int8))
     tl.debug_barrier()
-    # walk 2, row by row (A), elementwise over B, over the rows the tile needs
+    # the weights walk, row by row (A), elementwise over B, over the rows the tile needs
     gb = tl.zeros([BT, E], tl.float32)
     wa = tl.zeros([BT, E], tl.float32)
     for a in range(E):
@@ -147,7 +150,7 @@ def _pass_a(
 
 
 @triton.jit
-def _pass_b(
+def _counts_pass(
     n_ptr,
     g_ptr,
     scr_ptr,
@@ -163,7 +166,7 @@ def _pass_b(
 ):
     """Soft counts of one row ``A`` over the tiles of the ``r``-th range of ``RANGE`` tiles that
     need it (their flags, compacted in order into the program's ``list``): acc[t, B] += w / Z, from
-    the tiles' scratch that pass A left."""
+    the tiles' scratch that the marginals pass left."""
     a = tl.program_id(0)
     r = tl.program_id(1)
     h = tl.program_id(2)
@@ -201,10 +204,11 @@ class EStepTuning:
     globally."""
 
     bt: int = 32  # tokens per tile
-    warps_a: int = 4  # pass A (60.1 s per layer with 4, 61.8 with 8)
-    warps_b: int = 8
-    unroll: int = 4  # columns per step of pass A's row walk
-    tiles_per_prog_b: int = 128  # pass B: the range of tiles of a program (one row A each)
+    warps_marginals: int = 4  # the marginals pass (60.1 s per layer with 4, 61.8 with 8)
+    warps_counts: int = 8  # the counts pass
+    unroll: int = 4  # columns per step of the marginals pass's row-minima walk
+    # the counts pass: the range of tiles of a program (one row A each)
+    tiles_per_prog_counts: int = 128
     streams: int = 2  # CUDA streams blocks alternate between (3-6% faster per E-step than one)
     split_k: int = (
         4096  # tokens per partial product in the marginal sums (parallel, fixed-order reduction)
@@ -244,15 +248,16 @@ def _distance_terms(
     xc: torch.Tensor, w: torch.Tensor, split: tuple | None
 ) -> tuple[torch.Tensor, ...]:
     """``x @ W`` for the block, still scaled, with its unscaling per token and per column: through
-    the split halves ``split = (x3, xr, w3, wc)`` when given, else in float32 (unit scales)."""
+    the split halves ``split = (x_split, x_unscale, w_split, w_unscale)`` when given, else in
+    float32 (unit scales)."""
     if split is None:
         return (
             torch.bmm(xc, w),
             torch.ones(xc.shape[:2], device=xc.device),
             torch.ones(w.shape[0], w.shape[-1], device=w.device),
         )
-    x3, xr, w3, wc = split
-    return split16.product(x3, w3), xr.contiguous(), wc.contiguous()
+    x_split, x_unscale, w_split, w_unscale = split
+    return split16.product(x_split, w_split), x_unscale.contiguous(), w_unscale.contiguous()
 
 
 def _block_stats(
@@ -275,7 +280,7 @@ def _block_stats(
     h, t, d = xc.shape
     e = n.shape[-1]
     f32 = dict(device=xc.device, dtype=torch.float32)
-    uv, xr, wc = _distance_terms(xc, w, split)  # [h, t, 2E], [h, t], [h, 2E]
+    proj, x_unscale, w_unscale = _distance_terms(xc, w, split)  # [h, t, 2E], [h, t], [h, 2E]
     if hint is None:
         order = torch.arange(t, device=xc.device, dtype=torch.int32).expand(h, t).contiguous()
     else:  # codes below 2^15 sort as int16: a two-pass radix sort
@@ -293,10 +298,10 @@ def _block_stats(
     cut = PRUNE_CUT * tau if prune else float("inf")
     c = math.log2(math.e) / tau
     gt = g.transpose(-1, -2).contiguous()
-    _pass_a[(n_tiles, h)](
-        uv,
-        xr,
-        wc,
+    _marginals_pass[(n_tiles, h)](
+        proj,
+        x_unscale,
+        w_unscale,
         xx,
         sc.float().contiguous(),
         n,
@@ -315,15 +320,16 @@ def _block_stats(
         E=e,
         BT=bt,
         UNROLL=tuning.unroll,
-        num_warps=tuning.warps_a,
+        num_warps=tuning.warps_marginals,
     )
-    # pass B visits only the needed (row, tile) pairs: a program takes one row within a fixed range
-    # of tiles, lists the tiles that need it from their flags, in order (the same sums as walking
-    # all)
-    n_prog = triton.cdiv(n_tiles, tuning.tiles_per_prog_b)
-    lists = torch.empty(h, e, n_prog, tuning.tiles_per_prog_b, device=xc.device, dtype=torch.int32)
+    # the counts pass visits only the needed (row, tile) pairs: a program takes one row within a
+    # fixed range of tiles, lists the tiles that need it from their flags, in order (the same sums
+    # as walking all)
+    per_prog = tuning.tiles_per_prog_counts
+    n_prog = triton.cdiv(n_tiles, per_prog)
+    lists = torch.empty(h, e, n_prog, per_prog, device=xc.device, dtype=torch.int32)
     cnt = torch.empty(h, n_prog, e, e, **f32)
-    _pass_b[(e, n_prog, h)](
+    _counts_pass[(e, n_prog, h)](
         n,
         g,
         scratch,
@@ -335,8 +341,8 @@ def _block_stats(
         c,
         E=e,
         BT=bt,
-        RANGE=tuning.tiles_per_prog_b,
-        num_warps=tuning.warps_b,
+        RANGE=per_prog,
+        num_warps=tuning.warps_counts,
     )
     stats.count += cnt.sum(1, dtype=torch.float64)
     sums = _sum_products(marg, xc, tuning.split_k)  # the marginals are already divided by Z
@@ -371,14 +377,15 @@ def _streams(device: torch.device, count: int) -> list:
 
 def stage_cache(x: torch.Tensor, cache: dict | None, split: bool = True) -> dict:
     """What the E-steps of one stage share for vectors ``x [H, N, D]`` that stay fixed: ``|x|^2``
-    and, with ``split`` (where torch supports it), the split halves of ``x`` and their unscaling
-    (``x3 [H, N, 3D]`` float16: 1.5x the bytes of ``x``). Filled into ``cache`` on first use when
-    one is given."""
+    (``"xx"``) and, with ``split`` (where torch supports it), the split halves of ``x`` and their
+    unscaling (``"x_split" [H, N, 3D]`` float16: 1.5x the bytes of ``x``; ``"x_unscale" [H, N]``,
+    see :func:`commvq.kernels.split16.split_rows`). Filled into ``cache`` on first use when one is
+    given."""
     cache = {} if cache is None else cache
     if "xx" not in cache:
         cache["xx"] = torch.linalg.vector_norm(x, dim=-1).square_()
-    if split and "x3" not in cache and split16.supported(x.device):
-        cache["x3"], cache["xr"] = split16.split_rows(x)
+    if split and "x_split" not in cache and split16.supported(x.device):
+        cache["x_split"], cache["x_unscale"] = split16.split_rows(x)
     return cache
 
 
@@ -412,8 +419,10 @@ def e_step_triton(
     stats = empty_stats(h, n.shape[-1], d, x.device)
     hard = torch.empty(h, big_n, device=x.device, dtype=torch.int32)
     cache = stage_cache(x, cache, tuning.split)
-    xx, x3, xr = cache["xx"], cache.get("x3") if tuning.split else None, cache.get("xr")
-    w3, wc = split16.split_cols(w) if x3 is not None else (None, None)
+    xx = cache["xx"]
+    x_split = cache.get("x_split") if tuning.split else None
+    x_unscale = cache.get("x_unscale")
+    w_split, w_unscale = split16.split_cols(w) if x_split is not None else (None, None)
     needed, total = [], 0
     # blocks alternate between streams: one block's matmuls can overlap another's kernels
     streams = _streams(x.device, tuning.streams) if x.is_cuda else [None]
@@ -429,7 +438,11 @@ def e_step_triton(
                 )
             )
             part_hint = None if hint is None else hint[hs, ts]
-            split = None if x3 is None else (x3[hs, ts], xr[hs, ts], w3[hs], wc[hs])
+            split = (
+                None
+                if x_split is None
+                else (x_split[hs, ts], x_unscale[hs, ts], w_split[hs], w_unscale[hs])
+            )
             hard[hs, ts], rows = _block_stats(
                 x[hs, ts],
                 split,

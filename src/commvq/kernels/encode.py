@@ -1,9 +1,10 @@
 """Greedy residual encoding of all stages in one Triton launch; the reference is
 :func:`commvq.quant.residual.encode`.
 
-Per block of tokens of one head the residual stays on chip: for each stage, ``uv = res @ W``
-(fp32), the exact argmin over the ``E x E`` separable distance table, then the chosen codeword
-(two rows of the decode table) is subtracted.
+Per block of tokens of one head the residual stays on chip: for each stage, ``proj = res @ W``
+(fp32; the projections of the residual on the columns of ``W``, the separable distance terms
+``U_A`` then ``V_B``), the exact argmin over the ``E x E`` separable distance table, then the
+chosen codeword (two rows of the decode table) is subtracted.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _encode_kernel(
     n_ptr,
     g_ptr,
     m_ptr,
-    uv_ptr,
+    proj_ptr,
     codes_ptr,
     res_ptr,
     T,
@@ -44,12 +45,12 @@ def _encode_kernel(
     b = tl.arange(0, E)
     c2 = tl.arange(0, 2 * E)
     res = tl.load(x_ptr + (h * T + t[:, None]) * D + dcol[None, :], mask=tmask[:, None], other=0.0)
-    scratch = uv_ptr + ((h * tl.num_programs(0) + pid) * BT + tl.arange(0, BT)) * (2 * E)
+    scratch = proj_ptr + ((h * tl.num_programs(0) + pid) * BT + tl.arange(0, BT)) * (2 * E)
     for r in range(R):
         hr = h * R + r
         w = tl.load(w_ptr + (hr * D + dcol[:, None]) * (2 * E) + c2[None, :])  # [D, 2E]
-        uv = tl.dot(res, w, input_precision="ieee")  # [BT, 2E]
-        tl.store(scratch[:, None] + c2[None, :], uv)
+        proj = tl.dot(res, w, input_precision="ieee")  # [BT, 2E]
+        tl.store(scratch[:, None] + c2[None, :], proj)
         tl.debug_barrier()
         vb = tl.load(n_ptr + hr * E + b)[None, :] - 2.0 * tl.load(scratch[:, None] + E + b[None, :])
         m = tl.full([BT, E], float("inf"), tl.float32)
@@ -121,7 +122,7 @@ def _launch(
     xs = x.detach().float().contiguous()
     bt = tuning.bt
     blocks = triton.cdiv(t, bt)
-    uv = torch.empty(h * blocks * bt, 2 * e, device=x.device, dtype=torch.float32)
+    proj = torch.empty(h * blocks * bt, 2 * e, device=x.device, dtype=torch.float32)
     codes = torch.empty(h, t, r, device=x.device, dtype=torch.int32)
     res = torch.empty(h, r if residuals else 1, t, d, device=x.device, dtype=torch.float32)
     _encode_kernel[(blocks, h)](
@@ -130,7 +131,7 @@ def _launch(
         n,
         g,
         table,
-        uv,
+        proj,
         codes,
         res,
         t,

@@ -14,19 +14,29 @@ from commvq.quant.commutative import search_tables
 
 @triton.jit
 def _nearest_kernel(
-    uv_ptr, n_ptr, g_ptr, out_ptr, T, stride_uv_h, stride_uv_t, E: tl.constexpr, BT: tl.constexpr
+    proj_ptr,
+    n_ptr,
+    g_ptr,
+    out_ptr,
+    T,
+    stride_proj_h,
+    stride_proj_t,
+    E: tl.constexpr,
+    BT: tl.constexpr,
 ):
+    """Nearest codes of ``BT`` tokens of head ``h`` from ``proj = x @ W`` (the projections on the
+    columns of ``W``: the separable distance terms ``U_A`` then ``V_B``)."""
     h = tl.program_id(1)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     tmask = t < T
     b = tl.arange(0, E)
-    uv_h = uv_ptr + h * stride_uv_h + t * stride_uv_t
-    v = tl.load(uv_h[:, None] + E + b[None, :], mask=tmask[:, None], other=0.0)
+    proj_h = proj_ptr + h * stride_proj_h + t * stride_proj_t
+    v = tl.load(proj_h[:, None] + E + b[None, :], mask=tmask[:, None], other=0.0)
     vb = tl.load(n_ptr + h * E + b)[None, :] - 2.0 * v
     m = tl.full([BT, E], float("inf"), tl.float32)
     am = tl.zeros([BT, E], tl.int32)
     for a in range(E):
-        ua = tl.load(n_ptr + h * E + a) - 2.0 * tl.load(uv_h + a, mask=tmask, other=0.0)
+        ua = tl.load(n_ptr + h * E + a) - 2.0 * tl.load(proj_h + a, mask=tmask, other=0.0)
         d2 = ua[:, None] + vb + tl.load(g_ptr + (h * E + a) * E + b)[None, :]
         better = d2 < m
         m = tl.where(better, d2, m)
@@ -48,12 +58,12 @@ def nearest_triton(x: torch.Tensor, theta: torch.Tensor, chunk: int = 0) -> torc
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("nearest_triton needs CUDA tensors")
     w, n, g = (t.float().contiguous() for t in search_tables(theta.float()))
-    uv = torch.bmm(x.float(), w)
+    proj = torch.bmm(x.float(), w)
     h, t = x.shape[0], x.shape[1]
     out = torch.empty(h, t, dtype=torch.int32, device=x.device)
     e = n.shape[-1]
     bt, warps = _block(t, h)
     _nearest_kernel[(triton.cdiv(t, bt), h)](
-        uv, n, g, out, t, uv.stride(0), uv.stride(1), E=e, BT=bt, num_warps=warps
+        proj, n, g, out, t, proj.stride(0), proj.stride(1), E=e, BT=bt, num_warps=warps
     )
     return out.long()

@@ -14,6 +14,10 @@ on the CUDA cores, 1.7e-8; small terms first: 9e-9, as with the three products a
 EM's vectors are fixed for a whole stage (100 E-steps), so their split is made once and the
 per-iteration product ``x @ W`` reads 1.5x the bytes of ``x`` on tensor cores instead of running
 float32 on the CUDA cores (``benchmarks/em_layer.py``).
+
+Names: ``v_split`` is the float16 split of ``v`` (:func:`split_rows`: ``[v_lo | v_hi | v_hi]``;
+:func:`split_cols`: ``[v_hi; v_lo; v_hi]``) and ``v_unscale`` its unscaling (per row or per column,
+powers of two: ``v ~ (v_hi + v_lo) * v_unscale``).
 """
 
 from __future__ import annotations
@@ -82,20 +86,21 @@ def supported(device: torch.device) -> bool:
         return False
 
 
-def product(a3: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
-    """``a3 @ b3`` of split halves, float32 accumulation and output, still scaled (batched
-    ``[B, M, 3K]`` by ``[B, 3K, N]``)."""
-    if a3.is_cuda:
+def product(a_split: torch.Tensor, b_split: torch.Tensor) -> torch.Tensor:
+    """``a_split @ b_split`` of split halves (:func:`split_rows`, :func:`split_cols`), float32
+    accumulation and output, still scaled (batched ``[B, M, 3K]`` by ``[B, 3K, N]``)."""
+    if a_split.is_cuda:
         with fp16_full_reduction():
-            return torch.bmm(a3, b3, out_dtype=torch.float32)
-    return torch.bmm(a3.float(), b3.float())  # CPU (tests): the same products of float16 values
+            return torch.bmm(a_split, b_split, out_dtype=torch.float32)
+    # CPU (tests): the same products of float16 values
+    return torch.bmm(a_split.float(), b_split.float())
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` (batched, float32) through the split; unscaled here (tests and small products)."""
-    a3, ra = split_rows(a)
-    b3, cb = split_cols(b)
-    return product(a3, b3) * ra[..., :, None] * cb[..., None, :]
+    a_split, a_unscale = split_rows(a)
+    b_split, b_unscale = split_cols(b)
+    return product(a_split, b_split) * a_unscale[..., :, None] * b_unscale[..., None, :]
 
 
 @contextlib.contextmanager
