@@ -68,3 +68,49 @@ def test_chunks_and_stage_residuals():
     assert torch.allclose(left, x - torch.cumsum(residual.stage_decodes(codes, thetas), 0))
     with pytest.raises(ValueError, match="beam=0"):
         beam_search.beam_encode(x, thetas, 0)
+
+
+def _reference_encode(x, thetas, beam):
+    """The beam by its definition, slowly: every kept sequence's ``2E`` candidates (per second
+    index ``b``, the two best first indices ``a``, from the whole ``E x E`` table), slot 0 the
+    nearest extension of slot 0, the other slots the best of all other candidates."""
+    from commvq.quant.commutative import codewords
+
+    h, n, _ = x.shape
+    e = thetas.shape[2] // 2
+    seqs = [[[((), x[i, j])] for j in range(n)] for i in range(h)]
+    for r in range(thetas.shape[1]):
+        words = codewords(thetas[:, r])  # [H, E*E, D], code order a*E + b
+        for i in range(h):
+            for j in range(n):
+                cands = []  # (error, slot, code), in the order (slot, b, k)
+                for slot, (_, res) in enumerate(seqs[i][j]):
+                    err = ((res[None] - words[i]) ** 2).sum(-1).view(e, e)  # [a, b]
+                    for b in range(e):
+                        order = sorted(range(e), key=lambda a: (float(err[a, b]), a))[:2]
+                        cands += [(float(err[a, b]), slot, a * e + b) for a in order]
+                first = min(range(min(2, e) * e), key=lambda c: (cands[c][0], c))  # slot 0's
+                rest = sorted((c for c in range(len(cands)) if c != first), key=lambda c: cands[c])
+                kept = [first] + rest[: min(beam, len(cands)) - 1]
+                old = seqs[i][j]
+                seqs[i][j] = [
+                    (
+                        old[cands[c][1]][0] + (cands[c][2],),
+                        old[cands[c][1]][1] - words[i, cands[c][2]],
+                    )
+                    for c in kept
+                ]
+    out = torch.zeros(h, n, thetas.shape[1], dtype=torch.long)
+    for i in range(h):
+        for j in range(n):
+            best = min(seqs[i][j], key=lambda s: float((s[1] ** 2).sum()))
+            out[i, j] = torch.tensor(best[0])
+    return out
+
+
+@pytest.mark.parametrize(("e", "beam"), [(1, 3), (2, 2), (2, 8), (4, 3), (4, 8), (8, 5), (8, 16)])
+def test_the_beam_keeps_the_sequences_of_its_definition(e, beam):
+    # the fast path looks up the runner-ups of the few (slot, b) pairs that can hold the kept
+    # candidates only; it keeps the same sequences as the definition over all candidates
+    x, thetas = _case(h=2, n=12, d=8, e=e, r=3, seed=e + beam)
+    assert torch.equal(beam_search.beam_encode(x, thetas, beam), _reference_encode(x, thetas, beam))

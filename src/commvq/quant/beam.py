@@ -18,29 +18,75 @@ from commvq.quant.commutative import decode, decode_table, search_tables
 from commvq.quant.residual import encode as greedy_encode
 
 
-def _stage_candidates(res: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per kept residual ``res [H, n, B, D]`` and second index ``b``, the two best first indices
-    ``a``: the squared errors left by the codes ``a*E + b`` and the codes, both ``[H, n, B, 2E]``
-    (candidate ``2b + k``: the ``k``-th best ``a`` for ``b``). The nearest codeword (the greedy
-    choice) is the smallest of these."""
+def _distance_terms(res: torch.Tensor, tables: tuple) -> tuple[torch.Tensor, ...]:
+    """The separable parts of the squared error each code ``a*E + b`` leaves of the kept residuals
+    ``res [H, n, B, D]``: ``|res|^2 [H, n, B]``, ``ua, vb [H, n, B, E]`` and ``gt [H, b, a]``;
+    the error is ``|res|^2 + (vb[b] + ua[a] + gt[b, a])``."""
     w, nrm, g = tables  # [H, D, 2E], [H, E], [H, E, E]
     e = nrm.shape[-1]
-    uv = torch.einsum("hnbd,hdc->hnbc", res, w)
-    left = (res * res).sum(-1, keepdim=True)[..., None]  # [H, n, B, 1, 1]
-    ua = (nrm[:, None, None] - 2 * uv[..., :e])[..., None, :]
-    vb = (nrm[:, None, None] - 2 * uv[..., e:])[..., :, None]
-    d2 = (
-        vb + ua + g.transpose(-1, -2)[:, None, None]
-    )  # [H, n, B, b, a]: a last, reduced contiguously
+    proj = torch.einsum("hnbd,hdc->hnbc", res, w)
+    ua = nrm[:, None, None] - 2 * proj[..., :e]
+    vb = nrm[:, None, None] - 2 * proj[..., e:]
+    return (res * res).sum(-1), ua, vb, g.transpose(-1, -2)
+
+
+def _two_best(d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two smallest entries of ``d2 [..., E]`` (last dim) and their indices, ``[..., 2]``
+    each (the first occurrence on ties)."""
     best, a = d2.min(-1)
-    if e > 1:  # the runner-up: two passes of min are faster than topk here
-        d2.scatter_(-1, a[..., None], torch.inf)
-        second, a2 = d2.min(-1)
-        best, a = torch.stack((best, second), -1), torch.stack((a, a2), -1)  # [H, n, B, E, 2]
-    else:
-        best, a = best[..., None], a[..., None]
-    code = a * e + torch.arange(e, device=res.device)[:, None]
-    return (best + left).flatten(-2), code.flatten(-2)
+    if d2.shape[-1] == 1:
+        return best[..., None], a[..., None]
+    d2 = d2.scatter(-1, a[..., None], torch.inf)
+    second, a2 = d2.min(-1)
+    return torch.stack((best, second), -1), torch.stack((a, a2), -1)
+
+
+def _stage_picks(
+    res: torch.Tensor, tables: tuple, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One stage of the beam for ``res [H, n, B, D]``: the ``width`` extensions kept, as their
+    errors, parent slots and codes, ``[H, n, width]`` each; slot 0 first.
+
+    The candidates are, per kept slot and second index ``b``, the two best first indices ``a``
+    (``2E`` per slot); slot 0 takes the nearest extension of slot 0 (greedy), the others the
+    best of the other candidates. Only the ``width`` (slot, ``b``) pairs whose best candidate is
+    smallest, and slot 0's nearest pair, can hold those: their runner-ups are looked up alone,
+    not those of all ``B * E`` pairs."""
+    left, ua, vb, gt = _distance_terms(res, tables)
+    h, n, kept, e = ua.shape
+    # (slot, b) -> its best candidate, [H, n, B*E]: one pass over the E x E table per slot
+    pair_best = ((ua[..., None, :] + gt[:, None, None]).amin(-1) + vb + left[..., None]).flatten(2)
+    greedy = pair_best[..., :e].argmin(-1, keepdim=True)  # slot 0's nearest pair
+    k = min(width, kept * e)
+    top = torch.topk(pair_best, k, dim=-1, largest=False).indices if width > 1 else greedy[..., :0]
+    pairs = torch.cat((greedy, top), -1)  # [H, n, 1 + k]
+    slot, b = pairs // e, pairs % e
+    heads = torch.arange(h, device=res.device)[:, None, None]
+    # the chosen pairs' errors over every first index a, as the table gives them
+    d2 = (
+        vb.flatten(2).gather(2, pairs)[..., None]
+        + ua.gather(2, slot[..., None].expand(-1, -1, -1, e))
+        + gt[heads, b]
+    )
+    err, a = _two_best(d2)  # [H, n, 1 + k, 2]
+    err = err + left.gather(2, slot)[..., None]
+    code = a * e + b[..., None]
+    pick_err, pick_slot, pick_code = err[:, :, 0, :1], slot[:, :, :1], code[:, :, 0, :1]
+    if width > 1:  # the others: the best candidates but the greedy one (counted once)
+        dup = (pairs[..., 1:] == greedy)[..., None].expand(-1, -1, -1, err.shape[-1])
+        rest = torch.cat(
+            (err[:, :, :1, 1:].flatten(2), err[:, :, 1:].masked_fill(dup, torch.inf).flatten(2)), -1
+        )
+        rest_slot = torch.cat(
+            (slot[..., :1], slot[..., 1:, None].expand(-1, -1, -1, err.shape[-1]).flatten(2)), -1
+        )
+        rest_code = torch.cat((code[:, :, :1, 1:].flatten(2), code[:, :, 1:].flatten(2)), -1)
+        w = min(width - 1, rest.shape[-1])
+        best = torch.topk(rest, w, dim=-1, largest=False).indices
+        pick_err = torch.cat((pick_err, rest.gather(2, best)), -1)
+        pick_slot = torch.cat((pick_slot, rest_slot.gather(2, best)), -1)
+        pick_code = torch.cat((pick_code, rest_code.gather(2, best)), -1)
+    return pick_err, pick_slot, pick_code
 
 
 def encode_chunk(
@@ -55,18 +101,8 @@ def encode_chunk(
     codes = torch.zeros(h, n, 1, 0, dtype=torch.long, device=x.device)
     for r in range(thetas.shape[1]):
         th = thetas[:, r]
-        err, cand = _stage_candidates(res, search_tables(th))  # [H, n, kept, 2E]
-        flat = err.flatten(2)
-        pick = err[:, :, 0].argmin(
-            -1, keepdim=True
-        )  # slot 0: the nearest extension of slot 0 (greedy)
-        width = min(beam, flat.shape[-1])
-        if width > 1:  # the other slots: the best of all other extensions
-            others = flat.scatter(2, pick, torch.inf)
-            pick = torch.cat(
-                (pick, torch.topk(others, width - 1, dim=-1, largest=False).indices), -1
-            )
-        parent, code = pick // cand.shape[-1], cand.flatten(2).gather(2, pick)  # [H, n, width]
+        width = min(beam, min(2, e) * e * res.shape[2])  # candidates: 2 per (slot, b)
+        _, parent, code = _stage_picks(res, search_tables(th), width)  # [H, n, width]
         table = decode_table(th)  # [H, 2E, D]
         res = res[rows_h, rows_n, parent] - table[rows_h, code // e] - table[rows_h, e + code % e]
         codes = torch.cat((codes[rows_h, rows_n, parent], code[..., None]), -1)
@@ -75,13 +111,21 @@ def encode_chunk(
     return codes[idx_h, idx_n, best], res[idx_h, idx_n, best]
 
 
+def default_chunk(e: int) -> int:
+    """Vectors per pass of the beam for ``E`` table entries: 1,024 for 8-bit codes (E = 16), 64
+    for 12-bit codes (E = 64), where larger passes ran 2-4x slower on a 2-core CPU."""
+    return max(32, min(1024, 2**18 // (e * e)))
+
+
 def beam_encode(
-    x: torch.Tensor, thetas: torch.Tensor, beam: int = 1, chunk: int = 1024
+    x: torch.Tensor, thetas: torch.Tensor, beam: int = 1, chunk: int | None = None
 ) -> torch.Tensor:
     """Codes ``[H, N, R]`` of ``x [H, N, D]`` by a beam of width ``beam`` (1: greedy); what they
     leave after each stage: :func:`stage_residuals`."""
     if beam < 1:
         raise ValueError(f"beam={beam}: must be at least 1")
+    if chunk is None:  # vectors per pass: a pass's E x E tables stay within a CPU's caches
+        chunk = default_chunk(thetas.shape[2] // 2)
     out = []
     for i in range(0, x.shape[1], chunk):
         out.append(encode_chunk(x[:, i : i + chunk], thetas, beam)[0])

@@ -84,8 +84,8 @@ def squared_distances(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """``[H, N, E*E]`` squared distances to every codeword, by the separable formula."""
     w, n, g = search_tables(theta)
     e = n.shape[-1]
-    uv = x @ w
-    u, v = uv[..., :e], uv[..., e:]
+    proj = x @ w
+    u, v = proj[..., :e], proj[..., e:]
     xx = (x * x).sum(-1, keepdim=True)
     n = n[:, None]
     d2 = (n - 2 * u)[..., :, None] + (n - 2 * v)[..., None, :] + g[:, None] + xx[..., None]
@@ -99,8 +99,12 @@ def nearest(x: torch.Tensor, theta: torch.Tensor, chunk: int = 8192) -> torch.Te
     n = n[:, None]
     out = []
     for i in range(0, x.shape[1], chunk):
-        uv = x[:, i : i + chunk] @ w
-        s = (n - 2 * uv[..., :e])[..., :, None] + (n - 2 * uv[..., e:])[..., None, :] + g[:, None]
+        proj = x[:, i : i + chunk] @ w
+        s = (
+            (n - 2 * proj[..., :e])[..., :, None]
+            + (n - 2 * proj[..., e:])[..., None, :]
+            + g[:, None]
+        )
         out.append(s.flatten(-2).argmin(-1))
     return (
         torch.cat(out, dim=1)

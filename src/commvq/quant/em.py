@@ -162,10 +162,12 @@ def e_step(
     hards = []
     for i in range(0, big_n, chunk):
         xc, sc = x[:, i : i + chunk], s[i : i + chunk]
-        uv = xc @ w
+        proj = xc @ w
         xx = (xc * xc).sum(-1)
         d2 = (
-            (n - 2 * uv[..., :e])[..., :, None] + (n - 2 * uv[..., e:])[..., None, :] + g[:, None]
+            (n - 2 * proj[..., :e])[..., :, None]
+            + (n - 2 * proj[..., e:])[..., None, :]
+            + g[:, None]
         ).flatten(-2)
         d2 = d2 + xx[..., None]
         hard = d2.argmin(-1)
