@@ -9,7 +9,13 @@ for what in "$@"; do
   case $what in
     decode_tests) python3 -m pytest -q -x tests/kernels/test_decode.py tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -5 ;;
     tests) python3 -m pytest -q -x tests/kernels tests/pipeline/test_collect.py tests/quant tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -5
-           python3 -m pytest -q -x tests/kernels -k interpreter 2>&1 | tee "$OUT/interpreter_tests.log" | tail -3 ;;
+           # the interpreter of triton < 3.9 fails on numpy 2 (a loop over a runtime int): CI runs
+           # these with 3.9; here only where the installed triton is as new
+           if python3 -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) < (3, 9))"; then
+             python3 -m pytest -q tests/kernels -k interpreter 2>&1 | tee "$OUT/interpreter_tests.log" | tail -3
+           else
+             echo "interpreter tests: not run (triton $(python3 -c 'import triton; print(triton.__version__)') < 3.9; CI runs them)" | tee "$OUT/interpreter_tests.log"
+           fi ;;
     train_tests) python3 -m pytest -q -x tests/kernels/test_split16.py tests/kernels/test_em_estep.py tests/kernels/test_em_init.py tests/kernels/test_encode.py tests/kernels/test_beam.py tests/quant -m gpu 2>&1 | tee "$OUT/train_tests.log" | tail -5 ;;
     profile) python3 benchmarks/train_profile.py --steps 3 2>&1 | tee "$OUT/train_profile.log" | grep -v "^{" | tail -120 ;;
     profile_enc) python3 benchmarks/train_profile.py --what e2e,encode --steps 3 2>&1 | tee "$OUT/profile_enc.log" | grep -v "^{" | tail -60 ;;
