@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -174,3 +175,62 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(prepared, tiny_llama, corp
             _cfg(tiny_llama, corpus_dir, tmp_path, steps=40, resume=True, lr=1e30), loaded=lm
         )
     assert (tmp_path / "codec" / "value_codec.safetensors").read_bytes() == good
+
+
+def test_a_pca_start_from_collected_values_runs_no_forward_pass(prepared, tiny_llama, corpus_dir):
+    lm, tmp_path = prepared
+    folder = tmp_path / "data" / "value"
+    cfg = _cfg(tiny_llama, corpus_dir, tmp_path, init_values=folder, init_tokens=200)
+    values = torch.load(cfg.scale_file, weights_only=True)["value"]
+    calls = []
+    real = lm.model.model.forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm.model.model, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        codec = train_values.start_codec(cfg, lm, values).eval()
+    assert not calls
+    # the same start as one made from those vectors directly
+    from commvq.data.kvstore import KVStore
+
+    want = ValueCodec.from_scales(values, 2, cfg.seed)
+    for layer, codec_layer in enumerate(want.layers):
+        codec_layer.init_from_values(KVStore(folder).layer(layer).read(0, 200).float())
+    v = torch.randn(64, 32)
+    for a, b in zip(codec.layers, want.eval().layers, strict=True):
+        assert torch.equal(a.encode(v)[0], b.encode(v)[0])
+    for bad, match in ((tmp_path / "data" / "key", "keys of"), (tmp_path / "nowhere", "not a")):
+        with pytest.raises(ValueError, match=f"--init_values {bad}: {match}"):
+            train_values.start_codec(dataclasses.replace(cfg, init_values=bad), lm, values)
+
+
+def test_codecs_trained_together_equal_those_trained_alone(prepared, tiny_llama, corpus_dir):
+    lm, tmp_path = prepared
+    kw = dict(steps=3, save_every=3, init_values=tmp_path / "data" / "value", init_tokens=200)
+    alone = [
+        _cfg(tiny_llama, corpus_dir, tmp_path, quant_bits=b, output_dir=tmp_path / f"a{b}", **kw)
+        for b in (2, 1)
+    ]
+    together = [dataclasses.replace(c, output_dir=tmp_path / f"t{c.quant_bits}") for c in alone]
+    for cfg in alone:
+        train_values.run(cfg, loaded=lm)
+    calls = []
+    real = lm.model.model.forward
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm.model.model, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        train_values.run_together(together, loaded=lm)
+    assert len(calls) == 3  # one forward pass per step for both codecs
+    for a, t in zip(alone, together, strict=True):
+        sa = torch.load(a.output_dir / train_values.STATE, weights_only=True)
+        st = torch.load(t.output_dir / train_values.STATE, weights_only=True)
+        assert sa["history"] == st["history"] and sa["step"] == st["step"] == 3
+        ca = ValueCodec.load(a.output_dir, lm.spec.num_layers, lm.spec.kv_dim)
+        ct = ValueCodec.load(t.output_dir, lm.spec.num_layers, lm.spec.kv_dim)
+        for pa, pt in zip(ca.state_dict().values(), ct.state_dict().values(), strict=True):
+            assert torch.equal(pa, pt)
+    # one resumed further than the other: they train one after the other, each to the end
+    more = [dataclasses.replace(c, steps=5, save_every=1, resume=True) for c in together]
+    train_values.run(dataclasses.replace(more[0], steps=4), loaded=lm)
+    train_values.run_together(more, loaded=lm)
+    for cfg in more:
+        assert torch.load(cfg.output_dir / train_values.STATE, weights_only=True)["step"] == 5
+    with pytest.raises(ValueError, match="same max_seq_length"):
+        train_values.run_together([more[0], dataclasses.replace(more[1], max_seq_length=16)], lm)

@@ -68,6 +68,11 @@ class TrainValuesConfig:
         choices=("pca", "rotation"),
     )
     init_tokens: int = option(16384, "value vectors per layer for --init pca")
+    init_values: Path | None = option(
+        None,
+        "--init pca from these collected values (`commvq collect`'s value folder, its first "
+        "--init_tokens vectors per layer) instead of forward passes over the corpus",
+    )
     seed: int = option(0, "seed")
     overwrite: bool = option(False, "start over even if output_dir holds a codec")
 
@@ -76,6 +81,8 @@ class TrainValuesConfig:
         if self.output_dir is None:
             object.__setattr__(self, "output_dir", Path(f"value_codec_{self.quant_bits}bit"))
         object.__setattr__(self, "output_dir", Path(self.output_dir))
+        if self.init_values is not None:
+            object.__setattr__(self, "init_values", Path(self.init_values))
         for name in ("max_seq_length", "batch_size", "steps", "save_every", "init_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
@@ -158,6 +165,31 @@ def sample_values(
     return {layer: torch.cat(p) for layer, p in parts.items()}
 
 
+def collected_values(folder: Path, spec, tokens: int) -> dict[int, torch.Tensor]:
+    """The first ``tokens`` value vectors per layer of a collected value store (float32; rows with
+    NaN or Inf left out), checked against the model's shapes."""
+    from commvq.data.kvstore import KVStore
+
+    try:
+        store = KVStore(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(
+            f"--init_values {folder}: not a collected store ({e}); give `commvq collect`'s "
+            "value folder (data/value)"
+        ) from None
+    if store.kind != "value" or store.num_layers != spec.num_layers or store.width != spec.kv_dim:
+        raise ValueError(
+            f"--init_values {folder}: {store.kind}s of {store.num_layers} layers x {store.width}, "
+            f"the model's values are {spec.num_layers} layers x {spec.kv_dim}; give the value "
+            "folder collected with this model"
+        )
+    out = {}
+    for layer in range(spec.num_layers):
+        v = store.layer(layer).read(0, min(tokens, store.num_tokens)).float()
+        out[layer] = v[torch.isfinite(v).all(-1)]
+    return out
+
+
 def start_codec(
     cfg: TrainValuesConfig,
     loaded: LoadedModel,
@@ -170,11 +202,15 @@ def start_codec(
     codec."""
     codec = ValueCodec.from_scales(values, cfg.quant_bits, cfg.seed).to(loaded.model.device)
     if cfg.init == "pca":
-        samples = sample_values(
-            loaded.model,
-            batch_stream(cfg, loaded, rank, world),
-            cfg.init_tokens,
-            loaded.model.device,
+        samples = (
+            collected_values(cfg.init_values, loaded.spec, cfg.init_tokens)
+            if cfg.init_values is not None
+            else sample_values(
+                loaded.model,
+                batch_stream(cfg, loaded, rank, world),
+                cfg.init_tokens,
+                loaded.model.device,
+            )
         )
         for layer, codec_layer in enumerate(codec.layers):
             codec_layer.init_from_values(samples[layer])
@@ -187,34 +223,69 @@ def start_codec(
 
 def step_loss(model, codec, batch: torch.Tensor, autocast) -> float:
     """Forward and backward of one batch, layer by layer (gradients accumulate); the loss value."""
+    return step_losses(model, [codec], batch, autocast)[0]
+
+
+@contextlib.contextmanager
+def own_random_stream(streams: list | None, i: int, device: torch.device):
+    """Run with the ``i``-th codec's own random stream (its training's Gumbel noise), saved back
+    after, so that codecs trained together draw what each would draw alone."""
+    if streams is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    torch.set_rng_state(streams[i][0])
+    if cuda:
+        torch.cuda.set_rng_state(streams[i][1], device)
+    try:
+        yield
+    finally:
+        streams[i] = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+
+
+def step_losses(
+    model, codecs: list, batch: torch.Tensor, autocast, streams: list | None = None
+) -> list[float]:
+    """:func:`step_loss` for several codecs on one batch: the model's forward pass and each
+    layer's exact attention are computed once and shared; ``streams``: each codec's random
+    stream (:func:`own_random_stream`)."""
     hidden = layer_inputs(model, batch)
-    total = 0.0
+    totals = [0.0] * len(codecs)
     n = len(hidden)
     for layer, h in enumerate(hidden):
         probe = LayerAttention(model, layer, h)
-        with autocast:
-            v_hat = codec.layers[layer](probe.v.float())
-            out_hat = probe.output(v_hat)
-            loss = (
-                torch.nn.functional.mse_loss(v_hat.float(), probe.v.float()) / 2
-                + torch.nn.functional.mse_loss(out_hat.float(), probe.exact.float())
-            ) / n
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"train-values: loss is {float(loss.detach())} at layer {layer}; lower --lr; "
-                "the last checkpoint is kept"
-            )
-        loss.backward()
-        total += float(loss.detach())
-    return total
+        for i, codec in enumerate(codecs):
+            with autocast, own_random_stream(streams, i, h.device):
+                v_hat = codec.layers[layer](probe.v.float())
+                out_hat = probe.output(v_hat)
+                loss = (
+                    torch.nn.functional.mse_loss(v_hat.float(), probe.v.float()) / 2
+                    + torch.nn.functional.mse_loss(out_hat.float(), probe.exact.float())
+                ) / n
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"train-values: loss is {float(loss.detach())} at layer {layer}; lower --lr; "
+                    "the last checkpoint is kept"
+                )
+            loss.backward()
+            totals[i] += float(loss.detach())
+    return totals
 
 
-def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
-    rank, world = rank_world()
-    loaded = loaded or load_model(cfg.model, cfg.model_dtype, cfg.device)
+@dataclass
+class _Run:
+    """One codec's training: its settings, codec, optimizer, first step and loss history."""
+
+    cfg: TrainValuesConfig
+    codec: ValueCodec
+    opt: torch.optim.Optimizer
+    start: int
+    history: list[float]
+
+
+def _prepare(cfg: TrainValuesConfig, loaded: LoadedModel, rank: int, world: int) -> _Run:
     values = check_scales(load_scales(cfg.scale_file), loaded, cfg.scale_file)
     out = cfg.output_dir
-    torch.manual_seed(cfg.seed)
     start, history, state = 0, [], None
     if (out / STATE).is_file() and not cfg.overwrite:
         if not cfg.resume:
@@ -228,6 +299,7 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
         start, history = int(state["step"]), list(state["history"])
         log.info("train-values: resuming %s at step %d", out, start)
     else:
+        torch.manual_seed(cfg.seed)
         codec = start_codec(cfg, loaded, values, rank, world)
     codec.train().remember_fixed()
     opt = torch.optim.AdamW(
@@ -235,6 +307,50 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
     )
     if state is not None:
         opt.load_state_dict(state["optimizer"])
+    return _Run(cfg, codec, opt, start, history)
+
+
+# settings that must agree for codecs trained together on the same batches
+SHARED = (
+    "model",
+    "dataset",
+    "dataset_config",
+    "text_field",
+    "split",
+    "max_seq_length",
+    "batch_size",
+    "steps",
+    "model_dtype",
+    "device",
+    "seed",
+)
+
+
+def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
+    return run_together([cfg], loaded)[0]
+
+
+def run_together(cfgs: list[TrainValuesConfig], loaded: LoadedModel | None = None) -> list[Path]:
+    """Train several value codecs (e.g. 2 and 1 bit) on the same batches, each forward pass of
+    the model shared; each has its own folder, checkpoints and resume. Codecs at different steps
+    (one resumed further than the other) train one after the other."""
+    first = cfgs[0]
+    for cfg in cfgs[1:]:
+        differ = [k for k in SHARED if getattr(cfg, k) != getattr(first, k)]
+        if differ:
+            raise ValueError(f"codecs trained together need the same {', '.join(differ)}")
+    rank, world = rank_world()
+    loaded = loaded or load_model(first.model, first.model_dtype, first.device)
+    runs = [_prepare(cfg, loaded, rank, world) for cfg in cfgs]
+    if len({r.start for r in runs}) > 1:
+        for r in runs:
+            _train(r.cfg, loaded, [r], rank, world)
+    else:
+        _train(first, loaded, runs, rank, world)
+    return [cfg.output_dir for cfg in cfgs]
+
+
+def _train(cfg: TrainValuesConfig, loaded: LoadedModel, runs: list[_Run], rank: int, world: int):
     barrier()
     device = loaded.model.device
     autocast = (
@@ -242,30 +358,36 @@ def run(cfg: TrainValuesConfig, loaded: LoadedModel | None = None) -> Path:
         if device.type == "cuda"
         else contextlib.nullcontext()
     )
+    torch.manual_seed(cfg.seed)
+    cuda = device.type == "cuda"
+    seeded = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+    streams = [seeded] * len(runs) if len(runs) > 1 else None
     stream = batch_stream(cfg, loaded, rank, world)
+    start = runs[0].start
     for _ in range(start):  # same data order after a resume
         next(stream)
     bar = progress.bar(
         total=cfg.steps, initial=start, desc="train-values", unit="step", disable=rank != 0
     )
     for step in range(start, cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps)
-        opt.zero_grad(set_to_none=True)
+        for r in runs:
+            for g in r.opt.param_groups:
+                g["lr"] = r.cfg.lr * lr_factor(step, r.cfg.warmup_steps, cfg.steps)
+            r.opt.zero_grad(set_to_none=True)
         batch = next(stream).to(device)
-        loss = step_loss(loaded.model, codec, batch, autocast)
-        if world > 1:
-            _allreduce_grads(codec)
-        opt.step()
-        codec.restore_fixed()
-        history.append(loss)
+        losses = step_losses(loaded.model, [r.codec for r in runs], batch, autocast, streams)
+        for r, loss in zip(runs, losses, strict=True):
+            if world > 1:
+                _allreduce_grads(r.codec)
+            r.opt.step()
+            r.codec.restore_fixed()
+            r.history.append(loss)
+            if rank == 0 and ((step + 1) % r.cfg.save_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(r.cfg, loaded, r.codec, r.opt, step + 1, r.history, world)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4g}")
-        if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(cfg, loaded, codec, opt, step + 1, history, world)
+        bar.set_postfix(loss=" ".join(f"{loss:.4g}" for loss in losses))
     bar.close()
     barrier()
-    return out
 
 
 def _allreduce_grads(codec: torch.nn.Module) -> None:
