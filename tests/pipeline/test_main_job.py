@@ -35,9 +35,9 @@ def test_main_job_end_to_end_on_a_tiny_model(tiny_llama, corpus_dir, tmp_path, c
     # a log file (not a terminal) gets plain lines: each stage's start and end, no bars
     log = [r.getMessage() for r in caplog.records]
     stages = list(main_job.stage_weights([2, 1]))
-    assert len(stages) == 10
+    assert len(stages) == 9  # collect, scale, 2 x 2 key folders, values (both widths), 2 reports
     for i, name in enumerate(stages, 1):
-        assert sum(line.startswith(f"[{i}/10] {name}: ") for line in log) == 2, name
+        assert sum(line.startswith(f"[{i}/9] {name}: ") for line in log) == 2, name
     assert len(log) < 300 and not any("\r" in line or "\x1b" in line for line in log)
     caplog.clear()
     w = tmp_path / "run"
