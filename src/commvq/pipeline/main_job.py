@@ -55,6 +55,11 @@ class PipelineConfig:
     eval_methods: str = option(methods.ALL, "methods to compare")
     ppl_tokens: int = option(1024, "tokens per held-out document for perplexity")
     lengths: str = option("512,1024", "passkey / needle context lengths")
+    depths: str = option(
+        "0,0.25,0.5",
+        "passkey / needle depths (fractions of the context before the probe; at these lengths "
+        "all lie before the exact window, where compression can lose them)",
+    )
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "seed")
 
@@ -135,6 +140,7 @@ def run(cfg: PipelineConfig) -> Path:
                 ppl_tokens=cfg.ppl_tokens,
                 ppl_docs=1,
                 lengths=cfg.lengths,
+                depths=cfg.depths,
                 samples=1,
                 device=cfg.device,
                 seed=cfg.seed,
