@@ -49,12 +49,12 @@ class PipelineConfig:
         "error of 4 rounds, measured)",
     )
     beam: int = option(train_keys.DEFAULT_BEAM, "beam width of the E2E codebooks' key encoder")
-    value_steps: int = option(60, "value codec training steps")
+    value_steps: int = option(45, "value codec training steps")
     value_seq_length: int = option(512, "tokens per sequence for value training")
     bits: str = option("2,1", "bit widths to build (comma list of 1 and 2)")
     eval_methods: str = option(methods.ALL, "methods to compare")
     ppl_tokens: int = option(1024, "tokens per held-out document for perplexity")
-    lengths: str = option("512,1024", "passkey / needle context lengths")
+    lengths: str = option("512,768", "passkey / needle context lengths")
     depths: str = option(
         "0,0.25,0.5",
         "passkey / needle depths (fractions of the context before the probe; at these lengths "
@@ -69,7 +69,7 @@ class PipelineConfig:
             raise ValueError(f"--bits {self.bits!r}: a comma list of 1 and 2")
 
 
-COMPARE_SAMPLES = 4096  # held-out key rows per layer for key errors (training's and compare's)
+COMPARE_SAMPLES = 2048  # held-out key rows per layer for key errors (training's and compare's)
 
 # Each stage's share of the main job's time with the defaults on 2 CPU cores; the estimate scales
 # these by the time the stages that ran took.
