@@ -153,7 +153,7 @@ def bytes_per_token(lm, method: meth.Method, window: int, sink: int = 0) -> dict
     import torch
 
     cache = method.make_cache(lm.model, window, sink)
-    n = 2 * window + 1  # compresses a window's worth of tokens
+    n = window + 65  # compresses 65 tokens: enough to count the bytes of one
     ids = torch.randint(1, min(1000, lm.model.config.vocab_size), (1, n), device=lm.model.device)
     from commvq.integrations.hf.attention import cache_kwargs
 

@@ -2,9 +2,9 @@
 
 collect -> scale -> key codebooks (EM and E2E, 2 and 1 bit) -> value codecs (2 and 1 bit) ->
 held-out key errors (EM vs E2E) -> evaluation of every cache method side by side.
-The defaults (8-bit codes, 4096 key vectors per layer, a few EM iterations, E2E by least-squares
-rounds from the EM codebooks) took 28:38 on 2 CPU cores (docs/benchmarks.md; the target is 15
-minutes, not reached yet: E2E's beam-8 encoding on a CPU is the largest part); the paper's
+The defaults (8-bit codes, 4096 key vectors per layer, 3 EM iterations, E2E by 2 least-squares
+rounds from the EM codebooks, both value codecs trained together for 45 steps, retrieval at 512 and
+768 tokens) are sized to end within 15 minutes on 2 CPU cores (docs/benchmarks.md); the paper's
 settings are one flag away (``--code_bits 12 --key_samples 1100000 --em_iters 100``). Re-running
 resumes: finished stages and layers are skipped.
 """
@@ -53,7 +53,7 @@ class PipelineConfig:
     value_seq_length: int = option(512, "tokens per sequence for value training")
     bits: str = option("2,1", "bit widths to build (comma list of 1 and 2)")
     eval_methods: str = option(methods.ALL, "methods to compare")
-    ppl_tokens: int = option(1024, "tokens per held-out document for perplexity")
+    ppl_tokens: int = option(768, "tokens per held-out document for perplexity")
     lengths: str = option("512,768", "passkey / needle context lengths")
     depths: str = option(
         "0,0.25,0.5",
@@ -73,14 +73,14 @@ COMPARE_SAMPLES = 2048  # held-out key rows per layer for key errors (training's
 
 # Each stage's share of the main job's time with the defaults on 2 CPU cores; the estimate scales
 # these by the time the stages that ran took.
-STAGE_SHARE = {  # measured: commit 200e196, 2 cores, 28:38 in all (docs/benchmarks.md)
-    "collect": 0.03,
-    "scale": 0.002,
-    "keys em": 0.02,
-    "keys e2e": 0.18,
-    "values": 0.12,
-    "compare keys": 0.06,
-    "evaluate": 0.26,
+STAGE_SHARE = {  # measured: commit 233e1b8, 2 quiet cores, 15:00 in all (docs/benchmarks.md)
+    "collect": 0.035,
+    "scale": 0.001,
+    "keys em": 0.031,
+    "keys e2e": 0.107,
+    "values": 0.113,  # per width (they train together)
+    "compare keys": 0.036,
+    "evaluate": 0.41,
 }
 
 
