@@ -45,9 +45,11 @@ def parse_variants(text: str) -> list[dict[str, float]]:
     out = []
     for part in text.split(";"):
         kv = dict(item.split("=") for item in part.split(",") if item)
-        bad = set(kv) - {"cw", "noise", "beam"}
+        bad = set(kv) - {"cw", "noise", "beam", "revive"}
         if bad:
-            raise SystemExit(f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam")
+            raise SystemExit(
+                f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam, revive"
+            )
         out.append({k: float(v) for k, v in kv.items()})
     return out
 
@@ -104,6 +106,7 @@ def main() -> None:
             beam=beam,
             commit_weight=v.get("cw", 0.25),
             noise=v.get("noise", 0.0),
+            revive=v.get("revive", 0.0),
             encode_fn=encode,
         )
         t0 = time.perf_counter()

@@ -114,3 +114,28 @@ def test_settings_are_checked():
         refine.RefineSettings(beam=0)
     with pytest.raises(ValueError, match="commit_weight"):
         refine.RefineSettings(commit_weight=-1)
+
+
+def test_revival_restarts_only_little_used_entries_near_the_most_used():
+    g = torch.Generator().manual_seed(0)
+    thetas = torch.randn(2, 3, 8, 5, generator=g)  # [H, R, 2E, P]: E = 4
+    use = torch.tensor([10.0, 0.0, 5.0, 9.0]).expand(2, 3, 4).clone()
+    use[1, 2] = torch.tensor([4.0, 4.0, 4.0, 4.0])  # nothing below a tenth of the mean there
+    out, n = refine.revive_entries(thetas, use, 0.1, g)
+    assert n == 5  # entry 1 of every (head, stage) but the even one
+    z, z0 = out.view(2, 3, 4, 2, 5), thetas.view(2, 3, 4, 2, 5)
+    keep = torch.ones(2, 3, 4, dtype=torch.bool)
+    keep[:, :, 1] = False
+    keep[1, 2, 1] = True
+    assert torch.equal(z[keep], z0[keep])
+    moved = z[0, 0, 1] - z0[0, 0, 0]  # a copy of the most used entry (0), nudged by 1%
+    assert 0 < float(moved.norm()) <= 0.0101 * float(z0[0, 0, 0].norm())
+
+
+def test_refinement_with_revival_keeps_its_best_round():
+    x = _data(n=700, seed=3)
+    thetas0 = e2e.init_kmeans(x[:, :500], 3, 4, torch.Generator().manual_seed(0))
+    held = x[:, 500:]
+    res = refine.refine(x[:, :500], held, thetas0, refine.RefineSettings(rounds=3, revive=0.5))
+    assert res.best_heldout <= res.init_heldout
+    assert refine.relative_error(held, res.thetas, 1) == pytest.approx(res.best_heldout)

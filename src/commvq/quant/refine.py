@@ -46,6 +46,10 @@ class RefineSettings:
     # noise * (1 - round / rounds)**0.5 times each channel's residual variance (0 in the last round)
     noise: float = 0.0
     seed: int = 0
+    # dead-entry revival: after each solve but the last, a table entry whose codes used it less
+    # than ``revive`` times the stage's mean use restarts as a copy of the stage's most used entry,
+    # nudged apart (the next encode splits that entry's vectors between the two); 0: off
+    revive: float = 0.0
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.beam < 1 or self.chunk < 1:
@@ -53,7 +57,7 @@ class RefineSettings:
                 f"rounds={self.rounds}, beam={self.beam}, chunk={self.chunk}: rounds >= 0, "
                 "beam and chunk >= 1"
             )
-        if self.commit_weight < 0 or self.ridge < 0 or self.noise < 0:
+        if self.commit_weight < 0 or self.ridge < 0 or self.noise < 0 or self.revive < 0:
             raise ValueError(
                 f"commit_weight={self.commit_weight}, ridge={self.ridge} and noise={self.noise} "
                 "must be >= 0"
@@ -165,6 +169,33 @@ def solve(
     return join_theta(z.real, z.imag).to(thetas0.dtype)
 
 
+def revive_entries(
+    thetas: torch.Tensor, use: torch.Tensor, below: float, generator: torch.Generator
+) -> tuple[torch.Tensor, int]:
+    """Restart the entries of ``thetas [H, R, 2E, P]`` whose ``use [H, R, E]`` is below ``below``
+    times their stage's mean as copies of the stage's most used entries (most used first), each
+    moved by 1% of its norm in a random direction; ``(thetas, entries restarted)``."""
+    h, r, e2, p = thetas.shape
+    z = thetas.reshape(h, r, e2 // 2, 2, p).clone()  # [H, R, E, (re, im), P]
+    dead = use < below * use.mean(-1, keepdim=True)
+    order = use.argsort(-1, descending=True)
+    for hi in range(h):
+        for ri in range(r):
+            idx = dead[hi, ri].nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            src = order[hi, ri, : idx.numel()]
+            base = z[hi, ri, src]
+            step = torch.randn(
+                base.shape, generator=generator, device=base.device, dtype=base.dtype
+            )
+            scale = (
+                0.01 * base.norm(dim=(-2, -1), keepdim=True) / step.norm(dim=(-2, -1), keepdim=True)
+            )
+            z[hi, ri, idx] = base + step * scale
+    return z.reshape(h, r, e2, p), int(dead.sum())
+
+
 def relative_error(
     x: torch.Tensor,
     thetas: torch.Tensor,
@@ -237,13 +268,17 @@ def refine(
                 err += float((left.double() ** 2).sum())
             thetas = solve(normal, thetas, s.commit_weight, s.ridge)
         held = relative_error(heldout, thetas, s.beam, s.chunk, s.encode_fn)
+        solved = thetas
+        if s.revive and rnd < s.rounds:  # scored as solved; the next round starts revived
+            use = normal.gram.diagonal(dim1=1, dim2=2).real.reshape(h, r, e).to(thetas.dtype)
+            thetas, _ = revive_entries(thetas, use, s.revive, gen)
         if not math.isfinite(held):
             raise FloatingPointError(f"refinement round {rnd} gave non-finite codebooks")
         log = RoundLog(rnd, err / energy, held, time.perf_counter() - t0)
         best.history.append(log)
         improved = held < best.best_heldout
         if improved:
-            best.thetas, best.best_round, best.best_heldout = thetas.clone(), rnd, held
+            best.thetas, best.best_round, best.best_heldout = solved.clone(), rnd, held
         if on_round is not None:
             on_round(log, best.thetas if improved else None)
     return best
