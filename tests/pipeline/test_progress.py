@@ -59,8 +59,8 @@ def test_stage_clock_estimates_from_the_stages_that_ran(caplog):
     caplog.set_level(logging.INFO, logger="commvq")
     sc = progress.StageClock({"a": 1.0, "b": 1.0, "c": 2.0}, clock=clock)
     assert sc.estimate() is None
-    with sc.stage("a"):  # resumed: nothing to do, no evidence
-        clock.t += 0.2
+    with sc.stage("a"):  # resumed: a few seconds of checks, no evidence (a rerun's stages)
+        clock.t += 4.0
     assert sc.estimate() is None
     with sc.stage("b"):
         clock.t += 60
@@ -69,8 +69,9 @@ def test_stage_clock_estimates_from_the_stages_that_ran(caplog):
         clock.t += 100
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == "[1/3] a: started (job 0 s)"
-    assert lines[3] == "[2/3] b: done in 1:00 (job 1:00, about 2:00 left)"
-    assert lines[-1] == "[3/3] c: done in 1:40 (job 2:40)"
+    assert lines[1] == "[1/3] a: done in 4 s (job 4 s)"
+    assert lines[3] == "[2/3] b: done in 1:00 (job 1:04, about 2:00 left)"
+    assert lines[-1] == "[3/3] c: done in 1:40 (job 2:44)"
 
 
 def test_duration():

@@ -149,7 +149,7 @@ class StageClock:
         return self.left * self.ran_seconds / self.ran_weight
 
     @contextlib.contextmanager
-    def stage(self, name: str, quick: float = 1.0) -> Iterator[None]:
+    def stage(self, name: str, quick: float = 5.0) -> Iterator[None]:
         """``name`` must be one of ``weights``; a stage done in under ``quick`` seconds (resumed,
         nothing to do) does not feed the estimate."""
         weight = self.weights[name]
