@@ -257,7 +257,8 @@ def plot_curves(path: Path, history: list[dict], layer: int, bits: float | None 
     width = f", {bits:.2g} bits per channel" if bits else ""
     ax.set_title(f"E2E key codebooks, layer {layer}{width}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", framealpha=0.8)
+    # below the axes: inside, it covered the lines' ends (where the rounds' errors are read)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
