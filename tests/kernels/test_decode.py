@@ -52,6 +52,21 @@ def _compare(device, cases):
                 r,
                 n,
             )
+        # the coarse pass: the first stages only, against the reference over those stages
+        stages = max(1, r // 3)
+        want_c = ref.commvq_scores(
+            q[:, :, None],
+            codes[..., :stages],
+            prescale.float(),
+            pos,
+            thetas[:, :stages].float(),
+            freqs,
+            0.7,
+        )[:, :, 0]
+        got_c = decode.commvq_scores_triton(
+            q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, stages=stages
+        )
+        assert _db(got_c, want_c) > 50, ("coarse", b, hkv, g, d, r, n, stages)
         f = hkv * d
         groups = f * qbits // 2
         idx = torch.randint(0, 4, (b, n, groups), generator=gen).to(device)

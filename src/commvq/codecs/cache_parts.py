@@ -17,6 +17,7 @@ from commvq.codecs import kivi
 from commvq.codecs.key_codebook import KeyCodebook
 from commvq.codecs.value_codec import ValueCodec
 from commvq.kernels import reference as ref
+from commvq.quant import coarse
 from commvq.quant.packing import pack_codes, unpack_2bit, unpack_codes
 
 
@@ -58,6 +59,12 @@ def grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x.reshape(b * hkv, hq // hkv * t, k), y.reshape(b * hkv, k, m)).reshape(
         b, hq, t, m
     )
+
+
+def take_block(block: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tokens ``idx [B, k]`` of a stored block (every tensor ``[B, n, ...]``): a block of
+    ``k`` tokens the parts score and mix as any other."""
+    return {name: coarse.take_rows(t, idx) for name, t in block.items()}
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -191,7 +198,10 @@ class CommVQKeys(KeysPart):
         scoring: str = "auto",
         kernels: str = "auto",
         kernel_style: str = "regdecode16",
+        coarse_stages: int | None = None,
     ) -> None:
+        """``coarse_stages``: also store, per token and KV head, the bound of what the stages after
+        the first ``coarse_stages`` add (one byte; the coarse decode mode's ``S``)."""
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
         self.kernels, self.kernel_style = kernels, kernel_style
@@ -200,6 +210,11 @@ class CommVQKeys(KeysPart):
         self.scoring = scoring
         cb = codebooks[0]
         self.code_bits, self.num_heads, self.stages = cb.code_bits, cb.num_heads, cb.num_stages
+        if coarse_stages is not None and not 1 <= coarse_stages <= self.stages:
+            raise ValueError(
+                f"coarse stages={coarse_stages}: between 1 and the codebooks' {self.stages}"
+            )
+        self.coarse_stages = coarse_stages
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a
@@ -219,11 +234,29 @@ class CommVQKeys(KeysPart):
             flat
         )  # greedy or beam, torch or Triton: the codebook's
         packed = pack_codes(codes.reshape(b * n, h * self.stages), self.code_bits)
-        return {
+        out = {
             "codes": packed.reshape(b, n, -1),
             "prescale": s.reshape(b, n).half(),
             "pos": pos.to(torch.int32),
         }
+        if self.coarse_stages is not None:
+            d = coarse.tail_norms(
+                codes.permute(1, 0, 2), self.codebooks[layer].thetas, self.coarse_stages
+            )  # [H, B*n]
+            out["tail"] = coarse.tail_code(d.t()).reshape(b, n, h)
+        return out
+
+    def coarse_scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
+        """Scores ``[B, Hq, Tq, N]`` from the first ``coarse_stages`` stages of each key only."""
+        return self.scores(layer, q, block, self.coarse_stages)
+
+    def bound_width(self, block: dict) -> torch.Tensor:
+        """``prescale * rope_scale * d`` per token and KV head ``[B, Hkv, N]``: times a query's
+        norm, how far a coarse score can lie from the exact one."""
+        if "tail" not in block:
+            raise ValueError("these codes carry no coarse bound: make the keys with coarse_stages")
+        w = coarse.tail_value(block["tail"]) * block["prescale"].float()[..., None]
+        return (w * self.rope_scale).permute(0, 2, 1)
 
     def use_trick(self, q: torch.Tensor) -> bool:
         """The commutative trick costs ``Hq*Tq*R*P`` per token (plus a table per query); decoding
@@ -236,7 +269,11 @@ class CommVQKeys(KeysPart):
             return True
         return hq * tq * self.stages < self.num_heads * self.stages * 2 + hq * tq * 2
 
-    def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
+    def scores(
+        self, layer: int, q: torch.Tensor, block: dict, stages: int | None = None
+    ) -> torch.Tensor:
+        """Scores ``[B, Hq, Tq, N]`` of the keys' codes; ``stages``: from the first ``stages``
+        residual stages only (None: all, the exact scores)."""
         if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
             from commvq.kernels.decode import commvq_scores_triton, prepare_tables
 
@@ -255,25 +292,28 @@ class CommVQKeys(KeysPart):
                 self.rope_scale,
                 style=self.kernel_style,
                 tables=tables,
+                stages=stages,
             )
             return s[:, :, None]
         b, n = block["codes"].shape[:2]
         codes = unpack_codes(block["codes"], self.num_heads * self.stages, self.code_bits)
-        codes = codes.reshape(b, n, self.num_heads, self.stages)
+        stages = stages or self.stages
+        codes = codes.reshape(b, n, self.num_heads, self.stages)[..., :stages]
+        cb = self.codebooks[layer]
+        thetas = cb.thetas[:, :stages]
         if self.use_trick(q):
             return ref.commvq_scores(
                 q,
                 codes,
                 block["prescale"],
                 block["pos"],
-                self.codebooks[layer].thetas,
+                thetas,
                 self.inv_freq.to(q.device),
                 self.rope_scale,
             )
         # transient decode for this call only: the cache keeps holding codes
-        cb = self.codebooks[layer]
-        k = cb.decode(
-            codes.reshape(b * n, self.num_heads, self.stages), block["prescale"].reshape(-1)
+        k = KeyCodebook(thetas, cb.code_bits).decode(
+            codes.reshape(b * n, self.num_heads, stages), block["prescale"].reshape(-1)
         )
         k = k.reshape(b, n, self.num_heads, -1)
         cos, sin = self.angles(block["pos"])

@@ -48,6 +48,7 @@ def _scores_kernel(
     row_bytes,
     scale,
     R: tl.constexpr,
+    S: tl.constexpr,
     E: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
@@ -66,7 +67,7 @@ def _scores_kernel(
     row = codes_ptr + (b * N + t) * row_bytes
     ua = tl.zeros([BN, GP * D], tl.float32)
     ub = tl.zeros([BN, GP * D], tl.float32)
-    for r in range(R):
+    for r in range(S):  # the first S of the row's R stages (S = R: the exact scores)
         code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
         a_idx = code // E
         b_idx = code % E
@@ -127,6 +128,7 @@ def _scores_regdecode_kernel(
     row_bytes,
     scale,
     R: tl.constexpr,
+    S: tl.constexpr,
     E: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
@@ -140,7 +142,8 @@ def _scores_regdecode_kernel(
     ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword
     ``a_A + i a_B`` is formed in the table's dtype and summed over stages in fp32; 2R gathered
     half-rows per token and KV head, the key never reaches memory; then one rotation per pair and a
-    dot with each of the ``G`` query heads."""
+    dot with each of the ``G`` query heads. Only the first ``S`` stages are summed (``S < R``: the
+    coarse scores of :mod:`commvq.quant.coarse`)."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -150,7 +153,7 @@ def _scores_regdecode_kernel(
     row = codes_ptr + (b * N + t) * row_bytes
     kre = tl.zeros([BN, P], tl.float32)
     kim = tl.zeros([BN, P], tl.float32)
-    for r in range(R):
+    for r in range(S):  # the first S of the row's R stages (S = R: the exact scores)
         code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
         ra = a_ptr + ((h * R + r) * E + code // E)[:, None] * D + f[None, :]
         rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
@@ -285,13 +288,15 @@ def commvq_scores_triton(
     style: str = "regdecode16",
     tables: tuple | None = None,
     num_warps: int = 4,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` ("register decode,
     fp16": each token's key assembled in registers from the fp16 codebook, stage codewords summed
     in fp32; the default), ``regdecode`` (the same from the fp32 codebook) or ``trick`` (per-query
     tables, the commutative trick; slow, kept as a check). ``tables``: :func:`prepare_tables` of
-    ``thetas`` for this style, if already built."""
+    ``thetas`` for this style, if already built. ``stages``: sum only the first ``stages`` residual
+    stages (the coarse scores; None: all of them, the exact scores)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:
@@ -305,8 +310,11 @@ def commvq_scores_triton(
     if n == 0:
         return out
     grid = (triton.cdiv(n, block), hkv, b)
+    s = r if stages is None else stages
+    if not 1 <= s <= r:
+        raise ValueError(f"stages={stages}: between 1 and the codebooks' {r} stages")
     common = dict(
-        R=r, E=e2 // 2, G=g, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, num_warps=num_warps
+        R=r, S=s, E=e2 // 2, G=g, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, num_warps=num_warps
     )
     args = (
         packed.contiguous(),

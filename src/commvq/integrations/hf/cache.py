@@ -23,6 +23,8 @@ from commvq.codecs.value_codec import ValueCodec
 from commvq.integrations.hf.attention import pass_to_attention, use_commvq
 from commvq.integrations.hf.graphs import DecodeGraph, GraphPool
 from commvq.integrations.hf.loader import check_supported
+from commvq.kernels.reference import kv_head_of
+from commvq.quant import coarse as cq
 from commvq.spec import ModelSpec
 
 METHODS = ("fp16", "kivi2", "kivi1", "commvq")
@@ -47,11 +49,14 @@ class CommVQLayer(CacheLayerMixin):
         sink: int = 0,
         quantize_prefill: bool = False,
         graphs: GraphPool | None = None,
+        coarse: cq.CoarseSettings | None = None,
     ) -> None:
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window={window} must be >= 1 and sink={sink} >= 0")
         self.layer_idx, self.keys_part, self.values_part = layer_idx, keys, values
+        self.coarse = coarse  # None: exact decode
+        self.coarse_log: list[dict] | None = None  # a list: each coarse step's figures go there
         self.window, self.sink, self.quantize_prefill = window, sink, quantize_prefill
         self.win_k = self.win_v = self.win_pos = None  # [B, H, w, D], [B, w]
         self.sink_k = self.sink_v = None
@@ -272,6 +277,7 @@ class CommVQLayer(CacheLayerMixin):
             return False
         return (
             self.graph is not None
+            and self.coarse_log is None  # the log reads figures back to the host
             and query.shape[2] == 1
             and query.is_cuda
             and self.num_compressed > 0
@@ -299,8 +305,14 @@ class CommVQLayer(CacheLayerMixin):
         if ns:
             scores.append(parts.grouped(qs, self.sink_k.float().transpose(-1, -2)))
         nc = self.num_compressed
+        coarse = self._coarse_applies(nc, copies)
         if nc:
-            scores.append(self.keys_part.scores(self.layer_idx, qs, self.store["k"]))
+            raw = (
+                self.keys_part.coarse_scores(self.layer_idx, qs, self.store["k"])
+                if coarse
+                else self.keys_part.scores(self.layer_idx, qs, self.store["k"])
+            )
+            scores.append(raw)
         nx = 0 if copies is None else copies[0].shape[2]
         if nx:
             scores.append(parts.grouped(qs, copies[0].float().transpose(-1, -2)))
@@ -324,6 +336,10 @@ class CommVQLayer(CacheLayerMixin):
             s[..., total - w :] = s[..., total - w :].masked_fill(
                 torch.arange(w, device=s.device) >= length, float("-inf")
             )
+        pick = None
+        if coarse:
+            s, pick = self._refine(qs, s, raw)
+            total, nc = s.shape[-1], pick.shape[1]
         p = torch.softmax(s, -1)
         if (
             attention_mask is not None
@@ -333,12 +349,75 @@ class CommVQLayer(CacheLayerMixin):
         if ns:
             out = out + parts.grouped(p[..., :ns], self.sink_v.float())
         if nc:
-            out = out + self.values_part.values(
-                self.layer_idx, p[..., ns : ns + nc], self.store["v"]
-            )
+            block = self.store["v"] if pick is None else parts.take_block(self.store["v"], pick)
+            out = out + self.values_part.values(self.layer_idx, p[..., ns : ns + nc], block)
         if nx:
             out = out + parts.grouped(p[..., ns + nc : ns + nc + nx], copies[1].float())
         return out
+
+    def _coarse_applies(self, nc: int, copies: tuple | None) -> bool:
+        """Whether this step scores the compressed tokens coarse to fine: a coarse layer over
+        CommVQ keys with more tokens than its budget (or a margin to apply), outside the
+        quantized prefill's own step."""
+        if self.coarse is None or not nc or copies is not None:
+            return False
+        if not hasattr(self.keys_part, "coarse_scores"):
+            raise ValueError(f"coarse decode needs CommVQ keys, not {self.keys_part.name}")
+        return self.coarse.budget(nc) < nc or self.coarse.margin < float("inf")
+
+    def _refine(self, qs: torch.Tensor, s: torch.Tensor, raw: torch.Tensor):
+        """The scores ``s`` (sink, coarse scores of the compressed tokens, masked, window) with the
+        compressed columns replaced by the exact scores of the budget's best-ranked tokens, and
+        those tokens' indices ``[B, k]`` (see :mod:`commvq.quant.coarse`)."""
+        ns, nc = self.num_sink, raw.shape[-1]
+        c = s[..., ns : ns + nc]
+        others = torch.cat((s[..., :ns], s[..., ns + nc :]), -1)
+        others_best = others.amax(-1, keepdim=True)
+        best = torch.maximum(c.amax(-1, keepdim=True), others_best)
+        idx = cq.pick(cq.rank(c, best), self.coarse.budget(nc))
+        mask_terms = cq.take_cols(c - raw, idx)  # 0, -inf or an additive mask's values
+        exact = (
+            self.keys_part.scores(self.layer_idx, qs, parts.take_block(self.store["k"], idx))
+            + mask_terms
+        )
+        if self.coarse.margin < float("inf") or self.coarse_log is not None:
+            width = self.keys_part.bound_width(self.store["k"])  # [B, Hkv, N]
+            heads = kv_head_of(qs.shape[1], width.shape[1], qs.device)
+            b = qs.norm(dim=-1)[..., None] * width[:, heads][:, :, None, :]
+            upper, best_lower = cq.bounds(c, b, others_best)
+            fails = cq.take_cols(upper, idx) < best_lower - self.coarse.margin
+            exact = exact.masked_fill(fails, float("-inf"))
+            if self.coarse_log is not None:
+                self._log(qs, s, raw, idx, fails, upper, best_lower)
+        out = torch.cat((s[..., :ns], exact, s[..., ns + nc :]), -1)
+        return out, idx
+
+    def _log(self, qs, s, raw, idx, fails, upper, best_lower) -> None:
+        """One coarse step's figures: the share of compressed tokens dropped, the mass the bound
+        allows them and the mass the exact softmax gives them (an exact pass over every token: a
+        diagnostic, not for speed), per query row averaged; and the share each margin's bound alone
+        would prune."""
+        ns, nc = self.num_sink, raw.shape[-1]
+        kept = torch.zeros_like(upper, dtype=torch.bool)
+        kept.scatter_(-1, idx[:, None, None, :].expand(*fails.shape), ~fails)
+        dropped = ~kept
+        exact_all = self.keys_part.scores(self.layer_idx, qs, self.store["k"])
+        full = s.clone()
+        full[..., ns : ns + nc] = exact_all + (s[..., ns : ns + nc] - raw)
+        p = torch.softmax(full, -1)[..., ns : ns + nc]
+        visible = torch.isfinite(s[..., ns : ns + nc])
+        entry = {
+            "layer": self.layer_idx,
+            "tokens": nc,
+            "dropped_share": float((dropped & visible).float().mean()),
+            "mass_dropped": float(torch.where(dropped, p, 0.0).sum(-1).mean()),
+            "mass_bound": float(cq.dropped_mass_bound(upper, best_lower, dropped).mean()),
+            "mass_bound_max": float(cq.dropped_mass_bound(upper, best_lower, dropped).max()),
+            "mass_dropped_max": float(torch.where(dropped, p, 0.0).sum(-1).max()),
+        }
+        for m in (0.0, 5.0, 10.0):
+            entry[f"bound_prunes_m{m:g}"] = float((upper < best_lower - m).float().mean())
+        self.coarse_log.append(entry)
 
     def nbytes(self) -> int:
         """Bytes actually held: window, sink, and every stored block tensor."""
@@ -364,17 +443,31 @@ class CommVQCache(Cache):
         sink: int = 0,
         quantize_prefill: bool = False,
         graphs: bool = True,
+        coarse: cq.CoarseSettings | None = None,
     ) -> None:
         """``graphs``: on a GPU, run single-token decode steps as captured CUDA graphs where they
-        can be (:mod:`commvq.integrations.hf.graphs`; same results, less host time)."""
+        can be (:mod:`commvq.integrations.hf.graphs`; same results, less host time). ``coarse``:
+        score the compressed tokens coarse to fine (:mod:`commvq.quant.coarse`; the keys must
+        store the bound for its stages); None: exactly."""
         pool = GraphPool() if graphs else None
+        if coarse is not None and getattr(keys, "coarse_stages", None) != coarse.stages:
+            raise ValueError(
+                f"coarse decode over {coarse.stages} stages needs keys that store its bound: "
+                f"CommVQKeys(coarse_stages={coarse.stages})"
+            )
         super().__init__(
             layers=[
-                CommVQLayer(i, keys, values, window, sink, quantize_prefill, pool)
+                CommVQLayer(i, keys, values, window, sink, quantize_prefill, pool, coarse)
                 for i in range(num_layers)
             ]
         )
-        self.keys_part, self.values_part = keys, values
+        self.keys_part, self.values_part, self.coarse = keys, values, coarse
+
+    def record_coarse(self, log: list[dict] | None) -> None:
+        """Every coarse step of every layer appends its figures to ``log`` (None: stop); each
+        step then also scores every token exactly, to count the mass actually dropped."""
+        for layer in self.layers:
+            layer.coarse_log = log
 
     def load_prefill(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Every layer's :meth:`CommVQLayer.load_prefill` (e.g. from a ``DynamicCache`` that an
@@ -397,6 +490,8 @@ class CommVQCache(Cache):
         graphs: bool = True,
         beam: int | None = None,
         codec_dtype: torch.dtype = torch.float16,
+        decode: str = "exact",
+        coarse: cq.CoarseSettings | None = None,
     ) -> CommVQCache:
         """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense);
         ``graphs``: decode steps as CUDA graphs on a GPU (see ``__init__``); ``beam``: the key
@@ -404,9 +499,18 @@ class CommVQCache(Cache):
         trained for, from their config.json; 1: greedy). The codes' format is the same for every
         width. ``codec_dtype``: what the value codec's weights are held in (float16, half the
         memory of float32 at the same quality, measured; its arithmetic is float32 either way).
+        ``decode``: ``exact`` (every compressed token scored from all its stages) or ``coarse``
+        (scored from the first ``coarse.stages``, the best-ranked rescored exactly; ``coarse``:
+        its settings, default :class:`~commvq.quant.coarse.CoarseSettings`); the keys then also
+        store one byte per token and KV head.
 
         Switches ``model`` to the ``commvq`` attention (other caches keep working with it).
         """
+        if decode not in ("exact", "coarse"):
+            raise ValueError(f"decode={decode!r}: use exact or coarse")
+        if decode == "coarse" and key_dir is None:
+            raise ValueError("decode='coarse' needs CommVQ keys (a key_dir)")
+        coarse = (coarse or cq.CoarseSettings()) if decode == "coarse" else None
         spec = ModelSpec.from_config(model.config)
         check_supported(model)
         use_commvq(model)
@@ -423,6 +527,7 @@ class CommVQCache(Cache):
                 rotary.inv_freq.to(device),
                 float(getattr(rotary, "attention_scaling", 1.0)),
                 kernels=kernels,
+                coarse_stages=None if coarse is None else coarse.stages,
             )
         values: parts.ValuesPart = parts.DenseValues()
         if value_dir is not None:
@@ -432,7 +537,7 @@ class CommVQCache(Cache):
                 .held_in(codec_dtype)
             )
             values = parts.CommVQValues(codec, spec.num_kv_heads, kernels)
-        return cls(spec.num_layers, keys, values, window, sink, quantize_prefill, graphs)
+        return cls(spec.num_layers, keys, values, window, sink, quantize_prefill, graphs, coarse)
 
     @classmethod
     def baseline(

@@ -1,0 +1,195 @@
+"""Coarse-to-fine decode through the cache: all stages give the exact scores, the stored bound
+holds, a margin beyond any error keeps every token (outputs equal exact mode), and over a real
+forward pass the mass bound covers the mass actually dropped."""
+
+import math
+
+import pytest
+import torch
+
+from commvq import rope
+from commvq.codecs import cache_parts as parts
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.codecs.value_codec import ValueCodec
+from commvq.integrations.hf.attention import layer_for_attention
+from commvq.integrations.hf.cache import CommVQCache, CommVQLayer
+from commvq.integrations.hf.loader import load_model
+from commvq.quant.coarse import CoarseSettings
+
+
+def _parts(h=2, d=16, r=4, e=8, layers=1, stages=2):
+    torch.manual_seed(0)  # the value codec's own initialization: the same parts every call
+    g = torch.Generator().manual_seed(0)
+    decay = 0.3 * 0.4 ** torch.arange(r).float()[None, :, None, None]  # later stages add less
+    books = [
+        KeyCodebook(torch.randn(h, r, 2 * e, d // 2, generator=g) * decay, code_bits=6)
+        for _ in range(layers)
+    ]
+    keys = parts.CommVQKeys(books, rope.inv_freq(d, 1e4), rope_scale=0.9, coarse_stages=stages)
+    codec = ValueCodec(
+        layers, h * d, 2, {i: torch.rand(h * d, generator=g) + 0.5 for i in range(layers)}
+    )
+    return keys, parts.CommVQValues(codec, h)
+
+
+def _filled(coarse, b=2, h=2, d=16, t=75, window=16, stages=2, scoring="auto"):
+    keys, values = _parts(h, d, stages=stages)
+    keys.scoring = scoring
+    layer = CommVQLayer(0, keys, values, window=window, coarse=coarse)
+    g = torch.Generator().manual_seed(t)  # the same tokens for every mode
+    layer.update(torch.randn(b, h, t, d, generator=g), torch.randn(b, h, t, d, generator=g))
+    layer_for_attention()
+    layer.set_positions(None, t)
+    layer.flush()
+    return layer, keys
+
+
+@pytest.mark.parametrize("scoring", ["trick", "decode"])
+def test_all_stages_give_the_exact_scores_and_the_bound_holds(scoring):
+    layer, keys = _filled(None, stages=2, scoring=scoring)
+    block = layer.store["k"]
+    q = torch.randn(2, 4, 3, 16)
+    exact = keys.scores(0, q, block)
+    assert torch.allclose(keys.scores(0, q, block, stages=keys.stages), exact)
+    c = keys.coarse_scores(0, q, block)
+    width = keys.bound_width(block)  # [B, Hkv, N]
+    b = q.norm(dim=-1)[..., None] * width.repeat_interleave(2, 1)[:, :, None, :]
+    err = (exact - c).abs()
+    assert (err <= b).all() and (err > 0).any()
+    assert float((err / b).max()) > 0.05  # a bound, not a wild overestimate of every error
+
+
+def test_a_margin_beyond_any_error_keeps_every_token_and_equals_exact_mode():
+    q = torch.randn(2, 4, 1, 16)
+    exact_layer, _ = _filled(None)
+    want = exact_layer._mixed(q, None, 0.25)
+    keep_all = CoarseSettings(stages=2, keep=1.0, margin=1e9)
+    layer, _ = _filled(keep_all)
+    log = []
+    layer.coarse_log = log
+    got = layer._mixed(q, None, 0.25)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    assert log and log[0]["dropped_share"] == 0 and log[0]["mass_dropped"] == 0
+
+
+def test_a_small_budget_drops_tokens_within_the_mass_bound():
+    layer, _ = _filled(CoarseSettings(stages=1, keep=0.1, min_tokens=4), t=140)
+    log = []
+    layer.coarse_log = log
+    q = torch.randn(2, 4, 2, 16) * 3
+    out = layer._mixed(q, None, 0.25)
+    assert out.shape == (2, 4, 2, 16) and torch.isfinite(out).all()
+    (entry,) = log
+    assert entry["tokens"] == 128 and entry["dropped_share"] == pytest.approx(1 - 13 / 128)
+    assert 0 < entry["mass_dropped"] <= entry["mass_bound"]
+    assert entry["mass_dropped_max"] <= entry["mass_bound_max"]
+
+
+def test_a_margin_drops_what_the_bound_rules_out():
+    """margin 0: a kept token whose upper bound lies below its row's best lower bound gets no
+    weight; the rest of the budget keeps its exact scores."""
+    layer, _ = _filled(CoarseSettings(stages=1, keep=1.0, margin=0.0))
+    log = []
+    layer.coarse_log = log
+    q = torch.randn(2, 4, 1, 16) * 20  # sharp rows: the bound rules many tokens out
+    layer._mixed(q, None, 1.0)
+    (entry,) = log
+    assert entry["dropped_share"] == pytest.approx(entry["bound_prunes_m0"], abs=1e-6)
+    assert entry["dropped_share"] > 0 and entry["mass_dropped"] <= entry["mass_bound"] + 1e-6
+
+
+def test_coarse_needs_keys_that_store_the_bound():
+    keys, values = _parts(stages=2)
+    with pytest.raises(ValueError, match="coarse_stages=3"):
+        CommVQCache(1, keys, values, coarse=CoarseSettings(stages=3))
+    with pytest.raises(ValueError, match="between 1 and"):
+        _parts(stages=9)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    return load_model(str(tiny_models["llama"]), device="cpu").model
+
+
+def _save_books(tmp_path, model, r=4):
+    from commvq import io
+    from commvq.spec import ModelSpec
+
+    spec = ModelSpec.from_config(model.config)
+    folder = tmp_path / f"codebook_e2e_6bits_{spec.head_dim}group_{r}residuals"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(3)
+    for layer in range(spec.num_layers):
+        for h in range(spec.num_kv_heads):
+            thetas = torch.randn(r, 16, spec.head_dim // 2, generator=g) * 0.3
+            io.save_head(io.head_file(folder, layer, h), thetas, torch.ones(r), 1.0)
+    layout = io.CodebookLayout(6, spec.head_dim, r, e2e=True)
+    io.write_config(folder, layout, "e2e", spec, {"beam": 1})
+    return folder
+
+
+def test_generation_through_a_coarse_cache(tiny, tmp_path):
+    """A tiny model generates through the coarse mode; with every token kept and no margin it
+    generates what exact mode generates, and with a budget its log shows the bound held."""
+    from commvq.integrations.hf.attention import cache_kwargs
+
+    key_dir = _save_books(tmp_path, tiny)
+    ids = torch.randint(1, 300, (1, 70), generator=torch.Generator().manual_seed(0))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    exact = CommVQCache.from_pretrained(tiny, key_dir, window=16)
+    want = tiny.generate(ids, **kw, **cache_kwargs(tiny, exact))
+    every = CoarseSettings(stages=1, keep=1.0, margin=1e9)
+    same = CommVQCache.from_pretrained(tiny, key_dir, window=16, decode="coarse", coarse=every)
+    assert torch.equal(tiny.generate(ids, **kw, **cache_kwargs(tiny, same)), want)
+    small = CoarseSettings(stages=1, keep=0.25, min_tokens=8)
+    cache = CommVQCache.from_pretrained(tiny, key_dir, window=16, decode="coarse", coarse=small)
+    log = []
+    cache.record_coarse(log)
+    out = tiny.generate(ids, **kw, **cache_kwargs(tiny, cache))
+    assert out.shape == want.shape and log
+    assert all(e["mass_dropped"] <= e["mass_bound"] + 1e-6 for e in log)
+    assert any(e["dropped_share"] > 0 for e in log)
+    assert not math.isnan(sum(e["mass_bound"] for e in log))
+    with pytest.raises(ValueError, match="decode="):
+        CommVQCache.from_pretrained(tiny, key_dir, decode="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
+    """On a GPU: the coarse pass on the Triton kernel, the exact pass over the picked tokens and
+    the values over them, as one captured graph per step, against the torch path (every token
+    kept, so both pick the same); with a budget, graphs on and off give the same logits."""
+    from commvq.integrations.hf import use_commvq
+    from commvq.integrations.hf.attention import cache_kwargs
+
+    model = load_model(str(tiny_models["llama"]), model_dtype="float32", device="cuda").model
+    use_commvq(model)
+    g = torch.Generator().manual_seed(0)
+    decay = 0.3 * 0.5 ** torch.arange(4).float()[None, :, None, None]
+    books = [
+        KeyCodebook((torch.randn(2, 4, 128, 8, generator=g) * decay).cuda(), code_bits=12)
+        for _ in range(2)
+    ]
+    codec = ValueCodec(2, 32, 2, {i: torch.rand(32, generator=g) + 0.5 for i in range(2)}).cuda()
+    freqs = model.model.rotary_emb.inv_freq
+    ids = torch.randint(1, 300, (2, 90), generator=g).cuda()
+
+    def run(kernels, settings, graphs=True):
+        keys = parts.CommVQKeys(books, freqs, 1.0, kernels=kernels, coarse_stages=settings.stages)
+        values = parts.CommVQValues(codec, 2, kernels)
+        cache = CommVQCache(2, keys, values, window=16, graphs=graphs, coarse=settings)
+        with torch.no_grad():
+            model(ids[:, :60], use_cache=True, **cache_kwargs(model, cache))
+            steps = [
+                model(ids[:, i : i + 1], use_cache=True, **cache_kwargs(model, cache)).logits
+                for i in range(60, 90)
+            ]
+        return torch.cat(steps, 1)
+
+    every = CoarseSettings(stages=2, keep=1.0, margin=1e9)
+    assert torch.allclose(run("torch", every), run("triton", every), atol=2e-3, rtol=2e-3)
+    budget = CoarseSettings(stages=1, keep=0.3, min_tokens=8)
+    with_graphs, without = run("triton", budget), run("triton", budget, graphs=False)
+    assert torch.isfinite(with_graphs).all()
+    assert torch.allclose(with_graphs, without, atol=1e-4, rtol=1e-4)
