@@ -262,13 +262,18 @@ def measure(
     }
 
 
-def parse_args(doc: str, contexts: str) -> tuple[argparse.Namespace, torch.device]:
-    """The options the decode benchmarks share, and the device they run on."""
+def parse_args(
+    doc: str, contexts: str, extra: dict[str, str] | None = None
+) -> tuple[argparse.Namespace, torch.device]:
+    """The options the decode benchmarks share (plus ``extra``: option -> default), and the
+    device they run on."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--contexts", default=contexts)
-    ap.add_argument("--batch", default="1", help="sequences, or max (decode_attention only)")
-    ap.add_argument("--bits", default="2,1", help="bit widths to run (decode_attention only)")
+    ap.add_argument("--batch", default="1", help="sequences, or max (not decode_breakdown)")
+    ap.add_argument("--bits", default="2,1", help="bit widths to run (not decode_breakdown)")
     ap.add_argument("--small", action="store_true")
+    for name, default in (extra or {}).items():
+        ap.add_argument(name, default=default)
     return ap.parse_args(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on a lent GPU machine (device tool): GPU tests and the GPU benchmarks, logs under $OUT.
-# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests key_training profile profile_enc profile_stage decode_tests breakdown decode decode8 decodemax host generate generate_spread em_* e2e_* collect
+# Usage: bash scripts/gpu_session.sh [what ...]   what: tests train_tests key_training profile profile_enc profile_stage decode_tests coarse_tests coarse coarsemax breakdown decode decode8 decodemax host generate generate_spread em_* e2e_* collect
 set -uo pipefail
 . scripts/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -8,7 +8,10 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 for what in "$@"; do
   case $what in
     decode_tests) python3 -m pytest -q -x tests/kernels/test_decode.py tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/decode_tests.log" | tail -5 ;;
-    tests) python3 -m pytest -q -x tests/kernels tests/pipeline/test_collect.py tests/quant tests/integrations/test_cache.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -5
+    coarse_tests) python3 -m pytest -q -x tests/kernels/test_decode.py tests/integrations/test_coarse_decode.py -m gpu 2>&1 | tee "$OUT/coarse_tests.log" | tail -5 ;;
+    coarse) python3 benchmarks/decode_coarse.py 2>&1 | tee "$OUT/coarse.log" | grep -v "^{" | tail -30 ;;
+    coarsemax) python3 benchmarks/decode_coarse.py --batch max 2>&1 | tee "$OUT/coarsemax.log" | grep -v "^{" | tail -30 ;;
+    tests) python3 -m pytest -q -x tests/kernels tests/pipeline/test_collect.py tests/quant tests/integrations/test_cache.py tests/integrations/test_coarse_decode.py -m gpu 2>&1 | tee "$OUT/tests.log" | tail -5
            # the interpreter of triton < 3.9 fails on numpy 2 (a loop over a runtime int): CI runs
            # these with 3.9; here only where the installed triton is as new
            if python3 -c "import sys, triton; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) < (3, 9))"; then

@@ -11,14 +11,21 @@ import torch
 
 @torch.no_grad()
 def ppl_kl(
-    model: Any, ids: torch.Tensor, make_caches: dict[str, Callable[[], Any]], chunk: int, skip: int
+    model: Any,
+    ids: torch.Tensor,
+    make_caches: dict[str, Callable[[], Any]],
+    chunk: int,
+    skip: int,
+    pairs: dict[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per method: ``nll`` (sum), ``kl`` (sum), ``tokens`` over positions ``>= skip`` of
     ``ids [1, L]``.
 
     ``make_caches`` maps a method name to a factory of its cache; the reference is a plain
-    ``DynamicCache`` with exact attention.
+    ``DynamicCache`` with exact attention. ``pairs`` (method -> another of ``make_caches``): also
+    ``kl_pair`` (sum), the method's KL to that other method's next-token distribution.
     """
+    pairs = pairs or {}
     from commvq.integrations.hf.attention import cache_kwargs, exact_cache
 
     caches = {name: make() for name, make in make_caches.items()}
@@ -32,8 +39,9 @@ def ppl_kl(
         ref = torch.log_softmax(
             model(part, **cache_kwargs(model, ref_cache), use_cache=True).logits.float(), -1
         )
+        logps = {}
         for name, cache in caches.items():
-            logp = torch.log_softmax(
+            logp = logps[name] = torch.log_softmax(
                 model(part, **cache_kwargs(model, cache), use_cache=True).logits.float(), -1
             )
             nll = -logp.gather(-1, targets[..., None]).squeeze(-1)[0]
@@ -41,4 +49,7 @@ def ppl_kl(
             stats[name]["nll"] += float(nll[keep].sum())
             stats[name]["kl"] += float(kl[keep].sum())
             stats[name]["tokens"] += int(keep.sum())
+        for name, other in pairs.items():
+            kl = (logps[other].exp() * (logps[other] - logps[name])).sum(-1)[0]
+            stats[name]["kl_pair"] = stats[name].get("kl_pair", 0.0) + float(kl[keep].sum())
     return stats

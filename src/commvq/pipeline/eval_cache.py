@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,11 @@ def fingerprint(common: dict, part: str, settings: dict) -> str:
 
 
 def common_key(method: Any, model: str, device: str, window: int, sink: int) -> dict:
+    coarse = getattr(
+        method, "coarse", None
+    )  # only where set: exact methods' keys stay as they were
     return {
+        **({"coarse": asdict(coarse)} if coarse is not None else {}),
         "method": method.name,
         "beam": method.beam,
         "keys": folder_digest(method.key_dir),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,9 @@ class EvalConfig:
         meth.ALL,
         "comma list: fp16, kivi2, kivi1, commvq-{em,e2e}{2,1} (from --workdir), commvq, "
         "hf-quanto2, hf-quanto4 (transformers' QuantizedCache; needs optimum-quanto); "
-        "a CommVQ method + @B encodes keys with a beam of width B (commvq-em2@8)",
+        "a CommVQ method + @B encodes keys with a beam of width B (commvq-em2@8); + '+coarse' "
+        "decodes it coarse to fine (commvq-e2e2+coarse, with the --coarse_* settings; its KL to "
+        "the same method decoded exactly is reported)",
     )
     workdir: Path = option(Path("runs/embedded"), "folder holding codebook_*/ and value_codec_*/")
     key_dir: Path | None = option(None, "codebooks for method 'commvq'")
@@ -55,6 +57,13 @@ class EvalConfig:
     depths: str = option("0,0.5,1", "needle / pass key depths (comma list of fractions)")
     samples: int = option(
         2, "pass keys and needles per (length, depth); each needle reads other haystack text"
+    )
+    coarse_stages: int = option(2, "+coarse methods: residual stages of the coarse pass")
+    coarse_keep: float = option(1 / 32, "+coarse methods: share of tokens rescored exactly")
+    coarse_min_tokens: int = option(256, "+coarse methods: rescore at least this many tokens")
+    coarse_margin: float = option(
+        math.inf,
+        "+coarse methods: also drop tokens the bound puts this far (logits) below the best",
     )
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
@@ -76,10 +85,18 @@ class EvalConfig:
                 f"--depths {self.depths}: "
                 "give fractions of the context between 0 and 1 (e.g. 0,0.5,1)"
             )
+        self.coarse_settings()  # a bad --coarse_* value fails here, before any work
         if not _ints(self.lengths) or min(_ints(self.lengths)) < 1:
             raise ValueError(
                 f"--lengths {self.lengths}: give positive token counts (e.g. 512,1024)"
             )
+
+    def coarse_settings(self):
+        from commvq.quant.coarse import CoarseSettings
+
+        return CoarseSettings(
+            self.coarse_stages, self.coarse_keep, self.coarse_min_tokens, self.coarse_margin
+        )
 
 
 def heldout_docs(tokenizer: Any, n: int, tokens: int) -> list[list[int]]:
@@ -106,8 +123,14 @@ def run_ppl(cfg: EvalConfig, lm, methods: list[meth.Method]) -> dict[str, dict]:
         makers = {
             m.name: (lambda m=m: m.make_cache(lm.model, cfg.window, cfg.sink)) for m in methods
         }
-        for name, s in ppl_kl(lm.model, t, makers, cfg.ppl_chunk, skip=cfg.window).items():
-            per_doc.setdefault(name, []).append(s)
+        pairs = {m.name: m.exact_mode for m in methods if m.exact_mode}
+        for m in methods:  # the exact mode a coarse method is compared with, if not run itself
+            if m.exact_mode and m.exact_mode not in makers:
+                ref = replace(m, name=m.exact_mode, coarse=None, loaded={})
+                makers[ref.name] = lambda ref=ref: ref.make_cache(lm.model, cfg.window, cfg.sink)
+        stats = ppl_kl(lm.model, t, makers, cfg.ppl_chunk, skip=cfg.window, pairs=pairs)
+        for m in methods:
+            per_doc.setdefault(m.name, []).append(stats[m.name])
     return {name: pooled(stats) for name, stats in per_doc.items()}
 
 
@@ -115,12 +138,16 @@ def pooled(per_doc: list[dict]) -> dict:
     """Perplexity and KL over every scored token of the documents, and each document's KL
     (``kl_docs``: the spread a comparison between methods must beat)."""
     tokens = sum(s["tokens"] for s in per_doc)
-    return {
+    out = {
         "ppl": math.exp(sum(s["nll"] for s in per_doc) / tokens),
         "kl": sum(s["kl"] for s in per_doc) / tokens,
         "tokens": tokens,
         "kl_docs": [s["kl"] / s["tokens"] for s in per_doc],
     }
+    if all("kl_pair" in s for s in per_doc):  # a coarse method against its exact mode
+        out["kl_exact_mode"] = sum(s["kl_pair"] for s in per_doc) / tokens
+        out["kl_exact_mode_docs"] = [s["kl_pair"] / s["tokens"] for s in per_doc]
+    return out
 
 
 def run_retrieval(cfg: EvalConfig, lm, methods: list[meth.Method], kind: str) -> tuple[dict, dict]:
@@ -190,6 +217,7 @@ def run(cfg: EvalConfig) -> Path:
         cfg.workdir,
         cfg.key_dir,
         cfg.value_dir,
+        cfg.coarse_settings(),
     )
     suites = ("ppl", "passkey", "needle") if cfg.suite == "compare" else (cfg.suite,)
     settings = to_dict(cfg)
@@ -296,6 +324,7 @@ def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: di
         ("bytes/token/layer", "bytes_per_token_layer", "{:.1f}"),
         ("perplexity", "ppl", "{:.3f}"),
         ("KL vs exact", "kl", "{:.4f}"),
+        ("KL vs exact mode", "kl_exact_mode", "{:.5f}"),
         ("passkey", "passkey", "{:.0%}"),
         ("needle", "needle", "{:.0%}"),
     ]

@@ -338,7 +338,8 @@ class CommVQLayer(CacheLayerMixin):
             )
         pick = None
         if coarse:
-            s, pick = self._refine(qs, s, raw)
+            masked = attention_mask is not None or seen is not None or length is not None
+            s, pick = self._refine(qs, s, raw, masked)
             total, nc = s.shape[-1], pick.shape[1]
         p = torch.softmax(s, -1)
         if (
@@ -365,21 +366,20 @@ class CommVQLayer(CacheLayerMixin):
             raise ValueError(f"coarse decode needs CommVQ keys, not {self.keys_part.name}")
         return self.coarse.budget(nc) < nc or self.coarse.margin < float("inf")
 
-    def _refine(self, qs: torch.Tensor, s: torch.Tensor, raw: torch.Tensor):
+    def _refine(self, qs: torch.Tensor, s: torch.Tensor, raw: torch.Tensor, masked: bool):
         """The scores ``s`` (sink, coarse scores of the compressed tokens, masked, window) with the
         compressed columns replaced by the exact scores of the budget's best-ranked tokens, and
-        those tokens' indices ``[B, k]`` (see :mod:`commvq.quant.coarse`)."""
+        those tokens' indices ``[B, k]`` (see :mod:`commvq.quant.coarse`). ``masked``: whether a
+        mask touched ``s`` (``raw``: the coarse scores before it)."""
         ns, nc = self.num_sink, raw.shape[-1]
         c = s[..., ns : ns + nc]
         others = torch.cat((s[..., :ns], s[..., ns + nc :]), -1)
         others_best = others.amax(-1, keepdim=True)
         best = torch.maximum(c.amax(-1, keepdim=True), others_best)
         idx = cq.pick(cq.rank(c, best), self.coarse.budget(nc))
-        mask_terms = cq.take_cols(c - raw, idx)  # 0, -inf or an additive mask's values
-        exact = (
-            self.keys_part.scores(self.layer_idx, qs, parts.take_block(self.store["k"], idx))
-            + mask_terms
-        )
+        exact = self.keys_part.scores(self.layer_idx, qs, parts.take_block(self.store["k"], idx))
+        if masked:
+            exact = exact + cq.take_cols(c - raw, idx)  # 0, -inf or an additive mask's values
         if self.coarse.margin < float("inf") or self.coarse_log is not None:
             width = self.keys_part.bound_width(self.store["k"])  # [B, Hkv, N]
             heads = kv_head_of(qs.shape[1], width.shape[1], qs.device)

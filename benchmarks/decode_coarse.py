@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Coarse-to-fine decode against exact decode and FP16 SDPA, per layer per step, at Llama-3.1-8B
+shapes (32 query heads, 8 KV heads x 128, window 128), all in one run on one card. Both CommVQ
+modes run the cache's own step (``CommVQLayer._mixed`` on state built directly): launched from
+Python and as one CUDA graph.
+
+    python benchmarks/decode_coarse.py [--contexts 8192,32768,131072] [--batch 1 | --batch max]
+        [--bits 2,1] [--variants "1:0.03125;2:0.03125;2:0.015625"]
+
+A variant is ``S:keep``: the coarse pass sums the first S stages, and ``keep`` of the compressed
+tokens (at least 256) are rescored exactly. Random codes, codebooks and codec (speed does not
+depend on their values; which tokens are picked does not change the work). ``--batch max``: the
+largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all 32 layers), and FP16
+SDPA at that batch and at its own largest. A table and a last JSON line; ``--small``: tiny shapes
+(a CPU smoke test).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from _meta import commit_id
+except ImportError:
+    from benchmarks._meta import commit_id
+from decode_attention import (
+    bytes_per_token,
+    fp16_sdpa_ms,
+    graphed,
+    largest_batch,
+    make_state,
+    parse_args,
+    timed,
+)
+
+from commvq import rope
+from commvq.codecs import cache_parts as parts
+from commvq.codecs.key_codebook import KeyCodebook
+from commvq.codecs.value_codec import ValueCodec
+from commvq.integrations.hf.cache import CommVQLayer
+from commvq.quant import coarse as cq
+from commvq.quant.coarse import CoarseSettings
+
+
+def make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, stages):
+    """A cache layer holding ``st``'s codes (and a random bound byte per token and KV head)."""
+    keys = parts.CommVQKeys([KeyCodebook(st["thetas"], 12)], freqs, 1.0, coarse_stages=stages)
+    codec = ValueCodec(1, hkv * d, bits, {0: st["scale"].cpu()}).to(device)
+    layer = CommVQLayer(0, keys, parts.CommVQValues(codec, hkv), window=window)
+    n = st["kcodes"].shape[1]
+    tail = torch.randint(120, 220, (b, n, hkv), generator=gen, dtype=torch.uint8).to(device)
+    layer.store = {
+        "k": {"codes": st["kcodes"], "prescale": st["prescale"], "pos": st["pos"], "tail": tail},
+        "v": {"codes": st["vcodes"], "factor": st["factor"]},
+    }
+    layer.num_compressed = n
+    layer.win_k, layer.win_v = (
+        torch.randn(b, hkv, window, d, generator=gen).to(device, dtype) for _ in range(2)
+    )
+    layer.win_pos = torch.arange(n, n + window, device=device).expand(b, -1)
+    return layer
+
+
+def step_ms(layer, q, scaling, device) -> tuple[float, float]:
+    """The layer's decode step: launched, and replayed as one CUDA graph (nan without a GPU)."""
+    fn = lambda: layer._mixed(q, None, scaling)  # noqa: E731
+    replay = graphed(fn, device)
+    return timed(fn, device), (timed(replay, device) if replay else float("nan"))
+
+
+def parts_ms(layer, q, scaling, k, device) -> tuple[float, float]:
+    """Two parts of a coarse step: the coarse pass alone, and ranking and picking ``k`` tokens."""
+    qs, block = q.float() * scaling, layer.store["k"]
+    c = layer.keys_part.coarse_scores(0, qs, block)
+    return (
+        timed(lambda: layer.keys_part.coarse_scores(0, qs, block), device),
+        timed(lambda: cq.pick(cq.rank(c, c.amax(-1, keepdim=True)), k), device),
+    )
+
+
+def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
+    hq, hkv, d, window = shapes
+    r = round(bits * d / 12)
+    st = make_state(b, n, hkv, d, r, bits, device, gen)
+    q = torch.randn(b, hq, 1, d, generator=gen).to(device, dtype)
+    stages = sorted({s for s, _ in variants if s < r})
+    layer = make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, None)
+    exact, exact_graph = step_ms(layer, q, d**-0.5, device)
+    row = {"bits": bits, "context": n, "batch": b, "exact_ms": exact, "exact_graph_ms": exact_graph}
+    for s in stages:
+        layer.keys_part = make_layer(
+            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s
+        ).keys_part
+        layer.store["k"]["tail"] = torch.randint(120, 220, (b, n, hkv), dtype=torch.uint8).to(
+            device
+        )
+        for s_, keep in variants:
+            if s_ != s:
+                continue
+            layer.coarse = CoarseSettings(stages=s, keep=keep)
+            t, tg = step_ms(layer, q, d**-0.5, device)
+            row[f"coarse_S{s}_keep{keep:g}_ms"], row[f"coarse_S{s}_keep{keep:g}_graph_ms"] = t, tg
+            row[f"coarse_S{s}_keep{keep:g}_tokens"] = layer.coarse.budget(n)
+            tp, tk = parts_ms(layer, q, d**-0.5, layer.coarse.budget(n), device)
+            row[f"coarse_S{s}_pass_ms"], row[f"coarse_S{s}_keep{keep:g}_pick_ms"] = tp, tk
+        layer.coarse = None
+    layer.store = st = None  # free the codes before FP16's dense keys and values
+    k16, v16 = (torch.randn(b, hkv, n + window, d, device=device, dtype=dtype) for _ in range(2))
+    row["fp16_sdpa_ms"] = timed(
+        lambda: F.scaled_dot_product_attention(q, k16, v16, enable_gqa=True), device
+    )
+    return row
+
+
+def main() -> None:
+    args, device = parse_args(
+        __doc__, "8192,32768,131072", {"--variants": "1:0.03125;2:0.03125;2:0.015625"}
+    )
+    small = args.small
+    shapes = (32, 8, 128, 128) if not small else (4, 2, 16, 8)
+    hq, hkv, d, window = shapes
+    contexts = [int(c) for c in args.contexts.split(",")] if not small else [600]
+    variants = (
+        [(int(s), float(k)) for s, k in (v.split(":") for v in args.variants.split(";"))]
+        if not small
+        else [(1, 0.5)]
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    freqs = rope.inv_freq(d, 5e5).to(device)
+    gen = torch.Generator().manual_seed(0)
+    total = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 0
+    rows = []
+    for bits in (int(x) for x in args.bits.split(",")):
+        per_token = bytes_per_token(hkv, d, round(bits * d / 12), bits) + hkv  # + the bound byte
+        for n in contexts:
+            b = largest_batch(total, n, per_token) if args.batch == "max" else int(args.batch)
+            row = measure(b, n, bits, variants, shapes, device, dtype, freqs, gen)
+            if args.batch == "max":
+                b16 = max(1, largest_batch(total, n, 2 * hkv * d * 2))
+                row.update(
+                    fp16_max_batch=b16,
+                    fp16_at_max_ms=fp16_sdpa_ms(b16, n + window, hq, hkv, d, device, dtype),
+                )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(
+        f"card {card}; commit {commit_id()}; per layer per decode step, ms (graph: one CUDA graph)"
+    )
+    for r_ in rows:
+        fp16 = r_["fp16_sdpa_ms"]
+        print(
+            f"{r_['bits']}-bit {r_['context']:>7} x {r_['batch']:<4} FP16 SDPA {fp16:.3f}; "
+            f"exact {r_['exact_ms']:.3f} / {r_['exact_graph_ms']:.3f} "
+            f"({r_['exact_graph_ms'] / fp16:.2f}x)"
+        )
+        for s, keep in variants:
+            key = f"coarse_S{s}_keep{keep:g}"
+            if key + "_ms" in r_:
+                g = r_[key + "_graph_ms"]
+                print(
+                    f"    S={s} keep {keep:g} ({r_[key + '_tokens']} tokens): "
+                    f"{r_[key + '_ms']:.3f} / {g:.3f} ({g / fp16:.2f}x FP16); coarse pass "
+                    f"{r_[f'coarse_S{s}_pass_ms']:.3f}, rank and pick {r_[key + '_pick_ms']:.3f}"
+                )
+        if "fp16_max_batch" in r_:
+            best = min(r_[k] for k in r_ if k.startswith("coarse") and k.endswith("_graph_ms"))
+            print(
+                f"    sequences/ms: coarse (best variant) {r_['batch'] / best:.2f}, FP16 at its "
+                f"batch {r_['fp16_max_batch']}: {r_['fp16_max_batch'] / r_['fp16_at_max_ms']:.2f}"
+            )
+    print(json.dumps({"bench": "decode_coarse", "card": card, "rows": rows, "commit": commit_id()}))
+
+
+if __name__ == "__main__":
+    main()
