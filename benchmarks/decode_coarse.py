@@ -100,7 +100,7 @@ def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
         for s_, keep in variants:
             if s_ != s:
                 continue
-            layer.coarse = CoarseSettings(stages=s, keep=keep)
+            layer.coarse = CoarseSettings(stages=s, keep=keep, exact_layers=())
             t, tg = step_ms(layer, q, d**-0.5, device)
             row[f"coarse_S{s}_keep{keep:g}_ms"], row[f"coarse_S{s}_keep{keep:g}_graph_ms"] = t, tg
             row[f"coarse_S{s}_keep{keep:g}_tokens"] = layer.coarse.budget(n)

@@ -63,7 +63,7 @@ def test_a_margin_beyond_any_error_keeps_every_token_and_equals_exact_mode():
     q = torch.randn(2, 4, 1, 16)
     exact_layer, _ = _filled(None)
     want = exact_layer._mixed(q, None, 0.25)
-    keep_all = CoarseSettings(stages=2, keep=1.0, margin=1e9)
+    keep_all = CoarseSettings(stages=2, keep=1.0, margin=1e9, exact_layers=())
     layer, _ = _filled(keep_all)
     log = []
     layer.coarse_log = log
@@ -73,13 +73,15 @@ def test_a_margin_beyond_any_error_keeps_every_token_and_equals_exact_mode():
 
 
 def test_a_small_budget_drops_tokens_within_the_mass_bound():
-    layer, _ = _filled(CoarseSettings(stages=1, keep=0.1, min_tokens=4), t=140)
+    layer, _ = _filled(CoarseSettings(stages=1, keep=0.1, min_tokens=4, exact_layers=()), t=140)
     log = []
     layer.coarse_log = log
-    q = torch.randn(2, 4, 2, 16) * 3
+    q = torch.randn(2, 4, 1, 16) * 3
     out = layer._mixed(q, None, 0.25)
-    assert out.shape == (2, 4, 2, 16) and torch.isfinite(out).all()
+    assert out.shape == (2, 4, 1, 16) and torch.isfinite(out).all()
     (entry,) = log
+    layer._mixed(torch.randn(2, 4, 5, 16), None, 0.25)  # a chunk of queries attends exactly
+    assert len(log) == 1
     assert entry["tokens"] == 128 and entry["dropped_share"] == pytest.approx(1 - 13 / 128)
     assert 0 < entry["mass_dropped"] <= entry["mass_bound"]
     assert entry["mass_dropped_max"] <= entry["mass_bound_max"]
@@ -88,7 +90,7 @@ def test_a_small_budget_drops_tokens_within_the_mass_bound():
 def test_a_margin_drops_what_the_bound_rules_out():
     """margin 0: a kept token whose upper bound lies below its row's best lower bound gets no
     weight; the rest of the budget keeps its exact scores."""
-    layer, _ = _filled(CoarseSettings(stages=1, keep=1.0, margin=0.0))
+    layer, _ = _filled(CoarseSettings(stages=1, keep=1.0, margin=0.0, exact_layers=()))
     log = []
     layer.coarse_log = log
     q = torch.randn(2, 4, 1, 16) * 20  # sharp rows: the bound rules many tokens out
@@ -138,10 +140,10 @@ def test_generation_through_a_coarse_cache(tiny, tmp_path):
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
     exact = CommVQCache.from_pretrained(tiny, key_dir, window=16)
     want = tiny.generate(ids, **kw, **cache_kwargs(tiny, exact))
-    every = CoarseSettings(stages=1, keep=1.0, margin=1e9)
+    every = CoarseSettings(stages=1, keep=1.0, margin=1e9, exact_layers=())
     same = CommVQCache.from_pretrained(tiny, key_dir, window=16, decode="coarse", coarse=every)
     assert torch.equal(tiny.generate(ids, **kw, **cache_kwargs(tiny, same)), want)
-    small = CoarseSettings(stages=1, keep=0.25, min_tokens=8)
+    small = CoarseSettings(stages=1, keep=0.25, min_tokens=8, exact_layers=())
     cache = CommVQCache.from_pretrained(tiny, key_dir, window=16, decode="coarse", coarse=small)
     log = []
     cache.record_coarse(log)
@@ -187,9 +189,21 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
             ]
         return torch.cat(steps, 1)
 
-    every = CoarseSettings(stages=2, keep=1.0, margin=1e9)
+    every = CoarseSettings(stages=2, keep=1.0, margin=1e9, exact_layers=())
     assert torch.allclose(run("torch", every), run("triton", every), atol=2e-3, rtol=2e-3)
-    budget = CoarseSettings(stages=1, keep=0.3, min_tokens=8)
+    budget = CoarseSettings(stages=1, keep=0.3, min_tokens=8, exact_layers=())
     with_graphs, without = run("triton", budget), run("triton", budget, graphs=False)
     assert torch.isfinite(with_graphs).all()
     assert torch.allclose(with_graphs, without, atol=1e-4, rtol=1e-4)
+
+
+def test_exact_layers_attend_exactly():
+    layer, _ = _filled(CoarseSettings(stages=1, keep=0.1, min_tokens=4), t=140)  # layer 0
+    log = []
+    layer.coarse_log = log
+    q = torch.randn(2, 4, 1, 16)
+    exact_layer, _ = _filled(None, t=140)
+    assert torch.equal(layer._mixed(q, None, 0.25), exact_layer._mixed(q, None, 0.25))
+    assert not log
+    with pytest.raises(ValueError, match="exact_layers"):
+        CoarseSettings(exact_layers=(-1,))

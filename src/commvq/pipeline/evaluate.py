@@ -65,6 +65,7 @@ class EvalConfig:
         math.inf,
         "+coarse methods: also drop tokens the bound puts this far (logits) below the best",
     )
+    coarse_exact_layers: str = option("0", "+coarse methods: layers decoded exactly (comma list)")
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "seed of the pass keys and of the needles' haystack offsets")
@@ -95,7 +96,11 @@ class EvalConfig:
         from commvq.quant.coarse import CoarseSettings
 
         return CoarseSettings(
-            self.coarse_stages, self.coarse_keep, self.coarse_min_tokens, self.coarse_margin
+            self.coarse_stages,
+            self.coarse_keep,
+            self.coarse_min_tokens,
+            self.coarse_margin,
+            tuple(_ints(self.coarse_exact_layers)),
         )
 
 

@@ -34,12 +34,15 @@ class CoarseSettings:
     """``stages``: the residual stages the coarse pass sums (S); ``keep``: the share of compressed
     tokens scored exactly, at least ``min_tokens`` of them (the budget); ``margin`` (logits): also
     drop a kept token whose upper bound lies more than this below its row's best lower bound
-    (``inf``: the budget alone decides)."""
+    (``inf``: the budget alone decides); ``exact_layers``: layers decoded exactly all the same
+    (a layer whose attention spreads over most tokens, as the first layer's does, loses much of
+    its mass to any budget)."""
 
     stages: int = 2
     keep: float = 1 / 32
     min_tokens: int = 256
     margin: float = math.inf
+    exact_layers: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -50,6 +53,9 @@ class CoarseSettings:
             raise ValueError(f"coarse min_tokens={self.min_tokens}: must be at least 1")
         if not self.margin >= 0:
             raise ValueError(f"coarse margin={self.margin}: logits >= 0 (inf: budget only)")
+        object.__setattr__(self, "exact_layers", tuple(int(i) for i in self.exact_layers))
+        if any(i < 0 for i in self.exact_layers):
+            raise ValueError(f"coarse exact_layers={self.exact_layers}: layer indices >= 0")
 
     def budget(self, n: int) -> int:
         """Tokens scored exactly out of ``n`` compressed ones."""

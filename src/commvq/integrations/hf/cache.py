@@ -305,7 +305,7 @@ class CommVQLayer(CacheLayerMixin):
         if ns:
             scores.append(parts.grouped(qs, self.sink_k.float().transpose(-1, -2)))
         nc = self.num_compressed
-        coarse = self._coarse_applies(nc, copies)
+        coarse = self._coarse_applies(nc, copies, tq)
         if nc:
             raw = (
                 self.keys_part.coarse_scores(self.layer_idx, qs, self.store["k"])
@@ -356,11 +356,13 @@ class CommVQLayer(CacheLayerMixin):
             out = out + parts.grouped(p[..., ns + nc : ns + nc + nx], copies[1].float())
         return out
 
-    def _coarse_applies(self, nc: int, copies: tuple | None) -> bool:
-        """Whether this step scores the compressed tokens coarse to fine: a coarse layer over
-        CommVQ keys with more tokens than its budget (or a margin to apply), outside the
-        quantized prefill's own step."""
-        if self.coarse is None or not nc or copies is not None:
+    def _coarse_applies(self, nc: int, copies: tuple | None, tq: int) -> bool:
+        """Whether this step scores the compressed tokens coarse to fine: a decoding step (one
+        query token per sequence; a longer step, a chunk of a prefill, attends exactly) of a
+        coarse layer over CommVQ keys with more tokens than its budget (or a margin to apply)."""
+        if self.coarse is None or not nc or copies is not None or tq != 1:
+            return False
+        if self.layer_idx in self.coarse.exact_layers:
             return False
         if not hasattr(self.keys_part, "coarse_scores"):
             raise ValueError(f"coarse decode needs CommVQ keys, not {self.keys_part.name}")
@@ -417,7 +419,26 @@ class CommVQLayer(CacheLayerMixin):
         }
         for m in (0.0, 5.0, 10.0):
             entry[f"bound_prunes_m{m:g}"] = float((upper < best_lower - m).float().mean())
+        # the same budget picked from the exact scores (an oracle), and picked per KV head
+        k, c = idx.shape[1], s[..., ns : ns + nc]
+        exact = full[..., ns : ns + nc]
+        oracle = cq.pick(cq.rank(exact, full.amax(-1, keepdim=True)), k)
+        entry["mass_dropped_oracle"] = self._mass_outside(p, oracle)
+        hkv = self.keys_part.num_heads
+        for name, x, ref in (("coarse", c, s), ("oracle", exact, full)):
+            b, hq, tq, n = x.shape
+            rel = (x - ref.amax(-1, keepdim=True)).reshape(b, hkv, hq // hkv * tq, n).amax(2)
+            per_head = rel.topk(k, dim=-1).indices  # [B, Hkv, k]
+            keep = torch.zeros(b, hkv, n, dtype=torch.bool, device=x.device)
+            keep.scatter_(-1, per_head, True)
+            keep = keep.repeat_interleave(hq // hkv, 1)[:, :, None]
+            entry[f"mass_dropped_per_head_{name}"] = float(torch.where(keep, 0.0, p).sum(-1).mean())
         self.coarse_log.append(entry)
+
+    @staticmethod
+    def _mass_outside(p: torch.Tensor, idx: torch.Tensor) -> float:
+        """Mean over rows of the mass ``p [B, H, T, N]`` puts outside the tokens ``idx [B, k]``."""
+        return float((p.sum(-1) - cq.take_cols(p, idx).sum(-1)).mean())
 
     def nbytes(self) -> int:
         """Bytes actually held: window, sink, and every stored block tensor."""
