@@ -207,3 +207,17 @@ def test_exact_layers_attend_exactly():
     assert not log
     with pytest.raises(ValueError, match="exact_layers"):
         CoarseSettings(exact_layers=(-1,))
+
+
+def test_the_fast_path_picks_and_attends_as_the_path_with_bounds():
+    """Without margin and log the coarse pass ranks tokens without keeping their scores; with a
+    margin no bound can fail, the scores are kept: the same picks, the same output."""
+    q = torch.randn(2, 4, 1, 16) * 2
+    fast, _ = _filled(CoarseSettings(stages=1, keep=0.1, min_tokens=4, exact_layers=()), t=140)
+    slow, _ = _filled(
+        CoarseSettings(stages=1, keep=0.1, min_tokens=4, margin=1e9, exact_layers=()), t=140
+    )
+    exact, _ = _filled(None, t=140)
+    got, want = fast._mixed(q, None, 0.25), slow._mixed(q, None, 0.25)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, exact._mixed(q, None, 0.25), atol=1e-3)  # tokens were dropped

@@ -67,6 +67,12 @@ def _compare(device, cases):
             q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, stages=stages
         )
         assert _db(got_c, want_c) > 50, ("coarse", b, hkv, g, d, r, n, stages)
+        offsets = torch.randn(b, hkv * g, generator=gen).to(device)
+        got_r = decode.commvq_scores_triton(
+            q, packed, prescale, pos, thetas, freqs, 12, 0.7, stages=stages, offsets=offsets
+        )
+        want_r = (want_c - offsets[..., None]).amax(1)
+        assert _db(got_r, want_r) > 50, ("rank", b, hkv, g, d, r, n, stages)
         f = hkv * d
         groups = f * qbits // 2
         idx = torch.randint(0, 4, (b, n, groups), generator=gen).to(device)

@@ -250,6 +250,34 @@ class CommVQKeys(KeysPart):
         """Scores ``[B, Hq, Tq, N]`` from the first ``coarse_stages`` stages of each key only."""
         return self.scores(layer, q, block, self.coarse_stages)
 
+    def coarse_rank(
+        self, layer: int, q: torch.Tensor, block: dict, offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """Each token's best coarse score over the query rows ``q [B, Hq, 1, D]``, each row less
+        its offset ``[B, Hq, 1, 1]``: ``[B, N]`` (on the kernel without writing any score)."""
+        if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
+            from commvq.kernels.decode import commvq_scores_triton, prepare_tables
+
+            thetas = self.codebooks[layer].thetas
+            tables = rebuilt_on_change(
+                self._tables, layer, (thetas,), lambda: prepare_tables(thetas, self.kernel_style)
+            )
+            return commvq_scores_triton(
+                q[:, :, 0],
+                block["codes"],
+                block["prescale"],
+                block["pos"],
+                thetas,
+                self.inv_freq.to(q.device),
+                self.code_bits,
+                self.rope_scale,
+                style=self.kernel_style,
+                tables=tables,
+                stages=self.coarse_stages,
+                offsets=offsets.reshape(q.shape[0], q.shape[1]),
+            )
+        return (self.coarse_scores(layer, q, block) - offsets).amax(dim=(1, 2))
+
     def bound_width(self, block: dict) -> torch.Tensor:
         """``prescale * rope_scale * d`` per token and KV head ``[B, Hkv, N]``: times a query's
         norm, how far a coarse score can lie from the exact one."""

@@ -124,6 +124,7 @@ def _scores_regdecode_kernel(
     freq_ptr,
     q_ptr,
     out_ptr,
+    off_ptr,
     N,
     row_bytes,
     scale,
@@ -137,13 +138,16 @@ def _scores_regdecode_kernel(
     CODE_BITS: tl.constexpr,
     BN: tl.constexpr,
     FAST: tl.constexpr,
+    RANK: tl.constexpr,
 ):
     """The scores with each token's key assembled in registers from the codebook
     ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword
     ``a_A + i a_B`` is formed in the table's dtype and summed over stages in fp32; 2R gathered
     half-rows per token and KV head, the key never reaches memory; then one rotation per pair and a
     dot with each of the ``G`` query heads. Only the first ``S`` stages are summed (``S < R``: the
-    coarse scores of :mod:`commvq.quant.coarse`)."""
+    coarse scores of :mod:`commvq.quant.coarse`). ``RANK``: instead of the scores, each token's
+    rank ``max_j (score_j - off_j)`` over the query heads, folded into ``out [B, N]`` by an atomic
+    maximum over the KV heads (``out`` starts at -inf)."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -164,13 +168,19 @@ def _scores_regdecode_kernel(
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
     rre = kre * c - kim * s
     rim = kre * s + kim * c
+    best = tl.full([BN], float("-inf"), tl.float32)
     for j in tl.static_range(G):
         qh = q_ptr + ((b * HKV + h) * G + j) * D
         score = (
             tl.sum(rre * tl.load(qh + f)[None, :] + rim * tl.load(qh + P + f)[None, :], axis=1)
             * pre
         )
-        tl.store(out_ptr + ((b * HKV + h) * G + j) * N + t, score, mask=tmask)
+        if RANK:
+            best = tl.maximum(best, score - tl.load(off_ptr + (b * HKV + h) * G + j))
+        else:
+            tl.store(out_ptr + ((b * HKV + h) * G + j) * N + t, score, mask=tmask)
+    if RANK:
+        tl.atomic_max(out_ptr + b * N + t, best, mask=tmask)
 
 
 @triton.jit
@@ -289,6 +299,7 @@ def commvq_scores_triton(
     tables: tuple | None = None,
     num_warps: int = 4,
     stages: int | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` ("register decode,
@@ -296,7 +307,9 @@ def commvq_scores_triton(
     in fp32; the default), ``regdecode`` (the same from the fp32 codebook) or ``trick`` (per-query
     tables, the commutative trick; slow, kept as a check). ``tables``: :func:`prepare_tables` of
     ``thetas`` for this style, if already built. ``stages``: sum only the first ``stages`` residual
-    stages (the coarse scores; None: all of them, the exact scores)."""
+    stages (the coarse scores; None: all of them, the exact scores). ``offsets [B, Hq]``: return
+    instead each token's rank ``max_heads (score - offset)`` ``[B, N]`` (style ``regdecode16`` or
+    ``regdecode``)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:
@@ -306,7 +319,14 @@ def commvq_scores_triton(
     n = packed.shape[1]
     g = hq // hkv
     block = block or BLOCKS[style]
-    out = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
+    rank = offsets is not None
+    if rank and style == "trick":
+        raise ValueError("offsets (a rank) need style regdecode16 or regdecode")
+    out = (
+        torch.full((b, n), float("-inf"), device=q.device)
+        if rank
+        else torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
+    )
     if n == 0:
         return out
     grid = (triton.cdiv(n, block), hkv, b)
@@ -341,11 +361,13 @@ def commvq_scores_triton(
             *args,
             q.float().contiguous(),
             out,
+            offsets.float().contiguous() if rank else out,
             n,
             packed.shape[2],
             scale,
             BN=block,
             FAST=q.is_cuda,
+            RANK=rank,
             **common,
         )
     return out

@@ -20,10 +20,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from commvq import io
 from commvq.codecs import cache_parts as parts
 from commvq.codecs.value_codec import ValueCodec
+from commvq.integrations.hf import coarse_step
 from commvq.integrations.hf.attention import pass_to_attention, use_commvq
 from commvq.integrations.hf.graphs import DecodeGraph, GraphPool
 from commvq.integrations.hf.loader import check_supported
-from commvq.kernels.reference import kv_head_of
 from commvq.quant import coarse as cq
 from commvq.spec import ModelSpec
 
@@ -301,18 +301,14 @@ class CommVQLayer(CacheLayerMixin):
         win_k, win_v, length = window if window is not None else (self.win_k, self.win_v, None)
         w = win_k.shape[2]
         qs = query.float() * scaling  # scaled once here, not the scores of every cached token
+        nc = self.num_compressed
+        if self._coarse_applies(nc, copies, tq):
+            return coarse_step.attend(self, qs, attention_mask, win_k, win_v, length)
         scores = []
         if ns:
             scores.append(parts.grouped(qs, self.sink_k.float().transpose(-1, -2)))
-        nc = self.num_compressed
-        coarse = self._coarse_applies(nc, copies, tq)
         if nc:
-            raw = (
-                self.keys_part.coarse_scores(self.layer_idx, qs, self.store["k"])
-                if coarse
-                else self.keys_part.scores(self.layer_idx, qs, self.store["k"])
-            )
-            scores.append(raw)
+            scores.append(self.keys_part.scores(self.layer_idx, qs, self.store["k"]))
         nx = 0 if copies is None else copies[0].shape[2]
         if nx:
             scores.append(parts.grouped(qs, copies[0].float().transpose(-1, -2)))
@@ -336,11 +332,6 @@ class CommVQLayer(CacheLayerMixin):
             s[..., total - w :] = s[..., total - w :].masked_fill(
                 torch.arange(w, device=s.device) >= length, float("-inf")
             )
-        pick = None
-        if coarse:
-            masked = attention_mask is not None or seen is not None or length is not None
-            s, pick = self._refine(qs, s, raw, masked)
-            total, nc = s.shape[-1], pick.shape[1]
         p = torch.softmax(s, -1)
         if (
             attention_mask is not None
@@ -350,8 +341,9 @@ class CommVQLayer(CacheLayerMixin):
         if ns:
             out = out + parts.grouped(p[..., :ns], self.sink_v.float())
         if nc:
-            block = self.store["v"] if pick is None else parts.take_block(self.store["v"], pick)
-            out = out + self.values_part.values(self.layer_idx, p[..., ns : ns + nc], block)
+            out = out + self.values_part.values(
+                self.layer_idx, p[..., ns : ns + nc], self.store["v"]
+            )
         if nx:
             out = out + parts.grouped(p[..., ns + nc : ns + nc + nx], copies[1].float())
         return out
@@ -367,78 +359,6 @@ class CommVQLayer(CacheLayerMixin):
         if not hasattr(self.keys_part, "coarse_scores"):
             raise ValueError(f"coarse decode needs CommVQ keys, not {self.keys_part.name}")
         return self.coarse.budget(nc) < nc or self.coarse.margin < float("inf")
-
-    def _refine(self, qs: torch.Tensor, s: torch.Tensor, raw: torch.Tensor, masked: bool):
-        """The scores ``s`` (sink, coarse scores of the compressed tokens, masked, window) with the
-        compressed columns replaced by the exact scores of the budget's best-ranked tokens, and
-        those tokens' indices ``[B, k]`` (see :mod:`commvq.quant.coarse`). ``masked``: whether a
-        mask touched ``s`` (``raw``: the coarse scores before it)."""
-        ns, nc = self.num_sink, raw.shape[-1]
-        c = s[..., ns : ns + nc]
-        others = torch.cat((s[..., :ns], s[..., ns + nc :]), -1)
-        others_best = others.amax(-1, keepdim=True)
-        best = torch.maximum(c.amax(-1, keepdim=True), others_best)
-        idx = cq.pick(cq.rank(c, best), self.coarse.budget(nc))
-        exact = self.keys_part.scores(self.layer_idx, qs, parts.take_block(self.store["k"], idx))
-        if masked:
-            exact = exact + cq.take_cols(c - raw, idx)  # 0, -inf or an additive mask's values
-        if self.coarse.margin < float("inf") or self.coarse_log is not None:
-            width = self.keys_part.bound_width(self.store["k"])  # [B, Hkv, N]
-            heads = kv_head_of(qs.shape[1], width.shape[1], qs.device)
-            b = qs.norm(dim=-1)[..., None] * width[:, heads][:, :, None, :]
-            upper, best_lower = cq.bounds(c, b, others_best)
-            fails = cq.take_cols(upper, idx) < best_lower - self.coarse.margin
-            exact = exact.masked_fill(fails, float("-inf"))
-            if self.coarse_log is not None:
-                self._log(qs, s, raw, idx, fails, upper, best_lower)
-        out = torch.cat((s[..., :ns], exact, s[..., ns + nc :]), -1)
-        return out, idx
-
-    def _log(self, qs, s, raw, idx, fails, upper, best_lower) -> None:
-        """One coarse step's figures: the share of compressed tokens dropped, the mass the bound
-        allows them and the mass the exact softmax gives them (an exact pass over every token: a
-        diagnostic, not for speed), per query row averaged; and the share each margin's bound alone
-        would prune."""
-        ns, nc = self.num_sink, raw.shape[-1]
-        kept = torch.zeros_like(upper, dtype=torch.bool)
-        kept.scatter_(-1, idx[:, None, None, :].expand(*fails.shape), ~fails)
-        dropped = ~kept
-        exact_all = self.keys_part.scores(self.layer_idx, qs, self.store["k"])
-        full = s.clone()
-        full[..., ns : ns + nc] = exact_all + (s[..., ns : ns + nc] - raw)
-        p = torch.softmax(full, -1)[..., ns : ns + nc]
-        visible = torch.isfinite(s[..., ns : ns + nc])
-        entry = {
-            "layer": self.layer_idx,
-            "tokens": nc,
-            "dropped_share": float((dropped & visible).float().mean()),
-            "mass_dropped": float(torch.where(dropped, p, 0.0).sum(-1).mean()),
-            "mass_bound": float(cq.dropped_mass_bound(upper, best_lower, dropped).mean()),
-            "mass_bound_max": float(cq.dropped_mass_bound(upper, best_lower, dropped).max()),
-            "mass_dropped_max": float(torch.where(dropped, p, 0.0).sum(-1).max()),
-        }
-        for m in (0.0, 5.0, 10.0):
-            entry[f"bound_prunes_m{m:g}"] = float((upper < best_lower - m).float().mean())
-        # the same budget picked from the exact scores (an oracle), and picked per KV head
-        k, c = idx.shape[1], s[..., ns : ns + nc]
-        exact = full[..., ns : ns + nc]
-        oracle = cq.pick(cq.rank(exact, full.amax(-1, keepdim=True)), k)
-        entry["mass_dropped_oracle"] = self._mass_outside(p, oracle)
-        hkv = self.keys_part.num_heads
-        for name, x, ref in (("coarse", c, s), ("oracle", exact, full)):
-            b, hq, tq, n = x.shape
-            rel = (x - ref.amax(-1, keepdim=True)).reshape(b, hkv, hq // hkv * tq, n).amax(2)
-            per_head = rel.topk(k, dim=-1).indices  # [B, Hkv, k]
-            keep = torch.zeros(b, hkv, n, dtype=torch.bool, device=x.device)
-            keep.scatter_(-1, per_head, True)
-            keep = keep.repeat_interleave(hq // hkv, 1)[:, :, None]
-            entry[f"mass_dropped_per_head_{name}"] = float(torch.where(keep, 0.0, p).sum(-1).mean())
-        self.coarse_log.append(entry)
-
-    @staticmethod
-    def _mass_outside(p: torch.Tensor, idx: torch.Tensor) -> float:
-        """Mean over rows of the mass ``p [B, H, T, N]`` puts outside the tokens ``idx [B, k]``."""
-        return float((p.sum(-1) - cq.take_cols(p, idx).sum(-1)).mean())
 
     def nbytes(self) -> int:
         """Bytes actually held: window, sink, and every stored block tensor."""

@@ -1,0 +1,137 @@
+"""One decoding step of a cache layer, coarse to fine (:mod:`commvq.quant.coarse` has the math).
+
+Sink and window are scored exactly; every compressed token is scored from its first ``S`` stages
+and ranked; the ``budget`` best are scored exactly from all their stages and mix their values in
+one softmax with sink and window; the rest get no weight. On a GPU without a margin or a log the
+coarse pass writes each token's rank directly (no score per query head reaches memory); otherwise
+the coarse scores are kept, for the margin's bounds and the log's figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from commvq.codecs import cache_parts as parts
+from commvq.kernels.reference import kv_head_of
+from commvq.quant import coarse as cq
+
+
+def _bias(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
+    """The model's mask of the step's one query row as an additive bias ``[B|1, H|1, 1, total]``
+    (0 / -inf for a boolean mask), or None."""
+    if attention_mask is None:
+        return None
+    m = attention_mask[..., -1:, :total]
+    return torch.where(m, 0.0, float("-inf")) if m.dtype == torch.bool else m.float()
+
+
+def attend(
+    layer: Any,
+    qs: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    win_k: torch.Tensor,
+    win_v: torch.Tensor,
+    length: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention output ``[B, Hq, 1, D]`` of the scaled query ``qs [B, Hq, 1, D]`` over the layer's
+    sink, compressed tokens (coarse to fine) and window (``length``: how many of ``win_k``'s slots
+    hold it, as in :meth:`CommVQLayer._mixed`)."""
+    settings, keys = layer.coarse, layer.keys_part
+    ns, nc, w = layer.num_sink, layer.num_compressed, win_k.shape[2]
+    bias = _bias(attention_mask, ns + nc + w)
+    s_win = parts.grouped(qs, win_k.float().transpose(-1, -2))
+    if length is not None:  # the buffers' slots past the window
+        s_win = s_win.masked_fill(torch.arange(w, device=qs.device) >= length, float("-inf"))
+    s_sink = parts.grouped(qs, layer.sink_k.float().transpose(-1, -2)) if ns else s_win[..., :0]
+    if bias is not None:
+        s_sink, s_win = s_sink + bias[..., :ns], s_win + bias[..., ns + nc :]
+    others_best = torch.cat((s_sink, s_win), -1).amax(-1, keepdim=True)  # [B, Hq, 1, 1]
+    comp_bias = None if bias is None else bias[..., ns : ns + nc]
+    k = settings.budget(nc)
+    block = layer.store["k"]
+    if settings.margin == float("inf") and layer.coarse_log is None:
+        rank = keys.coarse_rank(layer.layer_idx, qs, block, others_best)  # [B, N]
+        if comp_bias is not None:  # a token no row may see ranks last
+            rank = rank + comp_bias.amax(dim=(1, 2))
+        idx, c, fails = cq.pick(rank, k), None, None
+    else:
+        c = keys.coarse_scores(layer.layer_idx, qs, block)
+        if comp_bias is not None:
+            c = c + comp_bias
+        idx = cq.pick(cq.rank(c, others_best), k)  # ranked as the fast path ranks
+        width = keys.bound_width(block)  # [B, Hkv, N]
+        heads = kv_head_of(qs.shape[1], width.shape[1], qs.device)
+        upper, best_lower = cq.bounds(
+            c, qs.norm(dim=-1)[..., None] * width[:, heads][:, :, None, :], others_best
+        )
+        fails = cq.take_cols(upper, idx) < best_lower - settings.margin
+    exact = keys.scores(layer.layer_idx, qs, parts.take_block(block, idx))
+    if comp_bias is not None:
+        exact = exact + cq.take_cols(comp_bias, idx)
+    if fails is not None:
+        exact = exact.masked_fill(fails, float("-inf"))
+        if layer.coarse_log is not None:
+            log_step(layer, qs, (s_sink, c, s_win), comp_bias, idx, fails, upper, best_lower)
+    p = torch.softmax(torch.cat((s_sink, exact, s_win), -1), -1)
+    if bias is not None:  # a row the mask hides entirely (padding) gives NaN: no weight
+        p = p.nan_to_num(0.0)
+    out = parts.grouped(p[..., ns + k :], win_v.float())
+    if ns:
+        out = out + parts.grouped(p[..., :ns], layer.sink_v.float())
+    values = parts.take_block(layer.store["v"], idx)
+    return out + layer.values_part.values(layer.layer_idx, p[..., ns : ns + k], values)
+
+
+def log_step(layer, qs, pieces, comp_bias, idx, fails, upper, best_lower) -> None:
+    """One coarse step's figures in ``layer.coarse_log``: the share of compressed tokens dropped,
+    the mass the bound allows them and the mass the exact softmax gives them (an exact pass over
+    every token: a diagnostic, not for speed), per query row averaged and largest; the share each
+    margin's bound alone would prune; and the mass dropped by the same budget picked from the
+    exact scores (an oracle) and per KV head (from the coarse and from the exact scores)."""
+    s_sink, c, s_win = pieces
+    kept = torch.zeros_like(c, dtype=torch.bool)
+    kept.scatter_(-1, idx[:, None, None, :].expand(*fails.shape), ~fails)
+    dropped = ~kept
+    exact = layer.keys_part.scores(layer.layer_idx, qs, layer.store["k"])
+    if comp_bias is not None:
+        exact = exact + comp_bias
+    full = torch.cat((s_sink, exact, s_win), -1)
+    ns, nc = s_sink.shape[-1], c.shape[-1]
+    p = torch.softmax(full, -1)[..., ns : ns + nc]
+    lost = torch.where(dropped, p, 0.0).sum(-1)
+    bound = cq.dropped_mass_bound(upper, best_lower, dropped)
+    entry = {
+        "layer": layer.layer_idx,
+        "tokens": nc,
+        "dropped_share": float((dropped & torch.isfinite(c)).float().mean()),
+        "mass_dropped": float(lost.mean()),
+        "mass_dropped_max": float(lost.max()),
+        "mass_bound": float(bound.mean()),
+        "mass_bound_max": float(bound.max()),
+    }
+    for m in (0.0, 5.0, 10.0):
+        entry[f"bound_prunes_m{m:g}"] = float((upper < best_lower - m).float().mean())
+    k = idx.shape[1]
+    oracle = cq.pick(cq.rank(exact, full.amax(-1, keepdim=True)), k)
+    entry["mass_dropped_oracle"] = float((p.sum(-1) - cq.take_cols(p, oracle).sum(-1)).mean())
+    others_best = torch.cat((s_sink, s_win), -1).amax(-1, keepdim=True)
+    for name, x in (("coarse", c), ("oracle", exact)):
+        best = torch.maximum(x.amax(-1, keepdim=True), others_best)
+        hkv = layer.keys_part.num_heads
+        entry[f"mass_dropped_per_head_{name}"] = _per_head_loss(x - best, p, k, hkv)
+    layer.coarse_log.append(entry)
+
+
+def _per_head_loss(rel: torch.Tensor, p: torch.Tensor, k: int, hkv: int) -> float:
+    """Mean mass ``p [B, Hq, 1, N]`` outside the ``k`` tokens each KV head would pick by ``rel``
+    (the best over its query heads) instead of one pick per sequence."""
+    b, hq, tq, n = rel.shape
+    if k >= n:
+        return 0.0
+    best = rel.reshape(b, hkv, hq // hkv * tq, n).amax(2)
+    keep = torch.zeros(b, hkv, n, dtype=torch.bool, device=rel.device)
+    keep.scatter_(-1, best.topk(k, dim=-1).indices, True)
+    keep = keep.repeat_interleave(hq // hkv, 1)[:, :, None]
+    return float(torch.where(keep, 0.0, p).sum(-1).mean())
