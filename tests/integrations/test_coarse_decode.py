@@ -178,7 +178,8 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     ids = torch.randint(1, 300, (2, 90), generator=g).cuda()
 
     def run(kernels, settings, graphs=True):
-        keys = parts.CommVQKeys(books, freqs, 1.0, kernels=kernels, coarse_stages=settings.stages)
+        stages = None if settings is None else settings.stages
+        keys = parts.CommVQKeys(books, freqs, 1.0, kernels=kernels, coarse_stages=stages)
         values = parts.CommVQValues(codec, 2, kernels)
         cache = CommVQCache(2, keys, values, window=16, graphs=graphs, coarse=settings)
         with torch.no_grad():
@@ -190,7 +191,19 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
         return torch.cat(steps, 1)
 
     every = CoarseSettings(stages=2, keep=1.0, margin=1e9, exact_layers=())
-    assert torch.allclose(run("torch", every), run("triton", every), atol=2e-3, rtol=2e-3)
+    got = {(k, m): run(k, m) for k in ("torch", "triton") for m in (None, every)}
+
+    def diff(a, b):  # the largest difference, and at which step
+        d = (got[a] - got[b]).abs().amax(dim=(0, 2))
+        return float(d.max()), int(d.argmax())
+
+    report = {
+        "torch coarse vs exact": diff(("torch", every), ("torch", None)),
+        "triton coarse vs exact": diff(("triton", every), ("triton", None)),
+        "coarse torch vs triton": diff(("torch", every), ("triton", every)),
+        "exact torch vs triton": diff(("torch", None), ("triton", None)),
+    }
+    assert all(v[0] < 5e-3 for v in report.values()), report
     budget = CoarseSettings(stages=1, keep=0.3, min_tokens=8, exact_layers=())
     with_graphs, without = run("triton", budget), run("triton", budget, graphs=False)
     assert torch.isfinite(with_graphs).all()

@@ -68,8 +68,8 @@ def _compare(device, cases):
         )
         assert _db(got_c, want_c) > 50, ("coarse", b, hkv, g, d, r, n, stages)
         offsets = torch.randn(b, hkv * g, generator=gen).to(device)
-        got_r = decode.commvq_scores_triton(
-            q, packed, prescale, pos, thetas, freqs, 12, 0.7, stages=stages, offsets=offsets
+        got_r = decode.commvq_rank_triton(
+            q, packed, prescale, pos, thetas, freqs, 12, offsets, stages, 0.7
         )
         want_r = (want_c - offsets[..., None]).amax(1)
         assert _db(got_r, want_r) > 50, ("rank", b, hkv, g, d, r, n, stages)

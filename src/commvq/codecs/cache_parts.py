@@ -255,14 +255,14 @@ class CommVQKeys(KeysPart):
     ) -> torch.Tensor:
         """Each token's best coarse score over the query rows ``q [B, Hq, 1, D]``, each row less
         its offset ``[B, Hq, 1, 1]``: ``[B, N]`` (on the kernel without writing any score)."""
-        if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
-            from commvq.kernels.decode import commvq_scores_triton, prepare_tables
+        if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
+            from commvq.kernels.decode import commvq_rank_triton, prepare_tables
 
             thetas = self.codebooks[layer].thetas
             tables = rebuilt_on_change(
                 self._tables, layer, (thetas,), lambda: prepare_tables(thetas, self.kernel_style)
             )
-            return commvq_scores_triton(
+            return commvq_rank_triton(
                 q[:, :, 0],
                 block["codes"],
                 block["prescale"],
@@ -270,11 +270,10 @@ class CommVQKeys(KeysPart):
                 thetas,
                 self.inv_freq.to(q.device),
                 self.code_bits,
+                offsets.reshape(q.shape[0], q.shape[1]),
+                self.coarse_stages,
                 self.rope_scale,
-                style=self.kernel_style,
                 tables=tables,
-                stages=self.coarse_stages,
-                offsets=offsets.reshape(q.shape[0], q.shape[1]),
             )
         return (self.coarse_scores(layer, q, block) - offsets).amax(dim=(1, 2))
 

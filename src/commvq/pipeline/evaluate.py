@@ -59,7 +59,7 @@ class EvalConfig:
         2, "pass keys and needles per (length, depth); each needle reads other haystack text"
     )
     coarse_stages: int = option(2, "+coarse methods: residual stages of the coarse pass")
-    coarse_keep: float = option(1 / 32, "+coarse methods: share of tokens rescored exactly")
+    coarse_keep: float = option(1 / 8, "+coarse methods: share of tokens rescored exactly")
     coarse_min_tokens: int = option(256, "+coarse methods: rescore at least this many tokens")
     coarse_margin: float = option(
         math.inf,
