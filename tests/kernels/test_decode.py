@@ -73,6 +73,14 @@ def _compare(device, cases):
         )
         want_r = (want_c - offsets[..., None]).amax(1)
         assert _db(got_r, want_r) > 50, ("rank", b, hkv, g, d, r, n, stages)
+        # exact scores of picked tokens, read through their indices
+        pick = torch.randint(0, n, (b, max(1, n // 3)), generator=gen).sort(1).values.to(device)
+        got_i = decode.commvq_scores_triton(
+            q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, index=pick
+        )
+        full = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7)
+        want_i = torch.gather(full, 2, pick[:, None].expand(-1, hkv * g, -1))
+        assert torch.allclose(got_i, want_i, atol=1e-5), ("index", b, hkv, g, d, r, n)
         f = hkv * d
         groups = f * qbits // 2
         idx = torch.randint(0, 4, (b, n, groups), generator=gen).to(device)
@@ -96,6 +104,17 @@ def _compare(device, cases):
         assert torch.equal(got_v, dense), (
             "a strided slice and its contiguous copy give the same values"
         )
+        # values of picked tokens, read through their indices, against a gathered block
+        from commvq.quant.coarse import take_rows
+
+        probs_k = probs[..., : pick.shape[1]].contiguous()
+        got_iv = decode.commvq_values_triton(
+            probs_k, vpacked, factor, codebook, scale, hkv, index=pick
+        )
+        want_iv = decode.commvq_values_triton(
+            probs_k, take_rows(vpacked, pick), take_rows(factor, pick), codebook, scale, hkv
+        )
+        assert torch.allclose(got_iv, want_iv, atol=1e-5), ("values index", b, hkv, g, d, n)
 
 
 GRID = [

@@ -85,6 +85,10 @@ class KeysPart:
     def scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def scores_at(self, layer: int, q: torch.Tensor, block: dict, index: torch.Tensor):
+        """``scores`` of the stored tokens ``index [B, k]`` only: ``[B, Hq, Tq, k]``."""
+        return self.scores(layer, q, take_block(block, index))
+
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token work for ``q`` runs on kernels a CUDA graph can capture
         (default: no)."""
@@ -102,6 +106,10 @@ class ValuesPart:
 
     def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def values_at(self, layer: int, probs: torch.Tensor, block: dict, index: torch.Tensor):
+        """``values`` of the stored tokens ``index [B, k]`` weighted by ``probs [B, Hq, Tq, k]``."""
+        return self.values(layer, probs, take_block(block, index))
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token mixing for ``q`` runs on kernels a CUDA graph can capture
@@ -246,6 +254,13 @@ class CommVQKeys(KeysPart):
             out["tail"] = coarse.tail_code(d.t()).reshape(b, n, h)
         return out
 
+    def scores_at(self, layer: int, q: torch.Tensor, block: dict, index: torch.Tensor):
+        """Exact scores of the stored tokens ``index [B, k]``: on the kernel read through the index
+        (no gathered copy of their codes), else of a gathered block."""
+        if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
+            return self.scores(layer, q, block, index=index)
+        return self.scores(layer, q, take_block(block, index))
+
     def coarse_scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
         """Scores ``[B, Hq, Tq, N]`` from the first ``coarse_stages`` stages of each key only."""
         return self.scores(layer, q, block, self.coarse_stages)
@@ -297,7 +312,12 @@ class CommVQKeys(KeysPart):
         return hq * tq * self.stages < self.num_heads * self.stages * 2 + hq * tq * 2
 
     def scores(
-        self, layer: int, q: torch.Tensor, block: dict, stages: int | None = None
+        self,
+        layer: int,
+        q: torch.Tensor,
+        block: dict,
+        stages: int | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Scores ``[B, Hq, Tq, N]`` of the keys' codes; ``stages``: from the first ``stages``
         residual stages only (None: all, the exact scores)."""
@@ -320,6 +340,7 @@ class CommVQKeys(KeysPart):
                 style=self.kernel_style,
                 tables=tables,
                 stages=stages,
+                index=index,
             )
             return s[:, :, None]
         b, n = block["codes"].shape[:2]
@@ -370,7 +391,14 @@ class CommVQValues(ValuesPart):
         )
         return {"codes": packed.reshape(b, n, -1), "factor": factor.reshape(b, n).half()}
 
-    def values(self, layer: int, probs: torch.Tensor, block: dict) -> torch.Tensor:
+    def values_at(self, layer: int, probs: torch.Tensor, block: dict, index: torch.Tensor):
+        return self.values(layer, probs, block, index)
+
+    def values(
+        self, layer: int, probs: torch.Tensor, block: dict, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``index [B, k]``: ``probs``' tokens are those stored tokens (read through it on the
+        kernel, gathered in torch)."""
         lc = self.codec.layers[layer]
         if _use_kernels(self.kernels, probs, probs.shape[2], lc.width // self.num_kv_heads):
             from commvq.kernels.decode import commvq_values_triton, value_table
@@ -389,8 +417,11 @@ class CommVQValues(ValuesPart):
                 lc.scale,
                 self.num_kv_heads,
                 table=table,
+                index=index,
             )
             return out[:, :, None]
+        if index is not None:
+            block = take_block(block, index)
         idx = unpack_2bit(block["codes"], lc.groups)
         return ref.commvq_values(
             probs, idx, block["factor"], lc.codebook.detach(), lc.scale, self.num_kv_heads

@@ -124,7 +124,9 @@ def _scores_regdecode_kernel(
     freq_ptr,
     q_ptr,
     out_ptr,
+    idx_ptr,
     N,
+    NS,
     row_bytes,
     scale,
     R: tl.constexpr,
@@ -137,20 +139,23 @@ def _scores_regdecode_kernel(
     CODE_BITS: tl.constexpr,
     BN: tl.constexpr,
     FAST: tl.constexpr,
+    HAS_IDX: tl.constexpr,
 ):
     """The scores with each token's key assembled in registers from the codebook
     ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword
     ``a_A + i a_B`` is formed in the table's dtype and summed over stages in fp32; 2R gathered
     half-rows per token and KV head, the key never reaches memory; then one rotation per pair and a
     dot with each of the ``G`` query heads. Only the first ``S`` stages are summed (``S < R``: the
-    coarse scores of :mod:`commvq.quant.coarse`)."""
+    coarse scores of :mod:`commvq.quant.coarse`). ``HAS_IDX``: output ``t`` scores the stored
+    token ``idx[b, t]`` of ``NS`` (the picks of a coarse step), else token ``t`` itself."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     t = pid_n * BN + tl.arange(0, BN)
     tmask = t < N
+    src = tl.load(idx_ptr + b * N + t, mask=tmask, other=0) if HAS_IDX else t
     f = tl.arange(0, P)
-    row = codes_ptr + (b * N + t) * row_bytes
+    row = codes_ptr + (b * NS + src) * row_bytes
     kre = tl.zeros([BN, P], tl.float32)
     kim = tl.zeros([BN, P], tl.float32)
     for r in range(S):  # the first S of the row's R stages (S = R: the exact scores)
@@ -159,8 +164,8 @@ def _scores_regdecode_kernel(
         rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
         kre += (tl.load(ra) - tl.load(rb + P)).to(tl.float32)
         kim += (tl.load(ra + P) + tl.load(rb)).to(tl.float32)
-    pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32) * scale
-    pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
+    pre = tl.load(prescale_ptr + b * NS + src, mask=tmask, other=0.0).to(tl.float32) * scale
+    pos = tl.load(pos_ptr + b * NS + src, mask=tmask, other=0).to(tl.float32)
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
     rre = kre * c - kim * s
     rim = kre * s + kim * c
@@ -237,7 +242,9 @@ def _values_kernel(
     factor_ptr,
     codes_ptr,
     out_ptr,
+    idx_ptr,
     N,
+    NS,
     row_bytes,
     tokens_per_prog,
     p_sb,
@@ -247,6 +254,7 @@ def _values_kernel(
     NBITS: tl.constexpr,
     BK: tl.constexpr,
     BF: tl.constexpr,
+    HAS_IDX: tl.constexpr,
 ):
     """``out[b, split, hq, k] = sum_n p[b, hq, n] f[b, n] bits[b, n, k]`` over this split's
     tokens."""
@@ -265,8 +273,9 @@ def _values_kernel(
     for n0 in range(start, start + tokens_per_prog, BK):
         n = n0 + tl.arange(0, BK)
         nmask = n < N
+        src = tl.load(idx_ptr + b * N + n, mask=nmask, other=0) if HAS_IDX else n
         packed = tl.load(
-            codes_ptr + (b * N + n[:, None]) * row_bytes + byte[None, :],
+            codes_ptr + (b * NS + src[:, None]) * row_bytes + byte[None, :],
             mask=nmask[:, None],
             other=0,
         ).to(tl.int32)  # [BK, BF // 8]
@@ -277,7 +286,7 @@ def _values_kernel(
             .to(tl.int16)
             .to(tl.float16, bitcast=True)
         )
-        f = tl.load(factor_ptr + b * N + n, mask=nmask, other=0.0).to(tl.float32)
+        f = tl.load(factor_ptr + b * NS + src, mask=nmask, other=0.0).to(tl.float32)
         p = tl.load(
             p_ptr + b * p_sb + hq[:, None] * p_sh + n[None, :],
             mask=(hq[:, None] < HQ) & nmask[None, :],
@@ -347,6 +356,7 @@ def commvq_scores_triton(
     tables: tuple | None = None,
     num_warps: int = 4,
     stages: int | None = None,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` ("register decode,
@@ -354,16 +364,20 @@ def commvq_scores_triton(
     in fp32; the default), ``regdecode`` (the same from the fp32 codebook) or ``trick`` (per-query
     tables, the commutative trick; slow, kept as a check). ``tables``: :func:`prepare_tables` of
     ``thetas`` for this style, if already built. ``stages``: sum only the first ``stages`` residual
-    stages (the coarse scores; None: all of them, the exact scores)."""
+    stages (the coarse scores; None: all of them, the exact scores). ``index [B, K]``: score only
+    those stored tokens (``[B, Hq, K]``; regdecode styles)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:
         tables = prepare_tables(thetas, style)
     b, hq, d = q.shape
     hkv, r, e2, _ = thetas.shape
-    n = packed.shape[1]
+    ns = packed.shape[1]
+    n = ns if index is None else index.shape[1]
     g = hq // hkv
     block = block or BLOCKS[style]
+    if index is not None and style == "trick":
+        raise ValueError("index needs style regdecode16 or regdecode")
     out = torch.empty(b, hq, n, device=q.device, dtype=torch.float32)
     if n == 0:
         return out
@@ -399,11 +413,14 @@ def commvq_scores_triton(
             *args,
             q.float().contiguous(),
             out,
+            out if index is None else index.contiguous(),
             n,
+            ns,
             packed.shape[2],
             scale,
             BN=block,
             FAST=q.is_cuda,
+            HAS_IDX=index is not None,
             **common,
         )
     return out
@@ -507,12 +524,13 @@ def commvq_values_triton(
     block_tokens: int = 64,
     num_warps: int = 4,
     table: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_n p_n v_hat_n`` per query head: ``probs [B, Hq, N]`` -> ``[B, Hq, D]`` (fp32).
 
     Split-K over tokens: ``tokens_per_prog`` (default: :func:`values_split`) tokens per program,
     partial sums added afterwards. ``table``: :func:`value_table` of ``codebook`` and ``scale``, if
-    already built."""
+    already built. ``index [B, N]``: ``probs``' token ``n`` is the stored token ``index[b, n]``."""
     b, hq, n = probs.shape
     nbits = codebook.shape[0]
     hqp = max(16, triton.next_power_of_2(hq))
@@ -531,7 +549,9 @@ def commvq_values_triton(
         factor.contiguous(),
         packed.contiguous(),
         part,
+        part if index is None else index.contiguous(),
         n,
+        packed.shape[1],
         packed.shape[2],
         tokens_per_prog,
         p.stride(0),
@@ -541,6 +561,7 @@ def commvq_values_triton(
         NBITS=nbits,
         BK=block_tokens,
         BF=bf,
+        HAS_IDX=index is not None,
         num_warps=num_warps,
     )
     return mix_values(

@@ -67,7 +67,7 @@ def attend(
             c, qs.norm(dim=-1)[..., None] * width[:, heads][:, :, None, :], others_best
         )
         fails = cq.take_cols(upper, idx) < best_lower - settings.margin
-    exact = keys.scores(layer.layer_idx, qs, parts.take_block(block, idx))
+    exact = keys.scores_at(layer.layer_idx, qs, block, idx)
     if comp_bias is not None:
         exact = exact + cq.take_cols(comp_bias, idx)
     if fails is not None:
@@ -80,8 +80,8 @@ def attend(
     out = parts.grouped(p[..., ns + k :], win_v.float())
     if ns:
         out = out + parts.grouped(p[..., :ns], layer.sink_v.float())
-    values = parts.take_block(layer.store["v"], idx)
-    return out + layer.values_part.values(layer.layer_idx, p[..., ns : ns + k], values)
+    store_v = layer.store["v"]
+    return out + layer.values_part.values_at(layer.layer_idx, p[..., ns : ns + k], store_v, idx)
 
 
 def log_step(layer, qs, pieces, comp_bias, idx, fails, upper, best_lower) -> None:
