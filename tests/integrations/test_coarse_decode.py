@@ -203,6 +203,8 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
         "coarse torch vs triton": diff(("torch", every), ("triton", every)),
         "exact torch vs triton": diff(("torch", None), ("triton", None)),
     }
+    # 30 steps through two flushes (the exact-mode test compares 5 steps at 2e-3): float16
+    # codebook rows on the kernels against float32 in torch, accumulated over more steps
     assert all(v[0] < 5e-3 for v in report.values()), report
     budget = CoarseSettings(stages=1, keep=0.3, min_tokens=8, exact_layers=())
     with_graphs, without = run("triton", budget), run("triton", budget, graphs=False)
