@@ -21,6 +21,7 @@ def _db(x, ref):
 
 def _compare(device, cases):
     from commvq import rope
+    from commvq.kernels import coarse as coarse_kernels
     from commvq.kernels import decode
     from commvq.kernels import reference as ref
     from commvq.quant.packing import pack_2bit, pack_codes
@@ -68,7 +69,7 @@ def _compare(device, cases):
         )
         assert _db(got_c, want_c) > 50, ("coarse", b, hkv, g, d, r, n, stages)
         offsets = torch.randn(b, hkv * g, generator=gen).to(device)
-        got_r = decode.commvq_rank_triton(
+        got_r = coarse_kernels.commvq_rank_triton(
             q, packed, prescale, pos, thetas, freqs, 12, offsets, stages, 0.7
         )
         want_r = (want_c - offsets[..., None]).amax(1)

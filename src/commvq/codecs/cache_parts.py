@@ -271,7 +271,8 @@ class CommVQKeys(KeysPart):
         """Each token's best coarse score over the query rows ``q [B, Hq, 1, D]``, each row less
         its offset ``[B, Hq, 1, 1]``: ``[B, N]`` (on the kernel without writing any score)."""
         if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
-            from commvq.kernels.decode import commvq_rank_triton, prepare_tables
+            from commvq.kernels.coarse import commvq_rank_triton
+            from commvq.kernels.decode import prepare_tables
 
             thetas = self.codebooks[layer].thetas
             tables = rebuilt_on_change(

@@ -179,64 +179,6 @@ def _scores_regdecode_kernel(
 
 
 @triton.jit
-def _rank_kernel(
-    a_ptr,
-    codes_ptr,
-    prescale_ptr,
-    pos_ptr,
-    freq_ptr,
-    q_ptr,
-    off_ptr,
-    out_ptr,
-    N,
-    row_bytes,
-    scale,
-    R: tl.constexpr,
-    S: tl.constexpr,
-    E: tl.constexpr,
-    G: tl.constexpr,
-    D: tl.constexpr,
-    P: tl.constexpr,
-    HKV: tl.constexpr,
-    CODE_BITS: tl.constexpr,
-    BN: tl.constexpr,
-    FAST: tl.constexpr,
-):
-    """Each token's coarse rank ``max over query heads (score - off)`` ``out [B, N]``: the scores
-    of :func:`_scores_regdecode_kernel` from the first ``S`` stages, every KV head in one program,
-    so that the token's rotation is computed once and no score reaches memory."""
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1)
-    t = pid_n * BN + tl.arange(0, BN)
-    tmask = t < N
-    f = tl.arange(0, P)
-    row = codes_ptr + (b * N + t) * row_bytes
-    pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32) * scale
-    pos = tl.load(pos_ptr + b * N + t, mask=tmask, other=0).to(tl.float32)
-    c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
-    best = tl.full([BN], float("-inf"), tl.float32)
-    for h in range(HKV):
-        kre = tl.zeros([BN, P], tl.float32)
-        kim = tl.zeros([BN, P], tl.float32)
-        for r in range(S):
-            code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
-            ra = a_ptr + ((h * R + r) * E + code // E)[:, None] * D + f[None, :]
-            rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
-            kre += (tl.load(ra) - tl.load(rb + P)).to(tl.float32)
-            kim += (tl.load(ra + P) + tl.load(rb)).to(tl.float32)
-        rre = kre * c - kim * s
-        rim = kre * s + kim * c
-        for j in tl.static_range(G):
-            qh = q_ptr + ((b * HKV + h) * G + j) * D
-            score = (
-                tl.sum(rre * tl.load(qh + f)[None, :] + rim * tl.load(qh + P + f)[None, :], axis=1)
-                * pre
-            )
-            best = tl.maximum(best, score - tl.load(off_ptr + (b * HKV + h) * G + j))
-    tl.store(out_ptr + b * N + t, best, mask=tmask)
-
-
-@triton.jit
 def _values_kernel(
     p_ptr,
     factor_ptr,
@@ -423,62 +365,6 @@ def commvq_scores_triton(
             HAS_IDX=index is not None,
             **common,
         )
-    return out
-
-
-def commvq_rank_triton(
-    q: torch.Tensor,
-    packed: torch.Tensor,
-    prescale: torch.Tensor,
-    positions: torch.Tensor,
-    thetas: torch.Tensor,
-    inv_freq: torch.Tensor,
-    code_bits: int,
-    offsets: torch.Tensor,
-    stages: int,
-    scale: float = 1.0,
-    tables: tuple | None = None,
-    block: int = 64,
-    num_warps: int = 4,
-) -> torch.Tensor:
-    """Each token's coarse rank ``[B, N]``: the best over the query heads ``q [B, Hq, D]`` of its
-    score from the first ``stages`` stages (as :func:`commvq_scores_triton` computes it) less the
-    head's ``offsets [B, Hq]``. ``tables``: :func:`prepare_tables` (``regdecode16``), if built."""
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("commvq_rank_triton needs CUDA tensors")
-    tables = tables if tables else prepare_tables(thetas, "regdecode16")
-    b, hq, d = q.shape
-    hkv, r, e2, _ = thetas.shape
-    n = packed.shape[1]
-    if not 1 <= stages <= r:
-        raise ValueError(f"stages={stages}: between 1 and the codebooks' {r} stages")
-    out = torch.empty(b, n, device=q.device, dtype=torch.float32)
-    if n == 0:
-        return out
-    _rank_kernel[(triton.cdiv(n, block), b)](
-        tables[0],
-        packed.contiguous(),
-        prescale.contiguous(),
-        positions.contiguous(),
-        inv_freq.float().contiguous(),
-        q.float().contiguous(),
-        offsets.float().contiguous(),
-        out,
-        n,
-        packed.shape[2],
-        scale,
-        R=r,
-        S=stages,
-        E=e2 // 2,
-        G=hq // hkv,
-        D=d,
-        P=d // 2,
-        HKV=hkv,
-        CODE_BITS=code_bits,
-        BN=block,
-        FAST=q.is_cuda,
-        num_warps=num_warps,
-    )
     return out
 
 
