@@ -6,7 +6,8 @@ dense for the identity baseline), and a full-precision window of the most recent
 tokens, flushed to codes every ``window`` new tokens. Prefill attention is exact unless
 ``quantize_prefill``. Decode attention scores keys from their codes (the Triton kernel assembles
 each key in registers; torch uses the commutative trick or a transient decode) and mixes values from
-codes, in one softmax with the window.
+codes, in one softmax with the window; or coarse to fine (``decode="coarse"``,
+:mod:`commvq.integrations.hf.coarse_step`).
 """
 
 from __future__ import annotations
@@ -60,12 +61,10 @@ class CommVQLayer(CacheLayerMixin):
         self.window, self.sink, self.quantize_prefill = window, sink, quantize_prefill
         self.win_k = self.win_v = self.win_pos = None  # [B, H, w, D], [B, w]
         self.sink_k = self.sink_v = None
-        self.store: dict[str, dict[str, torch.Tensor]] | None = (
-            None  # compressed tokens, oldest first
-        )
-        self.store_version = (
-            0  # moves whenever ``store`` is replaced (a captured step reads its tensors)
-        )
+        # compressed tokens, oldest first; the version moves whenever ``store`` is replaced (a
+        # captured step reads its tensors)
+        self.store: dict[str, dict[str, torch.Tensor]] | None = None
+        self.store_version = 0
         self.num_compressed = 0
         self.graph = DecodeGraph(graphs) if graphs is not None else None
 
@@ -302,7 +301,7 @@ class CommVQLayer(CacheLayerMixin):
         w = win_k.shape[2]
         qs = query.float() * scaling  # scaled once here, not the scores of every cached token
         nc = self.num_compressed
-        if self._coarse_applies(nc, copies, tq):
+        if coarse_step.applies(self, nc, copies, tq):
             return coarse_step.attend(self, qs, attention_mask, win_k, win_v, length)
         scores = []
         if ns:
@@ -348,18 +347,6 @@ class CommVQLayer(CacheLayerMixin):
             out = out + parts.grouped(p[..., ns + nc : ns + nc + nx], copies[1].float())
         return out
 
-    def _coarse_applies(self, nc: int, copies: tuple | None, tq: int) -> bool:
-        """Whether this step scores the compressed tokens coarse to fine: a decoding step (one
-        query token per sequence; a longer step, a chunk of a prefill, attends exactly) of a
-        coarse layer over CommVQ keys with more tokens than its budget (or a margin to apply)."""
-        if self.coarse is None or not nc or copies is not None or tq != 1:
-            return False
-        if self.layer_idx in self.coarse.exact_layers:
-            return False
-        if not hasattr(self.keys_part, "coarse_scores"):
-            raise ValueError(f"coarse decode needs CommVQ keys, not {self.keys_part.name}")
-        return self.coarse.budget(nc) < nc or self.coarse.margin < float("inf")
-
     def nbytes(self) -> int:
         """Bytes actually held: window, sink, and every stored block tensor."""
         tensors = [
@@ -391,11 +378,7 @@ class CommVQCache(Cache):
         score the compressed tokens coarse to fine (:mod:`commvq.quant.coarse`; the keys must
         store the bound for its stages); None: exactly."""
         pool = GraphPool() if graphs else None
-        if coarse is not None and getattr(keys, "coarse_stages", None) != coarse.stages:
-            raise ValueError(
-                f"coarse decode over {coarse.stages} stages needs keys that store its bound: "
-                f"CommVQKeys(coarse_stages={coarse.stages})"
-            )
+        coarse_step.check_keys(keys, coarse)
         super().__init__(
             layers=[
                 CommVQLayer(i, keys, values, window, sink, quantize_prefill, pool, coarse)

@@ -18,6 +18,30 @@ from commvq.kernels.reference import kv_head_of
 from commvq.quant import coarse as cq
 
 
+def check_keys(keys: Any, settings: cq.CoarseSettings | None) -> None:
+    """A coarse cache needs keys that store the bound of its stages."""
+    if settings is not None and getattr(keys, "coarse_stages", None) != settings.stages:
+        raise ValueError(
+            f"coarse decode over {settings.stages} stages needs keys that store its bound: "
+            f"CommVQKeys(coarse_stages={settings.stages})"
+        )
+
+
+def applies(layer: Any, nc: int, copies: tuple | None, tq: int) -> bool:
+    """Whether ``layer``'s step scores its ``nc`` compressed tokens coarse to fine: a decoding step
+    (one query token per sequence; a longer step, a chunk of a prefill, attends exactly; so does
+    the quantized prefill's own step, ``copies``) of a coarse layer not in ``exact_layers``, with
+    more tokens than its budget (or a margin to apply)."""
+    settings = layer.coarse
+    if settings is None or not nc or copies is not None or tq != 1:
+        return False
+    if layer.layer_idx in settings.exact_layers:
+        return False
+    if not hasattr(layer.keys_part, "coarse_scores"):
+        raise ValueError(f"coarse decode needs CommVQ keys, not {layer.keys_part.name}")
+    return settings.budget(nc) < nc or settings.margin < float("inf")
+
+
 def _bias(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
     """The model's mask of the step's one query row as an additive bias ``[B|1, H|1, 1, total]``
     (0 / -inf for a boolean mask), or None."""
