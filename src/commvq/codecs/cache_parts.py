@@ -272,26 +272,25 @@ class CommVQKeys(KeysPart):
         its offset ``[B, Hq, 1, 1]``: ``[B, N]`` (on the kernel without writing any score)."""
         if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
             from commvq.kernels.coarse import commvq_rank_triton
-            from commvq.kernels.decode import prepare_tables
 
-            thetas = self.codebooks[layer].thetas
-            tables = rebuilt_on_change(
-                self._tables, layer, (thetas,), lambda: prepare_tables(thetas, self.kernel_style)
-            )
+            args, tables = self._kernel_inputs(layer, q, block)
+            offsets = offsets.reshape(q.shape[0], q.shape[1])
             return commvq_rank_triton(
-                q[:, :, 0],
-                block["codes"],
-                block["prescale"],
-                block["pos"],
-                thetas,
-                self.inv_freq.to(q.device),
-                self.code_bits,
-                offsets.reshape(q.shape[0], q.shape[1]),
-                self.coarse_stages,
-                self.rope_scale,
-                tables=tables,
+                *args, offsets, self.coarse_stages, self.rope_scale, tables=tables
             )
         return (self.coarse_scores(layer, q, block) - offsets).amax(dim=(1, 2))
+
+    def _kernel_inputs(self, layer: int, q: torch.Tensor, block: dict) -> tuple[tuple, tuple]:
+        """The decode kernels' first arguments (query, codes, prescales, positions, codebooks,
+        RoPE frequencies, code bits) and the layer's tables, built once per codebook."""
+        from commvq.kernels.decode import prepare_tables
+
+        thetas = self.codebooks[layer].thetas
+        tables = rebuilt_on_change(
+            self._tables, layer, (thetas,), lambda: prepare_tables(thetas, self.kernel_style)
+        )
+        inputs = (block["codes"], block["prescale"], block["pos"], thetas)
+        return (q[:, :, 0], *inputs, self.inv_freq.to(q.device), self.code_bits), tables
 
     def bound_width(self, block: dict) -> torch.Tensor:
         """``prescale * rope_scale * d`` per token and KV head ``[B, Hkv, N]``: times a query's
@@ -323,20 +322,11 @@ class CommVQKeys(KeysPart):
         """Scores ``[B, Hq, Tq, N]`` of the keys' codes; ``stages``: from the first ``stages``
         residual stages only (None: all, the exact scores)."""
         if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
-            from commvq.kernels.decode import commvq_scores_triton, prepare_tables
+            from commvq.kernels.decode import commvq_scores_triton
 
-            thetas = self.codebooks[layer].thetas
-            tables = rebuilt_on_change(
-                self._tables, layer, (thetas,), lambda: prepare_tables(thetas, self.kernel_style)
-            )
+            args, tables = self._kernel_inputs(layer, q, block)
             s = commvq_scores_triton(
-                q[:, :, 0],
-                block["codes"],
-                block["prescale"],
-                block["pos"],
-                thetas,
-                self.inv_freq.to(q.device),
-                self.code_bits,
+                *args,
                 self.rope_scale,
                 style=self.kernel_style,
                 tables=tables,

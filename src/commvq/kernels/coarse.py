@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.kernels.decode import _load_code, _rotation, prepare_tables
+from commvq.kernels.decode import _key_sum, _rotation, prepare_tables
 
 
 @triton.jit
@@ -53,14 +53,7 @@ def _rank_kernel(
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
     best = tl.full([BN], float("-inf"), tl.float32)
     for h in range(HKV):
-        kre = tl.zeros([BN, P], tl.float32)
-        kim = tl.zeros([BN, P], tl.float32)
-        for r in range(S):
-            code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
-            ra = a_ptr + ((h * R + r) * E + code // E)[:, None] * D + f[None, :]
-            rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
-            kre += (tl.load(ra) - tl.load(rb + P)).to(tl.float32)
-            kim += (tl.load(ra + P) + tl.load(rb)).to(tl.float32)
+        kre, kim = _key_sum(a_ptr, row, row_bytes, h, tmask, R, S, E, D, P, CODE_BITS, BN)
         rre = kre * c - kim * s
         rim = kre * s + kim * c
         for j in tl.static_range(G):

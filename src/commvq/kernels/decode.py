@@ -101,6 +101,36 @@ def _scores_kernel(
 
 
 @triton.jit
+def _key_sum(
+    a_ptr,
+    row,
+    row_bytes,
+    h,
+    tmask,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    E: tl.constexpr,
+    D: tl.constexpr,
+    P: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    BN: tl.constexpr,
+):
+    """``(re, im) [BN, P]`` (fp32) of each token's KV head ``h`` summed over its first ``S`` of
+    ``R`` stages: per stage the codeword ``a_A + i a_B`` from the codebook ``a [Hkv, R, E, D]``
+    (``[Re a_e | Im a_e]``), formed in the table's dtype."""
+    f = tl.arange(0, P)
+    kre = tl.zeros([BN, P], tl.float32)
+    kim = tl.zeros([BN, P], tl.float32)
+    for r in range(S):  # the first S of the row's R stages (S = R: the exact scores)
+        code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
+        ra = a_ptr + ((h * R + r) * E + code // E)[:, None] * D + f[None, :]
+        rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
+        kre += (tl.load(ra) - tl.load(rb + P)).to(tl.float32)
+        kim += (tl.load(ra + P) + tl.load(rb)).to(tl.float32)
+    return kre, kim
+
+
+@triton.jit
 def _rotation(pos, freq, FAST: tl.constexpr):
     """``cos, sin`` of the float32 angles ``pos * freq`` (as the model computes them). ``FAST`` (on
     a GPU): reduced to ``[-pi, pi]`` by ``2 pi`` in two float32 parts with fused multiply-adds (each
@@ -156,14 +186,7 @@ def _scores_regdecode_kernel(
     src = tl.load(idx_ptr + b * N + t, mask=tmask, other=0) if HAS_IDX else t
     f = tl.arange(0, P)
     row = codes_ptr + (b * NS + src) * row_bytes
-    kre = tl.zeros([BN, P], tl.float32)
-    kim = tl.zeros([BN, P], tl.float32)
-    for r in range(S):  # the first S of the row's R stages (S = R: the exact scores)
-        code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
-        ra = a_ptr + ((h * R + r) * E + code // E)[:, None] * D + f[None, :]
-        rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
-        kre += (tl.load(ra) - tl.load(rb + P)).to(tl.float32)
-        kim += (tl.load(ra + P) + tl.load(rb)).to(tl.float32)
+    kre, kim = _key_sum(a_ptr, row, row_bytes, h, tmask, R, S, E, D, P, CODE_BITS, BN)
     pre = tl.load(prescale_ptr + b * NS + src, mask=tmask, other=0.0).to(tl.float32) * scale
     pos = tl.load(pos_ptr + b * NS + src, mask=tmask, other=0).to(tl.float32)
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
