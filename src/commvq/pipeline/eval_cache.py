@@ -59,9 +59,8 @@ def fingerprint(common: dict, part: str, settings: dict) -> str:
 
 
 def common_key(method: Any, model: str, device: str, window: int, sink: int) -> dict:
-    coarse = getattr(
-        method, "coarse", None
-    )  # only where set: exact methods' keys stay as they were
+    # only where set, so that the keys of methods decoded exactly stay as they were
+    coarse = getattr(method, "coarse", None)
     return {
         **({"coarse": asdict(coarse)} if coarse is not None else {}),
         "method": method.name,
