@@ -5,11 +5,10 @@ modes run the cache's own step (``CommVQLayer._mixed`` on state built directly):
 Python and as one CUDA graph.
 
     python benchmarks/decode_coarse.py [--contexts 8192,32768,131072] [--batch 1 | --batch max]
-        [--bits 2,1] [--variants "1:0.03125:0;1:0.03125:2048;2:0.125:2048"]
+        [--bits 2,1] [--variants "1:0.03125;2:0.03125;2:0.125"]
 
-A variant is ``S:keep:block``: the coarse pass sums the first S stages, and ``keep`` of the
-compressed tokens (at least 256) are rescored exactly, picked by one top-k (``block`` 0) or in two
-rounds over blocks of that many tokens (:func:`commvq.quant.coarse.pick`). Random codes,
+A variant is ``S:keep``: the coarse pass sums the first S stages, and ``keep`` of the compressed
+tokens (at least 256), picked by one top-k, are rescored exactly. Random codes,
 codebooks and codec (speed does not depend on their values; which tokens are picked does not
 change the work). ``--batch max``: the largest batch whose coarse cache fits beside
 Llama-3.1-8B's bf16 weights (all 32 layers), and FP16 SDPA at that batch and at its own largest.
@@ -72,7 +71,7 @@ def step_ms(layer, q, scaling, device) -> tuple[float, float]:
     return timed(fn, device), (timed(replay, device) if replay else float("nan"))
 
 
-def parts_ms(layer, q, scaling, k, block, device) -> tuple[float, float]:
+def parts_ms(layer, q, scaling, k, device) -> tuple[float, float]:
     """Two parts of a coarse step: the coarse pass alone (ranks written, as the step runs it),
     and picking ``k`` tokens by those ranks."""
     qs, store = q.float() * scaling, layer.store["k"]
@@ -80,7 +79,7 @@ def parts_ms(layer, q, scaling, k, block, device) -> tuple[float, float]:
     rank = layer.keys_part.coarse_rank(0, qs, store, off)
     return (
         timed(lambda: layer.keys_part.coarse_rank(0, qs, store, off), device),
-        timed(lambda: cq.pick(rank, k, block), device),
+        timed(lambda: cq.pick(rank, k), device),
     )
 
 
@@ -89,7 +88,7 @@ def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
     r = round(bits * d / 12)
     st = make_state(b, n, hkv, d, r, bits, device, gen)
     q = torch.randn(b, hq, 1, d, generator=gen).to(device, dtype)
-    stages = sorted({s for s, _, _ in variants if s < r})
+    stages = sorted({s for s, _ in variants if s < r})
     layer = make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, None)
     exact, exact_graph = step_ms(layer, q, d**-0.5, device)
     row = {"bits": bits, "context": n, "batch": b, "exact_ms": exact, "exact_graph_ms": exact_graph}
@@ -100,15 +99,15 @@ def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
         layer.store["k"]["tail"] = torch.randint(120, 220, (b, n, hkv), dtype=torch.uint8).to(
             device
         )
-        for s_, keep, block in variants:
+        for s_, keep in variants:
             if s_ != s:
                 continue
-            layer.coarse = CoarseSettings(stages=s, keep=keep, exact_layers=(), pick_block=block)
-            key = f"coarse_S{s}_keep{keep:g}_block{block}"
+            layer.coarse = CoarseSettings(stages=s, keep=keep, exact_layers=())
+            key = f"coarse_S{s}_keep{keep:g}"
             row[key + "_ms"], row[key + "_graph_ms"] = step_ms(layer, q, d**-0.5, device)
             row[key + "_tokens"] = k = layer.coarse.budget(n)
             row[f"coarse_S{s}_pass_ms"], row[key + "_pick_ms"] = parts_ms(
-                layer, q, d**-0.5, k, block, device
+                layer, q, d**-0.5, k, device
             )
         layer.coarse = None
     layer.store = st = None  # free the codes before FP16's dense keys and values
@@ -123,16 +122,16 @@ def main() -> None:
     args, device = parse_args(
         __doc__,
         "8192,32768,131072",
-        {"--variants": "1:0.03125:0;1:0.03125:2048;2:0.03125:2048;1:0.0625:2048;2:0.125:2048"},
+        {"--variants": "1:0.03125;2:0.03125;1:0.0625;2:0.125"},
     )
     small = args.small
     shapes = (32, 8, 128, 128) if not small else (4, 2, 16, 8)
     hq, hkv, d, window = shapes
     contexts = [int(c) for c in args.contexts.split(",")] if not small else [600]
     variants = (
-        [(int(s), float(k), int(b)) for s, k, b in (v.split(":") for v in args.variants.split(";"))]
+        [(int(s), float(k)) for s, k in (v.split(":") for v in args.variants.split(";"))]
         if not small
-        else [(1, 0.5, 0), (1, 0.25, 64)]
+        else [(1, 0.5), (1, 0.25)]
     )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     freqs = rope.inv_freq(d, 5e5).to(device)
@@ -165,12 +164,12 @@ def main() -> None:
             f"exact {r_['exact_ms']:.3f} / {r_['exact_graph_ms']:.3f} "
             f"({r_['exact_graph_ms'] / fp16:.2f}x)"
         )
-        for s, keep, block in variants:
-            key = f"coarse_S{s}_keep{keep:g}_block{block}"
+        for s, keep in variants:
+            key = f"coarse_S{s}_keep{keep:g}"
             if key + "_ms" in r_:
                 g = r_[key + "_graph_ms"]
                 print(
-                    f"    S={s} keep {keep:g} pick blocks {block} ({r_[key + '_tokens']} tokens): "
+                    f"    S={s} keep {keep:g} ({r_[key + '_tokens']} tokens): "
                     f"{r_[key + '_ms']:.3f} / {g:.3f} ({g / fp16:.2f}x FP16); coarse pass "
                     f"{r_[f'coarse_S{s}_pass_ms']:.3f}, pick {r_[key + '_pick_ms']:.3f}"
                 )

@@ -83,19 +83,3 @@ def test_mass_bound_covers_the_exact_softmax_mass_of_dropped_tokens():
         assert (upper >= exact - 1e-6).all() and (
             best_lower <= torch.cat((exact, others), -1).amax(-1, keepdim=True) + 1e-6
         ).all()
-
-
-def test_two_round_pick_finds_the_top_k_when_no_block_holds_more_than_its_offer():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(2, 10_000, generator=g)
-    want = coarse.pick(scores, 50)
-    got = coarse.pick(scores, 50, block=1000)  # 10 blocks offer 20 each: spread top 50 fits
-    assert torch.equal(got, want)
-    # a block holding all of the top k: it offers only 4k/blocks of them
-    crowded = scores.clone()
-    crowded[:, 2000:2050] += 100
-    got = coarse.pick(crowded, 50, block=1000)
-    assert got.shape == (2, 50) and (got[:, 1:] > got[:, :-1]).all()
-    assert (got < 10_000).all() and len(set(got[0].tolist()) & set(range(2000, 2050))) == 20
-    tail = coarse.pick(scores[:, :9_500], 50, block=1000)  # the partial block offers every token
-    assert torch.equal(tail, coarse.pick(scores[:, :9_500], 50))

@@ -259,7 +259,7 @@ class CommVQKeys(KeysPart):
         (no gathered copy of their codes), else of a gathered block."""
         if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
             return self.scores(layer, q, block, index=index)
-        return self.scores(layer, q, take_block(block, index))
+        return super().scores_at(layer, q, block, index)
 
     def coarse_scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
         """Scores ``[B, Hq, Tq, N]`` from the first ``coarse_stages`` stages of each key only."""

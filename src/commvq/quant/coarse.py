@@ -43,7 +43,6 @@ class CoarseSettings:
     min_tokens: int = 256
     margin: float = math.inf
     exact_layers: tuple[int, ...] = (0,)
-    pick_block: int = 0  # 0: one exact top-k; else :func:`pick`'s two rounds over such blocks
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -55,8 +54,6 @@ class CoarseSettings:
         if not self.margin >= 0:
             raise ValueError(f"coarse margin={self.margin}: logits >= 0 (inf: budget only)")
         object.__setattr__(self, "exact_layers", tuple(int(i) for i in self.exact_layers))
-        if self.pick_block < 0:
-            raise ValueError(f"coarse pick_block={self.pick_block}: 0 (exact) or a block size")
         if any(i < 0 for i in self.exact_layers):
             raise ValueError(f"coarse exact_layers={self.exact_layers}: layer indices >= 0")
 
@@ -97,32 +94,11 @@ def rank(coarse: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
     return (coarse - best).amax(dim=(1, 2))
 
 
-def pick(scores: torch.Tensor, k: int, block: int = 0) -> torch.Tensor:
-    """The ``k`` highest of ``scores [B, N]``, as indices in increasing order ``[B, k]``.
-
-    ``block`` > 0: in two rounds, cheaper on a GPU than one top-k over a long row: each whole
-    block of ``block`` tokens offers its best ``4 k / blocks`` (the last, partial block all of its
-    tokens), and the ``k`` best of those offers are taken; a block holding more than its offer of
-    the true top ``k`` loses the rest (an approximation)."""
-    b, n = scores.shape
-    if k >= n:
-        return torch.arange(n, device=scores.device).expand(b, -1)
-    whole = n // block if block else 0
-    offer = -(-4 * k // max(1, whole))
-    if whole < 2 or offer >= block:
-        return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
-    top = scores[:, : whole * block].reshape(b, whole, block).topk(offer, dim=-1, sorted=False)
-    start = torch.arange(whole, device=scores.device)[:, None] * block
-    cand = torch.cat(((top.indices + start).reshape(b, -1), _tail(scores, whole * block)), 1)
-    values = torch.cat((top.values.reshape(b, -1), scores[:, whole * block :]), 1)
-    chosen = values.topk(k, dim=1, sorted=False).indices
-    return cand.gather(1, chosen).sort(dim=1).values
-
-
-def _tail(scores: torch.Tensor, start: int) -> torch.Tensor:
-    """Indices ``start..N-1`` for every row."""
-    idx = torch.arange(start, scores.shape[1], device=scores.device)
-    return idx.expand(scores.shape[0], -1)
+def pick(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest of ``scores [B, N]``, as indices in increasing order ``[B, k]``."""
+    if k >= scores.shape[1]:
+        return torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
+    return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
 def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -79,12 +79,12 @@ def attend(
         rank = keys.coarse_rank(layer.layer_idx, qs, block, others_best)  # [B, N]
         if comp_bias is not None:  # a token no row may see ranks last
             rank = rank + comp_bias.amax(dim=(1, 2))
-        idx, c, fails = cq.pick(rank, k, settings.pick_block), None, None
+        idx, c, fails = cq.pick(rank, k), None, None
     else:
         c = keys.coarse_scores(layer.layer_idx, qs, block)
         if comp_bias is not None:
             c = c + comp_bias
-        idx = cq.pick(cq.rank(c, others_best), k, settings.pick_block)  # as the fast path
+        idx = cq.pick(cq.rank(c, others_best), k)  # ranked as the fast path ranks
         width = keys.bound_width(block)  # [B, Hkv, N]
         heads = kv_head_of(qs.shape[1], width.shape[1], qs.device)
         upper, best_lower = cq.bounds(
