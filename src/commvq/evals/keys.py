@@ -50,3 +50,33 @@ def key_errors(
     if weights is not None:
         out["relative_logit_error"] = werr / wref
     return out
+
+
+def water_filling(eigenvalues: torch.Tensor, bits: float) -> float:
+    """Distortion ``D(R)`` of a Gaussian vector with covariance eigenvalues ``eigenvalues [D]``
+    coded at ``bits`` per vector (reverse water-filling: ``sum_i min(lambda_i, t)`` with the level
+    ``t`` at which ``sum_i max(0, log2(lambda_i / t) / 2)`` equals ``bits``)."""
+    ev = eigenvalues.double().clamp_min(0)
+    if bits <= 0 or float(ev.max()) <= 0:
+        return float(ev.sum())
+    positive = ev[ev > 0]
+    lo, hi = float(positive.min()) * 2.0 ** (-2 * bits), float(positive.max())
+    for _ in range(200):  # the rate falls monotonically in the level: bisect on log t
+        t = (lo * hi) ** 0.5
+        rate = float((0.5 * torch.log2(positive / t)).clamp_min(0).sum())
+        lo, hi = (t, hi) if rate > bits else (lo, t)
+    return float(torch.minimum(ev, torch.tensor(hi, dtype=ev.dtype)).sum())
+
+
+def gaussian_bound(keys: torch.Tensor, num_kv_heads: int, bits_per_head: float) -> float:
+    """Relative MSE a Gaussian source with the mean and covariance of each KV head's keys
+    ``keys [N, H*D]`` reaches at ``bits_per_head`` per vector (the rate-distortion function: no
+    code of that rate does better on such a source; a source of this covariance that is not
+    Gaussian can be coded better)."""
+    x = keys.double().reshape(keys.shape[0], num_kv_heads, -1)
+    dist = 0.0
+    for h in range(num_kv_heads):
+        centered = x[:, h] - x[:, h].mean(0)
+        cov = centered.T @ centered / x.shape[0]
+        dist += water_filling(torch.linalg.eigvalsh(cov), bits_per_head)
+    return dist / float((x**2).sum(-1).mean(0).sum())
