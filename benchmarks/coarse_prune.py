@@ -12,9 +12,9 @@ to the exact mode. Per layer: the same, pooled over lengths.
         --value_dir runs/dev/value_codec_2bit --lengths 1024,2048,4096 --steps 16 \\
         --settings "2:0.03125:64;4:0.03125:64"
 
-A setting is ``S:keep:min_tokens[:exact layers]`` (``2:0.125:32:0,1``; no exact layers when left
-out; :class:`commvq.quant.coarse.CoarseSettings`). A table and a
-last JSON line.
+A setting is ``S:keep:min_tokens[:exact layers[:pairs]]`` (``2:0.125:32:0,1``; no exact layers
+when left out, every RoPE pair unless ``pairs`` is given;
+:class:`commvq.quant.coarse.CoarseSettings`). A table and a last JSON line.
 """
 
 from __future__ import annotations
@@ -41,9 +41,12 @@ from commvq.quant.coarse import CoarseSettings
 def parse_settings(text: str) -> list[CoarseSettings]:
     out = []
     for part in text.split(";"):
-        s, keep, least, *exact = part.split(":")
-        layers = tuple(int(i) for i in exact[0].split(",") if i) if exact else ()
-        out.append(CoarseSettings(int(s), float(keep), int(least), exact_layers=layers))
+        s, keep, least, *rest = part.split(":")
+        layers = tuple(int(i) for i in rest[0].split(",") if i) if rest else ()
+        pairs = float(rest[1]) if len(rest) > 1 else 1.0
+        out.append(
+            CoarseSettings(int(s), float(keep), int(least), exact_layers=layers, pairs=pairs)
+        )
     return out
 
 
@@ -111,7 +114,7 @@ def main() -> None:
 
     def make(s):
         """A cache for setting ``s`` (None: exact mode); codebooks and codec read once per S."""
-        key = None if s is None else s.stages
+        key = None if s is None else (s.stages, s.pairs)
         if key in loaded:
             keys, values = loaded[key]
             return CommVQCache(len(lm.model.model.layers), keys, values, args.window, coarse=s)
@@ -155,6 +158,7 @@ def main() -> None:
     out = []
     for s in settings:
         name = f"{s.stages}:{s.keep:g}:{s.min_tokens}:" + ",".join(map(str, s.exact_layers))
+        name += f":{s.pairs:g}" if s.pairs < 1 else ""
         for n in lengths:
             sel = [r for r in rows if r["length"] == n and r["setting"] == s.__dict__]
             sm = summary([e for r in sel for e in r["log"]])

@@ -7,8 +7,9 @@ Python and as one CUDA graph.
     python benchmarks/decode_coarse.py [--contexts 8192,32768,131072] [--batch 1 | --batch max]
         [--bits 2,1] [--variants "1:0.03125;2:0.03125;2:0.125"]
 
-A variant is ``S:keep``: the coarse pass sums the first S stages, and ``keep`` of the compressed
-tokens (at least 256), picked by one top-k, are rescored exactly. Random codes,
+A variant is ``S:keep[:pairs]``: the coarse pass sums the first S stages (over ``pairs`` of the
+RoPE pairs, default all), and ``keep`` of the compressed tokens (at least 256), picked by one
+top-k, are rescored exactly. Random codes,
 codebooks and codec (speed does not depend on their values; which tokens are picked does not
 change the work). ``--batch max``: the largest batch whose coarse cache fits beside
 Llama-3.1-8B's bf16 weights (all 32 layers), and FP16 SDPA at that batch and at its own largest.
@@ -45,9 +46,11 @@ from commvq.quant import coarse as cq
 from commvq.quant.coarse import CoarseSettings
 
 
-def make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, stages):
+def make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, stages, pairs=1.0):
     """A cache layer holding ``st``'s codes (and a random bound byte per token and KV head)."""
-    keys = parts.CommVQKeys([KeyCodebook(st["thetas"], 12)], freqs, 1.0, coarse_stages=stages)
+    keys = parts.CommVQKeys(
+        [KeyCodebook(st["thetas"], 12)], freqs, 1.0, coarse_stages=stages, coarse_pairs=pairs
+    )
     codec = ValueCodec(1, hkv * d, bits, {0: st["scale"].cpu()}).to(device)
     layer = CommVQLayer(0, keys, parts.CommVQValues(codec, hkv), window=window)
     n = st["kcodes"].shape[1]
@@ -83,32 +86,44 @@ def parts_ms(layer, q, scaling, k, device) -> tuple[float, float]:
     )
 
 
+def names(s: int, keep: float, pairs: float) -> tuple[str, str]:
+    """The row keys of a variant and of its coarse pass."""
+    tag = f"coarse_S{s}" + (f"_pairs{pairs:g}" if pairs < 1 else "")
+    return f"{tag}_keep{keep:g}", f"{tag}_pass_ms"
+
+
+def parse_variants(text: str) -> list[tuple[int, float, float]]:
+    """``"1:0.03125;1:0.03125:0.5"`` -> ``[(S, keep, pairs)]``."""
+    out = []
+    for v in text.split(";"):
+        s, keep, *pairs = v.split(":")
+        out.append((int(s), float(keep), float(pairs[0]) if pairs else 1.0))
+    return out
+
+
 def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
     hq, hkv, d, window = shapes
     r = round(bits * d / 12)
     st = make_state(b, n, hkv, d, r, bits, device, gen)
     q = torch.randn(b, hq, 1, d, generator=gen).to(device, dtype)
-    stages = sorted({s for s, _ in variants if s < r})
     layer = make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, None)
     exact, exact_graph = step_ms(layer, q, d**-0.5, device)
     row = {"bits": bits, "context": n, "batch": b, "exact_ms": exact, "exact_graph_ms": exact_graph}
-    for s in stages:
+    for s, pairs in sorted({(s, p) for s, _, p in variants if s < r}):
         layer.keys_part = make_layer(
-            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s
+            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s, pairs
         ).keys_part
         layer.store["k"]["tail"] = torch.randint(120, 220, (b, n, hkv), dtype=torch.uint8).to(
             device
         )
-        for s_, keep in variants:
-            if s_ != s:
+        for s_, keep, p_ in variants:
+            if (s_, p_) != (s, pairs):
                 continue
-            layer.coarse = CoarseSettings(stages=s, keep=keep, exact_layers=())
-            key = f"coarse_S{s}_keep{keep:g}"
+            layer.coarse = CoarseSettings(stages=s, keep=keep, exact_layers=(), pairs=pairs)
+            key, pass_key = names(s, keep, pairs)
             row[key + "_ms"], row[key + "_graph_ms"] = step_ms(layer, q, d**-0.5, device)
             row[key + "_tokens"] = k = layer.coarse.budget(n)
-            row[f"coarse_S{s}_pass_ms"], row[key + "_pick_ms"] = parts_ms(
-                layer, q, d**-0.5, k, device
-            )
+            row[pass_key], row[key + "_pick_ms"] = parts_ms(layer, q, d**-0.5, k, device)
         layer.coarse = None
     layer.store = st = None  # free the codes before FP16's dense keys and values
     k16, v16 = (torch.randn(b, hkv, n + window, d, device=device, dtype=dtype) for _ in range(2))
@@ -129,9 +144,9 @@ def main() -> None:
     hq, hkv, d, window = shapes
     contexts = [int(c) for c in args.contexts.split(",")] if not small else [600]
     variants = (
-        [(int(s), float(k)) for s, k in (v.split(":") for v in args.variants.split(";"))]
+        parse_variants(args.variants)
         if not small
-        else [(1, 0.5), (1, 0.25)]
+        else [(1, 0.5, 1.0), (1, 0.25, 1.0), (1, 0.25, 0.5)]
     )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     freqs = rope.inv_freq(d, 5e5).to(device)
@@ -164,14 +179,14 @@ def main() -> None:
             f"exact {r_['exact_ms']:.3f} / {r_['exact_graph_ms']:.3f} "
             f"({r_['exact_graph_ms'] / fp16:.2f}x)"
         )
-        for s, keep in variants:
-            key = f"coarse_S{s}_keep{keep:g}"
+        for s, keep, pairs in variants:
+            key, pass_key = names(s, keep, pairs)
             if key + "_ms" in r_:
                 g = r_[key + "_graph_ms"]
                 print(
-                    f"    S={s} keep {keep:g} ({r_[key + '_tokens']} tokens): "
+                    f"    S={s} keep {keep:g} pairs {pairs:g} ({r_[key + '_tokens']} tokens): "
                     f"{r_[key + '_ms']:.3f} / {g:.3f} ({g / fp16:.2f}x FP16); coarse pass "
-                    f"{r_[f'coarse_S{s}_pass_ms']:.3f}, pick {r_[key + '_pick_ms']:.3f}"
+                    f"{r_[pass_key]:.3f}, pick {r_[key + '_pick_ms']:.3f}"
                 )
         if "fp16_max_batch" in r_:
             best = min(r_[k] for k in r_ if k.startswith("coarse") and k.endswith("_graph_ms"))

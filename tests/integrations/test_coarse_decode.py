@@ -17,7 +17,7 @@ from commvq.integrations.hf.loader import load_model
 from commvq.quant.coarse import CoarseSettings
 
 
-def _parts(h=2, d=16, r=4, e=8, layers=1, stages=2):
+def _parts(h=2, d=16, r=4, e=8, layers=1, stages=2, pairs=1.0):
     torch.manual_seed(0)  # the value codec's own initialization: the same parts every call
     g = torch.Generator().manual_seed(0)
     decay = 0.3 * 0.4 ** torch.arange(r).float()[None, :, None, None]  # later stages add less
@@ -25,7 +25,9 @@ def _parts(h=2, d=16, r=4, e=8, layers=1, stages=2):
         KeyCodebook(torch.randn(h, r, 2 * e, d // 2, generator=g) * decay, code_bits=6)
         for _ in range(layers)
     ]
-    keys = parts.CommVQKeys(books, rope.inv_freq(d, 1e4), rope_scale=0.9, coarse_stages=stages)
+    keys = parts.CommVQKeys(
+        books, rope.inv_freq(d, 1e4), rope_scale=0.9, coarse_stages=stages, coarse_pairs=pairs
+    )
     codec = ValueCodec(
         layers, h * d, 2, {i: torch.rand(h * d, generator=g) + 0.5 for i in range(layers)}
     )
@@ -33,7 +35,7 @@ def _parts(h=2, d=16, r=4, e=8, layers=1, stages=2):
 
 
 def _filled(coarse, b=2, h=2, d=16, t=75, window=16, stages=2, scoring="auto"):
-    keys, values = _parts(h, d, stages=stages)
+    keys, values = _parts(h, d, stages=stages, pairs=1.0 if coarse is None else coarse.pairs)
     keys.scoring = scoring
     layer = CommVQLayer(0, keys, values, window=window, coarse=coarse)
     g = torch.Generator().manual_seed(t)  # the same tokens for every mode
@@ -106,6 +108,8 @@ def test_coarse_needs_keys_that_store_the_bound():
         CommVQCache(1, keys, values, coarse=CoarseSettings(stages=3))
     with pytest.raises(ValueError, match="between 1 and"):
         _parts(stages=9)
+    with pytest.raises(ValueError, match="coarse_pairs=0.5"):
+        CommVQCache(1, keys, values, coarse=CoarseSettings(stages=2, pairs=0.5))
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +240,33 @@ def test_the_fast_path_picks_and_attends_as_the_path_with_bounds():
     got, want = fast._mixed(q, None, 0.25), slow._mixed(q, None, 0.25)
     assert torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(got, exact._mixed(q, None, 0.25), atol=1e-3)  # tokens were dropped
+
+
+def test_coarse_over_half_the_pairs_sums_those_pairs_and_picks_alike_on_both_paths():
+    """pairs 1/2: the coarse scores ignore the query's other pairs and are the chosen pairs'
+    share of the first stages' scores; the fast rank picks as the scored path (a log on), whose
+    bound figures are void (the bound does not cover the pairs left out)."""
+    from commvq.quant.coarse import coarse_pairs
+
+    s = CoarseSettings(stages=1, keep=0.1, min_tokens=4, exact_layers=(), pairs=0.5)
+    fast, keys = _filled(s, t=140, stages=1)
+    block = fast.store["k"]
+    q = torch.randn(2, 4, 1, 16) * 2
+    cols = keys.coarse_columns(0, q.device)
+    pairs = coarse_pairs(keys.codebooks[0].thetas, 1, 0.5)
+    assert torch.equal(cols, torch.cat((pairs, pairs + 8))) and pairs.numel() == 4
+    other = torch.ones(16, dtype=torch.bool)
+    other[cols] = False
+    part = keys.coarse_scores(0, q, block)
+    noisy = q + torch.randn_like(q) * other  # only the pairs left out change
+    assert torch.allclose(keys.coarse_scores(0, noisy, block), part, atol=1e-5)
+    full = keys.scores(0, q, block, stages=1)
+    assert torch.allclose(part + keys.scores(0, q * other, block, stages=1), full, atol=1e-5)
+    assert not torch.allclose(part, full, atol=1e-2)
+    slow, _ = _filled(s, t=140, stages=1)
+    slow.coarse_log = []
+    got, want = fast._mixed(q, None, 0.25), slow._mixed(q, None, 0.25)
+    assert torch.allclose(got, want, atol=1e-6)
+    (entry,) = slow.coarse_log
+    assert entry["dropped_share"] > 0 and math.isnan(entry["mass_bound"])
+    assert math.isnan(entry["bound_prunes_m0"]) and entry["mass_dropped"] > 0

@@ -74,6 +74,25 @@ def _compare(device, cases):
         )
         want_r = (want_c - offsets[..., None]).amax(1)
         assert _db(got_r, want_r) > 50, ("rank", b, hkv, g, d, r, n, stages)
+        # over a quarter of the pairs: the reference with the query's other pairs zeroed
+        pairs = torch.arange(1, d // 2, 4)
+        cols = torch.cat((pairs, pairs + d // 2)).to(device)
+        got_p = coarse_kernels.commvq_rank_triton(
+            q, packed, prescale, pos, thetas, freqs, 12, offsets, stages, 0.7, columns=cols
+        )
+        q_p = torch.zeros_like(q)
+        q_p[..., cols] = q[..., cols]
+        want_p = ref.commvq_scores(
+            q_p[:, :, None],
+            codes[..., :stages],
+            prescale.float(),
+            pos,
+            thetas[:, :stages].float(),
+            freqs,
+            0.7,
+        )[:, :, 0]
+        want_p = (want_p - offsets[..., None]).amax(1)
+        assert _db(got_p, want_p) > 50, ("rank over pairs", b, hkv, g, d, r, n, stages)
         # exact scores of picked tokens, read through their indices
         pick = torch.randint(0, n, (b, max(1, n // 3)), generator=gen).sort(1).values.to(device)
         got_i = decode.commvq_scores_triton(

@@ -46,6 +46,21 @@ def test_budget_and_settings():
             coarse.CoarseSettings(**bad)
 
 
+def test_pairs_setting_and_the_pairs_it_picks():
+    for bad in (dict(pairs=0.3), dict(pairs=0.0), dict(pairs=1.5), dict(pairs=0.5, margin=5.0)):
+        with pytest.raises(ValueError, match="coarse pairs"):
+            coarse.CoarseSettings(**bad)
+    assert coarse.CoarseSettings(pairs=0.25).pairs == 0.25
+    thetas = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.01
+    thetas[:, 0, :, 5] += 1.0  # loud in stage 0
+    thetas[:, 1, :, 2] += 2.0  # louder, in stage 1
+    thetas[:, 2, :, 7] += 5.0  # loudest, but in stage 2
+    assert coarse.coarse_pairs(thetas, 2, 0.25).tolist() == [2, 5]
+    assert coarse.coarse_pairs(thetas, 1, 0.125).tolist() == [5]
+    assert coarse.coarse_pairs(thetas, 3, 0.125).tolist() == [7]
+    assert coarse.coarse_pairs(thetas, 1, 1.0).tolist() == list(range(8))
+
+
 def test_pick_takes_the_best_in_order_and_take_gathers_them():
     scores = torch.randn(3, 50)
     idx = coarse.pick(scores, 7)

@@ -207,9 +207,12 @@ class CommVQKeys(KeysPart):
         kernels: str = "auto",
         kernel_style: str = "regdecode16",
         coarse_stages: int | None = None,
+        coarse_pairs: float = 1.0,
     ) -> None:
         """``coarse_stages``: also store, per token and KV head, the bound of what the stages after
-        the first ``coarse_stages`` add (one byte; the coarse decode mode's ``S``)."""
+        the first ``coarse_stages`` add (one byte; the coarse decode mode's ``S``);
+        ``coarse_pairs``: the share of RoPE pairs its coarse scores sum
+        (:func:`commvq.quant.coarse.coarse_pairs`)."""
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
         self.kernels, self.kernel_style = kernels, kernel_style
@@ -222,7 +225,8 @@ class CommVQKeys(KeysPart):
             raise ValueError(
                 f"coarse stages={coarse_stages}: between 1 and the codebooks' {self.stages}"
             )
-        self.coarse_stages = coarse_stages
+        self.coarse_stages, self.coarse_pairs = coarse_stages, coarse_pairs
+        self._pairs: dict[int, tuple] = {}  # per layer: the coarse pairs and their kernel tables
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a
@@ -261,8 +265,27 @@ class CommVQKeys(KeysPart):
             return self.scores(layer, q, block, index=index)
         return super().scores_at(layer, q, block, index)
 
+    def coarse_columns(self, layer: int, device) -> torch.Tensor | None:
+        """The channels ``[2 P']`` (the chosen pairs' first halves, then their second halves) the
+        coarse scores sum, or None when they sum every pair."""
+        if self.coarse_pairs >= 1:
+            return None
+        thetas = self.codebooks[layer].thetas
+        pairs = rebuilt_on_change(
+            self._pairs,
+            layer,
+            (thetas,),
+            lambda: coarse.coarse_pairs(thetas, self.coarse_stages, self.coarse_pairs),
+        )
+        return torch.cat((pairs, pairs + thetas.shape[-1])).to(device)
+
     def coarse_scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
-        """Scores ``[B, Hq, Tq, N]`` from the first ``coarse_stages`` stages of each key only."""
+        """Scores ``[B, Hq, Tq, N]`` from the first ``coarse_stages`` stages of each key only, over
+        the coarse pairs (the query's other pairs zeroed)."""
+        cols = self.coarse_columns(layer, q.device)
+        if cols is not None:
+            mask = torch.zeros(q.shape[-1], device=q.device, dtype=q.dtype)
+            q = q * mask.index_fill(0, cols, 1.0)
         return self.scores(layer, q, block, self.coarse_stages)
 
     def coarse_rank(
@@ -271,12 +294,18 @@ class CommVQKeys(KeysPart):
         """Each token's best coarse score over the query rows ``q [B, Hq, 1, D]``, each row less
         its offset ``[B, Hq, 1, 1]``: ``[B, N]`` (on the kernel without writing any score)."""
         if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
-            from commvq.kernels.coarse import commvq_rank_triton
+            from commvq.kernels.coarse import column_tables, commvq_rank_triton
 
             args, tables = self._kernel_inputs(layer, q, block)
+            cols = self.coarse_columns(layer, q.device)
+            if cols is not None:  # the kernel sums the chosen pairs' columns only
+                thetas = args[4]
+                tables = rebuilt_on_change(
+                    self._pairs, (layer, "table"), (thetas,), lambda: column_tables(thetas, cols)
+                )
             offsets = offsets.reshape(q.shape[0], q.shape[1])
             return commvq_rank_triton(
-                *args, offsets, self.coarse_stages, self.rope_scale, tables=tables
+                *args, offsets, self.coarse_stages, self.rope_scale, tables=tables, columns=cols
             )
         return (self.coarse_scores(layer, q, block) - offsets).amax(dim=(1, 2))
 

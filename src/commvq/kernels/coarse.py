@@ -66,6 +66,13 @@ def _rank_kernel(
     tl.store(out_ptr + b * N + t, best, mask=tmask)
 
 
+def column_tables(thetas: torch.Tensor, columns: torch.Tensor | None = None) -> tuple:
+    """The rank kernel's table (:func:`prepare_tables`, ``regdecode16``) over ``columns`` of each
+    codeword (``None``: all); build once per codebook."""
+    (table,) = prepare_tables(thetas, "regdecode16")
+    return (table if columns is None else table[..., columns].contiguous(),)
+
+
 def commvq_rank_triton(
     q: torch.Tensor,
     packed: torch.Tensor,
@@ -80,13 +87,18 @@ def commvq_rank_triton(
     tables: tuple | None = None,
     block: int = 64,
     num_warps: int = 4,
+    columns: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each token's coarse rank ``[B, N]``: the best over the query heads ``q [B, Hq, D]`` of its
     score from the first ``stages`` stages (as :func:`commvq_scores_triton` computes it) less the
-    head's ``offsets [B, Hq]``. ``tables``: :func:`prepare_tables` (``regdecode16``), if built."""
+    head's ``offsets [B, Hq]``. ``columns``: sum only these channels (a power of two of RoPE
+    pairs, their first halves then their second halves; None: all); ``tables``:
+    :func:`column_tables` of the same columns, if built."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_rank_triton needs CUDA tensors")
-    tables = tables if tables else prepare_tables(thetas, "regdecode16")
+    tables = tables if tables else column_tables(thetas, columns)
+    if columns is not None:
+        q, inv_freq = q[..., columns], inv_freq[columns[: columns.numel() // 2]]
     b, hq, d = q.shape
     hkv, r, e2, _ = thetas.shape
     n = packed.shape[1]

@@ -66,6 +66,9 @@ class EvalConfig:
         "+coarse methods: also drop tokens the bound puts this far (logits) below the best",
     )
     coarse_exact_layers: str = option("0", "+coarse methods: layers decoded exactly (comma list)")
+    coarse_pairs: float = option(
+        1.0, "+coarse methods: share of RoPE pairs the coarse pass sums (1, 0.5, 0.25, ...)"
+    )
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "seed of the pass keys and of the needles' haystack offsets")
@@ -101,6 +104,7 @@ class EvalConfig:
             self.coarse_min_tokens,
             self.coarse_margin,
             tuple(_ints(self.coarse_exact_layers)),
+            self.coarse_pairs,
         )
 
 

@@ -36,13 +36,16 @@ class CoarseSettings:
     drop a kept token whose upper bound lies more than this below its row's best lower bound
     (``inf``: the budget alone decides); ``exact_layers``: layers decoded exactly all the same
     (a layer whose attention spreads over most tokens, as the first layer's does, loses much of
-    its mass to any budget)."""
+    its mass to any budget); ``pairs``: the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4,
+    ...; below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and
+    rougher rank that the stored bound no longer covers, so it needs ``margin = inf``)."""
 
     stages: int = 2
     keep: float = 1 / 8
     min_tokens: int = 256
     margin: float = math.inf
     exact_layers: tuple[int, ...] = (0,)
+    pairs: float = 1.0
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -56,6 +59,13 @@ class CoarseSettings:
         object.__setattr__(self, "exact_layers", tuple(int(i) for i in self.exact_layers))
         if any(i < 0 for i in self.exact_layers):
             raise ValueError(f"coarse exact_layers={self.exact_layers}: layer indices >= 0")
+        if not 0 < self.pairs <= 1 or not math.log2(1 / self.pairs).is_integer():
+            raise ValueError(f"coarse pairs={self.pairs}: 1, 0.5, 0.25, ... (a power of two)")
+        if self.pairs < 1 and self.margin != math.inf:
+            raise ValueError(
+                f"coarse pairs={self.pairs} with margin={self.margin}: the stored bound covers "
+                "the later stages, not the pairs left out; use margin=inf or pairs=1"
+            )
 
     def budget(self, n: int) -> int:
         """Tokens scored exactly out of ``n`` compressed ones."""
@@ -85,6 +95,16 @@ def tail_norms(codes: torch.Tensor, thetas: torch.Tensor, stages: int) -> torch.
         return torch.zeros(codes.shape[:2], device=codes.device)
     tail = residual.decode(codes[..., stages:].long(), thetas[:, stages:].float())
     return tail.norm(dim=-1)
+
+
+def coarse_pairs(thetas: torch.Tensor, stages: int, share: float) -> torch.Tensor:
+    """The RoPE pairs ``[P * share]`` (increasing) a coarse pass over ``share`` of them sums: those
+    whose table entries of the first ``stages`` stages carry the most energy over all KV heads
+    (``thetas [H, R, 2E, P]``)."""
+    p = thetas.shape[-1]
+    count = max(1, round(p * share))
+    energy = (thetas[:, :stages].double() ** 2).sum(dim=(0, 1, 2))  # [P]
+    return energy.topk(count).indices.sort().values
 
 
 def rank(coarse: torch.Tensor, best: torch.Tensor) -> torch.Tensor:

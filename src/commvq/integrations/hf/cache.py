@@ -452,6 +452,7 @@ class CommVQCache(Cache):
                 float(getattr(rotary, "attention_scaling", 1.0)),
                 kernels=kernels,
                 coarse_stages=None if coarse is None else coarse.stages,
+                coarse_pairs=1.0 if coarse is None else coarse.pairs,
             )
         values: parts.ValuesPart = parts.DenseValues()
         if value_dir is not None:

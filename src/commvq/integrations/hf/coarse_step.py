@@ -19,11 +19,18 @@ from commvq.quant import coarse as cq
 
 
 def check_keys(keys: Any, settings: cq.CoarseSettings | None) -> None:
-    """A coarse cache needs keys that store the bound of its stages."""
-    if settings is not None and getattr(keys, "coarse_stages", None) != settings.stages:
+    """A coarse cache needs keys that store the bound of its stages and sum its pairs."""
+    if settings is None:
+        return
+    if getattr(keys, "coarse_stages", None) != settings.stages:
         raise ValueError(
             f"coarse decode over {settings.stages} stages needs keys that store its bound: "
             f"CommVQKeys(coarse_stages={settings.stages})"
+        )
+    if keys.coarse_pairs != settings.pairs:
+        raise ValueError(
+            f"coarse decode over {settings.pairs} of the pairs needs keys that sum them: "
+            f"CommVQKeys(coarse_pairs={settings.pairs})"
         )
 
 
@@ -137,6 +144,8 @@ def log_step(layer, qs, pieces, comp_bias, idx, fails, upper, best_lower) -> Non
     }
     for m in (0.0, 5.0, 10.0):
         entry[f"bound_prunes_m{m:g}"] = float((upper < best_lower - m).float().mean())
+    if layer.coarse.pairs < 1:  # the stored bound does not cover the pairs left out
+        entry.update({k: float("nan") for k in entry if k.startswith(("mass_bound", "bound_"))})
     k = idx.shape[1]
     oracle = cq.pick(cq.rank(exact, full.amax(-1, keepdim=True)), k)
     entry["mass_dropped_oracle"] = float((p.sum(-1) - cq.take_cols(p, oracle).sum(-1)).mean())
