@@ -2,7 +2,7 @@
 """Key-codebook errors against the Gaussian rate-distortion bound of the same keys, per layer.
 
     python benchmarks/key_bound.py DIR [DIR ...] --key_dir runs/heldout/data/key
-        [--rows 0:4096] [--layers 0,14,29] [--baseline DIR]
+        [--rows 0:4096] [--layers 0,14,29] [--baseline DIR] [--plot PNG]
 
 For each layer the held-out keys (rows of a collected store, in their own scale) give the
 relative MSE a Gaussian source with their per-head mean and covariance reaches at the bits each
@@ -39,6 +39,31 @@ def bits_per_head(folder: Path, spec: ModelSpec) -> float:
     return layout.code_bits * layout.residuals + 16 / spec.num_kv_heads
 
 
+def plot(path: str, rows: list[dict], dirs: list[Path], base: Path | None) -> None:
+    """Each folder's error as a multiple of the bound, per layer (and 0.8x the baseline's)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for d in dirs:
+        ax.plot(
+            layers, [r["errors"][d.name] / r["bounds"][d.name] for r in rows], "o-", label=d.name
+        )
+    if base is not None:
+        ratio = [0.8 * r["errors"][base.name] / r["bounds"][base.name] for r in rows]
+        ax.plot(layers, ratio, "k--", label=f"0.8 x {base.name}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel="layer", ylabel="held-out relative MSE / Gaussian bound")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("dirs", nargs="+", help="codebook folders")
@@ -53,6 +78,7 @@ def main() -> None:
     )
     ap.add_argument("--layers", default="", help="comma-separated layers (default: every layer)")
     ap.add_argument("--baseline", default="", help="a folder among DIRS the others are divided by")
+    ap.add_argument("--plot", default="", help="a PNG of each folder's error / bound per layer")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     store = KVStore(args.key_dir)
@@ -107,6 +133,8 @@ def main() -> None:
             summary[d.name]["x_baseline"] = err / b
             line += f"{err / b:>8.3f}{0.8 * b / bound:>18.3f}"
         print(line)
+    if args.plot:
+        plot(args.plot, rows, dirs, base)
     print(
         json.dumps(
             {
