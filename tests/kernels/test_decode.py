@@ -19,6 +19,21 @@ def _db(x, ref):
     return -20 * math.log10(float((x - ref).norm() / ref.norm().clamp_min(1e-30)) + 1e-30)
 
 
+def _first_stages(q, codes, prescale, pos, thetas, freqs, stages):
+    """The torch reference's scores ``[B, Hq, N]`` (scale 0.7) from the first ``stages`` stages."""
+    from commvq.kernels import reference as ref
+
+    return ref.commvq_scores(
+        q[:, :, None],
+        codes[..., :stages],
+        prescale.float(),
+        pos,
+        thetas[:, :stages].float(),
+        freqs,
+        0.7,
+    )[:, :, 0]
+
+
 def _compare(device, cases):
     from commvq import rope
     from commvq.kernels import coarse as coarse_kernels
@@ -55,15 +70,8 @@ def _compare(device, cases):
             )
         # the coarse pass: the first stages only, against the reference over those stages
         stages = max(1, r // 3)
-        want_c = ref.commvq_scores(
-            q[:, :, None],
-            codes[..., :stages],
-            prescale.float(),
-            pos,
-            thetas[:, :stages].float(),
-            freqs,
-            0.7,
-        )[:, :, 0]
+        inputs = (codes, prescale, pos, thetas, freqs, stages)
+        want_c = _first_stages(q, *inputs)
         got_c = decode.commvq_scores_triton(
             q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, stages=stages
         )
@@ -82,16 +90,7 @@ def _compare(device, cases):
         )
         q_p = torch.zeros_like(q)
         q_p[..., cols] = q[..., cols]
-        want_p = ref.commvq_scores(
-            q_p[:, :, None],
-            codes[..., :stages],
-            prescale.float(),
-            pos,
-            thetas[:, :stages].float(),
-            freqs,
-            0.7,
-        )[:, :, 0]
-        want_p = (want_p - offsets[..., None]).amax(1)
+        want_p = (_first_stages(q_p, *inputs) - offsets[..., None]).amax(1)
         assert _db(got_p, want_p) > 50, ("rank over pairs", b, hkv, g, d, r, n, stages)
         # exact scores of picked tokens, read through their indices
         pick = torch.randint(0, n, (b, max(1, n // 3)), generator=gen).sort(1).values.to(device)
