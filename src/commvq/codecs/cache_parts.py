@@ -226,7 +226,7 @@ class CommVQKeys(KeysPart):
                 f"coarse stages={coarse_stages}: between 1 and the codebooks' {self.stages}"
             )
         self.coarse_stages, self.coarse_pairs = coarse_stages, coarse_pairs
-        self._pairs: dict[int, tuple] = {}  # per layer: the coarse pairs and their kernel tables
+        self._pairs: dict = {}  # per layer: the coarse pairs' channels and their kernel table
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a
@@ -271,13 +271,12 @@ class CommVQKeys(KeysPart):
         if self.coarse_pairs >= 1:
             return None
         thetas = self.codebooks[layer].thetas
-        pairs = rebuilt_on_change(
-            self._pairs,
-            layer,
-            (thetas,),
-            lambda: coarse.coarse_pairs(thetas, self.coarse_stages, self.coarse_pairs),
-        )
-        return torch.cat((pairs, pairs + thetas.shape[-1])).to(device)
+
+        def build() -> torch.Tensor:
+            pairs = coarse.coarse_pairs(thetas, self.coarse_stages, self.coarse_pairs)
+            return torch.cat((pairs, pairs + thetas.shape[-1]))
+
+        return rebuilt_on_change(self._pairs, layer, (thetas,), build).to(device)
 
     def coarse_scores(self, layer: int, q: torch.Tensor, block: dict) -> torch.Tensor:
         """Scores ``[B, Hq, Tq, N]`` from the first ``coarse_stages`` stages of each key only, over
