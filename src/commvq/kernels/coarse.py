@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.kernels.decode import _key_sum, _rotation, prepare_tables
+from commvq.kernels.decode import _key_sum, _query_dot, _rotated, _rotation, prepare_tables
 
 
 @triton.jit
@@ -54,14 +54,9 @@ def _rank_kernel(
     best = tl.full([BN], float("-inf"), tl.float32)
     for h in range(HKV):
         kre, kim = _key_sum(a_ptr, row, row_bytes, h, tmask, R, S, E, D, P, CODE_BITS, BN)
-        rre = kre * c - kim * s
-        rim = kre * s + kim * c
+        rre, rim = _rotated(kre, kim, c, s)
         for j in tl.static_range(G):
-            qh = q_ptr + ((b * HKV + h) * G + j) * D
-            score = (
-                tl.sum(rre * tl.load(qh + f)[None, :] + rim * tl.load(qh + P + f)[None, :], axis=1)
-                * pre
-            )
+            score = _query_dot(rre, rim, q_ptr + ((b * HKV + h) * G + j) * D, f, P) * pre
             best = tl.maximum(best, score - tl.load(off_ptr + (b * HKV + h) * G + j))
     tl.store(out_ptr + b * N + t, best, mask=tmask)
 

@@ -146,6 +146,18 @@ def _rotation(pos, freq, FAST: tl.constexpr):
 
 
 @triton.jit
+def _rotated(kre, kim, c, s):
+    """The key's pairs ``(re, im) [BN, P]`` rotated by their angles' ``cos, sin``."""
+    return kre * c - kim * s, kre * s + kim * c
+
+
+@triton.jit
+def _query_dot(rre, rim, qh, f, P: tl.constexpr):
+    """Each token's dot ``[BN]`` of its rotated key with the query at ``qh`` (``[re | im]``)."""
+    return tl.sum(rre * tl.load(qh + f)[None, :] + rim * tl.load(qh + P + f)[None, :], axis=1)
+
+
+@triton.jit
 def _scores_regdecode_kernel(
     a_ptr,
     codes_ptr,
@@ -190,14 +202,9 @@ def _scores_regdecode_kernel(
     pre = tl.load(prescale_ptr + b * NS + src, mask=tmask, other=0.0).to(tl.float32) * scale
     pos = tl.load(pos_ptr + b * NS + src, mask=tmask, other=0).to(tl.float32)
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
-    rre = kre * c - kim * s
-    rim = kre * s + kim * c
+    rre, rim = _rotated(kre, kim, c, s)
     for j in tl.static_range(G):
-        qh = q_ptr + ((b * HKV + h) * G + j) * D
-        score = (
-            tl.sum(rre * tl.load(qh + f)[None, :] + rim * tl.load(qh + P + f)[None, :], axis=1)
-            * pre
-        )
+        score = _query_dot(rre, rim, q_ptr + ((b * HKV + h) * G + j) * D, f, P) * pre
         tl.store(out_ptr + ((b * HKV + h) * G + j) * N + t, score, mask=tmask)
 
 
