@@ -9,7 +9,7 @@ Python and as one CUDA graph.
 
 A variant is ``S:keep[:pairs]``: the coarse pass sums the first S stages (over ``pairs`` of the
 RoPE pairs, default all), and ``keep`` of the compressed tokens (at least 256), picked by one
-top-k, are rescored exactly. Random codes,
+selection (the radix select kernel on a GPU), are rescored exactly. Random codes,
 codebooks and codec (speed does not depend on their values; which tokens are picked does not
 change the work). ``--batch max``: the largest batch whose coarse cache fits beside
 Llama-3.1-8B's bf16 weights (all 32 layers), and FP16 SDPA at that batch and at its own largest.
@@ -41,6 +41,7 @@ from commvq import rope
 from commvq.codecs import cache_parts as parts
 from commvq.codecs.key_codebook import KeyCodebook
 from commvq.codecs.value_codec import ValueCodec
+from commvq.integrations.hf import coarse_step
 from commvq.integrations.hf.cache import CommVQLayer
 from commvq.quant import coarse as cq
 from commvq.quant.coarse import CoarseSettings
@@ -74,14 +75,16 @@ def step_ms(layer, q, scaling, device) -> tuple[float, float]:
     return timed(fn, device), (timed(replay, device) if replay else float("nan"))
 
 
-def parts_ms(layer, q, scaling, k, device) -> tuple[float, float]:
-    """Two parts of a coarse step: the coarse pass alone (ranks written, as the step runs it),
-    and picking ``k`` tokens by those ranks."""
+def parts_ms(layer, q, scaling, k, device) -> tuple[float, float, float]:
+    """Parts of a coarse step: the coarse pass alone (ranks written, as the step runs it), and
+    picking ``k`` tokens by those ranks as the step does (the select kernel on a GPU) and by
+    torch's top-k and sort."""
     qs, store = q.float() * scaling, layer.store["k"]
     off = torch.zeros(qs.shape[0], qs.shape[1], 1, 1, device=qs.device)
     rank = layer.keys_part.coarse_rank(0, qs, store, off)
     return (
         timed(lambda: layer.keys_part.coarse_rank(0, qs, store, off), device),
+        timed(lambda: coarse_step.pick(layer.keys_part, rank, k), device),
         timed(lambda: cq.pick(rank, k), device),
     )
 
@@ -123,7 +126,8 @@ def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
             key, pass_key = names(s, keep, pairs)
             row[key + "_ms"], row[key + "_graph_ms"] = step_ms(layer, q, d**-0.5, device)
             row[key + "_tokens"] = k = layer.coarse.budget(n)
-            row[pass_key], row[key + "_pick_ms"] = parts_ms(layer, q, d**-0.5, k, device)
+            timings = parts_ms(layer, q, d**-0.5, k, device)
+            row[pass_key], row[key + "_pick_ms"], row[key + "_topk_ms"] = timings
         layer.coarse = None
     layer.store = st = None  # free the codes before FP16's dense keys and values
     k16, v16 = (torch.randn(b, hkv, n + window, d, device=device, dtype=dtype) for _ in range(2))
@@ -186,7 +190,8 @@ def main() -> None:
                 print(
                     f"    S={s} keep {keep:g} pairs {pairs:g} ({r_[key + '_tokens']} tokens): "
                     f"{r_[key + '_ms']:.3f} / {g:.3f} ({g / fp16:.2f}x FP16); coarse pass "
-                    f"{r_[pass_key]:.3f}, pick {r_[key + '_pick_ms']:.3f}"
+                    f"{r_[pass_key]:.3f}, pick {r_[key + '_pick_ms']:.3f} (torch top-k "
+                    f"{r_[key + '_topk_ms']:.3f})"
                 )
         if "fp16_max_batch" in r_:
             best = min(r_[k] for k in r_ if k.startswith("coarse") and k.endswith("_graph_ms"))

@@ -21,7 +21,7 @@ from commvq.quant import coarse
 from commvq.quant.packing import pack_codes, unpack_2bit, unpack_codes
 
 
-def _use_kernels(kernels: str, x: torch.Tensor, tq: int, head_dim: int) -> bool:
+def use_kernels(kernels: str, x: torch.Tensor, tq: int, head_dim: int) -> bool:
     """Whether the Triton decode kernels serve this call (one query token, CUDA, power-of-2
     head_dim)."""
     if kernels == "torch" or tq != 1 or head_dim & (head_dim - 1):
@@ -231,7 +231,7 @@ class CommVQKeys(KeysPart):
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token scoring of ``q [B, Hq, 1, D]`` runs on the kernels (capturable in a
         graph)."""
-        return _use_kernels(self.kernels, q, 1, q.shape[-1])
+        return use_kernels(self.kernels, q, 1, q.shape[-1])
 
     def angles(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ang = pos.float()[..., None] * self.inv_freq.to(pos.device)  # as the model computes it
@@ -261,7 +261,7 @@ class CommVQKeys(KeysPart):
     def scores_at(self, layer: int, q: torch.Tensor, block: dict, index: torch.Tensor):
         """Exact scores of the stored tokens ``index [B, k]``: on the kernel read through the index
         (no gathered copy of their codes), else of a gathered block."""
-        if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
+        if use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
             return self.scores(layer, q, block, index=index)
         return super().scores_at(layer, q, block, index)
 
@@ -292,7 +292,7 @@ class CommVQKeys(KeysPart):
     ) -> torch.Tensor:
         """Each token's best coarse score over the query rows ``q [B, Hq, 1, D]``, each row less
         its offset ``[B, Hq, 1, 1]``: ``[B, N]`` (on the kernel without writing any score)."""
-        if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
+        if use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
             from commvq.kernels.coarse import column_tables, commvq_rank_triton
 
             args, tables = self._kernel_inputs(layer, q, block)
@@ -349,7 +349,7 @@ class CommVQKeys(KeysPart):
     ) -> torch.Tensor:
         """Scores ``[B, Hq, Tq, N]`` of the keys' codes; ``stages``: from the first ``stages``
         residual stages only (None: all, the exact scores)."""
-        if _use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
+        if use_kernels(self.kernels, q, q.shape[2], q.shape[3]):
             from commvq.kernels.decode import commvq_scores_triton
 
             args, tables = self._kernel_inputs(layer, q, block)
@@ -401,7 +401,7 @@ class CommVQValues(ValuesPart):
 
     def graphable(self, q: torch.Tensor) -> bool:
         """Whether single-token mixing for ``q`` runs on the kernels (capturable in a graph)."""
-        return _use_kernels(self.kernels, q, 1, self.codec.layers[0].width // self.num_kv_heads)
+        return use_kernels(self.kernels, q, 1, self.codec.layers[0].width // self.num_kv_heads)
 
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         b, h, n, d = v.shape
@@ -419,7 +419,7 @@ class CommVQValues(ValuesPart):
         """``index [B, k]``: ``probs``' tokens are those stored tokens (read through it on the
         kernel, gathered in torch)."""
         lc = self.codec.layers[layer]
-        if _use_kernels(self.kernels, probs, probs.shape[2], lc.width // self.num_kv_heads):
+        if use_kernels(self.kernels, probs, probs.shape[2], lc.width // self.num_kv_heads):
             from commvq.kernels.decode import commvq_values_triton, value_table
 
             table = rebuilt_on_change(

@@ -49,6 +49,16 @@ def applies(layer: Any, nc: int, copies: tuple | None, tq: int) -> bool:
     return settings.budget(nc) < nc or settings.margin < float("inf")
 
 
+def pick(keys: Any, rank: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best-ranked of ``rank [B, N]`` in increasing order (:func:`cq.pick`); where the
+    keys' decode kernels serve, by the radix select kernel (no full top-k, no sort)."""
+    if k < rank.shape[1] and parts.use_kernels(keys.kernels, rank, 1, 2):
+        from commvq.kernels.select import top_k_positions_triton
+
+        return top_k_positions_triton(rank, k)
+    return cq.pick(rank, k)
+
+
 def _bias(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
     """The model's mask of the step's one query row as an additive bias ``[B|1, H|1, 1, total]``
     (0 / -inf for a boolean mask), or None."""
@@ -86,12 +96,12 @@ def attend(
         rank = keys.coarse_rank(layer.layer_idx, qs, block, others_best)  # [B, N]
         if comp_bias is not None:  # a token no row may see ranks last
             rank = rank + comp_bias.amax(dim=(1, 2))
-        idx, c, fails = cq.pick(rank, k), None, None
+        idx, c, fails = pick(keys, rank, k), None, None
     else:
         c = keys.coarse_scores(layer.layer_idx, qs, block)
         if comp_bias is not None:
             c = c + comp_bias
-        idx = cq.pick(cq.rank(c, others_best), k)  # ranked as the fast path ranks
+        idx = pick(keys, cq.rank(c, others_best), k)  # ranked as the fast path ranks
         width = keys.bound_width(block)  # [B, Hkv, N]
         heads = kv_head_of(qs.shape[1], width.shape[1], qs.device)
         upper, best_lower = cq.bounds(

@@ -1,0 +1,133 @@
+"""The ``k`` highest of each row of scores, as positions in increasing order (Triton): a radix
+select over each score's float bits in two histogram passes of 12 bits each, then one pass that
+writes the chosen positions in order, so that no sort follows. Scores equal in their 24 highest
+bits (sign, exponent and 15 mantissa bits: within 2**-15 of each other, relatively) count as
+ties, and ties at the boundary go to the earlier positions. The torch reference:
+:func:`commvq.quant.coarse.pick` (``topk`` then a sort)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BITS = 12  # per histogram pass
+BINS = 1 << BITS
+
+
+@triton.jit
+def _ordered(x):
+    """float32 -> int32 whose signed order is the floats' order."""
+    i = x.to(tl.int32, bitcast=True)
+    return tl.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+@triton.jit
+def _boundary(hist_ptr, k, NB: tl.constexpr):
+    """The highest bin whose count, with every bin above it, reaches ``k``, and the count of
+    the bins above it."""
+    bins = tl.arange(0, NB)
+    h = tl.load(hist_ptr + bins)
+    reach = tl.cumsum(h, 0, reverse=True)
+    top = tl.max(tl.where(reach >= k, bins, -1), 0)
+    return top, tl.sum(tl.where(bins > top, h, 0), 0)
+
+
+@triton.jit
+def _keys(x_ptr, N, CHUNK: tl.constexpr):
+    """This program's chunk of its row: positions, in-row mask, ordered keys."""
+    t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    m = t < N
+    row = x_ptr + tl.program_id(1).to(tl.int64) * N
+    return t, m, _ordered(tl.load(row + t, mask=m, other=0.0))
+
+
+@triton.jit
+def _threshold(hist_ptr, k, NB: tl.constexpr):
+    """The row's boundary on ``key >> (32 - 2 * bits)`` and how many ties at it are taken."""
+    hist = hist_ptr + tl.program_id(1) * 2 * NB
+    hi, above_hi = _boundary(hist, k, NB)
+    lo, above_lo = _boundary(hist + NB, k - above_hi, NB)
+    return (hi - NB // 2) * NB + lo, k - above_hi - above_lo
+
+
+@triton.jit
+def _hist_kernel(x_ptr, hist_ptr, N, k, PASS: tl.constexpr, B: tl.constexpr, CHUNK: tl.constexpr):
+    """Pass 0: histogram of the keys' top ``B`` bits; pass 1: of the next ``B`` bits among the
+    keys in pass 0's boundary bin (both added into the row's ``hist [2, 2**B]``)."""
+    NB: tl.constexpr = 1 << B
+    _, m, key = _keys(x_ptr, N, CHUNK)
+    hist = hist_ptr + tl.program_id(1) * 2 * NB
+    hi = (key >> (32 - B)) + NB // 2
+    if PASS == 0:
+        h = tl.histogram(hi, NB, mask=m)
+    else:
+        top, _ = _boundary(hist, k, NB)
+        h = tl.histogram((key >> (32 - 2 * B)) & (NB - 1), NB, mask=m & (hi == top))
+        hist += NB
+    tl.atomic_add(hist + tl.arange(0, NB), h, mask=h > 0)
+
+
+@triton.jit
+def _count_kernel(x_ptr, hist_ptr, cnt_ptr, N, k, C, B: tl.constexpr, CHUNK: tl.constexpr):
+    """Per chunk: how many keys lie above the row's boundary and how many at it."""
+    _, m, key = _keys(x_ptr, N, CHUNK)
+    thr, _ = _threshold(hist_ptr, k, 1 << B)
+    top = key >> (32 - 2 * B)
+    cnt = cnt_ptr + (tl.program_id(1) * C + tl.program_id(0)) * 2
+    tl.store(cnt, tl.sum((m & (top > thr)).to(tl.int32), 0))
+    tl.store(cnt + 1, tl.sum((m & (top == thr)).to(tl.int32), 0))
+
+
+@triton.jit
+def _write_kernel(
+    x_ptr,
+    hist_ptr,
+    cnt_ptr,
+    out_ptr,
+    N,
+    k,
+    C,
+    B: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CP: tl.constexpr,
+):
+    """Each chosen position, written at its rank in position order: after the chosen ones of the
+    earlier chunks and of the earlier positions of this one."""
+    t, m, key = _keys(x_ptr, N, CHUNK)
+    thr, ties = _threshold(hist_ptr, k, 1 << B)
+    b = tl.program_id(1)
+    earlier = tl.arange(0, CP)
+    before = cnt_ptr + (b * C + earlier) * 2
+    above_before = tl.sum(tl.load(before, mask=earlier < tl.program_id(0), other=0), 0)
+    ties_before = tl.sum(tl.load(before + 1, mask=earlier < tl.program_id(0), other=0), 0)
+    top = key >> (32 - 2 * B)
+    tie = m & (top == thr)
+    take = (m & (top > thr)) | (tie & (ties_before + tl.cumsum(tie.to(tl.int32), 0) <= ties))
+    rank = above_before + tl.minimum(ties_before, ties) + tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(out_ptr + b.to(tl.int64) * k + rank, t.to(tl.int64), mask=take)
+
+
+def top_k_positions_triton(scores: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """The positions ``[B, k]`` (int64, increasing) of the ``k`` highest of ``scores [B, N]``
+    (float32; NaN not allowed), as :func:`commvq.quant.coarse.pick` returns them, ties (see the
+    module) to the earlier positions. Fixed shapes throughout (CUDA graphs can hold it)."""
+    b, n = scores.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k}: between 1 and the row's {n} scores")
+    if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("top_k_positions_triton needs CUDA tensors")
+    x = scores.float().contiguous()
+    c = triton.cdiv(n, chunk)
+    hist = torch.zeros(b, 2, BINS, device=x.device, dtype=torch.int32)
+    cnt = torch.empty(b, c, 2, device=x.device, dtype=torch.int32)
+    out = torch.empty(b, k, device=x.device, dtype=torch.int64)
+    grid = (c, b)
+    for p in (0, 1):
+        _hist_kernel[grid](x, hist, n, k, PASS=p, B=BITS, CHUNK=chunk, num_warps=8)
+    _count_kernel[grid](x, hist, cnt, n, k, c, B=BITS, CHUNK=chunk, num_warps=8)
+    cp = triton.next_power_of_2(c)
+    _write_kernel[grid](x, hist, cnt, out, n, k, c, B=BITS, CHUNK=chunk, CP=cp, num_warps=8)
+    return out

@@ -1,0 +1,79 @@
+"""The radix select kernel (the k highest of each row, positions in increasing order) against the
+torch reference ``topk`` + sort; on a GPU, or in Triton's interpreter on a CPU (small rows)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from tests.helpers import run_in_triton_interpreter
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _distinct(b, n, gen, scale):
+    """Rows of distinct scores (a shuffled grid, both signs), distinct in their 24 highest bits."""
+    return torch.stack(
+        [(torch.randperm(n, generator=gen).float() - n / 2) * scale for _ in range(b)]
+    )
+
+
+def _check(device, cases):
+    from commvq.kernels.select import top_k_positions_triton
+    from commvq.quant.coarse import pick
+
+    for b, n, k in cases:
+        gen = torch.Generator().manual_seed(n + k)
+        x = _distinct(b, n, gen, 0.37).to(device)
+        got = top_k_positions_triton(x, k)
+        assert got.dtype == torch.int64 and got.shape == (b, k)
+        assert torch.equal(got, pick(x, k)), ("distinct", b, n, k)
+        # the same ordering far from 1: large and tiny magnitudes
+        for scale in (1e3, 1e-3):
+            got = top_k_positions_triton(x * scale, k)
+            assert torch.equal(got, pick(x * scale, k)), ("scale", scale, b, n, k)
+        # ties: every score equal -> the first k positions
+        got = top_k_positions_triton(torch.zeros(b, n, device=device), k)
+        assert torch.equal(got.cpu(), torch.arange(k).expand(b, k)), ("ties", b, n, k)
+        # -inf (a token no row may see): finite scores first, then the earliest -inf ones
+        y = torch.full((b, n), float("-inf"))
+        finite = torch.rand(b, n, generator=gen) < 0.3
+        y[finite] = torch.randn(int(finite.sum()), generator=gen)
+        got = top_k_positions_triton(y.to(device), k).cpu()
+        for row in range(b):
+            fin = finite[row].nonzero().squeeze(1)
+            if fin.numel() >= k:
+                want = pick(y[row : row + 1], k)[0]
+            else:  # every finite one, then the earliest -inf positions
+                rest = (~finite[row]).nonzero().squeeze(1)[: k - fin.numel()]
+                want = torch.cat((fin, rest)).sort().values
+            assert torch.equal(got[row], want), ("-inf", row, b, n, k)
+
+
+GRID = [(1, 131072, 4096), (3, 32768 + 5, 1024), (2, 9000, 8999), (4, 4096, 1), (1, 600, 256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_select_matches_topk_on_gpu():
+    _check("cuda", GRID)
+
+
+@pytest.mark.skipif(
+    not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
+)
+def test_select_matches_topk_in_interpreter():
+    code = (
+        "from tests.kernels.test_select import _check\n"
+        "_check('cpu', [(1, 9000, 300), (2, 5000, 4999), (3, 4096 + 3, 1), (2, 300, 150)])\n"
+    )
+    run_in_triton_interpreter(code)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+def test_select_rejects_bad_k():
+    from commvq.kernels.select import top_k_positions_triton
+
+    with pytest.raises(ValueError, match="k=0"):
+        top_k_positions_triton(torch.zeros(1, 4, device="cuda" if HAS_CUDA else "cpu"), 0)
