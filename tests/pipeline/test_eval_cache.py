@@ -19,6 +19,7 @@ def test_a_part_is_keyed_by_its_own_settings_and_the_files_that_decide_it(tmp_pa
         "ppl_tokens": 2048,
         "ppl_docs": 2,
         "ppl_chunk": 64,
+        "ppl_prefill": 0,
         "lengths": "512",
         "depths": "0,1",
         "samples": 2,
@@ -31,6 +32,8 @@ def test_a_part_is_keyed_by_its_own_settings_and_the_files_that_decide_it(tmp_pa
         eval_cache.fingerprint(_common(tmp_path), "ppl", longer) == ppl
     )  # retrieval settings: not perplexity's
     assert eval_cache.fingerprint(_common(tmp_path), "needle", longer) != needle
+    prompt = {**settings, "ppl_prefill": 1024}
+    assert eval_cache.fingerprint(_common(tmp_path), "ppl", prompt) != ppl
     assert eval_cache.fingerprint(_common(tmp_path, beam=8), "ppl", settings) != ppl
     (keys / "curve.png").write_bytes(b"another plot")  # plots do not decide results
     assert eval_cache.fingerprint(_common(tmp_path), "ppl", settings) == ppl

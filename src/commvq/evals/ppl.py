@@ -17,9 +17,12 @@ def ppl_kl(
     chunk: int,
     skip: int,
     pairs: dict[str, str] | None = None,
+    prefill: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Per method: ``nll`` (sum), ``kl`` (sum), ``tokens`` over positions ``>= skip`` of
-    ``ids [1, L]``.
+    ``ids [1, L]``. ``prefill``: feed the first ``prefill`` tokens as one step (a prompt: exact
+    attention, then compressed) and score from there on only, so that a long context costs one
+    step.
 
     ``make_caches`` maps a method name to a factory of its cache; the reference is a plain
     ``DynamicCache`` with exact attention. ``pairs`` (method -> another of ``make_caches``): also
@@ -32,8 +35,9 @@ def ppl_kl(
     ref_cache = exact_cache()
     stats = {name: {"nll": 0.0, "kl": 0.0, "tokens": 0} for name in caches}
     length = ids.shape[1]
-    for start in range(0, length - 1, chunk):
-        part = ids[:, start : min(start + chunk, length - 1)]
+    skip = max(skip, prefill)
+    for start, end in steps(length - 1, chunk, prefill):
+        part = ids[:, start:end]
         targets = ids[:, start + 1 : start + 1 + part.shape[1]]
         keep = torch.arange(start, start + part.shape[1], device=ids.device) >= skip
         ref = torch.log_softmax(
@@ -53,3 +57,11 @@ def ppl_kl(
             kl = (logps[other].exp() * (logps[other] - logps[name])).sum(-1)[0]
             stats[name]["kl_pair"] = stats[name].get("kl_pair", 0.0) + float(kl[keep].sum())
     return stats
+
+
+def steps(n: int, chunk: int, prefill: int = 0) -> list[tuple[int, int]]:
+    """The ``(start, end)`` spans feeding positions ``0..n-1``: ``[0, prefill)`` first when
+    ``prefill > 0``, then ``chunk`` at a time."""
+    first = min(prefill, n)
+    head = [(0, first)] if first else []
+    return head + [(s, min(s + chunk, n)) for s in range(first, n, chunk)]

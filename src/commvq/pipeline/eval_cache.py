@@ -24,7 +24,7 @@ RETRIEVAL = ("lengths", "depths", "samples", "seed")
 PART_FORMAT = {"bytes": 2, "ppl": 1, "passkey": 1, "needle": 1}
 PART_SETTINGS = {
     "bytes": (),
-    "ppl": ("ppl_tokens", "ppl_docs", "ppl_chunk"),
+    "ppl": ("ppl_tokens", "ppl_docs", "ppl_chunk", "ppl_prefill"),
     "passkey": RETRIEVAL,
     "needle": RETRIEVAL,
 }

@@ -53,6 +53,11 @@ class EvalConfig:
     ppl_tokens: int = option(2048, "tokens per held-out document for perplexity")
     ppl_docs: int = option(2, "held-out documents for perplexity")
     ppl_chunk: int = option(64, "tokens fed per step (each attends to the compressed past)")
+    ppl_prefill: int = option(
+        0,
+        "feed each document's first N tokens as one prompt and score only the tokens after it "
+        "(a long context in one step; 0: score from the first window on)",
+    )
     lengths: str = option("512,1024,2048", "context lengths for passkey and needle (comma list)")
     depths: str = option("0,0.5,1", "needle / pass key depths (comma list of fractions)")
     samples: int = option(
@@ -83,6 +88,11 @@ class EvalConfig:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.sink < 0:
             raise ValueError(f"--sink {self.sink}: must be 0 or more")
+        if not 0 <= self.ppl_prefill < self.ppl_tokens - 1:
+            raise ValueError(
+                f"--ppl_prefill {self.ppl_prefill}: from 0 to --ppl_tokens - 2 "
+                f"({self.ppl_tokens - 2}), so that some tokens are scored"
+            )
         bad = [d for d in _floats(self.depths) if not 0 <= d <= 1]
         if bad or not _floats(self.depths):
             raise ValueError(
@@ -137,7 +147,9 @@ def run_ppl(cfg: EvalConfig, lm, methods: list[meth.Method]) -> dict[str, dict]:
             if m.exact_mode and m.exact_mode not in makers:
                 ref = replace(m, name=m.exact_mode, coarse=None, loaded={})
                 makers[ref.name] = lambda ref=ref: ref.make_cache(lm.model, cfg.window, cfg.sink)
-        stats = ppl_kl(lm.model, t, makers, cfg.ppl_chunk, skip=cfg.window, pairs=pairs)
+        stats = ppl_kl(
+            lm.model, t, makers, cfg.ppl_chunk, cfg.window, pairs=pairs, prefill=cfg.ppl_prefill
+        )
         for m in methods:
             per_doc.setdefault(m.name, []).append(stats[m.name])
     return {name: pooled(stats) for name, stats in per_doc.items()}
@@ -339,10 +351,16 @@ def report(cfg: EvalConfig, model_name: str, results: dict[str, dict], grids: di
     ]
     cols = [c for c in cols if any(c[1] in r for r in results.values())]
     sink = f"; sink {cfg.sink} (CommVQ and KIVI caches)" if cfg.sink else ""
+    fed = (
+        f"the first {cfg.ppl_prefill} as a prompt, then {cfg.ppl_chunk} at a time (tokens after "
+        "the prompt)"
+        if cfg.ppl_prefill
+        else f"{cfg.ppl_chunk} at a time (tokens after the first window)"
+    )
     lines = [
         f"Model {model_name}; window {cfg.window}{sink}; "
         f"perplexity over {cfg.ppl_docs} held-out speeches x "
-        f"{cfg.ppl_tokens} tokens fed {cfg.ppl_chunk} at a time (tokens after the first window); "
+        f"{cfg.ppl_tokens} tokens fed {fed}; "
         f"retrieval at lengths {cfg.lengths}, depths {cfg.depths}.",
         "",
         "| method | " + " | ".join(c[0] for c in cols) + " |",
