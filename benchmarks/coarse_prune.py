@@ -12,8 +12,8 @@ to the exact mode. Per layer: the same, pooled over lengths.
         --value_dir runs/dev/value_codec_2bit --lengths 1024,2048,4096 --steps 16 \\
         --settings "2:0.03125:64;4:0.03125:64"
 
-A setting is ``S:keep:min_tokens[:exact layers[:pairs]]`` (``2:0.125:32:0,1``; no exact layers
-when left out, every RoPE pair unless ``pairs`` is given;
+A setting is ``S:keep:min_tokens[:exact layers[:pairs[:fill]]]`` (``2:0.125:32:0,1``; no exact
+layers when left out, every RoPE pair unless ``pairs`` is given, fill ``none`` unless given;
 :class:`commvq.quant.coarse.CoarseSettings`). A table and a last JSON line.
 """
 
@@ -43,9 +43,12 @@ def parse_settings(text: str) -> list[CoarseSettings]:
     for part in text.split(";"):
         s, keep, least, *rest = part.split(":")
         layers = tuple(int(i) for i in rest[0].split(",") if i) if rest else ()
-        pairs = float(rest[1]) if len(rest) > 1 else 1.0
+        pairs = float(rest[1]) if len(rest) > 1 and rest[1] else 1.0
+        fill = rest[2] if len(rest) > 2 else "none"
         out.append(
-            CoarseSettings(int(s), float(keep), int(least), exact_layers=layers, pairs=pairs)
+            CoarseSettings(
+                int(s), float(keep), int(least), exact_layers=layers, pairs=pairs, fill=fill
+            )
         )
     return out
 
@@ -158,7 +161,8 @@ def main() -> None:
     out = []
     for s in settings:
         name = f"{s.stages}:{s.keep:g}:{s.min_tokens}:" + ",".join(map(str, s.exact_layers))
-        name += f":{s.pairs:g}" if s.pairs < 1 else ""
+        name += f":{s.pairs:g}" if s.pairs < 1 or s.fill != "none" else ""
+        name += f":{s.fill}" if s.fill != "none" else ""
         for n in lengths:
             sel = [r for r in rows if r["length"] == n and r["setting"] == s.__dict__]
             sm = summary([e for r in sel for e in r["log"]])

@@ -3,6 +3,7 @@ holds, a margin beyond any error keeps every token (outputs equal exact mode), a
 forward pass the mass bound covers the mass actually dropped."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -270,3 +271,17 @@ def test_coarse_over_half_the_pairs_sums_those_pairs_and_picks_alike_on_both_pat
     (entry,) = slow.coarse_log
     assert entry["dropped_share"] > 0 and math.isnan(entry["mass_bound"])
     assert math.isnan(entry["bound_prunes_m0"]) and entry["mass_dropped"] > 0
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5])
+def test_fill_with_every_stage_gives_the_dropped_tokens_their_exact_weights(keep):
+    """With S = R the coarse scores are exact, so the fill's share and its spread over the
+    dropped tokens' values are theirs in the exact softmax: the output equals exact mode's,
+    whatever the budget; without the fill the dropped tokens are missing."""
+    q = torch.randn(2, 4, 1, 16)
+    want = _filled(None, stages=4)[0]._mixed(q, None, 0.25)
+    settings = CoarseSettings(stages=4, keep=keep, min_tokens=4, exact_layers=(), fill="coarse")
+    got = _filled(settings, stages=4)[0]._mixed(q, None, 0.25)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    plain = _filled(replace(settings, fill="none"), stages=4)[0]._mixed(q, None, 0.25)
+    assert (plain - want).abs().max() > 1e-3

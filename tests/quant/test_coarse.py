@@ -41,6 +41,7 @@ def test_budget_and_settings():
         dict(min_tokens=0),
         dict(margin=-1.0),
         dict(margin=math.nan),
+        dict(fill="mean"),
     ):
         with pytest.raises(ValueError, match="coarse"):
             coarse.CoarseSettings(**bad)
@@ -98,3 +99,16 @@ def test_mass_bound_covers_the_exact_softmax_mass_of_dropped_tokens():
         assert (upper >= exact - 1e-6).all() and (
             best_lower <= torch.cat((exact, others), -1).amax(-1, keepdim=True) + 1e-6
         ).all()
+
+
+def test_fill_terms_are_the_dropped_tokens_share_and_spread():
+    c = torch.tensor([[[[2.0, 0.5, -1.0, 1.0]]]])
+    dropped = torch.tensor([False, True, True, False])
+    logit, w = coarse.fill_terms(c, dropped)
+    assert torch.allclose(logit, torch.logsumexp(torch.tensor([0.5, -1.0]), 0).reshape(1, 1, 1, 1))
+    assert torch.allclose(
+        w[0, 0, 0], torch.tensor([0.0, *torch.softmax(torch.tensor([0.5, -1.0]), 0), 0.0])
+    )
+    # nothing dropped: no share (its logit -inf) and no spread (not NaN)
+    logit, w = coarse.fill_terms(c, torch.zeros(4, dtype=torch.bool))
+    assert logit.item() == float("-inf") and torch.equal(w, torch.zeros_like(c))

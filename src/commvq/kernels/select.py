@@ -1,5 +1,5 @@
 """The ``k`` highest of each row of scores, as positions in increasing order (Triton): a radix
-select over each score's float bits in two histogram passes of 12 bits each, then one pass that
+select over each score's float bits in three histogram passes of 8 bits each, then one pass that
 writes the chosen positions in order, so that no sort follows. Scores equal in their 24 highest
 bits (sign, exponent and 15 mantissa bits: within 2**-15 of each other, relatively) count as
 ties, and ties at the boundary go to the earlier positions. The torch reference:
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-BITS = 12  # per histogram pass
+BITS = 8  # per histogram pass: 256 bins (wider histograms cost more than the passes they save)
+PASSES = 3  # 24 bits: sign, exponent and 15 mantissa bits
 BINS = 1 << BITS
 
 
@@ -36,6 +37,24 @@ def _boundary(hist_ptr, k, NB: tl.constexpr):
 
 
 @triton.jit
+def _prefix(hist_ptr, k, UPTO: tl.constexpr, B: tl.constexpr):
+    """The boundary's first ``UPTO * B`` bits (``key >> (32 - UPTO * B)``) from the row's
+    histograms of the first ``UPTO`` passes, and how many keys with that prefix are still to
+    take."""
+    NB: tl.constexpr = 1 << B
+    hist = hist_ptr + tl.program_id(1) * PASSES * NB
+    prefix = 0
+    for p in tl.static_range(UPTO):
+        top, above = _boundary(hist + p * NB, k, NB)
+        if p == 0:  # noqa: SIM108 (a Triton loop: the first pass is offset)
+            prefix = top - NB // 2
+        else:
+            prefix = prefix * NB + top
+        k = k - above
+    return prefix, k
+
+
+@triton.jit
 def _keys(x_ptr, N, CHUNK: tl.constexpr):
     """This program's chunk of its row: positions, in-row mask, ordered keys."""
     t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
@@ -45,28 +64,18 @@ def _keys(x_ptr, N, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _threshold(hist_ptr, k, NB: tl.constexpr):
-    """The row's boundary on ``key >> (32 - 2 * bits)`` and how many ties at it are taken."""
-    hist = hist_ptr + tl.program_id(1) * 2 * NB
-    hi, above_hi = _boundary(hist, k, NB)
-    lo, above_lo = _boundary(hist + NB, k - above_hi, NB)
-    return (hi - NB // 2) * NB + lo, k - above_hi - above_lo
-
-
-@triton.jit
 def _hist_kernel(x_ptr, hist_ptr, N, k, PASS: tl.constexpr, B: tl.constexpr, CHUNK: tl.constexpr):
-    """Pass 0: histogram of the keys' top ``B`` bits; pass 1: of the next ``B`` bits among the
-    keys in pass 0's boundary bin (both added into the row's ``hist [2, 2**B]``)."""
+    """Pass ``p``: the histogram of the keys' bits ``[32 - (p+1)B, 32 - pB)`` among the keys
+    whose higher bits are the boundary's so far, added into the row's ``hist [PASSES, 2**B]``."""
     NB: tl.constexpr = 1 << B
     _, m, key = _keys(x_ptr, N, CHUNK)
-    hist = hist_ptr + tl.program_id(1) * 2 * NB
-    hi = (key >> (32 - B)) + NB // 2
     if PASS == 0:
-        h = tl.histogram(hi, NB, mask=m)
+        h = tl.histogram((key >> (32 - B)) + NB // 2, NB, mask=m)
     else:
-        top, _ = _boundary(hist, k, NB)
-        h = tl.histogram((key >> (32 - 2 * B)) & (NB - 1), NB, mask=m & (hi == top))
-        hist += NB
+        prefix, _ = _prefix(hist_ptr, k, PASS, B)
+        inside = m & ((key >> (32 - PASS * B)) == prefix)
+        h = tl.histogram((key >> (32 - (PASS + 1) * B)) & (NB - 1), NB, mask=inside)
+    hist = hist_ptr + (tl.program_id(1) * PASSES + PASS) * NB
     tl.atomic_add(hist + tl.arange(0, NB), h, mask=h > 0)
 
 
@@ -74,8 +83,8 @@ def _hist_kernel(x_ptr, hist_ptr, N, k, PASS: tl.constexpr, B: tl.constexpr, CHU
 def _count_kernel(x_ptr, hist_ptr, cnt_ptr, N, k, C, B: tl.constexpr, CHUNK: tl.constexpr):
     """Per chunk: how many keys lie above the row's boundary and how many at it."""
     _, m, key = _keys(x_ptr, N, CHUNK)
-    thr, _ = _threshold(hist_ptr, k, 1 << B)
-    top = key >> (32 - 2 * B)
+    thr, _ = _prefix(hist_ptr, k, PASSES, B)
+    top = key >> (32 - PASSES * B)
     cnt = cnt_ptr + (tl.program_id(1) * C + tl.program_id(0)) * 2
     tl.store(cnt, tl.sum((m & (top > thr)).to(tl.int32), 0))
     tl.store(cnt + 1, tl.sum((m & (top == thr)).to(tl.int32), 0))
@@ -97,13 +106,13 @@ def _write_kernel(
     """Each chosen position, written at its rank in position order: after the chosen ones of the
     earlier chunks and of the earlier positions of this one."""
     t, m, key = _keys(x_ptr, N, CHUNK)
-    thr, ties = _threshold(hist_ptr, k, 1 << B)
+    thr, ties = _prefix(hist_ptr, k, PASSES, B)
     b = tl.program_id(1)
     earlier = tl.arange(0, CP)
     before = cnt_ptr + (b * C + earlier) * 2
     above_before = tl.sum(tl.load(before, mask=earlier < tl.program_id(0), other=0), 0)
     ties_before = tl.sum(tl.load(before + 1, mask=earlier < tl.program_id(0), other=0), 0)
-    top = key >> (32 - 2 * B)
+    top = key >> (32 - PASSES * B)
     tie = m & (top == thr)
     take = (m & (top > thr)) | (tie & (ties_before + tl.cumsum(tie.to(tl.int32), 0) <= ties))
     rank = above_before + tl.minimum(ties_before, ties) + tl.cumsum(take.to(tl.int32), 0) - 1
@@ -121,11 +130,11 @@ def top_k_positions_triton(scores: torch.Tensor, k: int, chunk: int = 4096) -> t
         raise ValueError("top_k_positions_triton needs CUDA tensors")
     x = scores.float().contiguous()
     c = triton.cdiv(n, chunk)
-    hist = torch.zeros(b, 2, BINS, device=x.device, dtype=torch.int32)
+    hist = torch.zeros(b, PASSES, BINS, device=x.device, dtype=torch.int32)
     cnt = torch.empty(b, c, 2, device=x.device, dtype=torch.int32)
     out = torch.empty(b, k, device=x.device, dtype=torch.int64)
     grid = (c, b)
-    for p in (0, 1):
+    for p in range(PASSES):
         _hist_kernel[grid](x, hist, n, k, PASS=p, B=BITS, CHUNK=chunk, num_warps=8)
     _count_kernel[grid](x, hist, cnt, n, k, c, B=BITS, CHUNK=chunk, num_warps=8)
     cp = triton.next_power_of_2(c)

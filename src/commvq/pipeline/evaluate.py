@@ -74,6 +74,11 @@ class EvalConfig:
     coarse_pairs: float = option(
         1.0, "+coarse methods: share of RoPE pairs the coarse pass sums (1, 0.5, 0.25, ...)"
     )
+    coarse_fill: str = option(
+        "none",
+        "+coarse methods: what the dropped tokens get: none, or coarse (their share of the "
+        "softmax from their coarse scores; a values pass over every token, torch path)",
+    )
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "seed of the pass keys and of the needles' haystack offsets")
@@ -115,6 +120,7 @@ class EvalConfig:
             self.coarse_margin,
             tuple(_ints(self.coarse_exact_layers)),
             self.coarse_pairs,
+            self.coarse_fill,
         )
 
 

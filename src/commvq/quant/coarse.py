@@ -12,6 +12,10 @@ rotation keeps norms). From those bounds:
   the budget would keep it;
 - the exact softmax's mass on the dropped tokens is at most ``sum_dropped exp(c + b - L)`` (the
   token that attains ``L`` alone has weight ``exp(L)`` or more), computed in the same pass.
+
+``fill="coarse"`` gives the dropped tokens their coarse weights instead of none: one more entry
+in the softmax, ``logsumexp`` of their coarse scores, whose weight is spread over their values by
+the softmax of those scores (:func:`fill_terms`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from commvq.quant import residual
 TAIL_STEPS = 16
 TAIL_OFFSET = 224  # code 0 = 2**-14 (anything smaller rounds up to it), code 255 = 2**(31/16)
 TAIL_SLACK = 2.0**-8  # stored >= d * (1 + slack): covers the kernels' float16 codebook rounding
+FILLS = ("none", "coarse")
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,10 @@ class CoarseSettings:
     """``stages``: the residual stages the coarse pass sums (S); ``keep``: the share of compressed
     tokens scored exactly, at least ``min_tokens`` of them (the budget); ``margin`` (logits): also
     drop a kept token whose upper bound lies more than this below its row's best lower bound
-    (``inf``: the budget alone decides); ``exact_layers``: layers decoded exactly all the same
+    (``inf``: the budget alone decides); ``fill``: what the dropped tokens get, ``none`` (no
+    weight) or ``coarse`` (one share of the softmax, from their coarse scores, spread over their
+    values by those scores: a values pass over every compressed token, on the torch path);
+    ``exact_layers``: layers decoded exactly all the same
     (a layer whose attention spreads over most tokens, as the first layer's does, loses much of
     its mass to any budget); ``pairs``: the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4,
     ...; below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and
@@ -46,6 +54,7 @@ class CoarseSettings:
     margin: float = math.inf
     exact_layers: tuple[int, ...] = (0,)
     pairs: float = 1.0
+    fill: str = "none"
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -61,6 +70,8 @@ class CoarseSettings:
             raise ValueError(f"coarse exact_layers={self.exact_layers}: layer indices >= 0")
         if not 0 < self.pairs <= 1 or not math.log2(1 / self.pairs).is_integer():
             raise ValueError(f"coarse pairs={self.pairs}: 1, 0.5, 0.25, ... (a power of two)")
+        if self.fill not in FILLS:
+            raise ValueError(f"coarse fill={self.fill!r}: one of {FILLS}")
         if self.pairs < 1 and self.margin != math.inf:
             raise ValueError(
                 f"coarse pairs={self.pairs} with margin={self.margin}: the stored bound covers "
@@ -119,6 +130,15 @@ def pick(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= scores.shape[1]:
         return torch.arange(scores.shape[1], device=scores.device).expand(scores.shape[0], -1)
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def fill_terms(coarse: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the ``dropped [B|1, Hq|1, T|1, N]`` tokens get under ``fill="coarse"``: one logit
+    for their share of the softmax, the log-sum-exp of their coarse scores ``[B, Hq, T, 1]``
+    (``-inf`` where none is dropped), and each one's part of that share, the softmax of its
+    coarse score over the dropped ones ``[B, Hq, T, N]`` (0 on the others)."""
+    c = coarse.masked_fill(~dropped, float("-inf"))
+    return torch.logsumexp(c, -1, keepdim=True), torch.softmax(c, -1).nan_to_num(0.0)
 
 
 def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

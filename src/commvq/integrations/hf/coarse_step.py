@@ -92,7 +92,7 @@ def attend(
     comp_bias = None if bias is None else bias[..., ns : ns + nc]
     k = settings.budget(nc)
     block = layer.store["k"]
-    if settings.margin == float("inf") and layer.coarse_log is None:
+    if settings.margin == float("inf") and layer.coarse_log is None and settings.fill == "none":
         rank = keys.coarse_rank(layer.layer_idx, qs, block, others_best)  # [B, N]
         if comp_bias is not None:  # a token no row may see ranks last
             rank = rank + comp_bias.amax(dim=(1, 2))
@@ -115,14 +115,27 @@ def attend(
         exact = exact.masked_fill(fails, float("-inf"))
         if layer.coarse_log is not None:
             log_step(layer, qs, (s_sink, c, s_win), comp_bias, idx, fails, upper, best_lower)
-    p = torch.softmax(torch.cat((s_sink, exact, s_win), -1), -1)
+    logits = [s_sink, exact, s_win]
+    if settings.fill == "coarse":  # the dropped tokens' share, by their coarse scores
+        fill_logit, fill_w = cq.fill_terms(c, ~kept_mask(c, idx, fails))
+        logits.append(fill_logit)
+    p = torch.softmax(torch.cat(logits, -1), -1)
     if bias is not None:  # a row the mask hides entirely (padding) gives NaN: no weight
         p = p.nan_to_num(0.0)
-    out = parts.grouped(p[..., ns + k :], win_v.float())
+    out = parts.grouped(p[..., ns + k : ns + k + w], win_v.float())
     if ns:
         out = out + parts.grouped(p[..., :ns], layer.sink_v.float())
-    store_v = layer.store["v"]
-    return out + layer.values_part.values_at(layer.layer_idx, p[..., ns : ns + k], store_v, idx)
+    store_v, values = layer.store["v"], layer.values_part
+    if settings.fill == "coarse":
+        out = out + values.values(layer.layer_idx, p[..., -1:] * fill_w, store_v)
+    return out + values.values_at(layer.layer_idx, p[..., ns : ns + k], store_v, idx)
+
+
+def kept_mask(c: torch.Tensor, idx: torch.Tensor, fails: torch.Tensor) -> torch.Tensor:
+    """The compressed tokens ``[B, Hq, 1, N]`` that get exact weights: picked (``idx [B, k]``)
+    and not ruled out by the margin (``fails [B, Hq, 1, k]``)."""
+    kept = torch.zeros_like(c, dtype=torch.bool)
+    return kept.scatter_(-1, idx[:, None, None, :].expand(*fails.shape), ~fails)
 
 
 def log_step(layer, qs, pieces, comp_bias, idx, fails, upper, best_lower) -> None:
@@ -132,9 +145,7 @@ def log_step(layer, qs, pieces, comp_bias, idx, fails, upper, best_lower) -> Non
     margin's bound alone would prune; and the mass dropped by the same budget picked from the
     exact scores (an oracle) and per KV head (from the coarse and from the exact scores)."""
     s_sink, c, s_win = pieces
-    kept = torch.zeros_like(c, dtype=torch.bool)
-    kept.scatter_(-1, idx[:, None, None, :].expand(*fails.shape), ~fails)
-    dropped = ~kept
+    dropped = ~kept_mask(c, idx, fails)
     exact = layer.keys_part.scores(layer.layer_idx, qs, layer.store["k"])
     if comp_bias is not None:
         exact = exact + comp_bias
