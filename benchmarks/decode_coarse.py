@@ -7,10 +7,11 @@ Python and as one CUDA graph.
     python benchmarks/decode_coarse.py [--contexts 8192,32768,131072] [--batch 1 | --batch max]
         [--bits 2,1] [--variants "1:0.03125;2:0.03125;2:0.125"]
 
-A variant is ``S:keep[:pairs[:fill]]``: the coarse pass sums the first S stages (over ``pairs``
-of the RoPE pairs, default all; ``fill`` as :class:`CoarseSettings` has it), and ``keep`` of the
+A variant is ``S:keep[:pairs[:fill[:select]]]``: the coarse pass sums the first S stages (over
+``pairs`` of the RoPE pairs, default all; ``fill`` and ``select`` as :class:`CoarseSettings` has
+them), and ``keep`` of the
 compressed tokens (at least 256), picked by one
-selection (the radix select kernel on a GPU), are rescored exactly. Random codes,
+top-k (or the radix select kernel), are rescored exactly. Random codes,
 codebooks and codec (speed does not depend on their values; which tokens are picked does not
 change the work). ``--batch max``: the largest batch whose coarse cache fits beside
 Llama-3.1-8B's bf16 weights (all 32 layers), and FP16 SDPA at that batch and at its own largest.
@@ -78,8 +79,8 @@ def step_ms(layer, q, scaling, device) -> tuple[float, float]:
 
 def parts_ms(layer, q, scaling, k, device) -> tuple[float, float, float]:
     """Parts of a coarse step: the coarse pass alone (ranks written, as the step runs it), and
-    picking ``k`` tokens by those ranks as the step does (the select kernel on a GPU) and by
-    torch's top-k and sort, each replayed as a CUDA graph."""
+    picking ``k`` tokens by those ranks with the radix select kernel (on a GPU) and by torch's
+    top-k and sort, each replayed as a CUDA graph."""
     qs, store = q.float() * scaling, layer.store["k"]
     off = torch.zeros(qs.shape[0], qs.shape[1], 1, 1, device=qs.device)
     rank = layer.keys_part.coarse_rank(0, qs, store, off)
@@ -89,24 +90,26 @@ def parts_ms(layer, q, scaling, k, device) -> tuple[float, float, float]:
 
     return (
         timed(lambda: layer.keys_part.coarse_rank(0, qs, store, off), device),
-        graph_timed(lambda: coarse_step.pick(layer.keys_part, rank, k)),
+        graph_timed(lambda: coarse_step.pick(layer.keys_part, rank, k, "radix")),
         graph_timed(lambda: cq.pick(rank, k)),
     )
 
 
-def names(s: int, keep: float, pairs: float, fill: str = "none") -> tuple[str, str]:
+def names(s, keep, pairs, fill="none", select="topk") -> tuple[str, str]:
     """The row keys of a variant and of its coarse pass."""
     tag = f"coarse_S{s}" + (f"_pairs{pairs:g}" if pairs < 1 else "")
-    return f"{tag}_keep{keep:g}" + (f"_fill{fill}" if fill != "none" else ""), f"{tag}_pass_ms"
+    key = f"{tag}_keep{keep:g}" + (f"_fill{fill}" if fill != "none" else "")
+    return key + (f"_{select}" if select != "topk" else ""), f"{tag}_pass_ms"
 
 
-def parse_variants(text: str) -> list[tuple[int, float, float, str]]:
-    """``"1:0.03125;1:0.03125:0.5;2:0.125:1:coarse"`` -> ``[(S, keep, pairs, fill)]``."""
+def parse_variants(text: str) -> list[tuple[int, float, float, str, str]]:
+    """``"1:0.03125;1:0.03125:0.5;2:0.125:1:coarse;1:0.03125:1:none:radix"`` ->
+    ``[(S, keep, pairs, fill, select)]``."""
     out = []
     for v in text.split(";"):
         s, keep, *rest = v.split(":")
-        pairs = float(rest[0]) if rest else 1.0
-        out.append((int(s), float(keep), pairs, rest[1] if len(rest) > 1 else "none"))
+        rest += ["1", "none", "topk"][len(rest) :]
+        out.append((int(s), float(keep), float(rest[0]), rest[1], rest[2]))
     return out
 
 
@@ -118,20 +121,20 @@ def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
     layer = make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, None)
     exact, exact_graph = step_ms(layer, q, d**-0.5, device)
     row = {"bits": bits, "context": n, "batch": b, "exact_ms": exact, "exact_graph_ms": exact_graph}
-    for s, pairs in sorted({(s, p) for s, _, p, _ in variants if s < r}):
+    for s, pairs in sorted({(v[0], v[2]) for v in variants if v[0] < r}):
         layer.keys_part = make_layer(
             st, b, hkv, d, bits, window, freqs, device, dtype, gen, s, pairs
         ).keys_part
         layer.store["k"]["tail"] = torch.randint(120, 220, (b, n, hkv), dtype=torch.uint8).to(
             device
         )
-        for s_, keep, p_, fill in variants:
+        for s_, keep, p_, fill, select in variants:
             if (s_, p_) != (s, pairs):
                 continue
             layer.coarse = CoarseSettings(
-                stages=s, keep=keep, exact_layers=(), pairs=pairs, fill=fill
+                stages=s, keep=keep, exact_layers=(), pairs=pairs, fill=fill, select=select
             )
-            key, pass_key = names(s, keep, pairs, fill)
+            key, pass_key = names(s, keep, pairs, fill, select)
             row[key + "_ms"], row[key + "_graph_ms"] = step_ms(layer, q, d**-0.5, device)
             row[key + "_tokens"] = k = layer.coarse.budget(n)
             timings = parts_ms(layer, q, d**-0.5, k, device)
@@ -158,12 +161,7 @@ def main() -> None:
     variants = (
         parse_variants(args.variants)
         if not small
-        else [
-            (1, 0.5, 1.0, "none"),
-            (1, 0.25, 1.0, "none"),
-            (1, 0.25, 0.5, "none"),
-            (1, 0.25, 1.0, "coarse"),
-        ]
+        else parse_variants("1:0.5;1:0.25;1:0.25:0.5;1:0.25:1:coarse;1:0.25:1:none:radix")
     )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     freqs = rope.inv_freq(d, 5e5).to(device)
@@ -196,12 +194,12 @@ def main() -> None:
             f"exact {r_['exact_ms']:.3f} / {r_['exact_graph_ms']:.3f} "
             f"({r_['exact_graph_ms'] / fp16:.2f}x)"
         )
-        for s, keep, pairs, fill in variants:
-            key, pass_key = names(s, keep, pairs, fill)
+        for s, keep, pairs, fill, select in variants:
+            key, pass_key = names(s, keep, pairs, fill, select)
             if key + "_ms" in r_:
                 g = r_[key + "_graph_ms"]
                 print(
-                    f"    S={s} keep {keep:g} pairs {pairs:g} fill {fill} "
+                    f"    S={s} keep {keep:g} pairs {pairs:g} fill {fill} {select} "
                     f"({r_[key + '_tokens']} tokens): "
                     f"{r_[key + '_ms']:.3f} / {g:.3f} ({g / fp16:.2f}x FP16); coarse pass "
                     f"{r_[pass_key]:.3f}, pick {r_[key + '_pick_ms']:.3f} (torch top-k "

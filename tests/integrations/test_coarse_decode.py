@@ -215,6 +215,12 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     with_graphs, without = run("triton", budget), run("triton", budget, graphs=False)
     assert torch.isfinite(with_graphs).all()
     assert torch.allclose(with_graphs, without, atol=1e-4, rtol=1e-4)
+    # the radix select picks what the top-k picks (random ranks do not tie), graphs on
+    radix = run("triton", replace(budget, select="radix"))
+    assert torch.allclose(radix, with_graphs, atol=1e-4, rtol=1e-4)
+    # the fill on the kernels (coarse scores written, values over every token) as in torch
+    fill = replace(budget, fill="coarse")
+    assert torch.allclose(run("triton", fill), run("torch", fill), atol=5e-3)
 
 
 def test_exact_layers_attend_exactly():

@@ -32,6 +32,7 @@ TAIL_STEPS = 16
 TAIL_OFFSET = 224  # code 0 = 2**-14 (anything smaller rounds up to it), code 255 = 2**(31/16)
 TAIL_SLACK = 2.0**-8  # stored >= d * (1 + slack): covers the kernels' float16 codebook rounding
 FILLS = ("none", "coarse")
+SELECTS = ("topk", "radix")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class CoarseSettings:
     (``inf``: the budget alone decides); ``fill``: what the dropped tokens get, ``none`` (no
     weight) or ``coarse`` (one share of the softmax, from their coarse scores, spread over their
     values by those scores: a values pass over every compressed token, on the torch path);
-    ``exact_layers``: layers decoded exactly all the same
+    ``select``: how the budget is picked from the ranks, ``topk`` (torch's top-k, then a sort) or
+    ``radix`` (:mod:`commvq.kernels.select`, where the decode kernels serve; ties within 2**-15
+    go to the earlier tokens); ``exact_layers``: layers decoded exactly all the same
     (a layer whose attention spreads over most tokens, as the first layer's does, loses much of
     its mass to any budget); ``pairs``: the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4,
     ...; below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and
@@ -55,6 +58,7 @@ class CoarseSettings:
     exact_layers: tuple[int, ...] = (0,)
     pairs: float = 1.0
     fill: str = "none"
+    select: str = "topk"
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -72,6 +76,8 @@ class CoarseSettings:
             raise ValueError(f"coarse pairs={self.pairs}: 1, 0.5, 0.25, ... (a power of two)")
         if self.fill not in FILLS:
             raise ValueError(f"coarse fill={self.fill!r}: one of {FILLS}")
+        if self.select not in SELECTS:
+            raise ValueError(f"coarse select={self.select!r}: one of {SELECTS}")
         if self.pairs < 1 and self.margin != math.inf:
             raise ValueError(
                 f"coarse pairs={self.pairs} with margin={self.margin}: the stored bound covers "

@@ -49,10 +49,11 @@ def applies(layer: Any, nc: int, copies: tuple | None, tq: int) -> bool:
     return settings.budget(nc) < nc or settings.margin < float("inf")
 
 
-def pick(keys: Any, rank: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` best-ranked of ``rank [B, N]`` in increasing order (:func:`cq.pick`); where the
-    keys' decode kernels serve, by the radix select kernel (no full top-k, no sort)."""
-    if k < rank.shape[1] and parts.use_kernels(keys.kernels, rank, 1, 2):
+def pick(keys: Any, rank: torch.Tensor, k: int, select: str = "topk") -> torch.Tensor:
+    """The ``k`` best-ranked of ``rank [B, N]`` in increasing order (:func:`cq.pick`); with
+    ``select="radix"`` and where the keys' decode kernels serve, by the radix select kernel (no
+    full top-k, no sort)."""
+    if select == "radix" and k < rank.shape[1] and parts.use_kernels(keys.kernels, rank, 1, 2):
         from commvq.kernels.select import top_k_positions_triton
 
         return top_k_positions_triton(rank, k)
@@ -96,12 +97,12 @@ def attend(
         rank = keys.coarse_rank(layer.layer_idx, qs, block, others_best)  # [B, N]
         if comp_bias is not None:  # a token no row may see ranks last
             rank = rank + comp_bias.amax(dim=(1, 2))
-        idx, c, fails = pick(keys, rank, k), None, None
+        idx, c, fails = pick(keys, rank, k, settings.select), None, None
     else:
         c = keys.coarse_scores(layer.layer_idx, qs, block)
         if comp_bias is not None:
             c = c + comp_bias
-        idx = pick(keys, cq.rank(c, others_best), k)  # ranked as the fast path ranks
+        idx = pick(keys, cq.rank(c, others_best), k, settings.select)  # as the fast path ranks
         width = keys.bound_width(block)  # [B, Hkv, N]
         heads = kv_head_of(qs.shape[1], width.shape[1], qs.device)
         upper, best_lower = cq.bounds(
