@@ -142,3 +142,28 @@ def run_in_triton_interpreter(code: str, timeout: int = 600) -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
     )
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def kernel_tests(module: str, check: str, gpu_cases: list, cpu_cases: list, timeout: int = 600):
+    """A Triton kernel's two tests, ``module.check(device, cases)``: on a GPU over ``gpu_cases``
+    (marked ``gpu``), and in Triton's interpreter on the CPU over the smaller ``cpu_cases``."""
+    import importlib
+    import importlib.util
+
+    import pytest
+
+    has_triton = importlib.util.find_spec("triton") is not None
+
+    @pytest.mark.gpu
+    @pytest.mark.skipif(
+        not (torch.cuda.is_available() and has_triton), reason="needs a CUDA GPU and triton"
+    )
+    def on_gpu():
+        getattr(importlib.import_module(module), check)("cuda", gpu_cases)
+
+    @pytest.mark.skipif(not has_triton, reason="needs triton (its interpreter runs on the CPU)")
+    def in_interpreter():
+        code = f"from {module} import {check}\n{check}('cpu', {cpu_cases!r})\n"
+        run_in_triton_interpreter(code, timeout=timeout)
+
+    return on_gpu, in_interpreter

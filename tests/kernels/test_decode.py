@@ -1,15 +1,9 @@
 """Triton decode attention (scores from codes, values from bits) against the pure-torch reference,
 over a grid of shapes; on a GPU, or in Triton's interpreter on a CPU (a few small shapes)."""
 
-import importlib.util
-
-import pytest
 import torch
 
-from tests.helpers import run_in_triton_interpreter
-
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from tests.helpers import kernel_tests
 
 
 def _db(x, ref):
@@ -145,18 +139,8 @@ GRID = [
 ]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
-def test_decode_kernels_match_reference_on_gpu():
-    _compare("cuda", GRID)
-
-
-@pytest.mark.skipif(
-    not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
-)
-def test_decode_kernels_match_reference_in_interpreter():
-    code = (
-        "from tests.kernels.test_decode import _compare\n"
-        "_compare('cpu', [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1)])\n"
+test_decode_kernels_match_reference_on_gpu, test_decode_kernels_match_reference_in_interpreter = (
+    kernel_tests(
+        __name__, "_compare", GRID, [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1)], 900
     )
-    run_in_triton_interpreter(code, timeout=900)
+)

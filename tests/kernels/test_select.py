@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 import torch
 
-from tests.helpers import run_in_triton_interpreter
+from tests.helpers import kernel_tests
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -54,21 +54,9 @@ def _check(device, cases):
 GRID = [(1, 131072, 4096), (3, 32768 + 5, 1024), (2, 9000, 8999), (4, 4096, 1), (1, 600, 256)]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
-def test_select_matches_topk_on_gpu():
-    _check("cuda", GRID)
-
-
-@pytest.mark.skipif(
-    not HAS_TRITON, reason="needs triton (its interpreter runs the kernel on the CPU)"
+test_select_matches_topk_on_gpu, test_select_matches_topk_in_interpreter = kernel_tests(
+    __name__, "_check", GRID, [(1, 9000, 300), (2, 5000, 4999), (3, 4096 + 3, 1), (2, 300, 150)]
 )
-def test_select_matches_topk_in_interpreter():
-    code = (
-        "from tests.kernels.test_select import _check\n"
-        "_check('cpu', [(1, 9000, 300), (2, 5000, 4999), (3, 4096 + 3, 1), (2, 300, 150)])\n"
-    )
-    run_in_triton_interpreter(code)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
