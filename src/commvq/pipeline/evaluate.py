@@ -77,7 +77,7 @@ class EvalConfig:
     coarse_fill: str = option(
         "none",
         "+coarse methods: what the dropped tokens get: none, or coarse (their share of the "
-        "softmax from their coarse scores; a values pass over every token, torch path)",
+        "softmax from their coarse scores; a values pass over every token)",
     )
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")

@@ -42,7 +42,8 @@ class CoarseSettings:
     drop a kept token whose upper bound lies more than this below its row's best lower bound
     (``inf``: the budget alone decides); ``fill``: what the dropped tokens get, ``none`` (no
     weight) or ``coarse`` (one share of the softmax, from their coarse scores, spread over their
-    values by those scores: a values pass over every compressed token, on the torch path);
+    values by those scores: coarse scores written per query head and a values pass over every
+    compressed token, so not the rank-only kernel);
     ``select``: how the budget is picked from the ranks, ``topk`` (torch's top-k, then a sort) or
     ``radix`` (:mod:`commvq.kernels.select`, where the decode kernels serve; ties within 2**-15
     go to the earlier tokens); ``exact_layers``: layers decoded exactly all the same
