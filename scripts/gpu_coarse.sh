@@ -3,7 +3,7 @@
 #   call 1, carry .gguf_parts/part_aa:  bash scripts/gpu_coarse.sh speed
 #       keeps part_aa; the GPU tests of the coarse kernels; benchmarks/decode_coarse.py at batch 1
 #       (CONTEXTS, default 32768,131072) and at the largest batch (MAX_CONTEXTS, default 131072),
-#       VARIANTS as S:keep[:pairs[:fill]] (see the benchmark); before them the GPU tests of
+#       VARIANTS as S:keep[:pairs[:fill[:select]]] (see the benchmark); before them the GPU tests of
 #       GPU_TESTS (default: the decode, select and coarse-cache tests) and benchmarks/select_topk.py
 #   call 2, carry .gguf_parts/part_ab .whl KEYS:  bash scripts/gpu_coarse.sh quality KEYS [options]
 #       joins the GGUF; `commvq eval compare --methods commvq,commvq+coarse --key_dir KEYS` (values
