@@ -202,7 +202,7 @@ def main() -> None:
                     f"    S={s} keep {keep:g} pairs {pairs:g} fill {fill} {select} "
                     f"({r_[key + '_tokens']} tokens): "
                     f"{r_[key + '_ms']:.3f} / {g:.3f} ({g / fp16:.2f}x FP16); coarse pass "
-                    f"{r_[pass_key]:.3f}, pick {r_[key + '_pick_ms']:.3f} (torch top-k "
+                    f"{r_[pass_key]:.3f}, radix pick {r_[key + '_pick_ms']:.3f} (torch top-k "
                     f"{r_[key + '_topk_ms']:.3f})"
                 )
         if "fp16_max_batch" in r_:

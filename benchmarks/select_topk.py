@@ -2,13 +2,14 @@
 """Picking the k highest of each row as positions in increasing order, as the coarse decode step
 does: torch's ``topk`` + ``sort`` (the reference, :func:`commvq.quant.coarse.pick`) against the
 radix select kernel (:mod:`commvq.kernels.select`) at several chunk sizes, each replayed as one
-CUDA graph, over rows of random scores. Also checks that both pick the same positions.
+CUDA graph, over rows of random scores. Also checks that the kernel picks the same values as
+torch (positions may differ only where scores tie in their 24 highest bits).
 
     python benchmarks/select_topk.py [--rows 1,59] [--lengths 8192,32768,131072]
         [--keep 0.03125,0.125] [--chunks 2048,4096,8192]
 
-A table and a last JSON line. Needs a GPU (``--small``: a CPU smoke run in Triton's interpreter
-must set TRITON_INTERPRET=1 itself).
+A table and a last JSON line. Needs a GPU; ``--small``: one tiny row on the CPU, run with
+``TRITON_INTERPRET=1`` in the environment (Triton's interpreter).
 """
 
 from __future__ import annotations
