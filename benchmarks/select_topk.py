@@ -6,7 +6,7 @@ CUDA graph, over rows of random scores. Also checks that the kernel picks the sa
 torch (positions may differ only where scores tie in their 24 highest bits).
 
     python benchmarks/select_topk.py [--rows 1,59] [--lengths 8192,32768,131072]
-        [--keep 0.03125,0.125] [--chunks 2048,4096,8192]
+        [--keep 0.03125,0.125] [--chunks 1024,2048,4096,8192]
 
 A table and a last JSON line. Needs a GPU; ``--small``: one tiny row on the CPU, run with
 ``TRITON_INTERPRET=1`` in the environment (Triton's interpreter).
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,59")
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--keep", default="0.03125,0.125")
-    ap.add_argument("--chunks", default="2048,4096,8192")
+    ap.add_argument("--chunks", default="1024,2048,4096,8192")
     ap.add_argument("--small", action="store_true", help="tiny sizes on the CPU")
     args = ap.parse_args()
     device = torch.device("cpu" if args.small else "cuda")
