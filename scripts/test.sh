@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
 . .venv/bin/activate
-ruff check src tests benchmarks training
-ruff format --check src tests benchmarks training
+ruff check src tests benchmarks training evaluation
+ruff format --check src tests benchmarks training evaluation
 python -m pytest "$@"

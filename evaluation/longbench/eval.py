@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Score LongBench predictions: per task (qa_f1, Rouge-L, classification, code similarity) and average.
+"""Score LongBench predictions: per task (qa_f1, Rouge-L, classification, code similarity) and
+average.
 
     python eval.py [--pred_dir pred] [--model NAME]
 
