@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
 # Coarse-to-fine decode on a lent GPU, in two calls of the device tool on one warm machine:
 #   call 1, carry .gguf_parts/part_aa:  bash scripts/gpu_coarse.sh speed
-#       keeps part_aa; the GPU tests of the coarse kernels; benchmarks/decode_coarse.py at batch 1
+#       keeps part_aa; the GPU tests of GPU_TESTS (default: the decode, select and coarse-cache
+#       tests); benchmarks/select_topk.py (with SELECT_ARGS); benchmarks/decode_coarse.py at batch 1
 #       (CONTEXTS, default 32768,131072) and at the largest batch (MAX_CONTEXTS, default 131072;
-#       none: skipped),
-#       VARIANTS as S:keep[:pairs[:fill[:select]]] (see the benchmark); before them the GPU tests of
-#       GPU_TESTS (default: the decode, select and coarse-cache tests) and benchmarks/select_topk.py
-#       (with SELECT_ARGS)
+#       none: skipped), VARIANTS as S:keep[:pairs[:fill[:select]]] (see the benchmark)
 #   call 2, carry .gguf_parts/part_ab .whl KEYS:  bash scripts/gpu_coarse.sh quality KEYS [options]
 #       joins the GGUF; `commvq eval compare --methods commvq,commvq+coarse --key_dir KEYS` (values
 #       exact: only the key side differs between the modes) with the eval options given, for each
-#       coarse setting of SETTINGS ("S:keep:pairs[:min_tokens[:fill]];...", default the defaults
-#       "2:0.125:1"), into
-#       $OUT/eval (the exact mode's results are computed once and reused); SUITE: compare (default),
-#       ppl, passkey or needle
+#       coarse setting of SETTINGS ("S:keep[:pairs[:min_tokens[:fill]]];...", default the defaults
+#       "2:0.125:1"), into $OUT/eval (the exact mode's results are computed once and reused);
+#       SUITE: compare (default), ppl, passkey or needle
 set -uo pipefail
 PHASE=$1
 shift
@@ -40,7 +37,7 @@ case $PHASE in
     for set in "${SETS[@]}"; do
       IFS=: read -r stages keep pairs min fill <<< "$set"
       python3 -m commvq eval "${SUITE:-compare}" --methods commvq,commvq+coarse --key_dir "$KEYS" --device cuda \
-        --output "$OUT/eval" --coarse_stages "$stages" --coarse_keep "$keep" --coarse_pairs "$pairs" \
+        --output "$OUT/eval" --coarse_stages "$stages" --coarse_keep "$keep" --coarse_pairs "${pairs:-1}" \
         --coarse_min_tokens "${min:-256}" --coarse_fill "${fill:-none}" "$@" 2>&1 | tee "$OUT/eval_${set//:/_}.log" | grep -v "it/s\]" | tail -14
     done ;;
   *) echo "gpu_coarse.sh: unknown phase $PHASE (speed or quality)" >&2; exit 2 ;;
