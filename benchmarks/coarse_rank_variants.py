@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from commvq.quant import coarse
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -38,7 +40,7 @@ def query_pairs(q: torch.Tensor, thetas: torch.Tensor, stages: int, share: float
     h, _, _, p = thetas.shape
     b, hq, tq, _ = q.shape
     g = hq // h
-    energy = (thetas[:, :stages].double() ** 2).sum(dim=(1, 2)).float()  # [H, P]
+    energy = coarse.pair_energy(thetas, stages).float()  # [H, P]
     qe = (q[..., :p] ** 2 + q[..., p:] ** 2).reshape(b, h, g, tq, p).sum(dim=(2, 3))
     imp = qe * energy
     if shared:

@@ -9,12 +9,11 @@ Python and as one CUDA graph.
 
 A variant is ``S:keep[:pairs[:fill[:select]]]``: the coarse pass sums the first S stages (over
 ``pairs`` of the RoPE pairs, default all; ``fill`` and ``select`` as :class:`CoarseSettings` has
-them), and ``keep`` of the
-compressed tokens (at least 256), picked by one
-top-k (or the radix select kernel), are rescored exactly. Random codes,
-codebooks and codec (speed does not depend on their values; which tokens are picked does not
-change the work). ``--batch max``: the largest batch whose coarse cache fits beside
-Llama-3.1-8B's bf16 weights (all 32 layers), and FP16 SDPA at that batch and at its own largest.
+them), and ``keep`` of the compressed tokens (at least 256), picked by one top-k (or the radix
+select kernel), are rescored exactly. Random codes, codebooks and codec (speed does not depend
+on their values; which tokens are picked does not change the work). ``--batch max``: the largest
+batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all 32 layers), and FP16 SDPA at
+that batch and at its own largest.
 A table and a last JSON line; ``--small``: tiny shapes (a CPU smoke test).
 """
 

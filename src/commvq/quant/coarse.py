@@ -121,8 +121,13 @@ def coarse_pairs(thetas: torch.Tensor, stages: int, share: float) -> torch.Tenso
     (``thetas [H, R, 2E, P]``)."""
     p = thetas.shape[-1]
     count = max(1, round(p * share))
-    energy = (thetas[:, :stages].double() ** 2).sum(dim=(0, 1, 2))  # [P]
-    return energy.topk(count).indices.sort().values
+    return pair_energy(thetas, stages).sum(0).topk(count).indices.sort().values
+
+
+def pair_energy(thetas: torch.Tensor, stages: int) -> torch.Tensor:
+    """Per KV head and RoPE pair, the energy of the first ``stages`` stages' table entries
+    (``thetas [H, R, 2E, P]`` -> ``[H, P]``, float64)."""
+    return (thetas[:, :stages].double() ** 2).sum(dim=(1, 2))
 
 
 def rank(coarse: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
