@@ -7,13 +7,13 @@ Python and as one CUDA graph.
     python benchmarks/decode_coarse.py [--contexts 8192,32768,131072] [--batch 1 | --batch max]
         [--bits 2,1] [--variants "1:0.03125;2:0.03125;2:0.125"]
 
-A variant is ``S:keep[:pairs[:fill[:select]]]``: the coarse pass sums the first S stages (over
-``pairs`` of the RoPE pairs, default all; ``fill`` and ``select`` as :class:`CoarseSettings` has
-them), and ``keep`` of the compressed tokens (at least 256), picked by one top-k (or the radix
-select kernel), are rescored exactly. Random codes, codebooks and codec (speed does not depend
-on their values; which tokens are picked does not change the work). ``--batch max``: the largest
-batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all 32 layers), and FP16 SDPA at
-that batch and at its own largest.
+A variant is ``S:keep[:pairs[:fill[:select[:rerank]]]]``: the coarse pass sums the first S stages
+(over ``pairs`` of the RoPE pairs, default all; ``fill``, ``select`` and ``rerank`` as
+:class:`CoarseSettings` has them), and ``keep`` of the compressed tokens (at least 256), picked by
+one top-k (or the radix select kernel), are rescored exactly. Random codes, codebooks and codec
+(speed does not depend on their values; which tokens are picked does not change the work).
+``--batch max``: the largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all
+32 layers), and FP16 SDPA at that batch and at its own largest.
 A table and a last JSON line; ``--small``: tiny shapes (a CPU smoke test).
 """
 
@@ -94,21 +94,22 @@ def parts_ms(layer, q, scaling, k, device) -> tuple[float, float, float]:
     )
 
 
-def names(s, keep, pairs, fill="none", select="topk") -> tuple[str, str]:
+def names(s, keep, pairs, fill="none", select="topk", rerank=0.0) -> tuple[str, str]:
     """The row keys of a variant and of its coarse pass."""
     tag = f"coarse_S{s}" + (f"_pairs{pairs:g}" if pairs < 1 else "")
     key = f"{tag}_keep{keep:g}" + (f"_fill{fill}" if fill != "none" else "")
+    key += f"_rerank{rerank:g}" if rerank else ""
     return key + (f"_{select}" if select != "topk" else ""), f"{tag}_pass_ms"
 
 
-def parse_variants(text: str) -> list[tuple[int, float, float, str, str]]:
-    """``"1:0.03125;1:0.03125:0.5;2:0.125:1:coarse;1:0.03125:1:none:radix"`` ->
-    ``[(S, keep, pairs, fill, select)]``."""
+def parse_variants(text: str) -> list[tuple[int, float, float, str, str, float]]:
+    """``"1:0.03125;1:0.03125:0.5;2:0.125:1:coarse;1:0.03125:0.25:none:radix:2"`` ->
+    ``[(S, keep, pairs, fill, select, rerank)]``."""
     out = []
     for v in text.split(";"):
         s, keep, *rest = v.split(":")
-        rest += ["1", "none", "topk"][len(rest) :]
-        out.append((int(s), float(keep), float(rest[0]), rest[1], rest[2]))
+        rest += ["1", "none", "topk", "0"][len(rest) :]
+        out.append((int(s), float(keep), float(rest[0]), rest[1], rest[2], float(rest[3])))
     return out
 
 
@@ -127,13 +128,19 @@ def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
         layer.store["k"]["tail"] = torch.randint(120, 220, (b, n, hkv), dtype=torch.uint8).to(
             device
         )
-        for s_, keep, p_, fill, select in variants:
+        for s_, keep, p_, fill, select, rerank in variants:
             if (s_, p_) != (s, pairs):
                 continue
             layer.coarse = CoarseSettings(
-                stages=s, keep=keep, exact_layers=(), pairs=pairs, fill=fill, select=select
+                stages=s,
+                keep=keep,
+                exact_layers=(),
+                pairs=pairs,
+                fill=fill,
+                select=select,
+                rerank=rerank,
             )
-            key, pass_key = names(s, keep, pairs, fill, select)
+            key, pass_key = names(s, keep, pairs, fill, select, rerank)
             row[key + "_ms"], row[key + "_graph_ms"] = step_ms(layer, q, d**-0.5, device)
             row[key + "_tokens"] = k = layer.coarse.budget(n)
             timings = parts_ms(layer, q, d**-0.5, k, device)
@@ -160,7 +167,9 @@ def main() -> None:
     variants = (
         parse_variants(args.variants)
         if not small
-        else parse_variants("1:0.5;1:0.25;1:0.25:0.5;1:0.25:1:coarse;1:0.25:1:none:radix")
+        else parse_variants(
+            "1:0.5;1:0.25;1:0.25:0.5;1:0.25:1:coarse;1:0.25:1:none:radix;1:0.25:0.5:none:topk:2"
+        )
     )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     freqs = rope.inv_freq(d, 5e5).to(device)
@@ -193,12 +202,13 @@ def main() -> None:
             f"exact {r_['exact_ms']:.3f} / {r_['exact_graph_ms']:.3f} "
             f"({r_['exact_graph_ms'] / fp16:.2f}x)"
         )
-        for s, keep, pairs, fill, select in variants:
-            key, pass_key = names(s, keep, pairs, fill, select)
+        for s, keep, pairs, fill, select, rerank in variants:
+            key, pass_key = names(s, keep, pairs, fill, select, rerank)
             if key + "_ms" in r_:
                 g = r_[key + "_graph_ms"]
                 print(
                     f"    S={s} keep {keep:g} pairs {pairs:g} fill {fill} {select} "
+                    f"rerank {rerank:g} "
                     f"({r_[key + '_tokens']} tokens): "
                     f"{r_[key + '_ms']:.3f} / {g:.3f} ({g / fp16:.2f}x FP16); coarse pass "
                     f"{r_[pass_key]:.3f}, radix pick {r_[key + '_pick_ms']:.3f} (torch top-k "

@@ -4,7 +4,7 @@
 #       keeps part_aa; the GPU tests of GPU_TESTS (default: the decode, select and coarse-cache
 #       tests); benchmarks/select_topk.py (with SELECT_ARGS); benchmarks/decode_coarse.py at batch 1
 #       (CONTEXTS, default 32768,131072) and at the largest batch (MAX_CONTEXTS, default 131072;
-#       none: skipped), VARIANTS as S:keep[:pairs[:fill[:select]]] (see the benchmark)
+#       none: skipped), VARIANTS as S:keep[:pairs[:fill[:select[:rerank]]]] (see the benchmark)
 #   call 2, carry .gguf_parts/part_ab .whl KEYS:  bash scripts/gpu_coarse.sh quality KEYS [options]
 #       joins the GGUF; `commvq eval compare --methods commvq,commvq+coarse --key_dir KEYS` (values
 #       exact: only the key side differs between the modes) with the eval options given, for each

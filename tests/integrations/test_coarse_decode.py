@@ -184,7 +184,10 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
 
     def run(kernels, settings, graphs=True):
         stages = None if settings is None else settings.stages
-        keys = parts.CommVQKeys(books, freqs, 1.0, kernels=kernels, coarse_stages=stages)
+        pairs = 1.0 if settings is None else settings.pairs
+        keys = parts.CommVQKeys(
+            books, freqs, 1.0, kernels=kernels, coarse_stages=stages, coarse_pairs=pairs
+        )
         values = parts.CommVQValues(codec, 2, kernels)
         cache = CommVQCache(2, keys, values, window=16, graphs=graphs, coarse=settings)
         with torch.no_grad():
@@ -221,6 +224,9 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     # the fill on the kernels (coarse scores written, values over every token) as in torch
     fill = replace(budget, fill="coarse")
     assert torch.allclose(run("triton", fill), run("torch", fill), atol=5e-3)
+    # the cascade (half the pairs, then every pair over twice the budget), radix picks
+    cascade = replace(budget, pairs=0.5, rerank=2.0, select="radix")
+    assert torch.allclose(run("triton", cascade), run("torch", cascade), atol=5e-3)
 
 
 def test_exact_layers_attend_exactly():
@@ -291,3 +297,55 @@ def test_fill_with_every_stage_gives_the_dropped_tokens_their_exact_weights(keep
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
     plain = _filled(replace(settings, fill="none"), stages=4)[0]._mixed(q, None, 0.25)
     assert (plain - want).abs().max() > 1e-3
+
+
+def test_rerank_picks_the_budget_from_the_first_pass_candidates_by_every_pair():
+    """The cascade: the first pass over half the pairs names the best ``rerank x budget``
+    candidates, the budget is the best of them ranked over every pair (same stages); the fast
+    and the scored paths pick alike."""
+    from commvq.integrations.hf import coarse_step
+    from commvq.quant import coarse as cq
+
+    s = CoarseSettings(stages=1, keep=0.1, min_tokens=4, exact_layers=(), pairs=0.5, rerank=2)
+    layer, keys = _filled(s, t=140, stages=1)
+    block, n = layer.store["k"], layer.num_compressed
+    q = torch.randn(2, 4, 1, 16) * 2
+    best = torch.randn(2, 4, 1, 1)
+    rank = keys.coarse_rank(0, q, block, best)
+    idx, (cand, s2) = coarse_step.choose(layer, q, rank, best, None)
+    k, m = s.budget(n), s.candidates(n)
+    assert m == 2 * k < n and idx.shape == (2, k) and cand.shape == (2, m)
+    assert torch.equal(cand, cq.pick(rank, m))
+    every = keys.scores(0, q, block, stages=1)  # every pair, the first stage
+    assert torch.allclose(s2, cq.take_cols(every, cand), atol=1e-5)
+    want = torch.gather(cand, 1, cq.pick(cq.rank(cq.take_cols(every, cand), best), k))
+    assert torch.equal(idx, want) and (idx.diff(dim=1) > 0).all()
+    assert not torch.equal(idx, cq.pick(rank, k))  # the second pass changed the pick
+    slow, _ = _filled(replace(s, margin=math.inf), t=140, stages=1)
+    slow.coarse_log = []
+    assert torch.allclose(layer._mixed(q, None, 0.25), slow._mixed(q, None, 0.25), atol=1e-6)
+
+
+def test_rerank_over_every_candidate_picks_as_a_pass_over_every_pair():
+    q = torch.randn(2, 4, 1, 16) * 2
+    every = CoarseSettings(stages=1, keep=0.1, min_tokens=4, exact_layers=())
+    want = _filled(every, t=140, stages=1)[0]._mixed(q, None, 0.25)
+    cascade = replace(every, pairs=0.25, rerank=100.0)  # every token a candidate
+    assert cascade.candidates(124) == 124
+    layer, keys = _filled(cascade, t=140, stages=1)
+    assert torch.allclose(layer._mixed(q, None, 0.25), want, atol=1e-6)
+    # ... where one pass over the quarter picks otherwise
+    from commvq.integrations.hf import coarse_step
+
+    best = torch.zeros(2, 4, 1, 1)
+    rank = keys.coarse_rank(0, q, layer.store["k"], best)
+    k = cascade.budget(124)
+    assert not torch.equal(
+        coarse_step.choose(layer, q, rank, best, None)[0], rank.topk(k).indices.sort().values
+    )
+
+
+@pytest.mark.parametrize("bad", [dict(rerank=2.0), dict(rerank=0.5, pairs=0.5)])
+def test_rerank_needs_a_share_of_the_pairs_and_at_least_the_budget(bad):
+    with pytest.raises(ValueError, match="rerank"):
+        CoarseSettings(**bad)

@@ -287,6 +287,16 @@ class CommVQKeys(KeysPart):
             q = q * mask.index_fill(0, cols, 1.0)
         return self.scores(layer, q, block, self.coarse_stages)
 
+    def rerank_scores(
+        self, layer: int, q: torch.Tensor, block: dict, index: torch.Tensor
+    ) -> torch.Tensor:
+        """Scores ``[B, Hq, Tq, m]`` of the stored tokens ``index [B, m]`` from the first
+        ``coarse_stages`` stages over every pair (a cascade's second pass; on the kernel read
+        through the index)."""
+        if use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
+            return self.scores(layer, q, block, self.coarse_stages, index=index)
+        return self.scores(layer, q, take_block(block, index), self.coarse_stages)
+
     def coarse_rank(
         self, layer: int, q: torch.Tensor, block: dict, offsets: torch.Tensor
     ) -> torch.Tensor:

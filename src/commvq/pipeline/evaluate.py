@@ -79,6 +79,14 @@ class EvalConfig:
         "+coarse methods: what the dropped tokens get: none, or coarse (their share of the "
         "softmax from their coarse scores; a values pass over every token)",
     )
+    coarse_rerank: float = option(
+        0.0,
+        "+coarse methods with --coarse_pairs below 1: rank the best N x budget tokens again "
+        "over every pair and pick the budget from them (0: one pass)",
+    )
+    coarse_select: str = option(
+        "topk", "+coarse methods: how the budget is picked, topk or radix (a GPU kernel)"
+    )
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
     seed: int = option(0, "seed of the pass keys and of the needles' haystack offsets")
@@ -121,6 +129,8 @@ class EvalConfig:
             tuple(_ints(self.coarse_exact_layers)),
             self.coarse_pairs,
             self.coarse_fill,
+            select=self.coarse_select,
+            rerank=self.coarse_rerank,
         )
 
 

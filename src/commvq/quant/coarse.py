@@ -50,7 +50,10 @@ class CoarseSettings:
     (a layer whose attention spreads over most tokens, as the first layer's does, loses much of
     its mass to any budget); ``pairs``: the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4,
     ...; below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and
-    rougher rank that the stored bound no longer covers, so it needs ``margin = inf``)."""
+    rougher rank that the stored bound no longer covers, so it needs ``margin = inf``);
+    ``rerank``: with ``pairs < 1``, the best ``rerank x budget`` tokens of that pass are ranked
+    again over every pair (same stages) and the budget is picked from them (0: one pass; a
+    second pass over a few candidates that ranks about as well as one over every pair)."""
 
     stages: int = 2
     keep: float = 1 / 8
@@ -60,6 +63,7 @@ class CoarseSettings:
     pairs: float = 1.0
     fill: str = "none"
     select: str = "topk"
+    rerank: float = 0.0
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -79,6 +83,11 @@ class CoarseSettings:
             raise ValueError(f"coarse fill={self.fill!r}: one of {FILLS}")
         if self.select not in SELECTS:
             raise ValueError(f"coarse select={self.select!r}: one of {SELECTS}")
+        if self.rerank != 0 and not (self.rerank >= 1 and self.pairs < 1):
+            raise ValueError(
+                f"coarse rerank={self.rerank} with pairs={self.pairs}: candidates per budget "
+                "token, at least 1, and only with pairs < 1 (0: no second pass)"
+            )
         if self.pairs < 1 and self.margin != math.inf:
             raise ValueError(
                 f"coarse pairs={self.pairs} with margin={self.margin}: the stored bound covers "
@@ -88,6 +97,10 @@ class CoarseSettings:
     def budget(self, n: int) -> int:
         """Tokens scored exactly out of ``n`` compressed ones."""
         return min(n, max(self.min_tokens, math.ceil(self.keep * n)))
+
+    def candidates(self, n: int) -> int:
+        """Tokens the second pass ranks again out of ``n`` (``rerank``; ``n`` without one)."""
+        return min(n, math.ceil(self.rerank * self.budget(n))) if self.rerank else n
 
 
 def tail_code(d: torch.Tensor) -> torch.Tensor:

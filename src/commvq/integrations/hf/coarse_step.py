@@ -60,6 +60,29 @@ def pick(keys: Any, rank: torch.Tensor, k: int, select: str = "topk") -> torch.T
     return cq.pick(rank, k)
 
 
+def choose(
+    layer: Any,
+    qs: torch.Tensor,
+    rank: torch.Tensor,
+    others_best: torch.Tensor,
+    comp_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, tuple | None]:
+    """The budget ``[B, k]`` (increasing) from the first pass's ``rank [B, N]``; with
+    ``rerank``, picked from the best candidates ranked again over every pair, and those
+    ``(candidates [B, m], their scores [B, Hq, 1, m])`` (else None)."""
+    settings, keys = layer.coarse, layer.keys_part
+    n = rank.shape[1]
+    k, m = settings.budget(n), settings.candidates(n)
+    if m <= k:
+        return pick(keys, rank, k, settings.select), None
+    cand = pick(keys, rank, m, settings.select)
+    s2 = keys.rerank_scores(layer.layer_idx, qs, layer.store["k"], cand)
+    if comp_bias is not None:
+        s2 = s2 + cq.take_cols(comp_bias, cand)
+    sub = pick(keys, cq.rank(s2, others_best), k, settings.select)
+    return torch.gather(cand, 1, sub), (cand, s2)
+
+
 def _bias(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
     """The model's mask of the step's one query row as an additive bias ``[B|1, H|1, 1, total]``
     (0 / -inf for a boolean mask), or None."""
@@ -97,12 +120,15 @@ def attend(
         rank = keys.coarse_rank(layer.layer_idx, qs, block, others_best)  # [B, N]
         if comp_bias is not None:  # a token no row may see ranks last
             rank = rank + comp_bias.amax(dim=(1, 2))
-        idx, c, fails = pick(keys, rank, k, settings.select), None, None
+        idx, c, fails = choose(layer, qs, rank, others_best, comp_bias)[0], None, None
     else:
         c = keys.coarse_scores(layer.layer_idx, qs, block)
         if comp_bias is not None:
             c = c + comp_bias
-        idx = pick(keys, cq.rank(c, others_best), k, settings.select)  # as the fast path ranks
+        idx, rescored = choose(layer, qs, cq.rank(c, others_best), others_best, comp_bias)
+        if rescored is not None:  # the candidates' coarse scores are those over every pair
+            cand, s2 = rescored
+            c = c.scatter(-1, cand[:, None, None, :].expand_as(s2), s2)
         width = keys.bound_width(block)  # [B, Hkv, N]
         heads = kv_head_of(qs.shape[1], width.shape[1], qs.device)
         upper, best_lower = cq.bounds(
