@@ -8,8 +8,8 @@
 #   call 2, carry .gguf_parts/part_ab .whl KEYS:  bash scripts/gpu_coarse.sh quality KEYS [options]
 #       joins the GGUF; `commvq eval compare --methods commvq,commvq+coarse --key_dir KEYS` (values
 #       exact: only the key side differs between the modes) with the eval options given, for each
-#       coarse setting of SETTINGS ("S:keep[:pairs[:min_tokens[:fill]]];...", default the defaults
-#       "2:0.125:1"), into $OUT/eval (the exact mode's results are computed once and reused);
+#       coarse setting of SETTINGS ("S:keep[:pairs[:min_tokens[:fill[:rerank]]]];...", default
+#       the defaults "2:0.125:1"), into $OUT/eval (the exact mode's results are computed once and reused);
 #       SUITE: compare (default), ppl, passkey or needle
 set -uo pipefail
 PHASE=$1
@@ -35,10 +35,10 @@ case $PHASE in
     [ -s "$GGUF" ] || cat "$DEV/part_aa" .gguf_parts/part_ab > "$GGUF"
     IFS=';' read -ra SETS <<< "${SETTINGS:-2:0.125:1}"
     for set in "${SETS[@]}"; do
-      IFS=: read -r stages keep pairs min fill <<< "$set"
+      IFS=: read -r stages keep pairs min fill rerank <<< "$set"
       python3 -m commvq eval "${SUITE:-compare}" --methods commvq,commvq+coarse --key_dir "$KEYS" --device cuda \
         --output "$OUT/eval" --coarse_stages "$stages" --coarse_keep "$keep" --coarse_pairs "${pairs:-1}" \
-        --coarse_min_tokens "${min:-256}" --coarse_fill "${fill:-none}" "$@" 2>&1 | tee "$OUT/eval_${set//:/_}.log" | grep -v "it/s\]" | tail -14
+        --coarse_min_tokens "${min:-256}" --coarse_fill "${fill:-none}" --coarse_rerank "${rerank:-0}" "$@" 2>&1 | tee "$OUT/eval_${set//:/_}.log" | grep -v "it/s\]" | tail -14
     done ;;
   *) echo "gpu_coarse.sh: unknown phase $PHASE (speed or quality)" >&2; exit 2 ;;
 esac
