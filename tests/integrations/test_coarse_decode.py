@@ -312,7 +312,7 @@ def test_rerank_picks_the_budget_from_the_first_pass_candidates_by_every_pair():
     q = torch.randn(2, 4, 1, 16) * 2
     best = torch.randn(2, 4, 1, 1)
     rank = keys.coarse_rank(0, q, block, best)
-    idx, (cand, s2) = coarse_step.choose(layer, q, rank, best, None)
+    idx, (cand, s2) = coarse_step.choose(layer, q, rank, best, None, scores=True)
     k, m = s.budget(n), s.candidates(n)
     assert m == 2 * k < n and idx.shape == (2, k) and cand.shape == (2, m)
     assert torch.equal(cand, cq.pick(rank, m))

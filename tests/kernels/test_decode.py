@@ -88,6 +88,10 @@ def _compare(device, cases):
         assert _db(got_p, want_p) > 50, ("rank over pairs", b, hkv, g, d, r, n, stages)
         # exact scores of picked tokens, read through their indices
         pick = torch.randint(0, n, (b, max(1, n // 3)), generator=gen).sort(1).values.to(device)
+        got_ri = coarse_kernels.commvq_rank_triton(
+            q, packed, prescale, pos, thetas, freqs, 12, offsets, stages, 0.7, index=pick
+        )
+        assert torch.allclose(got_ri, torch.gather(got_r, 1, pick), atol=1e-5), ("rank at", b, n)
         got_i = decode.commvq_scores_triton(
             q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, index=pick
         )

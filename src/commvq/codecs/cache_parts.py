@@ -297,6 +297,21 @@ class CommVQKeys(KeysPart):
             return self.scores(layer, q, block, self.coarse_stages, index=index)
         return self.scores(layer, q, take_block(block, index), self.coarse_stages)
 
+    def rerank(
+        self, layer: int, q: torch.Tensor, block: dict, offsets: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`coarse_rank` of the stored tokens ``index [B, m]`` over every pair: ``[B, m]``
+        (on the kernel read through the index, no score written)."""
+        if use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
+            from commvq.kernels.coarse import commvq_rank_triton
+
+            args, tables = self._kernel_inputs(layer, q, block)
+            offsets = offsets.reshape(q.shape[0], q.shape[1])
+            return commvq_rank_triton(
+                *args, offsets, self.coarse_stages, self.rope_scale, tables=tables, index=index
+            )
+        return (self.rerank_scores(layer, q, block, index) - offsets).amax(dim=(1, 2))
+
     def coarse_rank(
         self, layer: int, q: torch.Tensor, block: dict, offsets: torch.Tensor
     ) -> torch.Tensor:

@@ -24,8 +24,10 @@ def _rank_kernel(
     freq_ptr,
     q_ptr,
     off_ptr,
+    idx_ptr,
     out_ptr,
     N,
+    M,
     row_bytes,
     scale,
     R: tl.constexpr,
@@ -38,14 +40,17 @@ def _rank_kernel(
     CODE_BITS: tl.constexpr,
     BN: tl.constexpr,
     FAST: tl.constexpr,
+    HAS_IDX: tl.constexpr,
 ):
-    """Each token's coarse rank ``max over query heads (score - off)`` ``out [B, N]``: the scores
+    """Each token's coarse rank ``max over query heads (score - off)`` ``out [B, M]``: the scores
     of :func:`_scores_regdecode_kernel` from the first ``S`` stages, every KV head in one program,
-    so that the token's rotation is computed once and no score reaches memory."""
+    so that the token's rotation is computed once and no score reaches memory. ``HAS_IDX``: rank
+    the stored tokens ``idx [B, M]`` (of ``N``) only, else every one (``M = N``)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
-    t = pid_n * BN + tl.arange(0, BN)
-    tmask = t < N
+    i = pid_n * BN + tl.arange(0, BN)
+    tmask = i < M
+    t = tl.load(idx_ptr + b * M + i, mask=tmask, other=0) if HAS_IDX else i
     f = tl.arange(0, P)
     row = codes_ptr + (b * N + t) * row_bytes
     pre = tl.load(prescale_ptr + b * N + t, mask=tmask, other=0.0).to(tl.float32) * scale
@@ -58,7 +63,7 @@ def _rank_kernel(
         for j in tl.static_range(G):
             score = _query_dot(rre, rim, q_ptr + ((b * HKV + h) * G + j) * D, f, P) * pre
             best = tl.maximum(best, score - tl.load(off_ptr + (b * HKV + h) * G + j))
-    tl.store(out_ptr + b * N + t, best, mask=tmask)
+    tl.store(out_ptr + b * M + i, best, mask=tmask)
 
 
 def column_tables(thetas: torch.Tensor, columns: torch.Tensor | None = None) -> tuple:
@@ -83,12 +88,14 @@ def commvq_rank_triton(
     block: int = 64,
     num_warps: int = 4,
     columns: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each token's coarse rank ``[B, N]``: the best over the query heads ``q [B, Hq, D]`` of its
     score from the first ``stages`` stages (as :func:`commvq_scores_triton` computes it) less the
     head's ``offsets [B, Hq]``. ``columns``: sum only these channels (a power of two of RoPE
     pairs, their first halves then their second halves; None: all); ``tables``:
-    :func:`column_tables` of the same columns, if built."""
+    :func:`column_tables` of the same columns, if built; ``index [B, M]``: rank only these stored
+    tokens (``[B, M]``, read through the index)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_rank_triton needs CUDA tensors")
     tables = tables if tables else column_tables(thetas, columns)
@@ -97,12 +104,13 @@ def commvq_rank_triton(
     b, hq, d = q.shape
     hkv, r, e2, _ = thetas.shape
     n = packed.shape[1]
+    m = n if index is None else index.shape[1]
     if not 1 <= stages <= r:
         raise ValueError(f"stages={stages}: between 1 and the codebooks' {r} stages")
-    out = torch.empty(b, n, device=q.device, dtype=torch.float32)
-    if n == 0:
+    out = torch.empty(b, m, device=q.device, dtype=torch.float32)
+    if m == 0:
         return out
-    _rank_kernel[(triton.cdiv(n, block), b)](
+    _rank_kernel[(triton.cdiv(m, block), b)](
         tables[0],
         packed.contiguous(),
         prescale.contiguous(),
@@ -110,8 +118,10 @@ def commvq_rank_triton(
         inv_freq.float().contiguous(),
         q.float().contiguous(),
         offsets.float().contiguous(),
+        out if index is None else index.contiguous(),
         out,
         n,
+        m,
         packed.shape[2],
         scale,
         R=r,
@@ -124,6 +134,7 @@ def commvq_rank_triton(
         CODE_BITS=code_bits,
         BN=block,
         FAST=q.is_cuda,
+        HAS_IDX=index is not None,
         num_warps=num_warps,
     )
     return out

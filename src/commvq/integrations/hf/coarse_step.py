@@ -66,21 +66,27 @@ def choose(
     rank: torch.Tensor,
     others_best: torch.Tensor,
     comp_bias: torch.Tensor | None,
+    scores: bool = False,
 ) -> tuple[torch.Tensor, tuple | None]:
     """The budget ``[B, k]`` (increasing) from the first pass's ``rank [B, N]``; with
-    ``rerank``, picked from the best candidates ranked again over every pair, and those
-    ``(candidates [B, m], their scores [B, Hq, 1, m])`` (else None)."""
+    ``rerank``, picked from the best candidates ranked again over every pair, and, if
+    ``scores``, those ``(candidates [B, m], their scores [B, Hq, 1, m])`` (else None)."""
     settings, keys = layer.coarse, layer.keys_part
     n = rank.shape[1]
     k, m = settings.budget(n), settings.candidates(n)
     if m <= k:
         return pick(keys, rank, k, settings.select), None
     cand = pick(keys, rank, m, settings.select)
-    s2 = keys.rerank_scores(layer.layer_idx, qs, layer.store["k"], cand)
-    if comp_bias is not None:
-        s2 = s2 + cq.take_cols(comp_bias, cand)
-    sub = pick(keys, cq.rank(s2, others_best), k, settings.select)
-    return torch.gather(cand, 1, sub), (cand, s2)
+    block, rescored = layer.store["k"], None
+    if scores or comp_bias is not None:
+        s2 = keys.rerank_scores(layer.layer_idx, qs, block, cand)
+        if comp_bias is not None:
+            s2 = s2 + cq.take_cols(comp_bias, cand)
+        second, rescored = cq.rank(s2, others_best), (cand, s2)
+    else:  # on the kernel: ranks only, no score written
+        second = keys.rerank(layer.layer_idx, qs, block, others_best, cand)
+    sub = pick(keys, second, k, settings.select)
+    return torch.gather(cand, 1, sub), rescored
 
 
 def _bias(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
@@ -125,7 +131,7 @@ def attend(
         c = keys.coarse_scores(layer.layer_idx, qs, block)
         if comp_bias is not None:
             c = c + comp_bias
-        idx, rescored = choose(layer, qs, cq.rank(c, others_best), others_best, comp_bias)
+        idx, rescored = choose(layer, qs, cq.rank(c, others_best), others_best, comp_bias, True)
         if rescored is not None:  # the candidates' coarse scores are those over every pair
             cand, s2 = rescored
             c = c.scatter(-1, cand[:, None, None, :].expand_as(s2), s2)
