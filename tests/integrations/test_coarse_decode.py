@@ -349,3 +349,24 @@ def test_rerank_over_every_candidate_picks_as_a_pass_over_every_pair():
 def test_rerank_needs_a_share_of_the_pairs_and_at_least_the_budget(bad):
     with pytest.raises(ValueError, match="rerank"):
         CoarseSettings(**bad)
+
+
+def test_without_rerank_the_first_pass_alone_picks(monkeypatch):
+    """rerank=0 (the default): one pass, no second ranking of any token."""
+    from commvq.integrations.hf import coarse_step
+    from commvq.quant import coarse as cq
+
+    s = CoarseSettings(stages=1, keep=0.1, min_tokens=4, exact_layers=(), pairs=0.25)
+    layer, keys = _filled(s, t=140, stages=1)
+    assert s.candidates(124) == s.budget(124) == 13
+
+    def second_pass(*args, **kwargs):
+        raise AssertionError("a second pass without rerank")
+
+    monkeypatch.setattr(keys, "rerank", second_pass)
+    monkeypatch.setattr(keys, "rerank_scores", second_pass)
+    q, best = torch.randn(2, 4, 1, 16), torch.zeros(2, 4, 1, 1)
+    rank = keys.coarse_rank(0, q, layer.store["k"], best)
+    idx, rescored = coarse_step.choose(layer, q, rank, best, None, scores=True)
+    assert rescored is None and torch.equal(idx, cq.pick(rank, 13))
+    layer._mixed(q, None, 0.25)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 BITS = 8  # per histogram pass: 256 bins (wider histograms cost more than the passes they save)
-PASSES = 3  # 24 bits: sign, exponent and 15 mantissa bits
+PASSES = tl.constexpr(3)  # 24 bits: sign, exponent and 15 mantissa bits
 BINS = 1 << BITS
 
 

@@ -99,8 +99,9 @@ class CoarseSettings:
         return min(n, max(self.min_tokens, math.ceil(self.keep * n)))
 
     def candidates(self, n: int) -> int:
-        """Tokens the second pass ranks again out of ``n`` (``rerank``; ``n`` without one)."""
-        return min(n, math.ceil(self.rerank * self.budget(n))) if self.rerank else n
+        """Tokens the second pass ranks again out of ``n`` (``rerank``; without one the budget:
+        no second pass)."""
+        return min(n, math.ceil(self.rerank * self.budget(n))) if self.rerank else self.budget(n)
 
 
 def tail_code(d: torch.Tensor) -> torch.Tensor:
