@@ -214,7 +214,7 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     # 30 steps through two flushes (the exact-mode test compares 5 steps at 2e-3): float16
     # codebook rows on the kernels against float32 in torch, accumulated over more steps
     assert all(v[0] < 5e-3 for v in report.values()), report
-    budget = CoarseSettings(stages=1, keep=0.3, min_tokens=8, exact_layers=())
+    budget = CoarseSettings(stages=1, keep=0.3, min_tokens=8, exact_layers=(), select="topk")
     with_graphs, without = run("triton", budget), run("triton", budget, graphs=False)
     assert torch.isfinite(with_graphs).all()
     assert torch.allclose(with_graphs, without, atol=1e-4, rtol=1e-4)

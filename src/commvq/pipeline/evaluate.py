@@ -85,7 +85,8 @@ class EvalConfig:
         "over every pair and pick the budget from them (0: one pass)",
     )
     coarse_select: str = option(
-        "topk", "+coarse methods: how the budget is picked, topk or radix (a GPU kernel)"
+        "radix", "+coarse methods: how the budget is picked, radix (a GPU kernel; top-k where "
+        "the kernels do not serve) or topk"
     )
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")
