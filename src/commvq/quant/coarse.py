@@ -46,9 +46,9 @@ class CoarseSettings:
     compressed token, so not the rank-only kernel);
     ``select``: how the budget is picked from the ranks, ``radix`` (:mod:`commvq.kernels.select`
     where the decode kernels serve, 3.5x faster than the top-k on an H100; ties within 2**-15 go
-    to the earlier tokens; elsewhere torch's top-k) or ``topk`` (torch's top-k, then a sort); ``exact_layers``: layers decoded exactly all the same
-    (a layer whose attention spreads over most tokens, as the first layer's does, loses much of
-    its mass to any budget); ``pairs``: the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4,
+    to the earlier tokens; elsewhere torch's top-k) or ``topk`` (torch's top-k, then a sort);
+    ``exact_layers``: layers decoded exactly all the same (a layer whose attention spreads over
+    most tokens, as the first layer's does, loses much of its mass to any budget); ``pairs``: the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4,
     ...; below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and
     rougher rank that the stored bound no longer covers, so it needs ``margin = inf``);
     ``rerank``: with ``pairs < 1``, the best ``rerank x budget`` tokens of that pass are ranked
