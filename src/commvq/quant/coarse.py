@@ -48,8 +48,8 @@ class CoarseSettings:
     where the decode kernels serve, 3.5x faster than the top-k on an H100; ties within 2**-15 go
     to the earlier tokens; elsewhere torch's top-k) or ``topk`` (torch's top-k, then a sort);
     ``exact_layers``: layers decoded exactly all the same (a layer whose attention spreads over
-    most tokens, as the first layer's does, loses much of its mass to any budget); ``pairs``: the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4,
-    ...; below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and
+    most tokens, as the first layer's does, loses much of its mass to any budget); ``pairs``:
+    the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4, ...; below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and
     rougher rank that the stored bound no longer covers, so it needs ``margin = inf``);
     ``rerank``: with ``pairs < 1``, the best ``rerank x budget`` tokens of that pass are ranked
     again over every pair (same stages) and the budget is picked from them (0: one pass; a
