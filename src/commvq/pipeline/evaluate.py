@@ -85,8 +85,9 @@ class EvalConfig:
         "over every pair and pick the budget from them (0: one pass)",
     )
     coarse_select: str = option(
-        "radix", "+coarse methods: how the budget is picked, radix (a GPU kernel; top-k where "
-        "the kernels do not serve) or topk"
+        "radix",
+        "+coarse methods: how the budget is picked, radix (a GPU kernel; top-k where "
+        "the kernels do not serve) or topk",
     )
     output: Path | None = option(None, "results folder (default: <workdir>/eval)")
     device: str = option("auto", "device: auto, cpu, cuda, cuda:N")

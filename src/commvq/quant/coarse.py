@@ -40,20 +40,20 @@ class CoarseSettings:
     """``stages``: the residual stages the coarse pass sums (S); ``keep``: the share of compressed
     tokens scored exactly, at least ``min_tokens`` of them (the budget); ``margin`` (logits): also
     drop a kept token whose upper bound lies more than this below its row's best lower bound
-    (``inf``: the budget alone decides); ``fill``: what the dropped tokens get, ``none`` (no
-    weight) or ``coarse`` (one share of the softmax, from their coarse scores, spread over their
-    values by those scores: coarse scores written per query head and a values pass over every
-    compressed token, so not the rank-only kernel);
-    ``select``: how the budget is picked from the ranks, ``radix`` (:mod:`commvq.kernels.select`
-    where the decode kernels serve, 3.5x faster than the top-k on an H100; ties within 2**-15 go
-    to the earlier tokens; elsewhere torch's top-k) or ``topk`` (torch's top-k, then a sort);
-    ``exact_layers``: layers decoded exactly all the same (a layer whose attention spreads over
-    most tokens, as the first layer's does, loses much of its mass to any budget); ``pairs``:
-    the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4, ...; below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and
-    rougher rank that the stored bound no longer covers, so it needs ``margin = inf``);
-    ``rerank``: with ``pairs < 1``, the best ``rerank x budget`` tokens of that pass are ranked
-    again over every pair (same stages) and the budget is picked from them (0: one pass; a
-    second pass over a few candidates that ranks about as well as one over every pair)."""
+    (``inf``: the budget alone decides); ``fill``: what the dropped tokens get, ``none`` (no weight)
+    or ``coarse`` (one share of the softmax, from their coarse scores, spread over their values by
+    those scores: coarse scores written per query head and a values pass over every compressed
+    token, so not the rank-only kernel); ``select``: how the budget is picked from the ranks,
+    ``radix`` (:mod:`commvq.kernels.select` where the decode kernels serve, 3.5x faster than the
+    top-k on an H100; ties within 2**-15 go to the earlier tokens; elsewhere torch's top-k) or
+    ``topk`` (torch's top-k, then a sort); ``exact_layers``: layers decoded exactly all the same (a
+    layer whose attention spreads over most tokens, as the first layer's does, loses much of its
+    mass to any budget); ``pairs``: the share of RoPE pairs the coarse pass sums (1, 1/2, 1/4, ...;
+    below 1 the pairs whose first ``stages`` codewords carry the most energy, a cheaper and rougher
+    rank that the stored bound no longer covers, so it needs ``margin = inf``); ``rerank``: with
+    ``pairs < 1``, the best ``rerank x budget`` tokens of that pass are ranked again over every pair
+    (same stages) and the budget is picked from them (0: one pass; a second pass over a few
+    candidates that ranks about as well as one over every pair)."""
 
     stages: int = 2
     keep: float = 1 / 8
