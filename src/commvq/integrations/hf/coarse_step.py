@@ -2,8 +2,8 @@
 
 Sink and window are scored exactly; every compressed token is scored from its first ``S`` stages
 and ranked (with ``rerank``, the best candidates are ranked again over every pair); the ``budget``
-best are scored exactly from all their stages and mix their values in
-one softmax with sink and window; the rest get no weight. On a GPU without a margin or a log the
+best are scored exactly from all their stages and mix their values in one softmax with sink and
+window; the rest get no weight. On a GPU without a margin or a log the
 coarse pass writes each token's rank directly (no score per query head reaches memory); otherwise
 the coarse scores are kept, for the margin's bounds and the log's figures.
 """
