@@ -9,8 +9,8 @@
 #       joins the GGUF; `commvq eval compare --methods commvq,commvq+coarse --key_dir KEYS` (values
 #       exact: only the key side differs between the modes) with the eval options given, for each
 #       coarse setting of SETTINGS ("S:keep[:pairs[:min_tokens[:fill[:rerank]]]];...", default
-#       the defaults "2:0.125:1"), into $OUT/eval (the exact mode's results are computed once and reused);
-#       SUITE: compare (default), ppl, passkey or needle
+#       the defaults "2:0.125:1"), into $OUT/eval (the exact mode's results are computed once and
+#       reused); SUITE: compare (default), ppl, passkey or needle
 set -uo pipefail
 PHASE=$1
 shift

@@ -363,8 +363,15 @@ def test_without_rerank_the_first_pass_alone_picks(monkeypatch):
     def second_pass(*args, **kwargs):
         raise AssertionError("a second pass without rerank")
 
+    exact_at = keys.scores_at
+
+    def scores_at(layer_idx, q, block, index, stages=None):  # exact scores only
+        if stages is not None:
+            second_pass()
+        return exact_at(layer_idx, q, block, index)
+
     monkeypatch.setattr(keys, "rerank", second_pass)
-    monkeypatch.setattr(keys, "rerank_scores", second_pass)
+    monkeypatch.setattr(keys, "scores_at", scores_at)
     q, best = torch.randn(2, 4, 1, 16), torch.zeros(2, 4, 1, 1)
     rank = keys.coarse_rank(0, q, layer.store["k"], best)
     idx, rescored = coarse_step.choose(layer, q, rank, best, None, scores=True)

@@ -258,12 +258,20 @@ class CommVQKeys(KeysPart):
             out["tail"] = coarse.tail_code(d.t()).reshape(b, n, h)
         return out
 
-    def scores_at(self, layer: int, q: torch.Tensor, block: dict, index: torch.Tensor):
-        """Exact scores of the stored tokens ``index [B, k]``: on the kernel read through the index
-        (no gathered copy of their codes), else of a gathered block."""
+    def scores_at(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        block: dict,
+        index: torch.Tensor,
+        stages: int | None = None,
+    ) -> torch.Tensor:
+        """Scores of the stored tokens ``index [B, k]``, exact or (``stages``) from the first
+        stages only: on the kernel read through the index (no gathered copy of their codes), else
+        of a gathered block."""
         if use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
-            return self.scores(layer, q, block, index=index)
-        return super().scores_at(layer, q, block, index)
+            return self.scores(layer, q, block, stages, index=index)
+        return self.scores(layer, q, take_block(block, index), stages)
 
     def coarse_columns(self, layer: int, device) -> torch.Tensor | None:
         """The channels ``[2 P']`` (the chosen pairs' first halves, then their second halves) the
@@ -287,16 +295,6 @@ class CommVQKeys(KeysPart):
             q = q * mask.index_fill(0, cols, 1.0)
         return self.scores(layer, q, block, self.coarse_stages)
 
-    def rerank_scores(
-        self, layer: int, q: torch.Tensor, block: dict, index: torch.Tensor
-    ) -> torch.Tensor:
-        """Scores ``[B, Hq, Tq, m]`` of the stored tokens ``index [B, m]`` from the first
-        ``coarse_stages`` stages over every pair (a cascade's second pass; on the kernel read
-        through the index)."""
-        if use_kernels(self.kernels, q, q.shape[2], q.shape[3]) and self.kernel_style != "trick":
-            return self.scores(layer, q, block, self.coarse_stages, index=index)
-        return self.scores(layer, q, take_block(block, index), self.coarse_stages)
-
     def rerank(
         self, layer: int, q: torch.Tensor, block: dict, offsets: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
@@ -310,7 +308,8 @@ class CommVQKeys(KeysPart):
             return commvq_rank_triton(
                 *args, offsets, self.coarse_stages, self.rope_scale, tables=tables, index=index
             )
-        return (self.rerank_scores(layer, q, block, index) - offsets).amax(dim=(1, 2))
+        every = self.scores_at(layer, q, block, index, self.coarse_stages)
+        return (every - offsets).amax(dim=(1, 2))
 
     def coarse_rank(
         self, layer: int, q: torch.Tensor, block: dict, offsets: torch.Tensor

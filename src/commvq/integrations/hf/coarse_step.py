@@ -80,7 +80,7 @@ def choose(
     cand = pick(keys, rank, m, settings.select)
     block, rescored = layer.store["k"], None
     if scores or comp_bias is not None:
-        s2 = keys.rerank_scores(layer.layer_idx, qs, block, cand)
+        s2 = keys.scores_at(layer.layer_idx, qs, block, cand, keys.coarse_stages)
         if comp_bias is not None:
             s2 = s2 + cq.take_cols(comp_bias, cand)
         second, rescored = cq.rank(s2, others_best), (cand, s2)
