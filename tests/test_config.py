@@ -12,6 +12,7 @@ class Demo:
     alpha: int = option(3, "alpha things", aliases=("--alpha_count",))
     name: str = option("x", "a name", choices=("x", "y", "z"))
     path: Path = option(Path("out"), "a path")
+    where: Path | None = option(None, "an optional path")
     flag: bool = option(False, "a switch")
     maybe: float | None = option(None, "optional number")
 
@@ -112,4 +113,12 @@ def test_help_shows_every_option_with_its_default():
 
 
 def test_to_dict_is_json_ready():
-    assert to_dict(Demo()) == {"alpha": 3, "name": "x", "path": "out", "flag": False, "maybe": None}
+    want = {"alpha": 3, "name": "x", "path": "out", "flag": False, "maybe": None, "where": None}
+    assert to_dict(Demo()) == want
+
+
+def test_path_flags_give_paths_as_their_defaults_do():
+    """A flag of a path field is a Path, as its default is (code joins it with ``/``)."""
+    cfg, _ = _parse(["--path", "a/b", "--where", "c"])
+    assert cfg.path / "x" == Path("a/b/x") and cfg.where == Path("c")
+    assert _parse([])[0].where is None

@@ -144,11 +144,24 @@ def coerce(value: Any, tp: Any, where: str, choices: tuple | None = None) -> Any
     return value
 
 
+def _as_path(value: Any, tp: Any) -> Any:
+    """A flag's text as a :class:`Path` where the field holds paths (flags are parsed as text)."""
+    union = typing.get_origin(tp) in (list, types.UnionType, typing.Union)
+    args = typing.get_args(tp) if union else ()
+    if Path in (tp, *args):
+        if isinstance(value, str):
+            return Path(value)
+        if isinstance(value, list):
+            return [Path(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
 def from_namespace(cls: type[T], ns: argparse.Namespace, **fixed: Any) -> T:
     """Build ``cls`` from dataclass defaults < YAML (``--config``) < given flags < ``fixed``."""
     values = load_yaml(getattr(ns, "_yaml", None), cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(ns).items() if k in names})
+    values.update({k: _as_path(v, hints[k]) for k, v in vars(ns).items() if k in names})
     values.update(fixed)
     return cls(**values)
 
