@@ -12,6 +12,8 @@ A variant is ``S:keep[:pairs[:fill[:select[:rerank]]]]``: the coarse pass sums t
 :class:`CoarseSettings` has them), and ``keep`` of the compressed tokens (at least 256), picked by
 one top-k (or the radix select kernel), are rescored exactly. Random codes, codebooks and codec
 (speed does not depend on their values; which tokens are picked does not change the work).
+``--profile 1``: each variant's kernels, launched (torch.profiler): per step how many of each and
+their GPU time, whose sum set beside the graph's time shows what the gaps between kernels cost.
 ``--batch max``: the largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all
 32 layers), and FP16 SDPA at that batch and at its own largest.
 A table and a last JSON line; ``--small``: tiny shapes (a CPU smoke test).
@@ -94,6 +96,28 @@ def parts_ms(layer, q, scaling, k, device) -> tuple[float, float, float]:
     )
 
 
+def kernels_per_step(fn, steps: int = 10) -> list[tuple[str, float, float]]:
+    """``fn``'s GPU kernels, launched ``steps`` times under torch.profiler: ``(name, launches per
+    step, microseconds per step)``, the costliest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    table: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if us > 0 and e.count:
+            name = e.key if len(e.key) <= 70 else e.key[:67] + "..."
+            t = table.setdefault(name, [0.0, 0.0])
+            t[0] += e.count / steps
+            t[1] += us / steps
+    return sorted(((k, c, us) for k, (c, us) in table.items()), key=lambda x: -x[2])
+
+
 def names(s, keep, pairs, fill="none", select="topk", rerank=0.0) -> tuple[str, str]:
     """The row keys of a variant and of its coarse pass."""
     tag = f"coarse_S{s}" + (f"_pairs{pairs:g}" if pairs < 1 else "")
@@ -113,7 +137,7 @@ def parse_variants(text: str) -> list[tuple[int, float, float, str, str, float]]
     return out
 
 
-def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
+def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen, profile=False) -> dict:
     hq, hkv, d, window = shapes
     r = round(bits * d / 12)
     st = make_state(b, n, hkv, d, r, bits, device, gen)
@@ -145,6 +169,8 @@ def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen) -> dict:
             row[key + "_tokens"] = k = layer.coarse.budget(n)
             timings = parts_ms(layer, q, d**-0.5, k, device)
             row[pass_key], row[key + "_pick_ms"], row[key + "_topk_ms"] = timings
+            if profile and device.type == "cuda":
+                row[key + "_kernels"] = kernels_per_step(lambda: layer._mixed(q, None, d**-0.5))
         layer.coarse = None
     layer.store = st = None  # free the codes before FP16's dense keys and values
     k16, v16 = (torch.randn(b, hkv, n + window, d, device=device, dtype=dtype) for _ in range(2))
@@ -158,7 +184,7 @@ def main() -> None:
     args, device = parse_args(
         __doc__,
         "8192,32768,131072",
-        {"--variants": "1:0.03125;2:0.03125;1:0.0625;2:0.125"},
+        {"--variants": "1:0.03125;2:0.03125;1:0.0625;2:0.125", "--profile": ""},
     )
     small = args.small
     shapes = (32, 8, 128, 128) if not small else (4, 2, 16, 8)
@@ -180,7 +206,9 @@ def main() -> None:
         per_token = bytes_per_token(hkv, d, round(bits * d / 12), bits) + hkv  # + the bound byte
         for n in contexts:
             b = largest_batch(total, n, per_token) if args.batch == "max" else int(args.batch)
-            row = measure(b, n, bits, variants, shapes, device, dtype, freqs, gen)
+            row = measure(
+                b, n, bits, variants, shapes, device, dtype, freqs, gen, bool(args.profile)
+            )
             if args.batch == "max":
                 b16 = max(1, largest_batch(total, n, 2 * hkv * d * 2))
                 row.update(
@@ -214,6 +242,14 @@ def main() -> None:
                     f"{r_[pass_key]:.3f}, radix pick {r_[key + '_pick_ms']:.3f} (torch top-k "
                     f"{r_[key + '_topk_ms']:.3f})"
                 )
+                for name, count, us in r_.get(key + "_kernels", []):
+                    print(f"        {count:5.1f} x {us:7.1f} us  {name}")
+                if key + "_kernels" in r_:
+                    ks = r_[key + "_kernels"]
+                    print(
+                        f"        kernels per step {sum(k[1] for k in ks):.1f}, their GPU time "
+                        f"{sum(k[2] for k in ks) / 1e3:.3f} ms (graph {g:.3f})"
+                    )
         if "fp16_max_batch" in r_:
             best = min(r_[k] for k in r_ if k.startswith("coarse") and k.endswith("_graph_ms"))
             print(
