@@ -29,6 +29,10 @@ def _check(device, cases):
         got = top_k_positions_triton(x, k)
         assert got.dtype == torch.int64 and got.shape == (b, k)
         assert torch.equal(got, pick(x, k)), ("distinct", b, n, k)
+        # with a source: its entries at the chosen positions (the cascade's candidates)
+        src = torch.randint(0, 10**9, (b, n), generator=gen).to(device)
+        got = top_k_positions_triton(x, k, source=src)
+        assert torch.equal(got, torch.gather(src, 1, pick(x, k))), ("source", b, n, k)
         # the same ordering far from 1: large and tiny magnitudes
         for scale in (1e3, 1e-3):
             got = top_k_positions_triton(x * scale, k)
@@ -55,7 +59,11 @@ GRID = [(1, 131072, 4096), (3, 32768 + 5, 1024), (2, 9000, 8999), (4, 4096, 1), 
 
 
 test_select_matches_topk_on_gpu, test_select_matches_topk_in_interpreter = kernel_tests(
-    __name__, "_check", GRID, [(1, 9000, 300), (2, 5000, 4999), (3, 4096 + 3, 1), (2, 300, 150)]
+    __name__,
+    "_check",
+    GRID,
+    # rows up to ONE_PROGRAM scores take one program each, longer ones the chunked passes
+    [(1, 9000, 300), (2, 5000, 4999), (3, 4096 + 3, 1), (2, 300, 150), (1, 16384 + 5000, 700)],
 )
 
 
@@ -63,5 +71,8 @@ test_select_matches_topk_on_gpu, test_select_matches_topk_in_interpreter = kerne
 def test_select_rejects_bad_k():
     from commvq.kernels.select import top_k_positions_triton
 
+    device = "cuda" if HAS_CUDA else "cpu"
     with pytest.raises(ValueError, match="k=0"):
-        top_k_positions_triton(torch.zeros(1, 4, device="cuda" if HAS_CUDA else "cpu"), 0)
+        top_k_positions_triton(torch.zeros(1, 4, device=device), 0)
+    with pytest.raises(ValueError, match="source"):
+        top_k_positions_triton(torch.zeros(1, 4, device=device), 2, source=torch.zeros(1, 3))

@@ -1,6 +1,8 @@
 """The ``k`` highest of each row of scores, as positions in increasing order (Triton): a radix
 select over each score's float bits in three histogram passes of 8 bits each, then one pass that
-writes the chosen positions in order, so that no sort follows. Scores equal in their 24 highest
+writes the chosen positions in order, so that no sort follows; a row of at most ``ONE_PROGRAM``
+scores is selected by one program that holds it whole (one launch instead of six: the cascade's
+second pick). Scores equal in their 24 highest
 bits (sign, exponent and 15 mantissa bits: within 2**-15 of each other, relatively) count as
 ties, and ties at the boundary go to the earlier positions. The torch reference:
 :func:`commvq.quant.coarse.pick` (``topk`` then a sort)."""
@@ -16,6 +18,7 @@ import triton.language as tl
 BITS = 8  # per histogram pass: 256 bins (wider histograms cost more than the passes they save)
 PASSES = tl.constexpr(3)  # 24 bits: sign, exponent and 15 mantissa bits
 BINS = 1 << BITS
+ONE_PROGRAM = 16384  # rows up to this long: one program per row, every pass in its registers
 
 
 @triton.jit
@@ -119,16 +122,67 @@ def _write_kernel(
     tl.store(out_ptr + b.to(tl.int64) * k + rank, t.to(tl.int64), mask=take)
 
 
-def top_k_positions_triton(scores: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+@triton.jit
+def _row_kernel(
+    x_ptr, src_ptr, out_ptr, N, K, HAS_SRC: tl.constexpr, B: tl.constexpr, NP: tl.constexpr
+):
+    """One row whole in one program: the three histogram passes in registers, then the chosen
+    positions (or ``src``'s entries at them) written in order."""
+    NB: tl.constexpr = 1 << B
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.arange(0, NP)
+    m = t < N
+    key = _ordered(tl.load(x_ptr + b * N + t, mask=m, other=0.0))
+    bins = tl.arange(0, NB)
+    prefix, k = 0, K
+    for p in tl.static_range(PASSES):
+        if p == 0:  # noqa: SIM108 (a Triton loop: the first pass is offset)
+            h = tl.histogram((key >> (32 - B)) + NB // 2, NB, mask=m)
+        else:
+            inside = m & ((key >> (32 - p * B)) == prefix)
+            h = tl.histogram((key >> (32 - (p + 1) * B)) & (NB - 1), NB, mask=inside)
+        reach = tl.cumsum(h, 0, reverse=True)
+        top = tl.max(tl.where(reach >= k, bins, -1), 0)
+        k = k - tl.sum(tl.where(bins > top, h, 0), 0)
+        if p == 0:  # noqa: SIM108
+            prefix = top - NB // 2
+        else:
+            prefix = prefix * NB + top
+    top24 = key >> (32 - PASSES * B)
+    tie = m & (top24 == prefix)
+    take = (m & (top24 > prefix)) | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k))
+    rank = tl.cumsum(take.to(tl.int32), 0) - 1
+    if HAS_SRC:  # noqa: SIM108 (a Triton branch on a constexpr)
+        val = tl.load(src_ptr + b * N + t, mask=take, other=0)
+    else:
+        val = t.to(tl.int64)
+    tl.store(out_ptr + b * K + rank, val, mask=take)
+
+
+def top_k_positions_triton(
+    scores: torch.Tensor, k: int, chunk: int = 4096, source: torch.Tensor | None = None
+) -> torch.Tensor:
     """The positions ``[B, k]`` (int64, increasing) of the ``k`` highest of ``scores [B, N]``
     (float32; NaN not allowed), as :func:`commvq.quant.coarse.pick` returns them, ties (see the
-    module) to the earlier positions. Fixed shapes throughout (CUDA graphs can hold it)."""
+    module) to the earlier positions; with ``source [B, N]`` (int64), its entries at those
+    positions (``gather(source, 1, positions)`` in one pass). Fixed shapes throughout (CUDA
+    graphs can hold it)."""
     b, n = scores.shape
     if not 1 <= k <= n:
         raise ValueError(f"k={k}: between 1 and the row's {n} scores")
+    if source is not None and (source.shape != scores.shape or source.dtype != torch.int64):
+        raise ValueError(f"source {tuple(source.shape)} {source.dtype}: int64 of {(b, n)}")
     if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("top_k_positions_triton needs CUDA tensors")
     x = scores.float().contiguous()
+    if n <= ONE_PROGRAM:
+        out = torch.empty(b, k, device=x.device, dtype=torch.int64)
+        src = x if source is None else source.contiguous()
+        np_ = triton.next_power_of_2(n)
+        _row_kernel[(b,)](
+            x, src, out, n, k, HAS_SRC=source is not None, B=BITS, NP=np_, num_warps=8
+        )
+        return out
     c = triton.cdiv(n, chunk)
     hist = torch.zeros(b, PASSES, BINS, device=x.device, dtype=torch.int32)
     cnt = torch.empty(b, c, 2, device=x.device, dtype=torch.int32)
@@ -139,4 +193,4 @@ def top_k_positions_triton(scores: torch.Tensor, k: int, chunk: int = 4096) -> t
     _count_kernel[grid](x, hist, cnt, n, k, c, B=BITS, CHUNK=chunk, num_warps=8)
     cp = triton.next_power_of_2(c)
     _write_kernel[grid](x, hist, cnt, out, n, k, c, B=BITS, CHUNK=chunk, CP=cp, num_warps=8)
-    return out
+    return out if source is None else torch.gather(source, 1, out)

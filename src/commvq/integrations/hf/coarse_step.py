@@ -50,15 +50,23 @@ def applies(layer: Any, nc: int, copies: tuple | None, tq: int) -> bool:
     return settings.budget(nc) < nc or settings.margin < float("inf")
 
 
-def pick(keys: Any, rank: torch.Tensor, k: int, select: str = "topk") -> torch.Tensor:
-    """The ``k`` best-ranked of ``rank [B, N]`` in increasing order (:func:`cq.pick`); with
-    ``select="radix"`` and where the keys' decode kernels serve, by the radix select kernel (no
-    full top-k, no sort)."""
+def pick(
+    keys: Any,
+    rank: torch.Tensor,
+    k: int,
+    select: str = "topk",
+    source: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ``k`` best-ranked of ``rank [B, N]`` in increasing order (:func:`cq.pick`), or
+    ``source [B, N]``'s entries there; with ``select="radix"`` and where the keys' decode kernels
+    serve, by the radix select kernel (no full top-k, no sort; the source read in the same
+    pass)."""
     if select == "radix" and k < rank.shape[1] and parts.use_kernels(keys.kernels, rank, 1, 2):
         from commvq.kernels.select import top_k_positions_triton
 
-        return top_k_positions_triton(rank, k)
-    return cq.pick(rank, k)
+        return top_k_positions_triton(rank, k, source=source)
+    at = cq.pick(rank, k)
+    return at if source is None else torch.gather(source, 1, at)
 
 
 def choose(
@@ -86,8 +94,7 @@ def choose(
         second, rescored = cq.rank(s2, others_best), (cand, s2)
     else:  # on the kernel: ranks only, no score written
         second = keys.rerank(layer.layer_idx, qs, block, others_best, cand)
-    sub = pick(keys, second, k, settings.select)
-    return torch.gather(cand, 1, sub), rescored
+    return pick(keys, second, k, settings.select, source=cand), rescored
 
 
 def _bias(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
