@@ -29,6 +29,8 @@ def _first_stages(q, codes, prescale, pos, thetas, freqs, stages):
 
 
 def _compare(device, cases):
+    import triton
+
     from commvq import rope
     from commvq.kernels import coarse as coarse_kernels
     from commvq.kernels import decode
@@ -132,6 +134,14 @@ def _compare(device, cases):
             probs_k, take_rows(vpacked, pick), take_rows(factor, pick), codebook, scale, hkv
         )
         assert torch.allclose(got_iv, want_iv, atol=1e-5), ("values index", b, hkv, g, d, n)
+        # the mix of partial sums with the table (one kernel) against torch's sum and product,
+        # over a number of splits no block divides
+        table = decode.value_table(codebook, scale, hkv)
+        hqp = max(16, triton.next_power_of_2(hkv * g))
+        part = torch.randn(b, 37, hqp, f * qbits, generator=gen).to(device)
+        got_m = decode.mix_values(part, table, hkv * g)
+        want_m = decode.mix_values_torch(part, table, hkv * g)
+        assert _db(got_m, want_m) > 60, ("mix", b, hkv, g, d, qbits)
 
 
 GRID = [
