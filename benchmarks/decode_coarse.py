@@ -12,8 +12,10 @@ A variant is ``S:keep[:pairs[:fill[:select[:rerank]]]]``: the coarse pass sums t
 :class:`CoarseSettings` has them), and ``keep`` of the compressed tokens (at least 256), picked by
 one top-k (or the radix select kernel), are rescored exactly. Random codes, codebooks and codec
 (speed does not depend on their values; which tokens are picked does not change the work).
-``--profile 1``: each variant's kernels, launched (torch.profiler): per step how many of each and
-their GPU time, whose sum set beside the graph's time shows what the gaps between kernels cost.
+``--mix kernel``: the values' mix on its Triton kernel (default torch: a sum and a batched
+product). ``--profile 1``: each variant's kernels, launched (torch.profiler): per step how many of
+each and their GPU time, whose sum set beside the graph's time shows what the gaps between kernels
+cost.
 ``--batch max``: the largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all
 32 layers), and FP16 SDPA at that batch and at its own largest.
 A table and a last JSON line; ``--small``: tiny shapes (a CPU smoke test).
@@ -50,13 +52,16 @@ from commvq.quant import coarse as cq
 from commvq.quant.coarse import CoarseSettings
 
 
-def make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, stages, pairs=1.0):
+def make_layer(
+    st, b, hkv, d, bits, window, freqs, device, dtype, gen, stages, pairs=1.0, mix_kernel=False
+):
     """A cache layer holding ``st``'s codes (and a random bound byte per token and KV head)."""
     keys = parts.CommVQKeys(
         [KeyCodebook(st["thetas"], 12)], freqs, 1.0, coarse_stages=stages, coarse_pairs=pairs
     )
     codec = ValueCodec(1, hkv * d, bits, {0: st["scale"].cpu()}).to(device)
-    layer = CommVQLayer(0, keys, parts.CommVQValues(codec, hkv), window=window)
+    values = parts.CommVQValues(codec, hkv, mix_kernel=mix_kernel)
+    layer = CommVQLayer(0, keys, values, window=window)
     n = st["kcodes"].shape[1]
     tail = torch.randint(120, 220, (b, n, hkv), generator=gen, dtype=torch.uint8).to(device)
     layer.store = {
@@ -137,12 +142,14 @@ def parse_variants(text: str) -> list[tuple[int, float, float, str, str, float]]
     return out
 
 
-def measure(b, n, bits, variants, shapes, device, dtype, freqs, gen, profile=False) -> dict:
+def measure(
+    b, n, bits, variants, shapes, device, dtype, freqs, gen, profile=False, mix=False
+) -> dict:
     hq, hkv, d, window = shapes
     r = round(bits * d / 12)
     st = make_state(b, n, hkv, d, r, bits, device, gen)
     q = torch.randn(b, hq, 1, d, generator=gen).to(device, dtype)
-    layer = make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, None)
+    layer = make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, None, 1.0, mix)
     exact, exact_graph = step_ms(layer, q, d**-0.5, device)
     row = {"bits": bits, "context": n, "batch": b, "exact_ms": exact, "exact_graph_ms": exact_graph}
     for s, pairs in sorted({(v[0], v[2]) for v in variants if v[0] < r}):
@@ -184,7 +191,7 @@ def main() -> None:
     args, device = parse_args(
         __doc__,
         "8192,32768,131072",
-        {"--variants": "1:0.03125;2:0.03125;1:0.0625;2:0.125", "--profile": ""},
+        {"--variants": "1:0.03125;2:0.03125;1:0.0625;2:0.125", "--profile": "", "--mix": "torch"},
     )
     small = args.small
     shapes = (32, 8, 128, 128) if not small else (4, 2, 16, 8)
@@ -207,7 +214,17 @@ def main() -> None:
         for n in contexts:
             b = largest_batch(total, n, per_token) if args.batch == "max" else int(args.batch)
             row = measure(
-                b, n, bits, variants, shapes, device, dtype, freqs, gen, bool(args.profile)
+                b,
+                n,
+                bits,
+                variants,
+                shapes,
+                device,
+                dtype,
+                freqs,
+                gen,
+                bool(args.profile),
+                args.mix == "kernel",
             )
             if args.batch == "max":
                 b16 = max(1, largest_batch(total, n, 2 * hkv * d * 2))
@@ -221,7 +238,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
-        f"card {card}; commit {commit_id()}; per layer per decode step, ms (graph: one CUDA graph)"
+        f"card {card}; commit {commit_id()}; values mixed by {args.mix}; per layer per decode "
+        "step, ms (graph: one CUDA graph)"
     )
     for r_ in rows:
         fp16 = r_["fp16_sdpa_ms"]
@@ -256,7 +274,12 @@ def main() -> None:
                 f"    sequences/ms: coarse (best variant) {r_['batch'] / best:.2f}, FP16 at its "
                 f"batch {r_['fp16_max_batch']}: {r_['fp16_max_batch'] / r_['fp16_at_max_ms']:.2f}"
             )
-    print(json.dumps({"bench": "decode_coarse", "card": card, "rows": rows, "commit": commit_id()}))
+    print(
+        json.dumps(
+            {"bench": "decode_coarse", "card": card, "mix": args.mix, "rows": rows}
+            | {"commit": commit_id()}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -417,8 +417,13 @@ class CommVQValues(ValuesPart):
 
     name = "commvq"
 
-    def __init__(self, codec: ValueCodec, num_kv_heads: int, kernels: str = "auto") -> None:
+    def __init__(
+        self, codec: ValueCodec, num_kv_heads: int, kernels: str = "auto", mix_kernel: bool = False
+    ) -> None:
+        """``mix_kernel``: the values kernel's partial sums mixed with the codec's table by one
+        Triton kernel (:func:`commvq.kernels.decode.mix_values`; off until timed on a card)."""
         self.codec, self.num_kv_heads, self.kernels = codec.eval(), num_kv_heads, kernels
+        self.mix_kernel = mix_kernel
         self._tables: dict[
             int, tuple
         ] = {}  # per layer: the kernel's value table, built on first use
@@ -461,6 +466,7 @@ class CommVQValues(ValuesPart):
                 self.num_kv_heads,
                 table=table,
                 index=index,
+                mix_kernel=self.mix_kernel,
             )
             return out[:, :, None]
         if index is not None:

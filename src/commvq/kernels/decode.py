@@ -473,12 +473,17 @@ def _mix_kernel(
     tl.atomic_add(out, mixed, mask=gm[:, None] & (d < D)[None, :])
 
 
-def mix_values(part: torch.Tensor, table: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+def mix_values(
+    part: torch.Tensor, table: torch.Tensor, num_q_heads: int, kernel: bool = False
+) -> torch.Tensor:
     """The values kernel's partial sums ``[B, splits, HQP, nbits]`` -> ``[B, Hq, D]``: summed over
-    splits, then the product with :func:`value_table`; on a GPU in one kernel split over the
-    bits (torch's batched product of 4 query rows by ``nbits`` cannot split its long inner
-    dimension: 33 us of a 0.18 ms coarse step on an H100 at 1 bit), else in torch."""
-    if not part.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    splits, then the product with :func:`value_table`. ``kernel``: in one Triton kernel split
+    over the bits (where it can run), for torch's batched product of 4 query rows by ``nbits``
+    cannot split its long inner dimension: a cuBLAS gemv of 33 us (1 bit) and 64 us (2 bits) in
+    a 0.18-0.23 ms coarse step on an H100 (``decode_coarse.py --profile 1``). Off by default
+    until the kernel is timed on a card (``benchmarks/decode_coarse.py --mix kernel``); else in
+    torch."""
+    if not kernel or (not part.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"):
         return mix_values_torch(part, table, num_q_heads)
     b, splits, hqp, nbits = part.shape
     hkv, _, d = table.shape
@@ -518,12 +523,14 @@ def commvq_values_triton(
     num_warps: int = 4,
     table: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
+    mix_kernel: bool = False,
 ) -> torch.Tensor:
     """``sum_n p_n v_hat_n`` per query head: ``probs [B, Hq, N]`` -> ``[B, Hq, D]`` (fp32).
 
     Split-K over tokens: ``tokens_per_prog`` (default: :func:`values_split`) tokens per program,
     partial sums added afterwards. ``table``: :func:`value_table` of ``codebook`` and ``scale``, if
-    already built. ``index [B, N]``: ``probs``' token ``n`` is the stored token ``index[b, n]``."""
+    already built. ``index [B, N]``: ``probs``' token ``n`` is the stored token ``index[b, n]``.
+    ``mix_kernel``: :func:`mix_values` on its kernel."""
     b, hq, n = probs.shape
     nbits = codebook.shape[0]
     hqp = max(16, triton.next_power_of_2(hq))
@@ -557,6 +564,5 @@ def commvq_values_triton(
         HAS_IDX=index is not None,
         num_warps=num_warps,
     )
-    return mix_values(
-        part, value_table(codebook, scale, num_kv_heads) if table is None else table, hq
-    )
+    table = value_table(codebook, scale, num_kv_heads) if table is None else table
+    return mix_values(part, table, hq, kernel=mix_kernel)
