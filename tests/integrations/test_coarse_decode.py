@@ -182,13 +182,13 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     freqs = model.model.rotary_emb.inv_freq
     ids = torch.randint(1, 300, (2, 90), generator=g).cuda()
 
-    def run(kernels, settings, graphs=True):
+    def run(kernels, settings, graphs=True, mix_kernel=False):
         stages = None if settings is None else settings.stages
         pairs = 1.0 if settings is None else settings.pairs
         keys = parts.CommVQKeys(
             books, freqs, 1.0, kernels=kernels, coarse_stages=stages, coarse_pairs=pairs
         )
-        values = parts.CommVQValues(codec, 2, kernels)
+        values = parts.CommVQValues(codec, 2, kernels, mix_kernel=mix_kernel)
         cache = CommVQCache(2, keys, values, window=16, graphs=graphs, coarse=settings)
         with torch.no_grad():
             model(ids[:, :60], use_cache=True, **cache_kwargs(model, cache))
@@ -236,6 +236,10 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     cascade = replace(budget, pairs=0.5, rerank=2.0, select="radix")
     far = (run("triton", cascade) - run("torch", cascade)).abs().amax(-1)  # [B, steps]
     assert (far < 5e-3).float().mean() >= 0.8, far
+    # the values' mix on its kernel, in a graph, exact and coarse: as torch's product
+    for settings in (None, budget):
+        mixed = run("triton", settings, mix_kernel=True)
+        assert torch.allclose(mixed, run("triton", settings), atol=1e-4), settings
 
 
 def test_exact_layers_attend_exactly():
