@@ -63,7 +63,7 @@ test_select_matches_topk_on_gpu, test_select_matches_topk_in_interpreter = kerne
     "_check",
     GRID,
     # rows up to ONE_PROGRAM scores take one program each, longer ones the chunked passes
-    [(1, 9000, 300), (2, 5000, 4999), (3, 4096 + 3, 1), (2, 300, 150), (1, 16384 + 5000, 700)],
+    [(1, 9000, 300), (2, 5000, 4999), (3, 4096 + 3, 1), (2, 300, 150), (1, 4096, 1000)],
 )
 
 

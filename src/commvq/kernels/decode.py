@@ -479,7 +479,7 @@ def mix_values(
     """The values kernel's partial sums ``[B, splits, HQP, nbits]`` -> ``[B, Hq, D]``: summed over
     splits, then the product with :func:`value_table`. ``kernel``: in one Triton kernel split
     over the bits (where it can run), for torch's batched product of 4 query rows by ``nbits``
-    cannot split its long inner dimension: a cuBLAS gemv of 33 us (1 bit) and 64 us (2 bits) in
+    cannot split its long inner dimension: a cuBLAS gemv of 33 us (1 bit) and 65 us (2 bits) in
     a 0.18-0.23 ms coarse step on an H100 (``decode_coarse.py --profile 1``). Off by default
     until the kernel is timed on a card (``benchmarks/decode_coarse.py --mix kernel``); else in
     torch."""
