@@ -30,8 +30,10 @@ import torch.nn.functional as F
 
 try:
     from _meta import commit_id
+    from _profile import kernel_times
 except ImportError:
     from benchmarks._meta import commit_id
+    from benchmarks._profile import kernel_times
 from decode_attention import (
     bytes_per_token,
     fp16_sdpa_ms,
@@ -103,24 +105,10 @@ def parts_ms(layer, q, scaling, k, device) -> tuple[float, float, float]:
 
 def kernels_per_step(fn, steps: int = 10) -> list[tuple[str, float, float]]:
     """``fn``'s GPU kernels, launched ``steps`` times under torch.profiler: ``(name, launches per
-    step, microseconds per step)``, the costliest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    table: dict[str, list[float]] = {}
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-        if us > 0 and e.count:
-            name = e.key if len(e.key) <= 70 else e.key[:67] + "..."
-            t = table.setdefault(name, [0.0, 0.0])
-            t[0] += e.count / steps
-            t[1] += us / steps
-    return sorted(((k, c, us) for k, (c, us) in table.items()), key=lambda x: -x[2])
+    step, microseconds per step)``, the costliest first (names cut to 70 characters)."""
+    short = lambda n: n if len(n) <= 70 else n[:67] + "..."  # noqa: E731
+    times = kernel_times(fn, steps)
+    return sorted(((short(k), c, us) for k, (c, us) in times.items()), key=lambda x: -x[2])
 
 
 def names(s, keep, pairs, fill="none", select="topk", rerank=0.0) -> tuple[str, str]:

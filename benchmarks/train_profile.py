@@ -18,15 +18,16 @@ import argparse
 import dataclasses
 import json
 import time
-from collections import defaultdict
 
 import torch
 
 try:
     from _meta import commit_id
+    from _profile import kernel_times
     from em_layer import add_layer_args, layer_keys
 except ImportError:
     from benchmarks._meta import commit_id
+    from benchmarks._profile import kernel_times
     from benchmarks.em_layer import add_layer_args, layer_keys
 
 from commvq.quant import e2e, em
@@ -35,33 +36,18 @@ from commvq.quant import e2e, em
 def kernel_table(fn, steps: int, title: str, top: int = 25) -> dict[str, float]:
     """Run ``fn`` ``steps`` times under the profiler; print and return microseconds per step by
     kernel."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    calls = defaultdict(int)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name] += ev.device_time / steps
-            calls[ev.name] += 1
-    total = sum(per.values())
+    times = kernel_times(fn, steps)
+    total = sum(us for _, us in times.values())
+    launches = sum(c for c, _ in times.values())
     if top:
-        print(
-            f"\n{title}: {total:.1f} us of kernels per step, "
-            f"{sum(calls.values()) / steps:.0f} kernels per step"
-        )
+        print(f"\n{title}: {total:.1f} us of kernels per step, {launches:.0f} kernels per step")
         print(f"{'kernel':<70}{'calls':>7}{'us/step':>10}")
-        for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:top]:
-            print(f"{name[:69]:<70}{calls[name] / steps:>7.1f}{us:>10.1f}")
+        for name, (c, us) in sorted(times.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"{name[:69]:<70}{c:>7.1f}{us:>10.1f}")
     return {
         "total_us": round(total, 1),
-        "kernels_per_step": sum(calls.values()) / steps,
-        "by_kernel": {k: round(v, 1) for k, v in per.items()},
+        "kernels_per_step": launches,
+        "by_kernel": {k: round(us, 1) for k, (_, us) in times.items()},
     }
 
 
