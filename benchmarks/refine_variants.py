@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Settings of the least-squares refinement side by side on one layer: held-out key error per
-round for each variant (commit weight, stochastic-relaxation noise, beam, rounds), as a ratio to
-the starting codebooks' greedy error on the same rows.
+"""Settings of the least-squares refinement side by side on one layer: the kept round's held-out
+key error in the keys' own scale (what ``config.json`` records) for each variant (commit weight,
+stochastic-relaxation noise, beam, vector weights ``weighted=1``: the squared prescales), as a
+ratio to the starting codebooks' greedy error on the same rows.
 
     python benchmarks/refine_variants.py --keys KEYS.pt --codebooks DIR --layer 14
-        [--variants "cw=0.25;cw=0;cw=0,noise=0.5"] [--rounds 10] [--beam 8]
+        [--variants "cw=0.25;weighted=1;cw=0,noise=0.5"] [--rounds 10] [--beam 8]
     python benchmarks/refine_variants.py --key_dir runs/dev/data/key --train 0:131072 \\
         --heldout 245760:262144 --codebooks DIR --layer 14 --save KEYS.pt   (writes the rows once)
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from math import nan
 from pathlib import Path
 
 import torch
@@ -45,10 +45,11 @@ def parse_variants(text: str) -> list[dict[str, float]]:
     out = []
     for part in text.split(";"):
         kv = dict(item.split("=") for item in part.split(",") if item)
-        bad = set(kv) - {"cw", "noise", "beam", "revive"}
+        bad = set(kv) - {"cw", "noise", "beam", "revive", "weighted"}
         if bad:
             raise SystemExit(
-                f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam, revive"
+                f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam, revive, "
+                "weighted"
             )
         out.append({k: float(v) for k, v in kv.items()})
     return out
@@ -89,15 +90,16 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     keys = load_keys(args)
     h = keys["num_heads"]
-    x, _ = residual.normalize(keys["train"].float().to(device), h)
-    held, _ = residual.normalize(keys["heldout"].float().to(device), h)
+    x, s_train = residual.normalize(keys["train"].float().to(device), h)
+    held, s_held = residual.normalize(keys["heldout"].float().to(device), h)
     x, held = x.contiguous(), held.contiguous()
+    w_train, w_held = s_train**2, s_held**2  # the error in the keys' own scale
     spec = ModelSpec.from_dict(
         json.loads((Path(args.codebooks) / "config.json").read_text())["spec"]
     )
     start = io.load_layer(Path(args.codebooks), args.layer, spec).to(device)
     encode = encoder_for("auto", device)
-    base = refine.relative_error(held, start, 1, encode_fn=encode)
+    base = refine.relative_error(held, start, 1, encode_fn=encode, weights=w_held)
     results = []
     for v in parse_variants(args.variants):
         beam = int(v.get("beam", args.beam))
@@ -110,30 +112,40 @@ def main() -> None:
             encode_fn=encode,
         )
         t0 = time.perf_counter()
-        res = refine.refine(x, held, start, settings)
+        weighted = bool(v.get("weighted", 0))
+        w = (w_train, w_held) if weighted else (None, None)
+        res = refine.refine(x, held, start, settings, weights=w[0], heldout_weights=w[1])
+        seconds = time.perf_counter() - t0
+        own = refine.relative_error(held, res.thetas, beam, encode_fn=encode, weights=w_held)
+        unit = refine.relative_error(held, res.thetas, beam, encode_fn=encode)
         results.append(
             {
                 "variant": v,
                 "beam": beam,
-                "start_ratio": res.init_heldout / base,
-                "per_round": [r.heldout / base for r in res.history],
+                "start_ratio": refine.relative_error(
+                    held, start, beam, encode_fn=encode, weights=w_held
+                )
+                / base,
+                "per_round": [r.heldout for r in res.history],  # in the variant's own metric
                 "best_round": res.best_round,
-                "best_ratio": res.best_heldout / base,
-                "seconds": time.perf_counter() - t0,
+                "best_ratio": own / base,
+                "unit_error": unit,
+                "seconds": seconds,
             }
         )
         print(json.dumps(results[-1]), flush=True)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"card {card}; commit {commit_id()}; layer {args.layer}; {x.shape[1]:,} training rows, "
-        f"{held.shape[1]:,} held out; start's greedy held-out error {base:.5f} (= 1)"
+        f"{held.shape[1]:,} held out; the start's greedy held-out relative MSE in the keys' own "
+        f"scale {base:.5f} (= 1); 'unit': the kept round's error of the unit-norm keys"
     )
-    print(f"{'variant':<24}{'beam':>5}{'start':>8}{'round 1':>9}{'last':>8}{'best':>8}{'s':>7}")
+    print(f"{'variant':<24}{'beam':>5}{'start':>8}{'kept':>8}{'round':>6}{'unit':>9}{'s':>7}")
     for r in results:
         name = ",".join(f"{k}={v:g}" for k, v in r["variant"].items()) or "defaults"
         print(
-            f"{name:<24}{r['beam']:>5}{r['start_ratio']:>8.4f}{(r['per_round'] or [nan])[0]:>9.4f}"
-            f"{(r['per_round'] or [nan])[-1]:>8.4f}{r['best_ratio']:>8.4f}{r['seconds']:>7.1f}"
+            f"{name:<24}{r['beam']:>5}{r['start_ratio']:>8.4f}{r['best_ratio']:>8.4f}"
+            f"{r['best_round']:>6}{r['unit_error']:>9.5f}{r['seconds']:>7.1f}"
         )
     print(
         json.dumps(

@@ -254,6 +254,31 @@ LSTSQ_LINE = re.compile(
 )
 
 
+def test_e2e_lstsq_weighted_by_prescale_picks_its_round_by_the_keys_own_error(key_dir, tmp_path):
+    """``--weights prescale``: the validation error that picks the round (and is recorded) is the
+    one in the keys' own scale, and the run never ends worse than its start there."""
+    em_dir = tmp_path / "em"
+    train_keys.run(_cfg(key_dir, em_dir, layers="0"))
+    out = tmp_path / "e2e"
+    train_keys.run(
+        _cfg(key_dir, out, method="e2e", layers="0", init_dir=em_dir, rounds=2, weights="prescale")
+    )
+    layer = json.loads((out / "config.json").read_text())["layers"]["0"]
+    assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
+    val = KVStore(key_dir).layer(0).read(*layer["rows"]["validation"]).float()
+    from commvq.quant import refine
+    from commvq.quant.residual import normalize
+
+    x_val, s_val = normalize(val, SPEC.num_kv_heads)
+    em_thetas = io.load_layer(em_dir, 0, SPEC)
+    beam = layer["beam"]
+    own = refine.relative_error(x_val, em_thetas, beam, weights=s_val**2)
+    assert layer["init_heldout_relative_error"] == pytest.approx(own, rel=1e-6)
+    assert own != pytest.approx(refine.relative_error(x_val, em_thetas, beam), rel=1e-3)
+    with pytest.raises(ValueError, match="weights"):
+        _cfg(key_dir, out, method="e2e", weights="norm")
+
+
 def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, capsys):
     em_dir = tmp_path / "em"
     train_keys.run(_cfg(key_dir, em_dir, layers="0"))

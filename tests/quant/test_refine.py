@@ -42,6 +42,56 @@ def test_joint_solve_equals_a_dense_least_squares_fit():
         )  # same fit (entries no code uses may differ)
 
 
+def test_weighted_solve_equals_a_dense_weighted_least_squares_fit():
+    """Each vector's equations scaled by its weight (the squared prescale): the fit that a dense
+    least squares over rows times ``sqrt(w)`` gives, gathered in float32 chunks as on a GPU."""
+    x = _data(n=150)
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(150, generator=g, dtype=torch.float64) * 5 + 0.01
+    thetas = torch.randn(2, 3, 8, 4, generator=g, dtype=torch.float64) * 0.3
+    codes = residual.encode(x, thetas)
+    normal = refine.Normal.zeros(2, 3, 4, 4, x.device)
+    for i in range(0, 150, 40):
+        normal.add(
+            x[:, i : i + 40].float(), codes[:, i : i + 40], thetas.float(), None, w[i : i + 40]
+        )
+    got = refine.solve(normal, thetas, commit_weight=0.0, ridge=0.0)
+    unweighted = refine.Normal.zeros(2, 3, 4, 4, x.device)
+    unweighted.add(x, codes, thetas)
+    plain = refine.solve(unweighted, thetas, commit_weight=0.0, ridge=0.0)
+    sw = w.sqrt().repeat_interleave(8)[:, None]
+    for h in range(2):
+        a = _design(codes[h], thetas.shape[1:])
+        want = torch.linalg.lstsq(a * sw, x[h].reshape(-1, 1) * sw, driver="gelsd").solution
+        fit_want = (a @ want).view(150, 8)
+        fit_got = residual.decode(codes[h : h + 1], got[h : h + 1])[0]
+        assert torch.allclose(fit_got, fit_want, atol=1e-5)  # float32 gathering
+        fit_plain = residual.decode(codes[h : h + 1], plain[h : h + 1])[0]
+        assert not torch.allclose(fit_plain, fit_want, atol=1e-3)  # the weights matter
+
+
+def test_split_weights_are_tf32_exact_and_sum_back():
+    w = torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 100
+    hi, lo = refine._split_weights(w)
+    assert torch.equal(hi + lo, w)
+    bits = hi.view(torch.int32) & ((1 << 13) - 1)  # float32 mantissa bits beyond TF32's 10
+    assert int(bits.abs().sum()) == 0
+    assert float((lo.abs() / w).max()) < 2**-8
+
+
+def test_weighted_error_is_the_error_in_the_keys_own_scale():
+    """``relative_error`` of unit keys with weights ``s^2`` is the relative MSE of the keys."""
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(300, 16, generator=g, dtype=torch.float64) * torch.rand(300, 1, generator=g)
+    x, s = residual.normalize(k, 2)
+    thetas = torch.randn(2, 2, 8, 4, generator=g) * 0.3
+    got = refine.relative_error(x, thetas, 1, chunk=64, weights=s**2)
+    k_hat = residual.from_heads(residual.decode(residual.encode(x, thetas), thetas)) * s[:, None]
+    want = float(((k - k_hat.double()) ** 2).sum() / (k**2).sum())
+    assert abs(got - want) < 1e-5 * want
+    assert abs(refine.relative_error(x, thetas, 1, chunk=64) - want) > 1e-3 * want
+
+
 def test_solve_with_commitment_minimizes_the_e2e_loss_for_fixed_codes_and_targets():
     x = _data()
     g = torch.Generator().manual_seed(2)

@@ -190,9 +190,12 @@ def run_e2e_lstsq(
     settings: refine.RefineSettings,
     thetas0: torch.Tensor,
     echo: Callable[[str], None] = print,
+    weighted: bool = False,
 ) -> LayerResult:
     """Alternate encoding (the job's beam) and the joint least-squares solve of all stages; the
-    validation keys pick the best round (round 0: the start)."""
+    validation keys pick the best round (round 0: the start). ``weighted``: each key weighs its
+    squared prescale in the solve and in the validation error (the error in the keys' own
+    scale)."""
     on_round, bar = _progress(
         job,
         echo,
@@ -203,7 +206,10 @@ def run_e2e_lstsq(
             f"held-out: {entry.heldout:.4g} ({entry.seconds:.1f} s)"
         ),
     )
-    result = refine.refine(job.x, job.val_x, thetas0, settings, on_round=on_round)
+    w, val_w = (job.s**2, job.val_s**2) if weighted else (None, None)
+    result = refine.refine(
+        job.x, job.val_x, thetas0, settings, on_round=on_round, weights=w, heldout_weights=val_w
+    )
     bar.close()
     return _finish(job, "lstsq", "round", result.best_round, result)
 

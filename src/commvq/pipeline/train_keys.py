@@ -72,6 +72,13 @@ class TrainKeysConfig:
         choices=SOLVERS,
     )
     rounds: int = option(DEFAULT_ROUNDS, "E2E lstsq: rounds of encode + solve")
+    weights: str = option(
+        "none",
+        "E2E lstsq: each key's weight in the solve and in choosing the round: none (the unit-norm "
+        "keys alike) or prescale (its squared norm: the error in the keys' own scale, as "
+        "config.json reports it)",
+        choices=("none", "prescale"),
+    )
     beam: int | None = option(
         None,
         "beam width of the key encoder the codebooks are trained for and used with "
@@ -149,6 +156,8 @@ class TrainKeysConfig:
             raise ValueError(f"--holdout {self.holdout}: use a fraction between 0 and 0.5")
         if self.eval_samples < 1:
             raise ValueError(f"--eval_samples {self.eval_samples}: use 1 or more")
+        if self.weights not in ("none", "prescale"):
+            raise ValueError(f"--weights {self.weights}: none or prescale")
         if (self.lr is not None and self.lr <= 0) or self.commit_weight < 0:
             raise ValueError(
                 f"--lr {self.lr} must be positive and --commit_weight {self.commit_weight} >= 0"
@@ -431,7 +440,8 @@ def train_layer(
             settings = refine.RefineSettings(
                 rounds=cfg.rounds, beam=job.beam, commit_weight=cfg.commit_weight, encode_fn=encoder
             )
-            res = key_methods.run_e2e_lstsq(job, settings, thetas0, echo)
+            weighted = cfg.weights == "prescale"
+            res = key_methods.run_e2e_lstsq(job, settings, thetas0, echo, weighted)
     seconds = time.perf_counter() - t0
     del keys, x, s, job
     err = heldout_errors(store, layer, rows["eval"], out, layout, spec, cfg.encode_beam, device)

@@ -15,7 +15,10 @@ pulls unused entries toward their current values. A round encodes the training v
 ``G`` and ``rhs`` in one pass (chunked; nothing of size ``N`` is kept), solves by Cholesky, and is
 scored on the held-out split; the best round (round 0: the start) is kept.
 Pair weights (``objective=attention``) scale every equation of a pair alike, so they do not change
-the solution: they matter to training only through the encoder.
+the solution: they matter to training only through the encoder. Vector weights do: the keys are
+trained unit-norm (``x = k / s``) while the error that counts is in the keys' own scale,
+``sum s^2 |x - x_hat|^2``, so each vector's equations and its held-out error carry ``w = s^2``
+(``weights``; EM weights its fit by the prescales too).
 """
 
 from __future__ import annotations
@@ -87,6 +90,14 @@ def _exact_tf32():
         torch.set_float32_matmul_precision(before)
 
 
+def _split_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [H|1, n]`` as ``hi + lo``, ``hi`` exact in TF32 (bfloat16's 8 significant bits), so
+    that one-hot factors scaled by each part multiply exactly on tensor cores and the sum loses
+    only ``lo``'s rounding (about 2**-19 of ``w``)."""
+    hi = w.bfloat16().float()
+    return hi, w - hi
+
+
 def _complex_rhs(oa: torch.Tensor, ob: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``sum_n conj(phi_n) t_n`` for ``t [H, n, D]`` in the rotate_half layout: ``[H, cols, P]``."""
     p = t.shape[-1] // 2
@@ -117,16 +128,25 @@ class Normal:
         codes: torch.Tensor,
         thetas: torch.Tensor,
         noise: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
         """Add vectors ``x [H, n, D]`` coded as ``codes [H, n, R]`` (targets from ``thetas``);
-        ``noise [H, n, D]``, if given, is added to the reconstruction targets (not the commit's)."""
+        ``noise [H, n, D]``, if given, is added to the reconstruction targets (not the commit's);
+        ``weights [n]``, if given, scale each vector's equations."""
         h, n, r = codes.shape
         e = thetas.shape[2] // 2
         oa, ob = _onehots(codes, e, x.dtype)
-        with _exact_tf32():  # 0/1 inputs, float32 sums: tensor-core products are exact here
-            real = oa.transpose(1, 2) @ oa + ob.transpose(1, 2) @ ob
-            cross = oa.transpose(1, 2) @ ob
+        parts = [None] if weights is None else _split_weights(weights.to(x.dtype)[None, :, None])
+        real = cross = 0.0
+        with _exact_tf32():  # 0/1 inputs (times TF32-exact weights): exact tensor-core products
+            for w in parts:
+                wa, wb = (oa, ob) if w is None else (oa * w, ob * w)
+                real = real + wa.transpose(1, 2) @ oa + wb.transpose(1, 2) @ ob
+                cross = cross + wa.transpose(1, 2) @ ob
         self.gram += torch.complex(real.double(), (cross - cross.transpose(1, 2)).double())
+        if weights is not None:  # the right-hand sides: one-hots times the weights, in float32
+            w = weights.to(x.dtype)[None, :, None]
+            oa, ob = oa * w, ob * w
         self.rhs += _complex_rhs(oa, ob, x if noise is None else x + noise)
         target = x.clone()  # what the stages before s leave
         table = decode_table(thetas)  # [H, R, 2E, D]
@@ -202,15 +222,18 @@ def relative_error(
     beam: int,
     chunk: int = 16384,
     encode_fn: Callable = torch_encode,
+    weights: torch.Tensor | None = None,
 ) -> float:
-    """``sum |x - decode(encode(x))|^2 / sum |x|^2`` with the beam's codes."""
+    """``sum w |x - decode(encode(x))|^2 / sum w |x|^2`` with the beam's codes (``weights
+    [N]``, default 1)."""
     err = ref = 0.0
     with torch.no_grad():
         for i in range(0, x.shape[1], chunk):
             xc = x[:, i : i + chunk]
+            w = 1.0 if weights is None else weights[i : i + chunk].double()[None, :, None]
             left = xc - decode(encode_fn(xc, thetas, beam), thetas)
-            err += float((left.double() ** 2).sum())
-            ref += float((xc.double() ** 2).sum())
+            err += float((left.double() ** 2 * w).sum())
+            ref += float((xc.double() ** 2 * w).sum())
     return err / max(ref, 1e-30)
 
 
@@ -237,18 +260,28 @@ def refine(
     thetas0: torch.Tensor,
     settings: RefineSettings,
     on_round: Callable[[RoundLog, torch.Tensor | None], None] | None = None,
+    weights: torch.Tensor | None = None,
+    heldout_weights: torch.Tensor | None = None,
 ) -> RefineResult:
     """Alternate encode / joint solve on ``x [H, N, D]`` from ``thetas0 [H, R, 2E, P]``; the round
-    best on ``heldout`` is kept (never worse than the start there)."""
+    best on ``heldout`` is kept (never worse than the start there). ``weights [N]`` and
+    ``heldout_weights [M]``: each vector's weight in the solve and in the errors (the squared
+    prescales: the error in the keys' own scale), default 1."""
     import time
 
     h, n, d = x.shape
     r, e = thetas0.shape[1], thetas0.shape[2] // 2
     s = settings
-    start = relative_error(heldout, thetas0, s.beam, s.chunk, s.encode_fn)
+    held_w = heldout_weights
+
+    def held_error(th: torch.Tensor) -> float:
+        return relative_error(heldout, th, s.beam, s.chunk, s.encode_fn, held_w)
+
+    start = held_error(thetas0)
     best = RefineResult(thetas0.clone(), 0, start, start)
     thetas = thetas0
-    energy = float((x.double() ** 2).sum())
+    w_all = 1.0 if weights is None else weights.double()[None, :, None]
+    energy = float((x.double() ** 2 * w_all).sum())
     gen = torch.Generator(device=x.device).manual_seed(s.seed)
     for rnd in range(1, s.rounds + 1):
         t0 = time.perf_counter()
@@ -258,16 +291,18 @@ def refine(
         with torch.no_grad():
             for i in range(0, n, s.chunk):
                 xc = x[:, i : i + s.chunk]
+                wc = None if weights is None else weights[i : i + s.chunk]
                 codes = s.encode_fn(xc, thetas, s.beam)
                 left = xc - decode(codes, thetas)
                 noise = None
                 if temp > 0:
                     spread = left.std(dim=1, keepdim=True) * math.sqrt(temp)
                     noise = torch.randn(xc.shape, generator=gen, device=x.device) * spread
-                normal.add(xc, codes, thetas, noise)
-                err += float((left.double() ** 2).sum())
+                normal.add(xc, codes, thetas, noise, wc)
+                w = 1.0 if wc is None else wc.double()[None, :, None]
+                err += float((left.double() ** 2 * w).sum())
             thetas = solve(normal, thetas, s.commit_weight, s.ridge)
-        held = relative_error(heldout, thetas, s.beam, s.chunk, s.encode_fn)
+        held = held_error(thetas)
         solved = thetas
         if s.revive and rnd < s.rounds:  # scored as solved; the next round starts revived
             use = normal.gram.diagonal(dim1=1, dim2=2).real.reshape(h, r, e).to(thetas.dtype)
