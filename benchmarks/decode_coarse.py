@@ -13,9 +13,10 @@ A variant is ``S:keep[:pairs[:fill[:select[:rerank]]]]``: the coarse pass sums t
 one top-k (or the radix select kernel), are rescored exactly. Random codes, codebooks and codec
 (speed does not depend on their values; which tokens are picked does not change the work).
 ``--mix kernel``: the values' mix on its Triton kernel (default torch: a sum and a batched
-product). ``--profile 1``: each variant's kernels, launched (torch.profiler): per step how many of
-each and their GPU time, whose sum set beside the graph's time shows what the gaps between kernels
-cost.
+product); ``--fused 1``: the window's scores and the softmax merge on theirs
+(``CoarseSettings.fused``). ``--profile 1``: each variant's kernels, launched (torch.profiler):
+per step how many of each and their GPU time, whose sum set beside the graph's time shows what
+the gaps between kernels cost.
 ``--batch max``: the largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all
 32 layers), and FP16 SDPA at that batch and at its own largest.
 A table and a last JSON line; ``--small``: tiny shapes (a CPU smoke test).
@@ -131,7 +132,7 @@ def parse_variants(text: str) -> list[tuple[int, float, float, str, str, float]]
 
 
 def measure(
-    b, n, bits, variants, shapes, device, dtype, freqs, gen, profile=False, mix=False
+    b, n, bits, variants, shapes, device, dtype, freqs, gen, profile=False, mix=False, fused=False
 ) -> dict:
     hq, hkv, d, window = shapes
     r = round(bits * d / 12)
@@ -158,6 +159,7 @@ def measure(
                 fill=fill,
                 select=select,
                 rerank=rerank,
+                fused=fused,
             )
             key, pass_key = names(s, keep, pairs, fill, select, rerank)
             row[key + "_ms"], row[key + "_graph_ms"] = step_ms(layer, q, d**-0.5, device)
@@ -179,7 +181,12 @@ def main() -> None:
     args, device = parse_args(
         __doc__,
         "8192,32768,131072",
-        {"--variants": "1:0.03125;2:0.03125;1:0.0625;2:0.125", "--profile": "", "--mix": "torch"},
+        {
+            "--variants": "1:0.03125;2:0.03125;1:0.0625;2:0.125",
+            "--profile": "",
+            "--mix": "torch",
+            "--fused": "",
+        },
     )
     small = args.small
     shapes = (32, 8, 128, 128) if not small else (4, 2, 16, 8)
@@ -213,6 +220,7 @@ def main() -> None:
                 gen,
                 bool(args.profile),
                 args.mix == "kernel",
+                bool(args.fused),
             )
             if args.batch == "max":
                 b16 = max(1, largest_batch(total, n, 2 * hkv * d * 2))
@@ -226,8 +234,9 @@ def main() -> None:
                 torch.cuda.empty_cache()
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
-        f"card {card}; commit {commit_id()}; values mixed by {args.mix}; per layer per decode "
-        "step, ms (graph: one CUDA graph)"
+        f"card {card}; commit {commit_id()}; values mixed by {args.mix}; window and merge "
+        f"{'fused' if args.fused else 'in torch'}; per layer per decode step, ms (graph: one CUDA "
+        "graph)"
     )
     for r_ in rows:
         fp16 = r_["fp16_sdpa_ms"]
@@ -264,7 +273,8 @@ def main() -> None:
             )
     print(
         json.dumps(
-            {"bench": "decode_coarse", "card": card, "mix": args.mix, "rows": rows}
+            {"bench": "decode_coarse", "card": card, "mix": args.mix, "fused": bool(args.fused)}
+            | {"rows": rows}
             | {"commit": commit_id()}
         )
     )

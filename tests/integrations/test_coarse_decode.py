@@ -12,6 +12,7 @@ from commvq import rope
 from commvq.codecs import cache_parts as parts
 from commvq.codecs.key_codebook import KeyCodebook
 from commvq.codecs.value_codec import ValueCodec
+from commvq.integrations.hf import coarse_step
 from commvq.integrations.hf.attention import layer_for_attention
 from commvq.integrations.hf.cache import CommVQCache, CommVQLayer
 from commvq.integrations.hf.loader import load_model
@@ -240,6 +241,43 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     for settings in (None, budget):
         mixed = run("triton", settings, mix_kernel=True)
         assert torch.allclose(mixed, run("triton", settings), atol=1e-4), settings
+    # the window's scores and the merge on their kernels, in graphs, with and without the cascade
+    for settings in (budget, cascade):
+        fused = run("triton", replace(settings, fused=True))
+        assert torch.allclose(fused, run("triton", settings), atol=1e-4), settings
+
+
+@pytest.mark.parametrize("rerank", [0.0, 2.0])
+def test_fused_window_and_merge_attend_as_the_unfused_step(rerank, monkeypatch):
+    """``fused=True`` (the window's scores and the softmax merge on their kernels, in torch where
+    no GPU is) gives the unfused step's output."""
+    pytest.importorskip("triton")
+    from commvq.kernels import window
+
+    calls = []
+    merge = window.merge
+    monkeypatch.setattr(window, "merge", lambda *a: calls.append(1) or merge(*a))
+    base = CoarseSettings(stages=1, keep=0.2, min_tokens=8, exact_layers=(), pairs=0.5)
+    base = replace(base, rerank=rerank)
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(5)) * 2
+    plain, _ = _filled(base, t=140)
+    fused, _ = _filled(replace(base, fused=True), t=140)
+    want = plain._mixed(q, None, 0.25)
+    assert not calls
+    assert torch.allclose(fused._mixed(q, None, 0.25), want, atol=1e-5)
+    assert calls  # the fused path ran
+
+
+def test_fused_needs_triton(monkeypatch):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find(name, *a)
+    )
+    keys, _ = _parts(2, 16, stages=1, pairs=1.0)
+    with pytest.raises(ValueError, match="pip install triton"):
+        coarse_step.check_keys(keys, CoarseSettings(stages=1, fused=True))
 
 
 def test_exact_layers_attend_exactly():
@@ -316,7 +354,6 @@ def test_rerank_picks_the_budget_from_the_first_pass_candidates_by_every_pair():
     """The cascade: the first pass over half the pairs names the best ``rerank x budget``
     candidates, the budget is the best of them ranked over every pair (same stages); the fast
     and the scored paths pick alike."""
-    from commvq.integrations.hf import coarse_step
     from commvq.quant import coarse as cq
 
     s = CoarseSettings(stages=1, keep=0.1, min_tokens=4, exact_layers=(), pairs=0.5, rerank=2)
@@ -348,7 +385,6 @@ def test_rerank_over_every_candidate_picks_as_a_pass_over_every_pair():
     layer, keys = _filled(cascade, t=140, stages=1)
     assert torch.allclose(layer._mixed(q, None, 0.25), want, atol=1e-6)
     # ... where one pass over the quarter picks otherwise
-    from commvq.integrations.hf import coarse_step
 
     best = torch.zeros(2, 4, 1, 1)
     rank = keys.coarse_rank(0, q, layer.store["k"], best)
@@ -366,7 +402,6 @@ def test_rerank_needs_a_share_of_the_pairs_and_at_least_the_budget(bad):
 
 def test_without_rerank_the_first_pass_alone_picks(monkeypatch):
     """rerank=0 (the default): one pass, no second ranking of any token."""
-    from commvq.integrations.hf import coarse_step
     from commvq.quant import coarse as cq
 
     s = CoarseSettings(stages=1, keep=0.1, min_tokens=4, exact_layers=(), pairs=0.25)

@@ -25,7 +25,7 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4):
 
 
 def _cases():
-    from commvq.kernels import decode, select
+    from commvq.kernels import decode, select, window
 
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
     mix = {
@@ -50,6 +50,17 @@ def _cases():
             dict(HAS_SRC=has_src, B=8, NP=4096),
             8,
         )
+    strides = ints("stride_b", "stride_h", "stride_t")
+    for dt in ("bf16", "fp32"):
+        sc = {"q_ptr": "*fp32", "k_ptr": f"*{dt}", "len_ptr": "*i64", "s_ptr": "*fp32"}
+        sc = {**sc, "best_ptr": "*fp32", **ints("HQ", "HKV", "W"), **strides}
+        sc = dict(zip(window._scores_kernel.arg_names, sc.values(), strict=False))
+        consts = dict(D=128, WP=256, DK=32, HAS_LEN=True)
+        yield f"window scores, {dt}", window._scores_kernel, sc, consts, 4
+        mg = {"e_ptr": "*fp32", "s_ptr": "*fp32", "v_ptr": f"*{dt}", "p_ptr": "*fp32"}
+        mg = {**mg, "out_ptr": "*fp32", **ints("HQ", "HKV", "K", "W"), **strides}
+        mg = dict(zip(window._merge_kernel.arg_names, mg.values(), strict=False))
+        yield f"merge, {dt}", window._merge_kernel, mg, dict(D=128, WP=256, KB=1024, DK=32), 4
     hist = {"x_ptr": "*fp32", "hist_ptr": "*i32", **ints("N", "k")}
     for p in range(3):
         yield (

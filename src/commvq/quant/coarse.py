@@ -53,7 +53,10 @@ class CoarseSettings:
     rank that the stored bound no longer covers, so it needs ``margin = inf``); ``rerank``: with
     ``pairs < 1``, the best ``rerank x budget`` tokens of that pass are ranked again over every pair
     (same stages) and the budget is picked from them (0: one pass; a second pass over a few
-    candidates that ranks about as well as one over every pair)."""
+    candidates that ranks about as well as one over every pair); ``fused``: the window's scores
+    and the final softmax with the window's values on two Triton kernels
+    (:mod:`commvq.kernels.window`; without a sink, a mask, a margin, a log or the fill; opt-in
+    until timed on a card)."""
 
     stages: int = 2
     keep: float = 1 / 8
@@ -64,6 +67,7 @@ class CoarseSettings:
     fill: str = "none"
     select: str = "radix"
     rerank: float = 0.0
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if self.stages < 1:

@@ -10,6 +10,7 @@ the coarse scores are kept, for the margin's bounds and the log's figures.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -23,6 +24,10 @@ def check_keys(keys: Any, settings: cq.CoarseSettings | None) -> None:
     """A coarse cache needs keys that store the bound of its stages and sum its pairs."""
     if settings is None:
         return
+    if settings.fused and importlib.util.find_spec("triton") is None:
+        raise ValueError(
+            "coarse fused=True runs Triton kernels: pip install triton, or fused=False"
+        )
     if getattr(keys, "coarse_stages", None) != settings.stages:
         raise ValueError(
             f"coarse decode over {settings.stages} stages needs keys that store its bound: "
@@ -120,17 +125,25 @@ def attend(
     settings, keys = layer.coarse, layer.keys_part
     ns, nc, w = layer.num_sink, layer.num_compressed, win_k.shape[2]
     bias = _bias(attention_mask, ns + nc + w)
-    s_win = parts.grouped(qs, win_k.float().transpose(-1, -2))
-    if length is not None:  # the buffers' slots past the window
-        s_win = s_win.masked_fill(torch.arange(w, device=qs.device) >= length, float("-inf"))
-    s_sink = parts.grouped(qs, layer.sink_k.float().transpose(-1, -2)) if ns else s_win[..., :0]
-    if bias is not None:
-        s_sink, s_win = s_sink + bias[..., :ns], s_win + bias[..., ns + nc :]
-    others_best = torch.cat((s_sink, s_win), -1).amax(-1, keepdim=True)  # [B, Hq, 1, 1]
+    fast = settings.margin == float("inf") and layer.coarse_log is None and settings.fill == "none"
+    fused = settings.fused and fast and not ns and bias is None
+    if fused:  # the window's scores and their best in one kernel
+        from commvq.kernels import window
+
+        s_win, others_best = window.window_scores(qs, win_k, length)
+        s_sink = s_win[..., :0]
+    else:
+        s_win = parts.grouped(qs, win_k.float().transpose(-1, -2))
+        if length is not None:  # the buffers' slots past the window
+            s_win = s_win.masked_fill(torch.arange(w, device=qs.device) >= length, float("-inf"))
+        s_sink = parts.grouped(qs, layer.sink_k.float().transpose(-1, -2)) if ns else s_win[..., :0]
+        if bias is not None:
+            s_sink, s_win = s_sink + bias[..., :ns], s_win + bias[..., ns + nc :]
+        others_best = torch.cat((s_sink, s_win), -1).amax(-1, keepdim=True)  # [B, Hq, 1, 1]
     comp_bias = None if bias is None else bias[..., ns : ns + nc]
     k = settings.budget(nc)
     block = layer.store["k"]
-    if settings.margin == float("inf") and layer.coarse_log is None and settings.fill == "none":
+    if fast:
         rank = keys.coarse_rank(layer.layer_idx, qs, block, others_best)  # [B, N]
         if comp_bias is not None:  # a token no row may see ranks last
             rank = rank + comp_bias.amax(dim=(1, 2))
@@ -150,6 +163,10 @@ def attend(
         )
         fails = cq.take_cols(upper, idx) < best_lower - settings.margin
     exact = keys.scores_at(layer.layer_idx, qs, block, idx)
+    store_v, values = layer.store["v"], layer.values_part
+    if fused:  # the softmax over budget and window, and the window's values, in one kernel
+        p_exact, out = window.merge(exact, s_win, win_v)
+        return out + values.values_at(layer.layer_idx, p_exact, store_v, idx)
     if comp_bias is not None:
         exact = exact + cq.take_cols(comp_bias, idx)
     if fails is not None:
@@ -166,7 +183,6 @@ def attend(
     out = parts.grouped(p[..., ns + k : ns + k + w], win_v.float())
     if ns:
         out = out + parts.grouped(p[..., :ns], layer.sink_v.float())
-    store_v, values = layer.store["v"], layer.values_part
     if settings.fill == "coarse":
         out = out + values.values(layer.layer_idx, p[..., -1:] * fill_w, store_v)
     return out + values.values_at(layer.layer_idx, p[..., ns : ns + k], store_v, idx)
