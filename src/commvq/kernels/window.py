@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from commvq.codecs.cache_parts import grouped
+
 
 def window_scores_torch(
     qs: torch.Tensor, win_k: torch.Tensor, length: torch.Tensor | None
@@ -21,11 +23,8 @@ def window_scores_torch(
     """``(s [B, Hq, 1, W], best [B, Hq, 1, 1])``: the scaled query ``qs [B, Hq, 1, D]`` against the
     window ``win_k [B, Hkv, W, D]`` (slots from ``length`` on: ``-inf``), and each row's
     largest."""
-    b, hq, _, d = qs.shape
-    hkv, w = win_k.shape[1], win_k.shape[2]
-    s = torch.bmm(
-        qs.reshape(b * hkv, hq // hkv, d), win_k.float().reshape(b * hkv, w, d).transpose(1, 2)
-    ).reshape(b, hq, 1, w)
+    w = win_k.shape[2]
+    s = grouped(qs, win_k.float().transpose(-1, -2))
     if length is not None:
         s = s.masked_fill(torch.arange(w, device=s.device) >= length, float("-inf"))
     return s, s.amax(-1, keepdim=True)
@@ -36,14 +35,9 @@ def merge_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p [B, Hq, 1, K], out [B, Hq, 1, D])``: one softmax over the budget's scores ``exact``
     and the window's ``s_win``; the budget's weights, and the window's values mixed by theirs."""
-    b, hq = exact.shape[:2]
-    hkv, w, d = win_v.shape[1:]
     k = exact.shape[-1]
     p = torch.softmax(torch.cat((exact, s_win), -1), -1)
-    out = torch.bmm(
-        p[..., k:].reshape(b * hkv, hq // hkv, w), win_v.float().reshape(b * hkv, w, d)
-    ).reshape(b, hq, 1, d)
-    return p[..., :k], out
+    return p[..., :k], grouped(p[..., k:], win_v.float())
 
 
 @triton.jit

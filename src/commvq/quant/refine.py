@@ -136,7 +136,8 @@ class Normal:
         h, n, r = codes.shape
         e = thetas.shape[2] // 2
         oa, ob = _onehots(codes, e, x.dtype)
-        parts = [None] if weights is None else _split_weights(weights.to(x.dtype)[None, :, None])
+        w_col = None if weights is None else weights.to(x.dtype)[None, :, None]
+        parts = [None] if w_col is None else _split_weights(w_col)
         real = cross = 0.0
         with _exact_tf32():  # 0/1 inputs (times TF32-exact weights): exact tensor-core products
             for w in parts:
@@ -144,9 +145,8 @@ class Normal:
                 real = real + wa.transpose(1, 2) @ oa + wb.transpose(1, 2) @ ob
                 cross = cross + wa.transpose(1, 2) @ ob
         self.gram += torch.complex(real.double(), (cross - cross.transpose(1, 2)).double())
-        if weights is not None:  # the right-hand sides: one-hots times the weights, in float32
-            w = weights.to(x.dtype)[None, :, None]
-            oa, ob = oa * w, ob * w
+        if w_col is not None:  # the right-hand sides: one-hots times the weights, in float32
+            oa, ob = oa * w_col, ob * w_col
         self.rhs += _complex_rhs(oa, ob, x if noise is None else x + noise)
         target = x.clone()  # what the stages before s leave
         table = decode_table(thetas)  # [H, R, 2E, D]
@@ -272,10 +272,9 @@ def refine(
     h, n, d = x.shape
     r, e = thetas0.shape[1], thetas0.shape[2] // 2
     s = settings
-    held_w = heldout_weights
 
     def held_error(th: torch.Tensor) -> float:
-        return relative_error(heldout, th, s.beam, s.chunk, s.encode_fn, held_w)
+        return relative_error(heldout, th, s.beam, s.chunk, s.encode_fn, heldout_weights)
 
     start = held_error(thetas0)
     best = RefineResult(thetas0.clone(), 0, start, start)
