@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.codecs.cache_parts import grouped
+
+def _grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x [B, Hq, 1, K] @ y [B, Hkv, K, M]``, each KV head serving its query heads (the codecs'
+    ``grouped``, which this layer may not import): ``[B, Hq, 1, M]``."""
+    b, hq, _, k = x.shape
+    hkv, m = y.shape[1], y.shape[-1]
+    return torch.bmm(x.reshape(b * hkv, hq // hkv, k), y.reshape(b * hkv, k, m)).reshape(
+        b, hq, 1, m
+    )
 
 
 def window_scores_torch(
@@ -24,7 +32,7 @@ def window_scores_torch(
     window ``win_k [B, Hkv, W, D]`` (slots from ``length`` on: ``-inf``), and each row's
     largest."""
     w = win_k.shape[2]
-    s = grouped(qs, win_k.float().transpose(-1, -2))
+    s = _grouped(qs, win_k.float().transpose(-1, -2))
     if length is not None:
         s = s.masked_fill(torch.arange(w, device=s.device) >= length, float("-inf"))
     return s, s.amax(-1, keepdim=True)
@@ -37,7 +45,7 @@ def merge_torch(
     and the window's ``s_win``; the budget's weights, and the window's values mixed by theirs."""
     k = exact.shape[-1]
     p = torch.softmax(torch.cat((exact, s_win), -1), -1)
-    return p[..., :k], grouped(p[..., k:], win_v.float())
+    return p[..., :k], _grouped(p[..., k:], win_v.float())
 
 
 @triton.jit
