@@ -14,7 +14,8 @@ one top-k (or the radix select kernel), are rescored exactly. Random codes, code
 (speed does not depend on their values; which tokens are picked does not change the work).
 ``--mix kernel``: the values' mix on its Triton kernel (default torch: a sum and a batched
 product); ``--fused 1``: the window's scores and the softmax merge on theirs
-(``CoarseSettings.fused``). ``--profile 1``: each variant's kernels, launched (torch.profiler):
+(``CoarseSettings.fused``); ``--rank_dot 1``: the rank kernel's query dots on the tensor cores
+(``CommVQKeys(rank_dot=True)``). ``--profile 1``: each variant's kernels, launched (torch.profiler):
 per step how many of each and their GPU time, whose sum set beside the graph's time shows what
 the gaps between kernels cost.
 ``--batch max``: the largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all
@@ -56,11 +57,29 @@ from commvq.quant.coarse import CoarseSettings
 
 
 def make_layer(
-    st, b, hkv, d, bits, window, freqs, device, dtype, gen, stages, pairs=1.0, mix_kernel=False
+    st,
+    b,
+    hkv,
+    d,
+    bits,
+    window,
+    freqs,
+    device,
+    dtype,
+    gen,
+    stages,
+    pairs=1.0,
+    mix_kernel=False,
+    rank_dot=False,
 ):
     """A cache layer holding ``st``'s codes (and a random bound byte per token and KV head)."""
     keys = parts.CommVQKeys(
-        [KeyCodebook(st["thetas"], 12)], freqs, 1.0, coarse_stages=stages, coarse_pairs=pairs
+        [KeyCodebook(st["thetas"], 12)],
+        freqs,
+        1.0,
+        coarse_stages=stages,
+        coarse_pairs=pairs,
+        rank_dot=rank_dot,
     )
     codec = ValueCodec(1, hkv * d, bits, {0: st["scale"].cpu()}).to(device)
     values = parts.CommVQValues(codec, hkv, mix_kernel=mix_kernel)
@@ -132,7 +151,19 @@ def parse_variants(text: str) -> list[tuple[int, float, float, str, str, float]]
 
 
 def measure(
-    b, n, bits, variants, shapes, device, dtype, freqs, gen, profile=False, mix=False, fused=False
+    b,
+    n,
+    bits,
+    variants,
+    shapes,
+    device,
+    dtype,
+    freqs,
+    gen,
+    profile=False,
+    mix=False,
+    fused=False,
+    rank_dot=False,
 ) -> dict:
     hq, hkv, d, window = shapes
     r = round(bits * d / 12)
@@ -143,7 +174,7 @@ def measure(
     row = {"bits": bits, "context": n, "batch": b, "exact_ms": exact, "exact_graph_ms": exact_graph}
     for s, pairs in sorted({(v[0], v[2]) for v in variants if v[0] < r}):
         layer.keys_part = make_layer(
-            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s, pairs
+            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s, pairs, rank_dot=rank_dot
         ).keys_part
         layer.store["k"]["tail"] = torch.randint(120, 220, (b, n, hkv), dtype=torch.uint8).to(
             device
@@ -186,6 +217,7 @@ def main() -> None:
             "--profile": "",
             "--mix": "torch",
             "--fused": "",
+            "--rank_dot": "",
         },
     )
     small = args.small
@@ -221,6 +253,7 @@ def main() -> None:
                 bool(args.profile),
                 args.mix == "kernel",
                 bool(args.fused),
+                bool(args.rank_dot),
             )
             if args.batch == "max":
                 b16 = max(1, largest_batch(total, n, 2 * hkv * d * 2))
@@ -235,8 +268,9 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"card {card}; commit {commit_id()}; values mixed by {args.mix}; window and merge "
-        f"{'fused' if args.fused else 'in torch'}; per layer per decode step, ms (graph: one CUDA "
-        "graph)"
+        f"{'fused' if args.fused else 'in torch'}; rank kernel's query dots "
+        f"{'on tensor cores' if args.rank_dot else 'summed per row'}; per layer per decode step, "
+        "ms (graph: one CUDA graph)"
     )
     for r_ in rows:
         fp16 = r_["fp16_sdpa_ms"]
@@ -274,6 +308,7 @@ def main() -> None:
     print(
         json.dumps(
             {"bench": "decode_coarse", "card": card, "mix": args.mix, "fused": bool(args.fused)}
+            | {"rank_dot": bool(args.rank_dot)}
             | {"rows": rows}
             | {"commit": commit_id()}
         )

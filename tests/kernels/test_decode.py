@@ -78,6 +78,11 @@ def _compare(device, cases):
         )
         want_r = (want_c - offsets[..., None]).amax(1)
         assert _db(got_r, want_r) > 50, ("rank", b, hkv, g, d, r, n, stages)
+        # the query dots as matrix products (tf32 on a GPU): the same ranks
+        got_d = coarse_kernels.commvq_rank_triton(
+            q, packed, prescale, pos, thetas, freqs, 12, offsets, stages, 0.7, dot=True
+        )
+        assert _db(got_d, want_r) > 50, ("rank, dot", b, hkv, g, d, r, n, stages)
         # over a quarter of the pairs: the reference with the query's other pairs zeroed
         pairs = torch.arange(1, d // 2, 4)
         cols = torch.cat((pairs, pairs + d // 2)).to(device)
@@ -155,6 +160,10 @@ GRID = [
 
 test_decode_kernels_match_reference_on_gpu, test_decode_kernels_match_reference_in_interpreter = (
     kernel_tests(
-        __name__, "_compare", GRID, [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1)], 900
+        __name__,
+        "_compare",
+        GRID,
+        [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1), (1, 2, 3, 32, 2, 40, 1)],
+        900,
     )
 )
