@@ -14,10 +14,10 @@ one top-k (or the radix select kernel), are rescored exactly. Random codes, code
 (speed does not depend on their values; which tokens are picked does not change the work).
 ``--mix kernel``: the values' mix on its Triton kernel (default torch: a sum and a batched
 product); ``--fused 1``: the window's scores and the softmax merge on theirs
-(``CoarseSettings.fused``); ``--rank_dot 1``: the rank kernel's query dots on the tensor cores
-(``CommVQKeys(rank_dot=True)``). ``--profile 1``: each variant's kernels, launched (torch.profiler):
-per step how many of each and their GPU time, whose sum set beside the graph's time shows what
-the gaps between kernels cost.
+(``CoarseSettings.fused``); ``--dot 1``: the scores and rank kernels' query dots on the tensor
+cores (``CommVQKeys(dot=True)``), exact mode included. ``--profile 1``: each variant's kernels,
+launched (torch.profiler): per step how many of each and their GPU time, whose sum set beside the
+graph's time shows what the gaps between kernels cost.
 ``--batch max``: the largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all
 32 layers), and FP16 SDPA at that batch and at its own largest.
 A table and a last JSON line; ``--small``: tiny shapes (a CPU smoke test).
@@ -70,7 +70,7 @@ def make_layer(
     stages,
     pairs=1.0,
     mix_kernel=False,
-    rank_dot=False,
+    dot=False,
 ):
     """A cache layer holding ``st``'s codes (and a random bound byte per token and KV head)."""
     keys = parts.CommVQKeys(
@@ -79,7 +79,7 @@ def make_layer(
         1.0,
         coarse_stages=stages,
         coarse_pairs=pairs,
-        rank_dot=rank_dot,
+        dot=dot,
     )
     codec = ValueCodec(1, hkv * d, bits, {0: st["scale"].cpu()}).to(device)
     values = parts.CommVQValues(codec, hkv, mix_kernel=mix_kernel)
@@ -163,18 +163,20 @@ def measure(
     profile=False,
     mix=False,
     fused=False,
-    rank_dot=False,
+    dot=False,
 ) -> dict:
     hq, hkv, d, window = shapes
     r = round(bits * d / 12)
     st = make_state(b, n, hkv, d, r, bits, device, gen)
     q = torch.randn(b, hq, 1, d, generator=gen).to(device, dtype)
-    layer = make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, None, 1.0, mix)
+    layer = make_layer(
+        st, b, hkv, d, bits, window, freqs, device, dtype, gen, None, 1.0, mix, dot=dot
+    )
     exact, exact_graph = step_ms(layer, q, d**-0.5, device)
     row = {"bits": bits, "context": n, "batch": b, "exact_ms": exact, "exact_graph_ms": exact_graph}
     for s, pairs in sorted({(v[0], v[2]) for v in variants if v[0] < r}):
         layer.keys_part = make_layer(
-            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s, pairs, rank_dot=rank_dot
+            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s, pairs, dot=dot
         ).keys_part
         layer.store["k"]["tail"] = torch.randint(120, 220, (b, n, hkv), dtype=torch.uint8).to(
             device
@@ -217,7 +219,7 @@ def main() -> None:
             "--profile": "",
             "--mix": "torch",
             "--fused": "",
-            "--rank_dot": "",
+            "--dot": "",
         },
     )
     small = args.small
@@ -253,7 +255,7 @@ def main() -> None:
                 bool(args.profile),
                 args.mix == "kernel",
                 bool(args.fused),
-                bool(args.rank_dot),
+                bool(args.dot),
             )
             if args.batch == "max":
                 b16 = max(1, largest_batch(total, n, 2 * hkv * d * 2))
@@ -268,8 +270,8 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"card {card}; commit {commit_id()}; values mixed by {args.mix}; window and merge "
-        f"{'fused' if args.fused else 'in torch'}; rank kernel's query dots "
-        f"{'on tensor cores' if args.rank_dot else 'summed per row'}; per layer per decode step, "
+        f"{'fused' if args.fused else 'in torch'}; query dots "
+        f"{'on tensor cores' if args.dot else 'summed per row'}; per layer per decode step, "
         "ms (graph: one CUDA graph)"
     )
     for r_ in rows:
@@ -308,7 +310,7 @@ def main() -> None:
     print(
         json.dumps(
             {"bench": "decode_coarse", "card": card, "mix": args.mix, "fused": bool(args.fused)}
-            | {"rank_dot": bool(args.rank_dot)}
+            | {"dot": bool(args.dot)}
             | {"rows": rows}
             | {"commit": commit_id()}
         )

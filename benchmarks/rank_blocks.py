@@ -5,7 +5,8 @@ shapes (32 query heads, 8 KV heads x 128) over random codes of one sequence, eac
 CUDA graph; each with the query dots summed per row and as tensor-core products (``dot``). Checks
 that every launch writes the ranks of the default one (64 tokens, 4 warps, no dot; the tensor
 cores' tf32 within 1e-3 of the ranks' size); the fastest per share is what the kernel's defaults
-should be.
+should be. Then the exact scores kernel (every stage, every token; what exact mode runs) with the
+query dots summed per row and as tensor-core products.
 
     python benchmarks/rank_blocks.py [--contexts 131072] [--bits 1] [--stages 1]
         [--pairs 1,0.5,0.25] [--blocks 32,64,128] [--warps 2,4,8] [--dots 0,1]
@@ -29,6 +30,7 @@ from decode_attention import graphed, make_state, timed
 
 from commvq import rope
 from commvq.kernels.coarse import column_tables, commvq_rank_triton
+from commvq.kernels.decode import commvq_scores_triton, prepare_tables
 from commvq.quant import coarse as cq
 
 
@@ -44,6 +46,20 @@ def rank_ms(st, q, off, freqs, stages, cols, block, warps, device, dot=False):
 
     ranks = fn()
     return timed(graphed(fn, device) or fn, device), ranks
+
+
+def scores_ms(st, q, freqs, device, dot):
+    """``(ms, scores)`` of the exact scores kernel (its default launch)."""
+    tables = prepare_tables(st["thetas"], "regdecode16")
+
+    def fn():
+        return commvq_scores_triton(
+            q, st["kcodes"], st["prescale"], st["pos"], st["thetas"], freqs, 12,
+            tables=tables, dot=dot,
+        )  # fmt: skip
+
+    scores = fn()
+    return timed(graphed(fn, device) or fn, device), scores
 
 
 def main() -> None:
@@ -91,12 +107,26 @@ def main() -> None:
                 row[label(*shape) + "_same"] = bool(torch.allclose(got, want, atol=tol))
             out.append(row)
             print(json.dumps(row), flush=True)
+        want_ms, want = scores_ms(st, q, freqs, device, False)
+        dot_ms, got = scores_ms(st, q, freqs, device, True)
+        tol = 1e-3 * float(want.abs().max())
+        row = {"context": n, "scores_ms": want_ms, "scores_dot_ms": dot_ms}
+        row["scores_dot_same"] = bool(torch.allclose(got, want, atol=tol))
+        out.append(row)
+        print(json.dumps(row), flush=True)
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"card {card}; commit {commit_id()}; rank kernel ms per call (CUDA graph), "
         f"{args.bits}-bit codes, S={args.stages}; tokens per program x warps (differs: other ranks)"
     )
     for row in out:
+        if "scores_ms" in row:
+            same = "" if row["scores_dot_same"] else " (differs)"
+            print(
+                f"{row['context']:>7} exact scores: summed per row {row['scores_ms']:.4f}, "
+                f"tensor cores {row['scores_dot_ms']:.4f}{same}"
+            )
+            continue
         names = [label(*shape) for shape in shapes]
         cells = ", ".join(
             f"{k} {row[k + '_ms']:.4f}{'' if row[k + '_same'] else ' (differs)'}" for k in names

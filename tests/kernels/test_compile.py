@@ -68,6 +68,13 @@ def _cases():
         consts = dict(R=11, S=1, E=64, G=4, D=128, P=64, HKV=8, CODE_BITS=12, BN=64, FAST=True)
         consts = {**consts, "HAS_IDX": False, "DOT": dot, "GP": 16}
         yield f"rank, dot {dot}", coarse._rank_kernel, rank, consts, 4
+    sc = {k: rank[k] for k in ("a_ptr", "codes_ptr", "prescale_ptr", "pos_ptr", "freq_ptr")}
+    sc = {**sc, "q_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i64"}
+    sc = {**sc, **ints("N", "NS", "row_bytes"), "scale": "fp32"}
+    for dot in (True, False):
+        consts = dict(R=11, S=11, E=64, G=4, D=128, P=64, HKV=8, CODE_BITS=12, BN=64, FAST=True)
+        consts = {**consts, "HAS_IDX": True, "DOT": dot, "GP": 16}
+        yield f"scores, dot {dot}", decode._scores_regdecode_kernel, sc, consts, 4
     hist = {"x_ptr": "*fp32", "hist_ptr": "*i32", **ints("N", "k")}
     for p in range(3):
         yield (

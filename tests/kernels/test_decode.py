@@ -102,6 +102,11 @@ def _compare(device, cases):
         got_i = decode.commvq_scores_triton(
             q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, index=pick
         )
+        # the query dots as matrix products (tf32 on a GPU): the same scores
+        got_sd = decode.commvq_scores_triton(
+            q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, index=pick, dot=True
+        )
+        assert _db(got_sd, got_i) > 50, ("scores, dot", b, hkv, g, d, r, n)
         full = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7)
         want_i = torch.gather(full, 2, pick[:, None].expand(-1, hkv * g, -1))
         assert torch.allclose(got_i, want_i, atol=1e-5), ("index", b, hkv, g, d, r, n)

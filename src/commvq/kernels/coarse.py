@@ -12,7 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.kernels.decode import _key_sum, _query_dot, _rotated, _rotation, prepare_tables
+from commvq.kernels.decode import (
+    _key_sum,
+    _query_dot,
+    _rotated,
+    _rotation,
+    dot_applies,
+    prepare_tables,
+)
 
 
 @triton.jit
@@ -111,8 +118,8 @@ def commvq_rank_triton(
     pairs, their first halves then their second halves; None: all); ``tables``:
     :func:`column_tables` of the same columns, if built; ``index [B, M]``: rank only these stored
     tokens (``[B, M]``, read through the index); ``dot``: the query dots as matrix products on the
-    tensor cores (:func:`dot_applies`; tf32 on a GPU, so ranks within about 1e-3 of a score's
-    size), else summed across each row in float32."""
+    tensor cores where :func:`commvq.kernels.decode.dot_applies` (tf32 on a GPU, so ranks within
+    about 1e-3 of a score's size), else summed across each row in float32."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_rank_triton needs CUDA tensors")
     tables = tables if tables else column_tables(thetas, columns)
@@ -157,9 +164,3 @@ def commvq_rank_triton(
         num_warps=num_warps,
     )
     return out
-
-
-def dot_applies(block: int, pairs: int) -> bool:
-    """Whether the rank kernel's query dots can be matrix products: tokens per program and RoPE
-    pairs summed both at least 16 (the tensor cores' smallest tile)."""
-    return block >= 16 and pairs >= 16
