@@ -9,8 +9,9 @@ Python and as one CUDA graph.
 
 A variant is ``S:keep[:pairs[:fill[:select[:rerank]]]]``: the coarse pass sums the first S stages
 (over ``pairs`` of the RoPE pairs, default all; ``fill``, ``select`` and ``rerank`` as
-:class:`CoarseSettings` has them), and ``keep`` of the compressed tokens (at least 256), picked by
-one top-k (or the radix select kernel), are rescored exactly. Random codes, codebooks and codec
+:class:`CoarseSettings` has them), and ``keep`` of the compressed tokens (at least
+``--min_tokens``, default 256), picked by one top-k (or the radix select kernel), are rescored
+exactly. Random codes, codebooks and codec
 (speed does not depend on their values; which tokens are picked does not change the work).
 ``--mix kernel``: the values' mix on its Triton kernel (default torch: a sum and a batched
 product); ``--fused 1``: the window's scores and the softmax merge on theirs
@@ -164,6 +165,7 @@ def measure(
     mix=False,
     fused=False,
     dot=False,
+    min_tokens=256,
 ) -> dict:
     hq, hkv, d, window = shapes
     r = round(bits * d / 12)
@@ -187,6 +189,7 @@ def measure(
             layer.coarse = CoarseSettings(
                 stages=s,
                 keep=keep,
+                min_tokens=min_tokens,
                 exact_layers=(),
                 pairs=pairs,
                 fill=fill,
@@ -220,6 +223,7 @@ def main() -> None:
             "--mix": "torch",
             "--fused": "",
             "--dot": "",
+            "--min_tokens": "256",
         },
     )
     small = args.small
@@ -256,6 +260,7 @@ def main() -> None:
                 args.mix == "kernel",
                 bool(args.fused),
                 bool(args.dot),
+                int(args.min_tokens),
             )
             if args.batch == "max":
                 b16 = max(1, largest_batch(total, n, 2 * hkv * d * 2))
