@@ -11,14 +11,13 @@ A variant is ``S:keep[:pairs[:fill[:select[:rerank]]]]``: the coarse pass sums t
 (over ``pairs`` of the RoPE pairs, default all; ``fill``, ``select`` and ``rerank`` as
 :class:`CoarseSettings` has them), and ``keep`` of the compressed tokens (at least
 ``--min_tokens``, default 256), picked by one top-k (or the radix select kernel), are rescored
-exactly. Random codes, codebooks and codec
-(speed does not depend on their values; which tokens are picked does not change the work).
+exactly. Random codes, codebooks and codec (speed does not depend on their values; which tokens
+are picked does not change the work).
 ``--mix kernel``: the values' mix on its Triton kernel (default torch: a sum and a batched
 product); ``--fused 1``: the window's scores and the softmax merge on theirs
-(``CoarseSettings.fused``); ``--dot 1``: the scores and rank kernels' query dots on the tensor
-cores (``CommVQKeys(dot=True)``), exact mode included. ``--profile 1``: each variant's kernels,
-launched (torch.profiler): per step how many of each and their GPU time, whose sum set beside the
-graph's time shows what the gaps between kernels cost.
+(``CoarseSettings.fused``). ``--profile 1``: each variant's kernels, launched (torch.profiler):
+per step how many of each and their GPU time, whose sum set beside the graph's time shows what
+the gaps between kernels cost.
 ``--batch max``: the largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all
 32 layers), and FP16 SDPA at that batch and at its own largest.
 A table and a last JSON line; ``--small``: tiny shapes (a CPU smoke test).
@@ -58,29 +57,11 @@ from commvq.quant.coarse import CoarseSettings
 
 
 def make_layer(
-    st,
-    b,
-    hkv,
-    d,
-    bits,
-    window,
-    freqs,
-    device,
-    dtype,
-    gen,
-    stages,
-    pairs=1.0,
-    mix_kernel=False,
-    dot=False,
+    st, b, hkv, d, bits, window, freqs, device, dtype, gen, stages, pairs=1.0, mix_kernel=False
 ):
     """A cache layer holding ``st``'s codes (and a random bound byte per token and KV head)."""
     keys = parts.CommVQKeys(
-        [KeyCodebook(st["thetas"], 12)],
-        freqs,
-        1.0,
-        coarse_stages=stages,
-        coarse_pairs=pairs,
-        dot=dot,
+        [KeyCodebook(st["thetas"], 12)], freqs, 1.0, coarse_stages=stages, coarse_pairs=pairs
     )
     codec = ValueCodec(1, hkv * d, bits, {0: st["scale"].cpu()}).to(device)
     values = parts.CommVQValues(codec, hkv, mix_kernel=mix_kernel)
@@ -152,33 +133,19 @@ def parse_variants(text: str) -> list[tuple[int, float, float, str, str, float]]
 
 
 def measure(
-    b,
-    n,
-    bits,
-    variants,
-    shapes,
-    device,
-    dtype,
-    freqs,
-    gen,
-    profile=False,
-    mix=False,
-    fused=False,
-    dot=False,
+    b, n, bits, variants, shapes, device, dtype, freqs, gen, profile=False, mix=False, fused=False,
     min_tokens=256,
-) -> dict:
+) -> dict:  # fmt: skip
     hq, hkv, d, window = shapes
     r = round(bits * d / 12)
     st = make_state(b, n, hkv, d, r, bits, device, gen)
     q = torch.randn(b, hq, 1, d, generator=gen).to(device, dtype)
-    layer = make_layer(
-        st, b, hkv, d, bits, window, freqs, device, dtype, gen, None, 1.0, mix, dot=dot
-    )
+    layer = make_layer(st, b, hkv, d, bits, window, freqs, device, dtype, gen, None, 1.0, mix)
     exact, exact_graph = step_ms(layer, q, d**-0.5, device)
     row = {"bits": bits, "context": n, "batch": b, "exact_ms": exact, "exact_graph_ms": exact_graph}
     for s, pairs in sorted({(v[0], v[2]) for v in variants if v[0] < r}):
         layer.keys_part = make_layer(
-            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s, pairs, dot=dot
+            st, b, hkv, d, bits, window, freqs, device, dtype, gen, s, pairs
         ).keys_part
         layer.store["k"]["tail"] = torch.randint(120, 220, (b, n, hkv), dtype=torch.uint8).to(
             device
@@ -222,7 +189,6 @@ def main() -> None:
             "--profile": "",
             "--mix": "torch",
             "--fused": "",
-            "--dot": "",
             "--min_tokens": "256",
         },
     )
@@ -259,7 +225,6 @@ def main() -> None:
                 bool(args.profile),
                 args.mix == "kernel",
                 bool(args.fused),
-                bool(args.dot),
                 int(args.min_tokens),
             )
             if args.batch == "max":
@@ -275,9 +240,8 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"card {card}; commit {commit_id()}; values mixed by {args.mix}; window and merge "
-        f"{'fused' if args.fused else 'in torch'}; query dots "
-        f"{'on tensor cores' if args.dot else 'summed per row'}; per layer per decode step, "
-        "ms (graph: one CUDA graph)"
+        f"{'fused' if args.fused else 'in torch'}; per layer per decode step, ms (graph: one CUDA "
+        "graph)"
     )
     for r_ in rows:
         fp16 = r_["fp16_sdpa_ms"]
@@ -315,7 +279,6 @@ def main() -> None:
     print(
         json.dumps(
             {"bench": "decode_coarse", "card": card, "mix": args.mix, "fused": bool(args.fused)}
-            | {"dot": bool(args.dot)}
             | {"rows": rows}
             | {"commit": commit_id()}
         )

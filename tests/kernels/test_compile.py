@@ -25,7 +25,7 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int = 4):
 
 
 def _cases():
-    from commvq.kernels import coarse, decode, select, window
+    from commvq.kernels import decode, select, window
 
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
     mix = {
@@ -61,20 +61,6 @@ def _cases():
         mg = {**mg, "out_ptr": "*fp32", **ints("HQ", "HKV", "K", "W"), **strides}
         mg = dict(zip(window._merge_kernel.arg_names, mg.values(), strict=False))
         yield f"merge, {dt}", window._merge_kernel, mg, dict(D=128, WP=256, KB=1024, DK=32), 4
-    rank = {"a_ptr": "*fp16", "codes_ptr": "*u8", "prescale_ptr": "*fp16", "pos_ptr": "*i32"}
-    rank = {**rank, "freq_ptr": "*fp32", "q_ptr": "*fp32", "off_ptr": "*fp32", "idx_ptr": "*i64"}
-    rank = {**rank, "out_ptr": "*fp32", **ints("N", "M", "row_bytes"), "scale": "fp32"}
-    for dot in (True, False):
-        consts = dict(R=11, S=1, E=64, G=4, D=128, P=64, HKV=8, CODE_BITS=12, BN=64, FAST=True)
-        consts = {**consts, "HAS_IDX": False, "DOT": dot, "GP": 16}
-        yield f"rank, dot {dot}", coarse._rank_kernel, rank, consts, 4
-    sc = {k: rank[k] for k in ("a_ptr", "codes_ptr", "prescale_ptr", "pos_ptr", "freq_ptr")}
-    sc = {**sc, "q_ptr": "*fp32", "out_ptr": "*fp32", "idx_ptr": "*i64"}
-    sc = {**sc, **ints("N", "NS", "row_bytes"), "scale": "fp32"}
-    for dot in (True, False):
-        consts = dict(R=11, S=11, E=64, G=4, D=128, P=64, HKV=8, CODE_BITS=12, BN=64, FAST=True)
-        consts = {**consts, "HAS_IDX": True, "DOT": dot, "GP": 16}
-        yield f"scores, dot {dot}", decode._scores_regdecode_kernel, sc, consts, 4
     hist = {"x_ptr": "*fp32", "hist_ptr": "*i32", **ints("N", "k")}
     for p in range(3):
         yield (

@@ -78,11 +78,6 @@ def _compare(device, cases):
         )
         want_r = (want_c - offsets[..., None]).amax(1)
         assert _db(got_r, want_r) > 50, ("rank", b, hkv, g, d, r, n, stages)
-        # the query dots as matrix products (tf32 on a GPU): the same ranks
-        got_d = coarse_kernels.commvq_rank_triton(
-            q, packed, prescale, pos, thetas, freqs, 12, offsets, stages, 0.7, dot=True
-        )
-        assert _db(got_d, want_r) > 50, ("rank, dot", b, hkv, g, d, r, n, stages)
         # over a quarter of the pairs: the reference with the query's other pairs zeroed
         pairs = torch.arange(1, d // 2, 4)
         cols = torch.cat((pairs, pairs + d // 2)).to(device)
@@ -102,11 +97,6 @@ def _compare(device, cases):
         got_i = decode.commvq_scores_triton(
             q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, index=pick
         )
-        # the query dots as matrix products (tf32 on a GPU): the same scores
-        got_sd = decode.commvq_scores_triton(
-            q, packed, prescale, pos, thetas, freqs, 12, scale=0.7, index=pick, dot=True
-        )
-        assert _db(got_sd, got_i) > 50, ("scores, dot", b, hkv, g, d, r, n)
         full = decode.commvq_scores_triton(q, packed, prescale, pos, thetas, freqs, 12, scale=0.7)
         want_i = torch.gather(full, 2, pick[:, None].expand(-1, hkv * g, -1))
         assert torch.allclose(got_i, want_i, atol=1e-5), ("index", b, hkv, g, d, r, n)
@@ -165,10 +155,6 @@ GRID = [
 
 test_decode_kernels_match_reference_on_gpu, test_decode_kernels_match_reference_in_interpreter = (
     kernel_tests(
-        __name__,
-        "_compare",
-        GRID,
-        [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1), (1, 2, 3, 32, 2, 40, 1)],
-        900,
+        __name__, "_compare", GRID, [(1, 2, 3, 16, 3, 45, 2), (2, 1, 2, 16, 2, 33, 1)], 900
     )
 )

@@ -208,14 +208,11 @@ class CommVQKeys(KeysPart):
         kernel_style: str = "regdecode16",
         coarse_stages: int | None = None,
         coarse_pairs: float = 1.0,
-        dot: bool = False,
     ) -> None:
         """``coarse_stages``: also store, per token and KV head, the bound of what the stages after
         the first ``coarse_stages`` add (one byte; the coarse decode mode's ``S``);
         ``coarse_pairs``: the share of RoPE pairs its coarse scores sum
-        (:func:`commvq.quant.coarse.coarse_pairs`); ``dot``: the decode kernels' query dots (scores
-        and coarse ranks) as tensor-core products (``dot=True`` of ``commvq_scores_triton`` and
-        ``commvq_rank_triton``; tf32; opt-in until timed)."""
+        (:func:`commvq.quant.coarse.coarse_pairs`)."""
         if scoring not in ("auto", "trick", "decode"):
             raise ValueError(f"scoring={scoring!r}: use auto, trick or decode")
         self.kernels, self.kernel_style = kernels, kernel_style
@@ -229,7 +226,6 @@ class CommVQKeys(KeysPart):
                 f"coarse stages={coarse_stages}: between 1 and the codebooks' {self.stages}"
             )
         self.coarse_stages, self.coarse_pairs = coarse_stages, coarse_pairs
-        self.dot = dot
         self._pairs: dict = {}  # per layer: the coarse pairs' channels and their kernel table
 
     def graphable(self, q: torch.Tensor) -> bool:
@@ -310,13 +306,7 @@ class CommVQKeys(KeysPart):
             args, tables = self._kernel_inputs(layer, q, block)
             offsets = offsets.reshape(q.shape[0], q.shape[1])
             return commvq_rank_triton(
-                *args,
-                offsets,
-                self.coarse_stages,
-                self.rope_scale,
-                tables=tables,
-                index=index,
-                dot=self.dot,
+                *args, offsets, self.coarse_stages, self.rope_scale, tables=tables, index=index
             )
         every = self.scores_at(layer, q, block, index, self.coarse_stages)
         return (every - offsets).amax(dim=(1, 2))
@@ -338,13 +328,7 @@ class CommVQKeys(KeysPart):
                 )
             offsets = offsets.reshape(q.shape[0], q.shape[1])
             return commvq_rank_triton(
-                *args,
-                offsets,
-                self.coarse_stages,
-                self.rope_scale,
-                tables=tables,
-                columns=cols,
-                dot=self.dot,
+                *args, offsets, self.coarse_stages, self.rope_scale, tables=tables, columns=cols
             )
         return (self.coarse_scores(layer, q, block) - offsets).amax(dim=(1, 2))
 
@@ -400,7 +384,6 @@ class CommVQKeys(KeysPart):
                 tables=tables,
                 stages=stages,
                 index=index,
-                dot=self.dot,
             )
             return s[:, :, None]
         b, n = block["codes"].shape[:2]

@@ -12,14 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.kernels.decode import (
-    _key_sum,
-    _query_dot,
-    _rotated,
-    _rotation,
-    dot_applies,
-    prepare_tables,
-)
+from commvq.kernels.decode import _key_sum, _query_dot, _rotated, _rotation, prepare_tables
 
 
 @triton.jit
@@ -48,15 +41,11 @@ def _rank_kernel(
     BN: tl.constexpr,
     FAST: tl.constexpr,
     HAS_IDX: tl.constexpr,
-    DOT: tl.constexpr,
-    GP: tl.constexpr,
 ):
     """Each token's coarse rank ``max over query heads (score - off)`` ``out [B, M]``: the scores
     of :func:`_scores_regdecode_kernel` from the first ``S`` stages, every KV head in one program,
     so that the token's rotation is computed once and no score reaches memory. ``HAS_IDX``: rank
-    the stored tokens ``idx [B, M]`` (of ``N``) only, else every one (``M = N``). ``DOT``: the
-    rotated keys' dots with the ``G`` query heads (padded to ``GP >= 16``) as one matrix product
-    per KV head on the tensor cores (tf32 on a GPU), instead of ``G`` sums across each row."""
+    the stored tokens ``idx [B, M]`` (of ``N``) only, else every one (``M = N``)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
     i = pid_n * BN + tl.arange(0, BN)
@@ -71,19 +60,9 @@ def _rank_kernel(
     for h in range(HKV):
         kre, kim = _key_sum(a_ptr, row, row_bytes, h, tmask, R, S, E, D, P, CODE_BITS, BN)
         rre, rim = _rotated(kre, kim, c, s)
-        if DOT:
-            j = tl.arange(0, GP)
-            head = (b * HKV + h) * G + j
-            qh = q_ptr + head[None, :] * D + f[:, None]  # [P, GP]: the query heads as columns
-            qre = tl.load(qh, mask=j[None, :] < G, other=0.0)
-            qim = tl.load(qh + P, mask=j[None, :] < G, other=0.0)
-            score = (tl.dot(rre, qre) + tl.dot(rim, qim)) * pre[:, None]  # [BN, GP]
-            off = tl.load(off_ptr + head, mask=j < G, other=float("inf"))
-            best = tl.maximum(best, tl.max(score - off[None, :], axis=1))
-        else:
-            for j in tl.static_range(G):
-                score = _query_dot(rre, rim, q_ptr + ((b * HKV + h) * G + j) * D, f, P) * pre
-                best = tl.maximum(best, score - tl.load(off_ptr + (b * HKV + h) * G + j))
+        for j in tl.static_range(G):
+            score = _query_dot(rre, rim, q_ptr + ((b * HKV + h) * G + j) * D, f, P) * pre
+            best = tl.maximum(best, score - tl.load(off_ptr + (b * HKV + h) * G + j))
     tl.store(out_ptr + b * M + i, best, mask=tmask)
 
 
@@ -110,16 +89,13 @@ def commvq_rank_triton(
     num_warps: int = 4,
     columns: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
-    dot: bool = False,
 ) -> torch.Tensor:
     """Each token's coarse rank ``[B, N]``: the best over the query heads ``q [B, Hq, D]`` of its
     score from the first ``stages`` stages (as :func:`commvq_scores_triton` computes it) less the
     head's ``offsets [B, Hq]``. ``columns``: sum only these channels (a power of two of RoPE
     pairs, their first halves then their second halves; None: all); ``tables``:
     :func:`column_tables` of the same columns, if built; ``index [B, M]``: rank only these stored
-    tokens (``[B, M]``, read through the index); ``dot``: the query dots as matrix products on the
-    tensor cores where :func:`commvq.kernels.decode.dot_applies` (tf32 on a GPU, so ranks within
-    about 1e-3 of a score's size), else summed across each row in float32."""
+    tokens (``[B, M]``, read through the index)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_rank_triton needs CUDA tensors")
     tables = tables if tables else column_tables(thetas, columns)
@@ -159,8 +135,6 @@ def commvq_rank_triton(
         BN=block,
         FAST=q.is_cuda,
         HAS_IDX=index is not None,
-        DOT=dot and dot_applies(block, d // 2),
-        GP=max(16, triton.next_power_of_2(hq // hkv)),
         num_warps=num_warps,
     )
     return out

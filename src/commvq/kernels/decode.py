@@ -182,8 +182,6 @@ def _scores_regdecode_kernel(
     BN: tl.constexpr,
     FAST: tl.constexpr,
     HAS_IDX: tl.constexpr,
-    DOT: tl.constexpr = False,
-    GP: tl.constexpr = 16,
 ):
     """The scores with each token's key assembled in registers from the codebook
     ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``; fp16 or fp32): per stage the codeword
@@ -191,9 +189,7 @@ def _scores_regdecode_kernel(
     half-rows per token and KV head, the key never reaches memory; then one rotation per pair and a
     dot with each of the ``G`` query heads. Only the first ``S`` stages are summed (``S < R``: the
     coarse scores of :mod:`commvq.quant.coarse`). ``HAS_IDX``: output ``t`` scores the stored
-    token ``idx[b, t]`` of ``NS`` (the picks of a coarse step), else token ``t`` itself. ``DOT``:
-    the dots with the ``G`` query heads (padded to ``GP >= 16``) as one matrix product on the
-    tensor cores (tf32 on a GPU) instead of ``G`` sums across each row."""
+    token ``idx[b, t]`` of ``NS`` (the picks of a coarse step), else token ``t`` itself."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -207,22 +203,9 @@ def _scores_regdecode_kernel(
     pos = tl.load(pos_ptr + b * NS + src, mask=tmask, other=0).to(tl.float32)
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
     rre, rim = _rotated(kre, kim, c, s)
-    if DOT:
-        j = tl.arange(0, GP)
-        head = (b * HKV + h) * G + j
-        qh = q_ptr + head[None, :] * D + f[:, None]  # [P, GP]: the query heads as columns
-        qre = tl.load(qh, mask=j[None, :] < G, other=0.0)
-        qim = tl.load(qh + P, mask=j[None, :] < G, other=0.0)
-        score = (tl.dot(rre, qre) + tl.dot(rim, qim)) * pre[:, None]  # [BN, GP]
-        tl.store(
-            out_ptr + head[None, :] * N + t[:, None],
-            score,
-            mask=tmask[:, None] & (j[None, :] < G),
-        )
-    else:
-        for j in tl.static_range(G):
-            score = _query_dot(rre, rim, q_ptr + ((b * HKV + h) * G + j) * D, f, P) * pre
-            tl.store(out_ptr + ((b * HKV + h) * G + j) * N + t, score, mask=tmask)
+    for j in tl.static_range(G):
+        score = _query_dot(rre, rim, q_ptr + ((b * HKV + h) * G + j) * D, f, P) * pre
+        tl.store(out_ptr + ((b * HKV + h) * G + j) * N + t, score, mask=tmask)
 
 
 @triton.jit
@@ -346,7 +329,6 @@ def commvq_scores_triton(
     num_warps: int = 4,
     stages: int | None = None,
     index: torch.Tensor | None = None,
-    dot: bool = False,
 ) -> torch.Tensor:
     """Scores ``[B, Hq, N]`` (fp32, times ``scale``) of one query per sequence ``q [B, Hq, D]``
     against packed key codes ``[B, N, row_bytes]``. ``style``: ``regdecode16`` ("register decode,
@@ -355,9 +337,7 @@ def commvq_scores_triton(
     tables, the commutative trick; slow, kept as a check). ``tables``: :func:`prepare_tables` of
     ``thetas`` for this style, if already built. ``stages``: sum only the first ``stages`` residual
     stages (the coarse scores; None: all of them, the exact scores). ``index [B, K]``: score only
-    those stored tokens (``[B, Hq, K]``; regdecode styles). ``dot`` (regdecode styles): the query
-    dots as tensor-core products where :func:`dot_applies` (tf32 on a GPU: within about 1e-3 of a
-    score's size; opt-in until timed)."""
+    those stored tokens (``[B, Hq, K]``; regdecode styles)."""
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("commvq_scores_triton needs CUDA tensors")
     if tables is None:
@@ -413,17 +393,9 @@ def commvq_scores_triton(
             BN=block,
             FAST=q.is_cuda,
             HAS_IDX=index is not None,
-            DOT=dot and dot_applies(block, d // 2),
-            GP=max(16, triton.next_power_of_2(g)),
             **common,
         )
     return out
-
-
-def dot_applies(block: int, pairs: int) -> bool:
-    """Whether a kernel's query dots can be matrix products: tokens per program and RoPE pairs
-    summed both at least 16 (the tensor cores' smallest tile)."""
-    return block >= 16 and pairs >= 16
 
 
 def values_split(
