@@ -13,11 +13,11 @@ A variant is ``S:keep[:pairs[:fill[:select[:rerank]]]]``: the coarse pass sums t
 ``--min_tokens``, default 256), picked by one top-k (or the radix select kernel), are rescored
 exactly. Random codes, codebooks and codec (speed does not depend on their values; which tokens
 are picked does not change the work).
-``--mix kernel``: the values' mix on its Triton kernel (default torch: a sum and a batched
-product); ``--fused 1``: the window's scores and the softmax merge on theirs
-(``CoarseSettings.fused``). ``--profile 1``: each variant's kernels, launched (torch.profiler):
-per step how many of each and their GPU time, whose sum set beside the graph's time shows what
-the gaps between kernels cost.
+``--mix``: the values' mix on its Triton kernel (``kernel``, the cache's default) or in torch (a
+sum and a batched product); ``--fused 1`` (the default) or ``0``: the window's scores and the
+softmax merge on their kernels or in torch (``CoarseSettings.fused``). ``--profile 1``: each
+variant's kernels, launched (torch.profiler): per step how many of each and their GPU time, whose
+sum set beside the graph's time shows what the gaps between kernels cost.
 ``--batch max``: the largest batch whose coarse cache fits beside Llama-3.1-8B's bf16 weights (all
 32 layers), and FP16 SDPA at that batch and at its own largest.
 A table and a last JSON line; ``--small``: tiny shapes (a CPU smoke test).
@@ -187,12 +187,15 @@ def main() -> None:
         {
             "--variants": "1:0.03125;2:0.03125;1:0.0625;2:0.125",
             "--profile": "",
-            "--mix": "torch",
-            "--fused": "",
+            "--mix": "kernel",
+            "--fused": "1",
             "--min_tokens": "256",
         },
     )
     small = args.small
+    if args.mix not in ("kernel", "torch") or args.fused not in ("0", "1"):
+        raise SystemExit(f"--mix {args.mix} --fused {args.fused}: use kernel|torch and 1|0")
+    fused = args.fused == "1"
     shapes = (32, 8, 128, 128) if not small else (4, 2, 16, 8)
     hq, hkv, d, window = shapes
     contexts = [int(c) for c in args.contexts.split(",")] if not small else [600]
@@ -224,7 +227,7 @@ def main() -> None:
                 gen,
                 bool(args.profile),
                 args.mix == "kernel",
-                bool(args.fused),
+                fused,
                 int(args.min_tokens),
             )
             if args.batch == "max":
@@ -240,7 +243,7 @@ def main() -> None:
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(
         f"card {card}; commit {commit_id()}; values mixed by {args.mix}; window and merge "
-        f"{'fused' if args.fused else 'in torch'}; per layer per decode step, ms (graph: one CUDA "
+        f"{'fused' if fused else 'in torch'}; per layer per decode step, ms (graph: one CUDA "
         "graph)"
     )
     for r_ in rows:
@@ -278,7 +281,7 @@ def main() -> None:
             )
     print(
         json.dumps(
-            {"bench": "decode_coarse", "card": card, "mix": args.mix, "fused": bool(args.fused)}
+            {"bench": "decode_coarse", "card": card, "mix": args.mix, "fused": fused}
             | {"rows": rows}
             | {"commit": commit_id()}
         )

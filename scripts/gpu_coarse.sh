@@ -5,9 +5,9 @@
 #       tests); benchmarks/select_topk.py (with SELECT_ARGS); benchmarks/decode_coarse.py at batch 1
 #       (CONTEXTS, default 32768,131072) and at the largest batch (MAX_CONTEXTS, default 131072;
 #       none: skipped), VARIANTS as S:keep[:pairs[:fill[:select[:rerank]]]] (see the benchmark);
-#       PROFILE=1: each batch-1 variant's kernels too; MIX=kernel: the values' mix on its kernel;
-#       FUSED=1: the window's scores and the softmax merge on theirs; BASELINE=1: batch 1 again
-#       without MIX and FUSED on the same machine (the before of a before/after)
+#       PROFILE=1: each batch-1 variant's kernels too; MIX=torch: the values' mix in torch (default:
+#       its kernel); FUSED=0: the window's scores and the softmax merge in torch (default: their
+#       kernels); BASELINE=1: batch 1 again with both in torch on the same machine
 #   call 2, carry .gguf_parts/part_ab .whl KEYS:  bash scripts/gpu_coarse.sh quality KEYS [options]
 #       joins the GGUF; `commvq eval compare --methods commvq,commvq+coarse --key_dir KEYS` (values
 #       exact: only the key side differs between the modes) with the eval options given, for each
@@ -27,11 +27,11 @@ case $PHASE in
       | tee "$OUT/coarse_tests.log" | tail -3
     python3 benchmarks/select_topk.py ${SELECT_ARGS:-} 2>&1 | tee "$OUT/select.log" | grep -v "^{" | tail -14
     python3 benchmarks/decode_coarse.py --contexts "${CONTEXTS:-32768,131072}" --variants "$VARIANTS" \
-      ${PROFILE:+--profile 1} ${MIX:+--mix $MIX} ${FUSED:+--fused 1} 2>&1 | tee "$OUT/coarse.log" | grep -v "^{" | tail -${PROFILE:+1}30
+      ${PROFILE:+--profile 1} ${MIX:+--mix $MIX} ${FUSED:+--fused $FUSED} 2>&1 | tee "$OUT/coarse.log" | grep -v "^{" | tail -${PROFILE:+1}30
     [ -z "${BASELINE:-}" ] || python3 benchmarks/decode_coarse.py --contexts "${CONTEXTS:-32768,131072}" \
-      --variants "$VARIANTS" 2>&1 | tee "$OUT/coarse_base.log" | grep -v "^{" | tail -30
+      --variants "$VARIANTS" --mix torch --fused 0 2>&1 | tee "$OUT/coarse_base.log" | grep -v "^{" | tail -30
     [ "${MAX_CONTEXTS:-}" = none ] || python3 benchmarks/decode_coarse.py --batch max --contexts "${MAX_CONTEXTS:-131072}" \
-      --variants "$VARIANTS" ${MIX:+--mix $MIX} ${FUSED:+--fused 1} 2>&1 | tee "$OUT/coarsemax.log" | grep -v "^{" | tail -30 ;;
+      --variants "$VARIANTS" ${MIX:+--mix $MIX} ${FUSED:+--fused $FUSED} 2>&1 | tee "$OUT/coarsemax.log" | grep -v "^{" | tail -30 ;;
   quality)
     KEYS=$1
     shift

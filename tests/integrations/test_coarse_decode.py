@@ -215,7 +215,9 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     # 30 steps through two flushes (the exact-mode test compares 5 steps at 2e-3): float16
     # codebook rows on the kernels against float32 in torch, accumulated over more steps
     assert all(v[0] < 5e-3 for v in report.values()), report
-    budget = CoarseSettings(stages=1, keep=0.3, min_tokens=8, exact_layers=(), select="topk")
+    budget = CoarseSettings(
+        stages=1, keep=0.3, min_tokens=8, exact_layers=(), select="topk", fused=False
+    )
     with_graphs, without = run("triton", budget), run("triton", budget, graphs=False)
     assert torch.isfinite(with_graphs).all()
     assert torch.allclose(with_graphs, without, atol=1e-4, rtol=1e-4)
@@ -241,7 +243,8 @@ def test_coarse_kernels_in_the_cache_match_the_torch_path(tiny_models):
     for settings in (None, budget):
         mixed = run("triton", settings, mix_kernel=True)
         assert torch.allclose(mixed, run("triton", settings), atol=1e-4), settings
-    # the window's scores and the merge on their kernels, in graphs, with and without the cascade
+    # the window's scores and the merge on their kernels (the default), in graphs, with and
+    # without the cascade, as in torch
     for settings in (budget, cascade):
         fused = run("triton", replace(settings, fused=True))
         assert torch.allclose(fused, run("triton", settings), atol=1e-4), settings
@@ -258,7 +261,7 @@ def test_fused_window_and_merge_attend_as_the_unfused_step(rerank, monkeypatch):
     merge = window.merge
     monkeypatch.setattr(window, "merge", lambda *a: calls.append(1) or merge(*a))
     base = CoarseSettings(stages=1, keep=0.2, min_tokens=8, exact_layers=(), pairs=0.5)
-    base = replace(base, rerank=rerank)
+    base = replace(base, rerank=rerank, fused=False)
     q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(5)) * 2
     plain, _ = _filled(base, t=140)
     fused, _ = _filled(replace(base, fused=True), t=140)
@@ -268,16 +271,28 @@ def test_fused_window_and_merge_attend_as_the_unfused_step(rerank, monkeypatch):
     assert calls  # the fused path ran
 
 
-def test_fused_needs_triton(monkeypatch):
+def test_fused_is_the_default_and_without_triton_attends_in_torch(monkeypatch):
+    """The default settings fuse; where triton is not installed the same step runs on torch's
+    kernels (the window module, which imports triton, is not touched) and gives the same output."""
     import importlib.util
 
+    assert CoarseSettings().fused
+    settings = CoarseSettings(stages=1, keep=0.2, min_tokens=8, exact_layers=())
+    q = torch.randn(2, 4, 1, 16, generator=torch.Generator().manual_seed(6))
+    layer, _ = _filled(settings, t=140, stages=1)
+    want = layer._mixed(q, None, 0.25)
     find = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "triton" else find(name, *a)
     )
-    keys, _ = _parts(2, 16, stages=1, pairs=1.0)
-    with pytest.raises(ValueError, match="pip install triton"):
-        coarse_step.check_keys(keys, CoarseSettings(stages=1, fused=True))
+    calls = []
+    if find("triton") is not None:
+        from commvq.kernels import window
+
+        monkeypatch.setattr(window, "merge", lambda *a: calls.append(1))
+    coarse_step.check_keys(layer.keys_part, settings)  # no triton needed
+    assert torch.allclose(layer._mixed(q, None, 0.25), want, atol=1e-5)
+    assert not calls
 
 
 def test_exact_layers_attend_exactly():

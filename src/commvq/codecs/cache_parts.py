@@ -418,10 +418,12 @@ class CommVQValues(ValuesPart):
     name = "commvq"
 
     def __init__(
-        self, codec: ValueCodec, num_kv_heads: int, kernels: str = "auto", mix_kernel: bool = False
+        self, codec: ValueCodec, num_kv_heads: int, kernels: str = "auto", mix_kernel: bool = True
     ) -> None:
         """``mix_kernel``: the values kernel's partial sums mixed with the codec's table by one
-        Triton kernel (:func:`commvq.kernels.decode.mix_values`; off until timed on a card)."""
+        Triton kernel where the kernels run (:func:`commvq.kernels.decode.mix_values`; on an H100
+        it saves about 25 us of a 128K step's 33 us torch product at 1 bit), else by torch's
+        sum and product."""
         self.codec, self.num_kv_heads, self.kernels = codec.eval(), num_kv_heads, kernels
         self.mix_kernel = mix_kernel
         self._tables: dict[

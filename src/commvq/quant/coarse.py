@@ -55,8 +55,9 @@ class CoarseSettings:
     (same stages) and the budget is picked from them (0: one pass; a second pass over a few
     candidates that ranks about as well as one over every pair); ``fused``: the window's scores
     and the final softmax with the window's values on two Triton kernels
-    (:mod:`commvq.kernels.window`; without a sink, a mask, a margin, a log or the fill; opt-in
-    until timed on a card)."""
+    (:mod:`commvq.kernels.window`; where triton is installed and the keys' ``kernels`` are not
+    ``torch``, without a sink, a mask, a margin, a log or the fill; their torch references off a
+    GPU); ``False``: the same in torch's kernels."""
 
     stages: int = 2
     keep: float = 1 / 8
@@ -67,7 +68,7 @@ class CoarseSettings:
     fill: str = "none"
     select: str = "radix"
     rerank: float = 0.0
-    fused: bool = False
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.stages < 1:

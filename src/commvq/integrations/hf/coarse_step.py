@@ -24,10 +24,6 @@ def check_keys(keys: Any, settings: cq.CoarseSettings | None) -> None:
     """A coarse cache needs keys that store the bound of its stages and sum its pairs."""
     if settings is None:
         return
-    if settings.fused and importlib.util.find_spec("triton") is None:
-        raise ValueError(
-            "coarse fused=True runs Triton kernels: pip install triton, or fused=False"
-        )
     if getattr(keys, "coarse_stages", None) != settings.stages:
         raise ValueError(
             f"coarse decode over {settings.stages} stages needs keys that store its bound: "
@@ -102,6 +98,11 @@ def choose(
     return pick(keys, second, k, settings.select, source=cand), rescored
 
 
+def _has_triton() -> bool:
+    """Whether the fused window kernels' module can load (it imports triton)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _bias(attention_mask: torch.Tensor | None, total: int) -> torch.Tensor | None:
     """The model's mask of the step's one query row as an additive bias ``[B|1, H|1, 1, total]``
     (0 / -inf for a boolean mask), or None."""
@@ -127,6 +128,7 @@ def attend(
     bias = _bias(attention_mask, ns + nc + w)
     fast = settings.margin == float("inf") and layer.coarse_log is None and settings.fill == "none"
     fused = settings.fused and fast and not ns and bias is None
+    fused = fused and keys.kernels != "torch" and _has_triton()
     if fused:  # the window's scores and their best in one kernel
         from commvq.kernels import window
 
