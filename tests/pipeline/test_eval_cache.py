@@ -71,3 +71,25 @@ def test_table_cells_name_the_dtype_and_count_the_probes():
     grid = {(512, 0.0): 1.0, (512, 0.5): 0.5, (1024, 0.0): 0.0}
     assert hits_cell(0.5, grid, per_cell=2) == "50% (3/6)"
     assert hits_cell(0.5, None, per_cell=2) == "50%"
+
+
+def test_the_model_dtype_keys_the_results_only_where_set(tmp_path):
+    """``--model_dtype bfloat16`` (on a CPU) is another computation: another key; ``auto`` keeps
+    the keys that runs before the option wrote."""
+    method = Method("commvq", tmp_path / "keys", None, None)
+    args = (method, "embedded", "cpu", 128, 0)
+    settings = {"ppl_tokens": 2048, "ppl_docs": 2, "ppl_chunk": 64, "ppl_prefill": 0}
+    before = eval_cache.fingerprint(eval_cache.common_key(*args), "ppl", settings)
+    auto = eval_cache.fingerprint(eval_cache.common_key(*args, "auto"), "ppl", settings)
+    bf16 = eval_cache.fingerprint(eval_cache.common_key(*args, "bfloat16"), "ppl", settings)
+    assert auto == before != bf16
+
+
+def test_eval_takes_a_model_dtype_and_refuses_an_unknown_one():
+    import pytest
+
+    from commvq.pipeline.evaluate import EvalConfig
+
+    assert EvalConfig(model_dtype="bfloat16").model_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="model_dtype"):
+        EvalConfig(model_dtype="float8")

@@ -58,11 +58,14 @@ def fingerprint(common: dict, part: str, settings: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def common_key(method: Any, model: str, device: str, window: int, sink: int) -> dict:
+def common_key(
+    method: Any, model: str, device: str, window: int, sink: int, model_dtype: str = "auto"
+) -> dict:
     # only where set, so that the keys of methods decoded exactly stay as they were
     coarse = getattr(method, "coarse", None)
     return {
         **({"coarse": asdict(coarse)} if coarse is not None else {}),
+        **({"model_dtype": model_dtype} if model_dtype != "auto" else {}),
         "method": method.name,
         "beam": method.beam,
         "keys": folder_digest(method.key_dir),

@@ -17,7 +17,7 @@ from commvq.evals import synthetic
 from commvq.evals.ppl import ppl_kl
 from commvq.fsutil import atomic_path, write_json
 from commvq.integrations.hf.attention import use_commvq
-from commvq.integrations.hf.loader import load_model
+from commvq.integrations.hf.loader import MODEL_DTYPES, load_model
 from commvq.pipeline import eval_cache, progress
 from commvq.pipeline import methods as meth
 
@@ -48,6 +48,9 @@ class EvalConfig:
     key_dir: Path | None = option(None, "codebooks for method 'commvq'")
     value_dir: Path | None = option(None, "value codec for method 'commvq'")
     model: str = option("embedded", "model (see `commvq collect --help`)")
+    model_dtype: str = option(
+        "auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)", choices=MODEL_DTYPES
+    )
     window: int = option(128, "full-precision window (tokens)")
     sink: int = option(0, "first tokens kept exact by the CommVQ and KIVI caches (attention sink)")
     ppl_tokens: int = option(2048, "tokens per held-out document for perplexity")
@@ -103,6 +106,8 @@ class EvalConfig:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.sink < 0:
             raise ValueError(f"--sink {self.sink}: must be 0 or more")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"--model_dtype {self.model_dtype}: use one of {MODEL_DTYPES}")
         if not 0 <= self.ppl_prefill < self.ppl_tokens - 1:
             raise ValueError(
                 f"--ppl_prefill {self.ppl_prefill}: from 0 to --ppl_tokens - 2 "
@@ -262,7 +267,9 @@ def run(cfg: EvalConfig) -> Path:
     settings = to_dict(cfg)
     kept = {m.name: eval_cache.load(cfg.output, m.name) for m in methods}
     common = {
-        m.name: eval_cache.common_key(m, cfg.model, cfg.device, cfg.window, cfg.sink)
+        m.name: eval_cache.common_key(
+            m, cfg.model, cfg.device, cfg.window, cfg.sink, cfg.model_dtype
+        )
         for m in methods
     }
     fps = {
@@ -276,7 +283,7 @@ def run(cfg: EvalConfig) -> Path:
     }
     lm = None
     if any(todo.values()):
-        lm = load_model(cfg.model, device=cfg.device)
+        lm = load_model(cfg.model, cfg.model_dtype, cfg.device)
         use_commvq(lm.model)
 
     def keep(m: meth.Method, part: str, result: dict, grid: dict | None = None) -> None:
