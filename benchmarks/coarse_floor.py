@@ -11,15 +11,18 @@ unit, which later layers carry on). Compare it with the coarse setting's own KL 
         --output runs/floor
 
 Everything after the script's own option goes to ``commvq``; the results are the eval's (its table
-and JSON, the '+coarse' row's KL to exact mode being the floor). Give it its own ``--output``: the
-'+coarse' row written there is not a coarse result.
+and JSON, the '+coarse' row's KL to exact mode being the floor). The stand-in's results are kept in
+the eval's results cache under their own key (``floor_eps``), so a genuine coarse run in the same
+``--output`` never reads them back as its own.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from commvq.integrations.hf import coarse_step
+from commvq.pipeline import eval_cache
 
 
 def perturbed(eps: float):
@@ -40,15 +43,25 @@ def perturbed(eps: float):
     return applies, attend
 
 
+def keyed(common_key, eps: float):
+    """:func:`eval_cache.common_key` with the stand-in's ``eps`` added to a coarse method's key."""
+
+    def key(method, *args, **kwargs) -> dict:
+        out = common_key(method, *args, **kwargs)
+        return {**out, "floor_eps": eps} if getattr(method, "coarse", None) else out
+
+    return key
+
+
 def main() -> int:
-    argv = sys.argv[1:]
-    eps = 1e-6
-    if argv[:1] == ["--eps"]:
-        eps, argv = float(argv[1]), argv[2:]
-    coarse_step.applies, coarse_step.attend = perturbed(eps)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--eps", type=float, default=1e-6, help="relative perturbation of each step")
+    args, rest = ap.parse_known_args()
+    coarse_step.applies, coarse_step.attend = perturbed(args.eps)
+    eval_cache.common_key = keyed(eval_cache.common_key, args.eps)
     from commvq.cli import main as cli
 
-    return cli(argv)
+    return cli(rest)
 
 
 if __name__ == "__main__":

@@ -27,3 +27,19 @@ def test_the_floor_step_is_the_exact_step_times_one_plus_eps(monkeypatch):
         monkeypatch.setattr(coarse_step, "attend", attend)
         assert torch.allclose(layer._mixed(q, None, 0.25), want * (1 + eps), atol=1e-6)
         assert layer.coarse is not None  # the settings are back after the step
+
+
+def test_the_floor_keeps_its_results_under_its_own_key(tmp_path):
+    """A coarse method's cached results under the stand-in are keyed apart from a genuine coarse
+    run's; exact methods keep their keys (their results are the same computation)."""
+    import coarse_floor
+
+    from commvq.pipeline import eval_cache
+    from commvq.pipeline.methods import Method
+
+    key = coarse_floor.keyed(eval_cache.common_key, 1e-6)
+    exact = Method("commvq", tmp_path, None, None)
+    coarse = Method("commvq+coarse", tmp_path, None, None, coarse=CoarseSettings(stages=1))
+    args = ("embedded", "cpu", 128, 0)
+    assert key(exact, *args) == eval_cache.common_key(exact, *args)
+    assert key(coarse, *args) != eval_cache.common_key(coarse, *args)
