@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Settings of the least-squares refinement side by side on one layer: the kept round's held-out
 key error in the keys' own scale (what ``config.json`` records) for each variant (commit weight,
-stochastic-relaxation noise, beam, vector weights ``weighted=1``: the squared prescales), as a
-ratio to the starting codebooks' greedy error on the same rows.
+stochastic-relaxation noise, beam, vector weights ``weighted=1``: the squared prescales, and the
+order ``progressive=1``: the start's stages joined one at a time, all of them refined after each
+join; ``progressive=2``: each new stage fitted by EM to what the beam leaves of the training keys),
+as a ratio to the starting codebooks' greedy error on the same rows; ``--eval_beams`` scores the
+kept codebooks at other encoder widths too.
 
     python benchmarks/refine_variants.py --keys KEYS.pt --codebooks DIR --layer 14
-        [--variants "cw=0.25;weighted=1;cw=0,noise=0.5"] [--rounds 10] [--beam 8]
+        [--variants "cw=0.25;weighted=1;cw=0,noise=0.5;progressive=1"] [--rounds 10] [--beam 8]
+        [--eval_beams 16,32,64]
     python benchmarks/refine_variants.py --key_dir runs/dev/data/key --train 0:131072 \\
         --heldout 245760:262144 --codebooks DIR --layer 14 --save KEYS.pt   (writes the rows once)
 
@@ -31,7 +35,7 @@ except ImportError:
 
 from commvq import io
 from commvq.codecs.key_codebook import encoder_for
-from commvq.quant import refine, residual
+from commvq.quant import em, refine, residual
 from commvq.spec import ModelSpec
 
 
@@ -45,11 +49,11 @@ def parse_variants(text: str) -> list[dict[str, float]]:
     out = []
     for part in text.split(";"):
         kv = dict(item.split("=") for item in part.split(",") if item)
-        bad = set(kv) - {"cw", "noise", "beam", "revive", "weighted"}
+        bad = set(kv) - {"cw", "noise", "beam", "revive", "weighted", "progressive"}
         if bad:
             raise SystemExit(
                 f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam, revive, "
-                "weighted"
+                "weighted, progressive"
             )
         out.append({k: float(v) for k, v in kv.items()})
     return out
@@ -74,6 +78,39 @@ def load_keys(args) -> dict:
     return keys
 
 
+def progressive(
+    x: torch.Tensor,
+    s_train: torch.Tensor,
+    held: torch.Tensor,
+    start: torch.Tensor,
+    settings: refine.RefineSettings,
+    how: int,
+    **weights,
+) -> refine.RefineResult:
+    """Stages joined one at a time, every stage so far refined after each join: the start's next
+    stage (``how`` 1) or one fitted by EM (10 iterations) to what the beam leaves of
+    ``x`` (``how`` 2). The last join's refinement is the result (its history is the last join's)."""
+    thetas = start[:, :1]
+    gen = torch.Generator().manual_seed(settings.seed)
+    for r in range(start.shape[1]):
+        if r:
+            if how == 1:
+                new = start[:, r : r + 1]
+            else:
+                left = x - residual.decode(settings.encode_fn(x, thetas, settings.beam), thetas)
+                fit = em.fit_stage(
+                    left.contiguous(), s_train, start.shape[2] // 2, r, PROGRESSIVE_EM, gen
+                )
+                new = fit.theta[:, None].to(start.dtype)
+            thetas = torch.cat((thetas, new), 1)
+        res = refine.refine(x, held, thetas, settings, **weights)
+        thetas = res.thetas
+    return res
+
+
+PROGRESSIVE_EM = em.EMSettings(max_iters=10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keys", default="", help="one layer's rows, as --save writes them")
@@ -86,6 +123,9 @@ def main() -> None:
     ap.add_argument("--variants", default="cw=0.25;cw=0;cw=0,noise=0.5;cw=0.25,noise=0.5")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--beam", type=int, default=8)
+    ap.add_argument(
+        "--eval_beams", default="", help="more encoder widths to score the kept codebooks at"
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     keys = load_keys(args)
@@ -114,7 +154,15 @@ def main() -> None:
         t0 = time.perf_counter()
         weighted = bool(v.get("weighted", 0))
         w = (w_train, w_held) if weighted else (None, None)
-        res = refine.refine(x, held, start, settings, weights=w[0], heldout_weights=w[1])
+        how = int(v.get("progressive", 0))
+        if how not in (0, 1, 2):
+            raise SystemExit(f"--variants: progressive={how}; use 0, 1 or 2")
+        if how:
+            res = progressive(
+                x, s_train, held, start, settings, how, weights=w[0], heldout_weights=w[1]
+            )
+        else:
+            res = refine.refine(x, held, start, settings, weights=w[0], heldout_weights=w[1])
         seconds = time.perf_counter() - t0
         own = refine.relative_error(held, res.thetas, beam, encode_fn=encode, weights=w_held)
         unit = refine.relative_error(held, res.thetas, beam, encode_fn=encode)
@@ -131,6 +179,11 @@ def main() -> None:
                 "best_ratio": own / base,
                 "unit_error": unit,
                 "seconds": seconds,
+                "wider": {
+                    b: refine.relative_error(held, res.thetas, b, encode_fn=encode, weights=w_held)
+                    / base
+                    for b in (int(t) for t in args.eval_beams.split(",") if t)
+                },
             }
         )
         print(json.dumps(results[-1]), flush=True)
@@ -140,12 +193,17 @@ def main() -> None:
         f"{held.shape[1]:,} held out; the start's greedy held-out relative MSE in the keys' own "
         f"scale {base:.5f} (= 1); 'unit': the kept round's error of the unit-norm keys"
     )
-    print(f"{'variant':<24}{'beam':>5}{'start':>8}{'kept':>8}{'round':>6}{'unit':>9}{'s':>7}")
+    wide = [int(t) for t in args.eval_beams.split(",") if t]
+    print(
+        f"{'variant':<24}{'beam':>5}{'start':>8}{'kept':>8}{'round':>6}{'unit':>9}{'s':>7}"
+        + "".join(f"{'beam ' + str(b):>9}" for b in wide)
+    )
     for r in results:
         name = ",".join(f"{k}={v:g}" for k, v in r["variant"].items()) or "defaults"
         print(
             f"{name:<24}{r['beam']:>5}{r['start_ratio']:>8.4f}{r['best_ratio']:>8.4f}"
             f"{r['best_round']:>6}{r['unit_error']:>9.5f}{r['seconds']:>7.1f}"
+            + "".join(f"{r['wider'][b]:>9.4f}" for b in wide)
         )
     print(
         json.dumps(
