@@ -55,7 +55,10 @@ def parse_variants(text: str) -> list[dict[str, float]]:
                 f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam, revive, "
                 "weighted, progressive"
             )
-        out.append({k: float(v) for k, v in kv.items()})
+        v = {k: float(x) for k, x in kv.items()}
+        if v.get("progressive", 0) not in (0, 1, 2):
+            raise SystemExit(f"--variants: progressive={v['progressive']:g}; use 0, 1 or 2")
+        out.append(v)
     return out
 
 
@@ -128,6 +131,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wide = [int(t) for t in args.eval_beams.split(",") if t]  # more widths to score the kept at
     keys = load_keys(args)
     h = keys["num_heads"]
     x, s_train = residual.normalize(keys["train"].float().to(device), h)
@@ -155,8 +159,6 @@ def main() -> None:
         weighted = bool(v.get("weighted", 0))
         w = (w_train, w_held) if weighted else (None, None)
         how = int(v.get("progressive", 0))
-        if how not in (0, 1, 2):
-            raise SystemExit(f"--variants: progressive={how}; use 0, 1 or 2")
         if how:
             res = progressive(
                 x, s_train, held, start, settings, how, weights=w[0], heldout_weights=w[1]
@@ -182,7 +184,7 @@ def main() -> None:
                 "wider": {
                     b: refine.relative_error(held, res.thetas, b, encode_fn=encode, weights=w_held)
                     / base
-                    for b in (int(t) for t in args.eval_beams.split(",") if t)
+                    for b in wide
                 },
             }
         )
@@ -193,7 +195,6 @@ def main() -> None:
         f"{held.shape[1]:,} held out; the start's greedy held-out relative MSE in the keys' own "
         f"scale {base:.5f} (= 1); 'unit': the kept round's error of the unit-norm keys"
     )
-    wide = [int(t) for t in args.eval_beams.split(",") if t]
     print(
         f"{'variant':<24}{'beam':>5}{'start':>8}{'kept':>8}{'round':>6}{'unit':>9}{'s':>7}"
         + "".join(f"{'beam ' + str(b):>9}" for b in wide)
