@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 
@@ -130,30 +128,3 @@ def test_codec_held_in_float16_computes_what_its_rounded_float32_copy_does(tmp_p
     assert not torch.equal(codec.layers[1].codebook, ref.layers[1].codebook)  # the rounding is real
     with pytest.raises(ValueError, match="bfloat16"):
         copy.deepcopy(codec).held_in(torch.bfloat16)
-
-
-def test_refined_encoding_lowers_the_value_error_and_its_setting_survives_save(tmp_path):
-    torch.manual_seed(0)
-    c = ValueCodec(1, 16, 1, {0: torch.rand(16) + 0.5})
-    c.layers[0].init_from_values(torch.randn(512, 16) * torch.linspace(3, 0.2, 16))
-    with torch.no_grad():  # a decoder the encoder no longer matches, as after training
-        c.layers[0].codebook.add_(0.3 * torch.randn_like(c.layers[0].codebook))
-    v = torch.randn(300, 16) * torch.linspace(3, 0.2, 16)
-
-    def errors(refine):
-        packed, factor = c.layers[0].encode(v, refine)
-        return ((c.layers[0].decode(packed, factor) - v) ** 2).sum(-1)
-
-    plain, refined = errors(0), errors(2)
-    assert bool((refined <= plain * (1 + 1e-5) + 1e-6).all())
-    assert float(refined.sum()) < 0.95 * float(plain.sum())
-    c.refine = 2
-    c.save(tmp_path / "codec")
-    assert ValueCodec.load(tmp_path / "codec").refine == 2
-    (tmp_path / "old").mkdir()
-    c.refine = 0
-    c.save(tmp_path / "old")  # a codec written before the setting existed reads as 0
-    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
-    del cfg["refine"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
-    assert ValueCodec.load(tmp_path / "old").refine == 0

@@ -93,13 +93,3 @@ def test_eval_takes_a_model_dtype_and_refuses_an_unknown_one():
     assert EvalConfig(model_dtype="bfloat16").model_dtype == "bfloat16"
     with pytest.raises(ValueError, match="model_dtype"):
         EvalConfig(model_dtype="float8")
-
-
-def test_eval_refuses_a_negative_value_refine():
-    import pytest
-
-    from commvq.pipeline.evaluate import EvalConfig
-
-    assert EvalConfig(value_refine=2).value_refine == 2
-    with pytest.raises(ValueError, match="--value_refine -1"):
-        EvalConfig(value_refine=-1)

@@ -48,24 +48,3 @@ def test_a_coarse_suffix_decodes_coarse_to_fine(tmp_path):
         methods.resolve(["fp16+coarse"], tmp_path)
     with pytest.raises(ValueError, match="--key_dir"):
         methods.resolve(["commvq+coarse"], tmp_path, value_dir=values)
-
-
-def test_value_refine_applies_to_the_methods_with_a_value_codec_and_keys_their_results(tmp_path):
-    from dataclasses import replace
-
-    from commvq.pipeline import eval_cache
-
-    em, values = _workdir(tmp_path)
-    names = ["fp16", "commvq-em2", "commvq"]
-    kept = methods.resolve(names, tmp_path, key_dir=em)
-    fp16, em2, keys_only = methods.resolve(names, tmp_path, key_dir=em, value_refine=2)
-    assert [m.value_refine for m in kept] == [None, None, None]
-    assert (fp16.value_refine, em2.value_refine, keys_only.value_refine) == (None, 2, None)
-    settings = {"ppl_tokens": 2048, "ppl_docs": 2, "ppl_chunk": 64, "ppl_prefill": 0}
-
-    def fp(m):
-        return eval_cache.fingerprint(
-            eval_cache.common_key(m, "embedded", "cpu", 128, 0), "ppl", settings
-        )
-
-    assert fp(em2) != fp(kept[1]) != fp(replace(em2, value_refine=0))

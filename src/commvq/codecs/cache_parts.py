@@ -418,23 +418,14 @@ class CommVQValues(ValuesPart):
     name = "commvq"
 
     def __init__(
-        self,
-        codec: ValueCodec,
-        num_kv_heads: int,
-        kernels: str = "auto",
-        mix_kernel: bool = True,
-        refine: int | None = None,
+        self, codec: ValueCodec, num_kv_heads: int, kernels: str = "auto", mix_kernel: bool = True
     ) -> None:
         """``mix_kernel``: the values kernel's partial sums mixed with the codec's table by one
         Triton kernel where the kernels run (:func:`commvq.kernels.decode.mix_values`; on an H100
         it saves about 25 us of a 128K step's 33 us torch product at 1 bit), else by torch's
-        sum and product. ``refine``: sweeps of code refinement after the encoder at every
-        compression (:mod:`commvq.quant.value_refine`; None: the codec's own setting)."""
+        sum and product."""
         self.codec, self.num_kv_heads, self.kernels = codec.eval(), num_kv_heads, kernels
         self.mix_kernel = mix_kernel
-        self.refine = codec.refine if refine is None else refine
-        if self.refine < 0:
-            raise ValueError(f"value refine={self.refine}: use 0 (off) or more sweeps")
         self._tables: dict[
             int, tuple
         ] = {}  # per layer: the kernel's value table, built on first use
@@ -446,7 +437,7 @@ class CommVQValues(ValuesPart):
     def compress(self, layer: int, v: torch.Tensor) -> dict[str, torch.Tensor]:
         b, h, n, d = v.shape
         packed, factor = self.codec.layers[layer].encode(
-            v.transpose(1, 2).reshape(b * n, h * d).float(), self.refine
+            v.transpose(1, 2).reshape(b * n, h * d).float()
         )
         return {"codes": packed.reshape(b, n, -1), "factor": factor.reshape(b, n).half()}
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from commvq import __version__
 from commvq.fsutil import atomic_path, write_json
-from commvq.quant import binary, value_init, value_refine
+from commvq.quant import binary, value_init
 from commvq.quant.packing import pack_2bit, unpack_2bit
 
 FORMAT = "commvq-value-codec"
@@ -187,21 +187,10 @@ class LayerValueCodec(nn.Module):
         return y / y.norm(dim=-1, keepdim=True).clamp_min(1e-12) * p[..., None] * self.scale.float()
 
     @torch.no_grad()
-    def encode(self, v: torch.Tensor, refine: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(packed codes [N, F*q/8] uint8, factor [N])`` -- deterministic (argmax), then
-        ``refine`` sweeps of :func:`commvq.quant.value_refine.refine_codes` (0: the encoder's
-        codes as they are)."""
+    def encode(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed codes [N, F*q/8] uint8, factor [N])`` -- deterministic (argmax)."""
         logits, p = self.logits(v)
         idx = logits.argmax(-1)
-        if refine:
-            u, _ = binary.normalize(v, self.scale.float())
-            idx = value_refine.refine_codes(
-                idx.reshape(-1, self.groups),
-                u.reshape(-1, self.width),
-                self.codebook.detach(),
-                self.scale,
-                refine,
-            ).reshape(idx.shape)
         factor = binary.decode_factor(binary.bits_from_index(idx), self.codebook, p)
         return pack_2bit(idx), factor
 
@@ -227,9 +216,6 @@ class ValueCodec(nn.Module):
     ) -> None:
         super().__init__()
         self.num_layers, self.width, self.quant_bits = num_layers, width, quant_bits
-        # sweeps of code refinement after the encoder (:mod:`commvq.quant.value_refine`) that the
-        # cache runs by default; config.json records it (codecs written before it: 0)
-        self.refine = 0
         self.layers = nn.ModuleList(
             LayerValueCodec(width, quant_bits, None if scales is None else scales[i])
             for i in range(num_layers)
@@ -296,7 +282,6 @@ class ValueCodec(nn.Module):
                 "num_layers": self.num_layers,
                 "width": self.width,
                 "quant_bits": self.quant_bits,
-                "refine": self.refine,
                 **(extra or {}),
             },
         )
@@ -324,7 +309,6 @@ class ValueCodec(nn.Module):
                     f"{folder}: value codec for {key}={cfg[key]}, the model has {want}"
                 )
         codec = cls(cfg["num_layers"], cfg["width"], cfg["quant_bits"])
-        codec.refine = int(cfg.get("refine", 0))
         state = load_file(str(folder / WEIGHTS))
         for i in range(
             codec.num_layers

@@ -31,11 +31,7 @@ def value_errors(
                 rows.append({})
             probe = LayerAttention(model, layer, hidden)
             v = probe.v.float()
-            # what the cache stores: the encoder's codes, refined as the codec records
-            candidates = {
-                name: c.layers[layer].eval().decode(*c.layers[layer].encode(v, c.refine))
-                for name, c in codecs.items()
-            }
+            candidates = {name: c.layers[layer].eval()(v) for name, c in codecs.items()}
             for b in kivi_bits:
                 candidates[f"kivi{b}"] = kivi.quantize_values(v, b, kivi_group)
             for name, v_hat in candidates.items():

@@ -3,10 +3,9 @@ rerun does only what changed.
 
 A method's results live in ``<output>/cache/<method>.json`` as parts (``bytes``, ``ppl``,
 ``passkey``, ``needle``), each with the fingerprint it was computed under: the method (name, beam,
-the value codes' refinement where set, the bytes of its codebook and codec files), the model (its
-name, or its local files' sizes and times), the device, the cache's window and sink, commvq's
-version, and the settings of that part alone (a new ``--lengths`` reruns retrieval, not
-perplexity).
+the bytes of its codebook and codec files), the model (its name, or its local files' sizes and
+times), the device, the cache's window and sink, commvq's version, and the settings of that part
+alone (a new ``--lengths`` reruns retrieval, not perplexity).
 """
 
 from __future__ import annotations
@@ -67,11 +66,6 @@ def common_key(
     return {
         **({"coarse": asdict(coarse)} if coarse is not None else {}),
         **({"model_dtype": model_dtype} if model_dtype != "auto" else {}),
-        **(
-            {"value_refine": method.value_refine}
-            if getattr(method, "value_refine", None) is not None
-            else {}
-        ),
         "method": method.name,
         "beam": method.beam,
         "keys": folder_digest(method.key_dir),

@@ -51,11 +51,6 @@ class EvalConfig:
     model_dtype: str = option(
         "auto", "compute dtype (auto: bfloat16 on GPU, float32 on CPU)", choices=MODEL_DTYPES
     )
-    value_refine: int | None = option(
-        None,
-        "sweeps of value-code refinement after the codec's encoder, for every CommVQ method "
-        "(0: off; default: each value codec's recorded setting)",
-    )
     window: int = option(128, "full-precision window (tokens)")
     sink: int = option(0, "first tokens kept exact by the CommVQ and KIVI caches (attention sink)")
     ppl_tokens: int = option(2048, "tokens per held-out document for perplexity")
@@ -111,8 +106,6 @@ class EvalConfig:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.sink < 0:
             raise ValueError(f"--sink {self.sink}: must be 0 or more")
-        if self.value_refine is not None and self.value_refine < 0:
-            raise ValueError(f"--value_refine {self.value_refine}: use 0 (off) or more sweeps")
         if self.model_dtype not in MODEL_DTYPES:
             raise ValueError(f"--model_dtype {self.model_dtype}: use one of {MODEL_DTYPES}")
         if not 0 <= self.ppl_prefill < self.ppl_tokens - 1:
@@ -269,7 +262,6 @@ def run(cfg: EvalConfig) -> Path:
         cfg.key_dir,
         cfg.value_dir,
         cfg.coarse_settings(),
-        cfg.value_refine,
     )
     suites = ("ppl", "passkey", "needle") if cfg.suite == "compare" else (cfg.suite,)
     settings = to_dict(cfg)

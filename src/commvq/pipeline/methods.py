@@ -30,7 +30,6 @@ class Method:
     value_dir: Path | None = None
     beam: int | None = None  # the key encoder's beam width (None: the codebooks' own)
     coarse: Any = None  # CoarseSettings: decode coarse to fine (None: exact)
-    value_refine: int | None = None  # sweeps of value-code refinement (None: the codec's own)
     # the loaded codebooks and codec, per model: read from disk once, shared by every cache made
     loaded: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -53,7 +52,6 @@ class Method:
                 beam=self.beam,
                 decode="exact" if self.coarse is None else "coarse",
                 coarse=self.coarse,
-                value_refine=self.value_refine,
             )
             parts = (len(first.layers), first.keys_part, first.values_part)
             self.loaded.update(model=model, parts=parts)
@@ -115,10 +113,8 @@ def resolve(
     key_dir: Path | None = None,
     value_dir: Path | None = None,
     coarse: Any = None,
-    value_refine: int | None = None,
 ) -> list[Method]:
-    """``coarse``: the settings of the ``+coarse`` methods (default ``CoarseSettings()``);
-    ``value_refine``: every CommVQ method's value-code refinement (None: each codec's own)."""
+    """``coarse``: the settings of the ``+coarse`` methods (default ``CoarseSettings()``)."""
     from commvq.quant.coarse import CoarseSettings
 
     out = []
@@ -153,8 +149,6 @@ def resolve(
                 "commvq-em2, commvq-e2e2, commvq-em1, commvq-e2e1 or commvq (with "
                 "--key_dir/--value_dir); any CommVQ one may end in @B and/or +coarse"
             )
-    if value_refine is not None:
-        out = [replace(m, value_refine=value_refine) if m.value_dir else m for m in out]
     return [
         replace(m, coarse=coarse or CoarseSettings()) if m.name.endswith(COARSE) else m for m in out
     ]

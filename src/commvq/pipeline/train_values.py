@@ -73,11 +73,6 @@ class TrainValuesConfig:
         "--init pca from these collected values (`commvq collect`'s value folder, its first "
         "--init_tokens vectors per layer) instead of forward passes over the corpus",
     )
-    refine: int = option(
-        2,
-        "sweeps of code refinement after the encoder that caches run with this codec "
-        "(recorded in config.json; 0: the encoder's codes as they are)",
-    )
     seed: int = option(0, "seed")
     overwrite: bool = option(False, "start over even if output_dir holds a codec")
 
@@ -91,8 +86,6 @@ class TrainValuesConfig:
         for name in ("max_seq_length", "batch_size", "steps", "save_every", "init_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} {getattr(self, name)}: must be at least 1")
-        if self.refine < 0:
-            raise ValueError(f"--refine {self.refine}: use 0 (off) or more sweeps")
         if self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError(
                 f"--warmup_steps {self.warmup_steps} must be >= 0 and --lr {self.lr} positive"
@@ -425,7 +418,6 @@ def save_checkpoint(
     history: list[float],
     world: int = 1,
 ) -> None:
-    codec.refine = cfg.refine
     codec.save(
         cfg.output_dir,
         {

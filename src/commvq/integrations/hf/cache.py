@@ -416,7 +416,6 @@ class CommVQCache(Cache):
         codec_dtype: torch.dtype = torch.float16,
         decode: str = "exact",
         coarse: cq.CoarseSettings | None = None,
-        value_refine: int | None = None,
     ) -> CommVQCache:
         """CommVQ keys from ``key_dir`` and values from ``value_dir`` (either may be None: dense);
         ``graphs``: decode steps as CUDA graphs on a GPU (see ``__init__``); ``beam``: the key
@@ -427,9 +426,7 @@ class CommVQCache(Cache):
         ``decode``: ``exact`` (every compressed token scored from all its stages) or ``coarse``
         (scored from the first ``coarse.stages``, the best-ranked rescored exactly; ``coarse``:
         its settings, default :class:`~commvq.quant.coarse.CoarseSettings`); the keys then also
-        store one byte per token and KV head. ``value_refine``: sweeps of value-code refinement
-        after the codec's encoder at prefill and every flush (:mod:`commvq.quant.value_refine`;
-        None: the codec's recorded setting; 0: off); the codes' format is the same either way.
+        store one byte per token and KV head.
 
         Switches ``model`` to the ``commvq`` attention (other caches keep working with it).
         """
@@ -464,7 +461,7 @@ class CommVQCache(Cache):
                 .to(device)
                 .held_in(codec_dtype)
             )
-            values = parts.CommVQValues(codec, spec.num_kv_heads, kernels, refine=value_refine)
+            values = parts.CommVQValues(codec, spec.num_kv_heads, kernels)
         return cls(spec.num_layers, keys, values, window, sink, quantize_prefill, graphs, coarse)
 
     @classmethod
