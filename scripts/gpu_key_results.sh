@@ -16,7 +16,7 @@
 #       the E2E folders)
 #   then:  bash scripts/gpu_key_results.sh values   (value codecs of 2 and 1 bit from the same
 #       collected data's scales: VALUES="2 600 165,1 500 135" = bits, steps, seconds each;
-#       VALUE_ARGS="--window 128": more train-values options), and
+#       VALUE_ARGS="--objective kl": more train-values options), and
 #       bash scripts/gpu_key_results.sh cache [eval compare options]   (every cache method with these
 #       key codebooks and value codecs: scripts/gpu_results.sh)
 set -uo pipefail

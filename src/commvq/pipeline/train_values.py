@@ -5,9 +5,10 @@ loss = mean over layers of ``MSE(v_hat, v)/2 + MSE(attn_out(v_hat), attn_out(v))
 ``--window W`` instead trains on the attention-output error alone, with only the values of keys
 at least W tokens before each query decoded, as a cache with an exact window of W tokens reads
 them. AdamW (lr 1e-3, weight decay 0.1, betas 0.9/0.95), linear warmup then cosine; bf16 autocast
-on GPU; packed sequences from the same corpus options as collection; checkpoints every
-``save_every`` steps and ``--resume``; several processes through torchrun (disjoint corpus slices,
-gradients averaged by all-reduce after each step).
+on GPU;
+packed sequences from the same corpus options as collection; checkpoints every ``save_every``
+steps and ``--resume``; several processes through torchrun (disjoint corpus slices, gradients
+averaged by all-reduce after each step).
 Only the codec is saved (safetensors + config.json), never a copy of the model.
 """
 
