@@ -251,12 +251,8 @@ def test_far_error_is_the_attention_change_a_windowed_cache_sees(prepared):
     d = probe.head_dim
     probs = probe.far_weights(0)  # the whole attention
     h = probs.shape[1]
-    per_head = lambda x: (
-        x.view(b, t, -1, d)
-        .transpose(1, 2)
-        .repeat_interleave(  # noqa: E731
-            h // (x.shape[-1] // d), dim=1
-        )
+    per_head = lambda x: x.view(b, t, -1, d).transpose(1, 2).repeat_interleave(  # noqa: E731
+        h // (x.shape[-1] // d), dim=1
     )
     lag = torch.arange(t)[:, None] - torch.arange(t)[None, :]
     mixed = probs.masked_fill(lag >= 5, 0) @ per_head(probe.v) + far @ per_head(v_hat)
@@ -270,3 +266,4 @@ def test_far_error_is_the_attention_change_a_windowed_cache_sees(prepared):
     assert bool((far[..., :5, :] == 0).all())  # the first 5 queries read no compressed value
     with pytest.raises(ValueError, match="--window -1"):
         TrainValuesConfig(window=-1)
+
