@@ -15,8 +15,7 @@
 #       the codebook folders as tarballs in $OUT (LAYER14=0 skips the plot; TAR="e2e" packs only
 #       the E2E folders)
 #   then:  bash scripts/gpu_key_results.sh values   (value codecs of 2 and 1 bit from the same
-#       collected data's scales: VALUES="2 600 165,1 500 135" = bits, steps, seconds each;
-#       VALUE_ARGS="--objective kl": more train-values options), and
+#       collected data's scales: VALUES="2 600 165,1 500 135" = bits, steps, seconds each), and
 #       bash scripts/gpu_key_results.sh cache [eval compare options]   (every cache method with these
 #       key codebooks and value codecs: scripts/gpu_results.sh)
 set -uo pipefail
@@ -79,7 +78,7 @@ case $PHASE in
       start=$(date +%s)
       timeout "$3" python3 -m commvq train-values --model embedded --dataset embedded \
         --scale_file "$DATA/data/learnable_scale.pt" --output_dir "$DEV/values/value_codec_$1bit" --quant_bits "$1" \
-        --max_seq_length 4096 --steps "$2" --warmup_steps $(($2 / 10)) --save_every 100 ${VALUE_ARGS:-} 2>&1 | tr '\r' '\n' \
+        --max_seq_length 4096 --steps "$2" --warmup_steps $(($2 / 10)) --save_every 100 2>&1 | tr '\r' '\n' \
         | grep -v "it/s\]\|s/it\]" > "$OUT/train_values_$1bit.log"
       echo "values $1 bit: rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"; tail -1 "$OUT/train_values_$1bit.log"
     done ;;

@@ -234,36 +234,3 @@ def test_codecs_trained_together_equal_those_trained_alone(prepared, tiny_llama,
         assert torch.load(cfg.output_dir / train_values.STATE, weights_only=True)["step"] == 5
     with pytest.raises(ValueError, match="same max_seq_length"):
         train_values.run_together([more[0], dataclasses.replace(more[1], max_seq_length=16)], lm)
-
-
-def test_far_error_is_the_attention_change_a_windowed_cache_sees(prepared):
-    lm, _ = prepared
-    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(3))
-    hidden = layer_inputs(lm.model, ids)
-    probe = LayerAttention(lm.model, 1, hidden[1])
-    v_hat = probe.v + 0.3 * torch.randn_like(probe.v)
-    # window 0: every key decoded, the output's change
-    full = probe.far_error(v_hat, probe.far_weights(0))
-    torch.testing.assert_close(full, probe.output(v_hat) - probe.exact, rtol=1e-4, atol=1e-5)
-    # window 5: query t reads v_hat from keys t-5 and before, exact values from the rest
-    far = probe.far_weights(5)
-    b, t, _ = v_hat.shape
-    d = probe.head_dim
-    probs = probe.far_weights(0)  # the whole attention
-    h = probs.shape[1]
-    per_head = lambda x: x.view(b, t, -1, d).transpose(1, 2).repeat_interleave(  # noqa: E731
-        h // (x.shape[-1] // d), dim=1
-    )
-    lag = torch.arange(t)[:, None] - torch.arange(t)[None, :]
-    mixed = probs.masked_fill(lag >= 5, 0) @ per_head(probe.v) + far @ per_head(v_hat)
-    out = torch.nn.functional.linear(
-        mixed.transpose(1, 2).reshape(b, t, -1), probe.attn.o_proj.weight
-    )
-    exact = torch.nn.functional.linear(
-        (probs @ per_head(probe.v)).transpose(1, 2).reshape(b, t, -1), probe.attn.o_proj.weight
-    )
-    torch.testing.assert_close(probe.far_error(v_hat, far), out - exact, rtol=1e-4, atol=1e-5)
-    assert bool((far[..., :5, :] == 0).all())  # the first 5 queries read no compressed value
-    with pytest.raises(ValueError, match="--window -1"):
-        TrainValuesConfig(window=-1)
-

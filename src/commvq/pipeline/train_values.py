@@ -1,11 +1,8 @@
 """Stage `train-values`: the value codec, trained against the frozen LLM.
 
 Per layer the attention runs with exact and with decoded values (exact keys, exact layer input);
-loss = mean over layers of ``MSE(v_hat, v)/2 + MSE(attn_out(v_hat), attn_out(v))`` (the paper's);
-``--window W`` instead trains on the attention-output error alone, with only the values of keys
-at least W tokens before each query decoded, as a cache with an exact window of W tokens reads
-them. AdamW (lr 1e-3, weight decay 0.1, betas 0.9/0.95), linear warmup then cosine; bf16 autocast
-on GPU;
+loss = mean over layers of ``MSE(v_hat, v)/2 + MSE(attn_out(v_hat), attn_out(v))``. AdamW
+(lr 1e-3, weight decay 0.1, betas 0.9/0.95), linear warmup then cosine; bf16 autocast on GPU;
 packed sequences from the same corpus options as collection; checkpoints every ``save_every``
 steps and ``--resume``; several processes through torchrun (disjoint corpus slices, gradients
 averaged by all-reduce after each step).
@@ -76,11 +73,6 @@ class TrainValuesConfig:
         "--init pca from these collected values (`commvq collect`'s value folder, its first "
         "--init_tokens vectors per layer) instead of forward passes over the corpus",
     )
-    window: int = option(
-        0,
-        "train on the attention-output error as a cache with this exact window sees it (only "
-        "keys at least this many tokens back decoded; no value-MSE term); 0: the paper's loss",
-    )
     seed: int = option(0, "seed")
     overwrite: bool = option(False, "start over even if output_dir holds a codec")
 
@@ -100,8 +92,6 @@ class TrainValuesConfig:
             )
         if self.quant_bits not in (1, 2):
             raise ValueError(f"--quant_bits {self.quant_bits}: use 1 or 2")
-        if self.window < 0:
-            raise ValueError(f"--window {self.window}: use 0 (every key) or a token count")
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -254,34 +244,24 @@ def own_random_stream(streams: list | None, i: int, device: torch.device):
 
 
 def step_losses(
-    model,
-    codecs: list,
-    batch: torch.Tensor,
-    autocast,
-    streams: list | None = None,
-    window: int = 0,
+    model, codecs: list, batch: torch.Tensor, autocast, streams: list | None = None
 ) -> list[float]:
     """:func:`step_loss` for several codecs on one batch: the model's forward pass and each
     layer's exact attention are computed once and shared; ``streams``: each codec's random
-    stream (:func:`own_random_stream`); ``window`` > 0: the attention term counts only what
-    queries read from keys at least that far back (``--window``)."""
+    stream (:func:`own_random_stream`)."""
     hidden = layer_inputs(model, batch)
     totals = [0.0] * len(codecs)
     n = len(hidden)
-    mse = torch.nn.functional.mse_loss
     for layer, h in enumerate(hidden):
         probe = LayerAttention(model, layer, h)
-        far = probe.far_weights(window) if window > 0 else None
         for i, codec in enumerate(codecs):
             with autocast, own_random_stream(streams, i, h.device):
                 v_hat = codec.layers[layer](probe.v.float())
-                if far is None:
-                    loss = mse(v_hat.float(), probe.v.float()) / 2 + mse(
-                        probe.output(v_hat).float(), probe.exact.float()
-                    )
-                else:  # what the cache's output error is made of, alone
-                    loss = probe.far_error(v_hat, far).square().mean()
-                loss = loss / n
+                out_hat = probe.output(v_hat)
+                loss = (
+                    torch.nn.functional.mse_loss(v_hat.float(), probe.v.float()) / 2
+                    + torch.nn.functional.mse_loss(out_hat.float(), probe.exact.float())
+                ) / n
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"train-values: loss is {float(loss.detach())} at layer {layer}; lower --lr; "
@@ -343,7 +323,6 @@ SHARED = (
     "model_dtype",
     "device",
     "seed",
-    "window",
 )
 
 
@@ -396,9 +375,7 @@ def _train(cfg: TrainValuesConfig, loaded: LoadedModel, runs: list[_Run], rank: 
                 g["lr"] = r.cfg.lr * lr_factor(step, r.cfg.warmup_steps, cfg.steps)
             r.opt.zero_grad(set_to_none=True)
         batch = next(stream).to(device)
-        losses = step_losses(
-            loaded.model, [r.codec for r in runs], batch, autocast, streams, cfg.window
-        )
+        losses = step_losses(loaded.model, [r.codec for r in runs], batch, autocast, streams)
         for r, loss in zip(runs, losses, strict=True):
             if world > 1:
                 _allreduce_grads(r.codec)

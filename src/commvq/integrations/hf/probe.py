@@ -44,31 +44,6 @@ class LayerAttention:
         self.head_dim = d
         self.exact = self.output(self.v)
 
-    @torch.no_grad()
-    def far_weights(self, window: int) -> torch.Tensor:
-        """The attention probabilities ``[B, H, T, T]`` (float32, exact queries and keys) kept
-        only where the key is at least ``window`` positions before the query: the share of each
-        output that a cache with an exact window of ``window`` tokens reads from compressed
-        values."""
-        b, h, t, d = self.q.shape
-        k = self.k.float().repeat_interleave(h // self.k.shape[1], dim=1)
-        scores = self.q.float() @ k.transpose(-1, -2) / d**0.5
-        pos = torch.arange(t, device=scores.device)
-        lag = pos[:, None] - pos[None, :]  # query minus key position
-        probs = scores.masked_fill(lag < 0, float("-inf")).softmax(-1)
-        return probs.masked_fill(lag < window, 0.0)
-
-    def far_error(self, v: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
-        """``[B, T, hidden]``: how the attention module's output moves when the values of the keys
-        ``far`` weighs (:meth:`far_weights`) are ``v`` instead of the exact ones, all others
-        exact (``o_proj``'s bias cancels)."""
-        b, t, _ = v.shape
-        h = far.shape[1]
-        delta = (v.float() - self.v.float()).view(b, t, -1, self.head_dim).transpose(1, 2)
-        delta = delta.repeat_interleave(h // delta.shape[1], dim=1)
-        o = (far @ delta).transpose(1, 2).reshape(b, t, -1)
-        return F.linear(o, self.attn.o_proj.weight.float())
-
     def output(self, v: torch.Tensor) -> torch.Tensor:
         """Attention-module output ``[B, T, hidden]`` (after o_proj) with values ``v [B, T, F]``."""
         b, t, _ = v.shape
