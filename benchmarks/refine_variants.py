@@ -81,6 +81,9 @@ def load_keys(args) -> dict:
     return keys
 
 
+PROGRESSIVE_EM = em.EMSettings(max_iters=10)  # a new stage's fit under ``progressive=2``
+
+
 def progressive(
     x: torch.Tensor,
     s_train: torch.Tensor,
@@ -109,9 +112,6 @@ def progressive(
         res = refine.refine(x, held, thetas, settings, **weights)
         thetas = res.thetas
     return res
-
-
-PROGRESSIVE_EM = em.EMSettings(max_iters=10)
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 from commvq.pipeline import eval_cache
 from commvq.pipeline.methods import Method
 
@@ -86,8 +88,6 @@ def test_the_model_dtype_keys_the_results_only_where_set(tmp_path):
 
 
 def test_eval_takes_a_model_dtype_and_refuses_an_unknown_one():
-    import pytest
-
     from commvq.pipeline.evaluate import EvalConfig
 
     assert EvalConfig(model_dtype="bfloat16").model_dtype == "bfloat16"
