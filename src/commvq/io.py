@@ -6,6 +6,10 @@ Directory ``codebook[_e2e]_{code_bits}bits_{head_dim}group_{R}residuals/`` holds
     {"final_error": float, "steps": [{"mse_loss": 0-d tensor, "theta": float32 [2E, P],
                                       "clustering_centers": float32 [E*E, D] (optional)}] * R}
 
+Untied tables (:func:`commvq.quant.commutative.untie`) store ``theta`` as float32 ``[4E, P]``: the
+A table's rows, then the B table's, each in the layout above (a reference reader that takes only
+``clustering_centers`` reads them too).
+
 ``clustering_centers`` are the materialized codewords, index ``A*E + B``, columns interleaved
 ``re_f0, im_f0, re_f1, ...``. Files hold CPU tensors only and load with ``weights_only=True``.
 """
@@ -23,7 +27,14 @@ import torch
 from commvq import __version__
 from commvq.codecs.key_codebook import KeyCodebook
 from commvq.fsutil import atomic_path, write_json
-from commvq.quant.commutative import codewords, interleave_pairs, num_entries
+from commvq.quant.commutative import (
+    codewords,
+    interleave_pairs,
+    is_untied,
+    join_theta,
+    num_entries,
+    split_theta,
+)
 from commvq.spec import ModelSpec
 
 CODEBOOK_FORMAT = "commvq-key-codebook"
@@ -74,18 +85,20 @@ def save_head(
     final_error: float,
     with_centers: bool = False,
 ) -> None:
-    """Write one (layer, head) file atomically; ``thetas [R, 2E, P]``, ``stage_mse [R]``. Codebooks
-    holding NaN or Inf are never written."""
+    """Write one (layer, head) file atomically; ``thetas [R, 2E, P]`` (complex for untied tables),
+    ``stage_mse [R]``. Codebooks holding NaN or Inf are never written."""
     if not bool(torch.isfinite(thetas).all()):
         raise FloatingPointError(f"{path}: the codebooks hold NaN or Inf; not saved")
     steps = []
     for r in range(thetas.shape[0]):
-        th = (
-            thetas[r].detach().float().cpu().clone()
-        )  # its own storage: a view would save all of thetas
+        th = thetas[r].detach().cpu()
+        if is_untied(th):
+            th = join_theta(th.real, th.imag)  # [4E, P]: the A table's rows, then the B table's
+        th = th.float().clone()  # its own storage: a view would save all of thetas
         step: dict[str, Any] = {"mse_loss": torch.tensor(float(stage_mse[r])), "theta": th}
         if with_centers:
-            step["clustering_centers"] = interleave_pairs(codewords(th[None])[0]).contiguous()
+            full = thetas[r].detach().cpu()[None]
+            step["clustering_centers"] = interleave_pairs(codewords(full)[0]).contiguous()
         steps.append(step)
     with atomic_path(path) as tmp:
         torch.save({"final_error": float(final_error), "steps": steps}, tmp)
@@ -188,19 +201,34 @@ def check_fits(folder: Path, spec: ModelSpec) -> CodebookLayout:
     return layout
 
 
+def file_tables(thetas: torch.Tensor, code_bits: int) -> torch.Tensor:
+    """Stacked ``theta`` of a file as the code reads it: ``[..., 4E, P]`` (untied tables, as
+    :func:`save_head` writes them) becomes complex ``[..., 2E, P]``; tied theta stays as it is."""
+    if thetas.shape[-2] == 4 * num_entries(code_bits):
+        return torch.complex(*split_theta(thetas))
+    return thetas
+
+
 def load_layer(folder: Path, layer: int, spec: ModelSpec) -> torch.Tensor:
-    """``thetas [H_kv, R, 2E, P]`` of one layer, checked against the model."""
+    """``thetas [H_kv, R, 2E, P]`` of one layer (complex for untied tables), checked against the
+    model."""
     layout = check_fits(folder, spec)
     out = []
+    e = num_entries(layout.code_bits)
+    tied = (layout.residuals, 2 * e, spec.head_dim // 2)
     for head in range(spec.num_kv_heads):
         thetas, _ = load_head(head_file(folder, layer, head))
-        e = num_entries(layout.code_bits)
-        if thetas.shape != (layout.residuals, 2 * e, spec.head_dim // 2):
+        if thetas.shape == (layout.residuals, 4 * e, spec.head_dim // 2):
+            thetas = file_tables(thetas, layout.code_bits)  # untied: A rows, then B rows
+        elif thetas.shape != tied:
             raise ValueError(
                 f"{head_file(folder, layer, head)}: theta shape {tuple(thetas.shape)} does not fit "
-                f"{layout.dir_name} (expected {(layout.residuals, 2 * e, spec.head_dim // 2)})"
+                f"{layout.dir_name} (expected {tied}, or {tied[:1] + (4 * e,) + tied[2:]} for "
+                "untied tables)"
             )
         out.append(thetas)
+    if len({t.dtype for t in out}) > 1:
+        raise ValueError(f"{folder}: layer {layer} mixes tied and untied heads; retrain it")
     return torch.stack(out)
 
 

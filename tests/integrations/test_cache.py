@@ -124,12 +124,14 @@ def test_beam_search_reorders_the_cache(tiny):
     assert torch.equal(ref, out)
 
 
-def _commvq_parts(h=2, d=16, r=3, e=8, layers=1, bits=2):
+def _commvq_parts(h=2, d=16, r=3, e=8, layers=1, bits=2, untied=False):
     g = torch.Generator().manual_seed(0)
-    books = [
-        KeyCodebook(torch.randn(h, r, 2 * e, d // 2, generator=g) * 0.3, code_bits=6)
-        for _ in range(layers)
-    ]
+
+    def thetas():
+        th = torch.randn(h, r, 2 * e, d // 2, generator=g) * 0.3
+        return torch.complex(th, torch.randn(th.shape, generator=g) * 0.3) if untied else th
+
+    books = [KeyCodebook(thetas(), code_bits=6) for _ in range(layers)]
     keys = parts.CommVQKeys(books, rope.inv_freq(d, 1e4), rope_scale=1.0)
     codec = ValueCodec(
         layers, h * d, bits, {i: torch.rand(h * d, generator=g) + 0.5 for i in range(layers)}
@@ -137,11 +139,12 @@ def _commvq_parts(h=2, d=16, r=3, e=8, layers=1, bits=2):
     return keys, parts.CommVQValues(codec, h), books, codec
 
 
+@pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
 @pytest.mark.parametrize("scoring", ["trick", "decode"])
-def test_attention_over_codes_matches_attention_over_decoded_keys_and_values(scoring):
+def test_attention_over_codes_matches_attention_over_decoded_keys_and_values(scoring, untied):
     torch.manual_seed(0)
     b, h, g, d, t = 2, 2, 2, 16, 45
-    keys, values, books, codec = _commvq_parts(h, d)
+    keys, values, books, codec = _commvq_parts(h, d, untied=untied)
     keys.scoring = scoring
     layer = CommVQLayer(0, keys, values, window=16)
     k_pre = torch.randn(b, h, t, d)

@@ -324,6 +324,50 @@ def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, caps
         )
 
 
+def test_e2e_trains_untied_tables_by_default_and_files_round_trip(key_dir, tmp_path):
+    """E2E (lstsq) unties EM's tables: config.json says so, each file holds ``theta [4E, P]`` (A
+    rows, then B rows), the folder loads as complex thetas whose error is the one recorded, and the
+    run never ends worse than EM under the same beam. EM and adam refuse untied tables, and a
+    folder of one kind refuses the other."""
+    em_dir = tmp_path / "em"
+    train_keys.run(_cfg(key_dir, em_dir, layers="0"))
+    out = tmp_path / "e2e"
+    cfg = _cfg(key_dir, out, method="e2e", layers="0", init_dir=em_dir, rounds=2, beam=2)
+    assert cfg.table_kind == "untied" and _cfg(key_dir, out).table_kind == "tied"
+    train_keys.run(cfg)
+    conf = json.loads((out / "config.json").read_text())
+    layer = conf["layers"]["0"]
+    assert conf["tables"] == "untied" and conf["train_config"]["tables"] is None
+    assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
+    raw = torch.load(io.head_file(out, 0, 0), weights_only=True)["steps"][0]["theta"]
+    assert raw.shape == (4 * 8, SPEC.head_dim // 2) and raw.dtype == torch.float32
+    thetas = io.load_layer(out, 0, SPEC)
+    assert thetas.is_complex() and thetas.shape == (SPEC.num_kv_heads, 3, 16, SPEC.head_dim // 2)
+    half = thetas.shape[2] // 2
+    assert not torch.allclose(thetas[..., :half, :], thetas[..., half:, :])  # b moved off a
+    cb = io.load_key_codebook(out, 0, SPEC)
+    keys = KVStore(key_dir).layer(0).read(*layer["rows"]["eval"])
+    codes, s = cb.encode(keys)
+    rel = float(((cb.decode(codes, s) - keys) ** 2).sum() / (keys**2).sum())
+    assert rel == pytest.approx(layer["relative_mse"], rel=1e-5)
+    with pytest.raises(ValueError, match="never overwrite each other"):
+        train_keys.run(
+            _cfg(
+                key_dir,
+                out,
+                method="e2e",
+                layers="1",
+                init_dir=em_dir,
+                rounds=1,
+                beam=2,
+                tables="tied",
+            )
+        )
+    for kw in ({"method": "em"}, {"method": "e2e", "solver": "adam"}):
+        with pytest.raises(ValueError, match="--tables untied needs --method e2e --solver lstsq"):
+            _cfg(key_dir, out, tables="untied", **kw)
+
+
 def test_adam_flags_without_the_adam_solver_are_named(key_dir, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="commvq")
     train_keys.run(

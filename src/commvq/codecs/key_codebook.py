@@ -9,7 +9,7 @@ import torch
 
 from commvq.quant import residual
 from commvq.quant.beam import encode as torch_encode
-from commvq.quant.commutative import num_entries
+from commvq.quant.commutative import as_float, is_untied, num_entries
 
 Encoder = Callable[
     [torch.Tensor, torch.Tensor, int], torch.Tensor
@@ -50,7 +50,10 @@ class KeyCodebook:
         encoder: Encoder | None = None,
     ) -> None:
         if thetas.dim() != 4:
-            raise ValueError(f"thetas must be [H, R, 2E, P], got {tuple(thetas.shape)}")
+            raise ValueError(
+                f"thetas must be [H, R, 2E, P] (complex for untied tables), got "
+                f"{tuple(thetas.shape)}"
+            )
         if thetas.shape[2] != 2 * num_entries(code_bits):
             raise ValueError(
                 f"thetas have {thetas.shape[2] // 2} entries, code_bits={code_bits} needs "
@@ -91,7 +94,8 @@ class KeyCodebook:
 
     def encode_normalized(self, x: torch.Tensor) -> torch.Tensor:
         """Codes ``[H, N, R]`` of normalized keys ``x [H, N, D]``."""
-        return self.encoder(x, self.thetas.to(x.dtype), self.beam)
+        thetas = self.thetas.to(x.dtype) if not is_untied(self.thetas) else as_float(self.thetas)
+        return self.encoder(x, thetas, self.beam)
 
     def encode(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(codes [N, H, R] int16/int32, prescale [N])`` of keys ``k [N, H*D]``."""
@@ -102,5 +106,5 @@ class KeyCodebook:
 
     def decode(self, codes: torch.Tensor, prescale: torch.Tensor) -> torch.Tensor:
         """Keys ``[N, H*D]`` (float32) from codes and prescales."""
-        x = residual.decode(codes.permute(1, 0, 2).long(), self.thetas.float())
+        x = residual.decode(codes.permute(1, 0, 2).long(), as_float(self.thetas))
         return residual.from_heads(x) * prescale.float()[:, None]

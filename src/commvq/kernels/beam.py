@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.quant.commutative import decode_table, search_tables
+from commvq.quant.commutative import as_float, decode_table, search_tables
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def beam_encode_triton(
         raise ValueError(f"beam={beam} exceeds the {e} table entries of these codebooks")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("beam_encode_triton needs CUDA tensors")
-    th = thetas.detach().float()
+    th = as_float(thetas.detach())
     w, nrm, g = (v.contiguous() for v in search_tables(th.flatten(0, 1)))
     table = decode_table(th.flatten(0, 1)).contiguous()
     bt = ROWS // beam

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from commvq.kernels.decode import _key_sum, _query_dot, _rotated, _rotation, prepare_tables
+from commvq.quant.commutative import score_entries
 
 
 @triton.jit
@@ -33,6 +34,7 @@ def _rank_kernel(
     R: tl.constexpr,
     S: tl.constexpr,
     E: tl.constexpr,
+    TE: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
     P: tl.constexpr,
@@ -58,7 +60,7 @@ def _rank_kernel(
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
     best = tl.full([BN], float("-inf"), tl.float32)
     for h in range(HKV):
-        kre, kim = _key_sum(a_ptr, row, row_bytes, h, tmask, R, S, E, D, P, CODE_BITS, BN)
+        kre, kim = _key_sum(a_ptr, row, row_bytes, h, tmask, R, S, E, TE, D, P, CODE_BITS, BN)
         rre, rim = _rotated(kre, kim, c, s)
         for j in tl.static_range(G):
             score = _query_dot(rre, rim, q_ptr + ((b * HKV + h) * G + j) * D, f, P) * pre
@@ -127,6 +129,7 @@ def commvq_rank_triton(
         R=r,
         S=stages,
         E=e2 // 2,
+        TE=score_entries(thetas),
         G=hq // hkv,
         D=d,
         P=d // 2,

@@ -50,6 +50,7 @@ def _scores_kernel(
     R: tl.constexpr,
     S: tl.constexpr,
     E: tl.constexpr,
+    TE: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
@@ -71,12 +72,14 @@ def _scores_kernel(
         code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
         a_idx = code // E
         b_idx = code % E
-        base = u_ptr + (((b * HKV + h) * R + r) * E) * (GP * D)
+        base = u_ptr + (((b * HKV + h) * R + r) * TE) * (GP * D)
         ua += tl.load(
             base + a_idx[:, None] * (GP * D) + gd[None, :], mask=tmask[:, None], other=0.0
         ).to(tl.float32)
         ub += tl.load(
-            base + b_idx[:, None] * (GP * D) + gd[None, :], mask=tmask[:, None], other=0.0
+            base + (TE - E + b_idx)[:, None] * (GP * D) + gd[None, :],
+            mask=tmask[:, None],
+            other=0.0,
         ).to(tl.float32)
     # rotation of each pair by the token's angle, as the model computes it (float32 product)
     d = gd % D
@@ -110,21 +113,23 @@ def _key_sum(
     R: tl.constexpr,
     S: tl.constexpr,
     E: tl.constexpr,
+    TE: tl.constexpr,
     D: tl.constexpr,
     P: tl.constexpr,
     CODE_BITS: tl.constexpr,
     BN: tl.constexpr,
 ):
     """``(re, im) [BN, P]`` (fp32) of each token's KV head ``h`` summed over its first ``S`` of
-    ``R`` stages: per stage the codeword ``a_A + i a_B`` from the codebook ``a [Hkv, R, E, D]``
-    (``[Re a_e | Im a_e]``), formed in the table's dtype."""
+    ``R`` stages: per stage the codeword ``a_A + i b_B`` from the codebook ``a [Hkv, R, TE, D]``
+    (``[Re a_e | Im a_e]``; ``TE = E``: tied tables, ``b = a``; ``TE = 2E``: untied, ``b`` in
+    rows ``E..2E-1``), formed in the table's dtype."""
     f = tl.arange(0, P)
     kre = tl.zeros([BN, P], tl.float32)
     kim = tl.zeros([BN, P], tl.float32)
     for r in range(S):  # the first S of the row's R stages (S = R: the exact scores)
         code = _load_code(row, (h * R + r) * CODE_BITS, row_bytes, tmask, CODE_BITS)
-        ra = a_ptr + ((h * R + r) * E + code // E)[:, None] * D + f[None, :]
-        rb = a_ptr + ((h * R + r) * E + code % E)[:, None] * D + f[None, :]
+        ra = a_ptr + ((h * R + r) * TE + code // E)[:, None] * D + f[None, :]
+        rb = a_ptr + ((h * R + r) * TE + TE - E + code % E)[:, None] * D + f[None, :]
         kre += (tl.load(ra) - tl.load(rb + P)).to(tl.float32)
         kim += (tl.load(ra + P) + tl.load(rb)).to(tl.float32)
     return kre, kim
@@ -174,6 +179,7 @@ def _scores_regdecode_kernel(
     R: tl.constexpr,
     S: tl.constexpr,
     E: tl.constexpr,
+    TE: tl.constexpr,
     G: tl.constexpr,
     D: tl.constexpr,
     P: tl.constexpr,
@@ -198,7 +204,7 @@ def _scores_regdecode_kernel(
     src = tl.load(idx_ptr + b * N + t, mask=tmask, other=0) if HAS_IDX else t
     f = tl.arange(0, P)
     row = codes_ptr + (b * NS + src) * row_bytes
-    kre, kim = _key_sum(a_ptr, row, row_bytes, h, tmask, R, S, E, D, P, CODE_BITS, BN)
+    kre, kim = _key_sum(a_ptr, row, row_bytes, h, tmask, R, S, E, TE, D, P, CODE_BITS, BN)
     pre = tl.load(prescale_ptr + b * NS + src, mask=tmask, other=0.0).to(tl.float32) * scale
     pos = tl.load(pos_ptr + b * NS + src, mask=tmask, other=0).to(tl.float32)
     c, s = _rotation(pos, tl.load(freq_ptr + f), FAST)
@@ -274,23 +280,22 @@ def _values_kernel(
 def trick_tables(
     q: torch.Tensor, thetas: torch.Tensor, heads_padded: int | None = None
 ) -> torch.Tensor:
-    """``u [B, Hkv, R, E, GP*D]`` (fp32): per KV head, stage and entry, the two components
-    ``[q_re R + q_im I | -q_re I + q_im R]`` of each of its ``G`` query heads (zero-padded to
-    GP)."""
+    """``u [B, Hkv, R, TE, GP*D]`` (fp32): per KV head, stage and table entry (``TE``: E, or 2E
+    for untied tables), the two components ``[q_re R + q_im I | -q_re I + q_im R]`` of each of
+    its ``G`` query heads (zero-padded to GP)."""
     b, hq, d = q.shape
-    hkv, r, e2, p = thetas.shape
+    hkv, r = thetas.shape[:2]
+    te = commutative.score_entries(thetas)
     g = hq // hkv
-    # [B, Hkv, 1, G, D] against [1, Hkv, R, 1, 2E, P]: [B, Hkv, R, G, E, P, 2]
+    # [B, Hkv, 1, G, D] against [1, Hkv, R, 1, 2E, P]: [B, Hkv, R, G, TE, P, 2]
     u = commutative.score_table(
-        q.float().reshape(b, hkv, 1, g, d), thetas.float()[None, :, :, None]
+        q.float().reshape(b, hkv, 1, g, d), commutative.as_float(thetas)[None, :, :, None]
     )
-    u = u.permute(0, 1, 2, 4, 3, 6, 5).reshape(
-        b, hkv, r, e2 // 2, g, d
-    )  # [B, Hkv, R, E, G, (2, P)]
+    u = u.permute(0, 1, 2, 4, 3, 6, 5).reshape(b, hkv, r, te, g, d)  # [B, Hkv, R, TE, G, (2, P)]
     gp = heads_padded or g
     if gp > g:
         u = torch.nn.functional.pad(u, (0, 0, 0, gp - g))
-    return u.reshape(b, hkv, r, e2 // 2, gp * d).contiguous()
+    return u.reshape(b, hkv, r, te, gp * d).contiguous()
 
 
 # the scores styles (values of the ``style`` arguments here and of ``CommVQKeys(kernel_style=)``):
@@ -303,14 +308,19 @@ BLOCKS = {"regdecode16": 64, "regdecode": 64, "trick": 32}  # tokens per program
 def prepare_tables(thetas: torch.Tensor, style: str) -> tuple[torch.Tensor, ...]:
     """The per-layer tables a scores ``style`` reads (build once per codebook, reuse every step):
     ``regdecode`` (keys decoded in registers from the codebook): the codebook
-    ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``) in fp32; ``regdecode16`` (the default): the same in
-    fp16; ``trick``: none (its tables depend on the query)."""
+    ``a [Hkv, R, E, D]`` (``[Re a_e | Im a_e]``; ``[Hkv, R, 2E, D]`` for untied tables, ``a`` then
+    ``b``) in fp32; ``regdecode16`` (the default): the same in fp16; ``trick``: none (its tables
+    depend on the query)."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: use one of {', '.join(STYLES)}")
     if style == "trick":
         return ()
     hkv, r, e2, p = thetas.shape
-    a = thetas.float().reshape(hkv, r, e2 // 2, 2 * p)  # rows 2e, 2e+1 of theta: Re a_e, Im a_e
+    if commutative.is_untied(thetas):
+        z = commutative.as_float(thetas)
+        a = torch.cat((z.real, z.imag), dim=-1)  # [Hkv, R, 2E, D]: a's entries, then b's
+    else:
+        a = thetas.float().reshape(hkv, r, e2 // 2, 2 * p)  # rows 2e, 2e+1: Re a_e, Im a_e
     return ((a.half() if style == "regdecode16" else a).contiguous(),)
 
 
@@ -358,7 +368,16 @@ def commvq_scores_triton(
     if not 1 <= s <= r:
         raise ValueError(f"stages={stages}: between 1 and the codebooks' {r} stages")
     common = dict(
-        R=r, S=s, E=e2 // 2, G=g, D=d, P=d // 2, HKV=hkv, CODE_BITS=code_bits, num_warps=num_warps
+        R=r,
+        S=s,
+        E=e2 // 2,
+        TE=commutative.score_entries(thetas),
+        G=g,
+        D=d,
+        P=d // 2,
+        HKV=hkv,
+        CODE_BITS=code_bits,
+        num_warps=num_warps,
     )
     args = (
         packed.contiguous(),

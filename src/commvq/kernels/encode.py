@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.quant.commutative import decode_table, search_tables
+from commvq.quant.commutative import as_float, decode_table, search_tables
 
 
 @triton.jit
@@ -114,7 +114,7 @@ def _launch(
         raise ValueError("encode_triton needs CUDA tensors")
     h, t, d = x.shape
     r, e = thetas.shape[1], thetas.shape[2] // 2
-    th = thetas.detach().float()
+    th = as_float(thetas.detach())
     w, n, g = (
         v.contiguous() for v in search_tables(th.flatten(0, 1))
     )  # [H*R, D, 2E], [H*R, E], [H*R, E, E]

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from commvq.quant.commutative import search_tables
+from commvq.quant.commutative import as_float, search_tables
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def nearest_triton(x: torch.Tensor, theta: torch.Tensor, chunk: int = 0) -> torc
     """Codes ``[H, N]`` (int64) of the nearest codewords, like ``commutative.nearest``."""
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("nearest_triton needs CUDA tensors")
-    w, n, g = (t.float().contiguous() for t in search_tables(theta.float()))
+    w, n, g = (t.float().contiguous() for t in search_tables(as_float(theta)))
     proj = torch.bmm(x.float(), w)
     h, t = x.shape[0], x.shape[1]
     out = torch.empty(h, t, dtype=torch.int32, device=x.device)

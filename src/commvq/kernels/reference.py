@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from commvq.quant.binary import bits_from_index
-from commvq.quant.commutative import score_table
+from commvq.quant.commutative import as_float, score_entries, score_table
 
 
 def kv_head_of(num_q_heads: int, num_kv_heads: int, device=None) -> torch.Tensor:
@@ -20,12 +20,13 @@ def kv_head_of(num_q_heads: int, num_kv_heads: int, device=None) -> torch.Tensor
 
 
 def score_tables(q: torch.Tensor, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u0, u1)`` of shape ``[B, Hq, Tq, R, E, P]``: the two components of ``q_f^T M(a_e[f])``
-    (:func:`commvq.quant.commutative.score_table` per query head, stage and entry)."""
+    """``(u0, u1)`` of shape ``[B, Hq, Tq, R, TE, P]``: the two components of ``q_f^T M(a_e[f])``
+    (:func:`commvq.quant.commutative.score_table` per query head, stage and entry; ``TE``: E, or
+    2E for untied tables)."""
     heads = kv_head_of(q.shape[1], thetas.shape[0], q.device)
     u = score_table(
-        q.float()[:, :, :, None], thetas[heads].float()[None, :, None]
-    )  # [B, Hq, Tq, R, E, P, 2]
+        q.float()[:, :, :, None], as_float(thetas[heads])[None, :, None]
+    )  # [B, Hq, Tq, R, TE, P, 2]
     return u[..., 0], u[..., 1]
 
 
@@ -47,12 +48,13 @@ def commvq_scores(
     b, hq, tq, _ = q.shape
     n = codes.shape[1]
     e = thetas.shape[2] // 2
-    u0, u1 = score_tables(q, thetas)  # [B, Hq, Tq, R, E, P]
+    off = score_entries(thetas) - e  # where the B index's rows start
+    u0, u1 = score_tables(q, thetas)  # [B, Hq, Tq, R, TE, P]
     heads = kv_head_of(hq, thetas.shape[0], q.device)
     out = torch.empty(b, hq, tq, n, device=q.device, dtype=torch.float32)
     for s in range(0, n, chunk):
         c = codes[:, s : s + chunk].long()[:, :, heads, :].permute(0, 2, 1, 3)  # [B, Hq, n, R]
-        a_idx, b_idx = c // e, c % e
+        a_idx, b_idx = c // e, off + c % e
         ua0, ua1, ub0, ub1 = (
             _gather(u, idx, tq) for u, idx in ((u0, a_idx), (u1, a_idx), (u0, b_idx), (u1, b_idx))
         )

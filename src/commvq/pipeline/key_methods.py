@@ -17,7 +17,7 @@ from commvq.pipeline import progress
 from commvq.quant import e2e, em, refine
 from commvq.quant.beam import encode as torch_encode
 from commvq.quant.beam import stage_residuals
-from commvq.quant.commutative import num_entries
+from commvq.quant.commutative import as_float, num_entries
 from commvq.spec import ModelSpec
 
 log = logging.getLogger("commvq")
@@ -118,7 +118,7 @@ def initial_thetas(
     if init_dir is not None:
         if spec is None:
             raise ValueError("init_dir needs the model's spec")
-        return io.load_layer(init_dir, job.layer, spec)[job.heads].to(job.x.device, job.x.dtype)
+        return as_float(io.load_layer(init_dir, job.layer, spec)[job.heads]).to(job.x.device)
     generator = torch.Generator().manual_seed(job.seed)
     e = num_entries(job.layout.code_bits)
     if init == "em":

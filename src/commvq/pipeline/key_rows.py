@@ -69,6 +69,7 @@ def heldout_errors(
     thetas = torch.stack(
         [io.load_head(io.head_file(out, layer, h))[0] for h in range(spec.num_kv_heads)]
     )
+    thetas = io.file_tables(thetas, layout.code_bits)
     book = KeyCodebook(thetas, layout.code_bits, beam).to(device)
     out_err = {"relative_mse": key_errors(keys, book)["relative_mse"]}
     if beam > 1:

@@ -28,6 +28,7 @@ from commvq.pipeline import key_methods, progress
 from commvq.pipeline.collect import store_dirs
 from commvq.pipeline.key_rows import EVAL_SAMPLES, finite_rows, heldout_errors, split_rows
 from commvq.quant import e2e, em, refine
+from commvq.quant.commutative import untie
 from commvq.quant.residual import normalize, residuals_for_bits
 from commvq.spec import ModelSpec
 
@@ -37,6 +38,8 @@ DEFAULT_CODE_BITS = 12
 SOLVERS = ("lstsq", "adam")
 DEFAULT_ROUNDS = 4
 DEFAULT_BEAM = 8
+TABLES = ("tied", "untied")
+DEFAULT_TABLES = "untied"
 ADAM_DEFAULTS = {"epochs": 100, "lr": 1e-3, "batch_size": 256}
 
 
@@ -78,6 +81,13 @@ class TrainKeysConfig:
         "keys alike) or prescale (its squared norm: the error in the keys' own scale, as "
         "config.json reports it)",
         choices=("none", "prescale"),
+    )
+    tables: str | None = option(
+        None,
+        "E2E lstsq: tied (the paper's codewords a_A + i a_B, one table per stage) or untied "
+        f"(a_A + i b_B: a second table for the B index; same codes, bits and decode cost; "
+        f"default {DEFAULT_TABLES} for e2e lstsq, tied otherwise); recorded in config.json",
+        choices=TABLES,
     )
     beam: int | None = option(
         None,
@@ -156,6 +166,13 @@ class TrainKeysConfig:
             raise ValueError(f"--holdout {self.holdout}: use a fraction between 0 and 0.5")
         if self.eval_samples < 1:
             raise ValueError(f"--eval_samples {self.eval_samples}: use 1 or more")
+        if self.tables not in (None, *TABLES):
+            raise ValueError(f"--tables {self.tables!r}: use tied or untied")
+        if self.tables == "untied" and (self.method, self.solver) != ("e2e", "lstsq"):
+            raise ValueError(
+                "--tables untied needs --method e2e --solver lstsq (EM and adam train the "
+                "paper's tied tables); drop --tables or change the method"
+            )
         if self.weights not in ("none", "prescale"):
             raise ValueError(f"--weights {self.weights}: none or prescale")
         if (self.lr is not None and self.lr <= 0) or self.commit_weight < 0:
@@ -169,6 +186,13 @@ class TrainKeysConfig:
         if self.beam is not None:
             return self.beam
         return DEFAULT_BEAM if self.method == "e2e" and self.solver == "lstsq" else 1
+
+    @property
+    def table_kind(self) -> str:
+        """tied or untied: what the codebooks are trained as (the default depends on the method)."""
+        if self.tables is not None:
+            return self.tables
+        return DEFAULT_TABLES if self.method == "e2e" and self.solver == "lstsq" else "tied"
 
     def ignored_flags(self) -> list[str]:
         """The Adam flags given to a run that does not use Adam."""
@@ -256,6 +280,7 @@ def prepare_output(
     overwrite: bool,
     empty: bool = True,
     beam: int = 1,
+    tables: str = "tied",
 ) -> None:
     """Refuse to mix methods or layouts in one directory, unless ``overwrite`` empties it (the
     emptying only where ``empty``: one process of several)."""
@@ -270,8 +295,8 @@ def prepare_output(
     same = (
         cfg is not None
         and cfg["method"] == method
-        and (cfg["code_bits"], cfg["residuals"], cfg.get("beam", 1))
-        == (layout.code_bits, layout.residuals, beam)
+        and (cfg["code_bits"], cfg["residuals"], cfg.get("beam", 1), cfg.get("tables", "tied"))
+        == (layout.code_bits, layout.residuals, beam, tables)
     )
     if same:
         return
@@ -347,6 +372,7 @@ def update_config(
             "samples": samples,
             "seed": cfg.seed,
             "beam": cfg.encode_beam,
+            "tables": cfg.table_kind,
             "train_config": to_dict(cfg),
             "layers": layers,
         },
@@ -441,6 +467,8 @@ def train_layer(
                 rounds=cfg.rounds, beam=job.beam, commit_weight=cfg.commit_weight, encode_fn=encoder
             )
             weighted = cfg.weights == "prescale"
+            if cfg.table_kind == "untied":
+                thetas0 = untie(thetas0)
             res = key_methods.run_e2e_lstsq(job, settings, thetas0, echo, weighted)
     seconds = time.perf_counter() - t0
     del keys, x, s, job
@@ -481,7 +509,15 @@ def run(cfg: TrainKeysConfig) -> Path:
             " --solver lstsq" if cfg.method == "e2e" else "",
         )
     rank, world = rank_world()
-    prepare_output(out, layout, cfg.method, cfg.overwrite, empty=rank == 0, beam=cfg.encode_beam)
+    prepare_output(
+        out,
+        layout,
+        cfg.method,
+        cfg.overwrite,
+        empty=rank == 0,
+        beam=cfg.encode_beam,
+        tables=cfg.table_kind,
+    )
     (out / "metrics").mkdir(exist_ok=True)
     # no process writes codebooks before every one has checked (and rank 0 emptied) the folder
     barrier()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from commvq.quant import residual
+from commvq.quant.commutative import as_float
 
 # one byte per token and KV head: d_hat = 2 ** ((code - TAIL_OFFSET) / TAIL_STEPS), rounded up
 TAIL_STEPS = 16
@@ -130,7 +131,7 @@ def tail_norms(codes: torch.Tensor, thetas: torch.Tensor, stages: int) -> torch.
     (0 when ``stages >= R``)."""
     if stages >= thetas.shape[1]:
         return torch.zeros(codes.shape[:2], device=codes.device)
-    tail = residual.decode(codes[..., stages:].long(), thetas[:, stages:].float())
+    tail = residual.decode(codes[..., stages:].long(), as_float(thetas[:, stages:]))
     return tail.norm(dim=-1)
 
 
@@ -146,7 +147,7 @@ def coarse_pairs(thetas: torch.Tensor, stages: int, share: float) -> torch.Tenso
 def pair_energy(thetas: torch.Tensor, stages: int) -> torch.Tensor:
     """Per KV head and RoPE pair, the energy of the first ``stages`` stages' table entries
     (``thetas [H, R, 2E, P]`` -> ``[H, P]``, float64)."""
-    return (thetas[:, :stages].double() ** 2).sum(dim=(1, 2))
+    return (thetas[:, :stages].abs().double() ** 2).sum(dim=(1, 2))  # |entry|^2: complex too
 
 
 def rank(coarse: torch.Tensor, best: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,11 @@ The 12-bit (generally ``code_bits``) code ``k = A*E + B`` stands for the codewor
 
     re = R_A - I_B        im = I_A + R_B
 
+Untied tables (``untie``): the B index reads a table of its own, ``c_AB[f] = a_A[f] + i b_B[f]``,
+held as a complex ``theta [..., 2E, P]`` (rows ``a_0..a_{E-1}``, then ``b_0..b_{E-1}``; the paper's
+tied tables are ``b = a``). The codes, their count and the decode cost are the same; multiplying by
+any complex number commutes with RoPE, so the score tables work alike (2E entries instead of E).
+
 Functions take a leading batch of heads: ``theta [H, 2E, P]``, vectors ``x [H, N, D]``.
 """
 
@@ -32,23 +37,56 @@ def join_theta(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
     return torch.stack((re, im), dim=-2).flatten(-3, -2)
 
 
+def is_untied(theta: torch.Tensor) -> bool:
+    """Whether ``theta`` holds untied tables (complex ``[..., 2E, P]``, see :func:`untie`)."""
+    return theta.is_complex()
+
+
+def untie(theta: torch.Tensor) -> torch.Tensor:
+    """The same codebook with untied tables: complex ``[..., 2E, P]``, ``a`` then ``b = a``
+    (untied input is returned as it is)."""
+    if is_untied(theta):
+        return theta
+    re, im = split_theta(theta)
+    z = torch.complex(re, im)
+    return torch.cat((z, z), dim=-2)
+
+
+def as_float(theta: torch.Tensor) -> torch.Tensor:
+    """``theta`` in float32 (complex64 for untied tables): what the encoders and kernels read."""
+    return theta.to(torch.complex64 if is_untied(theta) else torch.float32)
+
+
+def table_parts(
+    theta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(R_a, I_a, R_b, I_b)``, each ``[..., E, P]``: the tables the A and the B index read
+    (the same table twice for tied theta)."""
+    if is_untied(theta):
+        e = theta.shape[-2] // 2
+        a, b = theta[..., :e, :], theta[..., e:, :]
+        return a.real, a.imag, b.real, b.imag
+    re, im = split_theta(theta)
+    return re, im, re, im
+
+
 def decode(theta: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Codewords ``[H, N, D]`` of ``codes [H, N]`` (``k = A*E + B``), differentiable in theta."""
-    re, im = split_theta(theta)
-    e = re.shape[-2]
+    ra, ia, rb, ib = table_parts(theta)
+    e = ra.shape[-2]
     a, b = (codes // e).long(), (codes % e).long()
     h = torch.arange(theta.shape[0], device=theta.device)[:, None]
-    return torch.cat((re[h, a] - im[h, b], im[h, a] + re[h, b]), dim=-1)
+    return torch.cat((ra[h, a] - ib[h, b], ia[h, a] + rb[h, b]), dim=-1)
 
 
 def decode_table(theta: torch.Tensor) -> torch.Tensor:
     """``M [..., 2E, D]`` with ``decode = onehot(A) @ M[:E] + onehot(B) @ M[E:]``.
 
-    Rows ``A``: ``[R_A | I_A]``; rows ``E + B``: ``[-I_B | R_B]``. A matmul with one-hot codes
-    has a cheap, deterministic backward (no scatter of gathered rows).
+    Rows ``A``: ``[R_A | I_A]``; rows ``E + B``: ``[-I_B | R_B]`` (of the B table). A matmul with
+    one-hot codes has a cheap, deterministic backward (no scatter of gathered rows).
     """
-    re, im = split_theta(theta)
-    return torch.cat((torch.cat((re, im), dim=-1), torch.cat((-im, re), dim=-1)), dim=-2)
+    ra, ia, rb, ib = table_parts(theta)
+    return torch.cat((torch.cat((ra, ia), dim=-1), torch.cat((-ib, rb), dim=-1)), dim=-2)
 
 
 def codewords(theta: torch.Tensor) -> torch.Tensor:
@@ -69,14 +107,16 @@ def search_tables(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
     ``d2(x, c_AB) = |x|^2 - 2 (x.W[:, A] + x.W[:, E+B]) + n[A] + n[B] + G[A, B]`` with
     ``W [H, D, 2E]`` (columns ``[R_e; I_e]`` then ``[-I_e; R_e]``), ``n [H, E] = |a_e|^2`` and
-    ``G [H, E, E] = -2 sum_f Im(conj(a_A) a_B)``.
+    ``G [H, E, E] = -2 sum_f Im(conj(a_A) b_B)`` (``b = a`` for tied tables). Untied tables fold
+    the B table's own norms into ``G``: ``G[A, B] += |b_B|^2 - |a_B|^2``, so that the encoders
+    read one norm vector either way.
     """
-    re, im = split_theta(theta)
-    w_u = torch.cat((re, im), dim=-1)  # x . [R_A; I_A] = U_A
-    w_v = torch.cat((-im, re), dim=-1)  # x . [-I_B; R_B] = V_B
-    w = torch.cat((w_u, w_v), dim=-2).transpose(-1, -2)
-    n = (re * re + im * im).sum(-1)
-    g = -2.0 * (re @ im.transpose(-1, -2) - im @ re.transpose(-1, -2))
+    ra, ia, rb, ib = table_parts(theta)
+    w = decode_table(theta).transpose(-1, -2)  # x . [R_A; I_A] = U_A, x . [-I_B; R_B] = V_B
+    n = (ra * ra + ia * ia).sum(-1)
+    g = -2.0 * (ra @ ib.transpose(-1, -2) - ia @ rb.transpose(-1, -2))
+    if is_untied(theta):
+        g = g + ((rb * rb + ib * ib).sum(-1) - n)[..., None, :]
     return w, n, g
 
 
@@ -113,13 +153,24 @@ def nearest(x: torch.Tensor, theta: torch.Tensor, chunk: int = 8192) -> torch.Te
     )
 
 
+def score_entries(theta: torch.Tensor) -> int:
+    """Rows of :func:`score_table` per codebook: E (tied), 2E (untied; the B index reads row
+    ``E + B``)."""
+    e = theta.shape[-2] // 2
+    return 2 * e if is_untied(theta) else e
+
+
 def score_table(q: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """``u [..., E, P, 2]``: ``u_e[f] = q_f^T M(a_e[f])`` with
-    ``M(z) = [[Re z, -Im z], [Im z, Re z]]``.
+    ``M(z) = [[Re z, -Im z], [Im z, Re z]]``; untied tables: ``[..., 2E, P, 2]``, the entries of
+    ``a`` then those of ``b``.
 
     ``q [..., D]`` (rotate_half layout), ``theta [2E, P]`` (one codebook, broadcast over q's batch).
     """
-    re, im = split_theta(theta)
+    if is_untied(theta):
+        re, im = theta.real, theta.imag
+    else:
+        re, im = split_theta(theta)
     q_re, q_im = q[..., None, : re.shape[-1]], q[..., None, re.shape[-1] :]
     first = q_re * re + q_im * im
     second = -q_re * im + q_im * re
@@ -140,9 +191,10 @@ def scores_from_codes(
     ``codes [T, R]``, ``prescale [T]``, ``cos``/``sin [T, P]`` (the keys' rotation angles).
     """
     e = thetas.shape[-2] // 2
-    u = torch.stack([score_table(q, th) for th in thetas])  # [R, E, P, 2]
+    off = score_entries(thetas) - e  # where the B index's rows start
+    u = torch.stack([score_table(q, th) for th in thetas])  # [R, E or 2E, P, 2]
     stage = torch.arange(thetas.shape[0], device=q.device)
     ua = u[stage, (codes // e).long()].sum(1)  # [T, P, 2]
-    ub = u[stage, (codes % e).long()].sum(1)
+    ub = u[stage, off + (codes % e).long()].sum(1)
     per_pair = ua[..., 0] * cos + ua[..., 1] * sin - ub[..., 0] * sin + ub[..., 1] * cos
     return per_pair.sum(-1) * prescale

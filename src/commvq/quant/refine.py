@@ -14,6 +14,8 @@ The E2E loss ``Recon + commit_weight * Commit`` (targets detached) adds each sta
 pulls unused entries toward their current values. A round encodes the training vectors, gathers
 ``G`` and ``rhs`` in one pass (chunked; nothing of size ``N`` is kept), solves by Cholesky, and is
 scored on the held-out split; the best round (round 0: the start) is kept.
+Untied tables (complex theta, :func:`commvq.quant.commutative.untie`) put the B index in columns of
+its own: ``phi_n = onehot(A) + i onehot(E + B)`` over ``R*2E`` columns, the same solve.
 Pair weights (``objective=attention``) scale every equation of a pair alike, so they do not change
 the solution: they matter to training only through the encoder. Vector weights do: the keys are
 trained unit-norm (``x = k / s``) while the error that counts is in the keys' own scale,
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from commvq.quant.beam import encode as torch_encode
-from commvq.quant.commutative import decode_table, join_theta, split_theta
+from commvq.quant.commutative import decode_table, is_untied, join_theta, split_theta
 from commvq.quant.residual import decode
 
 
@@ -67,13 +69,17 @@ class RefineSettings:
             )
 
 
-def _onehots(codes: torch.Tensor, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(OA, OB)``, each ``[H, n, R*E]``: ones at ``r*E + A_r`` and ``r*E + B_r``."""
+def _onehots(
+    codes: torch.Tensor, e: int, dtype: torch.dtype, untied: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(OA, OB)``, each ``[H, n, R*E]``: ones at ``r*E + A_r`` and ``r*E + B_r``; ``untied``:
+    ``[H, n, R*2E]``, ones at ``r*2E + A_r`` and ``r*2E + E + B_r``."""
     h, n, r = codes.shape
-    base = torch.arange(r, device=codes.device) * e
+    cols = 2 * e if untied else e
+    base = torch.arange(r, device=codes.device) * cols
     out = []
-    for idx in (codes // e, codes % e):
-        o = torch.zeros(h, n, r * e, device=codes.device, dtype=dtype)
+    for idx in (codes // e, codes % e + (e if untied else 0)):
+        o = torch.zeros(h, n, r * cols, device=codes.device, dtype=dtype)
         o.scatter_(2, idx + base, 1.0)
         out.append(o)
     return out[0], out[1]
@@ -109,18 +115,15 @@ def _complex_rhs(oa: torch.Tensor, ob: torch.Tensor, t: torch.Tensor) -> torch.T
 class Normal:
     """Accumulated normal equations of one round, per head (float64 / complex128)."""
 
-    gram: torch.Tensor  # [H, R*E, R*E] Hermitian
-    rhs: torch.Tensor  # [H, R*E, P]
-    commit_rhs: torch.Tensor  # [H, R*E, P]: each stage's block against its own targets
+    gram: torch.Tensor  # [H, R*C, R*C] Hermitian; C: columns per stage, E (tied) or 2E (untied)
+    rhs: torch.Tensor  # [H, R*C, P]
+    commit_rhs: torch.Tensor  # [H, R*C, P]: each stage's block against its own targets
 
     @classmethod
-    def zeros(cls, h: int, r: int, e: int, p: int, device) -> Normal:
+    def zeros(cls, h: int, r: int, e: int, p: int, device, untied: bool = False) -> Normal:
         z = dict(dtype=torch.complex128, device=device)
-        return cls(
-            torch.zeros(h, r * e, r * e, **z),
-            torch.zeros(h, r * e, p, **z),
-            torch.zeros(h, r * e, p, **z),
-        )
+        c = r * e * (2 if untied else 1)
+        return cls(torch.zeros(h, c, c, **z), torch.zeros(h, c, p, **z), torch.zeros(h, c, p, **z))
 
     def add(
         self,
@@ -135,7 +138,8 @@ class Normal:
         ``weights [n]``, if given, scale each vector's equations."""
         h, n, r = codes.shape
         e = thetas.shape[2] // 2
-        oa, ob = _onehots(codes, e, x.dtype)
+        untied = is_untied(thetas)
+        oa, ob = _onehots(codes, e, x.dtype, untied)
         w_col = None if weights is None else weights.to(x.dtype)[None, :, None]
         parts = [None] if w_col is None else _split_weights(w_col)
         real = cross = 0.0
@@ -151,8 +155,9 @@ class Normal:
         target = x.clone()  # what the stages before s leave
         table = decode_table(thetas)  # [H, R, 2E, D]
         heads = torch.arange(h, device=x.device)[:, None]
+        c = 2 * e if untied else e
         for s in range(r):
-            cols = slice(s * e, (s + 1) * e)
+            cols = slice(s * c, (s + 1) * c)
             self.commit_rhs[:, cols] += _complex_rhs(oa[..., cols], ob[..., cols], target)
             code = codes[..., s]
             target -= table[heads, s, code // e] + table[heads, s, e + code % e]
@@ -164,7 +169,8 @@ def solve(
     """Theta ``[H, R, 2E, P]`` minimizing ``Recon + commit_weight * Commit`` for the gathered codes
     (plus ``ridge`` times the mean diagonal, pulling toward ``thetas0``)."""
     h, r, e2, p = thetas0.shape
-    e = e2 // 2
+    untied = is_untied(thetas0)
+    e = e2 if untied else e2 // 2  # columns per stage
     gram = normal.gram.clone()
     rhs = normal.rhs.clone()
     if commit_weight:
@@ -173,8 +179,11 @@ def solve(
             cols = slice(s * e, (s + 1) * e)
             gram[:, cols, cols] += c * normal.gram[:, cols, cols]
         rhs += c * normal.commit_rhs
-    re0, im0 = split_theta(thetas0.double())
-    z0 = torch.complex(re0, im0).reshape(h, r * e, p)
+    if untied:
+        z0 = thetas0.to(torch.complex128).reshape(h, r * e, p)
+    else:
+        re0, im0 = split_theta(thetas0.double())
+        z0 = torch.complex(re0, im0).reshape(h, r * e, p)
     lam = ridge * gram.diagonal(dim1=1, dim2=2).real.mean(-1).clamp_min(1e-30)  # [H]
     gram.diagonal(dim1=1, dim2=2).add_(lam[:, None])
     rhs += lam[:, None, None] * z0
@@ -186,7 +195,7 @@ def solve(
         else torch.cholesky_solve(rhs, chol)
     )
     z = z.reshape(h, r, e, p)
-    return join_theta(z.real, z.imag).to(thetas0.dtype)
+    return z.to(thetas0.dtype) if untied else join_theta(z.real, z.imag).to(thetas0.dtype)
 
 
 def revive_entries(
@@ -272,6 +281,9 @@ def refine(
     h, n, d = x.shape
     r, e = thetas0.shape[1], thetas0.shape[2] // 2
     s = settings
+    untied = is_untied(thetas0)
+    if untied and s.revive:
+        raise ValueError(f"revive={s.revive}: entry revival takes tied tables; use revive=0")
 
     def held_error(th: torch.Tensor) -> float:
         return relative_error(heldout, th, s.beam, s.chunk, s.encode_fn, heldout_weights)
@@ -284,7 +296,7 @@ def refine(
     gen = torch.Generator(device=x.device).manual_seed(s.seed)
     for rnd in range(1, s.rounds + 1):
         t0 = time.perf_counter()
-        normal = Normal.zeros(h, r, e, d // 2, x.device)
+        normal = Normal.zeros(h, r, e, d // 2, x.device, untied)
         err = 0.0
         temp = s.noise * max(0.0, 1 - rnd / s.rounds) ** 0.5
         with torch.no_grad():
