@@ -9,7 +9,8 @@ Data: a collected store's layer, or without ``--key_dir`` synthetic key-like vec
 Llama-3.1-8B shapes (benchmarks/em_layer.py): of the first ``--num_samples`` rows 95% train and 5%
 validate, and the 16,384 rows after them are the held-out rows nobody trains on (as train-keys).
 Methods, all from the same rows: the paper's EM (greedy codes, and the same codebooks under each
-beam), E2E by joint least squares from EM's result for each beam width (``--solver lstsq``), and
+beam), E2E by joint least squares from EM's result for each beam width (``--solver lstsq``; with
+the paper's tied tables and untied, ``--tables``), and
 E2E by Adam from a k-means++ start (the guide's settings, stopped after ``--adam_budget_s``).
 Reports each method's time (its start included), held-out relative key error and peak GPU memory,
 the encode time per beam width over ``--encode_tokens`` tokens, a PNG of held-out
@@ -37,6 +38,7 @@ from commvq.codecs.key_codebook import encoder_for
 from commvq.pipeline.key_rows import EVAL_SAMPLES
 from commvq.pipeline.train_keys import resolve_encoder, resolve_estep
 from commvq.quant import e2e, em, refine
+from commvq.quant.commutative import untie
 from commvq.quant.residual import decode, normalize
 
 CUDA = torch.cuda.is_available()
@@ -114,6 +116,7 @@ def main() -> None:
         "--lstsq_beams", default="", help="beam widths to train E2E lstsq with (default: --beams)"
     )
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--tables", default="tied,untied", help="E2E lstsq table kinds to train")
     ap.add_argument("--adam_budget_s", type=float, default=90.0, help="0: no Adam run")
     ap.add_argument("--encode_tokens", type=int, default=131072)
     ap.add_argument("--plot", default="")
@@ -156,7 +159,10 @@ def main() -> None:
             }
         )
 
-    for b in lstsq_beams:
+    for kind, b in [(k, b) for k in args.tables.split(",") for b in lstsq_beams]:
+        if kind not in ("tied", "untied"):
+            raise SystemExit(f"--tables {args.tables}: a comma list of tied, untied")
+        first = untie(em_thetas) if kind == "untied" else em_thetas
         reset_peak()
         points = [(t_em, rel(xv, em_thetas, b, enc))]
         sync()
@@ -169,17 +175,17 @@ def main() -> None:
         res = refine.refine(
             x,
             xv,
-            em_thetas,
+            first,
             refine.RefineSettings(rounds=args.rounds, beam=b, encode_fn=enc),
             on_round=on_round,
         )
         sync()
         seconds = t_em + time.perf_counter() - t1
-        curves[f"E2E lstsq, beam {b}"] = points
+        curves[f"E2E lstsq{', untied' if kind == 'untied' else ''}, beam {b}"] = points
         peak = max(em_peak, peak_gib())
         rows.append(
             {
-                "method": "e2e-lstsq",
+                "method": "e2e-lstsq" + ("-untied" if kind == "untied" else ""),
                 "beam": b,
                 "seconds": seconds,
                 "best_round": res.best_round,
@@ -249,12 +255,12 @@ def main() -> None:
         f"{args.code_bits}-bit codes  held-out rows {xh.shape[1]}  commit {commit}"
     )
     print(
-        f"{'method':<12}{'beam':>5}{'seconds':>10}{'held-out rel. MSE':>19}{'x EM':>8}"
+        f"{'method':<18}{'beam':>5}{'seconds':>10}{'held-out rel. MSE':>19}{'x EM':>8}"
         f"{'peak GiB':>10}"
     )
     for r in rows:
         print(
-            f"{r['method']:<12}{r['beam']:>5}{r['seconds']:>10.1f}{r['heldout']:>19.5f}"
+            f"{r['method']:<18}{r['beam']:>5}{r['seconds']:>10.1f}{r['heldout']:>19.5f}"
             f"{r['heldout'] / base:>8.3f}{r['peak_gib']:>10.2f}"
         )
     print(f"\nencode {args.encode_tokens} tokens x {h} heads x {args.residuals} stages")

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Settings of the least-squares refinement side by side on one layer: the kept round's held-out
 key error in the keys' own scale (what ``config.json`` records) for each variant (commit weight,
-stochastic-relaxation noise, beam, vector weights ``weighted=1``: the squared prescales, and the
+stochastic-relaxation noise, beam, vector weights ``weighted=1``: the squared prescales, untied
+tables ``untied=1``: the start's tables untied, a second table for the B index, and the
 order ``progressive=1``: the start's stages joined one at a time, all of them refined after each
 join; ``progressive=2``: each new stage fitted by EM to what the beam leaves of the training keys),
 as a ratio to the starting codebooks' greedy error on the same rows; ``--eval_beams`` scores the
@@ -35,7 +36,7 @@ except ImportError:
 
 from commvq import io
 from commvq.codecs.key_codebook import encoder_for
-from commvq.quant import em, refine, residual
+from commvq.quant import commutative, em, refine, residual
 from commvq.spec import ModelSpec
 
 
@@ -49,11 +50,11 @@ def parse_variants(text: str) -> list[dict[str, float]]:
     out = []
     for part in text.split(";"):
         kv = dict(item.split("=") for item in part.split(",") if item)
-        bad = set(kv) - {"cw", "noise", "beam", "revive", "weighted", "progressive"}
+        bad = set(kv) - {"cw", "noise", "beam", "revive", "weighted", "progressive", "untied"}
         if bad:
             raise SystemExit(
                 f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam, revive, "
-                "weighted, progressive"
+                "weighted, progressive, untied"
             )
         v = {k: float(x) for k, x in kv.items()}
         if v.get("progressive", 0) not in (0, 1, 2):
@@ -164,7 +165,8 @@ def main() -> None:
                 x, s_train, held, start, settings, how, weights=w[0], heldout_weights=w[1]
             )
         else:
-            res = refine.refine(x, held, start, settings, weights=w[0], heldout_weights=w[1])
+            first = commutative.untie(start) if v.get("untied", 0) else start
+            res = refine.refine(x, held, first, settings, weights=w[0], heldout_weights=w[1])
         seconds = time.perf_counter() - t0
         own = refine.relative_error(held, res.thetas, beam, encode_fn=encode, weights=w_held)
         unit = refine.relative_error(held, res.thetas, beam, encode_fn=encode)

@@ -14,6 +14,12 @@
 #       compare-codebooks of the four folders, the one-layer plot on layer 14's collected keys, and
 #       the codebook folders as tarballs in $OUT (LAYER14=0 skips the plot; TAR="e2e" packs only
 #       the E2E folders)
+#   or, carry .gguf_parts/part_ab .whl and EM folders:  CARRIED=DIR RESIDUALS="5 11" \
+#       bash scripts/gpu_key_results.sh untied [SECONDS]
+#       E2E with untied tables (train-keys' default) from the carried EM folders into $DEV/untied,
+#       compare-codebooks of EM, the carried tied E2E folder (if any) and the untied one, the untied
+#       folders as tarballs in $OUT, and $DEV/cache_keys (EM and untied E2E under the names the
+#       cache phase reads: KEY_DIRS=$DEV/cache_keys)
 #   then:  bash scripts/gpu_key_results.sh values   (value codecs of 2 and 1 bit from the same
 #       collected data's scales: VALUES="2 600 165,1 500 135" = bits, steps, seconds each), and
 #       bash scripts/gpu_key_results.sh cache [eval compare options]   (every cache method with these
@@ -52,6 +58,28 @@ case $PHASE in
         | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|stage/s\]\|round/s\]" >> "$OUT/train_$name.log"
       echo "$name: rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s, layers done:" \
         "$(ls "$K/$name/metrics" 2>/dev/null | wc -l)"
+    done ;;
+  untied)
+    . scripts/device_model.sh "$DEV/part_aa" .gguf_parts/part_ab
+    mkdir -p "$K" "$DEV/untied" "$DEV/cache_keys"
+    [ -n "${CARRIED:-}" ] && cp -rn "$CARRIED"/codebook_12bits_* "$K"/
+    end=$(( BEGIN + ${2:-540} ))
+    for r in ${RESIDUALS:-5}; do
+      em_dir=$K/codebook_12bits_64group_${r}residuals name=codebook_e2e_12bits_64group_${r}residuals
+      left=$(( end - $(date +%s) ))
+      [ $left -gt 20 ] || { echo "untied: out of time before R=$r"; break; }
+      start=$(date +%s)
+      timeout "$left" python3 -m commvq -q train-keys --key_dir "$DATA/data/key" --layers all --method e2e \
+        --tables untied --code_bits 12 --residuals "$r" --num_samples "$NUM_SAMPLES" --init_dir "$em_dir" \
+        --output_dir "$DEV/untied/$name" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|round/s\]" \
+        >> "$OUT/train_untied_$r.log"
+      echo "untied R=$r: rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s, layers done:" \
+        "$(ls "$DEV/untied/$name/metrics" 2>/dev/null | wc -l)"
+      tied=$([ -n "${CARRIED:-}" ] && [ -d "$CARRIED/$name" ] && echo "$CARRIED/$name")
+      python3 -m commvq -q compare-codebooks "$em_dir" $tied "$DEV/untied/$name" --key_dir "$DATA/data/key" \
+        --output "$OUT/compare_$r" 2>&1 | grep "^| \|mean"
+      ln -sfn "$em_dir" "$DEV/cache_keys/"; ln -sfn "$DEV/untied/$name" "$DEV/cache_keys/"
+      tar -C "$DEV/untied" -czf "$OUT/untied_$r.tgz" --exclude "*.png" "$name"
     done ;;
   report)
     python3 -m commvq -q compare-codebooks "$K"/codebook_12bits_64group_11residuals \

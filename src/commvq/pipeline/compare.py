@@ -213,11 +213,13 @@ def write_report(cfg: CompareConfig, names: list[str], rows: list[dict], meta: d
 
 
 def legend_label(folder: Path, name: str) -> str:
-    """``EM 2-bit``, ``E2E 1-bit`` from a codebook folder's config.json; else its column name."""
+    """``EM 2-bit``, ``E2E 1-bit``, ``E2E 1-bit, untied`` from a codebook folder's config.json;
+    else its column name."""
     conf = io.read_config(folder)
     if not conf or "method" not in conf or "bits_per_channel" not in conf:
         return name
-    return f"{conf['method'].upper()} {round(conf['bits_per_channel'])}-bit"
+    untied = ", untied" if conf.get("tables") == "untied" else ""
+    return f"{conf['method'].upper()} {round(conf['bits_per_channel'])}-bit{untied}"
 
 
 def plot(
