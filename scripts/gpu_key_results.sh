@@ -16,7 +16,7 @@
 #       the E2E folders)
 #   or, carry .gguf_parts/part_ab .whl and EM folders:  CARRIED=DIR RESIDUALS="5 11" \
 #       bash scripts/gpu_key_results.sh untied [SECONDS]
-#       E2E with untied tables (train-keys' default) from the carried EM folders into $DEV/untied,
+#       E2E with untied tables (train-keys' default; $ROUNDS rounds) from the carried EM folders into $DEV/untied,
 #       compare-codebooks of EM, the carried tied E2E folder (if any) and the untied one, the untied
 #       folders as tarballs in $OUT, and $DEV/cache_keys (EM and untied E2E under the names the
 #       cache phase reads: KEY_DIRS=$DEV/cache_keys)
@@ -70,7 +70,7 @@ case $PHASE in
       [ $left -gt 20 ] || { echo "untied: out of time before R=$r"; break; }
       start=$(date +%s)
       timeout "$left" python3 -m commvq -q train-keys --key_dir "$DATA/data/key" --layers all --method e2e \
-        --tables untied --code_bits 12 --residuals "$r" --num_samples "$NUM_SAMPLES" --init_dir "$em_dir" \
+        --tables untied --rounds "${ROUNDS:-4}" --code_bits 12 --residuals "$r" --num_samples "$NUM_SAMPLES" --init_dir "$em_dir" \
         --output_dir "$DEV/untied/$name" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|round/s\]" \
         >> "$OUT/train_untied_$r.log"
       echo "untied R=$r: rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s, layers done:" \
