@@ -70,7 +70,7 @@ case $PHASE in
       [ $left -gt 20 ] || { echo "untied: out of time before R=$r"; break; }
       start=$(date +%s)
       timeout "$left" python3 -m commvq -q train-keys --key_dir "$DATA/data/key" --layers all --method e2e \
-        --tables untied --rounds "${ROUNDS:-4}" --code_bits 12 --residuals "$r" --num_samples "$NUM_SAMPLES" --init_dir "$em_dir" \
+        --tables untied --rounds "${ROUNDS:-8}" --code_bits 12 --residuals "$r" --num_samples "$NUM_SAMPLES" --init_dir "$em_dir" \
         --output_dir "$DEV/untied/$name" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|round/s\]" \
         >> "$OUT/train_untied_$r.log"
       echo "untied R=$r: rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s, layers done:" \
