@@ -363,6 +363,10 @@ def test_e2e_trains_untied_tables_by_default_and_files_round_trip(key_dir, tmp_p
                 tables="tied",
             )
         )
+    with pytest.raises(ValueError, match="holds untied tables"):  # untied start, tied run
+        train_keys.run(
+            _cfg(key_dir, tmp_path / "t", method="e2e", layers="0", init_dir=out, tables="tied")
+        )
     for kw in ({"method": "em"}, {"method": "e2e", "solver": "adam"}):
         with pytest.raises(ValueError, match="--tables untied needs --method e2e --solver lstsq"):
             _cfg(key_dir, out, tables="untied", **kw)

@@ -28,7 +28,7 @@ from commvq.pipeline import key_methods, progress
 from commvq.pipeline.collect import store_dirs
 from commvq.pipeline.key_rows import EVAL_SAMPLES, finite_rows, heldout_errors, split_rows
 from commvq.quant import e2e, em, refine
-from commvq.quant.commutative import untie
+from commvq.quant.commutative import is_untied, untie
 from commvq.quant.residual import normalize, residuals_for_bits
 from commvq.spec import ModelSpec
 
@@ -453,6 +453,11 @@ def train_layer(
         thetas0 = key_methods.initial_thetas(
             job, cfg.init, cfg.max_iters, cfg.chunk, cfg.init_dir, spec
         )
+        if is_untied(thetas0) and cfg.table_kind == "tied":
+            raise ValueError(
+                f"--init_dir {cfg.init_dir} holds untied tables and this run trains tied ones: "
+                "start from tied codebooks (e.g. an EM folder) or pass --tables untied"
+            )
         if cfg.solver == "adam":
             settings = e2e.E2ESettings(
                 epochs=cfg.adam("epochs"),
