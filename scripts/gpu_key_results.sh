@@ -19,7 +19,9 @@
 #       E2E with untied tables (train-keys' default; $ROUNDS rounds) from the carried EM folders into $DEV/untied,
 #       compare-codebooks of EM, the carried tied E2E folder (if any) and the untied one, the untied
 #       folders as tarballs in $OUT, and $DEV/cache_keys (EM and untied E2E under the names the
-#       cache phase reads: KEY_DIRS=$DEV/cache_keys)
+#       cache phase reads: KEY_DIRS=$DEV/cache_keys); LAYERS="0,14,29" trains only those layers
+#       (EM first where the EM folder lacks them: at 2 bits no EM folder may be carried), PROCS=2
+#       runs train-keys as that many processes on the one GPU (torchrun; layers split between them)
 #   then:  bash scripts/gpu_key_results.sh values   (value codecs of 2 and 1 bit from the same
 #       collected data's scales: VALUES="2 600 165,1 500 135" = bits, steps, seconds each), and
 #       bash scripts/gpu_key_results.sh cache [eval compare options]   (every cache method with these
@@ -62,6 +64,8 @@ case $PHASE in
   untied)
     . scripts/device_model.sh "$DEV/part_aa" .gguf_parts/part_ab
     mkdir -p "$K" "$DEV/untied" "$DEV/cache_keys"
+    TRAIN="python3 -m commvq -q"
+    [ "${PROCS:-1}" -gt 1 ] && TRAIN="python3 -m torch.distributed.run --standalone --nproc_per_node $PROCS -m commvq -q"
     [ -n "${CARRIED:-}" ] && cp -rn "$CARRIED"/codebook_12bits_* "$K"/
     end=$(( BEGIN + ${2:-540} ))
     for r in ${RESIDUALS:-5}; do
@@ -69,7 +73,12 @@ case $PHASE in
       left=$(( end - $(date +%s) ))
       [ $left -gt 20 ] || { echo "untied: out of time before R=$r"; break; }
       start=$(date +%s)
-      timeout "$left" python3 -m commvq -q train-keys --key_dir "$DATA/data/key" --layers all --method e2e \
+      timeout "$left" $TRAIN train-keys --key_dir "$DATA/data/key" --layers "${LAYERS:-all}" --method em \
+        --code_bits 12 --residuals "$r" --num_samples "$NUM_SAMPLES" --output_dir "$em_dir" 2>&1 \
+        | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|stage/s\]" >> "$OUT/train_em_$r.log"
+      echo "EM R=$r: rc ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s, layers done: $(ls "$em_dir/metrics" 2>/dev/null | wc -l)"
+      left=$(( end - $(date +%s) )) start=$(date +%s)
+      timeout "$left" $TRAIN train-keys --key_dir "$DATA/data/key" --layers "${LAYERS:-all}" --method e2e \
         --tables untied --rounds "${ROUNDS:-8}" --code_bits 12 --residuals "$r" --num_samples "$NUM_SAMPLES" --init_dir "$em_dir" \
         --output_dir "$DEV/untied/$name" 2>&1 | tr '\r' '\n' | grep -v "it/s\]\|s/it\]\|round/s\]" \
         >> "$OUT/train_untied_$r.log"
