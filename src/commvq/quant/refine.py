@@ -105,10 +105,15 @@ def _split_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _complex_rhs(oa: torch.Tensor, ob: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``sum_n conj(phi_n) t_n`` for ``t [H, n, D]`` in the rotate_half layout: ``[H, cols, P]``."""
+    """``sum_n conj(phi_n) t_n`` for ``t [H, n, D]`` in the rotate_half layout: ``[H, cols, P]``.
+
+    Summed in float64: untied tables have a direction no equation fixes (a stage's ``a += c``,
+    ``b += i c``), held only by the ridge, which multiplies the sums' rounding in it by 1/ridge;
+    float32 sums let the tables drift in it round by round (tests/quant/test_untied.py)."""
     p = t.shape[-1] // 2
-    at, bt = oa.transpose(1, 2) @ t, ob.transpose(1, 2) @ t  # [H, cols, D]
-    return torch.complex((at[..., :p] + bt[..., p:]).double(), (at[..., p:] - bt[..., :p]).double())
+    t = t.double()
+    at, bt = oa.double().transpose(1, 2) @ t, ob.double().transpose(1, 2) @ t  # [H, cols, D]
+    return torch.complex(at[..., :p] + bt[..., p:], at[..., p:] - bt[..., :p])
 
 
 @dataclass
