@@ -131,12 +131,11 @@ def _gauge(thetas: torch.Tensor) -> torch.Tensor:
 
 def test_untied_rounds_keep_the_null_direction_where_it_started():
     """Shifting a stage's A table by ``c`` and its B table by ``i c`` changes no codeword, so no
-    equation fixes that shift: the ridge holds it at the start, and any rounding in the
-    right-hand sides in that direction is multiplied by 1/ridge. Keys with a large common offset
-    (a layer like SmolLM2's first, whose relative error is 1e-3 or below) made float32 sums
-    move the later stages' shift 20x per 8 rounds on the CPU and the tables off by their own size on
-    a GPU, until the float32 encoders lost the codewords in the cancellation; the sums are exact
-    in that direction now (float64)."""
+    equation fixes that shift: the ridge holds it at the start and multiplies any rounding of the
+    right-hand sides in that direction by 1/ridge. On keys with a large common offset (like
+    SmolLM2's first layer) float32 sums moved the shift by several times the entries' spread in 4
+    rounds, and the float32 encoders then work on tables far larger than their codewords' spread;
+    float64 sums keep it where it started."""
     from commvq.quant import em
 
     gen = torch.Generator().manual_seed(0)
