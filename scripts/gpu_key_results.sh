@@ -23,7 +23,9 @@
 #       (EM first where the EM folder lacks them: at 2 bits no EM folder may be carried), PROCS=2
 #       runs train-keys as that many processes on the one GPU (torchrun; layers split between them)
 #   then:  bash scripts/gpu_key_results.sh values   (value codecs of 2 and 1 bit from the same
-#       collected data's scales: VALUES="2 600 165,1 500 135" = bits, steps, seconds each), and
+#       collected data's scales: VALUES="2 600 165,1 500 135" = bits, steps, seconds each; on a
+#       fresh machine after the bench call, carry .gguf_parts/part_ab: it joins and collects as the key
+#       phases do), and
 #       bash scripts/gpu_key_results.sh cache [eval compare options]   (every cache method with these
 #       key codebooks and value codecs: scripts/gpu_results.sh)
 set -uo pipefail
@@ -109,6 +111,9 @@ case $PHASE in
     split -b 15M "$DEV/codebooks.tgz" "$OUT/codebooks.tgz.part_"
     ls -la "$OUT" "$OUT"/compare_keys ;;
   values)
+    # a machine that ran no key phase joins the GGUF (part_ab carried, part_aa kept by the bench
+    # call) and collects here: the same deterministic collection, so the same scales
+    . scripts/device_model.sh "$DEV/part_aa" .gguf_parts/part_ab
     IFS=, read -ra runs <<< "${VALUES:-2 600 165,1 500 135}"
     for run in "${runs[@]}"; do
       set -- $run
