@@ -76,6 +76,15 @@ def test_quiet_silences_progress_bars_and_depths_are_fractions(tmp_path, capsys)
     assert cli.main(["eval", "ppl", "--ppl_tokens", "512", "--ppl_prefill", "511"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ppl_prefill 511: from 0 to --ppl_tokens - 2 (510)" in err[0]
+    # every token of a document inside the window: nothing scored (was a ZeroDivisionError)
+    assert cli.main(["eval", "compare", "--ppl_tokens", "128", "--window", "128"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ppl_tokens 128: scoring starts after the first --window" in err[0]
+    assert (
+        cli.main(["eval", "passkey", "--ppl_tokens", "128", "--window", "128", "--lengths", "0"])
+        == 2
+    )
+    assert "--lengths 0" in capsys.readouterr().err  # the ppl check leaves other suites alone
 
 
 def _small_store(root):

@@ -113,6 +113,12 @@ class EvalConfig:
                 f"--ppl_prefill {self.ppl_prefill}: from 0 to --ppl_tokens - 2 "
                 f"({self.ppl_tokens - 2}), so that some tokens are scored"
             )
+        if self.suite in ("ppl", "compare") and self.window >= self.ppl_tokens - 1:
+            # tokens inside the first window are exact for every method: none would be scored
+            raise ValueError(
+                f"--ppl_tokens {self.ppl_tokens}: scoring starts after the first --window "
+                f"({self.window}) tokens; give --ppl_tokens above {self.window + 1}"
+            )
         bad = [d for d in _floats(self.depths) if not 0 <= d <= 1]
         if bad or not _floats(self.depths):
             raise ValueError(
