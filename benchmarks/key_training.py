@@ -10,7 +10,8 @@ Llama-3.1-8B shapes (benchmarks/em_layer.py): of the first ``--num_samples`` row
 validate, and the 16,384 rows after them are the held-out rows nobody trains on (as train-keys).
 Methods, all from the same rows: the paper's EM (greedy codes, and the same codebooks under each
 beam), E2E by joint least squares from EM's result for each beam width (``--solver lstsq``; with
-the paper's tied tables and untied, ``--tables``), and
+the paper's tied tables and untied, ``--tables``; each round's step searched or taken whole,
+``--steps``), and
 E2E by Adam from a k-means++ start (the guide's settings, stopped after ``--adam_budget_s``).
 Reports each method's time (its start included), held-out relative key error and peak GPU memory,
 the encode time per beam width over ``--encode_tokens`` tokens, a PNG of held-out
@@ -117,11 +118,18 @@ def main() -> None:
     )
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tables", default="tied,untied", help="E2E lstsq table kinds to train")
+    ap.add_argument(
+        "--steps",
+        default="search",
+        help="E2E lstsq rounds' moves: search (the step size the beam encodes best), full (each "
+        "solve as it is), or both",
+    )
     ap.add_argument("--adam_budget_s", type=float, default=90.0, help="0: no Adam run")
     ap.add_argument("--encode_tokens", type=int, default=131072)
     ap.add_argument("--plot", default="")
     args = ap.parse_args()
     beams = [int(b) for b in args.beams.split(",")]
+    beams = beams if 1 in beams else [1, *beams]  # EM's greedy error is every ratio's base
     lstsq_beams = [int(b) for b in (args.lstsq_beams or args.beams).split(",")]
     e = 2 ** (args.code_bits // 2)
     x, s, xv, xh, sh, what = load_rows(args)
@@ -159,9 +167,17 @@ def main() -> None:
             }
         )
 
-    for kind, b in [(k, b) for k in args.tables.split(",") for b in lstsq_beams]:
+    runs = [
+        (k, b, st)
+        for k in args.tables.split(",")
+        for st in args.steps.split(",")
+        for b in lstsq_beams
+    ]
+    for kind, b, step in runs:
         if kind not in ("tied", "untied"):
             raise SystemExit(f"--tables {args.tables}: a comma list of tied, untied")
+        if step not in refine.STEPS:
+            raise SystemExit(f"--steps {args.steps}: a comma list of {', '.join(refine.STEPS)}")
         first = untie(em_thetas) if kind == "untied" else em_thetas
         reset_peak()
         points = [(t_em, rel(xv, em_thetas, b, enc))]
@@ -176,19 +192,23 @@ def main() -> None:
             x,
             xv,
             first,
-            refine.RefineSettings(rounds=args.rounds, beam=b, encode_fn=enc),
+            refine.RefineSettings(rounds=args.rounds, beam=b, encode_fn=enc, step=step),
             on_round=on_round,
         )
         sync()
         seconds = t_em + time.perf_counter() - t1
-        curves[f"E2E lstsq{', untied' if kind == 'untied' else ''}, beam {b}"] = points
+        label = (
+            f"E2E lstsq{', untied' if kind == 'untied' else ''}{', full steps' * (step == 'full')}"
+        )
+        curves[f"{label}, beam {b}"] = points
         peak = max(em_peak, peak_gib())
         rows.append(
             {
-                "method": "e2e-lstsq" + ("-untied" if kind == "untied" else ""),
+                "method": "e2e-lstsq" + "-untied" * (kind == "untied") + "-full" * (step == "full"),
                 "beam": b,
                 "seconds": seconds,
                 "best_round": res.best_round,
+                "step_sizes": [r.step_size for r in res.history],
                 "heldout": heldout(xh, sh, res.thetas, b, enc),
                 "peak_gib": peak,
             }
@@ -255,12 +275,12 @@ def main() -> None:
         f"{args.code_bits}-bit codes  held-out rows {xh.shape[1]}  commit {commit}"
     )
     print(
-        f"{'method':<18}{'beam':>5}{'seconds':>10}{'held-out rel. MSE':>19}{'x EM':>8}"
+        f"{'method':<23}{'beam':>5}{'seconds':>10}{'held-out rel. MSE':>19}{'x EM':>8}"
         f"{'peak GiB':>10}"
     )
     for r in rows:
         print(
-            f"{r['method']:<18}{r['beam']:>5}{r['seconds']:>10.1f}{r['heldout']:>19.5f}"
+            f"{r['method']:<23}{r['beam']:>5}{r['seconds']:>10.1f}{r['heldout']:>19.5f}"
             f"{r['heldout'] / base:>8.3f}{r['peak_gib']:>10.2f}"
         )
     print(f"\nencode {args.encode_tokens} tokens x {h} heads x {args.residuals} stages")

@@ -2,11 +2,12 @@
 """Settings of the least-squares refinement side by side on one layer: the kept round's held-out
 key error in the keys' own scale (what ``config.json`` records) for each variant (commit weight,
 stochastic-relaxation noise, beam, vector weights ``weighted=1``: the squared prescales, untied
-tables ``untied=1``: the start's tables untied, a second table for the B index, and the
-order ``progressive=1``: the start's stages joined one at a time, all of them refined after each
-join; ``progressive=2``: each new stage fitted by EM to what the beam leaves of the training keys),
-as a ratio to the starting codebooks' greedy error on the same rows; ``--eval_beams`` scores the
-kept codebooks at other encoder widths too.
+tables ``untied=1``: the start's tables untied, a second table for the B index, each solve
+taken whole ``search=0`` (default 1: the fraction of the solve's step that the beam encodes best
+on a training sample), and the order ``progressive=1``: the start's stages joined one at a time,
+all of them refined after each join; ``progressive=2``: each new stage fitted by EM to what
+the beam leaves of the training keys), as a ratio to the starting codebooks' greedy error on
+the same rows; ``--eval_beams`` scores the kept codebooks at other encoder widths too.
 
     python benchmarks/refine_variants.py --keys KEYS.pt --codebooks DIR --layer 14
         [--variants "cw=0.25;weighted=1;cw=0,noise=0.5;progressive=1"] [--rounds 10] [--beam 8]
@@ -50,11 +51,12 @@ def parse_variants(text: str) -> list[dict[str, float]]:
     out = []
     for part in text.split(";"):
         kv = dict(item.split("=") for item in part.split(",") if item)
-        bad = set(kv) - {"cw", "noise", "beam", "revive", "weighted", "progressive", "untied"}
+        known = {"cw", "noise", "beam", "revive", "weighted", "progressive", "untied", "search"}
+        bad = set(kv) - known
         if bad:
             raise SystemExit(
                 f"--variants: unknown setting(s) {sorted(bad)}; use cw, noise, beam, revive, "
-                "weighted, progressive, untied"
+                "weighted, progressive, untied, search"
             )
         v = {k: float(x) for k, x in kv.items()}
         if v.get("progressive", 0) not in (0, 1, 2):
@@ -154,6 +156,7 @@ def main() -> None:
             commit_weight=v.get("cw", 0.25),
             noise=v.get("noise", 0.0),
             revive=v.get("revive", 0.0),
+            step="search" if v.get("search", 1) else "full",
             encode_fn=encode,
         )
         t0 = time.perf_counter()
@@ -179,6 +182,7 @@ def main() -> None:
                 )
                 / base,
                 "per_round": [r.heldout for r in res.history],  # in the variant's own metric
+                "step_sizes": [r.step_size for r in res.history],
                 "best_round": res.best_round,
                 "best_ratio": own / base,
                 "unit_error": unit,

@@ -250,7 +250,8 @@ def test_e2e_from_em_never_ends_worse_on_heldout_and_attention_objective(key_dir
 
 
 LSTSQ_LINE = re.compile(
-    r"^Round (\d+)/(\d+) - Recon: ([\d.e-]+), held-out: ([\d.e-]+) \(\d+\.\d s\)$"
+    r"^Round (\d+)/(\d+) - Recon: ([\d.e-]+), held-out: ([\d.e-]+) "
+    r"\(step (1|0\.5|0\.25|0\.125), \d+\.\d s\)$"
 )
 
 
@@ -296,7 +297,10 @@ def test_e2e_lstsq_refines_em_with_a_beam_and_records_it(key_dir, tmp_path, caps
         and conf["beam"] == 4
         and layer["solver"] == "lstsq"
         and layer["beam"] == 4
+        and conf["train_config"]["step"] == "search"
     )
+    # each round's printed step size is the one its metrics record
+    assert [float(m.group(5)) for m in rounds] == [h["step_size"] for h in layer["history"]]
     assert layer["heldout_relative_error"] <= layer["init_heldout_relative_error"]
     # the start is the EM folder's codebooks: round 0 is EM under the beam on the same validation
     # rows

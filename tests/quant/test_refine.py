@@ -189,3 +189,32 @@ def test_refinement_with_revival_keeps_its_best_round():
     res = refine.refine(x[:, :500], held, thetas0, refine.RefineSettings(rounds=3, revive=0.5))
     assert res.best_heldout <= res.init_heldout
     assert refine.relative_error(held, res.thetas, 1) == pytest.approx(res.best_heldout)
+
+
+def test_step_search_takes_the_size_the_beam_encodes_best():
+    x = _data(n=600, seed=4).float()
+    before = e2e.init_kmeans(x, 3, 4, torch.Generator().manual_seed(0)).float()
+    settings = refine.RefineSettings(beam=2, chunk=128)
+    g = torch.Generator().manual_seed(5)
+    for scale in (0.05, 3.0):  # a step near the start, one far off (a smaller size must win)
+        solved = before + scale * torch.randn(before.shape, generator=g)
+        got, size = refine.search_step(before, solved, x, settings)
+        errs = {
+            s: refine.relative_error(x, before + s * (solved - before), 2, 128)
+            for s in refine.STEP_SIZES
+        }
+        assert size == min(errs, key=errs.get)  # the full step first on ties
+        assert torch.allclose(got, before + size * (solved - before))
+    assert size < 1.0
+
+
+def test_sample_rows_spread_over_the_rows():
+    assert refine.sample_rows(10, 4).tolist() == [0, 3, 6, 9]
+    assert refine.sample_rows(3, 8).tolist() == [0, 1, 2]
+
+
+def test_step_settings_are_checked():
+    with pytest.raises(ValueError, match="step='half'"):
+        refine.RefineSettings(step="half")
+    with pytest.raises(ValueError, match="search_rows=0"):
+        refine.RefineSettings(search_rows=0)

@@ -150,3 +150,39 @@ def test_untied_rounds_keep_the_null_direction_where_it_started():
     shift = (_gauge(res.thetas) - _gauge(start)).abs()
     spread = (start[:, :, :16] - start[:, :, :16].mean(2, keepdim=True)).abs().mean((2, 3))
     assert float(shift.amax()) < 1e-3 * float(spread.amin()), (shift.amax(), spread)
+
+
+def _key_like(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Unit-norm vectors of a decaying spectrum in a random basis with one outlier channel (the
+    synthetic keys of benchmarks/em_layer.py), ``[1, n, d]``."""
+    gen = torch.Generator().manual_seed(seed)
+    spectrum = torch.exp(-torch.arange(d) / (d / 6))
+    mix = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+    k = (torch.randn(n, d, generator=gen) * spectrum) @ mix.T
+    k[:, int(torch.randint(0, d, (1,), generator=gen))] *= 8.0
+    return residual.normalize(k, 1)[0].contiguous()
+
+
+def test_searched_steps_stop_the_runaway_of_full_ones():
+    """With many stages the solve's full step gives tables that the beam encodes worse than the
+    codes they were fitted to; the next solve fits those worse codes, and the error runs away
+    round after round (held-out error x10 by round 8 on the synthetic Llama-shape layer of
+    docs/benchmarks.md). A searched step (the size the beam encodes best on a training sample)
+    keeps lowering it."""
+    from commvq.quant import em
+
+    x = _key_like(2600, 64)
+    xt, xv = x[:, :2000].contiguous(), x[:, 2000:].contiguous()
+    fitted = em.fit(xt, torch.ones(2000), 16, 8, em.EMSettings(max_iters=5))
+    start = commutative.untie(fitted.thetas)
+
+    def run(step):
+        return refine.refine(xt, xv, start, refine.RefineSettings(rounds=8, beam=4, step=step))
+
+    full, searched = run("full"), run("search")
+    assert full.history[-1].heldout > 3 * full.best_heldout  # the fault is there to be stopped
+    held = [log.heldout for log in searched.history]
+    assert held[-1] <= 1.001 * min(held)  # still at its lowest after the last round
+    assert searched.best_heldout < full.best_heldout
+    assert {log.step_size for log in searched.history} <= set(refine.STEP_SIZES)
+    assert {log.step_size for log in full.history} == {1.0}

@@ -203,7 +203,7 @@ def run_e2e_lstsq(
         "round",
         lambda entry: (
             f"Round {entry.round}/{settings.rounds} - Recon: {entry.train:.4g}, "
-            f"held-out: {entry.heldout:.4g} ({entry.seconds:.1f} s)"
+            f"held-out: {entry.heldout:.4g} (step {entry.step_size:g}, {entry.seconds:.1f} s)"
         ),
     )
     w, val_w = (job.s**2, job.val_s**2) if weighted else (None, None)

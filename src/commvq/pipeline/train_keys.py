@@ -75,6 +75,13 @@ class TrainKeysConfig:
         choices=SOLVERS,
     )
     rounds: int = option(DEFAULT_ROUNDS, "E2E lstsq: rounds of encode + solve")
+    step: str = option(
+        "search",
+        "E2E lstsq: each round's move: search (the fraction 1, 1/2, 1/4 or 1/8 of the solve's "
+        "step that the beam encodes best on a sample of the training keys; whole steps can run "
+        "away over the rounds) or full (each solve as it is)",
+        choices=refine.STEPS,
+    )
     weights: str = option(
         "none",
         "E2E lstsq: each key's weight in the solve and in choosing the round: none (the unit-norm "
@@ -469,7 +476,11 @@ def train_layer(
             res = key_methods.run_e2e_adam(job, settings, thetas0, echo)
         else:
             settings = refine.RefineSettings(
-                rounds=cfg.rounds, beam=job.beam, commit_weight=cfg.commit_weight, encode_fn=encoder
+                rounds=cfg.rounds,
+                beam=job.beam,
+                commit_weight=cfg.commit_weight,
+                step=cfg.step,
+                encode_fn=encoder,
             )
             weighted = cfg.weights == "prescale"
             if cfg.table_kind == "untied":
