@@ -274,6 +274,12 @@ def sample_rows(n: int, m: int) -> torch.Tensor:
     return torch.linspace(0, n - 1, m, dtype=torch.float64).round().long()
 
 
+def search_sample(n: int, settings: RefineSettings) -> torch.Tensor:
+    """The training rows a searching round scores its step sizes on: ``search_rows`` of the
+    ``n``, at most an eighth of them, spread evenly."""
+    return sample_rows(n, min(settings.search_rows, max(n // 8, 1)))
+
+
 def search_step(
     before: torch.Tensor,
     solved: torch.Tensor,
@@ -344,7 +350,7 @@ def refine(
     w_all = 1.0 if weights is None else weights.double()[None, :, None]
     energy = float((x.double() ** 2 * w_all).sum())
     gen = torch.Generator(device=x.device).manual_seed(s.seed)
-    pick = sample_rows(n, min(s.search_rows, max(n // 8, 1))).to(x.device)
+    pick = search_sample(n, s).to(x.device)
     sample = x[:, pick].contiguous()
     sample_w = None if weights is None else weights[pick]
     for rnd in range(1, s.rounds + 1):
