@@ -130,6 +130,10 @@ def main() -> None:
     args = ap.parse_args()
     beams = [int(b) for b in args.beams.split(",")]
     beams = beams if 1 in beams else [1, *beams]  # EM's greedy error is every ratio's base
+    if not set(args.tables.split(",")) <= {"tied", "untied"}:  # checked before EM's minute
+        raise SystemExit(f"--tables {args.tables}: a comma list of tied, untied")
+    if not set(args.steps.split(",")) <= set(refine.STEPS):
+        raise SystemExit(f"--steps {args.steps}: a comma list of {', '.join(refine.STEPS)}")
     lstsq_beams = [int(b) for b in (args.lstsq_beams or args.beams).split(",")]
     e = 2 ** (args.code_bits // 2)
     x, s, xv, xh, sh, what = load_rows(args)
@@ -174,10 +178,6 @@ def main() -> None:
         for b in lstsq_beams
     ]
     for kind, b, step in runs:
-        if kind not in ("tied", "untied"):
-            raise SystemExit(f"--tables {args.tables}: a comma list of tied, untied")
-        if step not in refine.STEPS:
-            raise SystemExit(f"--steps {args.steps}: a comma list of {', '.join(refine.STEPS)}")
         first = untie(em_thetas) if kind == "untied" else em_thetas
         reset_peak()
         points = [(t_em, rel(xv, em_thetas, b, enc))]

@@ -350,9 +350,10 @@ def refine(
     w_all = 1.0 if weights is None else weights.double()[None, :, None]
     energy = float((x.double() ** 2 * w_all).sum())
     gen = torch.Generator(device=x.device).manual_seed(s.seed)
-    pick = search_sample(n, s).to(x.device)
-    sample = x[:, pick].contiguous()
-    sample_w = None if weights is None else weights[pick]
+    if s.step == "search":
+        pick = search_sample(n, s).to(x.device)
+        sample = x[:, pick].contiguous()
+        sample_w = None if weights is None else weights[pick]
     for rnd in range(1, s.rounds + 1):
         t0 = time.perf_counter()
         normal = Normal.zeros(h, r, e, d // 2, x.device, untied)
