@@ -145,7 +145,8 @@ def test_untied_rounds_keep_the_null_direction_where_it_started():
     xt, xv = x[:, :10000].contiguous(), x[:, 10000:].contiguous()
     fitted = em.fit(xt, torch.ones(10000), 3, 16, em.EMSettings(max_iters=8))
     start = commutative.untie(fitted.thetas)
-    res = refine.refine(xt, xv, start, refine.RefineSettings(rounds=4))
+    # whole steps: a searched one could damp the drift and hide what the sums do
+    res = refine.refine(xt, xv, start, refine.RefineSettings(rounds=4, step="full"))
     assert res.best_round > 0  # the rounds did move the codebook
     shift = (_gauge(res.thetas) - _gauge(start)).abs()
     spread = (start[:, :, :16] - start[:, :, :16].mean(2, keepdim=True)).abs().mean((2, 3))
