@@ -191,20 +191,35 @@ def test_refinement_with_revival_keeps_its_best_round():
     assert refine.relative_error(held, res.thetas, 1) == pytest.approx(res.best_heldout)
 
 
-def test_step_search_takes_the_size_the_beam_encodes_best():
+def test_step_search_descends_the_sizes_while_the_beam_error_falls():
     x = _data(n=600, seed=4).float()
     before = e2e.init_kmeans(x, 3, 4, torch.Generator().manual_seed(0)).float()
-    settings = refine.RefineSettings(beam=2, chunk=128)
+    calls = []
+
+    def counting_encode(xc, thetas, beam):
+        calls.append(xc.shape[1])
+        return beam_encode(xc, thetas, beam)
+
+    settings = refine.RefineSettings(beam=2, chunk=1024, encode_fn=counting_encode)
+    good = refine.refine(x, x, before, refine.RefineSettings(rounds=2, beam=2)).thetas
     g = torch.Generator().manual_seed(5)
-    for scale in (0.05, 3.0):  # a step near the start, one far off (a smaller size must win)
-        solved = before + scale * torch.randn(before.shape, generator=g)
-        got, size = refine.search_step(before, solved, x, settings)
-        errs = {
-            s: refine.relative_error(x, before + s * (solved - before), 2, 128)
+    # a step onto fitted tables from near them (the full step must win), and one far off them
+    noise = torch.randn(before.shape, generator=g)
+    for start, solved in ((good + 0.05 * noise, good), (good, good + 3.0 * noise)):
+        calls.clear()
+        got, size = refine.search_step(start, solved, x, settings)
+        errs = [
+            refine.relative_error(x, start + s * (solved - start), 2, 128)
             for s in refine.STEP_SIZES
-        }
-        assert size == min(errs, key=errs.get)  # the full step first on ties
-        assert torch.allclose(got, before + size * (solved - before))
+        ]
+        # the first size whose next one does not lower the error (the last size otherwise)
+        stop = next((i for i in range(len(errs) - 1) if not errs[i + 1] < errs[i]), len(errs) - 1)
+        assert size == refine.STEP_SIZES[stop]
+        assert errs[stop] == min(errs[: stop + 2])  # no size tried is better
+        assert len(calls) == min(stop + 2, len(errs))  # one encode of the sample per size tried
+        assert torch.allclose(got, start + size * (solved - start))
+        if solved is good:
+            assert size == 1.0 and len(calls) == 2  # the full step best: two encodes, not four
     assert size < 1.0
 
 

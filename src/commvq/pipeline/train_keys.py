@@ -78,8 +78,9 @@ class TrainKeysConfig:
     step: str = option(
         "search",
         "E2E lstsq: each round's move: search (the fraction 1, 1/2, 1/4 or 1/8 of the solve's "
-        "step that the beam encodes best on a sample of the training keys; whole steps can run "
-        "away over the rounds) or full (each solve as it is)",
+        "step that the beam encodes best on a sample of the training keys, tried largest first "
+        "while the error falls; whole steps can run away over the rounds) or full (each solve "
+        "as it is)",
         choices=refine.STEPS,
     )
     weights: str = option(

@@ -15,7 +15,8 @@ pulls unused entries toward their current values. A round encodes the training v
 ``G`` and ``rhs`` in one pass (chunked; nothing of size ``N`` is kept), solves by Cholesky, and is
 scored on the held-out split; the best round (round 0: the start) is kept.
 A round moves the tables by a fraction of the solve's step (``step="search"``): the one of
-:data:`STEP_SIZES` whose tables the beam encodes best on a sample of the training vectors. The
+:data:`STEP_SIZES` whose tables the beam encodes best on a sample of the training vectors (tried
+largest first, halving while the sample's error falls). The
 solve fits the codes the encoder found; its full step can give tables the beam encodes far
 worse than those codes (each stage no longer the best start for the next), and full steps then
 run away round after round (held-out error x10 by round 8 on synthetic Llama-shape keys).
@@ -60,7 +61,8 @@ class RefineSettings:
     noise: float = 0.0
     seed: int = 0
     # each round's move: "search" scales the solve's step by the one of STEP_SIZES the beam
-    # encodes best on search_rows training vectors (evenly spaced); "full": the solve as it is
+    # encodes best on search_rows training vectors (evenly spaced; largest first, halved while
+    # their error falls); "full": the solve as it is
     step: str = "search"
     search_rows: int = 16384
     # dead-entry revival: after each solve but the last, a table entry whose codes used it less
@@ -287,17 +289,20 @@ def search_step(
     settings: RefineSettings,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """``(tables, size)``: ``before + size * (solved - before)`` for the size of
-    :data:`STEP_SIZES` whose tables give ``sample [H, m, D]`` the lowest error under the beam
-    (the full step on ties)."""
+    """``(tables, size)``: ``before + size * (solved - before)`` for a size of
+    :data:`STEP_SIZES` whose tables give ``sample [H, m, D]`` a low error under the beam. The
+    sizes are tried largest first and the search stops at the first one that does not lower the
+    previous one's error (keeping the previous one): where the error falls and then rises along
+    the sizes, that is the best size, at two encodes of the sample when the full step is best."""
     best = None
     for size in STEP_SIZES:
         cand = solved if size == 1.0 else before + size * (solved - before)
         err = relative_error(
             sample, cand, settings.beam, settings.chunk, settings.encode_fn, weights
         )
-        if best is None or err < best[0]:
-            best = (err, size, cand)
+        if best is not None and not err < best[0]:
+            break
+        best = (err, size, cand)
     return best[2], best[1]
 
 
