@@ -28,3 +28,39 @@ def test_scaled_tables_pick_the_codeword_of_least_weighted_error():
         assert torch.equal(codes[..., 0], weighted.argmin(-1))
         plain = KeyCodebook(thetas, code_bits=4).encode_normalized(x)[..., 0]
         assert not torch.equal(plain, codes[..., 0])  # the weights do change the codes here
+
+
+def test_metric_is_the_mean_squared_logit_error_over_queries_and_distances():
+    from commvq import rope
+    from commvq.spec import ModelSpec
+
+    gen = torch.Generator().manual_seed(1)
+    h_kv, group, d = 2, 2, 8
+    spec = ModelSpec(
+        model_type="llama", num_layers=1, num_heads=h_kv * group, num_kv_heads=h_kv, head_dim=d,
+        hidden_size=h_kv * group * d, max_position=4096, rope_theta=50.0,
+    )
+    q = torch.randn(64, h_kv * group * d, generator=gen) + 0.5  # queries with a mean direction
+    deltas = torch.arange(3, 40)
+    c = probe.logit_metric(q, h_kv, spec, deltas)
+    e = torch.randn(5, h_kv, d, generator=gen)  # pre-RoPE key errors
+    cos, sin = rope.cos_sin(rope.inv_freq(d, spec.rope_theta), deltas)  # [T, D]
+    rotated = rope.apply_rope(e[:, :, None, :], cos, sin)  # [5, H, T, D]: R_delta e
+    qh = q.reshape(64, h_kv, group, d)
+    logits = torch.einsum("nhgd,khtd->khngt", qh.double(), rotated.double())
+    want = (logits**2).mean((2, 3, 4))  # over queries of the group and distances
+    got = (torch.einsum("khd,hde->khe", e, c) ** 2).sum(-1)
+    assert torch.allclose(got.double(), want, rtol=1e-4)
+
+
+def test_identity_metric_codes_are_the_beams():
+    gen = torch.Generator().manual_seed(2)
+    h, r, e, p = 2, 3, 4, 3
+    theta = torch.randn(h, r, 2 * e, p, generator=gen)
+    x = torch.randn(h, 300, 2 * p, generator=gen)
+    eye = torch.eye(2 * p).expand(h, -1, -1)
+    for thetas in (theta, untie(theta)):
+        for beam in (1, 4):
+            base = KeyCodebook(thetas, code_bits=4, beam=beam)
+            got = probe.MetricCodebook(base, eye).encode_normalized(x)
+            assert torch.equal(got, base.encode_normalized(x))

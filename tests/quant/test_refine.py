@@ -209,7 +209,7 @@ def test_step_search_descends_the_sizes_while_the_beam_error_falls():
         calls.clear()
         got, size = refine.search_step(start, solved, x, settings)
         errs = [
-            refine.relative_error(x, start + s * (solved - start), 2, 128)
+            refine.relative_error(x, start + s * (solved - start), 2, settings.chunk)
             for s in refine.STEP_SIZES
         ]
         # the first size whose next one does not lower the error (the last size otherwise)
