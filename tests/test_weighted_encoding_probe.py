@@ -37,8 +37,14 @@ def test_metric_is_the_mean_squared_logit_error_over_queries_and_distances():
     gen = torch.Generator().manual_seed(1)
     h_kv, group, d = 2, 2, 8
     spec = ModelSpec(
-        model_type="llama", num_layers=1, num_heads=h_kv * group, num_kv_heads=h_kv, head_dim=d,
-        hidden_size=h_kv * group * d, max_position=4096, rope_theta=50.0,
+        model_type="llama",
+        num_layers=1,
+        num_heads=h_kv * group,
+        num_kv_heads=h_kv,
+        head_dim=d,
+        hidden_size=h_kv * group * d,
+        max_position=4096,
+        rope_theta=50.0,
     )
     q = torch.randn(64, h_kv * group * d, generator=gen) + 0.5  # queries with a mean direction
     deltas = torch.arange(3, 40)
