@@ -4,6 +4,9 @@
 # machine stays warm between calls; every phase resumes what an earlier call left):
 #   call 1, carry .gguf_parts/part_aa .whl:  bash scripts/gpu_key_results.sh bench
 #       GPU tests of the encoders, benchmarks/key_training.py at Llama-3.1-8B shapes; keeps part_aa
+#   or call 1:  bash scripts/gpu_key_results.sh retime   (about 7 minutes; keeps part_aa too)
+#       E2E's default at Llama-3.1-8B shapes (untied, 8 rounds, STEPS=search; STEPS=search,full
+#       adds whole steps, about 3 minutes more) and EM alone on exactly 1,000,000 vectors
 #   call 2.., carry .gguf_parts/part_ab .whl:  bash scripts/gpu_key_results.sh keys [SECONDS]
 #       joins the GGUF, collects $COLLECT tokens per layer once, trains (in order, resuming) EM-2,
 #       E2E-2 from EM-2, EM-1, E2E-1 from EM-1, stopping cleanly after SECONDS (default 540)
@@ -43,6 +46,12 @@ case $PHASE in
       tests/quant/test_refine.py -m "gpu or not gpu" 2>&1 | tee "$OUT/tests.log" | tail -3
     python3 benchmarks/key_training.py --num_samples "$NUM_SAMPLES" --beams 1,2,4,8,16 --lstsq_beams 8 --adam_budget_s 0 \
       --plot "$OUT/llama_shapes.png" 2>&1 | tee "$OUT/llama_shapes.log" | grep -v "^{" | tail -22 ;;
+  retime)
+    [ -f .gguf_parts/part_aa ] && cp .gguf_parts/part_aa "$DEV/"
+    python3 benchmarks/key_training.py --num_samples "$NUM_SAMPLES" --beams 1,8 --lstsq_beams 8 --tables untied \
+      --steps "${STEPS:-search}" --rounds 8 --adam_budget_s 0 --plot "$OUT/llama_untied.png" 2>&1 \
+      | tee "$OUT/llama_untied.log" | grep -v "^{" | tail -12
+    python3 benchmarks/em_layer.py --ref_iters 0 2>&1 | tee "$OUT/em_layer.log" | grep -v "^{" | tail -6 ;;
   keys)
     . scripts/device_model.sh "$DEV/part_aa" .gguf_parts/part_ab
     mkdir -p "$K"
