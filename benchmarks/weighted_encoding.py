@@ -52,21 +52,27 @@ from commvq.spec import ModelSpec
 MODES = ("key", "pairs", "metric")
 
 
-class WeightedCodebook(KeyCodebook):
-    """A :class:`KeyCodebook` that picks codes by the error weighted by ``w [H, P]`` per pair."""
+class _ReweightedCodebook(KeyCodebook):
+    """A :class:`KeyCodebook` that encodes by another error, set by one tensor ``weight``, kept
+    through :meth:`to` and :meth:`with_beam`."""
 
-    def __init__(self, base: KeyCodebook, w: torch.Tensor) -> None:
+    def __init__(self, base: KeyCodebook, weight: torch.Tensor) -> None:
         super().__init__(base.thetas, base.code_bits, base.beam, base.encoder)
-        self.w = w
+        self.weight = weight
 
-    def to(self, device, kernels: str = "auto") -> WeightedCodebook:
-        return WeightedCodebook(super().to(device, kernels), self.w.to(device))
+    def to(self, device, kernels: str = "auto"):
+        return type(self)(super().to(device, kernels), self.weight.to(device))
 
-    def with_beam(self, beam: int) -> WeightedCodebook:
-        return WeightedCodebook(super().with_beam(beam), self.w)
+    def with_beam(self, beam: int):
+        return type(self)(super().with_beam(beam), self.weight)
+
+
+class WeightedCodebook(_ReweightedCodebook):
+    """Codes by the error weighted by ``weight [H, P]`` per pair."""
 
     def encode_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        scale = (self.w / self.w.mean(-1, keepdim=True)).sqrt().to(x.device)  # [H, P]
+        w = self.weight
+        scale = (w / w.mean(-1, keepdim=True)).sqrt().to(x.device)  # [H, P]
         thetas = as_float(self.thetas)
         scaled = thetas * scale[:, None, None, :].to(thetas.dtype)
         return self.encoder(x * torch.cat((scale, scale), -1)[:, None, :], scaled, self.beam)
@@ -91,19 +97,9 @@ def logit_metric(
     return torch.linalg.cholesky(m + ridge).float()
 
 
-class MetricCodebook(KeyCodebook):
-    """A :class:`KeyCodebook` that picks codes by the error ``|e @ C|^2`` (``C [H, D, D]``): the
-    beam of :mod:`commvq.quant.beam` on ``x @ C`` against the tables' rows mapped by ``C``."""
-
-    def __init__(self, base: KeyCodebook, c: torch.Tensor) -> None:
-        super().__init__(base.thetas, base.code_bits, base.beam, base.encoder)
-        self.c = c
-
-    def to(self, device, kernels: str = "auto") -> MetricCodebook:
-        return MetricCodebook(super().to(device, kernels), self.c.to(device))
-
-    def with_beam(self, beam: int) -> MetricCodebook:
-        return MetricCodebook(super().with_beam(beam), self.c)
+class MetricCodebook(_ReweightedCodebook):
+    """Codes by the error ``|e @ C|^2`` (``weight`` is ``C [H, D, D]``): the beam of
+    :mod:`commvq.quant.beam` on ``x @ C`` against the tables' rows mapped by ``C``."""
 
     def stage_tables(self) -> list[tuple[tuple, torch.Tensor]]:
         """Per stage: the separable distance tables ``(W, n, G)`` of the mapped rows (as
@@ -111,7 +107,7 @@ class MetricCodebook(KeyCodebook):
         out = []
         thetas = as_float(self.thetas)
         for r in range(thetas.shape[1]):
-            rows = decode_table(thetas[:, r]) @ self.c  # [H, 2E, D]: A rows, then B rows
+            rows = decode_table(thetas[:, r]) @ self.weight  # [H, 2E, D]: A rows, then B rows
             e = rows.shape[1] // 2
             n_a, n_b = (rows[:, :e] ** 2).sum(-1), (rows[:, e:] ** 2).sum(-1)
             g = 2 * rows[:, :e] @ rows[:, e:].transpose(-1, -2) + (n_b - n_a)[:, None, :]
@@ -123,7 +119,7 @@ class MetricCodebook(KeyCodebook):
         h, e = x.shape[0], stages[0][1].shape[1] // 2
         out = []
         for i in range(0, x.shape[1], beam_search.default_chunk(e)):
-            xc = x[:, i : i + beam_search.default_chunk(e)] @ self.c
+            xc = x[:, i : i + beam_search.default_chunk(e)] @ self.weight
             n = xc.shape[1]
             rows_h = torch.arange(h)[:, None, None]
             rows_n = torch.arange(n)[None, :, None]
