@@ -46,7 +46,7 @@ from commvq.codecs.key_codebook import KeyCodebook
 from commvq.data.kvstore import KVStore
 from commvq.evals.keys import key_errors, pair_weights
 from commvq.quant import beam as beam_search
-from commvq.quant.commutative import as_float, decode_table
+from commvq.quant.commutative import as_float
 from commvq.spec import ModelSpec
 
 MODES = ("key", "pairs", "metric")
@@ -101,41 +101,29 @@ class MetricCodebook(_ReweightedCodebook):
     """Codes by the error ``|e @ C|^2`` (``weight`` is ``C [H, D, D]``): the beam of
     :mod:`commvq.quant.beam` on ``x @ C`` against the tables' rows mapped by ``C``."""
 
-    def stage_tables(self) -> list[tuple[tuple, torch.Tensor]]:
-        """Per stage: the separable distance tables ``(W, n, G)`` of the mapped rows (as
-        :func:`commvq.quant.commutative.search_tables` for the unmapped ones) and the rows."""
-        out = []
-        thetas = as_float(self.thetas)
-        for r in range(thetas.shape[1]):
-            rows = decode_table(thetas[:, r]) @ self.weight  # [H, 2E, D]: A rows, then B rows
-            e = rows.shape[1] // 2
-            n_a, n_b = (rows[:, :e] ** 2).sum(-1), (rows[:, e:] ** 2).sum(-1)
-            g = 2 * rows[:, :e] @ rows[:, e:].transpose(-1, -2) + (n_b - n_a)[:, None, :]
-            out.append(((rows.transpose(-1, -2), n_a, g), rows))
-        return out
-
     def encode_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        stages = self.stage_tables()
-        h, e = x.shape[0], stages[0][1].shape[1] // 2
-        out = []
-        for i in range(0, x.shape[1], beam_search.default_chunk(e)):
-            xc = x[:, i : i + beam_search.default_chunk(e)] @ self.weight
-            n = xc.shape[1]
-            rows_h = torch.arange(h)[:, None, None]
-            rows_n = torch.arange(n)[None, :, None]
-            res, codes = xc[:, :, None, :], torch.zeros(h, n, 1, 0, dtype=torch.long)
-            for tables, rows in stages:
-                width = min(self.beam, min(2, e) * e * res.shape[2])
-                _, parent, code = beam_search._stage_picks(res, tables, width)
-                res = (
-                    res[rows_h, rows_n, parent]
-                    - rows[rows_h, code // e]
-                    - rows[rows_h, e + code % e]
-                )
-                codes = torch.cat((codes[rows_h, rows_n, parent], code[..., None]), -1)
-            best = (res * res).sum(-1).argmin(-1)
-            out.append(codes[rows_h[..., 0], rows_n[..., 0], best])
-        return torch.cat(out, 1)
+        c = self.weight
+        stages = [
+            _mapped_stage(rows @ c) for _, rows in beam_search.stage_tables(as_float(self.thetas))
+        ]
+        chunk = beam_search.default_chunk(self.thetas.shape[2] // 2)
+        return torch.cat(
+            [
+                beam_search.encode_chunk_tables(x[:, i : i + chunk] @ c, stages, self.beam)[0]
+                for i in range(0, x.shape[1], chunk)
+            ],
+            1,
+        )
+
+
+def _mapped_stage(rows: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    """A stage as :func:`commvq.quant.beam.stage_tables` gives it, for any decode rows
+    ``[H, 2E, D]`` (A rows, then B rows): ``(W, n, G)`` with ``|x - a_A - b_B|^2 = |x|^2 -
+    2 x.(W[:, A] + W[:, E+B]) + n[A] + n[B] + G[A, B]``, and the rows."""
+    e = rows.shape[1] // 2
+    n_a, n_b = (rows[:, :e] ** 2).sum(-1), (rows[:, e:] ** 2).sum(-1)
+    g = 2 * rows[:, :e] @ rows[:, e:].transpose(-1, -2) + (n_b - n_a)[:, None, :]
+    return (rows.transpose(-1, -2), n_a, g), rows
 
 
 def weigh(cb: KeyCodebook, mode: str, queries: torch.Tensor, spec: ModelSpec, deltas):

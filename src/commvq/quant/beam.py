@@ -89,21 +89,35 @@ def _stage_picks(
     return pick_err, pick_slot, pick_code
 
 
+def stage_tables(thetas: torch.Tensor) -> list[tuple[tuple, torch.Tensor]]:
+    """Per stage of ``thetas [H, R, 2E, P]``: the separable distance tables ``(W, n, G)`` of
+    :func:`commvq.quant.commutative.search_tables` and the decode rows ``[H, 2E, D]``."""
+    return [
+        (search_tables(thetas[:, r]), decode_table(thetas[:, r])) for r in range(thetas.shape[1])
+    ]
+
+
 def encode_chunk(
     x: torch.Tensor, thetas: torch.Tensor, beam: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes ``[H, n, R]`` and what they leave ``[H, n, D]`` for ``x [H, n, D]`` (one chunk)."""
+    return encode_chunk_tables(x, stage_tables(thetas), beam)
+
+
+def encode_chunk_tables(
+    x: torch.Tensor, stages: list[tuple[tuple, torch.Tensor]], beam: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_chunk` from per-stage tables as :func:`stage_tables` gives them (or tables of
+    rows mapped to another space, with ``x`` mapped alike)."""
     h, n, _ = x.shape
-    e = thetas.shape[2] // 2
+    e = stages[0][1].shape[1] // 2
     rows_h = torch.arange(h, device=x.device)[:, None, None]
     rows_n = torch.arange(n, device=x.device)[None, :, None]
     res = x[:, :, None, :]  # [H, n, 1, D]: one sequence before the first stage
     codes = torch.zeros(h, n, 1, 0, dtype=torch.long, device=x.device)
-    for r in range(thetas.shape[1]):
-        th = thetas[:, r]
+    for tables, table in stages:
         width = min(beam, min(2, e) * e * res.shape[2])  # candidates: 2 per (slot, b)
-        _, parent, code = _stage_picks(res, search_tables(th), width)  # [H, n, width]
-        table = decode_table(th)  # [H, 2E, D]
+        _, parent, code = _stage_picks(res, tables, width)  # [H, n, width]
         res = res[rows_h, rows_n, parent] - table[rows_h, code // e] - table[rows_h, e + code % e]
         codes = torch.cat((codes[rows_h, rows_n, parent], code[..., None]), -1)
     best = (res * res).sum(-1).argmin(-1)  # [H, n]
